@@ -1,0 +1,84 @@
+"""Stateless building blocks of a LLaMA decoder: RMSNorm, RoPE, SwiGLU.
+
+All math runs in float32 and is cast back to the input dtype, as in
+Hugging Face's implementation, so that float32 parity is exact up to
+summation order.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
+  """RMSNorm: `scale * x / sqrt(mean(x**2) + eps)`.
+
+  Args:
+    x: [..., D] activations.
+    scale: [D] learned scale.
+    eps: added to the mean square.
+
+  Returns:
+    [..., D] in the dtype of `x`.
+  """
+  x32 = x.astype(jnp.float32)
+  var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+  normed = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  return (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(
+      x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float,
+                  scaling: dict | None = None) -> jax.Array:
+  """Inverse frequencies f32[H // 2] of rotary embeddings.
+
+  Args:
+    head_dim: H.
+    theta: the RoPE base (`rope_theta`).
+    scaling: HF `rope_scaling` of type 'llama3' (Llama-3.1/3.2), or None.
+
+  Returns:
+    f32[H // 2].
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)
+                              / head_dim))
+  if not scaling:
+    return inv_freq
+  factor = scaling["factor"]
+  low = scaling.get("low_freq_factor", 1.0)
+  high = scaling.get("high_freq_factor", 4.0)
+  old_len = scaling["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array,
+               inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in HF's rotate-half layout.
+
+  Args:
+    x: [B, T, heads, H].
+    positions: int32[B, T].
+    inv_freq: f32[H // 2] from `rope_inv_freq`.
+
+  Returns:
+    [B, T, heads, H] in the dtype of `x`.
+  """
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """`silu(gate) * up`, the LLaMA FFN activation ([..., F] -> [..., F])."""
+  g32 = gate.astype(jnp.float32)
+  return (jax.nn.silu(g32) * up.astype(jnp.float32)).astype(gate.dtype)

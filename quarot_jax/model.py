@@ -1,0 +1,289 @@
+"""The functional LLaMA-family decoder.
+
+Params are a plain nested dict and `forward` is a pure function, so jit, vmap,
+grad and the rotation transforms (params in, params out) all work on the same
+pytree with no module state. We use plain functions rather than Flax linen
+modules: QuaRot rewrites weights between runs, and a dict with Hugging Face
+leaf names makes each rewrite a one-line tree update.
+
+Shape letters (used in every einsum and shape comment of the package):
+  B batch, T query positions, S key/value positions (cache slots), D hidden,
+  F FFN, N query heads, K kv heads, G = N / K, H head dim, V vocab, L layers.
+
+Params layout (float kernels are [in, out], so `y = x @ kernel`; layers are
+stacked on a leading L axis and run with `lax.scan`):
+
+  embed_tokens/embedding                 [V, D]
+  layers/input_layernorm/scale           [L, D]
+  layers/self_attn/{q,k,v}_proj/kernel   [L, D, N*H] / [L, D, K*H]
+  layers/self_attn/{q,k,v}_proj/bias     [L, N*H] / [L, K*H]   (Qwen2 only)
+  layers/self_attn/o_proj/kernel         [L, N*H, D]
+  layers/post_attention_layernorm/scale  [L, D]
+  layers/mlp/{gate,up}_proj/kernel       [L, D, F]
+  layers/mlp/down_proj/kernel            [L, F, D]
+  norm/scale                             [D]
+  lm_head/kernel                         [D, V]   (absent when tied)
+
+A norm `scale` may be absent: after QuaRot fuses it into the next linears the
+norm is a plain `x / rms(x)`.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from quarot_jax import kv_cache as kv_cache_lib
+from quarot_jax import layers
+from quarot_jax.config import LlamaConfig
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+  """What the forward does besides the float model (static under jit).
+
+  Attributes:
+    online_had_down: apply a Hadamard of size F to the down_proj input (its
+      transpose is folded into `down_proj` by `rotation.rotate`).
+    online_had_o: apply a Hadamard of size N*H to the o_proj input.
+    qk_had: rotate queries and keys by a Hadamard of size H after RoPE (it
+      cancels in q·k and makes the key cache quantizable).
+    a_spec: `quant.QuantSpec` for the input of every linear but lm_head
+      (per token), or None for no activation quantization.
+    k_spec: `quant.QuantSpec` for cached keys (per token and head), or None.
+    v_spec: likewise for values.
+  """
+
+  online_had_down: bool = False
+  online_had_o: bool = False
+  qk_had: bool = False
+  a_spec: Any = None
+  k_spec: Any = None
+  v_spec: Any = None
+
+
+FLOAT = RunOptions()
+
+
+def _fake_quant(x: jax.Array, spec) -> jax.Array:
+  if spec is None or not spec.enabled:
+    return x
+  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
+  return quant.fake_quant(x, spec)
+
+
+def _hadamard(x: jax.Array) -> jax.Array:
+  from quarot_jax import hadamard  # pylint: disable=g-import-not-at-top
+  return hadamard.fast_hadamard_transform(x)
+
+
+def _linear(x: jax.Array, p: Params, spec=None) -> jax.Array:
+  """`x @ kernel + bias` with the input fake-quantized by `spec`."""
+  x = _fake_quant(x, spec)
+  y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
+  if "bias" in p:
+    y = y + p["bias"].astype(y.dtype)
+  return y
+
+
+def _norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
+  scale = p.get("scale") if p else None
+  if scale is None:
+    scale = jnp.ones((x.shape[-1],), x.dtype)
+  return layers.rms_norm(x, scale, eps=eps)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array,
+           mask: jax.Array) -> jax.Array:
+  """Grouped-query attention.
+
+  Args:
+    q: [B, T, N, H] queries.
+    k: [B, S, K, H] keys.
+    v: [B, S, K, H] values.
+    mask: bool[B, T, S], True where query t may see slot s.
+
+  Returns:
+    [B, T, N, H] in the dtype of `q`.
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  # [B, T, K, G, H]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(
+                          jnp.float32(h))
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
+                     config: LlamaConfig, options: RunOptions, inv_freq):
+  """One attention sub-block. Returns (output [B, T, D], new k, new v)."""
+  b, t, _ = x.shape
+  n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
+              config.head_dim)
+  a = options.a_spec
+  # [B, T, N, H] and [B, T, K, H]
+  q = _linear(x, p["q_proj"], a).reshape(b, t, n, h)
+  k = _linear(x, p["k_proj"], a).reshape(b, t, kv, h)
+  v = _linear(x, p["v_proj"], a).reshape(b, t, kv, h)
+  q = layers.apply_rope(q, positions, inv_freq)
+  k = layers.apply_rope(k, positions, inv_freq)
+  if options.qk_had:
+    q, k = _hadamard(q), _hadamard(k)
+  k = _fake_quant(k, options.k_spec)
+  v = _fake_quant(v, options.v_spec)
+  if k_cache is not None:
+    k_cache = jax.lax.dynamic_update_slice_in_dim(
+        k_cache, k.astype(k_cache.dtype), write_at, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(
+        v_cache, v.astype(v_cache.dtype), write_at, axis=1)
+    k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+  out = attend(q, k, v, mask).reshape(b, t, n * h)
+  if options.online_had_o:
+    out = _hadamard(out)
+  return _linear(out, p["o_proj"], a), k_cache, v_cache
+
+
+def _mlp_block(x, p, *, options: RunOptions):
+  a = options.a_spec
+  hidden = layers.swiglu(_linear(x, p["gate_proj"], a),
+                         _linear(x, p["up_proj"], a))
+  if options.online_had_down:
+    hidden = _hadamard(hidden)
+  return _linear(hidden, p["down_proj"], a)
+
+
+def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
+            cache: kv_cache_lib.KVCache | None = None,
+            options: RunOptions = FLOAT,
+            return_hidden: bool = False):
+  """Runs the decoder.
+
+  Without a cache, `tokens` is one causal sequence per row starting at
+  position 0. With a cache, the tokens are written at slots
+  `[cache.end, cache.end + T)` and attend to every valid earlier slot.
+
+  Args:
+    params: the params pytree (layout in the module docstring).
+    tokens: int32[B, T].
+    config: the model's `LlamaConfig`.
+    cache: a `KVCache` from `kv_cache.init_cache`, or None.
+    options: rotation/quantization behaviour (`RunOptions`).
+    return_hidden: return the final hidden state [B, T, D] instead of logits.
+
+  Returns:
+    (logits f32[B, T, V], new cache or None).
+  """
+  b, t = tokens.shape
+  x = params["embed_tokens"]["embedding"][tokens]  # [B, T, D]
+  inv_freq = layers.rope_inv_freq(config.head_dim, config.rope_theta,
+                                  config.rope_scaling_dict)
+  if cache is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, axis=0)
+    write_at = None
+    cache_k = cache_v = None
+  else:
+    slots = cache.end + jnp.arange(t, dtype=jnp.int32)  # [T]
+    positions = slots[None, :] - cache.start[:, None]
+    key_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+    mask = ((key_slots[None, None, :] <= slots[None, :, None])
+            & (key_slots[None, None, :] >= cache.start[:, None, None]))
+    write_at = cache.end
+    cache_k, cache_v = cache.k, cache.v
+
+  eps = config.rms_norm_eps
+  attn_fn = lambda *a: _attention_block(
+      *a, config=config, options=options, inv_freq=inv_freq)
+
+  def layer(x, scanned):
+    p, k_layer, v_layer = scanned
+    h, k_layer, v_layer = attn_fn(
+        _norm(x, p["input_layernorm"], eps), p["self_attn"], positions, mask,
+        k_layer, v_layer, write_at)
+    x = x + h
+    x = x + _mlp_block(_norm(x, p["post_attention_layernorm"], eps),
+                       p["mlp"], options=options)
+    return x, (k_layer, v_layer)
+
+  x, (new_k, new_v) = jax.lax.scan(layer, x,
+                                   (params["layers"], cache_k, cache_v))
+  x = _norm(x, params.get("norm"), eps)
+  if return_hidden:
+    return x, None
+  logits = logits_from_hidden(params, x)
+  new_cache = None
+  if cache is not None:
+    new_cache = kv_cache_lib.KVCache(k=new_k, v=new_v, start=cache.start,
+                                     end=cache.end + t)
+  return logits, new_cache
+
+
+def logits_from_hidden(params: Params, x: jax.Array) -> jax.Array:
+  """Final projection: f32[..., V] from the normed hidden state [..., D]."""
+  if "lm_head" in params:
+    w = params["lm_head"]["kernel"]
+    return jnp.einsum("...D,DV->...V", x, w.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+  emb = params["embed_tokens"]["embedding"]
+  return jnp.einsum("...D,VD->...V", x, emb.astype(x.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def init_params(config: LlamaConfig, key: jax.Array, *,
+                dtype=jnp.float32, scale: float = 0.02) -> Params:
+  """Random params of the right shapes (tests and benchmarks).
+
+  Args:
+    config: model sizes.
+    key: a `jax.random.key`.
+    dtype: param dtype.
+    scale: std of the normal init.
+
+  Returns:
+    A params pytree in the documented layout.
+  """
+  d, f = config.hidden_size, config.intermediate_size
+  n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
+              config.head_dim)
+  num_layers, vocab = config.num_hidden_layers, config.vocab_size
+  shapes = {
+      ("embed_tokens", "embedding"): (vocab, d),
+      ("layers", "self_attn", "q_proj", "kernel"): (num_layers, d, n * h),
+      ("layers", "self_attn", "k_proj", "kernel"): (num_layers, d, kv * h),
+      ("layers", "self_attn", "v_proj", "kernel"): (num_layers, d, kv * h),
+      ("layers", "self_attn", "o_proj", "kernel"): (num_layers, n * h, d),
+      ("layers", "mlp", "gate_proj", "kernel"): (num_layers, d, f),
+      ("layers", "mlp", "up_proj", "kernel"): (num_layers, d, f),
+      ("layers", "mlp", "down_proj", "kernel"): (num_layers, f, d),
+  }
+  if config.attention_bias:
+    for name, width in (("q_proj", n * h), ("k_proj", kv * h),
+                        ("v_proj", kv * h)):
+      shapes[("layers", "self_attn", name, "bias")] = (num_layers, width)
+  if not config.tie_word_embeddings:
+    shapes[("lm_head", "kernel")] = (d, vocab)
+  params: Params = {}
+  keys = jax.random.split(key, len(shapes) + 3)
+  for k, (path, shape) in zip(keys, shapes.items()):
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = (scale * jax.random.normal(k, shape)).astype(dtype)
+  # Norm scales near 1 but not equal, so fusing them is really tested.
+  for k, path, shape in ((keys[-3], ("input_layernorm",), (num_layers, d)),
+                         (keys[-2], ("post_attention_layernorm",),
+                          (num_layers, d))):
+    params["layers"][path[0]] = {
+        "scale": (1 + 0.1 * jax.random.normal(k, shape)).astype(dtype)}
+  params["norm"] = {
+      "scale": (1 + 0.1 * jax.random.normal(keys[-1], (d,))).astype(dtype)}
+  return params

@@ -1,0 +1,33 @@
+"""Shared pytest setup: markers and the `interpret` fixture."""
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _has_gpu() -> bool:
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "gpu: needs a GPU (run on the device)")
+  config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+  if _has_gpu():
+    return
+  skip = pytest.mark.skip(reason="needs a GPU; run through the device tool")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
+
+
+@pytest.fixture
+def interpret() -> bool:
+  """True when no GPU is present: Pallas kernels run in interpret mode."""
+  return not _has_gpu()

@@ -1,0 +1,84 @@
+"""Logit parity of the functional model against transformers (torch, CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from quarot_jax import hf
+from quarot_jax import kv_cache
+from quarot_jax import model
+from tests import hf_models
+
+
+def _torch_logits(torch_model, tokens):
+  with torch.no_grad():
+    return torch_model(torch.from_numpy(tokens).long()).logits.numpy()
+
+
+@pytest.mark.parametrize("family", hf_models.FAMILIES)
+def test_prefill_matches_transformers(family):
+  path, torch_model = hf_models.tiny_hf_model(family)
+  params, config = hf.load_hf(path)
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 24)
+  logits, _ = jax.jit(model.forward, static_argnums=2)(params, tokens, config)
+  want = _torch_logits(torch_model, tokens)
+  np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", hf_models.FAMILIES)
+def test_decode_through_cache_matches_transformers(family):
+  path, torch_model = hf_models.tiny_hf_model(family)
+  params, config = hf.load_hf(path)
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 12, seed=1)
+  want = _torch_logits(torch_model, tokens)
+  step = jax.jit(model.forward, static_argnums=2)
+  cache = kv_cache.cache_for(config, batch=2, max_len=16)
+  # Prefill 5 tokens, then decode one at a time.
+  logits, cache = step(params, tokens[:, :5], config, cache=cache)
+  got = [np.asarray(logits)]
+  for t in range(5, 12):
+    logits, cache = step(params, tokens[:, t:t + 1], config, cache=cache)
+    got.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-4,
+                             rtol=0)
+  assert int(cache.end) == 12
+
+
+def test_left_padding_does_not_change_logits():
+  path, torch_model = hf_models.tiny_hf_model("llama2")
+  params, config = hf.load_hf(path)
+  tokens = hf_models.random_tokens(config.vocab_size, 1, 6, seed=2)
+  want = _torch_logits(torch_model, tokens)
+  padded = np.concatenate([np.zeros((1, 3), np.int32), tokens], axis=1)
+  cache = kv_cache.cache_for(config, batch=1, max_len=10,
+                             start=jnp.array([3], jnp.int32))
+  logits, _ = model.forward(params, padded, config, cache=cache)
+  np.testing.assert_allclose(np.asarray(logits)[:, 3:], want, atol=1e-4,
+                             rtol=0)
+
+
+def test_init_params_shapes_match_loader_table():
+  config = hf.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8)
+  params = model.init_params(config, jax.random.key(0))
+  shapes = hf.expected_shapes(config)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = tuple(k.key for k in path)
+    assert leaf.shape == shapes[names], names
+
+
+def test_llama2_7b_shapes_under_eval_shape():
+  config = hf.LlamaConfig(vocab_size=32000, hidden_size=4096,
+                          intermediate_size=11008, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32,
+                          head_dim=128)
+  params = jax.eval_shape(
+      lambda k: model.init_params(config, k, dtype=jnp.bfloat16),
+      jax.random.key(0))
+  tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+  logits, _ = jax.eval_shape(
+      lambda p, t: model.forward(p, t, config), params, tokens)
+  assert logits.shape == (1, 16, 32000)

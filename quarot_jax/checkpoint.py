@@ -1,0 +1,152 @@
+"""Saving and restoring params as Orbax checkpoints, and `load` for any source.
+
+A checkpoint directory holds:
+  quarot_meta.json   format_version, the `LlamaConfig`, and the quantization
+                     config (None for a float model)
+  params/            an Orbax `StandardCheckpointer` checkpoint of the params
+
+Everything is written into a temporary sibling directory and renamed into
+place at the end, so a failure never leaves a half-written checkpoint.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+
+from quarot_jax.config import LlamaConfig
+
+FORMAT_VERSION = 1
+META_FILE = "quarot_meta.json"
+
+
+def _checkpointer():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer()
+
+
+def is_checkpoint(path: str) -> bool:
+  """True if `path` is a directory written by `save_params`."""
+  return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def save_params(params: Any, path: str, config: LlamaConfig, *,
+                quantization: dict | None = None,
+                overwrite: bool = False) -> str:
+  """Writes params and metadata to `path` atomically.
+
+  Args:
+    params: the params pytree (numpy or jax leaves).
+    path: the checkpoint directory to create.
+    config: the model config, stored in the metadata.
+    quantization: a JSON-serializable description of how the params were
+      rotated/quantized (None for a float model).
+    overwrite: replace an existing non-empty `path`.
+
+  Returns:
+    The absolute path written.
+
+  Raises:
+    ValueError: `path` exists, is not empty, and `overwrite` is False.
+  """
+  path = os.path.abspath(path)
+  if os.path.exists(path) and os.listdir(path) and not overwrite:
+    raise ValueError(
+        f"{path!r} exists and is not empty; pass overwrite=True"
+        " (--overwrite) to replace it")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-",
+                         dir=parent)
+  try:
+    ckptr = _checkpointer()
+    ckptr.save(os.path.join(tmp, "params"), params)
+    ckptr.wait_until_finished()
+    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(),
+            "quantization": quantization}
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
+    if os.path.exists(path):
+      old = tmp + ".old"
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def read_meta(path: str) -> dict:
+  """The metadata dict of a checkpoint written by `save_params`."""
+  meta_path = os.path.join(path, META_FILE)
+  if not os.path.isfile(meta_path):
+    raise ValueError(f"{path!r} is not a quarot_jax checkpoint (no {META_FILE})")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(
+        f"{path!r} has format_version={meta.get('format_version')!r}; this"
+        f" version of quarot_jax reads {FORMAT_VERSION}")
+  return meta
+
+
+def load_params(path: str, *, like: Any = None) -> tuple[Any, LlamaConfig,
+                                                         dict | None]:
+  """Restores a checkpoint written by `save_params`.
+
+  Args:
+    path: the checkpoint directory.
+    like: an optional pytree (arrays or `jax.ShapeDtypeStruct`s) giving the
+      structure, shapes and dtypes to restore into.
+
+  Returns:
+    (params, config, quantization metadata or None).
+  """
+  path = os.path.abspath(path)
+  meta = read_meta(path)
+  config = LlamaConfig.from_dict(meta["config"])
+  ckptr = _checkpointer()
+  if like is None:
+    params = ckptr.restore(os.path.join(path, "params"))
+  else:
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+    params = ckptr.restore(os.path.join(path, "params"), target)
+  return params, config, meta.get("quantization")
+
+
+def load(path: str, *, dtype: Any = np.float32,
+         allow_pickle: bool = False) -> tuple[Any, LlamaConfig]:
+  """Loads a model from an Orbax checkpoint, an HF directory or a GGUF file.
+
+  Args:
+    path: a directory written by `save_params`, a Hugging Face checkpoint
+      directory (config.json + safetensors), or a `.gguf` file.
+    dtype: param dtype for HF and GGUF sources (checkpoints keep theirs).
+    allow_pickle: allow HF `.bin` weights.
+
+  Returns:
+    (params, config).
+
+  Raises:
+    ValueError: `path` is none of the above.
+  """
+  if os.path.isfile(path) and path.endswith(".gguf"):
+    from quarot_jax import gguf  # pylint: disable=g-import-not-at-top
+    return gguf.load_gguf(path, dtype=dtype)
+  if is_checkpoint(path):
+    params, config, _ = load_params(path)
+    return params, config
+  if os.path.isfile(os.path.join(path, "config.json")):
+    from quarot_jax import hf  # pylint: disable=g-import-not-at-top
+    return hf.load_hf(path, dtype=dtype, allow_pickle=allow_pickle)
+  raise ValueError(
+      f"{path!r} is not a quarot_jax checkpoint, an HF directory with"
+      " config.json, or a .gguf file")

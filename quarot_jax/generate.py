@@ -1,0 +1,196 @@
+"""Jitted batched generation: one prefill, then a `lax.while_loop` decode.
+
+Prompts are left-padded to a shape bucket (batch and prompt length rounded
+up to powers of two), so calls with similar prompts reuse one compiled
+program. Sampling knobs (temperature, top-k, top-p) are traced values, not
+static ones: changing them does not recompile.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quarot_jax import kv_cache
+from quarot_jax import model
+from quarot_jax.config import LlamaConfig
+
+# Incremented each time `_generate_core` is traced (tests check reuse).
+TRACE_COUNT = 0
+
+
+def _bucket(n: int, minimum: int) -> int:
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array,
+                top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Picks one token per row.
+
+  Args:
+    logits: f32[B, V].
+    key: a `jax.random.key`.
+    temperature: f32[]; 0 means greedy (argmax).
+    top_k: int32[]; keep the k most likely tokens (0 keeps all).
+    top_p: f32[]; keep the smallest set whose probability reaches top_p.
+
+  Returns:
+    int32[B].
+  """
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.maximum(temperature, 1e-6)
+  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V], descending
+  vocab = logits.shape[-1]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  kth = jnp.take(ordered, k - 1, axis=-1)[:, None]
+  probs = jax.nn.softmax(ordered, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each
+  keep_sorted = before < top_p
+  # The smallest logit still kept by top-p.
+  p_cut = jnp.min(jnp.where(keep_sorted, ordered, jnp.inf), axis=-1)[:, None]
+  masked = jnp.where((scaled >= kth) & (scaled >= p_cut), scaled, -jnp.inf)
+  sampled = jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
+                                             "options", "cache_dtype"))
+def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
+                   eos_ids, pad_id, *, config: LlamaConfig,
+                   max_new_tokens: int, options: model.RunOptions,
+                   cache_dtype):
+  """Prefill + decode loop. Returns int32[B, max_new_tokens]."""
+  global TRACE_COUNT
+  TRACE_COUNT += 1
+  batch, prompt_len = tokens.shape
+  cache = kv_cache.cache_for(config, batch, prompt_len + max_new_tokens,
+                             dtype=cache_dtype, start=start)
+  logits, cache = model.forward(params, tokens, config, cache=cache,
+                                options=options)
+  key, sub = jax.random.split(key)
+  first = sample_next(logits[:, -1], sub, temperature, top_k, top_p)
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  done = jnp.zeros((batch,), bool)
+
+  def cond(state):
+    i, _, _, _, _, done = state
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    i, tok, cache, key, out, done = state
+    out = out.at[:, i].set(jnp.where(done, pad_id, tok))
+    done = done | jnp.isin(tok, eos_ids)
+    logits, cache = model.forward(params, tok[:, None], config, cache=cache,
+                                  options=options)
+    key, sub = jax.random.split(key)
+    tok = sample_next(logits[:, -1], sub, temperature, top_k, top_p)
+    return i + 1, tok, cache, key, out, done
+
+  state = (jnp.int32(0), first, cache, key, out, done)
+  return jax.lax.while_loop(cond, body, state)[4]
+
+
+def generate_tokens(params: Any, config: LlamaConfig,
+                    prompts: Sequence[Sequence[int]], *,
+                    max_new_tokens: int = 32, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                    eos_ids: Sequence[int] | None = None, pad_id: int = 0,
+                    options: model.RunOptions = model.FLOAT,
+                    cache_dtype: Any = None) -> list[list[int]]:
+  """Generates token ids for a batch of tokenized prompts.
+
+  Args:
+    params: model params.
+    config: the model's config.
+    prompts: one list of token ids per prompt (non-empty).
+    max_new_tokens: tokens to generate per prompt (at most).
+    temperature: 0 for greedy decoding.
+    top_k: keep the k most likely tokens when sampling (0: all).
+    top_p: nucleus sampling mass (1.0: all).
+    seed: sampling seed.
+    eos_ids: stop tokens (default: the config's EOS ids).
+    pad_id: token used for left padding.
+    options: rotation/quantization behaviour of the forward.
+    cache_dtype: KV cache dtype (default: the embedding dtype).
+
+  Returns:
+    For each prompt, the generated ids, ending at (and including) the first
+    EOS if one was produced.
+
+  Raises:
+    ValueError: empty prompts or bad sampling values.
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt must have at least one token")
+  if max_new_tokens <= 0:
+    raise ValueError(f"{max_new_tokens=} must be positive")
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f"bad sampling values {temperature=}, {top_k=}, {top_p=}")
+  eos = tuple(config.eos_token_ids if eos_ids is None else eos_ids) or (-1,)
+  batch = _bucket(len(prompts), 1)
+  length = _bucket(max(len(p) for p in prompts), 8)
+  tokens = np.full((batch, length), pad_id, np.int32)
+  start = np.full((batch,), length - 1, np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, length - len(prompt):] = prompt
+    start[row] = length - len(prompt)
+  # Filler rows repeat the last token of prompt 0 and are dropped below.
+  tokens[len(prompts):, -1] = prompts[0][-1]
+  if cache_dtype is None:
+    cache_dtype = params["embed_tokens"]["embedding"].dtype
+  out = _generate_core(
+      params, jnp.asarray(tokens), jnp.asarray(start),
+      jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k),
+      jnp.float32(top_p), jnp.asarray(eos, jnp.int32), jnp.int32(pad_id),
+      config=config, max_new_tokens=max_new_tokens, options=options,
+      cache_dtype=jnp.dtype(cache_dtype))
+  results = []
+  for row in np.asarray(out)[:len(prompts)].tolist():
+    ids = []
+    for tok in row:
+      ids.append(tok)
+      if tok in eos:
+        break
+    results.append(ids)
+  return results
+
+
+def generate(params: Any, config: LlamaConfig, tokenizer: Any,
+             prompts: Sequence[str] | str, *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, options: model.RunOptions = model.FLOAT
+             ) -> list[str]:
+  """Generates text for a batch of prompts.
+
+  Args:
+    params: model params (float, rotated, or quantized).
+    config: the model's config.
+    tokenizer: a Hugging Face tokenizer (`encode`/`decode`).
+    prompts: a prompt or a list of prompts.
+    max_new_tokens: tokens to generate per prompt (at most).
+    temperature: 0 for greedy decoding.
+    top_k: keep the k most likely tokens when sampling (0: all).
+    top_p: nucleus sampling mass (1.0: all).
+    seed: sampling seed.
+    options: rotation/quantization behaviour of the forward.
+
+  Returns:
+    The generated continuation of each prompt (prompt not included).
+  """
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  ids = [tokenizer.encode(p) for p in prompts]
+  pad_id = tokenizer.pad_token_id
+  if pad_id is None:
+    pad_id = config.eos_token_ids[0] if config.eos_token_ids else 0
+  eos = set(config.eos_token_ids)
+  if tokenizer.eos_token_id is not None:
+    eos.add(tokenizer.eos_token_id)
+  out = generate_tokens(params, config, ids, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, eos_ids=sorted(eos), pad_id=pad_id,
+                        options=options)
+  return [tokenizer.decode([t for t in row if t not in eos],
+                           skip_special_tokens=True) for row in out]

@@ -125,7 +125,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
 
 def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
                      config: LlamaConfig, options: RunOptions, inv_freq):
-  """One attention sub-block. Returns (output [B, T, D], new k, new v)."""
+  """One attention sub-block.
+
+  Returns:
+    (output [B, T, D], new k cache, new v cache, o_proj input [B, T, N*H]).
+  """
   b, t, _ = x.shape
   n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
               config.head_dim)
@@ -149,16 +153,58 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   out = attend(q, k, v, mask).reshape(b, t, n * h)
   if options.online_had_o:
     out = _hadamard(out)
-  return _linear(out, p["o_proj"], a), k_cache, v_cache
+  return _linear(out, p["o_proj"], a), k_cache, v_cache, out
 
 
 def _mlp_block(x, p, *, options: RunOptions):
+  """One FFN sub-block. Returns (output [B, T, D], down_proj input)."""
   a = options.a_spec
   hidden = layers.swiglu(_linear(x, p["gate_proj"], a),
                          _linear(x, p["up_proj"], a))
   if options.online_had_down:
     hidden = _hadamard(hidden)
-  return _linear(hidden, p["down_proj"], a)
+  return _linear(hidden, p["down_proj"], a), hidden
+
+
+def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
+                  options: RunOptions = FLOAT,
+                  k_cache=None, v_cache=None, positions=None, mask=None,
+                  write_at=None):
+  """One decoder layer, also returning the input of every linear.
+
+  Args:
+    x: [B, T, D] residual stream.
+    p: one layer's params (the `layers` subtree without the L axis).
+    config: the model config.
+    options: rotation/quantization behaviour.
+    k_cache: [B, S, K, H] or None (then `x` is one causal sequence per row).
+    v_cache: [B, S, K, H] or None.
+    positions: int32[B, T] RoPE positions (default 0..T-1).
+    mask: bool[B, T, S] (default causal).
+    write_at: cache slot of the first token.
+
+  Returns:
+    (x [B, T, D], k_cache, v_cache, taps) where taps maps 'qkv', 'o',
+    'gate_up', 'down' to the (unquantized) input of those linears; GPTQ
+    collects its Hessians from them.
+  """
+  b, t, _ = x.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if mask is None:
+    mask = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, axis=0)
+  inv_freq = layers.rope_inv_freq(config.head_dim, config.rope_theta,
+                                  config.rope_scaling_dict)
+  eps = config.rms_norm_eps
+  attn_in = _norm(x, p["input_layernorm"], eps)
+  h, k_cache, v_cache, o_in = _attention_block(
+      attn_in, p["self_attn"], positions, mask, k_cache, v_cache, write_at,
+      config=config, options=options, inv_freq=inv_freq)
+  x = x + h
+  mlp_in = _norm(x, p["post_attention_layernorm"], eps)
+  h, down_in = _mlp_block(mlp_in, p["mlp"], options=options)
+  taps = {"qkv": attn_in, "o": o_in, "gate_up": mlp_in, "down": down_in}
+  return x + h, k_cache, v_cache, taps
 
 
 def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
@@ -184,13 +230,8 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
   """
   b, t = tokens.shape
   x = params["embed_tokens"]["embedding"][tokens]  # [B, T, D]
-  inv_freq = layers.rope_inv_freq(config.head_dim, config.rope_theta,
-                                  config.rope_scaling_dict)
   if cache is None:
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, axis=0)
-    write_at = None
-    cache_k = cache_v = None
+    positions = mask = write_at = cache_k = cache_v = None
   else:
     slots = cache.end + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions = slots[None, :] - cache.start[:, None]
@@ -200,23 +241,16 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     write_at = cache.end
     cache_k, cache_v = cache.k, cache.v
 
-  eps = config.rms_norm_eps
-  attn_fn = lambda *a: _attention_block(
-      *a, config=config, options=options, inv_freq=inv_freq)
-
   def layer(x, scanned):
     p, k_layer, v_layer = scanned
-    h, k_layer, v_layer = attn_fn(
-        _norm(x, p["input_layernorm"], eps), p["self_attn"], positions, mask,
-        k_layer, v_layer, write_at)
-    x = x + h
-    x = x + _mlp_block(_norm(x, p["post_attention_layernorm"], eps),
-                       p["mlp"], options=options)
+    x, k_layer, v_layer, _ = decoder_layer(
+        x, p, config=config, options=options, k_cache=k_layer,
+        v_cache=v_layer, positions=positions, mask=mask, write_at=write_at)
     return x, (k_layer, v_layer)
 
   x, (new_k, new_v) = jax.lax.scan(layer, x,
                                    (params["layers"], cache_k, cache_v))
-  x = _norm(x, params.get("norm"), eps)
+  x = _norm(x, params.get("norm"), config.rms_norm_eps)
   if return_hidden:
     return x, None
   logits = logits_from_hidden(params, x)

@@ -47,7 +47,12 @@ def convert(source: str, out_dir: str, *, dtype: str = "float32",
     raise ValueError(f"--out_dir {out_dir!r} is not empty; pass --overwrite")
   params, config = checkpoint.load(source, dtype=_DTYPES[dtype],
                                    allow_pickle=allow_pickle)
-  return checkpoint.save_params(params, out_dir, config, overwrite=overwrite)
+  try:
+    tokenizer = checkpoint.load_tokenizer(source)
+  except ValueError:
+    tokenizer = None  # weights-only source: the checkpoint has none either
+  return checkpoint.save_params(params, out_dir, config, tokenizer=tokenizer,
+                                overwrite=overwrite)
 
 
 def main(argv):

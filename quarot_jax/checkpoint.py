@@ -4,6 +4,7 @@ A checkpoint directory holds:
   quarot_meta.json   format_version, the `LlamaConfig`, and the quantization
                      config (None for a float model)
   params/            an Orbax `StandardCheckpointer` checkpoint of the params
+  tokenizer/         (optional) the model's HF tokenizer
 
 Everything is written into a temporary sibling directory and renamed into
 place at the end, so a failure never leaves a half-written checkpoint.
@@ -35,7 +36,7 @@ def is_checkpoint(path: str) -> bool:
 
 
 def save_params(params: Any, path: str, config: LlamaConfig, *,
-                quantization: dict | None = None,
+                quantization: dict | None = None, tokenizer: Any = None,
                 overwrite: bool = False) -> str:
   """Writes params and metadata to `path` atomically.
 
@@ -45,6 +46,7 @@ def save_params(params: Any, path: str, config: LlamaConfig, *,
     config: the model config, stored in the metadata.
     quantization: a JSON-serializable description of how the params were
       rotated/quantized (None for a float model).
+    tokenizer: an HF tokenizer to store beside the params (optional).
     overwrite: replace an existing non-empty `path`.
 
   Returns:
@@ -68,6 +70,8 @@ def save_params(params: Any, path: str, config: LlamaConfig, *,
     ckptr.wait_until_finished()
     meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(),
             "quantization": quantization}
+    if tokenizer is not None:
+      tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(meta, f, indent=2)
     if os.path.exists(path):
@@ -150,3 +154,20 @@ def load(path: str, *, dtype: Any = np.float32,
   raise ValueError(
       f"{path!r} is not a quarot_jax checkpoint, an HF directory with"
       " config.json, or a .gguf file")
+
+
+def load_tokenizer(path: str) -> Any:
+  """The HF tokenizer stored with a checkpoint, HF directory or GGUF file.
+
+  Raises:
+    ValueError: no tokenizer is stored at `path`.
+  """
+  if os.path.isfile(path) and path.endswith(".gguf"):
+    from quarot_jax import gguf  # pylint: disable=g-import-not-at-top
+    return gguf.load_gguf_tokenizer(path)
+  import transformers  # pylint: disable=g-import-not-at-top
+  for candidate in (os.path.join(path, "tokenizer"), path):
+    if (os.path.isfile(os.path.join(candidate, "tokenizer.json"))
+        or os.path.isfile(os.path.join(candidate, "tokenizer_config.json"))):
+      return transformers.AutoTokenizer.from_pretrained(candidate)
+  raise ValueError(f"no tokenizer stored at {path!r}")

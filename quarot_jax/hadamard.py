@@ -18,7 +18,11 @@ a classical construction, built here (no pasted tables):
   orders the LLaMA family needs that have no Paley construction:
   172 = 4·43 is Williamson type (symmetric circulants, in the Williamson
   array), 156 = 4·39 is Goethals-Seidel type (circulants in the
-  Goethals-Seidel array). See `_circulant_blocks`.
+  Goethals-Seidel array). See `_circulant_blocks`. (The same search finds no
+  Williamson blocks of order 39 invariant under {±1, ±16, ±22} or
+  {±1, ±14}, the only such multiplier groups besides {±1}, whose 2^20 rows
+  per block are too many for a quick search.) Each search takes < 0.1 s and
+  runs once per process (`functools.lru_cache`).
 
 `factorize(n)` picks the largest power of two whose cofactor has a
 construction. Any Paley order works, not only the ones listed in

@@ -1,0 +1,149 @@
+"""The QuaRot recipe: rotate, then quantize weights, activations and KV cache.
+
+`quantize(params, config, qconfig, calib_tokens)` returns params whose
+decoder linears hold (fake-)quantized weights plus the `RunOptions` that
+make the forward quantize activations and the KV cache and apply the online
+Hadamards. lm_head and embeddings stay in float, as in the paper.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quarot_jax import gptq
+from quarot_jax import model
+from quarot_jax import quant
+from quarot_jax import rotation
+from quarot_jax.config import LlamaConfig
+
+LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"),
+           ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+           ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuaRotConfig:
+  """How to rotate and quantize a model. 16 bits means "not quantized".
+
+  Attributes:
+    w_bits: weight bits.
+    a_bits: activation bits (input of every decoder linear, per token).
+    k_bits: key cache bits (asymmetric, per token and head).
+    v_bits: value cache bits.
+    w_method: 'rtn' or 'gptq'.
+    w_groupsize: weight group size along the input axis (None: per channel).
+    w_asym: asymmetric weights.
+    w_clip: search the weight clipping range (MSE), as QuaRot's `--w_clip`.
+    a_clip: activation clip ratio (QuaRot: 0.9).
+    kv_clip: KV cache clip ratio (QuaRot: 0.95).
+    rotate: apply QuaRot's rotations.
+    rotate_mode: 'hadamard' or 'random' (orthogonal).
+    percdamp: GPTQ dampening.
+    act_order: GPTQ column reordering.
+    seed: seeds the rotation.
+  """
+
+  w_bits: int = 16
+  a_bits: int = 16
+  k_bits: int = 16
+  v_bits: int = 16
+  w_method: str = "rtn"
+  w_groupsize: int | None = None
+  w_asym: bool = False
+  w_clip: bool = True
+  a_clip: float = 0.9
+  kv_clip: float = 0.95
+  rotate: bool = True
+  rotate_mode: str = "hadamard"
+  percdamp: float = 0.01
+  act_order: bool = True
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("w_bits", "a_bits", "k_bits", "v_bits"):
+      bits = getattr(self, name)
+      if bits != 16 and not 2 <= bits <= 8:
+        raise ValueError(f"{name}={bits} must be 2..8, or 16 for none")
+    if self.w_method not in ("rtn", "gptq"):
+      raise ValueError(f"w_method={self.w_method!r} must be 'rtn' or 'gptq'")
+    if self.rotate_mode not in ("hadamard", "random"):
+      raise ValueError(
+          f"rotate_mode={self.rotate_mode!r} must be 'hadamard' or 'random'")
+
+  @property
+  def weight_spec(self) -> quant.QuantSpec:
+    return quant.QuantSpec(bits=self.w_bits, symmetric=not self.w_asym,
+                           group_size=self.w_groupsize,
+                           mse_clip=self.w_clip)
+
+  def run_options(self, head_dim: int) -> model.RunOptions:
+    """The forward options this config needs."""
+    a = quant.QuantSpec(bits=self.a_bits, clip_ratio=self.a_clip)
+    k = quant.QuantSpec(bits=self.k_bits, symmetric=False,
+                        group_size=head_dim, clip_ratio=self.kv_clip)
+    v = dataclasses.replace(k, bits=self.v_bits)
+    return model.RunOptions(
+        online_had_down=self.rotate, online_had_o=self.rotate,
+        qk_had=self.rotate,
+        a_spec=a if a.enabled else None,
+        k_spec=k if k.enabled else None,
+        v_spec=v if v.enabled else None)
+
+  def describe(self) -> str:
+    """A short label such as 'W4A4KV4 gptq rot'."""
+    kv = (f"KV{self.k_bits}" if self.k_bits == self.v_bits
+          else f"K{self.k_bits}V{self.v_bits}")
+    g = f" g{self.w_groupsize}" if self.w_groupsize else ""
+    method = f" {self.w_method}{g}" if self.w_bits < 16 else ""
+    rot = f" rot-{self.rotate_mode}" if self.rotate else " norot"
+    return f"W{self.w_bits}A{self.a_bits}{kv}{method}{rot}"
+
+
+def rtn_quantize_params(params: Any, spec: quant.QuantSpec) -> Any:
+  """Round-to-nearest fake quantization of every decoder linear's kernel."""
+  fq = jax.jit(jax.vmap(lambda w: quant.fake_quant_weight(w, spec)))
+  params = jax.tree.map(lambda a: a, params)
+  for block, name in LINEARS:
+    node = params["layers"][block][name]
+    node["kernel"] = fq(jnp.asarray(node["kernel"], jnp.float32))
+  return params
+
+
+def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
+             calib_tokens: np.ndarray | None = None, *,
+             progress: bool = True) -> tuple[Any, model.RunOptions]:
+  """Rotates and quantizes a model (simulated quantization).
+
+  Args:
+    params: float params.
+    config: the model config.
+    qconfig: what to do.
+    calib_tokens: int32[n, T] calibration windows (GPTQ only).
+    progress: show progress bars.
+
+  Returns:
+    (params, options): run the model with `forward(..., options=options)`.
+
+  Raises:
+    ValueError: GPTQ without calibration tokens, or an unsupported size.
+  """
+  options = qconfig.run_options(config.head_dim)
+  if qconfig.rotate:
+    params = rotation.rotate(params, config, jax.random.key(qconfig.seed),
+                             mode=qconfig.rotate_mode)
+  else:
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  if qconfig.w_bits < 16:
+    if qconfig.w_method == "gptq":
+      if calib_tokens is None:
+        raise ValueError("w_method='gptq' needs calib_tokens")
+      params = gptq.gptq_quantize_params(
+          params, config, calib_tokens, qconfig.weight_spec, options=options,
+          percdamp=qconfig.percdamp, act_order=qconfig.act_order,
+          progress=progress)
+    else:
+      params = rtn_quantize_params(params, qconfig.weight_spec)
+  return params, options

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quarot_jax import generate
+from quarot_jax import generation
 from quarot_jax import hf
 from tests import hf_models
 
@@ -30,7 +30,7 @@ def test_greedy_matches_transformers(family):
   params, config = hf.load_hf(path)
   prompts = [hf_models.random_tokens(config.vocab_size, 1, n, seed=n)[0]
              for n in (5, 9)]
-  got = generate.generate_tokens(params, config, [p.tolist() for p in prompts],
+  got = generation.generate_tokens(params, config, [p.tolist() for p in prompts],
                                  max_new_tokens=10, eos_ids=[])
   for prompt, ours in zip(prompts, got):
     with torch.no_grad():
@@ -45,27 +45,27 @@ def test_same_bucket_does_not_recompile():
   path, _ = hf_models.tiny_hf_model("llama2")
   params, config = hf.load_hf(path)
   params = jax.tree.map(jnp.asarray, params)
-  run = lambda prompts, **kw: generate.generate_tokens(
+  run = lambda prompts, **kw: generation.generate_tokens(
       params, config, prompts, max_new_tokens=4, eos_ids=[], **kw)
   run([[5, 6, 7]])
-  traces = generate.TRACE_COUNT
+  traces = generation.TRACE_COUNT
   run([[8, 9, 10, 11, 12]], temperature=0.7, top_k=5, top_p=0.9, seed=3)
-  assert generate.TRACE_COUNT == traces  # same bucket: 8 tokens, batch 1
+  assert generation.TRACE_COUNT == traces  # same bucket: 8 tokens, batch 1
   run([[5] * 9])
-  assert generate.TRACE_COUNT == traces + 1  # 16-token bucket
+  assert generation.TRACE_COUNT == traces + 1  # 16-token bucket
 
 
 def test_stops_at_eos_and_text_api():
   path, _ = hf_models.tiny_hf_model("llama2")
   params, config = hf.load_hf(path)
   tokenizer = _word_tokenizer(config.vocab_size)
-  first = generate.generate_tokens(params, config, [[5, 6, 7]],
+  first = generation.generate_tokens(params, config, [[5, 6, 7]],
                                    max_new_tokens=6, eos_ids=[])[0]
   # Declare the 3rd greedy token an EOS: generation must stop right there.
-  stopped = generate.generate_tokens(params, config, [[5, 6, 7]],
+  stopped = generation.generate_tokens(params, config, [[5, 6, 7]],
                                      max_new_tokens=6, eos_ids=[first[2]])[0]
   assert stopped == first[:first.index(first[2]) + 1]
-  texts = generate.generate(params, config, tokenizer, ["w5 w6 w7", "w9"],
+  texts = generation.generate(params, config, tokenizer, ["w5 w6 w7", "w9"],
                             max_new_tokens=3)
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
@@ -75,10 +75,10 @@ def test_sampling_respects_top_k():
                        jnp.float32)
   top2 = np.argsort(-np.asarray(logits), axis=-1)[:, :2]
   for seed in range(20):
-    tok = generate.sample_next(logits, jax.random.key(seed), jnp.float32(1.0),
+    tok = generation.sample_next(logits, jax.random.key(seed), jnp.float32(1.0),
                                jnp.int32(2), jnp.float32(1.0))
     assert all(t in row for t, row in zip(np.asarray(tok), top2))
-  greedy = generate.sample_next(logits, jax.random.key(0), jnp.float32(0.0),
+  greedy = generation.sample_next(logits, jax.random.key(0), jnp.float32(0.0),
                                 jnp.int32(0), jnp.float32(1.0))
   np.testing.assert_array_equal(greedy, top2[:, 0])
 
@@ -87,7 +87,7 @@ def test_sampling_top_p_keeps_the_nucleus():
   # probs ~ [0.6, 0.3, 0.1]: top_p=0.5 keeps only token 0.
   logits = jnp.log(jnp.asarray([[0.6, 0.3, 0.1]], jnp.float32))
   for seed in range(10):
-    tok = generate.sample_next(logits, jax.random.key(seed), jnp.float32(1.0),
+    tok = generation.sample_next(logits, jax.random.key(seed), jnp.float32(1.0),
                                jnp.int32(0), jnp.float32(0.5))
     assert int(tok[0]) == 0
 
@@ -96,6 +96,6 @@ def test_bad_input_errors():
   path, _ = hf_models.tiny_hf_model("llama2")
   params, config = hf.load_hf(path)
   with pytest.raises(ValueError, match="at least one token"):
-    generate.generate_tokens(params, config, [[]])
+    generation.generate_tokens(params, config, [[]])
   with pytest.raises(ValueError, match="top_p"):
-    generate.generate_tokens(params, config, [[4]], top_p=0.0)
+    generation.generate_tokens(params, config, [[4]], top_p=0.0)

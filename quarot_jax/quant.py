@@ -1,10 +1,10 @@
 """Simulated quantization and THE int4 number format of the project.
 
-Quantizers work along the last axis, in groups of `group_size` consecutive
+Quantizers work along the LAST axis, in groups of `group_size` consecutive
 elements (one group over the whole axis by default: per token for
-activations, per output channel for weights). Every function returns either
-the fake-quantized value (same dtype as its input) or a `QArray` with the
-integer values and scales the Pallas kernels consume.
+activations, per output channel for weights). Every function computes in f32
+and returns either the fake-quantized value (same dtype as its input) or a
+`QArray` with the integer codes and scales the Pallas kernels consume.
 
 Number format (follows spcl/QuaRot `fake_quant/quant_utils.py`):
   symmetric, b bits:  maxq = 2^(b-1) - 1, scale = clip * absmax / maxq,
@@ -13,22 +13,32 @@ Number format (follows spcl/QuaRot `fake_quant/quant_utils.py`):
                       zero = round(-clip * min / scale),
                       q = clip(round(x / scale) + zero, 0, maxq)
   dequantized:        x ≈ (q - zero) * scale   (zero = 0 when symmetric)
-  (min/max include 0, as in the reference.)
+  (min/max include 0, as in the reference; a group of zeros gets scale 1.)
+  Rounding is round-half-to-even (jnp.round, like torch.round).
 
-int4 packing (cited by every kernel in pallas_kernels/): two 4-bit values
-per uint8 byte along the LAST axis. Byte j holds element 2j in its low
-nibble (bits 0-3) and element 2j+1 in its high nibble (bits 4-7). Signed
-(symmetric) values are two's-complement nibbles in [-8, 7]; asymmetric
-values are unsigned codes in [0, 15]. int[..., K] packs to uint8[..., K//2].
-Packed weights are uint8[N_out, K_in // 2] (K-major, as Hopper's 8-bit wgmma
-wants both operands).
+int4 packing (THE one layout, cited by every kernel in pallas_kernels/):
+  two 4-bit values per uint8 byte along the LAST axis. Byte j holds element
+  2j in its LOW nibble (bits 0-3) and element 2j+1 in its HIGH nibble
+  (bits 4-7):  byte[..., j] = (v[..., 2j] & 0xF) | (v[..., 2j+1] & 0xF) << 4.
+  Symmetric values are signed two's-complement nibbles in [-8, 7] (so
+  [1, -2] packs to 0xE1); asymmetric values are unsigned codes in [0, 15]
+  (nibble = code). int[..., K] packs to uint8[..., K // 2]; K must be even.
+  Packed weights are uint8[N_out, K_in // 2] (K-major, as Hopper's 8-bit
+  wgmma wants both operands).
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+# MSE clip search of GPTQ/QuaRot `find_params(..., mse=True)`.
+MSE_NORM = 2.4
+MSE_GRID = 100
+MSE_MAXSHRINK = 0.8
+_MSE_BATCH = 10  # shrink factors evaluated at once (bounds the memory)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,8 +47,11 @@ class QuantSpec:
 
   Attributes:
     bits: 2..8, or 16 for "not quantized".
-    symmetric: symmetric (signed) or asymmetric (unsigned with a zero point).
-    group_size: elements per group along the last axis; None = whole axis.
+    symmetric: symmetric (signed codes) or asymmetric (unsigned codes with a
+      zero point).
+    group_size: elements per group along the last axis; None = one group
+      over the whole axis (per channel for weights, per token for
+      activations).
     clip_ratio: scale the range by this factor (0 < r <= 1).
     mse_clip: search a per-group shrink of the range that minimizes
       |x - q(x)|^2.4 (GPTQ/QuaRot `find_params` with mse=True; weights).
@@ -51,8 +64,9 @@ class QuantSpec:
   mse_clip: bool = False
 
   def __post_init__(self):
-    if self.bits != 16 and not 2 <= self.bits <= 8:
-      raise ValueError(f"bits={self.bits} must be in 2..8, or 16 for none")
+    if (not isinstance(self.bits, int) or isinstance(self.bits, bool)
+        or (self.bits != 16 and not 2 <= self.bits <= 8)):
+      raise ValueError(f"bits={self.bits!r} must be in 2..8, or 16 for none")
     if not 0 < self.clip_ratio <= 1:
       raise ValueError(f"clip_ratio={self.clip_ratio} must be in (0, 1]")
     if self.group_size is not None and self.group_size <= 0:
@@ -65,21 +79,29 @@ class QuantSpec:
 
   @property
   def maxq(self) -> int:
+    """Largest code: 2^(b-1) - 1 if symmetric, else 2^b - 1."""
     return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class QArray:
   """A quantized tensor: x ≈ (values - zero) * scale, group-wise.
 
+  Element [..., k] belongs to group k // group_size along `axis` (always the
+  last axis, -1); `scale[..., k // group_size]` is its scale.
+
   Attributes:
-    values: int8[..., K] codes, or uint8[..., K // 2] when `packed`.
-    scale: f32[..., n_groups] per-group scales.
-    zero: f32[..., n_groups] zero points, or None when symmetric.
+    values: int8[..., K] codes (uint8 for 8-bit asymmetric), or
+      uint8[..., K // 2] when `packed` (layout in the module docstring).
+    scale: f32[..., K // group_size] per-group scales.
+    zero: f32[..., K // group_size] zero points (integers), or None when
+      symmetric.
     bits: bit-width (static).
     group_size: group length along the last axis (static).
-    packed: values are int4-packed as documented above (static).
+    symmetric: signed codes without zero point (static).
+    packed: values are int4-packed (static; bits == 4 only).
+    axis: the quantized axis (static; always -1).
   """
 
   values: jax.Array
@@ -87,12 +109,11 @@ class QArray:
   zero: jax.Array | None
   bits: int = dataclasses.field(metadata=dict(static=True))
   group_size: int = dataclasses.field(metadata=dict(static=True))
+  symmetric: bool = dataclasses.field(default=True,
+                                      metadata=dict(static=True))
   packed: bool = dataclasses.field(default=False,
                                    metadata=dict(static=True))
-
-  @property
-  def symmetric(self) -> bool:
-    return self.zero is None
+  axis: int = dataclasses.field(default=-1, metadata=dict(static=True))
 
 
 def _grouped(x: jax.Array, group_size: int | None) -> jax.Array:
@@ -101,127 +122,259 @@ def _grouped(x: jax.Array, group_size: int | None) -> jax.Array:
   g = k if group_size is None else group_size
   if k % g:
     raise ValueError(f"group_size={g} must divide the last axis ({k})")
+  # [..., K // g, g]
   return x.reshape(*x.shape[:-1], k // g, g)
 
 
-def _params(xg: jax.Array, spec: QuantSpec, shrink: jax.Array | float = 1.0):
-  """Scale and zero of f32[..., n, g] groups (keepdims on the last axis)."""
-  maxq = spec.maxq
+def _range_params(x: jax.Array, spec: QuantSpec,
+                  shrink: jax.Array | float = 1.0):
+  """Scale, zero f32[..., 1] of groups x [..., g] with the range shrunk."""
+  ratio = spec.clip_ratio * shrink
   if spec.symmetric:
-    absmax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) * (
-        spec.clip_ratio * shrink)
-    scale = absmax / maxq
-    scale = jnp.where(scale > 0, scale, 1.0)
-    return scale, None
-  xmin = jnp.minimum(jnp.min(xg, axis=-1, keepdims=True), 0) * (
-      spec.clip_ratio * shrink)
-  xmax = jnp.maximum(jnp.max(xg, axis=-1, keepdims=True), 0) * (
-      spec.clip_ratio * shrink)
-  scale = (xmax - xmin) / maxq
+    absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) * ratio
+    scale = absmax / spec.maxq
+    return jnp.where(scale > 0, scale, 1.0), None
+  xmin = jnp.minimum(jnp.min(x, axis=-1, keepdims=True), 0) * ratio
+  xmax = jnp.maximum(jnp.max(x, axis=-1, keepdims=True), 0) * ratio
+  scale = (xmax - xmin) / spec.maxq
   scale = jnp.where(scale > 0, scale, 1.0)
-  zero = jnp.round(-xmin / scale)
-  return scale, zero
+  return scale, jnp.round(-xmin / scale)
 
 
-def _codes(xg, scale, zero, spec: QuantSpec):
+def quantize_codes(x: jax.Array, scale: jax.Array, zero: jax.Array | None,
+                   spec: QuantSpec) -> jax.Array:
+  """Integer codes (as f32) of x with given, broadcastable scale and zero.
+
+  Args:
+    x: f32[...] values.
+    scale: f32 scales broadcastable to x.
+    zero: f32 zero points broadcastable to x (ignored when symmetric).
+    spec: the bit-width and symmetry.
+
+  Returns:
+    f32[...] codes, in [-(maxq + 1), maxq] or [0, maxq].
+  """
   if spec.symmetric:
-    return jnp.clip(jnp.round(xg / scale), -(spec.maxq + 1), spec.maxq)
-  return jnp.clip(jnp.round(xg / scale) + zero, 0, spec.maxq)
+    return jnp.clip(jnp.round(x / scale), -(spec.maxq + 1), spec.maxq)
+  return jnp.clip(jnp.round(x / scale) + zero, 0, spec.maxq)
 
 
-def _mse_shrink(xg: jax.Array, spec: QuantSpec, *, grid: int = 100,
-                maxshrink: float = 0.8, norm: float = 2.4) -> jax.Array:
-  """Best shrink factor f32[..., n, 1] of each group's range."""
-  shrinks = 1.0 - jnp.arange(int(maxshrink * grid), dtype=jnp.float32) / grid
+def _mse_shrink(x: jax.Array, spec: QuantSpec) -> jax.Array:
+  """Best shrink factor f32[..., 1] of each group x [..., g]."""
+  shrinks = 1.0 - jnp.arange(int(MSE_MAXSHRINK * MSE_GRID),
+                             dtype=jnp.float32) / MSE_GRID
 
   def err(p):
-    scale, zero = _params(xg, spec, p)
-    q = _codes(xg, scale, zero, spec)
-    deq = (q - (0 if zero is None else zero)) * scale
-    return jnp.sum(jnp.abs(deq - xg) ** norm, axis=-1, keepdims=True)
+    scale, zero = _range_params(x, spec, p)
+    q = quantize_codes(x, scale, zero, spec)
+    deq = (q - (0.0 if zero is None else zero)) * scale
+    return jnp.sum(jnp.abs(deq - x) ** MSE_NORM, axis=-1, keepdims=True)
 
-  errs = jax.lax.map(err, shrinks)  # [grid', ..., n, 1]
+  # [grid, ..., 1], evaluated _MSE_BATCH shrinks at a time (vmapped).
+  errs = jax.lax.map(err, shrinks, batch_size=_MSE_BATCH)
+  # argmin takes the first minimum, as the reference's strict `err < best`.
   return shrinks[jnp.argmin(errs, axis=0)]
 
 
-def quantize(x: jax.Array, spec: QuantSpec) -> QArray:
-  """Quantizes `x` [..., K] along its last axis.
+def find_params(x: jax.Array, spec: QuantSpec
+                ) -> tuple[jax.Array, jax.Array | None]:
+  """Scale and zero point of each group x [..., g] (its last axis).
 
   Args:
-    x: float array [..., K].
+    x: f32[..., g], one group per leading index.
+    spec: the quantizer; `mse_clip` runs the shrink-grid search.
+
+  Returns:
+    (scale f32[..., 1], zero f32[..., 1] or None when symmetric).
+  """
+  x = x.astype(jnp.float32)
+  shrink = _mse_shrink(x, spec) if spec.mse_clip else 1.0
+  return _range_params(x, spec, shrink)
+
+
+def _check_enabled(spec: QuantSpec):
+  if not spec.enabled:
+    raise ValueError(f"quantize needs bits < 16, got bits={spec.bits}")
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def quantize(x: jax.Array, spec: QuantSpec) -> QArray:
+  """Quantizes `x` along its last axis, group-wise.
+
+  Args:
+    x: float[..., K].
     spec: how (bits < 16).
 
   Returns:
-    A `QArray` with int8 values [..., K] and scales [..., K // group].
+    A `QArray` with int8[..., K] values (uint8 for 8-bit asymmetric) and
+    f32[..., K // group] scales (and zeros if asymmetric).
 
   Raises:
     ValueError: bits == 16, or group_size does not divide K.
   """
-  if not spec.enabled:
-    raise ValueError("quantize needs bits < 16")
+  _check_enabled(spec)
   xg = _grouped(x.astype(jnp.float32), spec.group_size)
-  shrink = _mse_shrink(xg, spec) if spec.mse_clip else 1.0
-  scale, zero = _params(xg, spec, shrink)
-  q = _codes(xg, scale, zero, spec).astype(jnp.int8 if spec.symmetric
-                                           or spec.bits < 8 else jnp.uint8)
-  group = xg.shape[-1]
-  return QArray(values=q.reshape(x.shape), scale=scale[..., 0],
+  scale, zero = find_params(xg, spec)
+  q = quantize_codes(xg, scale, zero, spec)
+  dtype = jnp.uint8 if not spec.symmetric and spec.bits == 8 else jnp.int8
+  return QArray(values=q.astype(dtype).reshape(x.shape),
+                scale=scale[..., 0],
                 zero=None if zero is None else zero[..., 0],
-                bits=spec.bits, group_size=group)
+                bits=spec.bits, group_size=xg.shape[-1],
+                symmetric=spec.symmetric)
 
 
+@jax.jit
 def dequantize(q: QArray) -> jax.Array:
-  """f32 values of a `QArray` (unpacking first if packed)."""
-  if q.packed:
-    q = unpack(q)
+  """The f32 values (values - zero) * scale of a `QArray` (packed or not).
+
+  Args:
+    q: a `QArray` with values [..., K] (or packed [..., K // 2]).
+
+  Returns:
+    f32[..., K].
+  """
+  q = unpack(q)
   vg = _grouped(q.values.astype(jnp.float32), q.group_size)
   zero = 0.0 if q.zero is None else q.zero[..., None]
   return ((vg - zero) * q.scale[..., None]).reshape(q.values.shape)
 
 
 def fake_quant(x: jax.Array, spec: QuantSpec) -> jax.Array:
-  """`dequantize(quantize(x))` in the dtype of `x`; identity at 16 bits."""
+  """`dequantize(quantize(x, spec))`, or `x` itself when bits == 16.
+
+  Args:
+    x: float[..., K].
+    spec: how.
+
+  Returns:
+    Same shape and dtype as `x`.
+
+  Raises:
+    ValueError: group_size does not divide K.
+  """
   if not spec.enabled:
     return x
   return dequantize(quantize(x, spec)).astype(x.dtype)
 
 
 def quantize_weight(kernel: jax.Array, spec: QuantSpec) -> QArray:
-  """Quantizes a float kernel [in, out] per output channel (and group).
+  """Quantizes a float kernel per output channel (groups along `in`).
+
+  Args:
+    kernel: float[in, out] (y = x @ kernel).
+    spec: how (bits < 16); `mse_clip` searches each channel's/group's range.
 
   Returns:
-    A `QArray` in the kernels' K-major layout: values [out, in], scales
-    [out, in // group].
+    A `QArray` in the kernels' K-major layout: values int8[out, in],
+    scales f32[out, in // group].
+
+  Raises:
+    ValueError: bits == 16, or group_size does not divide `in`.
   """
   return quantize(kernel.T, spec)
 
 
 def fake_quant_weight(kernel: jax.Array, spec: QuantSpec) -> jax.Array:
-  """Fake-quantized kernel [in, out] (groups along `in`), same dtype."""
+  """The fake-quantized kernel (RTN, per output channel and group).
+
+  Args:
+    kernel: float[in, out].
+    spec: how; bits == 16 returns `kernel`.
+
+  Returns:
+    Same shape [in, out] and dtype as `kernel`.
+
+  Raises:
+    ValueError: group_size does not divide `in`.
+  """
   if not spec.enabled:
     return kernel
   return dequantize(quantize_weight(kernel, spec)).T.astype(kernel.dtype)
 
 
+def activation_spec(bits: int, *, clip_ratio: float = 0.9,
+                    group_size: int | None = None) -> QuantSpec:
+  """QuaRot's activation quantizer: symmetric, per token, clip 0.9."""
+  return QuantSpec(bits=bits, group_size=group_size, clip_ratio=clip_ratio)
+
+
+def kv_spec(bits: int, *, group_size: int | None = None,
+            clip_ratio: float = 0.95) -> QuantSpec:
+  """QuaRot's KV cache quantizer: asymmetric, per head (group), clip 0.95."""
+  return QuantSpec(bits=bits, symmetric=False, group_size=group_size,
+                   clip_ratio=clip_ratio)
+
+
+def quantize_activation(x: jax.Array, spec: QuantSpec) -> QArray:
+  """Quantizes activations per token (one group per row, or per group).
+
+  Args:
+    x: float[..., K], every leading index one token.
+    spec: usually `activation_spec(bits)` (symmetric, clip 0.9).
+
+  Returns:
+    A `QArray` with values [..., K] and scales [..., K // group].
+
+  Raises:
+    ValueError: bits == 16, or group_size does not divide K.
+  """
+  return quantize(x, spec)
+
+
+def quantize_kv(x: jax.Array, spec: QuantSpec) -> QArray:
+  """Quantizes keys or values per (token, head, group) of the head dim.
+
+  Args:
+    x: float[..., H], e.g. [B, S, K, H]; each head vector is quantized on
+      its own (group_size None = one group per head).
+    spec: usually `kv_spec(bits)` (asymmetric, clip 0.95).
+
+  Returns:
+    A `QArray` with values [..., H] and scales/zeros [..., H // group].
+
+  Raises:
+    ValueError: bits == 16, or group_size does not divide H.
+  """
+  return quantize(x, spec)
+
+
+@jax.jit
 def pack_int4(values: jax.Array) -> jax.Array:
-  """Packs int codes [..., K] (signed [-8, 7] or unsigned [0, 15]) to
-  uint8[..., K // 2], low nibble = even index.
+  """Packs 4-bit codes two per byte (layout in the module docstring).
+
+  Args:
+    values: int[..., K], signed in [-8, 7] or unsigned in [0, 15].
+
+  Returns:
+    uint8[..., K // 2]; byte j = low nibble element 2j, high nibble 2j+1.
 
   Raises:
     ValueError: K is odd.
   """
   k = values.shape[-1]
   if k % 2:
-    raise ValueError(f"the last axis ({k}) must be even to pack int4")
+    raise ValueError(f"the last axis K={k} must be even to pack int4")
   v = values.astype(jnp.int32) & 0xF
+  # [..., K // 2, 2]
   v = v.reshape(*values.shape[:-1], k // 2, 2)
   return (v[..., 0] | (v[..., 1] << 4)).astype(jnp.uint8)
 
 
+@functools.partial(jax.jit, static_argnames="signed")
 def unpack_int4(packed: jax.Array, *, signed: bool) -> jax.Array:
-  """Inverse of `pack_int4`: int8[..., 2 * K2] from uint8[..., K2]."""
+  """Inverse of `pack_int4`.
+
+  Args:
+    packed: uint8[..., K // 2].
+    signed: read nibbles as two's complement [-8, 7] (else [0, 15]).
+
+  Returns:
+    int8[..., K].
+  """
   p = packed.astype(jnp.int32)
   lo, hi = p & 0xF, (p >> 4) & 0xF
+  # [..., K // 2, 2] -> [..., K]
   v = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1],
                                             packed.shape[-1] * 2)
   if signed:
@@ -230,32 +383,25 @@ def unpack_int4(packed: jax.Array, *, signed: bool) -> jax.Array:
 
 
 def pack(q: QArray) -> QArray:
-  """A 4-bit `QArray` with int4-packed values."""
-  if q.bits != 4:
-    raise NotImplementedError(f"packing needs bits=4, got bits={q.bits}")
+  """The same `QArray` with int4-packed values (no-op if packed).
+
+  Raises:
+    NotImplementedError: bits != 4.
+    ValueError: the last axis is odd.
+  """
   if q.packed:
     return q
+  if q.bits != 4:
+    raise NotImplementedError(f"packing needs bits=4, got bits={q.bits}")
   return dataclasses.replace(q, values=pack_int4(q.values), packed=True)
 
 
 def unpack(q: QArray) -> QArray:
-  """A `QArray` with int8 values (no-op if not packed)."""
+  """The same `QArray` with int8 values (no-op if not packed)."""
   if not q.packed:
     return q
   return dataclasses.replace(
       q, values=unpack_int4(q.values, signed=q.symmetric), packed=False)
-
-
-def activation_spec(bits: int, clip_ratio: float = 0.9) -> QuantSpec:
-  """QuaRot's activation quantizer: symmetric, per token, clipped."""
-  return QuantSpec(bits=bits, clip_ratio=clip_ratio)
-
-
-def kv_spec(bits: int, head_dim: int, clip_ratio: float = 0.95
-            ) -> QuantSpec:
-  """QuaRot's KV cache quantizer: asymmetric, one group per head."""
-  return QuantSpec(bits=bits, symmetric=False, group_size=head_dim,
-                   clip_ratio=clip_ratio)
 
 
 def describe(spec: Any) -> dict | None:

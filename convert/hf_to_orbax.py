@@ -11,8 +11,6 @@ import sys
 
 from absl import app
 from absl import flags
-import ml_dtypes
-import numpy as np
 
 from quarot_jax import checkpoint
 
@@ -28,32 +26,6 @@ _ALLOW_PICKLE = flags.DEFINE_bool(
     "allow_pickle", False,
     "Read pickle .bin weights (torch.load with weights_only=True).")
 
-_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-
-
-def convert(source: str, out_dir: str, *, dtype: str = "float32",
-            overwrite: bool = False, allow_pickle: bool = False) -> str:
-  """Loads `source` (HF dir or .gguf) and saves it at `out_dir`.
-
-  Returns:
-    The absolute path of the checkpoint.
-
-  Raises:
-    ValueError: bad source, unsupported model, or a non-empty `out_dir`
-      without `overwrite`.
-  """
-  import os  # pylint: disable=g-import-not-at-top
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise ValueError(f"--out_dir {out_dir!r} is not empty; pass --overwrite")
-  params, config = checkpoint.load(source, dtype=_DTYPES[dtype],
-                                   allow_pickle=allow_pickle)
-  try:
-    tokenizer = checkpoint.load_tokenizer(source)
-  except ValueError:
-    tokenizer = None  # weights-only source: the checkpoint has none either
-  return checkpoint.save_params(params, out_dir, config, tokenizer=tokenizer,
-                                overwrite=overwrite)
-
 
 def main(argv):
   if len(argv) > 1:
@@ -61,9 +33,9 @@ def main(argv):
   if bool(_HF_DIR.value) == bool(_GGUF.value):
     raise app.UsageError("give exactly one of --hf_dir and --gguf")
   try:
-    path = convert(_HF_DIR.value or _GGUF.value, _OUT_DIR.value,
-                   dtype=_DTYPE.value, overwrite=_OVERWRITE.value,
-                   allow_pickle=_ALLOW_PICKLE.value)
+    path = checkpoint.convert(
+        _HF_DIR.value or _GGUF.value, _OUT_DIR.value, dtype=_DTYPE.value,
+        overwrite=_OVERWRITE.value, allow_pickle=_ALLOW_PICKLE.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -171,3 +171,37 @@ def load_tokenizer(path: str) -> Any:
         or os.path.isfile(os.path.join(candidate, "tokenizer_config.json"))):
       return transformers.AutoTokenizer.from_pretrained(candidate)
   raise ValueError(f"no tokenizer stored at {path!r}")
+
+
+def convert(source: str, out_dir: str, *, dtype: str = "float32",
+            overwrite: bool = False, allow_pickle: bool = False) -> str:
+  """Loads `source` (HF dir or .gguf) and saves it, with its tokenizer.
+
+  Args:
+    source: an HF checkpoint directory or a `.gguf` file.
+    out_dir: the checkpoint directory to write.
+    dtype: 'float32' or 'bfloat16'.
+    overwrite: replace a non-empty `out_dir`.
+    allow_pickle: allow HF `.bin` weights.
+
+  Returns:
+    The absolute path of the checkpoint.
+
+  Raises:
+    ValueError: bad source, unsupported model, bad dtype, or a non-empty
+      `out_dir` without `overwrite`.
+  """
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  dtypes = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+  if dtype not in dtypes:
+    raise ValueError(f"{dtype=} must be one of {sorted(dtypes)}")
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ValueError(f"--out_dir {out_dir!r} is not empty; pass --overwrite")
+  params, config = load(source, dtype=dtypes[dtype],
+                        allow_pickle=allow_pickle)
+  try:
+    tokenizer = load_tokenizer(source)
+  except ValueError:
+    tokenizer = None  # a weights-only source: the checkpoint has none either
+  return save_params(params, out_dir, config, tokenizer=tokenizer,
+                     overwrite=overwrite)

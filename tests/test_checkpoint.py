@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from convert import hf_to_orbax
 from quarot_jax import checkpoint
 from quarot_jax import hf
 from quarot_jax import model
@@ -19,7 +18,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_hf_to_orbax_round_trip_gives_identical_logits(tmp_path):
   path, _ = hf_models.tiny_hf_model("qwen2")
-  out = hf_to_orbax.convert(path, str(tmp_path / "ckpt"))
+  out = checkpoint.convert(path, str(tmp_path / "ckpt"))
   params, config = hf.load_hf(path)
   restored, restored_config = checkpoint.load(out)
   assert restored_config == config
@@ -45,9 +44,9 @@ def test_refuses_non_empty_out_dir_and_leaves_it_alone(tmp_path):
   out.mkdir()
   (out / "keep.txt").write_text("mine")
   with pytest.raises(ValueError, match="not empty"):
-    hf_to_orbax.convert(path, str(out))
+    checkpoint.convert(path, str(out))
   assert os.listdir(out) == ["keep.txt"]
-  hf_to_orbax.convert(path, str(out), overwrite=True)
+  checkpoint.convert(path, str(out), overwrite=True)
   assert checkpoint.is_checkpoint(str(out))
   assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 

@@ -117,16 +117,20 @@ def gptq_quantize(W: jax.Array, H: jax.Array, spec: quant.QuantSpec, *,
   W = W.astype(jnp.float32)
   H = H.astype(jnp.float32)
 
-  # [rows, n_groups]: per-row params from W before dead columns are zeroed.
-  scales, zeros = quant.find_params(W, spec)
+  if spec.group_size is None:
+    # [rows, 1]: per-row params from W before dead columns are zeroed.
+    scales, zeros = quant.find_params(W, spec)
 
   dead = jnp.diag(H) == 0
   H = H + jnp.diag(dead.astype(jnp.float32))
   W = jnp.where(dead[None, :], 0.0, W)
 
-  if spec.group_size is not None:
-    # [rows, n_groups, 1] on the original contiguous groups (static), or
-    # placeholders that the sweep fills in (dynamic).
+  if dynamic:
+    # [rows, n_groups], filled in by the sweep at each group start.
+    scales = jnp.ones((rows, n_groups), jnp.float32)
+    zeros = jnp.zeros((rows, n_groups), jnp.float32)
+  elif spec.group_size is not None:
+    # [rows, n_groups, 1] on the original contiguous groups (static).
     scales, zeros = quant.find_params(
         W.reshape(rows, n_groups, groupsize), spec)
     scales = scales[..., 0]

@@ -57,9 +57,10 @@ _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
                               "Write the Markdown table here.")
 
 
-def _configs() -> list[QuaRotConfig]:
+def _configs(config) -> list[QuaRotConfig]:
   if _SWEEP.value == "paper":
-    return [c for c in experiment.paper_sweep()
+    sweep = experiment.paper_sweep(experiment.group_size_for(config))
+    return [c for c in sweep
             if _METHODS.value == "all" or c.w_bits == 16
             or c.w_method == _METHODS.value]
   return [QuaRotConfig(
@@ -74,11 +75,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
+  params, config, tokenizer, name = experiment.load_model(_MODEL.value)
   try:
-    configs = _configs()
+    configs = _configs(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  params, config, tokenizer, name = experiment.load_model(_MODEL.value)
   evals, calib = experiment.load_windows(
       tokenizer, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,
       nsamples=_NSAMPLES.value if any(

@@ -18,11 +18,25 @@ from quarot_jax.quarot import QuaRotConfig
 _FP = dict(w_bits=16, a_bits=16, k_bits=16, v_bits=16)
 
 
-def paper_sweep() -> list[QuaRotConfig]:
+def group_size_for(config: Any, preferred: int = 128) -> int:
+  """The largest power of two <= `preferred` dividing every linear input.
+
+  QuaRot's "128G" mode assumes widths that are multiples of 128; SmolLM2's
+  hidden size 576 is not, so it gets 64.
+  """
+  widths = (config.hidden_size, config.intermediate_size,
+            config.num_attention_heads * config.head_dim)
+  g = preferred
+  while g > 1 and any(w % g for w in widths):
+    g //= 2
+  return g
+
+
+def paper_sweep(group_size: int = 128) -> list[QuaRotConfig]:
   """The table of the accuracy issue, each config with and without rotation.
 
-  fp; W8A8KV8; W6A6KV6; W4A16 (RTN, GPTQ); W4A4KV4 (RTN, GPTQ, GPTQ-128G);
-  KV-only 4/3/2 bits.
+  fp; W8A8KV8; W6A6KV6; W4A16 (RTN, GPTQ); W4A4KV4 (RTN, GPTQ, GPTQ with
+  weight groups of `group_size`); KV-only 4/3/2 bits.
   """
   base = [
       dict(w_bits=8, a_bits=8, k_bits=8, v_bits=8),
@@ -32,7 +46,7 @@ def paper_sweep() -> list[QuaRotConfig]:
       dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn"),
       dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq"),
       dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq",
-           w_groupsize=128),
+           w_groupsize=group_size),
       dict(k_bits=4, v_bits=4),
       dict(k_bits=3, v_bits=3),
       dict(k_bits=2, v_bits=2),
@@ -206,3 +220,18 @@ def hf_reference_perplexity(path: str, windows: np.ndarray, *,
   count = windows.shape[0] * (windows.shape[1] - 1)
   return {"ppl": math.exp(total / count), "nll": total / count,
           "windows": windows.shape[0], "tokens": count}
+
+
+def table_from_jsonl(path: str) -> str:
+  """The Markdown table of a results file, one row per config label.
+
+  A label measured more than once keeps its latest record; rows follow the
+  order of first appearance.
+  """
+  latest: dict[str, dict] = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        latest[record["label"]] = record
+  return markdown_table(list(latest.values()))

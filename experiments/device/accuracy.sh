@@ -3,7 +3,7 @@
 #   bash experiments/device/accuracy.sh METHODS [MAX_WINDOWS]
 # METHODS is all|rtn|gptq (see experiments/accuracy.py --methods).
 set -euo pipefail
-source experiments/device/setup_env.sh
+[ -n "${QUAROT_SMOLLM2_GGUF:-}" ] || source experiments/device/setup_env.sh
 export QUAROT_JAX_CACHE=/root/stage/cache
 mkdir -p /root/stage/cache && cp -n .carry/p1/cache/*.json /root/stage/cache/ 2>/dev/null || true
 methods=${1:-all}

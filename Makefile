@@ -14,4 +14,4 @@ demo: setup
 	$(PYTHON) -m experiments.demo
 
 test: setup
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest -q tests

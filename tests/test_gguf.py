@@ -74,3 +74,25 @@ def test_logits_and_greedy_text(ours, theirs):
 def test_bad_path():
   with pytest.raises(ValueError, match="no GGUF file"):
     gguf.load_gguf("/nonexistent.gguf")
+
+
+def test_zero_shot_scorer_on_hand_written_items(ours):
+  from quarot_jax import evaluate  # pylint: disable=g-import-not-at-top
+  params, config = ours
+  tokenizer = gguf.load_gguf_tokenizer(_PATH)
+  item = evaluate.ChoiceItem
+  items = [
+      item(context="The capital of France is",
+           choices=("Paris.", "a banana.", "Tokyo."), label=0),
+      item(context="To boil water, you should put the pot",
+           choices=("on the stove.", "in the freezer."), label=0),
+      item(context="Monday, Tuesday, Wednesday,",
+           choices=("Thursday", "January", "purple"), label=0),
+      item(context="The sun rises in the",
+           choices=("east.", "refrigerator."), label=0),
+      item(context="Two plus two equals",
+           choices=("four.", "eleven.", "green."), label=0),
+  ]
+  got = evaluate.score_choices(params, config, tokenizer, items,
+                               progress=False)
+  assert got["items"] == 5 and got["acc"] >= 0.8

@@ -1,0 +1,139 @@
+"""W4A16 matmul for decode: bf16 activations times packed int4 weights.
+
+  y[M, N] = x[M, K] · (w_q[N, K] * s_w[N, 1])ᵀ
+
+Matmul axes are M (tokens), N (output channels), K (input channels).
+w_q is uint8[N, K // 2] in the int4 packing of `quarot_jax/quant.py` (low
+nibble = even K index), s_w f32[N] per output channel. The weight tile is
+unpacked in registers (shifts sign-extend each nibble), converted to bf16
+and fed to the bf16 tensor cores against the matching even/odd columns of x,
+which the wrapper splits once ([M, K] is tiny at decode). The per-channel
+scale is applied in the epilogue, accumulation is f32.
+
+Backend: the Pallas Triton lowering (interpret mode on the CPU). Not
+supported: group scales, bits other than 4.
+"""
+
+import dataclasses
+import functools
+import logging
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import int4_matmul as int4_lib
+from quarot_jax import compat
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class W4A16MatmulConfig:
+  """Tile sizes (block_k counts packed bytes)."""
+
+  block_m: int = 16
+  block_n: int = 64
+  block_k: int = 256
+  num_warps: int = 4
+  num_stages: int = 4
+
+
+def w4a16_matmul_kernel(xe_ref, xo_ref, w_ref, sw_ref, o_ref, *,
+                        block_k: int, k_steps: int):
+  """One [block_m, block_n] output tile, looping over K."""
+  # xe_ref, xo_ref: bf16[block_m, K // 2] (even / odd columns of x)
+  # w_ref: int8[block_n, K // 2]; sw_ref: f32[block_n]; o_ref [bm, bn]
+  nt = (((1,), (1,)), ((), ()))
+
+  def body(step, acc):
+    cols = pl.ds(pl.multiple_of(step * block_k, block_k), block_k)
+    w_lo, w_hi = int4_lib._nibbles(w_ref[:, cols])  # pylint: disable=protected-access
+    dt = xe_ref.dtype
+    acc += jax.lax.dot_general(xe_ref[:, cols], w_lo.astype(dt), nt,
+                               preferred_element_type=jnp.float32)
+    acc += jax.lax.dot_general(xo_ref[:, cols], w_hi.astype(dt), nt,
+                               preferred_element_type=jnp.float32)
+    return acc
+
+  acc = jax.lax.fori_loop(0, k_steps, body,
+                          jnp.zeros(o_ref.shape, jnp.float32))
+  o_ref[...] = (acc * sw_ref[...][None, :]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "interpret", "debug", "implementation"))
+def w4a16_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array, *,
+                 config: W4A16MatmulConfig | None = None,
+                 interpret: bool = False, debug: bool = False,
+                 implementation: Literal["pallas", "xla"] | None = None
+                 ) -> jax.Array:
+  """W4A16 matmul with per-output-channel weight scales.
+
+  Args:
+    x: bf16[M, K] (or f16/f32) activations.
+    w_q: uint8[N, K // 2] packed int4 weights.
+    s_w: f32[N] scales.
+    config: tiles.
+    interpret: run the Pallas kernel in interpret mode (CPU tests).
+    debug: print the kernel's jaxpr.
+    implementation: 'pallas', 'xla' (the reference) or None (pallas on GPU
+      or when interpret=True, else the reference).
+
+  Returns:
+    y: [M, N] in the dtype of x.
+
+  Raises:
+    ValueError: shapes or dtypes that do not fit together.
+  """
+  m, k = x.shape
+  n, k2 = w_q.shape
+  if w_q.dtype != jnp.uint8:
+    raise ValueError(f"w_q must be uint8 (packed int4), got {w_q.dtype}")
+  if k != 2 * k2:
+    raise ValueError(f"x is [M, K]={x.shape} but w_q packs K={2 * k2}")
+  if s_w.shape != (n,):
+    raise ValueError(f"s_w must be [N]=[{n}], got {s_w.shape}")
+  if implementation is None:
+    implementation = ("pallas" if interpret or int4_lib.can_use_int4_matmul()
+                      else "xla")
+    logging.info("w4a16_matmul: using %s", implementation)
+  if implementation == "xla":
+    return w4a16_matmul_reference(x, w_q, s_w)
+  cfg = config or W4A16MatmulConfig()
+  pad = int4_lib._pad_to  # pylint: disable=protected-access
+  xe = pad(pad(x[:, 0::2], 0, cfg.block_m), 1, cfg.block_k)
+  xo = pad(pad(x[:, 1::2], 0, cfg.block_m), 1, cfg.block_k)
+  wi = pad(pad(jax.lax.bitcast_convert_type(w_q, jnp.int8), 0, cfg.block_n),
+           1, cfg.block_k)
+  sw = pad(s_w.astype(jnp.float32), 0, cfg.block_n)
+  mp, kp = xe.shape
+  np_ = wi.shape[0]
+  kernel = functools.partial(w4a16_matmul_kernel, block_k=cfg.block_k,
+                             k_steps=kp // cfg.block_k)
+  y = pl.pallas_call(
+      kernel,
+      grid=(mp // cfg.block_m, np_ // cfg.block_n),
+      in_specs=[
+          pl.BlockSpec((cfg.block_m, kp), lambda i, j: (i, 0)),
+          pl.BlockSpec((cfg.block_m, kp), lambda i, j: (i, 0)),
+          pl.BlockSpec((cfg.block_n, kp), lambda i, j: (j, 0)),
+          pl.BlockSpec((cfg.block_n,), lambda i, j: (j,)),
+      ],
+      out_specs=pl.BlockSpec((cfg.block_m, cfg.block_n),
+                             lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+      compiler_params=compat.triton_params(num_warps=cfg.num_warps,
+                                           num_stages=cfg.num_stages),
+      interpret=interpret, debug=debug, name="w4a16_matmul",
+  )(xe, xo, wi, sw)
+  return y[:m, :n]
+
+
+def w4a16_matmul_reference(x: jax.Array, w_q: jax.Array,
+                           s_w: jax.Array) -> jax.Array:
+  """Plain-jnp `w4a16_matmul`: dequantize w in f32, then x · wᵀ."""
+  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
+  w = quant.unpack_int4(w_q, signed=True).astype(jnp.float32)
+  y = jnp.dot(x.astype(jnp.float32), (w * s_w[:, None]).T,
+              precision=jax.lax.Precision.HIGHEST)
+  return y.astype(x.dtype)

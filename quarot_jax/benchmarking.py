@@ -1,0 +1,46 @@
+"""Timing helpers shared by the benchmark scripts in experiments/."""
+
+import datetime
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def median_ms(fn: Callable[..., Any], *args, warmup: int = 3,
+              runs: int = 20) -> float:
+  """Median wall time of `fn(*args)` in ms (after warm-up, synced)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+def record(benchmark: str, case: str, ours_ms: float,
+           baselines: dict[str, float], *, command: str,
+           **extra: Any) -> dict[str, Any]:
+  """One JSONL record with speedups (baseline ms / ours ms)."""
+  return {
+      "benchmark": benchmark, "case": case, "ours_ms": round(ours_ms, 4),
+      "baselines": {k: round(v, 4) for k, v in baselines.items()},
+      "speedup": {k: round(v / ours_ms, 3) for k, v in baselines.items()},
+      "device": jax.devices()[0].device_kind,
+      "jax_version": jax.__version__,
+      "date": datetime.date.today().isoformat(), "command": command,
+      **extra,
+  }
+
+
+def append_jsonl(path: str, records: list[dict[str, Any]]) -> None:
+  """Appends records to a JSON Lines file (creating its folder)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")

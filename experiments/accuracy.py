@@ -15,6 +15,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 
 from quarot_jax import experiment
@@ -74,6 +75,7 @@ def _configs(config) -> list[QuaRotConfig]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   params, config, tokenizer, name = experiment.load_model(_MODEL.value)
   try:

@@ -15,6 +15,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from quarot_jax import checkpoint
 from quarot_jax import demo
@@ -35,6 +36,7 @@ _PPL_WINDOWS = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
   source = _MODEL.value
   if source is None:
     from quarot_jax import gguf  # pylint: disable=g-import-not-at-top

@@ -111,3 +111,27 @@ def test_sweep_writes_records_and_table(outlier_model, tmp_path):
     assert key in lines[1]
   assert lines[0]["ppl"] == lines[1]["fp_ppl"]
   assert "W8A8KV8 rtn rot-hadamard" in md.read_text()
+
+
+def test_group_size_divides_every_width():
+  config = hf.LlamaConfig(vocab_size=10, hidden_size=576,
+                          intermediate_size=1536, num_hidden_layers=1,
+                          num_attention_heads=9, num_key_value_heads=3,
+                          head_dim=64)
+  assert experiment.group_size_for(config) == 64  # 576 = 4.5 * 128
+  config = dataclasses.replace(config, hidden_size=4096,
+                               intermediate_size=11008,
+                               num_attention_heads=32,
+                               num_key_value_heads=32, head_dim=128)
+  assert experiment.group_size_for(config) == 128
+
+
+def test_table_keeps_the_latest_record_per_label(tmp_path):
+  base = dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn",
+              groupsize=None, rotate=True, rotate_mode="hadamard",
+              delta_ppl=1.0, wall_s=1)
+  path = tmp_path / "r.jsonl"
+  path.write_text("\n".join(json.dumps(dict(base, label="a", ppl=p))
+                            for p in (10.0, 12.5)) + "\n")
+  table = experiment.table_from_jsonl(str(path))
+  assert "12.500" in table and "10.000" not in table

@@ -31,16 +31,16 @@ _W4A4_CONFIGS = (
                           num_stages=3),
     w4a4.Int4MatmulConfig(block_m=256, block_n=128, block_k=64, num_warps=8,
                           num_stages=3),
-    w4a4.Int4MatmulConfig(block_m=128, block_n=128, block_k=128,
-                          num_warps=4, num_stages=4),
 )
 _W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
                             num_warps=4, num_stages=4),
-    w4a16.W4A16MatmulConfig(block_m=16, block_n=32, block_k=512,
-                            num_warps=4, num_stages=3),
+    w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
+                            split_k=4, num_warps=4, num_stages=4),
+    w4a16.W4A16MatmulConfig(block_m=16, block_n=32, block_k=256,
+                            split_k=8, num_warps=4, num_stages=3),
     w4a16.W4A16MatmulConfig(block_m=16, block_n=128, block_k=128,
-                            num_warps=4, num_stages=4),
+                            split_k=4, num_warps=4, num_stages=4),
 )
 _NT = (((1,), (1,)), ((), ()))
 

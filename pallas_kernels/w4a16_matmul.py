@@ -7,8 +7,10 @@ w_q is uint8[N, K // 2] in the int4 packing of `quarot_jax/quant.py` (low
 nibble = even K index), s_w f32[N] per output channel. The weight tile is
 unpacked in registers (shifts sign-extend each nibble), converted to bf16
 and fed to the bf16 tensor cores against the matching even/odd columns of x,
-which the wrapper splits once ([M, K] is tiny at decode). The per-channel
-scale is applied in the epilogue, accumulation is f32.
+which the wrapper splits once ([M, K] is tiny at decode). With M this small
+the N tiles alone cannot fill the GPU, so K is also split over the grid
+(`split_k`): each program writes an f32 partial tile and the wrapper sums
+them and applies the per-channel scale. Accumulation is f32.
 
 Backend: the Pallas Triton lowering (interpret mode on the CPU). Not
 supported: group scales, bits other than 4.
@@ -34,15 +36,16 @@ class W4A16MatmulConfig:
   block_m: int = 16
   block_n: int = 64
   block_k: int = 256
+  split_k: int = 1
   num_warps: int = 4
   num_stages: int = 4
 
 
-def w4a16_matmul_kernel(xe_ref, xo_ref, w_ref, sw_ref, o_ref, *,
-                        block_k: int, k_steps: int):
-  """One [block_m, block_n] output tile, looping over K."""
-  # xe_ref, xo_ref: bf16[block_m, K // 2] (even / odd columns of x)
-  # w_ref: int8[block_n, K // 2]; sw_ref: f32[block_n]; o_ref [bm, bn]
+def w4a16_matmul_kernel(xe_ref, xo_ref, w_ref, o_ref, *, block_k: int,
+                        k_steps: int):
+  """One f32 [block_m, block_n] partial tile over this split's K range."""
+  # xe_ref, xo_ref: bf16[block_m, K // (2 * split_k)] (even / odd x columns)
+  # w_ref: int8[block_n, K // (2 * split_k)]; o_ref: f32[1, bm, bn]
   nt = (((1,), (1,)), ((), ()))
 
   def body(step, acc):
@@ -56,8 +59,8 @@ def w4a16_matmul_kernel(xe_ref, xo_ref, w_ref, sw_ref, o_ref, *,
     return acc
 
   acc = jax.lax.fori_loop(0, k_steps, body,
-                          jnp.zeros(o_ref.shape, jnp.float32))
-  o_ref[...] = (acc * sw_ref[...][None, :]).astype(o_ref.dtype)
+                          jnp.zeros(o_ref.shape[1:], jnp.float32))
+  o_ref[...] = acc[None]
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -101,32 +104,33 @@ def w4a16_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array, *,
     return w4a16_matmul_reference(x, w_q, s_w)
   cfg = config or W4A16MatmulConfig()
   pad = int4_lib._pad_to  # pylint: disable=protected-access
-  xe = pad(pad(x[:, 0::2], 0, cfg.block_m), 1, cfg.block_k)
-  xo = pad(pad(x[:, 1::2], 0, cfg.block_m), 1, cfg.block_k)
+  k_multiple = cfg.block_k * cfg.split_k
+  xe = pad(pad(x[:, 0::2], 0, cfg.block_m), 1, k_multiple)
+  xo = pad(pad(x[:, 1::2], 0, cfg.block_m), 1, k_multiple)
   wi = pad(pad(jax.lax.bitcast_convert_type(w_q, jnp.int8), 0, cfg.block_n),
-           1, cfg.block_k)
-  sw = pad(s_w.astype(jnp.float32), 0, cfg.block_n)
+           1, k_multiple)
   mp, kp = xe.shape
   np_ = wi.shape[0]
+  k_split = kp // cfg.split_k
   kernel = functools.partial(w4a16_matmul_kernel, block_k=cfg.block_k,
-                             k_steps=kp // cfg.block_k)
-  y = pl.pallas_call(
+                             k_steps=k_split // cfg.block_k)
+  partial = pl.pallas_call(
       kernel,
-      grid=(mp // cfg.block_m, np_ // cfg.block_n),
+      grid=(cfg.split_k, mp // cfg.block_m, np_ // cfg.block_n),
       in_specs=[
-          pl.BlockSpec((cfg.block_m, kp), lambda i, j: (i, 0)),
-          pl.BlockSpec((cfg.block_m, kp), lambda i, j: (i, 0)),
-          pl.BlockSpec((cfg.block_n, kp), lambda i, j: (j, 0)),
-          pl.BlockSpec((cfg.block_n,), lambda i, j: (j,)),
+          pl.BlockSpec((cfg.block_m, k_split), lambda s, i, j: (i, s)),
+          pl.BlockSpec((cfg.block_m, k_split), lambda s, i, j: (i, s)),
+          pl.BlockSpec((cfg.block_n, k_split), lambda s, i, j: (j, s)),
       ],
-      out_specs=pl.BlockSpec((cfg.block_m, cfg.block_n),
-                             lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+      out_specs=pl.BlockSpec((1, cfg.block_m, cfg.block_n),
+                             lambda s, i, j: (s, i, j)),
+      out_shape=jax.ShapeDtypeStruct((cfg.split_k, mp, np_), jnp.float32),
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="w4a16_matmul",
-  )(xe, xo, wi, sw)
-  return y[:m, :n]
+  )(xe, xo, wi)
+  y = partial.sum(axis=0)[:m, :n] * s_w.astype(jnp.float32)[None, :]
+  return y.astype(x.dtype)
 
 
 def w4a16_matmul_reference(x: jax.Array, w_q: jax.Array,

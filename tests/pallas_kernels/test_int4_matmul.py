@@ -82,12 +82,15 @@ def test_w4a4_errors():
     w4a4.int4_matmul(xq, wq, sx[:3], sw)
 
 
-@pytest.mark.parametrize("m, n, k", [(3, 72, 320), (16, 64, 512)])
-def test_w4a16_kernel_matches_reference(m, n, k, interpret):
+@pytest.mark.parametrize("m, n, k, split_k", [(3, 72, 320, 1),
+                                              (16, 64, 512, 1),
+                                              (3, 72, 320, 3)])
+def test_w4a16_kernel_matches_reference(m, n, k, split_k, interpret):
   _, w, _, sw = _operands(m, n, k, seed=2)
   x = jax.random.normal(jax.random.key(3), (m, k), jnp.float32)
   wq = quant.pack_int4(w)
-  cfg = w4a16.W4A16MatmulConfig(block_m=16, block_n=32, block_k=32)
+  cfg = w4a16.W4A16MatmulConfig(block_m=16, block_n=32, block_k=32,
+                                split_k=split_k)
   got = w4a16.w4a16_matmul(x, wq, sw, config=cfg, interpret=interpret)
   want = w4a16.w4a16_matmul_reference(x, wq, sw)
   # f32 sums in another order: tolerance scaled by sqrt(K).

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quarot_jax import evaluate
+from quarot_jax import quarot
 from quarot_jax.quarot import QuaRotConfig
 
 _FP = dict(w_bits=16, a_bits=16, k_bits=16, v_bits=16)
@@ -127,7 +128,6 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
   Returns:
     The records.
   """
-  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
   fp_config = QuaRotConfig(rotate=False, **_FP)
   configs = list(configs)
   if fp_config in configs:

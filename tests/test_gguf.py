@@ -65,6 +65,8 @@ def test_logits_and_greedy_text(ours, theirs):
     want = theirs(torch.tensor([ids])).logits.numpy()
   got = np.asarray(model.forward(params, np.asarray([ids], np.int32),
                                  config)[0])
+  # 30 layers in f32 with another summation order than torch's, on logits
+  # of magnitude ~20: the tiny-model parity tests hold the 1e-4 bound.
   np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
   out = generation.generate(params, config, tokenizer,
                             "The capital of France is", max_new_tokens=3)

@@ -95,6 +95,21 @@ def markdown_table(records: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+CSV_COLUMNS = ("label", "w_bits", "a_bits", "k_bits", "v_bits", "w_method",
+               "groupsize", "rotate", "rotate_mode", "ppl", "fp_ppl",
+               "delta_ppl", "eval_windows", "eval_tokens", "wall_s")
+
+
+def write_csv(path: str, records: Sequence[dict]) -> None:
+  """The same table as CSV (one row per record, `CSV_COLUMNS`)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+
+
 def _append_jsonl(path: str, records: Sequence[dict]) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "a") as f:
@@ -121,7 +136,8 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     model_name: stored in each record.
     command: the command line that produced the run, stored in each record.
     out_jsonl: append one record per config here (written as each finishes).
-    out_md: write the Markdown table here at the end.
+    out_md: write the Markdown table here at the end, and the same table
+      as CSV beside it (`.csv`).
     batch_size: windows per forward.
     progress: show progress bars.
 
@@ -158,6 +174,7 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
     with open(out_md, "w") as f:
       f.write(markdown_table(records))
+    write_csv(os.path.splitext(out_md)[0] + ".csv", records)
   return records
 
 
@@ -222,11 +239,10 @@ def hf_reference_perplexity(path: str, windows: np.ndarray, *,
           "windows": windows.shape[0], "tokens": count}
 
 
-def table_from_jsonl(path: str) -> str:
-  """The Markdown table of a results file, one row per config label.
+def latest_records(path: str) -> list[dict]:
+  """Records of a JSONL results file, the latest one per config label.
 
-  A label measured more than once keeps its latest record; rows follow the
-  order of first appearance.
+  Rows follow the order in which labels first appear.
   """
   latest: dict[str, dict] = {}
   with open(path) as f:
@@ -234,4 +250,9 @@ def table_from_jsonl(path: str) -> str:
       if line.strip():
         record = json.loads(line)
         latest[record["label"]] = record
-  return markdown_table(list(latest.values()))
+  return list(latest.values())
+
+
+def table_from_jsonl(path: str) -> str:
+  """The Markdown table of a results file, one row per config label."""
+  return markdown_table(latest_records(path))

@@ -111,6 +111,8 @@ def test_sweep_writes_records_and_table(outlier_model, tmp_path):
     assert key in lines[1]
   assert lines[0]["ppl"] == lines[1]["fp_ppl"]
   assert "W8A8KV8 rtn rot-hadamard" in md.read_text()
+  csv_lines = (tmp_path / "r.csv").read_text().splitlines()
+  assert csv_lines[0].startswith("label,w_bits") and len(csv_lines) == 3
 
 
 def test_group_size_divides_every_width():

@@ -117,3 +117,15 @@ def test_w4a16_pallas_really_runs_and_errors():
   assert "pallas_call" in str(jaxpr)
   with pytest.raises(ValueError, match="packs K=64"):
     w4a16.w4a16_matmul(jnp.ones((4, 32)), wq, sw)
+
+
+@pytest.mark.gpu
+def test_kernels_lower_to_named_gpu_kernels():
+  x, w, sx, sw = _operands(256, 256, 512)
+  xq, wq = quant.pack_int4(x), quant.pack_int4(w)
+  hlo = jax.jit(lambda *a: w4a4.int4_matmul(*a)).lower(
+      xq, wq, sx, sw).as_text()
+  assert "int4_matmul" in hlo
+  xb = jnp.ones((4, 512), jnp.bfloat16)
+  hlo = jax.jit(lambda a: w4a16.w4a16_matmul(a, wq, sw)).lower(xb).as_text()
+  assert "w4a16_matmul" in hlo

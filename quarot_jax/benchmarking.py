@@ -50,3 +50,17 @@ def append_jsonl(path: str, records: list[dict[str, Any]]) -> None:
   with open(path, "a") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
+
+
+def summary_line(r: dict[str, Any]) -> str:
+  """One printable line of a record: case, ours, baselines and ratios."""
+  parts = [f"{r['benchmark']:<18} {r['case']:<36}"]
+  if "ours_ms" in r:
+    parts.append(f"ours {r['ours_ms']:9.3f} ms")
+  for name, ms in r.get("baselines", {}).items():
+    parts.append(f"{name} {ms:9.3f} ms ({r['speedup'][name]:.2f}x)")
+  if "memory_ratio" in r:
+    parts.append(f"memory {r['baseline_bytes'] / 2**30:.2f} GiB ->"
+                 f" {r['ours_bytes'] / 2**30:.2f} GiB"
+                 f" ({r['memory_ratio']:.2f}x)")
+  return "  ".join(parts)

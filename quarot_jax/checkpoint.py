@@ -10,6 +10,7 @@ Everything is written into a temporary sibling directory and renamed into
 place at the end, so a failure never leaves a half-written checkpoint.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -126,6 +127,74 @@ def load_params(path: str, *, like: Any = None) -> tuple[Any, LlamaConfig,
   return params, config, meta.get("quantization")
 
 
+def save_quantized(params: Any, path: str, config: LlamaConfig, qconfig: Any,
+                   *, tokenizer: Any = None, overwrite: bool = False) -> str:
+  """`save_params` for params from `quarot.quantize`, recording `qconfig`.
+
+  Args:
+    params: quantized params (packed int4 or simulated).
+    path: the checkpoint directory to create.
+    config: the model config.
+    qconfig: the `quarot.QuaRotConfig` the params were made with.
+    tokenizer: an HF tokenizer to store too (optional).
+    overwrite: replace a non-empty `path`.
+
+  Returns:
+    The absolute path written.
+  """
+  from quarot_jax import qlinear  # pylint: disable=g-import-not-at-top
+  quantization = {"qconfig": dataclasses.asdict(qconfig),
+                  "packed": qlinear.is_packed(params)}
+  return save_params(params, path, config, quantization=quantization,
+                     tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _check_same(path: str, what: str, stored: Any, expected: Any) -> None:
+  """Raises ValueError naming every field where two dataclasses differ."""
+  if expected is None:
+    return
+  diffs = [f"{f.name}: checkpoint {getattr(stored, f.name)!r}, expected"
+           f" {getattr(expected, f.name)!r}"
+           for f in dataclasses.fields(expected)
+           if getattr(stored, f.name) != getattr(expected, f.name)]
+  if diffs:
+    raise ValueError(f"{path!r} was saved with a different {what}: "
+                     + "; ".join(diffs))
+
+
+def load_quantized(path: str, *, expected: Any = None,
+                   expected_config: LlamaConfig | None = None
+                   ) -> tuple[Any, LlamaConfig, Any, Any]:
+  """Restores a checkpoint written by `save_quantized`.
+
+  Args:
+    path: the checkpoint directory.
+    expected: a `quarot.QuaRotConfig` the caller wants; loading fails if the
+      stored one differs.
+    expected_config: a `LlamaConfig` the caller wants, checked likewise.
+
+  Returns:
+    (params, config, qconfig, options): run `forward(params, ...,
+    options=options)` or `generate(..., options=options)`.
+
+  Raises:
+    ValueError: not a quantized checkpoint, or stored configs differ from
+      the expected ones (the message names each differing field).
+  """
+  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
+  meta = read_meta(os.path.abspath(path))
+  quantization = meta.get("quantization")
+  if not quantization or "qconfig" not in quantization:
+    raise ValueError(f"{path!r} holds a float model, not a quantized one;"
+                     " use load_params, or quantize it first")
+  qconfig = quarot.QuaRotConfig(**quantization["qconfig"])
+  config = LlamaConfig.from_dict(meta["config"])
+  _check_same(path, "quantization config", qconfig, expected)
+  _check_same(path, "model config", config, expected_config)
+  params, config, _ = load_params(path)
+  return params, config, qconfig, qconfig.run_options(config.head_dim)
+
+
 def load(path: str, *, dtype: Any = np.float32,
          allow_pickle: bool = False) -> tuple[Any, LlamaConfig]:
   """Loads a model from an Orbax checkpoint, an HF directory or a GGUF file.
@@ -173,16 +242,34 @@ def load_tokenizer(path: str) -> Any:
   raise ValueError(f"no tokenizer stored at {path!r}")
 
 
+def _cast_floats(params: Any, dtype: Any) -> Any:
+  """Casts float leaves to `dtype`, except the int4 weight scales (f32)."""
+  def cast(path, a):
+    a = np.asarray(a)
+    if (np.issubdtype(a.dtype, np.floating)
+        and getattr(path[-1], "key", None) != "wscale"):
+      return a.astype(dtype)
+    return a
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def convert(source: str, out_dir: str, *, dtype: str = "float32",
-            overwrite: bool = False, allow_pickle: bool = False) -> str:
+            overwrite: bool = False, allow_pickle: bool = False,
+            qconfig: Any = None, calib_windows: int = 128,
+            calib_seqlen: int = 2048, progress: bool = True) -> str:
   """Loads `source` (HF dir or .gguf) and saves it, with its tokenizer.
 
   Args:
     source: an HF checkpoint directory or a `.gguf` file.
     out_dir: the checkpoint directory to write.
-    dtype: 'float32' or 'bfloat16'.
+    dtype: 'float32' or 'bfloat16' (of the float leaves).
     overwrite: replace a non-empty `out_dir`.
     allow_pickle: allow HF `.bin` weights.
+    qconfig: a `quarot.QuaRotConfig`: rotate and quantize to packed int4
+      (`quarot.quantize(..., packed=True)`) before saving; None keeps float.
+    calib_windows: GPTQ calibration windows of enwiki-gensim.
+    calib_seqlen: tokens per calibration window.
+    progress: progress bars while quantizing.
 
   Returns:
     The absolute path of the checkpoint.
@@ -197,11 +284,28 @@ def convert(source: str, out_dir: str, *, dtype: str = "float32",
     raise ValueError(f"{dtype=} must be one of {sorted(dtypes)}")
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
     raise ValueError(f"--out_dir {out_dir!r} is not empty; pass --overwrite")
-  params, config = load(source, dtype=dtypes[dtype],
+  if qconfig is not None:
+    from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
+    quarot.check_packable(qconfig)
+  params, config = load(source, dtype=np.float32 if qconfig else dtypes[dtype],
                         allow_pickle=allow_pickle)
   try:
     tokenizer = load_tokenizer(source)
   except ValueError:
     tokenizer = None  # a weights-only source: the checkpoint has none either
-  return save_params(params, out_dir, config, tokenizer=tokenizer,
-                     overwrite=overwrite)
+  if qconfig is None:
+    return save_params(params, out_dir, config, tokenizer=tokenizer,
+                       overwrite=overwrite)
+  calib = None
+  if qconfig.w_method == "gptq":
+    if tokenizer is None:
+      raise ValueError(f"GPTQ needs calibration text, but {source!r} has no"
+                       " tokenizer; use w_method='rtn'")
+    from quarot_jax import data  # pylint: disable=g-import-not-at-top
+    calib = data.calibration_windows(tokenizer, nsamples=calib_windows,
+                                     seqlen=calib_seqlen)
+  params, _ = quarot.quantize(params, config, qconfig, calib, packed=True,
+                              progress=progress)
+  params = _cast_floats(params, dtypes[dtype])
+  return save_quantized(params, out_dir, config, qconfig,
+                        tokenizer=tokenizer, overwrite=overwrite)

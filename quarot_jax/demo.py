@@ -1,4 +1,10 @@
-"""The demo behind `experiments/demo.py`: float vs QuaRot W4A4KV4 text."""
+"""The demo behind `experiments/demo.py`: float vs QuaRot W4A4KV4 text.
+
+QuaRot runs twice: simulated (fake-quantized floats) and packed (int4
+weights through the int4 matmul, 4-bit activations from the fused
+Hadamard-quantize, a packed KV4 cache read by the decode-attention kernel;
+the kernels' jnp references on a CPU).
+"""
 
 import time
 from typing import Sequence
@@ -19,7 +25,7 @@ W4A4KV4_RTN = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
 
 def run_demo(path: str, prompts: Sequence[str], *, max_new_tokens: int = 24,
              ppl_windows: int = 2) -> str:
-  """Generates with the float and the QuaRot W4A4KV4 model.
+  """Generates with the float and the QuaRot W4A4KV4 models.
 
   Args:
     path: an Orbax checkpoint written by `convert.hf_to_orbax` (with its
@@ -36,14 +42,16 @@ def run_demo(path: str, prompts: Sequence[str], *, max_new_tokens: int = 24,
   tokenizer = checkpoint.load_tokenizer(path)
   rows = []
   lines = []
-  for label, qconfig in (("float", None), ("QuaRot W4A4KV4 (RTN)",
-                                           W4A4KV4_RTN)):
+  for label, qconfig, packed in (
+      ("float", None, False),
+      ("QuaRot W4A4KV4 (RTN, simulated)", W4A4KV4_RTN, False),
+      ("QuaRot W4A4KV4 (RTN, packed int4 + KV4)", W4A4KV4_RTN, True)):
     start = time.time()
     if qconfig is None:
       run_params, options = params, quarot.model.FLOAT
     else:
       run_params, options = quarot.quantize(params, config, qconfig,
-                                            progress=False)
+                                            packed=packed, progress=False)
     texts = generation.generate(run_params, config, tokenizer, list(prompts),
                               max_new_tokens=max_new_tokens, options=options)
     rows.append((label, texts, time.time() - start))

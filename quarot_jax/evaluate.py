@@ -16,14 +16,24 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax.config import LlamaConfig
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options"))
 def _window_nll(params, tokens, config, options):
-  """Per-window sum of next-token NLL, f32[B], for int32[B, T]."""
-  logits, _ = model.forward(params, tokens, config, options=options)
+  """Per-window sum of next-token NLL, f32[B], for int32[B, T].
+
+  Packed (real int4) params with 4-bit KV run through a packed KV4 cache,
+  so the score is that of the real inference path.
+  """
+  cache = None
+  if model.uses_kv4_cache(params, options):
+    cache = kv_cache.cache_for(config, tokens.shape[0], tokens.shape[1],
+                               packed=True)
+  logits, _ = model.forward(params, tokens, config, cache=cache,
+                            options=options)
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
   return nll.sum(axis=-1)

@@ -66,7 +66,8 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
   TRACE_COUNT += 1
   batch, prompt_len = tokens.shape
   cache = kv_cache.cache_for(config, batch, prompt_len + max_new_tokens,
-                             dtype=cache_dtype, start=start)
+                             dtype=cache_dtype, start=start,
+                             packed=model.uses_kv4_cache(params, options))
   logits, cache = model.forward(params, tokens, config, cache=cache,
                                 options=options)
   key, sub = jax.random.split(key)

@@ -47,7 +47,8 @@ def gptq_quantize_params(params: Any, config: LlamaConfig,
                          options: model.RunOptions = model.FLOAT,
                          percdamp: float = 0.01, act_order: bool = True,
                          blocksize: int = 128, batch_size: int = 8,
-                         progress: bool = True) -> Any:
+                         progress: bool = True,
+                         return_qarrays: bool = False) -> Any:
   """Fake-quantizes every decoder linear with GPTQ.
 
   Args:
@@ -63,9 +64,13 @@ def gptq_quantize_params(params: Any, config: LlamaConfig,
     blocksize: GPTQ's lazy-batch block size.
     batch_size: calibration windows per forward.
     progress: show a progress bar over layers.
+    return_qarrays: also return the integer codes and scales.
 
   Returns:
-    f32 params whose decoder linears hold GPTQ-quantized values.
+    f32 params whose decoder linears hold GPTQ-quantized values; with
+    `return_qarrays`, `(params, qarrays)` where `qarrays[(block, name)]` is
+    a `quant.QArray` stacked over layers: values int8[L, out, in], scale
+    f32[L, out, groups] (what `qlinear.pack_params` consumes).
   """
   calib_tokens = np.asarray(calib_tokens, np.int32)
   if calib_tokens.ndim != 2 or calib_tokens.shape[0] == 0:
@@ -80,6 +85,7 @@ def gptq_quantize_params(params: Any, config: LlamaConfig,
   batches = [jnp.asarray(emb[calib_tokens[i:i + batch_size]])
              for i in range(0, calib_tokens.shape[0], batch_size)]
   layers = params["layers"]
+  per_layer = {linear: [] for _, group in GROUPS for linear in group}
   for layer in tqdm.trange(config.num_hidden_layers, desc="gptq layers",
                            disable=not progress):
     lp = jax.tree.map(lambda a: jnp.asarray(a[layer]), layers)
@@ -93,10 +99,16 @@ def gptq_quantize_params(params: Any, config: LlamaConfig,
         h, n_seen = _hessian_update(h, n_seen, x_in)
       for block, name in linears:
         kernel = lp[block][name]["kernel"]  # [in, out]
-        q, _ = gptq_core.gptq_quantize(
+        q, qarray = gptq_core.gptq_quantize(
             kernel.T, h, spec, percdamp=percdamp, blocksize=blocksize,
             act_order=act_order)
+        if return_qarrays:
+          per_layer[(block, name)].append(jax.device_get(qarray))
         lp[block][name]["kernel"] = q.T
         layers[block][name]["kernel"][layer] = np.asarray(q.T)
     batches = [run(lp, xb)[0] for xb in batches]
-  return params
+  if not return_qarrays:
+    return params
+  qarrays = {linear: jax.tree.map(lambda *a: np.stack(a), *arrays)
+             for linear, arrays in per_layer.items()}
+  return params, qarrays

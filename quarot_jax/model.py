@@ -24,6 +24,11 @@ stacked on a leading L axis and run with `lax.scan`):
   norm/scale                             [D]
   lm_head/kernel                         [D, V]   (absent when tied)
 
+A decoder linear quantized for real (`qlinear.pack_params`) holds
+`qweight uint8[L, out, in // 2]` (int4 codes packed along `in`, the layout of
+`quant.py`) and `wscale f32[L, out]` instead of `kernel`; `forward` then runs
+it with the Pallas int4 kernels (their references off the GPU).
+
 A norm `scale` may be absent: after QuaRot fuses it into the next linears the
 norm is a plain `x / rms(x)`.
 """
@@ -34,8 +39,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import kv4_cache as kv4_lib
+from pallas_kernels import kv4_decode_attention as kv4_attn_lib
 from quarot_jax import kv_cache as kv_cache_lib
 from quarot_jax import layers
+from quarot_jax import qlinear
 from quarot_jax.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -55,6 +63,9 @@ class RunOptions:
       (per token), or None for no activation quantization.
     k_spec: `quant.QuantSpec` for cached keys (per token and head), or None.
     v_spec: likewise for values.
+    implementation: for packed params and KV4 caches: None (Pallas kernels
+      on a GPU, their jnp references elsewhere), 'pallas' or 'xla'.
+    interpret: run those Pallas kernels in interpret mode (CPU tests).
   """
 
   online_had_down: bool = False
@@ -63,6 +74,8 @@ class RunOptions:
   a_spec: Any = None
   k_spec: Any = None
   v_spec: Any = None
+  implementation: str | None = None
+  interpret: bool = False
 
 
 FLOAT = RunOptions()
@@ -77,12 +90,27 @@ def _fake_quant(x: jax.Array, spec) -> jax.Array:
 
 def _hadamard(x: jax.Array) -> jax.Array:
   from quarot_jax import hadamard  # pylint: disable=g-import-not-at-top
-  return hadamard.fast_hadamard_transform(x)
+  # In f32 (and back): rounding stays a property of the quantizers.
+  return hadamard.fast_hadamard_transform(x.astype(jnp.float32)).astype(
+      x.dtype)
 
 
-def _linear(x: jax.Array, p: Params, spec=None) -> jax.Array:
-  """`x @ kernel + bias` with the input fake-quantized by `spec`."""
-  x = _fake_quant(x, spec)
+def _linear(x: jax.Array, p: Params, options: RunOptions, *,
+            online_hadamard: bool = False) -> jax.Array:
+  """`x @ kernel + bias`, or the packed int4 linear of `qlinear`.
+
+  Float kernels see the input fake-quantized by `options.a_spec`, after
+  the online Hadamard if `online_hadamard`; packed linears quantize for
+  real (the Hadamard fused into their quantize kernel).
+  """
+  if "qweight" in p:
+    return qlinear.linear(x, p, a_spec=options.a_spec,
+                          online_hadamard=online_hadamard,
+                          implementation=options.implementation,
+                          interpret=options.interpret)
+  if online_hadamard:
+    x = _hadamard(x)
+  x = _fake_quant(x, options.a_spec)
   y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
   if "bias" in p:
     y = y + p["bias"].astype(y.dtype)
@@ -124,52 +152,121 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
-                     config: LlamaConfig, options: RunOptions, inv_freq):
+                     config: LlamaConfig, options: RunOptions, inv_freq,
+                     start=None):
   """One attention sub-block.
 
+  A float cache ([B, S, K, H]) stores keys and values fake-quantized by
+  `options.k_spec`/`v_spec`; a packed `kv4_cache.KV4` cache quantizes them
+  for real, and a single decode token (T = 1) then reads it with the
+  packed decode-attention kernel.
+
   Returns:
-    (output [B, T, D], new k cache, new v cache, o_proj input [B, T, N*H]).
+    (output [B, T, D], new k cache, new v cache, o_proj input [B, T, N*H]
+    (before the online Hadamard when o_proj is packed)).
   """
   b, t, _ = x.shape
   n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
               config.head_dim)
-  a = options.a_spec
   # [B, T, N, H] and [B, T, K, H]
-  q = _linear(x, p["q_proj"], a).reshape(b, t, n, h)
-  k = _linear(x, p["k_proj"], a).reshape(b, t, kv, h)
-  v = _linear(x, p["v_proj"], a).reshape(b, t, kv, h)
+  q = _linear(x, p["q_proj"], options).reshape(b, t, n, h)
+  k = _linear(x, p["k_proj"], options).reshape(b, t, kv, h)
+  v = _linear(x, p["v_proj"], options).reshape(b, t, kv, h)
   q = layers.apply_rope(q, positions, inv_freq)
   k = layers.apply_rope(k, positions, inv_freq)
   if options.qk_had:
     q, k = _hadamard(q), _hadamard(k)
-  k = _fake_quant(k, options.k_spec)
-  v = _fake_quant(v, options.v_spec)
-  if k_cache is not None:
-    k_cache = jax.lax.dynamic_update_slice_in_dim(
-        k_cache, k.astype(k_cache.dtype), write_at, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(
-        v_cache, v.astype(v_cache.dtype), write_at, axis=1)
-    k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-  out = attend(q, k, v, mask).reshape(b, t, n * h)
-  if options.online_had_o:
+  if isinstance(k_cache, kv4_lib.KV4):
+    out = _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
+                                  mask, options)
+    out, k_cache, v_cache = out
+  else:
+    k = _fake_quant(k, options.k_spec)
+    v = _fake_quant(v, options.v_spec)
+    if k_cache is not None:
+      k_cache = jax.lax.dynamic_update_slice_in_dim(
+          k_cache, k.astype(k_cache.dtype), write_at, axis=1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(
+          v_cache, v.astype(v_cache.dtype), write_at, axis=1)
+      k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    out = attend(q, k, v, mask)
+  out = out.reshape(b, t, n * h)
+  packed = "qweight" in p["o_proj"]
+  if options.online_had_o and not packed:
     out = _hadamard(out)
-  return _linear(out, p["o_proj"], a), k_cache, v_cache, out
+  o = _linear(out, p["o_proj"], options,
+              online_hadamard=options.online_had_o and packed)
+  return o, k_cache, v_cache, out
+
+
+def _check_kv4_spec(spec, head_dim: int) -> None:
+  """A packed KV4 cache stores QuaRot's 4-bit asymmetric per-head codes."""
+  if (spec is None or spec.bits != 4 or spec.symmetric
+      or spec.group_size not in (None, head_dim)):
+    raise NotImplementedError(
+        f"a packed KV4 cache needs 4-bit asymmetric per-head k/v specs"
+        f" (group_size None or {head_dim}), got {spec}")
+
+
+def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
+                            mask, options: RunOptions):
+  """Writes k, v [B, T, K, H] into packed KV4 caches and attends.
+
+  Returns:
+    (out [B, T, N, H], k_cache, v_cache).
+  """
+  for spec in (options.k_spec, options.v_spec):
+    _check_kv4_spec(spec, k.shape[-1])
+  k_cache = kv4_lib.write_kv4(k_cache, k, write_at,
+                              clip_ratio=options.k_spec.clip_ratio)
+  v_cache = kv4_lib.write_kv4(v_cache, v, write_at,
+                              clip_ratio=options.v_spec.clip_ratio)
+  if q.shape[1] == 1:
+    end = jnp.broadcast_to(write_at + 1, start.shape).astype(jnp.int32)
+    out = kv4_attn_lib.kv4_decode_attention(
+        q[:, 0], k_cache, v_cache, start, end,
+        implementation=options.implementation, interpret=options.interpret)
+    return out[:, None].astype(q.dtype), k_cache, v_cache
+  return attend_kv4(q, k_cache, v_cache, mask), k_cache, v_cache
+
+
+def attend_kv4(q: jax.Array, k_cache, v_cache, mask: jax.Array
+               ) -> jax.Array:
+  """`attend` over packed KV4 caches, dequantized (prefill).
+
+  Args:
+    q: [B, T, N, H] queries.
+    k_cache: `kv4_cache.KV4` keys (codes [B, K, S, H // 2]).
+    v_cache: `kv4_cache.KV4` values.
+    mask: bool[B, T, S].
+
+  Returns:
+    [B, T, N, H] in the dtype of `q`.
+  """
+  # XLA:CPU cannot run the bf16 dot this fuses into, so CPU attends in f32.
+  dtype = q.dtype if jax.default_backend() == "gpu" else jnp.float32
+  # [B, K, S, H] -> [B, S, K, H]
+  keys = jnp.swapaxes(kv4_lib.dequantize_kv4(k_cache), 1, 2).astype(dtype)
+  values = jnp.swapaxes(kv4_lib.dequantize_kv4(v_cache), 1, 2).astype(dtype)
+  return attend(q.astype(dtype), keys, values, mask).astype(q.dtype)
 
 
 def _mlp_block(x, p, *, options: RunOptions):
-  """One FFN sub-block. Returns (output [B, T, D], down_proj input)."""
-  a = options.a_spec
-  hidden = layers.swiglu(_linear(x, p["gate_proj"], a),
-                         _linear(x, p["up_proj"], a))
-  if options.online_had_down:
+  """One FFN sub-block. Returns (output [B, T, D], down_proj input (before
+  the online Hadamard when down_proj is packed))."""
+  hidden = layers.swiglu(_linear(x, p["gate_proj"], options),
+                         _linear(x, p["up_proj"], options))
+  packed = "qweight" in p["down_proj"]
+  if options.online_had_down and not packed:
     hidden = _hadamard(hidden)
-  return _linear(hidden, p["down_proj"], a), hidden
+  return _linear(hidden, p["down_proj"], options,
+                 online_hadamard=options.online_had_down and packed), hidden
 
 
 def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
                   options: RunOptions = FLOAT,
                   k_cache=None, v_cache=None, positions=None, mask=None,
-                  write_at=None):
+                  write_at=None, start=None):
   """One decoder layer, also returning the input of every linear.
 
   Args:
@@ -182,6 +279,7 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
     positions: int32[B, T] RoPE positions (default 0..T-1).
     mask: bool[B, T, S] (default causal).
     write_at: cache slot of the first token.
+    start: int32[B] first valid slot per row (packed KV4 caches only).
 
   Returns:
     (x [B, T, D], k_cache, v_cache, taps) where taps maps 'qkv', 'o',
@@ -199,7 +297,7 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
   attn_in = _norm(x, p["input_layernorm"], eps)
   h, k_cache, v_cache, o_in = _attention_block(
       attn_in, p["self_attn"], positions, mask, k_cache, v_cache, write_at,
-      config=config, options=options, inv_freq=inv_freq)
+      config=config, options=options, inv_freq=inv_freq, start=start)
   x = x + h
   mlp_in = _norm(x, p["post_attention_layernorm"], eps)
   h, down_in = _mlp_block(mlp_in, p["mlp"], options=options)
@@ -231,21 +329,22 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
   b, t = tokens.shape
   x = params["embed_tokens"]["embedding"][tokens]  # [B, T, D]
   if cache is None:
-    positions = mask = write_at = cache_k = cache_v = None
+    positions = mask = write_at = cache_k = cache_v = start = None
   else:
     slots = cache.end + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions = slots[None, :] - cache.start[:, None]
     key_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
     mask = ((key_slots[None, None, :] <= slots[None, :, None])
             & (key_slots[None, None, :] >= cache.start[:, None, None]))
-    write_at = cache.end
+    write_at, start = cache.end, cache.start
     cache_k, cache_v = cache.k, cache.v
 
   def layer(x, scanned):
     p, k_layer, v_layer = scanned
     x, k_layer, v_layer, _ = decoder_layer(
         x, p, config=config, options=options, k_cache=k_layer,
-        v_cache=v_layer, positions=positions, mask=mask, write_at=write_at)
+        v_cache=v_layer, positions=positions, mask=mask, write_at=write_at,
+        start=start)
     return x, (k_layer, v_layer)
 
   x, (new_k, new_v) = jax.lax.scan(layer, x,
@@ -259,6 +358,14 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     new_cache = kv_cache_lib.KVCache(k=new_k, v=new_v, start=cache.start,
                                      end=cache.end + t)
   return logits, new_cache
+
+
+def uses_kv4_cache(params: Params, options: RunOptions) -> bool:
+  """Whether generation should keep a packed KV4 cache: the linears are
+  packed (real quantization) and keys and values are 4-bit."""
+  return (qlinear.is_packed(params)
+          and all(s is not None and s.bits == 4
+                  for s in (options.k_spec, options.v_spec)))
 
 
 def logits_from_hidden(params: Params, x: jax.Array) -> jax.Array:

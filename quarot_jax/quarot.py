@@ -15,6 +15,7 @@ import numpy as np
 
 from quarot_jax import gptq
 from quarot_jax import model
+from quarot_jax import qlinear
 from quarot_jax import quant
 from quarot_jax import rotation
 from quarot_jax.config import LlamaConfig
@@ -112,16 +113,45 @@ def rtn_quantize_params(params: Any, spec: quant.QuantSpec) -> Any:
   return params
 
 
+def check_packable(qconfig: QuaRotConfig) -> None:
+  """Raises unless `quantize(..., packed=True)` can run this config.
+
+  Raises:
+    NotImplementedError: the int4 kernels need 4-bit symmetric per-channel
+      weights and 4- or 16-bit activations; KV bits must be 4 or 16.
+  """
+  problems = []
+  if qconfig.w_bits != 4:
+    problems.append(f"w_bits={qconfig.w_bits} (needs 4)")
+  if qconfig.w_asym:
+    problems.append("w_asym=True (needs symmetric weights)")
+  if qconfig.w_groupsize is not None:
+    problems.append(f"w_groupsize={qconfig.w_groupsize} (needs per-channel)")
+  if qconfig.a_bits not in (4, 16):
+    problems.append(f"a_bits={qconfig.a_bits} (needs 4 or 16)")
+  for name in ("k_bits", "v_bits"):
+    if getattr(qconfig, name) not in (4, 16):
+      problems.append(f"{name}={getattr(qconfig, name)} (needs 4 or 16)")
+  if problems:
+    raise NotImplementedError(
+        "packed (real int4) quantization does not support "
+        + ", ".join(problems) + "; use packed=False to simulate it")
+
+
 def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
              calib_tokens: np.ndarray | None = None, *,
+             packed: bool = False,
              progress: bool = True) -> tuple[Any, model.RunOptions]:
-  """Rotates and quantizes a model (simulated quantization).
+  """Rotates and quantizes a model.
 
   Args:
     params: float params.
     config: the model config.
     qconfig: what to do.
     calib_tokens: int32[n, T] calibration windows (GPTQ only).
+    packed: store decoder linears as packed int4 (`qlinear`), so `forward`
+      runs the int4 kernels and generation keeps a packed KV4 cache;
+      otherwise quantization is simulated in float.
     progress: show progress bars.
 
   Returns:
@@ -129,7 +159,10 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
 
   Raises:
     ValueError: GPTQ without calibration tokens, or an unsupported size.
+    NotImplementedError: `packed` with a config the kernels do not run.
   """
+  if packed:
+    check_packable(qconfig)
   options = qconfig.run_options(config.head_dim)
   if qconfig.rotate:
     params = rotation.rotate(params, config, jax.random.key(qconfig.seed),
@@ -143,7 +176,13 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       params = gptq.gptq_quantize_params(
           params, config, calib_tokens, qconfig.weight_spec, options=options,
           percdamp=qconfig.percdamp, act_order=qconfig.act_order,
-          progress=progress)
+          progress=progress, return_qarrays=packed)
+      if packed:
+        params, qarrays = params
+        params = qlinear.pack_params(params, qarrays)
+    elif packed:
+      params = qlinear.pack_params(params, qlinear.quantize_weights_rtn(
+          params, LINEARS, qconfig.weight_spec))
     else:
       params = rtn_quantize_params(params, qconfig.weight_spec)
   return params, options

@@ -1,0 +1,89 @@
+r"""Fused Hadamard + int4 quantize against the same computation in XLA.
+
+  python -m experiments.bench_hadamard_quant --out_dir=results
+
+For each M x K: ours (one Pallas kernel) vs `xla_unfused` (the jitted jnp
+reference: fast Hadamard transform, quantize, pack; XLA fuses what it can),
+both with and without the Hadamard. `hbm_fraction` = (bytes read + written)
+/ time / --peak_gbps. `matmul_share` = ours / the int4 matmul that follows
+(N = K, the shape of o_proj/down_proj-like linears), the paper's Fig. 7
+overhead. Appends to --out_dir/hadamard_quant.jsonl.
+"""
+
+import os
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import hadamard_quant as hq
+from pallas_kernels import int4_matmul as w4a4
+from quarot_jax import benchmarking
+
+_OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
+_MS = flags.DEFINE_list("m", ["2048", "8192", "16384"], "Rows (tokens).")
+_KS = flags.DEFINE_list("k", ["4096", "11008", "14336"], "Widths K.")
+_PEAK = flags.DEFINE_float("peak_gbps", 3350.0, "HBM peak (H100 SXM).")
+_WARPS = flags.DEFINE_list("num_warps", ["2", "4"], "num_warps sweep.")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  command = shlex.join(["python", "-m", "experiments.bench_hadamard_quant"]
+                       + sys.argv[1:])
+  key = iter(jax.random.split(jax.random.key(0), 1000))
+  impl = dict(implementation="pallas", interpret=_INTERPRET.value)
+  for k in map(int, _KS.value):
+    for m in map(int, _MS.value):
+      x = jax.random.normal(next(key), (m, k), jnp.bfloat16)
+      records = []
+      for use_had in (True, False):
+        case = f"M{m}_K{k}_{'hadamard' if use_had else 'quant_only'}"
+        best = None
+        for warps in map(int, _WARPS.value):
+          cfg = hq.HadamardQuantConfig(num_warps=warps)
+          fn = jax.jit(lambda x, cfg=cfg, h=use_had: hq.hadamard_quant(
+              x, hadamard=h, config=cfg, **impl))
+          try:
+            ms = benchmarking.median_ms(fn, x)
+          except Exception as e:  # pylint: disable=broad-except
+            print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+          if best is None or ms < best[0]:
+            best = (ms, cfg)
+        if best is None:
+          continue
+        ms, cfg = best
+        xla = jax.jit(lambda x, h=use_had: hq.hadamard_quant_reference(
+            x, hadamard=h))
+        base = {"xla_unfused": benchmarking.median_ms(xla, x)}
+        wq = jax.random.randint(next(key), (k, k // 2), 0, 256, jnp.int32
+                                ).astype(jnp.uint8)
+        xq, sx = hq.hadamard_quant(x, hadamard=use_had, **impl)
+        mm = jax.jit(lambda a, b, s, t: w4a4.int4_matmul(
+            a, b, s, t, implementation="pallas", interpret=_INTERPRET.value))
+        matmul_ms = benchmarking.median_ms(mm, xq, wq, sx,
+                                           jnp.ones((k,), jnp.float32))
+        moved = m * k * 2 + m * k // 2 + m * 4  # read bf16, write int4 + s
+        records.append(benchmarking.record(
+            "hadamard_quant", case, ms, base, command=command,
+            hbm_fraction=round(moved / (ms * 1e-3) / (_PEAK.value * 1e9), 3),
+            xla_hbm_fraction=round(moved / (base["xla_unfused"] * 1e-3)
+                                   / (_PEAK.value * 1e9), 3),
+            int4_matmul_ms=round(matmul_ms, 4),
+            matmul_share=round(ms / matmul_ms, 3), config=str(cfg)))
+        print(benchmarking.summary_line(records[-1]),
+              f"hbm {records[-1]['hbm_fraction']:.2f}"
+              f" share-of-matmul {records[-1]['matmul_share']:.2f}",
+              flush=True)
+      benchmarking.append_jsonl(os.path.join(_OUT.value,
+                                             "hadamard_quant.jsonl"), records)
+
+
+if __name__ == "__main__":
+  app.run(main)

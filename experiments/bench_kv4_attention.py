@@ -1,0 +1,142 @@
+r"""kv4_decode_attention against XLA decode attention over a bf16 cache.
+
+  python -m experiments.bench_kv4_attention --out_dir=results
+
+Each case (B, S, N x K x H, every row attending to all S slots) times a
+small (block_s, num_splits) sweep of the packed 4-bit kernel, keeps the
+fastest, and times `xla_bf16_attention` (jitted `bf16_decode_attention` on a
+bf16 cache [B, S, K, H], the float model's layout) in the same process.
+Records the memory ratio (KV4 bytes / bf16 bytes) and the fraction of HBM
+bandwidth (cache bytes read / time / 3.35e12, H100 SXM) of both; appends
+one JSONL line per case to --out_dir/kv4_decode_attention.jsonl.
+
+CPU smoke test (interpret mode, tiny shapes):
+  python -m experiments.bench_kv4_attention --batch=1 --seq=64 \
+      --heads=4x2x64 --block_s=16 --num_splits=1,2 --interpret \
+      --out_dir=/tmp/kv4_bench
+"""
+
+import itertools
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import kv4_cache as kv4_lib
+from pallas_kernels import kv4_decode_attention as attn
+from quarot_jax import benchmarking
+
+_OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
+_BATCH = flags.DEFINE_list("batch", ["8", "16"], "Batch sizes B.")
+_SEQ = flags.DEFINE_list("seq", ["8192", "16384", "32768"], "Slots S.")
+_HEADS = flags.DEFINE_list("heads", ["32x32x128", "32x8x128"],
+                           "Query heads x kv heads x head dim (NxKxH).")
+_BLOCK_S = flags.DEFINE_list("block_s", ["64", "128"], "block_s sweep.")
+_SPLITS = flags.DEFINE_list(
+    "num_splits", ["default", "2x"],
+    "num_splits sweep: integers, 'default' (the heuristic) or '2x' (twice"
+    " it).")
+_INTERPRET = flags.DEFINE_bool("interpret", False,
+                               "Pallas interpret mode (CPU smoke tests).")
+
+_HBM_BYTES_PER_S = 3.35e12  # H100 SXM
+
+
+def _configs(b, kv_heads, s, h, block_sizes, splits):
+  """The sweep: every block_s with every num_splits choice."""
+  default = attn.default_kv4_decode_attention_config(b, kv_heads, s, h)
+  named = {"default": default.num_splits, "2x": 2 * default.num_splits}
+  counts = sorted({named.get(x) or int(x) for x in splits})
+  return [attn.KV4DecodeAttentionConfig(
+      block_s=bs, num_splits=ns, num_warps=default.num_warps,
+      num_stages=default.num_stages)
+          for bs, ns in itertools.product(block_sizes, counts)]
+
+
+def _inputs(key, b, s, n, kv_heads, h):
+  """q bf16[B, N, H], KV4 keys/values, their bf16 [B, S, K, H] caches."""
+  keys = jax.random.split(key, 8)
+
+  def kv4(k1, k2, k3):
+    return kv4_lib.KV4(
+        codes=jax.random.randint(k1, (b, kv_heads, s, h // 2), 0, 256,
+                                 jnp.int32).astype(jnp.uint8),
+        scale=jax.random.uniform(k2, (b, kv_heads, s), jnp.float32, 0.01,
+                                 0.1).astype(jnp.float16),
+        zero=jax.random.randint(k3, (b, kv_heads, s), 0, 16,
+                                jnp.int32).astype(jnp.float16))
+
+  q = jax.random.normal(keys[0], (b, n, h), jnp.bfloat16)
+  k, v = kv4(*keys[1:4]), kv4(*keys[4:7])
+  kf, vf = (jax.random.normal(kk, (b, s, kv_heads, h), jnp.bfloat16)
+            for kk in jax.random.split(keys[7]))
+  return q, k, v, kf, vf
+
+
+def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits,
+               interpret, command):
+  """Times one case: the kernel's sweep (best kept) and the XLA baseline.
+
+  Returns:
+    A `benchmarking.record` dict, or None if no config ran.
+  """
+  q, k, v, kf, vf = _inputs(key, b, s, n, kv_heads, h)
+  start = jnp.zeros((b,), jnp.int32)
+  end = jnp.full((b,), s, jnp.int32)
+  runs = dict(runs=3, inner=1, warmup=1) if interpret else {}
+  best = None
+  for cfg in _configs(b, kv_heads, s, h, block_sizes, splits):
+    fn = jax.jit(lambda *a, c=cfg: attn.kv4_decode_attention(
+        *a, config=c, interpret=interpret, implementation="pallas"))
+    try:
+      ms = benchmarking.median_ms(fn, q, k, v, start, end, **runs)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
+      continue
+    print(f"  {cfg}: {ms:.4f} ms", flush=True)
+    if best is None or ms < best[0]:
+      best = (ms, cfg)
+  base = benchmarking.median_ms(attn.bf16_decode_attention, q, kf, vf, start,
+                                end, **runs)
+  if best is None:
+    return None
+  ms, cfg = best
+  ours_bytes, base_bytes = k.nbytes + v.nbytes, kf.nbytes + vf.nbytes
+  return benchmarking.record(
+      "kv4_decode_attention", f"B{b}_S{s}_N{n}_K{kv_heads}_H{h}", ms,
+      {"xla_bf16_attention": base}, command=command, config=str(cfg),
+      memory_ratio=round(ours_bytes / base_bytes, 4),
+      ours_bytes=ours_bytes, baseline_bytes=base_bytes,
+      hbm_fraction=round(ours_bytes / (ms * 1e-3) / _HBM_BYTES_PER_S, 3),
+      baseline_hbm_fraction=round(
+          base_bytes / (base * 1e-3) / _HBM_BYTES_PER_S, 3))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  command = shlex.join(["python", "-m", "experiments.bench_kv4_attention"]
+                       + sys.argv[1:])
+  key = iter(jax.random.split(jax.random.key(0), 1000))
+  path = f"{_OUT.value}/kv4_decode_attention.jsonl"
+  for heads in _HEADS.value:
+    n, kv_heads, h = map(int, heads.split("x"))
+    for b, s in itertools.product(map(int, _BATCH.value),
+                                  map(int, _SEQ.value)):
+      print(f"B{b} S{s} N{n} K{kv_heads} H{h}", flush=True)
+      r = bench_case(next(key), b, s, n, kv_heads, h,
+                     block_sizes=[int(x) for x in _BLOCK_S.value],
+                     splits=_SPLITS.value, interpret=_INTERPRET.value,
+                     command=command)
+      if r is not None:  # appended per case: a timeout keeps what ran
+        benchmarking.append_jsonl(path, [r])
+        print("  -> " + benchmarking.summary_line(r)
+              + f"  hbm {r['hbm_fraction']:.2f}"
+              f" (xla {r['baseline_hbm_fraction']:.2f})", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,259 @@
+"""Fused online Hadamard + per-token int4 quantization.
+
+  y = (x * signs) @ H_K / √K          (hadamard=True; y = x otherwise)
+  s_x[m] = clip_ratio * max_k |y[m, k]| / 7   (1 where that is 0)
+  x_q[m, k] = clip(round_half_even(y[m, k] / s_x[m]), -8, 7)
+
+written as packed int4 in the layout of `quarot_jax/quant.py` (two's
+complement nibbles along K, byte j = element 2j in the low nibble, 2j+1 in
+the high one): exactly `quant.pack_int4(quant.quantize(y,
+quant.activation_spec(4, clip_ratio=c)).values)` and its scales, which is what
+`pallas_kernels.int4_matmul` takes. Matmul-style axes: M rows (tokens), K the
+transformed axis.
+
+The transform as two small matmuls. H_K = np.kron(S_p, B_m) with
+(p, m) = hadamard.factorize(K) (S Sylvester, B the base of order m), and
+S_p = S_a ⊗ S_b for any a·b = p, so H_K = S_a ⊗ R with R = S_b ⊗ B_m of
+order r = b·m. Viewing a row x[K] as X[a, r] (row-major, a free reshape),
+  (x @ H_K) viewed as [a, r] = S_aᵀ · X · R
+(S_a is symmetric). b is chosen so that r is even and both orders are small
+(r, a <= 256 for every LLaMA width). Packing needs no interleave: the even
+output columns are X · R[:, 0::2] and the odd ones X · R[:, 1::2], and as r
+is even, column parity inside the [a, r] view is the parity of k. So each
+program computes Y_even, Y_odd [a, r/2], their absmax, the codes, and one
+byte per pair. Without the Hadamard, R is the identity (its even/odd columns
+select) and the left factor is skipped.
+
+Precision: the ±1 and 0/1 matrices are exact in bf16, so X · R (bf16 x, f32
+accumulation) loses nothing; its f32 result is split into bf16 high and low
+parts for the left product (two dots), which keeps ~16 mantissa bits. f32
+inputs (CPU tests) use f32 dots at HIGHEST precision throughout.
+
+Backend: the Pallas Triton lowering, one row per program (interpret mode on
+the CPU). Not supported: bits other than 4 (NotImplementedError), group
+scales along K, K without a Hadamard matrix of that order.
+"""
+
+import dataclasses
+import functools
+import logging
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import numpy as np
+
+from quarot_jax import compat
+from quarot_jax import hadamard as hadamard_lib
+
+_MAX_ORDER = 256  # largest r or a the split aims for
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HadamardQuantConfig:
+  """Launch parameters (one row per program)."""
+
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+def _split(k: int, use_hadamard: bool) -> tuple[int, int, int]:
+  """(a, b, m): the row is viewed as [a, r] with r = b * m.
+
+  Picks the b that keeps a + r smallest with r even, r >= 32 and a >= 16
+  (Triton's smallest dot is 16 wide); rows too short for that use a = 1
+  (no left product).
+  """
+  if not use_hadamard:
+    r = math.gcd(k, 128)  # even because K is
+    return k // r, r, 1
+  p, m = hadamard_lib.factorize(k)
+  options = [(p // b + b * m, b) for b in (2**i for i in range(
+      p.bit_length())) if (b * m) % 2 == 0 and b * m >= 32 and p // b >= 16]
+  if not options:
+    return 1, p, m
+  b = min(options)[1]
+  return p // b, b, m
+
+
+@functools.lru_cache(maxsize=None)
+def _matrices(k: int, use_hadamard: bool) -> tuple[np.ndarray, ...]:
+  """(left [a, a], right_even [r, r/2], right_odd [r, r/2]) as f32."""
+  a, b, m = _split(k, use_hadamard)
+  if use_hadamard:
+    # pylint: disable-next=protected-access
+    right = np.kron(hadamard_lib.sylvester(b), hadamard_lib._base_matrix(m))
+    left = hadamard_lib.sylvester(a).T
+  else:
+    right, left = np.eye(b * m), np.eye(a)
+  right = right.astype(np.float32)
+  return left.astype(np.float32), right[:, 0::2].copy(), right[:, 1::2].copy()
+
+
+def can_use_hadamard_quant() -> bool:
+  """True where the Pallas kernel compiles (a GPU backend)."""
+  return jax.default_backend() == "gpu"
+
+
+def _pow2(n: int) -> int:
+  return 1 << (n - 1).bit_length()
+
+
+def _round_half_even(v: jax.Array) -> jax.Array:
+  """jnp.round (ties to even) from floor: Triton has no round primitive."""
+  f = jnp.floor(v)
+  diff = v - f
+  f_is_odd = (f - 2.0 * jnp.floor(f * 0.5)) != 0
+  up = (diff > 0.5) | ((diff == 0.5) & f_is_odd)
+  return jnp.where(up, f + 1.0, f)
+
+
+def hadamard_quant_kernel(x_ref, sign_ref, left_ref, re_ref, ro_ref, q_ref,
+                          s_ref, *, use_left: bool, use_signs: bool,
+                          norm: float, clip_ratio: float):
+  """One row: transform, absmax, codes, packed bytes."""
+  # x_ref: [a, r]; sign_ref: f32[ap, rp]; left_ref: [ap, ap];
+  # re_ref, ro_ref: [rp, rp // 2]; q_ref: uint8[a, r // 2]; s_ref: f32[1]
+  # (ap, rp: a, r rounded up to powers of two, as Triton needs; the padded
+  # rows and columns of the matrices are zero).
+  a, r = x_ref.shape
+  ap, rp = sign_ref.shape
+  rows = jnp.arange(ap)[:, None] < a
+  x = plgpu.load(x_ref.at[pl.ds(0, ap), pl.ds(0, rp)],
+                 mask=rows & (jnp.arange(rp)[None, :] < r), other=0)
+  dt = re_ref.dtype
+  if use_signs:
+    x = x.astype(jnp.float32) * sign_ref[...]
+  x = x.astype(dt)
+  dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+  halves = [dot(x, re_ref[...]), dot(x, ro_ref[...])]  # f32 [ap, rp // 2]
+  if use_left:
+    left = left_ref[...]
+    if dt == jnp.float32:
+      halves = [dot(left, z) for z in halves]
+    else:  # 16-bit: split the f32 intermediate so the left dot stays exact
+      split = []
+      for z in halves:
+        z_hi = z.astype(dt)
+        z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
+        split.append(dot(left, z_hi) + dot(left, z_lo))
+      halves = split
+  y_even, y_odd = (z * norm for z in halves)
+  absmax = jnp.maximum(jnp.max(jnp.abs(y_even)), jnp.max(jnp.abs(y_odd)))
+  scale = clip_ratio * absmax / 7.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  codes = [jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
+           for y in (y_even, y_odd)]
+  packed = ((codes[0] & 0xF) | ((codes[1] & 0xF) << 4)).astype(jnp.uint8)
+  plgpu.store(q_ref.at[pl.ds(0, ap), pl.ds(0, rp // 2)], packed,
+              mask=rows & (jnp.arange(rp // 2)[None, :] < r // 2))
+  s_ref[...] = jnp.full((1,), scale, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "hadamard", "clip_ratio", "bits", "config", "interpret", "debug",
+    "implementation"))
+def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
+                   signs: jax.Array | None = None, clip_ratio: float = 0.9,
+                   bits: int = 4, config: HadamardQuantConfig | None = None,
+                   interpret: bool = False, debug: bool = False,
+                   implementation: Literal["pallas", "xla"] | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Online Hadamard (optional) and per-token symmetric int4 quantization.
+
+  Args:
+    x: float[..., K] activations (bf16, f16 or f32); K even.
+    hadamard: apply x @ H_K / √K first (H_K = `hadamard.hadamard_matrix(K)`).
+    signs: optional f32[K] of ±1 multiplied into x before the transform
+      (a randomized Hadamard diag(signs) · H).
+    clip_ratio: fraction of each row's absmax mapped to the largest code.
+    bits: 4 (the only width the packed kernels take).
+    config: launch parameters.
+    interpret: run the Pallas kernel in interpret mode (CPU tests).
+    debug: print the kernel's jaxpr.
+    implementation: 'pallas', 'xla' (the reference) or None (pallas on a GPU
+      or when interpret=True, else the reference).
+
+  Returns:
+    (x_q uint8[..., K // 2] packed int4, s_x f32[...] per-row scales).
+
+  Raises:
+    ValueError: K odd, K without a Hadamard matrix, clip_ratio outside
+      (0, 1], or signs of the wrong shape.
+    NotImplementedError: bits != 4.
+  """
+  k = x.shape[-1]
+  if bits != 4:
+    raise NotImplementedError(f"hadamard_quant packs int4 only, got {bits=}")
+  if k % 2:
+    raise ValueError(f"K={k} must be even to pack int4")
+  if not 0 < clip_ratio <= 1:
+    raise ValueError(f"{clip_ratio=} must be in (0, 1]")
+  if hadamard and not hadamard_lib.is_supported(k):
+    raise ValueError(f"no Hadamard matrix of order K={k} (see"
+                     " quarot_jax.hadamard.factorize)")
+  if signs is not None and signs.shape != (k,):
+    raise ValueError(f"signs must be [K]=[{k}], got {signs.shape}")
+  if implementation is None:
+    implementation = ("pallas" if interpret or can_use_hadamard_quant()
+                      else "xla")
+    logging.info("hadamard_quant: using %s", implementation)
+  if implementation == "xla":
+    return hadamard_quant_reference(x, hadamard=hadamard, signs=signs,
+                                    clip_ratio=clip_ratio)
+  cfg = config or HadamardQuantConfig()
+  lead = x.shape[:-1]
+  a, b, m = _split(k, hadamard)
+  r = b * m
+  ap, rp = _pow2(a), _pow2(r)
+  x3 = x.reshape(-1, a, r)  # [M, a, r]: row element k = i * r + j
+  rows = x3.shape[0]
+  # ±1 and 0/1 are exact in every float dtype; 16-bit inputs keep theirs.
+  dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+  left, right_even, right_odd = _matrices(k, hadamard)
+  pad = lambda t, shape: jnp.asarray(
+      np.pad(t, [(0, n - d) for d, n in zip(t.shape, shape)]), dt)
+  sign = (jnp.ones((a, r), jnp.float32) if signs is None
+          else signs.astype(jnp.float32).reshape(a, r))
+  sign = jnp.pad(sign, [(0, ap - a), (0, rp - r)])
+  kernel = functools.partial(
+      hadamard_quant_kernel, use_left=hadamard and a > 1,
+      use_signs=signs is not None,
+      norm=float(np.float32(1.0 / math.sqrt(k))) if hadamard else 1.0,
+      clip_ratio=clip_ratio)
+  full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+  x_q, s_x = pl.pallas_call(
+      kernel,
+      grid=(rows,),
+      in_specs=[pl.BlockSpec((None, a, r), lambda i: (i, 0, 0)),
+                full((ap, rp)), full((ap, ap)), full((rp, rp // 2)),
+                full((rp, rp // 2))],
+      out_specs=[pl.BlockSpec((None, a, r // 2), lambda i: (i, 0, 0)),
+                 pl.BlockSpec((1,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((rows, a, r // 2), jnp.uint8),
+                 jax.ShapeDtypeStruct((rows,), jnp.float32)],
+      compiler_params=compat.triton_params(num_warps=cfg.num_warps,
+                                           num_stages=cfg.num_stages),
+      interpret=interpret, debug=debug, name="hadamard_quant",
+  )(x3, sign, pad(left, (ap, ap)), pad(right_even, (rp, rp // 2)),
+    pad(right_odd, (rp, rp // 2)))
+  return x_q.reshape(*lead, k // 2), s_x.reshape(lead)
+
+
+def hadamard_quant_reference(x: jax.Array, *, hadamard: bool = True,
+                             signs: jax.Array | None = None,
+                             clip_ratio: float = 0.9
+                             ) -> tuple[jax.Array, jax.Array]:
+  """Plain-jnp `hadamard_quant`: transform in f32, quantize, pack."""
+  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
+  y = x.astype(jnp.float32)
+  if signs is not None:
+    y = y * signs.astype(jnp.float32)
+  if hadamard:
+    y = hadamard_lib.fast_hadamard_transform(y)
+  q = quant.quantize(y, quant.activation_spec(4, clip_ratio=clip_ratio))
+  return quant.pack_int4(q.values), q.scale[..., 0]

@@ -1,0 +1,206 @@
+"""QuaRot's packed 4-bit KV cache: layout, quantize, dequantize, write.
+
+Shape letters as in `quarot_jax/model.py`: B batch, T new tokens, S slots,
+K kv heads, H head dim.
+
+Quantizer (QuaRot's KV quantizer, `quant.kv_spec(4, clip_ratio=0.95)`):
+asymmetric 4 bits, one group per (token, head) over the whole head dim H,
+  scale = clip * (max - min) / 15,  zero = round(-clip * min / scale),
+  code = clip(round(x / scale) + zero, 0, 15),  x ≈ (code - zero) * scale
+(min/max include 0; see `quarot_jax/quant.py`). Codes are computed with the
+f32 scale, exactly as `quant.quantize`; only then are scale and zero stored
+in f16. zero is an integer in 0..15 and exact in f16; the f16 scale is
+rounded (relative error <= 2^-11; scales below ~6e-5 lose precision as f16
+subnormals) and `dequantize_kv4` uses the stored f16 values, so it is the
+reference that every kernel reading the cache matches.
+
+Layout of one layer, head-major so that a kernel reads contiguous tokens of
+one head:
+  codes uint8[B, K, S, H // 2]  the int4 packing of `quarot_jax/quant.py`
+                                (byte j: low nibble = element 2j, high
+                                nibble = element 2j + 1; unsigned codes)
+  scale f16[B, K, S]
+  zero  f16[B, K, S]
+One token-head takes H / 2 + 4 bytes against 2 H in bf16: `memory_ratio` is
+0.281 for H = 64 and 0.266 for H = 128 (<= 0.3 for both).
+
+Not supported: groups smaller than the head dim (NotImplementedError), bits
+other than 4, symmetric codes.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _quant():
+  """`quarot_jax.quant`, imported late: importing the `quarot_jax` package
+  imports `model`, which imports this module (a cycle at import time)."""
+  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
+  return quant
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KV4:
+  """Packed 4-bit keys or values of one layer: x ≈ (code - zero) * scale.
+
+  Attributes:
+    codes: uint8[B, K, S, H // 2] packed codes in 0..15 (packing of
+      `quarot_jax/quant.py`: low nibble = even h).
+    scale: f16[B, K, S] per (token, head) scale.
+    zero: f16[B, K, S] per (token, head) integer zero point in 0..15.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  zero: jax.Array
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of codes, scales and zeros together."""
+    return sum(a.size * jnp.dtype(a.dtype).itemsize
+               for a in (self.codes, self.scale, self.zero))
+
+
+def _check_x(x: jax.Array, group_size: int | None) -> None:
+  if x.ndim != 4:
+    raise ValueError(f"keys/values must be [B, T, K, H], got {x.shape=}")
+  h = x.shape[-1]
+  if h % 2:
+    raise ValueError(f"head dim {h=} must be even (two 4-bit codes a byte)")
+  if group_size not in (None, h):
+    raise NotImplementedError(
+        f"KV4 stores one group per head: {group_size=} must be None or the"
+        f" head dim {h}")
+
+
+@functools.partial(jax.jit, static_argnames=("clip_ratio", "group_size"))
+def quantize_kv4(x: jax.Array, *, clip_ratio: float = 0.95,
+                 group_size: int | None = None) -> KV4:
+  """Quantizes keys or values per (token, head) and packs them.
+
+  Args:
+    x: float[B, T, K, H] keys or values (the model's layout).
+    clip_ratio: range clip of the quantizer (QuaRot: 0.95).
+    group_size: None or H (smaller groups are not supported).
+
+  Returns:
+    A `KV4` in the head-major layout: codes uint8[B, K, T, H // 2],
+    scale and zero f16[B, K, T].
+
+  Raises:
+    ValueError: x is not 4-D or H is odd.
+    NotImplementedError: group_size is neither None nor H.
+  """
+  _check_x(x, group_size)
+  quant = _quant()
+  q = quant.quantize(x, quant.kv_spec(4, clip_ratio=clip_ratio))
+  # [B, T, K, H // 2] -> [B, K, T, H // 2]
+  codes = jnp.swapaxes(quant.pack_int4(q.values), 1, 2)
+  # [B, T, K, 1] -> [B, K, T]
+  scale = jnp.swapaxes(q.scale[..., 0], 1, 2).astype(jnp.float16)
+  zero = jnp.swapaxes(q.zero[..., 0], 1, 2).astype(jnp.float16)
+  return KV4(codes=codes, scale=scale, zero=zero)
+
+
+@jax.jit
+def dequantize_kv4(c: KV4) -> jax.Array:
+  """(code - zero) * scale in f32, with the stored f16 scale and zero.
+
+  Args:
+    c: a `KV4` with codes [B, K, S, H // 2].
+
+  Returns:
+    f32[B, K, S, H].
+  """
+  codes = _quant().unpack_int4(c.codes, signed=False).astype(jnp.float32)
+  zero = c.zero.astype(jnp.float32)[..., None]
+  return (codes - zero) * c.scale.astype(jnp.float32)[..., None]
+
+
+def empty_kv4(batch: int, kv_heads: int, max_len: int,
+              head_dim: int) -> KV4:
+  """An all-zero cache (codes, scales and zeros 0: dequantizes to 0).
+
+  Args:
+    batch: B.
+    kv_heads: K.
+    max_len: S, the number of slots.
+    head_dim: H (even).
+
+  Returns:
+    A `KV4` with codes uint8[B, K, S, H // 2] and f16[B, K, S] scale/zero.
+
+  Raises:
+    ValueError: head_dim is odd or a size is not positive.
+  """
+  if head_dim % 2:
+    raise ValueError(f"{head_dim=} must be even (two 4-bit codes a byte)")
+  if min(batch, kv_heads, max_len, head_dim) <= 0:
+    raise ValueError(f"sizes must be positive, got {batch=} {kv_heads=}"
+                     f" {max_len=} {head_dim=}")
+  return KV4(codes=jnp.zeros((batch, kv_heads, max_len, head_dim // 2),
+                             jnp.uint8),
+             scale=jnp.zeros((batch, kv_heads, max_len), jnp.float16),
+             zero=jnp.zeros((batch, kv_heads, max_len), jnp.float16))
+
+
+@functools.partial(jax.jit, static_argnames=("clip_ratio", "group_size"))
+def write_kv4(cache: KV4, new: jax.Array, at: jax.Array, *,
+              clip_ratio: float = 0.95,
+              group_size: int | None = None) -> KV4:
+  """Quantizes `new` and writes it into slots [at, at + T) of every row.
+
+  Args:
+    cache: a `KV4` with codes [B, K, S, H // 2].
+    new: float[B, T, K, H] new keys or values.
+    at: int32[] first slot (shared by the batch; clamped by
+      `dynamic_update_slice` so that the T slots fit).
+    clip_ratio: range clip of the quantizer.
+    group_size: None or H.
+
+  Returns:
+    The updated `KV4` (a new pytree; `cache` is not mutated).
+
+  Raises:
+    ValueError: B, K or H of `new` differ from the cache's, or T > S.
+    NotImplementedError: group_size is neither None nor H.
+  """
+  _check_x(new, group_size)
+  b, kv, s, h2 = cache.codes.shape
+  nb, t, nk, nh = new.shape
+  if (nb, nk, nh) != (b, kv, 2 * h2) or t > s:
+    raise ValueError(f"new [B, T, K, H]={new.shape} does not fit a cache of"
+                     f" codes [B, K, S, H // 2]={cache.codes.shape}")
+  part = quantize_kv4(new, clip_ratio=clip_ratio)
+  at = jnp.asarray(at, jnp.int32)
+  return KV4(
+      codes=jax.lax.dynamic_update_slice_in_dim(cache.codes, part.codes, at,
+                                                axis=2),
+      scale=jax.lax.dynamic_update_slice_in_dim(cache.scale, part.scale, at,
+                                                axis=2),
+      zero=jax.lax.dynamic_update_slice_in_dim(cache.zero, part.zero, at,
+                                               axis=2))
+
+
+def memory_ratio(head_dim: int) -> float:
+  """Bytes of one KV4 token-head over its bf16 bytes: (H/2 + 4) / (2 H).
+
+  0.28125 for H = 64 and 0.265625 for H = 128 (the goal is <= 0.3).
+
+  Args:
+    head_dim: H (even).
+
+  Returns:
+    The ratio as a float.
+
+  Raises:
+    ValueError: head_dim is odd or not positive.
+  """
+  if head_dim <= 0 or head_dim % 2:
+    raise ValueError(f"{head_dim=} must be even and positive")
+  kv4 = head_dim // 2 + 2 * jnp.dtype(jnp.float16).itemsize
+  return kv4 / (2 * head_dim)

@@ -1,0 +1,396 @@
+"""Flash-decoding attention over a packed 4-bit KV cache (`kv4_cache.KV4`).
+
+One query token per row (decode), grouped-query attention:
+  out[b, n] = Σ_s softmax_s(q[b, n] · k[b, n // G, s] / √H) v[b, n // G, s]
+over the slots start[b] <= s < end[b] (left padding before start[b]), with
+k, v ≈ (code - zero) * scale as stored by `kv4_cache` (codes
+uint8[B, K, S, H // 2] in the int4 packing of `quarot_jax/quant.py`: low
+nibble = even h; scale and zero f16[B, K, S]). Shape letters as in
+`quarot_jax/model.py`: B batch, N query heads, K kv heads, G = N / K,
+S slots, H head dim.
+
+Grid (B, K, num_splits). Each program takes the G query heads of one kv
+head (zero-padded to at least 16 rows, the smallest Triton dot) and one
+split of that row's valid range [start, end) (the range, not [0, S), is cut
+into num_splits runs of whole blocks, so short rows do not leave programs
+idle), loops over it in blocks of block_s tokens with an online softmax, and
+writes an unnormalized partial (o, m, l). A jnp epilogue merges the splits
+(log-sum-exp) and normalizes.
+
+The nibbles are never interleaved and k, v are never dequantized in full.
+With lo = low nibbles (even h), hi = high nibbles (odd h), per token t:
+  q · k_t = scale_t * (q_even · lo_t + q_odd · hi_t - zero_t * Σ_h q_h)
+(the wrapper splits q into its even and odd columns and sums it once), and
+with p'_t = p_t * scale_v,t:
+  o_even = Σ_t p'_t lo_t - Σ_t p'_t zero_t,  o_odd likewise with hi_t,
+which the wrapper interleaves back to [.., H]. The codes 0..15 are exact in
+bf16; the dots take q (and p') in the dtype of q with f32 accumulation, as
+bf16 flash attention does; the zero-point term uses the same rounded p'.
+
+A block that would run past S is shifted back to end at S and its already
+seen tokens are masked, so no load leaves the arrays (the cache is never
+padded; only S < 16 is). Rows with an empty range (start >= end) give 0,
+never NaN. `end` is clamped to S and `start` to 0.
+
+Backend: the Pallas Triton lowering (interpret mode on the CPU). Needs H / 2
+a power of two >= 16 on the GPU (H = 32, 64, 128, 256). Not supported: more
+than one query token, group scales inside a head, paged caches.
+"""
+
+import dataclasses
+import functools
+import logging
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import kv4_cache as kv4_lib
+from quarot_jax import compat
+
+_MIN_DOT = 16  # smallest M, N, K of a Triton dot
+
+
+def _is_pow2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(x - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KV4DecodeAttentionConfig:
+  """Tiling: tokens per inner block and splits of each row's range.
+
+  Attributes:
+    block_s: tokens per inner step (a power of two >= 16); lowered to the
+      largest power of two <= S for short caches.
+    num_splits: programs per (row, kv head), each over a contiguous run of
+      blocks of the row's range.
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining stages.
+  """
+
+  block_s: int = 64
+  num_splits: int = 4
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    if not _is_pow2(self.block_s) or self.block_s < _MIN_DOT:
+      raise ValueError(f"block_s={self.block_s} must be a power of two"
+                       f" >= {_MIN_DOT}")
+    if self.num_splits < 1:
+      raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+    if not _is_pow2(self.num_warps):
+      raise ValueError(f"num_warps={self.num_warps} must be a power of two")
+    if self.num_stages < 1:
+      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
+def default_kv4_decode_attention_config(
+    batch: int, kv_heads: int, max_len: int, head_dim: int,
+    *, num_sms: int = 132) -> KV4DecodeAttentionConfig:
+  """Enough splits for ~2 programs per SM, at least 512 tokens each.
+
+  Args:
+    batch: B.
+    kv_heads: K.
+    max_len: S.
+    head_dim: H.
+    num_sms: streaming multiprocessors of the GPU (H100 SXM: 132).
+
+  Returns:
+    A `KV4DecodeAttentionConfig`.
+  """
+  del head_dim
+  block_s = 64
+  want = -(-2 * num_sms // max(batch * kv_heads, 1))
+  most = max(max_len // 512, 1)
+  return KV4DecodeAttentionConfig(block_s=block_s,
+                                  num_splits=max(1, min(want, most, 64)),
+                                  num_warps=4, num_stages=2)
+
+
+def can_use_kv4_decode_attention(head_dim: int) -> bool:
+  """True where the Pallas kernel compiles: a GPU and H / 2 = 2^k >= 16."""
+  return (jax.default_backend() == "gpu" and head_dim % 2 == 0
+          and _is_pow2(head_dim // 2) and head_dim // 2 >= _MIN_DOT)
+
+
+def _nibbles(codes: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """uint8 [..] bytes -> (low, high) unsigned codes 0..15 in `dtype`."""
+  c = codes.astype(jnp.int32)
+  return (c & 0xF).astype(dtype), (c >> 4).astype(dtype)
+
+
+def kv4_decode_attention_kernel(
+    qe_ref, qo_ref, qs_ref, start_ref, end_ref, kc_ref, ks_ref, kz_ref,
+    vc_ref, vs_ref, vz_ref, oe_ref, oo_ref, m_ref, l_ref, *, block_s: int,
+    num_splits: int, sm_scale: float):
+  """One (row, kv head, split): online softmax over its run of blocks."""
+  # qe_ref, qo_ref: [Gp, H // 2] even / odd columns of the G (padded) heads
+  # qs_ref: f32[Gp] Σ_h q_h;  start_ref, end_ref: int32[] (this row)
+  # kc_ref, vc_ref: uint8[S, H // 2];  ks/kz/vs/vz_ref: f16[S]
+  # oe_ref, oo_ref: f32[Gp, H // 2];  m_ref, l_ref: f32[Gp]
+  split = pl.program_id(2)
+  gp, h2 = qe_ref.shape
+  s_len = kc_ref.shape[0]
+  dt = qe_ref.dtype
+  nt = (((1,), (1,)), ((), ()))
+  # HIGHEST: f32 operands (tests, CPU models) get IEEE dots, not TF32;
+  # bf16 operands are unaffected.
+  dot = functools.partial(jax.lax.dot_general,
+                          precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+  nn = (((1,), (0,)), ((), ()))
+  lo_tok, hi_tok = start_ref[()], end_ref[()]
+  n_blocks = jnp.maximum(pl.cdiv(hi_tok - lo_tok, block_s), 0)
+  per_split = pl.cdiv(n_blocks, num_splits)
+  first = split * per_split
+  last = jnp.minimum(first + per_split, n_blocks)
+  qe, qo = qe_ref[...], qo_ref[...]
+  qsum = qs_ref[...]
+
+  def body(i, carry):
+    o_e, o_o, m_prev, l_prev = carry
+    off = lo_tok + i * block_s  # first token of this block (< hi_tok)
+    at = jnp.minimum(off, s_len - block_s)  # shifted back to end at S
+    pos = at + jnp.arange(block_s, dtype=jnp.int32)
+    valid = (pos >= off) & (pos < hi_tok)  # [block_s]
+    rows = pl.ds(at, block_s)
+    k_lo, k_hi = _nibbles(kc_ref[rows, :], dt)
+    dots = dot(qe, k_lo, nt) + dot(qo, k_hi, nt)  # [Gp, block_s]
+    k_zero = kz_ref[rows].astype(jnp.float32)
+    k_scale = ks_ref[rows].astype(jnp.float32) * sm_scale
+    s = (dots - qsum[:, None] * k_zero[None, :]) * k_scale[None, :]
+    s = jnp.where(valid[None, :], s, -jnp.inf)  # [Gp, block_s]
+    # Every block holds >= 1 valid token, so m_next is finite.
+    m_next = jnp.maximum(m_prev, s.max(axis=1))
+    corr = jnp.exp(m_prev - m_next)
+    p = jnp.exp(s - m_next[:, None])
+    l_next = corr * l_prev + p.sum(axis=1)
+    v_scale = jnp.where(valid, vs_ref[rows].astype(jnp.float32), 0.0)
+    pv = (p * v_scale[None, :]).astype(dt)  # p' in the dot's dtype
+    v_lo, v_hi = _nibbles(vc_ref[rows, :], dt)
+    v_zero = vz_ref[rows].astype(jnp.float32)
+    zterm = (pv.astype(jnp.float32) * v_zero[None, :]).sum(axis=1)
+    o_e = corr[:, None] * o_e - zterm[:, None] + dot(pv, v_lo, nn)
+    o_o = corr[:, None] * o_o - zterm[:, None] + dot(pv, v_hi, nn)
+    return o_e, o_o, m_next, l_next
+
+  init = (jnp.zeros((gp, h2), jnp.float32), jnp.zeros((gp, h2), jnp.float32),
+          jnp.full((gp,), -jnp.inf, jnp.float32),
+          jnp.zeros((gp,), jnp.float32))
+  o_e, o_o, m, l = jax.lax.fori_loop(first, last, body, init)
+  oe_ref[...] = o_e
+  oo_ref[...] = o_o
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def _check(q, k, v, start, end):
+  """Shapes and dtypes; returns (B, N, K, S, H) and int32[B] start/end."""
+  if q.ndim != 3:
+    raise ValueError(f"q must be [B, N, H], got {q.shape=}")
+  b, n, h = q.shape
+  if h % 2:
+    raise ValueError(f"head dim {h=} must be even (two 4-bit codes a byte)")
+  for name, c in (("k", k), ("v", v)):
+    if c.codes.dtype != jnp.uint8:
+      raise ValueError(f"{name}.codes must be uint8 (packed int4), got"
+                       f" {c.codes.dtype}")
+    if c.codes.ndim != 4 or c.codes.shape[0] != b or (
+        c.codes.shape[3] * 2 != h):
+      raise ValueError(f"{name}.codes must be [B, K, S, H // 2] with"
+                       f" B={b}, H={h}; got {c.codes.shape}")
+    if c.scale.shape != c.codes.shape[:3] or (
+        c.zero.shape != c.codes.shape[:3]):
+      raise ValueError(f"{name}.scale/zero must be [B, K, S]="
+                       f"{c.codes.shape[:3]}, got {c.scale.shape=}"
+                       f" {c.zero.shape=}")
+  if v.codes.shape != k.codes.shape:
+    raise ValueError(f"k and v differ: {k.codes.shape=} {v.codes.shape=}")
+  _, kv_heads, s, _ = k.codes.shape
+  if n % kv_heads:
+    raise ValueError(f"query heads {n=} must be a multiple of kv heads"
+                     f" {kv_heads=}")
+  start = jnp.asarray(start)
+  end = jnp.asarray(end)
+  if start.shape != (b,):
+    raise ValueError(f"start must be [B]=[{b}], got {start.shape=}")
+  if end.shape not in ((), (b,)):
+    raise ValueError(f"end must be [] or [B]=[{b}], got {end.shape=}")
+  start = jnp.clip(start.astype(jnp.int32), 0, s)
+  end = jnp.clip(jnp.broadcast_to(end, (b,)).astype(jnp.int32), 0, s)
+  return (b, n, kv_heads, s, h), start, end
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "interpret", "debug", "implementation"))
+def kv4_decode_attention(
+    q: jax.Array, k: kv4_lib.KV4, v: kv4_lib.KV4, start: jax.Array,
+    end: jax.Array, *, config: KV4DecodeAttentionConfig | None = None,
+    interpret: bool = False, debug: bool = False,
+    implementation: Literal["pallas", "xla"] | None = None) -> jax.Array:
+  """Decode attention of one query token per row over packed KV4 caches.
+
+  Args:
+    q: bf16[B, N, H] queries (f16/f32 also work; the dots take this dtype).
+    k: `KV4` keys, codes uint8[B, K, S, H // 2], scale/zero f16[B, K, S].
+    v: `KV4` values, same shapes.
+    start: int32[B], first valid slot of each row.
+    end: int32[B] or int32[] (shared), one past the last valid slot.
+    config: tiling; `default_kv4_decode_attention_config` when None.
+    interpret: run the Pallas kernel in interpret mode (CPU tests).
+    debug: print the kernel's jaxpr.
+    implementation: 'pallas', 'xla' (the reference) or None (pallas on a
+      GPU where `can_use_kv4_decode_attention`, or when interpret=True;
+      else the reference).
+
+  Returns:
+    [B, N, H] in the dtype of q; 0 for rows with start >= end.
+
+  Raises:
+    ValueError: shapes or dtypes that do not fit together (N not a multiple
+      of K, H odd, k/v/start/end shapes).
+  """
+  (b, n, kv_heads, s, h), start, end = _check(q, k, v, start, end)
+  if implementation is None:
+    implementation = ("pallas" if interpret
+                      or can_use_kv4_decode_attention(h) else "xla")
+    logging.info("kv4_decode_attention: using %s", implementation)
+  if implementation == "xla":
+    return kv4_decode_attention_reference(q, k, v, start, end)
+  cfg = config or default_kv4_decode_attention_config(b, kv_heads, s, h)
+  g, h2 = n // kv_heads, h // 2
+  gp = max(_MIN_DOT, _next_pow2(g))
+  block_s = min(cfg.block_s, max(_MIN_DOT, 1 << (s.bit_length() - 1)))
+  if s < block_s:  # tiny caches only (S < 16): pad the slots
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, block_s - s)]
+                            + [(0, 0)] * (a.ndim - 3))
+    k, v = jax.tree.map(pad, k), jax.tree.map(pad, v)
+  sp = k.codes.shape[2]
+  # [B, N, H] -> [B, K, G, H], G zero-padded to Gp rows
+  qg = jnp.pad(q.reshape(b, kv_heads, g, h), [(0, 0), (0, 0), (0, gp - g),
+                                              (0, 0)])
+  qe, qo = qg[..., 0::2], qg[..., 1::2]
+  qsum = qg.astype(jnp.float32).sum(axis=-1)
+  kernel = functools.partial(
+      kv4_decode_attention_kernel, block_s=block_s,
+      num_splits=cfg.num_splits, sm_scale=1.0 / math.sqrt(h))
+  ns = cfg.num_splits
+  per_head = lambda *blk: pl.BlockSpec((None, None) + blk,
+                                       lambda i, j, t: (i, j) + (0,) * len(
+                                           blk))
+  per_row = pl.BlockSpec((None,), lambda i, j, t: (i,))
+  part = lambda *blk: pl.BlockSpec((None, None, None) + blk,
+                                   lambda i, j, t: (i, j, t) + (0,) * len(
+                                       blk))
+  f32 = lambda *shape: jax.ShapeDtypeStruct((b, kv_heads, ns) + shape,
+                                            jnp.float32)
+  oe, oo, m, l = pl.pallas_call(
+      kernel,
+      grid=(b, kv_heads, ns),
+      in_specs=[per_head(gp, h2), per_head(gp, h2), per_head(gp),
+                per_row, per_row,
+                per_head(sp, h2), per_head(sp), per_head(sp),
+                per_head(sp, h2), per_head(sp), per_head(sp)],
+      out_specs=[part(gp, h2), part(gp, h2), part(gp), part(gp)],
+      out_shape=[f32(gp, h2), f32(gp, h2), f32(gp), f32(gp)],
+      compiler_params=compat.triton_params(num_warps=cfg.num_warps,
+                                           num_stages=cfg.num_stages),
+      interpret=interpret, debug=debug, name="kv4_decode_attention",
+  )(qe, qo, qsum, start, end, k.codes, k.scale, k.zero, v.codes, v.scale,
+    v.zero)
+  # Merge the splits: [B, K, NS, Gp, ..] -> [B, K, Gp, ..]
+  m_all = m.max(axis=2, keepdims=True)
+  w = jnp.where(l > 0, jnp.exp(m - jnp.where(jnp.isfinite(m_all), m_all,
+                                             0.0)), 0.0)
+  l_all = (w * l).sum(axis=2)
+  inv = jnp.where(l_all > 0, 1.0 / jnp.where(l_all > 0, l_all, 1.0), 0.0)
+  o_e = (w[..., None] * oe).sum(axis=2) * inv[..., None]
+  o_o = (w[..., None] * oo).sum(axis=2) * inv[..., None]
+  # [B, K, Gp, H // 2, 2] -> [B, K, G, H] -> [B, N, H]
+  out = jnp.stack([o_e, o_o], axis=-1).reshape(b, kv_heads, gp, h)
+  return out[:, :, :g].reshape(b, n, h).astype(q.dtype)
+
+
+@jax.jit
+def kv4_decode_attention_reference(q: jax.Array, k: kv4_lib.KV4,
+                                   v: kv4_lib.KV4, start: jax.Array,
+                                   end: jax.Array) -> jax.Array:
+  """Plain-jnp `kv4_decode_attention`: f32 softmax over `dequantize_kv4`.
+
+  Args:
+    q: [B, N, H] queries.
+    k: `KV4` keys, codes [B, K, S, H // 2].
+    v: `KV4` values.
+    start: int32[B] first valid slot.
+    end: int32[B] or int32[] one past the last valid slot.
+
+  Returns:
+    [B, N, H] in the dtype of q; 0 for rows with start >= end.
+
+  Raises:
+    ValueError: shapes that do not fit together.
+  """
+  (b, n, kv_heads, s, h), start, end = _check(q, k, v, start, end)
+  hi = jax.lax.Precision.HIGHEST
+  keys = kv4_lib.dequantize_kv4(k)  # f32[B, K, S, H]
+  values = kv4_lib.dequantize_kv4(v)
+  # [B, N, H] -> [B, K, G, H]
+  qg = q.astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum("BKGH,BKSH->BKGS", qg, keys, precision=hi,
+                      preferred_element_type=jnp.float32) / math.sqrt(h)
+  slots = jnp.arange(s, dtype=jnp.int32)
+  mask = (slots >= start[:, None]) & (slots < end[:, None])  # [B, S]
+  mask = mask[:, None, None, :]
+  scores = jnp.where(mask, scores, -jnp.inf)
+  m = scores.max(axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0)),
+                0.0)
+  l = p.sum(axis=-1, keepdims=True)
+  out = jnp.einsum("BKGS,BKSH->BKGH", p, values, precision=hi,
+                   preferred_element_type=jnp.float32)
+  out = jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0)
+  return out.reshape(b, n, h).astype(q.dtype)
+
+
+@jax.jit
+def bf16_decode_attention(q: jax.Array, k_cache: jax.Array,
+                          v_cache: jax.Array, start: jax.Array,
+                          end: jax.Array) -> jax.Array:
+  """The XLA baseline: decode attention over a float cache (model layout).
+
+  Computes like `model.attend` with T = 1: dots in the cache dtype with f32
+  accumulation, f32 softmax.
+
+  Args:
+    q: bf16[B, N, H] queries.
+    k_cache: bf16[B, S, K, H] keys.
+    v_cache: bf16[B, S, K, H] values.
+    start: int32[B] first valid slot.
+    end: int32[B] or int32[] one past the last valid slot.
+
+  Returns:
+    [B, N, H] in the dtype of q (rows with start >= end average every
+    slot, as `model.attend` does).
+  """
+  b, n, h = q.shape
+  s, kv_heads = k_cache.shape[1:3]
+  # [B, N, H] -> [B, K, G, H]
+  qg = q.reshape(b, kv_heads, n // kv_heads, h).astype(k_cache.dtype)
+  scores = jnp.einsum("BKGH,BSKH->BKGS", qg, k_cache,
+                      preferred_element_type=jnp.float32) / math.sqrt(h)
+  slots = jnp.arange(s, dtype=jnp.int32)
+  end = jnp.broadcast_to(end, (b,))
+  mask = (slots >= start[:, None]) & (slots < end[:, None])  # [B, S]
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+  out = jnp.einsum("BKGS,BSKH->BKGH", probs, v_cache,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, n, h).astype(q.dtype)

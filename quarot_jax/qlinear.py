@@ -1,0 +1,196 @@
+"""Packed int4 linears: the params format and the linear that runs them.
+
+A decoder linear quantized for real holds, instead of a float
+`kernel [in, out]`:
+
+  qweight  uint8[out, in // 2]  int4 codes, packed as in `quant.py` (K-major)
+  wscale   f32[out]             symmetric per-output-channel scales
+  bias     [out]                (Qwen2 only, kept in float)
+
+stacked on the leading L axis like every layer param. `linear` runs one:
+with 4-bit activations it quantizes the input per token (fusing the online
+Hadamard when asked) with `pallas_kernels.hadamard_quant` and multiplies with
+`pallas_kernels.int4_matmul`; with float activations it runs the W4A16
+kernel. Each kernel falls back to its plain-jnp reference off the GPU, so
+the CPU runs the same code path and CI tests it.
+
+Supported: 4-bit symmetric per-channel weights; activations 4-bit symmetric
+per token, or unquantized (16). Weight groups, asymmetric weights and other
+bit-widths raise NotImplementedError (the simulated path covers them).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import hadamard_quant as hq_lib
+from pallas_kernels import int4_matmul as w4a4_lib
+from pallas_kernels import w4a16_matmul as w4a16_lib
+from quarot_jax import hadamard
+from quarot_jax import quant
+
+Params = dict[str, Any]
+
+
+def is_packed(p: Params) -> bool:
+  """Whether a linear's params (or a whole model's) hold packed weights."""
+  if "qweight" in p:
+    return True
+  layers = p.get("layers")
+  return bool(layers) and "qweight" in layers["mlp"]["down_proj"]
+
+
+def check_weight_qarray(q: quant.QArray, name: str = "weight") -> None:
+  """Raises if `q` is not what the int4 kernels take.
+
+  Raises:
+    NotImplementedError: bits != 4, asymmetric, or grouped along `in`.
+  """
+  if q.bits != 4:
+    raise NotImplementedError(
+        f"{name}: packed linears need 4-bit weights, got bits={q.bits}")
+  if not q.symmetric:
+    raise NotImplementedError(
+        f"{name}: packed linears need symmetric weights (w_asym=False)")
+  in_features = q.values.shape[-1] * (2 if q.packed else 1)
+  if q.group_size != in_features:
+    raise NotImplementedError(
+        f"{name}: packed linears need per-channel weight scales, got"
+        f" group_size={q.group_size} for in={in_features}")
+
+
+def pack_weight(q: quant.QArray) -> Params:
+  """A linear's packed params from its weight `QArray`.
+
+  Args:
+    q: values int8[..., out, in] (or packed), scale f32[..., out, 1].
+
+  Returns:
+    {"qweight": uint8[..., out, in // 2], "wscale": f32[..., out]}.
+
+  Raises:
+    NotImplementedError: see `check_weight_qarray`.
+  """
+  check_weight_qarray(q)
+  q = quant.pack(q)
+  return {"qweight": jnp.asarray(q.values, jnp.uint8),
+          "wscale": jnp.asarray(q.scale[..., 0], jnp.float32)}
+
+
+def pack_params(params: Params, qarrays: dict[tuple[str, str],
+                                              quant.QArray]) -> Params:
+  """Replaces decoder linears' float kernels by packed int4 weights.
+
+  Args:
+    params: the model params (rotated, float).
+    qarrays: `(block, name)` -> the layer-stacked weight `QArray`
+      (values [L, out, in]), e.g. from `gptq_quantize_params(...,
+      return_qarrays=True)` or `quantize_weights_rtn`.
+
+  Returns:
+    New params; every other leaf is shared with `params`.
+  """
+  layers = dict(params["layers"])
+  for (block, name), q in qarrays.items():
+    layers[block] = dict(layers[block])
+    node = {k: v for k, v in layers[block][name].items() if k != "kernel"}
+    node.update(pack_weight(q))
+    layers[block][name] = node
+  return {**params, "layers": layers}
+
+
+def dequantize_params(params: Params) -> Params:
+  """The simulated-quantization twin of packed params: float kernels
+  [L, in, out] holding exactly the dequantized int4 weights.
+
+  Args:
+    params: params with packed linears (`pack_params`).
+
+  Returns:
+    New params where each packed linear has `kernel` f32 again.
+  """
+  layers = dict(params["layers"])
+  for block, linears in params["layers"].items():
+    if not isinstance(linears, dict):
+      continue
+    for name, node in linears.items():
+      if not isinstance(node, dict) or "qweight" not in node:
+        continue
+      w = quant.unpack_int4(node["qweight"], signed=True).astype(jnp.float32)
+      kernel = jnp.swapaxes(w * node["wscale"][..., None], -1, -2)
+      layers[block] = dict(layers[block])
+      layers[block][name] = {
+          **{k: v for k, v in node.items() if k not in ("qweight", "wscale")},
+          "kernel": kernel}
+  return {**params, "layers": layers}
+
+
+def quantize_weights_rtn(params: Params, linears, spec: quant.QuantSpec
+                         ) -> dict[tuple[str, str], quant.QArray]:
+  """Round-to-nearest weight `QArray`s of the given decoder linears.
+
+  Args:
+    params: float params; kernels [L, in, out].
+    linears: iterable of (block, name).
+    spec: the weight quantizer.
+
+  Returns:
+    `(block, name)` -> QArray with values int8[L, out, in].
+  """
+  quantize = jax.jit(jax.vmap(lambda w: quant.quantize_weight(w, spec)))
+  return {(block, name): quantize(jnp.asarray(
+      params["layers"][block][name]["kernel"], jnp.float32))
+          for block, name in linears}
+
+
+def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
+           implementation: str | None = None,
+           interpret: bool = False) -> jax.Array:
+  """y = Q(H x) · W_qᵀ (+ bias) for a packed linear.
+
+  Args:
+    x: float[..., in] input (not yet rotated by the online Hadamard).
+    p: {"qweight": uint8[out, in // 2], "wscale": f32[out], "bias"?}.
+    a_spec: the activation `QuantSpec` (4-bit symmetric per token), or None
+      for float activations (W4A16).
+    online_hadamard: apply the Hadamard of size `in` first (down_proj and
+      o_proj inputs after QuaRot).
+    implementation: None (Pallas on a GPU, else the jnp references),
+      'pallas' or 'xla' (the references).
+    interpret: run the Pallas kernels in interpret mode (CPU tests).
+
+  Returns:
+    [..., out] in the dtype of x.
+
+  Raises:
+    NotImplementedError: an activation spec the kernels do not run.
+  """
+  lead, k = x.shape[:-1], x.shape[-1]
+  x2 = x.reshape(-1, k)  # [M, in]
+  impl = dict(implementation=implementation, interpret=interpret)
+  if a_spec is None or not a_spec.enabled:
+    if online_hadamard:
+      x2 = hadamard.fast_hadamard_transform(
+          x2.astype(jnp.float32)).astype(x.dtype)
+    y = w4a16_lib.w4a16_matmul(x2, p["qweight"], p["wscale"], **impl)
+  else:
+    if (a_spec.bits != 4 or not a_spec.symmetric
+        or a_spec.group_size is not None):
+      raise NotImplementedError(
+          f"packed linears quantize activations to 4-bit symmetric per"
+          f" token; got {a_spec}")
+    x_q, s_x = hq_lib.hadamard_quant(
+        x2, hadamard=online_hadamard, clip_ratio=a_spec.clip_ratio, **impl)
+    y = w4a4_lib.int4_matmul(x_q, p["qweight"], s_x, p["wscale"],
+                             out_dtype=x.dtype, **impl)
+  if "bias" in p:
+    y = y + p["bias"].astype(y.dtype)
+  return y.reshape(*lead, y.shape[-1])
+
+
+def weight_bytes(params: Params) -> int:
+  """Bytes of all array leaves (to compare packed and float models)."""
+  return sum(int(np.prod(a.shape)) * a.dtype.itemsize
+             for a in jax.tree.leaves(params))

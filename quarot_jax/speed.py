@@ -1,0 +1,285 @@
+"""Speed and memory of the packed W4A4KV4 model against the bf16 model.
+
+Random params at real shapes (speed does not depend on the values): one
+decoder layer at prefill, decode steps over a filled cache, and a whole-model
+prefill. Each function times the float and the QuaRot version side by side
+in one process and returns `benchmarking.record`s. Used by
+`experiments/bench_model.py` on the GPU; the tests run it on tiny configs.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import hadamard_quant as hq_lib
+from pallas_kernels import int4_matmul as w4a4_lib
+from pallas_kernels import kv4_cache as kv4_lib
+from quarot_jax import benchmarking
+from quarot_jax import kv_cache
+from quarot_jax import model
+from quarot_jax import qlinear
+from quarot_jax import quarot
+from quarot_jax.config import LlamaConfig
+
+PRESETS = {
+    "llama2-7b": LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        head_dim=128),
+    "llama2-13b": LlamaConfig(
+        vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+        head_dim=128),
+    "llama3-8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, rope_theta=500000.0),
+}
+W4A4KV4 = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4)
+
+
+def packed_like(params: Any, key: jax.Array) -> Any:
+  """Random packed int4 linears in place of the float kernels.
+
+  Args:
+    params: float params (kernels [L, in, out]).
+    key: a `jax.random.key`.
+
+  Returns:
+    Params with `qweight uint8[L, out, in // 2]`, `wscale f32[L, out]`;
+    the other leaves are shared.
+  """
+  layers = dict(params["layers"])
+  keys = iter(jax.random.split(key, len(quarot.LINEARS)))
+  for block, name in quarot.LINEARS:
+    layers[block] = dict(layers[block])
+    kernel = layers[block][name]["kernel"]
+    n_layers, k, n = kernel.shape
+    node = {a: b for a, b in layers[block][name].items() if a != "kernel"}
+    node["qweight"] = jax.random.randint(
+        next(keys), (n_layers, n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+    node["wscale"] = jnp.full((n_layers, n), 0.02 / 7, jnp.float32)
+    layers[block][name] = node
+  return {**params, "layers": layers}
+
+
+def nbytes(tree: Any) -> int:
+  """Total bytes of the array leaves of a pytree."""
+  return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+             for a in jax.tree.leaves(tree))
+
+
+def _random_cache(cache: kv_cache.KVCache, key: jax.Array,
+                  end: int) -> kv_cache.KVCache:
+  """The same cache filled with random keys/values, `end` slots written."""
+  leaves, treedef = jax.tree.flatten((cache.k, cache.v))
+  keys = jax.random.split(key, len(leaves))
+
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def fill(k, shape, dtype):  # jitted: no f32 temporary of the cache's size
+    if jnp.issubdtype(dtype, jnp.integer):
+      return jax.random.randint(k, shape, 0, 256, jnp.int32).astype(dtype)
+    return (0.1 * jax.random.normal(k, shape)).astype(dtype)
+
+  filled = [fill(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+  k_new, v_new = jax.tree.unflatten(treedef, filled)
+  return dataclasses.replace(cache, k=k_new, v=v_new,
+                             end=jnp.asarray(end, jnp.int32))
+
+
+def _layer(params: Any) -> Any:
+  return jax.tree.map(lambda a: a[0], params["layers"])
+
+
+def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
+                  command: str, key: jax.Array) -> list[dict]:
+  """One decoder layer at prefill: bf16 vs W4A4KV4, plus the stage table.
+
+  Returns:
+    A `layer_prefill` record (with `stages_ms` and `stage_share`).
+  """
+  kf, kq, kx = jax.random.split(key, 3)
+  one = dataclasses.replace(config, num_hidden_layers=1)
+  fparams = model.init_params(one, kf, dtype=jnp.bfloat16)
+  qparams = packed_like(fparams, kq)
+  options = W4A4KV4.run_options(config.head_dim)
+  x = jax.random.normal(kx, (batch, seq, config.hidden_size), jnp.bfloat16)
+  n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
+              config.head_dim)
+
+  def run(p, x, cache, opts):
+    out, _, _, _ = model.decoder_layer(
+        x, _layer(p), config=config, options=opts,
+        k_cache=jax.tree.map(lambda a: a[0], cache.k),
+        v_cache=jax.tree.map(lambda a: a[0], cache.v), write_at=0,
+        start=cache.start)
+    return out
+
+  fcache = kv_cache.cache_for(one, batch, seq, dtype=jnp.bfloat16)
+  qcache = kv_cache.cache_for(one, batch, seq, packed=True)
+  run = jax.jit(run, static_argnames="opts")
+  float_ms = benchmarking.median_ms(
+      lambda: run(fparams, x, fcache, model.FLOAT))
+  ours_ms = benchmarking.median_ms(lambda: run(qparams, x, qcache, options))
+  stages = _stage_times(qparams, config, batch * seq)
+  qk = jax.random.normal(kx, (batch, seq, n, h), jnp.bfloat16)
+  kvx = jax.random.normal(kx, (batch, seq, kv, h), jnp.bfloat16)
+  mask = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
+  attn = jax.jit(lambda q, k, v: model.attend_kv4(
+      q, kv4_lib.quantize_kv4(k), kv4_lib.quantize_kv4(v), mask))
+  stages["kv4_quantize_and_attention"] = benchmarking.median_ms(
+      lambda: attn(qk, kvx, kvx))
+  return [benchmarking.record(
+      "layer_prefill", f"{_name(config)} b{batch} s{seq}", ours_ms,
+      {"xla_bf16_layer": float_ms}, command=command,
+      stages_ms={k: round(v, 4) for k, v in stages.items()},
+      stage_share={k: round(v / ours_ms, 3) for k, v in stages.items()})]
+
+
+def _stage_times(qparams: Any, config: LlamaConfig, m: int) -> dict:
+  """ms of each quantize and int4 matmul of one layer at M tokens."""
+  lp = _layer(qparams)
+  d, f = config.hidden_size, config.intermediate_size
+  nh = config.num_attention_heads * config.head_dim
+  key = iter(jax.random.split(jax.random.key(1), 16))
+  times = {}
+  quant = jax.jit(lambda x, had: hq_lib.hadamard_quant(x, hadamard=had),
+                  static_argnames="had")
+  for name, width, had in (("quantize_qkv_in", d, False),
+                           ("hadamard_quantize_o_in", nh, True),
+                           ("quantize_gate_up_in", d, False),
+                           ("hadamard_quantize_down_in", f, True)):
+    x = jax.random.normal(next(key), (m, width), jnp.bfloat16)
+    times[name] = benchmarking.median_ms(lambda x=x, had=had: quant(x, had))
+  matmul = jax.jit(w4a4_lib.int4_matmul)
+  total = 0.0
+  for block, name in quarot.LINEARS:
+    p = lp[block][name]
+    x_q = jax.random.randint(next(key), (m, p["qweight"].shape[1]), 0, 256,
+                             jnp.int32).astype(jnp.uint8)
+    s_x = jnp.ones((m,), jnp.float32)
+    total += benchmarking.median_ms(
+        lambda x_q=x_q, s_x=s_x, p=p: matmul(x_q, p["qweight"], s_x,
+                                             p["wscale"]))
+  times["int4_matmuls"] = total
+  return times
+
+
+def _name(config: LlamaConfig) -> str:
+  for name, preset in PRESETS.items():
+    if dataclasses.replace(preset, num_hidden_layers=1) == dataclasses.replace(
+        config, num_hidden_layers=1):
+      return name
+  return (f"d{config.hidden_size}-f{config.intermediate_size}"
+          f"-n{config.num_attention_heads}-k{config.num_key_value_heads}")
+
+
+def decode_memory(config: LlamaConfig, batch: int, prefill: int,
+                  new_tokens: int, *, command: str) -> list[dict]:
+  """Bytes of weights + KV cache, bf16 vs W4A4KV4 (shapes only, no memory).
+
+  Returns:
+    A `decode_memory` record with `memory_ratio` = bf16 bytes / ours.
+  """
+  key = jax.random.key(0)
+  fparams = jax.eval_shape(
+      lambda: model.init_params(config, key, dtype=jnp.bfloat16))
+  qparams = jax.eval_shape(lambda: packed_like(
+      model.init_params(config, key, dtype=jnp.bfloat16), key))
+  slots = prefill + new_tokens
+  fcache = jax.eval_shape(lambda: kv_cache.cache_for(
+      config, batch, slots, dtype=jnp.bfloat16))
+  qcache = jax.eval_shape(lambda: kv_cache.cache_for(
+      config, batch, slots, packed=True))
+  ours = {"weights": nbytes(qparams), "cache": nbytes((qcache.k, qcache.v))}
+  base = {"weights": nbytes(fparams), "cache": nbytes((fcache.k, fcache.v))}
+  return [{
+      "benchmark": "decode_memory",
+      "case": f"{_name(config)} b{batch} prefill{prefill} +{new_tokens}",
+      "ours_bytes": sum(ours.values()), "baseline_bytes": sum(base.values()),
+      "memory_ratio": round(sum(base.values()) / sum(ours.values()), 3),
+      "ours_breakdown": ours, "baseline_breakdown": base,
+      **{k: v for k, v in benchmarking.record(
+          "decode_memory", "", 1.0, {}, command=command).items()
+         if k in ("device", "jax_version", "date", "command")},
+  }]
+
+
+def decode_throughput(config: LlamaConfig, batch: int, prefill: int,
+                      new_tokens: int, *, command: str,
+                      key: jax.Array) -> list[dict]:
+  """Greedy decode steps over a cache holding `prefill` random tokens.
+
+  Returns:
+    A `decode_throughput` record (ms for `new_tokens` steps, tokens/s).
+  """
+  kf, kq, kc, kt = jax.random.split(key, 4)
+  fparams = model.init_params(config, kf, dtype=jnp.bfloat16)
+  qparams = packed_like(fparams, kq)
+  options = W4A4KV4.run_options(config.head_dim)
+  slots = prefill + new_tokens
+  tok = jax.random.randint(kt, (batch, 1), 0, config.vocab_size, jnp.int32)
+
+  def steps(params, cache, tok, opts):
+    def body(_, state):
+      tok, cache = state
+      logits, cache = model.forward(params, tok, config, cache=cache,
+                                    options=opts)
+      return jnp.argmax(logits[:, -1:], -1).astype(jnp.int32), cache
+    return jax.lax.fori_loop(0, new_tokens, body, (tok, cache))[0]
+
+  steps = jax.jit(steps, static_argnames="opts")
+  times = {}
+  for name, params, packed, opts in (("float", fparams, False, model.FLOAT),
+                                     ("ours", qparams, True, options)):
+    cache = _random_cache(kv_cache.cache_for(
+        config, batch, slots, dtype=jnp.bfloat16, packed=packed), kc, prefill)
+    times[name] = benchmarking.median_ms(
+        lambda: steps(params, cache, tok, opts), warmup=1, runs=5, inner=1)
+    del cache  # one cache at a time: the bf16 one is the larger
+  tps = lambda ms: batch * new_tokens / (ms / 1e3)
+  return [benchmarking.record(
+      "decode_throughput",
+      f"{_name(config)} b{batch} prefill{prefill} +{new_tokens}",
+      times["ours"], {"xla_bf16_model": times["float"]}, command=command,
+      ours_tokens_per_s=round(tps(times["ours"]), 1),
+      baseline_tokens_per_s=round(tps(times["float"]), 1))]
+
+
+def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
+                  command: str, key: jax.Array) -> list[dict]:
+  """Whole-model prefill (writing the cache): bf16 vs W4A4KV4.
+
+  Returns:
+    A `model_prefill` record with tokens/s and the bytes of weights.
+  """
+  kf, kq, kt = jax.random.split(key, 3)
+  fparams = model.init_params(config, kf, dtype=jnp.bfloat16)
+  qparams = packed_like(fparams, kq)
+  options = W4A4KV4.run_options(config.head_dim)
+  tokens = jax.random.randint(kt, (batch, seq), 0, config.vocab_size,
+                              jnp.int32)
+
+  def run(params, packed, opts):
+    cache = kv_cache.cache_for(config, batch, seq, dtype=jnp.bfloat16,
+                               packed=packed)
+    return model.forward(params, tokens, config, cache=cache,
+                         options=opts)[0]
+
+  run = jax.jit(run, static_argnames=("packed", "opts"))
+  float_ms = benchmarking.median_ms(lambda: run(fparams, False, model.FLOAT),
+                                    warmup=1, runs=5, inner=1)
+  ours_ms = benchmarking.median_ms(lambda: run(qparams, True, options),
+                                   warmup=1, runs=5, inner=1)
+  tps = lambda ms: batch * seq / (ms / 1e3)
+  return [benchmarking.record(
+      "model_prefill", f"{_name(config)} b{batch} s{seq}", ours_ms,
+      {"xla_bf16_model": float_ms}, command=command,
+      ours_tokens_per_s=round(tps(ours_ms), 1),
+      baseline_tokens_per_s=round(tps(float_ms), 1),
+      ours_weight_bytes=nbytes(qparams),
+      baseline_weight_bytes=nbytes(fparams))]

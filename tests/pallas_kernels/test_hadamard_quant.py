@@ -1,0 +1,121 @@
+"""hadamard_quant: the kernel (interpret mode on CPU) against its reference,
+the reference against hand-worked numbers, and the errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import hadamard_quant as hq
+from quarot_jax import hadamard
+from quarot_jax import quant
+
+
+def _x(m, k, dtype=jnp.float32, seed=0):
+  return jax.random.normal(jax.random.key(seed), (m, k)).astype(dtype)
+
+
+# K = 2^k * m for the bases LLaMA widths need: 64 (a row too short for the
+# two-factor split), 576 = 16 * 36, 1536 = 128 * 12, 344 = 2 * 172 and
+# 688 = 4 * 172 (the 11008 base), 1280 = 64 * 20, 4096.
+@pytest.mark.parametrize("k", [64, 576, 1536, 344, 688, 1280, 4096])
+@pytest.mark.parametrize("use_hadamard", [True, False])
+def test_kernel_matches_reference(k, use_hadamard, interpret):
+  x = _x(5, k, seed=k)
+  got_q, got_s = hq.hadamard_quant(x, hadamard=use_hadamard,
+                                   interpret=interpret)
+  want_q, want_s = hq.hadamard_quant_reference(x, hadamard=use_hadamard)
+  assert got_q.shape == (5, k // 2) and got_q.dtype == jnp.uint8
+  # f32 rounding of a K-term sum in another order: ~ulp * sqrt(K).
+  np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s),
+                             rtol=1.2e-7 * np.sqrt(k))
+  # f32 sums in another order can only move a code where y / s sits within
+  # an ulp of a rounding tie, which random normal inputs essentially never do.
+  np.testing.assert_array_equal(
+      np.asarray(quant.unpack_int4(got_q, signed=True)),
+      np.asarray(quant.unpack_int4(want_q, signed=True)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_inputs_and_signs_and_leading_dims(dtype, interpret):
+  k = 576
+  x = _x(6, k, dtype, seed=3).reshape(2, 3, k)
+  signs = jnp.where(jax.random.bernoulli(jax.random.key(4), 0.5, (k,)), 1.0,
+                    -1.0)
+  got_q, got_s = hq.hadamard_quant(x, signs=signs, clip_ratio=0.8,
+                                   interpret=interpret)
+  want_q, want_s = hq.hadamard_quant_reference(x, signs=signs,
+                                               clip_ratio=0.8)
+  assert got_q.shape == (2, 3, k // 2) and got_s.shape == (2, 3)
+  np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s),
+                             rtol=1.2e-7 * np.sqrt(k))
+  np.testing.assert_array_equal(np.asarray(got_q), np.asarray(want_q))
+
+
+def test_reference_by_hand():
+  # x = [3.5, 0.5, 6, 4], H_4 = Sylvester (symmetric): columns [1,1,1,1],
+  # [1,-1,1,-1], [1,1,-1,-1], [1,-1,-1,1]. x @ H_4 = [14, 5, -6, 1];
+  # / sqrt(4) -> y = [7, 2.5, -3, 0.5]. clip 1.0: scale = 7 / 7 = 1 (exact);
+  # codes = round(y) = [7, 2, -3, 0] (ties to even); bytes 7 | 2 << 4 = 0x27
+  # and (-3 & 0xF) | 0 << 4 = 0x0D.
+  q, s = hq.hadamard_quant_reference(jnp.array([[3.5, 0.5, 6.0, 4.0]]),
+                                     clip_ratio=1.0)
+  np.testing.assert_array_equal(np.asarray(s), [1.0])
+  np.testing.assert_array_equal(np.asarray(q), [[0x27, 0x0D]])
+  # Without the transform, x = y gives the same codes.
+  q, s = hq.hadamard_quant_reference(jnp.array([[7.0, 2.5, -3.0, 0.5]]),
+                                     hadamard=False, clip_ratio=1.0)
+  np.testing.assert_array_equal(np.asarray(q), [[0x27, 0x0D]])
+
+
+def test_reference_is_quantized_transform():
+  x = _x(3, 1536, seed=9)
+  q, s = hq.hadamard_quant_reference(x)
+  y = x @ jnp.asarray(hadamard.hadamard_matrix(1536)) / np.sqrt(1536)
+  deq = quant.unpack_int4(q, signed=True) * s[:, None]
+  # Each value is within half a step of its scale (or clipped at 0.9 max).
+  err = jnp.abs(deq - jnp.clip(y, -8 * s[:, None], 7 * s[:, None]))
+  assert float((err / s[:, None]).max()) <= 0.5 + 1e-4
+
+
+def test_round_half_even_matches_jnp_round():
+  v = jnp.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.4999, -3.5001, 7.0])
+  np.testing.assert_array_equal(np.asarray(hq._round_half_even(v)),  # pylint: disable=protected-access
+                                np.asarray(jnp.round(v)))
+
+
+def test_pallas_call_is_in_the_jaxpr():
+  x = _x(2, 576)
+  jaxpr = str(jax.make_jaxpr(lambda x: hq.hadamard_quant(
+      x, implementation="pallas", interpret=True))(x))
+  assert "pallas_call" in jaxpr and "hadamard_quant" in jaxpr
+
+
+def test_errors():
+  with pytest.raises(NotImplementedError, match="int4 only, got bits=8"):
+    hq.hadamard_quant(_x(2, 64), bits=8)
+  with pytest.raises(ValueError, match="K=63 must be even"):
+    hq.hadamard_quant(_x(2, 63))
+  with pytest.raises(ValueError, match="clip_ratio=1.5 must be in"):
+    hq.hadamard_quant(_x(2, 64), clip_ratio=1.5)
+  with pytest.raises(ValueError, match="no Hadamard matrix of order K=18"):
+    hq.hadamard_quant(_x(2, 18))
+  with pytest.raises(ValueError, match=r"signs must be \[K\]=\[64\]"):
+    hq.hadamard_quant(_x(2, 64), signs=jnp.ones((32,)))
+
+
+@pytest.mark.gpu
+def test_gpu_lowers_to_the_named_kernel_and_matches():
+  x = _x(300, 11008, jnp.bfloat16, seed=1)
+  hlo = jax.jit(lambda x: hq.hadamard_quant(x)).lower(x).as_text()
+  assert "hadamard_quant" in hlo
+  got_q, got_s = hq.hadamard_quant(x)
+  want_q, want_s = hq.hadamard_quant_reference(x)
+  np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s),
+                             rtol=1e-4)
+  diff = np.abs(np.asarray(quant.unpack_int4(got_q, signed=True), np.int32)
+                - np.asarray(quant.unpack_int4(want_q, signed=True)))
+  # The GPU's bf16 hi/lo split keeps ~16 mantissa bits of the transform, so
+  # a value within ~1e-5 of a rounding tie may round the other way: allow
+  # off-by-one codes on at most 0.1% of elements, nothing larger.
+  assert diff.max() <= 1 and diff.mean() < 1e-3

@@ -1,0 +1,254 @@
+"""kv4_decode_attention (Pallas, interpret mode) against its reference."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import kv4_cache as kv4_lib
+from pallas_kernels import kv4_decode_attention as attn
+
+Config = attn.KV4DecodeAttentionConfig
+
+
+@functools.lru_cache
+def _case(b, s, kv_heads, g, h, seed=0, dtype=jnp.bfloat16):
+  """q [B, N, H] and KV4 keys/values quantized from random [B, S, K, H]."""
+  n = kv_heads * g
+  # One draw, split on the host: [2, B, S, K, H] normals, [B, S, K, 1]
+  # offsets, [B, N, H] queries.
+  x = np.asarray(jax.random.normal(
+      jax.random.key(seed), (b * (2 * s * kv_heads * h + s * kv_heads
+                                  + n * h),)))
+  kv, x = np.split(x, [2 * b * s * kv_heads * h])
+  off, x = np.split(x, [b * s * kv_heads])
+  kv = kv.reshape(2, b, s, kv_heads, h)
+  off = off.reshape(b, s, kv_heads, 1)
+  # Offsets per head so that zero points vary; keys scaled so that the
+  # softmax is neither flat nor one-hot.
+  keys = kv4_lib.quantize_kv4(jnp.asarray(2.0 * kv[0] + off))
+  values = kv4_lib.quantize_kv4(jnp.asarray(kv[1] - off))
+  q = jnp.asarray(x[:b * n * h].reshape(b, n, h), dtype)
+  return q, keys, values
+
+
+# S not a block multiple; G in {1, 4, 8}; H in {64, 128}; several splits;
+# per-row ranges, one of them short (3 or 5 slots), one ending at S.
+_CASES = [
+    # b, s, kv_heads, g, h, block_s, num_splits, start, end
+    (2, 100, 2, 1, 64, 16, 3, [0, 40], [100, 43]),
+    (3, 77, 1, 4, 128, 32, 2, [5, 0, 60], [70, 77, 65]),
+    (2, 50, 1, 8, 64, 16, 4, [10, 0], [15, 50]),
+]
+
+
+@pytest.mark.parametrize("b, s, kv_heads, g, h, block_s, splits, start, end",
+                         _CASES)
+def test_kernel_matches_reference(b, s, kv_heads, g, h, block_s, splits,
+                                  start, end, interpret):
+  q, k, v = _case(b, s, kv_heads, g, h)
+  start, end = jnp.array(start, jnp.int32), jnp.array(end, jnp.int32)
+  cfg = Config(block_s=block_s, num_splits=splits)
+  got = attn.kv4_decode_attention(q, k, v, start, end, config=cfg,
+                                  interpret=interpret)
+  assert got.shape == q.shape and got.dtype == jnp.bfloat16
+  # The reference on the same bf16 q (exact in f32), kept in f32.
+  want = np.asarray(attn.kv4_decode_attention_reference(
+      q.astype(jnp.float32), k, v, start, end))
+  got = np.asarray(got, np.float32)
+  # The kernel rounds the output to bf16 (<= 2^-9 relative) and the
+  # probabilities times v's scale to bf16 for the PV dot (<= 2^-9 of each
+  # term of Σ_t p_t |v_t| <= max |v|); max |v| is ~2x max |out| here, so
+  # 2^-9 * 3 < 6e-3 of the output scale bounds both; 1e-2 leaves margin.
+  # A wrong mask or nibble order is off by O(1) of the scale.
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * scale)
+
+
+@pytest.mark.parametrize("b, s, kv_heads, g, h, block_s, splits, start, end",
+                         _CASES)
+def test_f32_kernel_is_the_reference(b, s, kv_heads, g, h, block_s, splits,
+                                     start, end, interpret):
+  q, k, v = _case(b, s, kv_heads, g, h)
+  q = q.astype(jnp.float32)
+  start, end = jnp.array(start, jnp.int32), jnp.array(end, jnp.int32)
+  got = attn.kv4_decode_attention(q, k, v, start, end, interpret=interpret,
+                                  config=Config(block_s=block_s,
+                                                num_splits=splits))
+  assert got.dtype == jnp.float32
+  want = attn.kv4_decode_attention_reference(q, k, v, start, end)
+  # With f32 q (and so f32 p') nothing is rounded to bf16: only the f32
+  # summation order differs (~1e-7 relative; the bound leaves 10x).
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                             atol=2e-6 * float(jnp.abs(want).max()))
+
+
+def test_empty_and_scalar_end_and_tiny_cache(interpret):
+  # S = 12 < 16 (the cache is padded to one block of 16); row 1 is empty
+  # (start == end) and gives 0, not NaN; more splits than blocks.
+  q, k, v = _case(2, 12, 2, 4, 64, seed=1, dtype=jnp.float32)
+  start = jnp.array([3, 12], jnp.int32)
+  cfg = Config(block_s=32, num_splits=3)
+  got = attn.kv4_decode_attention(q, k, v, start, jnp.int32(12), config=cfg,
+                                  interpret=interpret)
+  want = attn.kv4_decode_attention_reference(q, k, v, start,
+                                             jnp.array([12, 12]))
+  assert not np.any(np.isnan(np.asarray(got)))
+  np.testing.assert_array_equal(np.asarray(got[1]), 0.0)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                             atol=2e-6 * float(jnp.abs(want).max()))
+
+
+def test_slots_outside_the_range_do_not_matter(interpret):
+  q, k, v = _case(1, 40, 1, 4, 64, seed=2, dtype=jnp.float32)
+  start, end = jnp.array([7], jnp.int32), jnp.array([29], jnp.int32)
+  cfg = Config(block_s=16, num_splits=2)
+  run = lambda kk, vv: attn.kv4_decode_attention(
+      q, kk, vv, start, end, config=cfg, interpret=interpret)
+  garbage = lambda c: jax.tree.map(
+      lambda a: a.at[:, :, :7].set(9).at[:, :, 29:].set(9), c)
+  np.testing.assert_array_equal(np.asarray(run(k, v)),
+                                np.asarray(run(garbage(k), garbage(v))))
+
+
+def _hand_kv4(codes, scale, zero):
+  """A KV4 of B = 1, K = 1, S = 2, H = 2 from per-token [lo, hi] codes."""
+  byte = [lo | hi << 4 for lo, hi in codes]
+  return kv4_lib.KV4(
+      codes=jnp.array(byte, jnp.uint8).reshape(1, 1, 2, 1),
+      scale=jnp.array(scale, jnp.float16).reshape(1, 1, 2),
+      zero=jnp.array(zero, jnp.float16).reshape(1, 1, 2))
+
+
+def test_reference_hand_worked():
+  # S = 2, H = 2, N = 2 query heads on K = 1 kv head (G = 2).
+  # keys: codes (3, 1) and (1, 5), scale 0.5, zero 1
+  #   -> k0 = ((3-1)*.5, (1-1)*.5) = (1, 0), k1 = (0, 2).
+  # values: codes (4, 0), scale 0.25, zero 2 -> v0 = (0.5, -0.5);
+  #         codes (6, 2), scale 1, zero 2    -> v1 = (4, 0).
+  k = _hand_kv4([(3, 1), (1, 5)], [0.5, 0.5], [1, 1])
+  v = _hand_kv4([(4, 0), (6, 2)], [0.25, 1.0], [2, 2])
+  # Head 0: q = (2, 1): q·k0 = 2, q·k1 = 2 -> equal weights 1/2:
+  #   out = (0.5 + 4, -0.5 + 0) / 2 = (2.25, -0.25).
+  # Head 1: q = (0, √2 ln 3): scores q·k/√2 = (0, 2 ln 3) -> weights
+  #   (1, 9) / 10: out = 0.1 * (0.5, -0.5) + 0.9 * (4, 0) = (3.65, -0.05).
+  q = jnp.array([[[2.0, 1.0], [0.0, math.sqrt(2) * math.log(3)]]])
+  out = attn.kv4_decode_attention_reference(q, k, v, jnp.array([0]),
+                                            jnp.array([2]))
+  np.testing.assert_allclose(out, [[[2.25, -0.25], [3.65, -0.05]]],
+                             rtol=1e-6, atol=1e-6)
+  # start = 1: only slot 1 is seen, so both heads give v1 = (4, 0).
+  out = attn.kv4_decode_attention_reference(q, k, v, jnp.array([1]),
+                                            jnp.int32(2))
+  np.testing.assert_array_equal(out, [[[4.0, 0.0], [4.0, 0.0]]])
+  # end = 1: only slot 0 -> v0; start == end -> 0.
+  out = attn.kv4_decode_attention_reference(q, k, v, jnp.array([0]), 1)
+  np.testing.assert_array_equal(out, [[[0.5, -0.5], [0.5, -0.5]]])
+  out = attn.kv4_decode_attention_reference(q, k, v, jnp.array([1]), 1)
+  np.testing.assert_array_equal(out, np.zeros((1, 2, 2)))
+
+
+def test_xla_implementation_is_the_reference():
+  q, k, v = _case(2, 20, 2, 2, 64, seed=3)
+  start, end = jnp.array([0, 4], jnp.int32), jnp.int32(20)
+  got = attn.kv4_decode_attention(q, k, v, start, end, implementation="xla")
+  want = attn.kv4_decode_attention_reference(q, k, v, start, end)
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+
+
+def test_bf16_baseline_is_attention_over_the_float_cache():
+  q, k, v = _case(2, 20, 2, 4, 64, seed=4, dtype=jnp.float32)
+  start, end = jnp.array([0, 4], jnp.int32), jnp.array([20, 11], jnp.int32)
+  # [B, K, S, H] -> [B, S, K, H], the model's layout.
+  kf = jnp.swapaxes(kv4_lib.dequantize_kv4(k), 1, 2)
+  vf = jnp.swapaxes(kv4_lib.dequantize_kv4(v), 1, 2)
+  got = attn.bf16_decode_attention(q, kf, vf, start, end)
+  want = attn.kv4_decode_attention_reference(q, k, v, start, end)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                             atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_pallas_call_is_in_the_jaxpr():
+  q, k, v = _case(1, 32, 1, 4, 64)
+  jaxpr = jax.make_jaxpr(lambda *a: attn.kv4_decode_attention(
+      *a, config=Config(block_s=16, num_splits=2), interpret=True))(
+          q, k, v, jnp.array([0]), jnp.array([32]))
+  assert "pallas_call" in str(jaxpr)
+  assert "kv4_decode_attention" in str(jaxpr)
+
+
+def test_default_config_and_can_use():
+  cfg = attn.default_kv4_decode_attention_config(8, 8, 32768, 128)
+  assert cfg.num_splits == 5 and cfg.block_s == 64  # 264 / 64 -> 5
+  cfg = attn.default_kv4_decode_attention_config(16, 32, 8192, 128)
+  assert cfg.num_splits == 1
+  assert attn.default_kv4_decode_attention_config(1, 1, 600, 64
+                                                  ).num_splits == 1
+  if jax.default_backend() != "gpu":
+    assert not attn.can_use_kv4_decode_attention(128)
+  assert not attn.can_use_kv4_decode_attention(96)  # H / 2 = 48
+
+
+def test_errors():
+  q, k, v = _case(2, 16, 2, 2, 64)
+  s, e = jnp.array([0, 0]), jnp.array([16, 16])
+  run = attn.kv4_decode_attention
+  with pytest.raises(ValueError, match="query heads n=3 must be a multiple"
+                     " of kv heads kv_heads=2"):
+    run(q[:, :3], k, v, s, e)
+  with pytest.raises(ValueError, match="head dim h=63 must be even"):
+    run(q[..., :63], k, v, s, e)
+  with pytest.raises(ValueError, match="q must be \\[B, N, H\\]"):
+    run(q[0], k, v, s, e)
+  with pytest.raises(ValueError, match="k.codes must be \\[B, K, S, H // 2\\]"
+                     " with B=2, H=32"):
+    run(q[..., :32], k, v, s, e)
+  with pytest.raises(ValueError, match="v.codes must be uint8"):
+    run(q, k, kv4_lib.KV4(codes=v.codes.astype(jnp.int8), scale=v.scale,
+                          zero=v.zero), s, e)
+  with pytest.raises(ValueError, match="k.scale/zero must be \\[B, K, S\\]"):
+    run(q, kv4_lib.KV4(codes=k.codes, scale=k.scale[:, :, :3], zero=k.zero),
+        v, s, e)
+  short = jax.tree.map(lambda a: a[:, :, :8], v)
+  with pytest.raises(ValueError, match="k and v differ"):
+    run(q, k, short, s, e)
+  with pytest.raises(ValueError, match="start must be \\[B\\]=\\[2\\]"):
+    run(q, k, v, s[:1], e)
+  with pytest.raises(ValueError, match="end must be \\[\\] or \\[B\\]=\\[2\\]"):
+    run(q, k, v, s, e[:1])
+  with pytest.raises(ValueError, match="block_s=48 must be a power of two"):
+    Config(block_s=48)
+  with pytest.raises(ValueError, match="block_s=8 must be a power of two"):
+    Config(block_s=8)
+  with pytest.raises(ValueError, match="num_splits=0 must be >= 1"):
+    Config(num_splits=0)
+  with pytest.raises(ValueError, match="num_warps=3 must be a power of two"):
+    Config(num_warps=3)
+  with pytest.raises(ValueError, match="num_stages=0 must be >= 1"):
+    Config(num_stages=0)
+
+
+@pytest.mark.gpu
+def test_gpu_lowers_to_the_named_kernel_and_matches():
+  q, k, v = _case(4, 4096 + 200, 8, 4, 128)
+  start = jnp.array([0, 100, 4000, 4296], jnp.int32)
+  end = jnp.array([4296, 3000, 4010, 4296], jnp.int32)
+  fn = jax.jit(lambda *a: attn.kv4_decode_attention(
+      *a, implementation="pallas"))
+  assert "kv4_decode_attention" in fn.lower(q, k, v, start, end).as_text()
+  got = np.asarray(fn(q, k, v, start, end), np.float32)
+  want = np.asarray(attn.kv4_decode_attention_reference(
+      q.astype(jnp.float32), k, v, start, end))
+  assert not np.any(np.isnan(got))
+  np.testing.assert_allclose(got, want, rtol=0,
+                             atol=1e-2 * np.abs(want).max())
+  for cfg in (Config(block_s=128, num_splits=8, num_warps=4, num_stages=3),
+              Config(block_s=32, num_splits=1, num_warps=2, num_stages=2)):
+    got = attn.kv4_decode_attention(q, k, v, start, end, config=cfg,
+                                    implementation="pallas")
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0,
+                               atol=1e-2 * np.abs(want).max())

@@ -1,0 +1,207 @@
+"""Real W4A4KV4 end to end on tiny models: packed params and the KV4 cache
+give what simulated quantization gives; checkpoints keep their qconfig."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quarot_jax import checkpoint
+from quarot_jax import generation
+from quarot_jax import hf
+from quarot_jax import kv_cache
+from quarot_jax import model
+from quarot_jax import quarot
+from tests import hf_models
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+W4A4KV4 = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4)
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+def tiny(request):
+  """(float params, config, tokens) of a tiny GQA (llama3) or biased (qwen2)
+  HF model."""
+  params, config = hf.load_hf(hf_models.tiny_hf_model(request.param)[0])
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 12, seed=3)
+  return params, config, tokens
+
+
+def _both(params, config, qconfig=W4A4KV4, calib=None):
+  sim = quarot.quantize(params, config, qconfig, calib, progress=False)
+  real = quarot.quantize(params, config, qconfig, calib, packed=True,
+                         progress=False)
+  return sim, real
+
+
+def _rel(a, b):
+  return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+
+
+def test_packed_forward_equals_simulated(tiny):
+  params, config, tokens = tiny
+  (sim, options), (real, real_options) = _both(params, config)
+  assert real_options == options
+  assert "qweight" in real["layers"]["self_attn"]["o_proj"]
+  want, _ = model.forward(sim, tokens, config, options=options)
+  got, _ = model.forward(real, tokens, config, options=options)
+  # Identical integer codes and scales; only f32 summation order differs.
+  assert _rel(got, want) < 1e-4
+
+
+def _max_kl(p_logits, q_logits):
+  p = jax.nn.log_softmax(p_logits, -1)
+  q = jax.nn.log_softmax(q_logits, -1)
+  return float((jnp.exp(p) * (p - q)).sum(-1).max())
+
+
+@pytest.mark.parametrize("a_bits", [16, 4])
+def test_kv4_cache_prefill_and_decode_match_the_float_cache(tiny, a_bits):
+  params, config, tokens = tiny
+  qconfig = dataclasses.replace(W4A4KV4, a_bits=a_bits)
+  (sim, options), (real, _) = _both(params, config, qconfig)
+  start = jnp.array([0, 3], jnp.int32)  # row 1 is left-padded by 3 slots
+  float_cache = kv_cache.cache_for(config, 2, 16, start=start)
+  kv4_cache = kv_cache.cache_for(config, 2, 16, start=start, packed=True)
+  assert kv4_cache.packed and kv4_cache.max_len == 16
+
+  def check(got, want):
+    if a_bits == 16:
+      # The packed cache stores scale and zero in f16 (the simulated one
+      # keeps f32): each dequantized key/value moves by <= 2^-11 of its
+      # range, which moves the logits by ~1e-4 of their scale.
+      assert _rel(got, want) < 2e-3
+    else:
+      # With 4-bit activations that ~1e-4 shift can flip a rounding of an
+      # activation code (one whole step of 1/7 of a token's range), so
+      # compare the next-token distributions instead.
+      assert _max_kl(want, got) < 1e-3
+
+  want, float_cache = model.forward(sim, tokens, config, cache=float_cache,
+                                    options=options)
+  got, kv4_cache = model.forward(real, tokens, config, cache=kv4_cache,
+                                 options=options)
+  check(got, want)
+  for _ in range(3):
+    tok = jnp.argmax(want[:, -1], -1)[:, None]
+    want, float_cache = model.forward(sim, tok, config, cache=float_cache,
+                                      options=options)
+    got, kv4_cache = model.forward(real, tok, config, cache=kv4_cache,
+                                   options=options)
+    check(got, want)
+  assert int(kv4_cache.end) == 15
+
+
+def test_packed_forward_runs_every_kernel_in_interpret_mode():
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
+  tokens = hf_models.random_tokens(config.vocab_size, 1, 4, seed=1)
+  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
+                                  progress=False)
+  pallas = dataclasses.replace(options, implementation="pallas",
+                               interpret=True)
+  for opts in (options, pallas):
+    cache = kv_cache.cache_for(config, 1, 8, packed=True)
+    prefill, cache = model.forward(real, tokens[:, :3], config, cache=cache,
+                                   options=opts)
+    decode, _ = model.forward(real, tokens[:, 3:], config, cache=cache,
+                              options=opts)
+    if opts is options:
+      want = (prefill, decode)
+  jaxpr = str(jax.make_jaxpr(lambda p: model.forward(
+      p, tokens[:, 3:], config, cache=cache, options=pallas)[0])(real))
+  for name in ("hadamard_quant", "int4_matmul", "kv4_decode_attention"):
+    assert name in jaxpr, name
+  assert _rel(prefill, want[0]) < 1e-4
+  assert _rel(decode, want[1]) < 1e-4
+
+
+def test_generate_on_packed_params_agrees_with_simulated():
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
+  (sim, options), (real, _) = _both(params, config)
+  prompts = [[5, 9, 2, 7], [3, 8]]
+  want = generation.generate_tokens(sim, config, prompts, max_new_tokens=16,
+                                    options=options)
+  got = generation.generate_tokens(real, config, prompts, max_new_tokens=16,
+                                   options=options)
+  same = np.mean(np.asarray(want) == np.asarray(got))
+  assert same >= 0.99, (want, got)
+  assert model.uses_kv4_cache(real, options)
+  assert not model.uses_kv4_cache(sim, options)
+
+
+def test_gptq_packed_weights_are_the_simulated_gptq_weights():
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama2")[0])
+  calib = hf_models.random_tokens(config.vocab_size, 4, 16, seed=7)
+  qconfig = dataclasses.replace(W4A4KV4, w_method="gptq")
+  (sim, options), (real, _) = _both(params, config, qconfig, calib)
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 8, seed=2)
+  want, _ = model.forward(sim, tokens, config, options=options)
+  got, _ = model.forward(real, tokens, config, options=options)
+  assert _rel(got, want) < 1e-4
+
+
+def test_unpackable_configs_name_every_problem():
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama2")[0])
+  bad = quarot.QuaRotConfig(w_bits=8, a_bits=8, k_bits=4, v_bits=3,
+                            w_groupsize=16)
+  with pytest.raises(NotImplementedError,
+                     match=r"w_bits=8 .*w_groupsize=16 .*a_bits=8 .*v_bits=3"):
+    quarot.quantize(params, config, bad, packed=True, progress=False)
+
+
+def test_quantized_checkpoint_round_trip_and_mismatch(tmp_path):
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
+  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
+                                  progress=False)
+  path = checkpoint.save_quantized(real, str(tmp_path / "q"), config,
+                                   W4A4KV4)
+  restored, restored_config, qconfig, restored_options = (
+      checkpoint.load_quantized(path, expected=W4A4KV4,
+                                expected_config=config))
+  assert (qconfig, restored_options, restored_config) == (
+      W4A4KV4, options, config)
+  assert restored["layers"]["mlp"]["down_proj"]["qweight"].dtype == np.uint8
+  tokens = hf_models.random_tokens(config.vocab_size, 1, 6)
+  np.testing.assert_array_equal(
+      np.asarray(model.forward(restored, tokens, config, options=options)[0]),
+      np.asarray(model.forward(real, tokens, config, options=options)[0]))
+  other = dataclasses.replace(W4A4KV4, a_bits=16, kv_clip=0.9)
+  with pytest.raises(ValueError, match=r"a_bits: checkpoint 4, expected 16;"
+                     r" kv_clip: checkpoint 0.95, expected 0.9"):
+    checkpoint.load_quantized(path, expected=other)
+  with pytest.raises(ValueError, match="num_hidden_layers: checkpoint"):
+    checkpoint.load_quantized(path, expected_config=dataclasses.replace(
+        config, num_hidden_layers=config.num_hidden_layers + 1))
+  float_path = checkpoint.save_params(params, str(tmp_path / "f"), config)
+  with pytest.raises(ValueError, match="holds a float model"):
+    checkpoint.load_quantized(float_path)
+
+
+def test_convert_cli_writes_a_packed_checkpoint(tmp_path):
+  path, _ = hf_models.tiny_hf_model("llama2")
+  out = tmp_path / "w4"
+  proc = subprocess.run(
+      [sys.executable, "-m", "convert.hf_to_orbax", f"--hf_dir={path}",
+       f"--out_dir={out}", "--quantize", "--w_method=rtn",
+       "--dtype=bfloat16"],
+      cwd=_ROOT, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr
+  params, _, qconfig, _ = checkpoint.load_quantized(str(out))
+  assert qconfig == W4A4KV4
+  layers = params["layers"]
+  assert layers["mlp"]["up_proj"]["qweight"].dtype == np.uint8
+  assert layers["mlp"]["up_proj"]["wscale"].dtype == np.float32
+  assert layers["input_layernorm"].get("scale") is None or (
+      layers["input_layernorm"]["scale"].dtype == jnp.bfloat16)
+  proc = subprocess.run(
+      [sys.executable, "-m", "convert.hf_to_orbax", f"--hf_dir={path}",
+       f"--out_dir={tmp_path / 'w8'}", "--quantize", "--w_bits=8"],
+      cwd=_ROOT, capture_output=True, text=True, check=False)
+  assert proc.returncode == 1
+  assert "w_bits=8 (needs 4)" in proc.stderr
+  assert not (tmp_path / "w8").exists()

@@ -1,0 +1,117 @@
+"""Packed int4 linears: packing, the real linear against simulated
+quantization, and the errors for configs the kernels do not run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quarot_jax import hadamard
+from quarot_jax import qlinear
+from quarot_jax import quant
+
+_W_SPEC = quant.QuantSpec(bits=4, mse_clip=False)
+_A_SPEC = quant.activation_spec(4)
+
+
+def _weight_and_input(k=64, n=48, m=5, seed=0):
+  kw, kx = jax.random.split(jax.random.key(seed))
+  kernel = jax.random.normal(kw, (k, n)) / np.sqrt(k)  # [in, out]
+  x = jax.random.normal(kx, (m, k))
+  return kernel, x
+
+
+def _simulated(x, kernel, a_spec, online_hadamard):
+  """What the float model computes with fake quantization."""
+  if online_hadamard:
+    x = hadamard.fast_hadamard_transform(x)
+  if a_spec is not None:
+    x = quant.fake_quant(x, a_spec)
+  w = quant.fake_quant_weight(kernel, _W_SPEC)
+  return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+
+
+def test_pack_weight_keeps_codes_and_scales():
+  kernel, _ = _weight_and_input()
+  q = quant.quantize_weight(kernel, _W_SPEC)
+  p = qlinear.pack_weight(q)
+  assert p["qweight"].shape == (48, 32) and p["qweight"].dtype == jnp.uint8
+  np.testing.assert_array_equal(
+      np.asarray(quant.unpack_int4(p["qweight"], signed=True)),
+      np.asarray(q.values))
+  np.testing.assert_array_equal(np.asarray(p["wscale"]),
+                                np.asarray(q.scale[:, 0]))
+
+
+@pytest.mark.parametrize("online_hadamard", [False, True])
+@pytest.mark.parametrize("a_bits", [4, 16])
+def test_linear_matches_simulated_quantization(online_hadamard, a_bits):
+  kernel, x = _weight_and_input()
+  p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
+  a_spec = _A_SPEC if a_bits == 4 else None
+  want = _simulated(x, kernel, a_spec, online_hadamard)
+  got = qlinear.linear(x, p, a_spec=a_spec, online_hadamard=online_hadamard)
+  # Same integer codes and scales; only f32 summation order differs.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                             rtol=1e-5, atol=1e-5 * float(
+                                 jnp.abs(want).max()))
+
+
+def test_linear_pallas_interpret_equals_reference():
+  kernel, x = _weight_and_input(k=576, n=40, m=3, seed=1)
+  p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
+  p["bias"] = jax.random.normal(jax.random.key(2), (40,))
+  x = x.reshape(1, 3, 576)
+  want = qlinear.linear(x, p, a_spec=_A_SPEC, online_hadamard=True,
+                        implementation="xla")
+  got = qlinear.linear(x, p, a_spec=_A_SPEC, online_hadamard=True,
+                       implementation="pallas", interpret=True)
+  assert got.shape == (1, 3, 40)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_pack_params_replaces_kernels_only():
+  params = {"layers": {"mlp": {
+      "down_proj": {"kernel": jnp.ones((2, 8, 4))},
+      "up_proj": {"kernel": jnp.ones((2, 4, 8))}}}, "norm": {"scale": 1.0}}
+  qarrays = qlinear.quantize_weights_rtn(params, [("mlp", "down_proj")],
+                                         _W_SPEC)
+  packed = qlinear.pack_params(params, qarrays)
+  assert set(packed["layers"]["mlp"]["down_proj"]) == {"qweight", "wscale"}
+  assert packed["layers"]["mlp"]["down_proj"]["qweight"].shape == (2, 4, 4)
+  assert packed["layers"]["mlp"]["up_proj"] is params["layers"]["mlp"][
+      "up_proj"]
+  assert "kernel" in params["layers"]["mlp"]["down_proj"]  # input untouched
+  assert qlinear.is_packed(packed) and not qlinear.is_packed(params)
+
+
+def test_unsupported_weights_and_activations_raise():
+  kernel, x = _weight_and_input()
+  with pytest.raises(NotImplementedError, match="4-bit weights, got bits=8"):
+    qlinear.pack_weight(quant.quantize_weight(
+        kernel, quant.QuantSpec(bits=8)))
+  with pytest.raises(NotImplementedError, match="symmetric weights"):
+    qlinear.pack_weight(quant.quantize_weight(
+        kernel, quant.QuantSpec(bits=4, symmetric=False)))
+  with pytest.raises(NotImplementedError, match="group_size=16 for in=64"):
+    qlinear.pack_weight(quant.quantize_weight(
+        kernel, quant.QuantSpec(bits=4, group_size=16)))
+  p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
+  with pytest.raises(NotImplementedError, match="4-bit symmetric per token"):
+    qlinear.linear(x, p, a_spec=quant.activation_spec(8),
+                   online_hadamard=False)
+
+
+def test_dequantize_params_is_the_simulated_model():
+  params = {"layers": {"mlp": {"down_proj": {
+      "kernel": jax.random.normal(jax.random.key(3), (2, 8, 6)),
+      "bias": jnp.arange(6.0)}}}}
+  qarrays = qlinear.quantize_weights_rtn(params, [("mlp", "down_proj")],
+                                         _W_SPEC)
+  back = qlinear.dequantize_params(qlinear.pack_params(params, qarrays))
+  want = jax.vmap(lambda w: quant.fake_quant_weight(w, _W_SPEC))(
+      params["layers"]["mlp"]["down_proj"]["kernel"])
+  node = back["layers"]["mlp"]["down_proj"]
+  assert set(node) == {"kernel", "bias"}
+  np.testing.assert_array_equal(np.asarray(node["kernel"]), np.asarray(want))

@@ -79,6 +79,10 @@ def _split(k: int, use_hadamard: bool) -> tuple[int, int, int]:
   return p // b, b, m
 
 
+def _pow2(n: int) -> int:
+  return 1 << (n - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=None)
 def _matrices(k: int, use_hadamard: bool) -> tuple[np.ndarray, ...]:
   """(left [a, a], right_even [r, r/2], right_odd [r, r/2]) as f32."""
@@ -93,13 +97,15 @@ def _matrices(k: int, use_hadamard: bool) -> tuple[np.ndarray, ...]:
   return left.astype(np.float32), right[:, 0::2].copy(), right[:, 1::2].copy()
 
 
-def can_use_hadamard_quant() -> bool:
-  """True where the Pallas kernel compiles (a GPU backend)."""
-  return jax.default_backend() == "gpu"
-
-
-def _pow2(n: int) -> int:
-  return 1 << (n - 1).bit_length()
+def can_use_hadamard_quant(k: int, use_hadamard: bool = True) -> bool:
+  """True where the Pallas kernel compiles: a GPU backend, and a row split
+  into [a, r] with both matmuls at least 16 wide (K >= 512 or so)."""
+  if jax.default_backend() != "gpu" or k % 2:
+    return False
+  if use_hadamard and not hadamard_lib.is_supported(k):
+    return False
+  a, b, m = _split(k, use_hadamard)
+  return _pow2(a) >= 16 and _pow2(b * m) >= 32
 
 
 def _round_half_even(v: jax.Array) -> jax.Array:
@@ -199,8 +205,8 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
   if signs is not None and signs.shape != (k,):
     raise ValueError(f"signs must be [K]=[{k}], got {signs.shape}")
   if implementation is None:
-    implementation = ("pallas" if interpret or can_use_hadamard_quant()
-                      else "xla")
+    implementation = ("pallas" if interpret
+                      or can_use_hadamard_quant(k, hadamard) else "xla")
     logging.info("hadamard_quant: using %s", implementation)
   if implementation == "xla":
     return hadamard_quant_reference(x, hadamard=hadamard, signs=signs,

@@ -6,7 +6,7 @@ set -uo pipefail
 bash experiments/device/stage_part1.sh > /dev/null
 export PYTHONUNBUFFERED=1
 filter() { grep -v -E "^W1|^I1|DeprecationWarning|warnings.warn|it/s\]|s/it\]"; }
-timeout 200 python3 -m pytest -q -x tests/pallas_kernels tests/test_qlinear.py \
+timeout 220 python3 -m pytest -q tests/pallas_kernels tests/test_qlinear.py tests/test_packed_model.py -k "not gptq and not convert" \
   2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
 timeout 150 python3 -m experiments.bench_hadamard_quant --out_dir="$OUT" 2>&1 \
   | filter | tee "$OUT/bench_hadamard_quant.log"

@@ -65,9 +65,9 @@ def _inputs(key, b, s, n, kv_heads, h):
         codes=jax.random.randint(k1, (b, kv_heads, s, h // 2), 0, 256,
                                  jnp.int32).astype(jnp.uint8),
         scale=jax.random.uniform(k2, (b, kv_heads, s), jnp.float32, 0.01,
-                                 0.1).astype(jnp.float16),
+                                 0.1),
         zero=jax.random.randint(k3, (b, kv_heads, s), 0, 16,
-                                jnp.int32).astype(jnp.float16))
+                                jnp.int32).astype(jnp.uint8))
 
   q = jax.random.normal(keys[0], (b, n, h), jnp.bfloat16)
   k, v = kv4(*keys[1:4]), kv4(*keys[4:7])

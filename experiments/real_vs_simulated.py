@@ -5,6 +5,9 @@ simulated quantization on the real model: perplexity and greedy tokens.
 
 Both paths use the same rotation and the same weight codes; the goal is
 perplexity within 0.5% and greedy tokens agreeing on >= 99% of positions.
+The control is the simulated model against itself with every kernel moved
+by one ulp (`agreement.ulp_perturbed`): how far rounding noise alone moves a
+4-bit model.
 Appends a record to --out_dir/real_vs_simulated.jsonl.
 """
 
@@ -35,6 +38,11 @@ _NSAMPLES = flags.DEFINE_integer("nsamples", 128, "GPTQ calibration windows.")
 _PROMPTS = flags.DEFINE_integer("prompts", 4, "Greedy prompts (eval text).")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Greedy tokens per prompt.")
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
+_PRECISION = flags.DEFINE_enum(
+    "matmul_precision", "highest", ["default", "high", "highest"],
+    "jax_default_matmul_precision. The simulated path multiplies floats: on a"
+    " GPU 'default' means TF32, whose rounding flips 4-bit activation codes"
+    " that the packed path's exact integer matmuls do not.")
 
 
 def main(argv):
@@ -42,6 +50,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   command = shlex.join(["python", "-m", "experiments.real_vs_simulated"]
                        + sys.argv[1:])
+  jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   params, config, tokenizer, name = experiment.load_model(_MODEL.value)
   nsamples = _NSAMPLES.value if _W_METHOD.value == "gptq" else 0
   evals, calib = experiment.load_windows(
@@ -54,18 +63,28 @@ def main(argv):
                                     packed=True)
   # The simulated twin holds exactly the packed codes, dequantized.
   simulated = qlinear.dequantize_params(packed)
+  control = agreement.ulp_perturbed(simulated, jax.random.key(1))
   ppl = {label: evaluate.perplexity(p, config, evals, options=options)["ppl"]
-         for label, p in (("simulated", simulated), ("packed", packed))}
+         for label, p in (("simulated", simulated), ("packed", packed),
+                          ("control", control))}
   prompts = [list(w[:64]) for w in evals[:_PROMPTS.value]]
   agree = agreement.greedy_agreement(simulated, packed, config, prompts,
                                      options=options,
                                      max_new_tokens=_NEW.value)
+  ctrl = agreement.greedy_agreement(simulated, control, config, prompts,
+                                    options=options,
+                                    max_new_tokens=_NEW.value)
   record = {
       "benchmark": "real_vs_simulated", "case": f"{name} {qconfig.describe()}",
       "ppl_simulated": round(ppl["simulated"], 4),
       "ppl_packed": round(ppl["packed"], 4),
       "ppl_rel_diff": round(ppl["packed"] / ppl["simulated"] - 1, 5),
+      "ppl_control": round(ppl["control"], 4),
+      "control_ppl_rel_diff": round(ppl["control"] / ppl["simulated"] - 1, 5),
+      "control_free_running": ctrl["free_running"],
+      "control_teacher_forced": ctrl["teacher_forced"],
       "eval_windows": int(evals.shape[0]), "seqlen": _SEQLEN.value, **agree,
+      "matmul_precision": _PRECISION.value,
       "seconds": round(time.time() - start, 1),
       "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
       "date": datetime.date.today().isoformat(), "command": command}

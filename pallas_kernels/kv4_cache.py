@@ -7,22 +7,22 @@ Quantizer (QuaRot's KV quantizer, `quant.kv_spec(4, clip_ratio=0.95)`):
 asymmetric 4 bits, one group per (token, head) over the whole head dim H,
   scale = clip * (max - min) / 15,  zero = round(-clip * min / scale),
   code = clip(round(x / scale) + zero, 0, 15),  x ≈ (code - zero) * scale
-(min/max include 0; see `quarot_jax/quant.py`). Codes are computed with the
-f32 scale, exactly as `quant.quantize`; only then are scale and zero stored
-in f16. zero is an integer in 0..15 and exact in f16; the f16 scale is
-rounded (relative error <= 2^-11; scales below ~6e-5 lose precision as f16
-subnormals) and `dequantize_kv4` uses the stored f16 values, so it is the
-reference that every kernel reading the cache matches.
+(min/max include 0; see `quarot_jax/quant.py`). Scale is stored in f32 and
+zero (an integer in 0..15) in uint8, so `dequantize_kv4` equals
+`quant.dequantize` of the same codes exactly and the packed cache computes
+what simulated KV quantization computes. (An f16 scale would save a byte but
+moves every dequantized value by up to 2^-11 relative, which a 4-bit model
+amplifies: measured in BENCHMARKS.md.)
 
 Layout of one layer, head-major so that a kernel reads contiguous tokens of
 one head:
   codes uint8[B, K, S, H // 2]  the int4 packing of `quarot_jax/quant.py`
                                 (byte j: low nibble = element 2j, high
                                 nibble = element 2j + 1; unsigned codes)
-  scale f16[B, K, S]
-  zero  f16[B, K, S]
-One token-head takes H / 2 + 4 bytes against 2 H in bf16: `memory_ratio` is
-0.281 for H = 64 and 0.266 for H = 128 (<= 0.3 for both).
+  scale f32[B, K, S]
+  zero  uint8[B, K, S]
+One token-head takes H / 2 + 5 bytes against 2 H in bf16: `memory_ratio` is
+0.289 for H = 64 and 0.270 for H = 128 (<= 0.3 for both).
 
 Not supported: groups smaller than the head dim (NotImplementedError), bits
 other than 4, symmetric codes.
@@ -50,8 +50,8 @@ class KV4:
   Attributes:
     codes: uint8[B, K, S, H // 2] packed codes in 0..15 (packing of
       `quarot_jax/quant.py`: low nibble = even h).
-    scale: f16[B, K, S] per (token, head) scale.
-    zero: f16[B, K, S] per (token, head) integer zero point in 0..15.
+    scale: f32[B, K, S] per (token, head) scale.
+    zero: uint8[B, K, S] per (token, head) integer zero point in 0..15.
   """
 
   codes: jax.Array
@@ -89,7 +89,7 @@ def quantize_kv4(x: jax.Array, *, clip_ratio: float = 0.95,
 
   Returns:
     A `KV4` in the head-major layout: codes uint8[B, K, T, H // 2],
-    scale and zero f16[B, K, T].
+    scale f32[B, K, T] and zero uint8[B, K, T].
 
   Raises:
     ValueError: x is not 4-D or H is odd.
@@ -101,14 +101,14 @@ def quantize_kv4(x: jax.Array, *, clip_ratio: float = 0.95,
   # [B, T, K, H // 2] -> [B, K, T, H // 2]
   codes = jnp.swapaxes(quant.pack_int4(q.values), 1, 2)
   # [B, T, K, 1] -> [B, K, T]
-  scale = jnp.swapaxes(q.scale[..., 0], 1, 2).astype(jnp.float16)
-  zero = jnp.swapaxes(q.zero[..., 0], 1, 2).astype(jnp.float16)
+  scale = jnp.swapaxes(q.scale[..., 0], 1, 2).astype(jnp.float32)
+  zero = jnp.swapaxes(q.zero[..., 0], 1, 2).astype(jnp.uint8)
   return KV4(codes=codes, scale=scale, zero=zero)
 
 
 @jax.jit
 def dequantize_kv4(c: KV4) -> jax.Array:
-  """(code - zero) * scale in f32, with the stored f16 scale and zero.
+  """(code - zero) * scale in f32, with the stored scale and zero.
 
   Args:
     c: a `KV4` with codes [B, K, S, H // 2].
@@ -132,7 +132,8 @@ def empty_kv4(batch: int, kv_heads: int, max_len: int,
     head_dim: H (even).
 
   Returns:
-    A `KV4` with codes uint8[B, K, S, H // 2] and f16[B, K, S] scale/zero.
+    A `KV4` with codes uint8[B, K, S, H // 2], scale f32[B, K, S] and zero
+    uint8[B, K, S].
 
   Raises:
     ValueError: head_dim is odd or a size is not positive.
@@ -144,8 +145,8 @@ def empty_kv4(batch: int, kv_heads: int, max_len: int,
                      f" {max_len=} {head_dim=}")
   return KV4(codes=jnp.zeros((batch, kv_heads, max_len, head_dim // 2),
                              jnp.uint8),
-             scale=jnp.zeros((batch, kv_heads, max_len), jnp.float16),
-             zero=jnp.zeros((batch, kv_heads, max_len), jnp.float16))
+             scale=jnp.zeros((batch, kv_heads, max_len), jnp.float32),
+             zero=jnp.zeros((batch, kv_heads, max_len), jnp.uint8))
 
 
 @functools.partial(jax.jit, static_argnames=("clip_ratio", "group_size"))
@@ -187,9 +188,9 @@ def write_kv4(cache: KV4, new: jax.Array, at: jax.Array, *,
 
 
 def memory_ratio(head_dim: int) -> float:
-  """Bytes of one KV4 token-head over its bf16 bytes: (H/2 + 4) / (2 H).
+  """Bytes of one KV4 token-head over its bf16 bytes: (H/2 + 5) / (2 H).
 
-  0.28125 for H = 64 and 0.265625 for H = 128 (the goal is <= 0.3).
+  0.2890625 for H = 64 and 0.26953125 for H = 128 (the goal is <= 0.3).
 
   Args:
     head_dim: H (even).
@@ -202,5 +203,5 @@ def memory_ratio(head_dim: int) -> float:
   """
   if head_dim <= 0 or head_dim % 2:
     raise ValueError(f"{head_dim=} must be even and positive")
-  kv4 = head_dim // 2 + 2 * jnp.dtype(jnp.float16).itemsize
+  kv4 = head_dim // 2 + 4 + 1  # codes, f32 scale, uint8 zero
   return kv4 / (2 * head_dim)

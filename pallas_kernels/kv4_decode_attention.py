@@ -5,7 +5,7 @@ One query token per row (decode), grouped-query attention:
 over the slots start[b] <= s < end[b] (left padding before start[b]), with
 k, v ≈ (code - zero) * scale as stored by `kv4_cache` (codes
 uint8[B, K, S, H // 2] in the int4 packing of `quarot_jax/quant.py`: low
-nibble = even h; scale and zero f16[B, K, S]). Shape letters as in
+nibble = even h; scale f32[B, K, S], zero uint8[B, K, S]). Shape letters as in
 `quarot_jax/model.py`: B batch, N query heads, K kv heads, G = N / K,
 S slots, H head dim.
 
@@ -134,7 +134,7 @@ def kv4_decode_attention_kernel(
   """One (row, kv head, split): online softmax over its run of blocks."""
   # qe_ref, qo_ref: [Gp, H // 2] even / odd columns of the G (padded) heads
   # qs_ref: f32[Gp] Σ_h q_h;  start_ref, end_ref: int32[] (this row)
-  # kc_ref, vc_ref: uint8[S, H // 2];  ks/kz/vs/vz_ref: f16[S]
+  # kc_ref, vc_ref: uint8[S, H // 2];  ks/vs_ref: f32[S]; kz/vz_ref: uint8[S]
   # oe_ref, oo_ref: f32[Gp, H // 2];  m_ref, l_ref: f32[Gp]
   split = pl.program_id(2)
   gp, h2 = qe_ref.shape
@@ -240,7 +240,8 @@ def kv4_decode_attention(
 
   Args:
     q: bf16[B, N, H] queries (f16/f32 also work; the dots take this dtype).
-    k: `KV4` keys, codes uint8[B, K, S, H // 2], scale/zero f16[B, K, S].
+    k: `KV4` keys, codes uint8[B, K, S, H // 2], scale f32[B, K, S],
+      zero uint8[B, K, S].
     v: `KV4` values, same shapes.
     start: int32[B], first valid slot of each row.
     end: int32[B] or int32[] (shared), one past the last valid slot.

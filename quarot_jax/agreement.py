@@ -9,6 +9,7 @@ argmax of the packed path teacher-forced on the simulated path's tokens
 
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,3 +62,28 @@ def greedy_agreement(simulated: Any, packed: Any, config: LlamaConfig,
     total += len(w)
   return {"free_running": free / total, "teacher_forced": forced / total,
           "positions": total, "first_divergence": first}
+
+
+def ulp_perturbed(params: Any, key: jax.Array) -> Any:
+  """The control: every decoder kernel times (1 ± 2^-23), a one-ulp change.
+
+  Running `greedy_agreement(simulated, ulp_perturbed(simulated, key), ...)`
+  shows how far two runs of the *same* simulated model drift apart from
+  rounding noise alone (4-bit activation codes near a rounding tie flip and
+  the flips cascade), the yardstick for the packed path's agreement.
+
+  Args:
+    params: float params (kernels [L, in, out]).
+    key: a `jax.random.key`.
+
+  Returns:
+    New params; only the decoder `kernel` leaves change.
+  """
+  def perturb(path, a):
+    if getattr(path[-1], "key", None) != "kernel" or path[0].key != "layers":
+      return a
+    sign = jax.random.rademacher(jax.random.fold_in(key, hash(str(path))
+                                                    % 2**31),
+                                 a.shape, jnp.float32)
+    return jnp.asarray(a, jnp.float32) * (1 + sign * 2.0**-23)
+  return jax.tree_util.tree_map_with_path(perturb, params)

@@ -66,6 +66,10 @@ class RunOptions:
     implementation: for packed params and KV4 caches: None (Pallas kernels
       on a GPU, their jnp references elsewhere), 'pallas' or 'xla'.
     interpret: run those Pallas kernels in interpret mode (CPU tests).
+    matmul_implementation: overrides `implementation` for the int4
+      matmuls only; 'xla' unpacks int4 to int8 in XLA and runs XLA's
+      (cuBLAS) int8 matmul, which beats our Pallas Triton kernel on an H100
+      (BENCHMARKS.md).
   """
 
   online_had_down: bool = False
@@ -76,6 +80,7 @@ class RunOptions:
   v_spec: Any = None
   implementation: str | None = None
   interpret: bool = False
+  matmul_implementation: str | None = None
 
 
 FLOAT = RunOptions()
@@ -107,7 +112,8 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
     return qlinear.linear(x, p, a_spec=options.a_spec,
                           online_hadamard=online_hadamard,
                           implementation=options.implementation,
-                          interpret=options.interpret)
+                          interpret=options.interpret,
+                          matmul_implementation=options.matmul_implementation)
   if online_hadamard:
     x = _hadamard(x)
   x = _fake_quant(x, options.a_spec)

@@ -147,7 +147,8 @@ def quantize_weights_rtn(params: Params, linears, spec: quant.QuantSpec
 
 def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
            implementation: str | None = None,
-           interpret: bool = False) -> jax.Array:
+           interpret: bool = False,
+           matmul_implementation: str | None = None) -> jax.Array:
   """y = Q(H x) · W_qᵀ (+ bias) for a packed linear.
 
   Args:
@@ -160,6 +161,7 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
     implementation: None (Pallas on a GPU, else the jnp references),
       'pallas' or 'xla' (the references).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
+    matmul_implementation: overrides `implementation` for the matmul.
 
   Returns:
     [..., out] in the dtype of x.
@@ -170,11 +172,12 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
   lead, k = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(-1, k)  # [M, in]
   impl = dict(implementation=implementation, interpret=interpret)
+  mm_impl = dict(impl, implementation=matmul_implementation or implementation)
   if a_spec is None or not a_spec.enabled:
     if online_hadamard:
       x2 = hadamard.fast_hadamard_transform(
           x2.astype(jnp.float32)).astype(x.dtype)
-    y = w4a16_lib.w4a16_matmul(x2, p["qweight"], p["wscale"], **impl)
+    y = w4a16_lib.w4a16_matmul(x2, p["qweight"], p["wscale"], **mm_impl)
   else:
     if (a_spec.bits != 4 or not a_spec.symmetric
         or a_spec.group_size is not None):
@@ -184,7 +187,7 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
     x_q, s_x = hq_lib.hadamard_quant(
         x2, hadamard=online_hadamard, clip_ratio=a_spec.clip_ratio, **impl)
     y = w4a4_lib.int4_matmul(x_q, p["qweight"], s_x, p["wscale"],
-                             out_dtype=x.dtype, **impl)
+                             out_dtype=x.dtype, **mm_impl)
   if "bias" in p:
     y = y + p["bias"].astype(y.dtype)
   return y.reshape(*lead, y.shape[-1])

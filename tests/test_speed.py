@@ -25,8 +25,9 @@ def test_layer_prefill_record_has_stages():
   assert r["benchmark"] == "layer_prefill" and r["ours_ms"] > 0
   assert set(r["stages_ms"]) == {
       "quantize_qkv_in", "hadamard_quantize_o_in", "quantize_gate_up_in",
-      "hadamard_quantize_down_in", "int4_matmuls",
+      "hadamard_quantize_down_in", "int4_matmuls", "int4_matmuls_xla_int8",
       "kv4_quantize_and_attention"}
+  assert r["ours_xla_int8_matmul_ms"] > 0
   assert r["speedup"]["xla_bf16_layer"] > 0
 
 
@@ -37,8 +38,8 @@ def test_decode_records_and_memory_ratio():
   (m,) = speed.decode_memory(_TINY, 2, 6, 3, command="t")
   # bf16 cache: 2 (k, v) * L * B * S * K * H * 2 bytes.
   assert m["baseline_breakdown"]["cache"] == 2 * 2 * 2 * 9 * 2 * 16 * 2
-  # KV4: 8 packed bytes + f16 scale + f16 zero per (token, head) of H=16.
-  assert m["ours_breakdown"]["cache"] == 2 * 2 * 2 * 9 * 2 * (8 + 2 + 2)
+  # KV4: 8 packed bytes + f32 scale + uint8 zero per (token, head), H=16.
+  assert m["ours_breakdown"]["cache"] == 2 * 2 * 2 * 9 * 2 * (8 + 4 + 1)
   assert m["memory_ratio"] > 1
 
 

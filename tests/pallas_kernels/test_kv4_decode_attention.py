@@ -119,8 +119,8 @@ def _hand_kv4(codes, scale, zero):
   byte = [lo | hi << 4 for lo, hi in codes]
   return kv4_lib.KV4(
       codes=jnp.array(byte, jnp.uint8).reshape(1, 1, 2, 1),
-      scale=jnp.array(scale, jnp.float16).reshape(1, 1, 2),
-      zero=jnp.array(zero, jnp.float16).reshape(1, 1, 2))
+      scale=jnp.array(scale, jnp.float32).reshape(1, 1, 2),
+      zero=jnp.array(zero, jnp.uint8).reshape(1, 1, 2))
 
 
 def test_reference_hand_worked():

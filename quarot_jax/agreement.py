@@ -79,11 +79,12 @@ def ulp_perturbed(params: Any, key: jax.Array) -> Any:
   Returns:
     New params; only the decoder `kernel` leaves change.
   """
-  def perturb(path, a):
-    if getattr(path[-1], "key", None) != "kernel" or path[0].key != "layers":
-      return a
-    sign = jax.random.rademacher(jax.random.fold_in(key, hash(str(path))
-                                                    % 2**31),
-                                 a.shape, jnp.float32)
-    return jnp.asarray(a, jnp.float32) * (1 + sign * 2.0**-23)
-  return jax.tree_util.tree_map_with_path(perturb, params)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out = []
+  for i, (path, a) in enumerate(leaves):
+    if getattr(path[-1], "key", None) == "kernel" and path[0].key == "layers":
+      sign = jax.random.rademacher(jax.random.fold_in(key, i), a.shape,
+                                   jnp.float32)
+      a = jnp.asarray(a, jnp.float32) * (1 + sign * 2.0**-23)
+    out.append(a)
+  return jax.tree.unflatten(treedef, out)

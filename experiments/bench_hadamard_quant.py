@@ -4,9 +4,11 @@ r"""Fused Hadamard + int4 quantize against the same computation in XLA.
 
 For each M x K: ours (one Pallas kernel) vs `xla_unfused` (the jitted jnp
 reference: fast Hadamard transform, quantize, pack; XLA fuses what it can),
-both with and without the Hadamard. `hbm_fraction` = (bytes read + written)
-/ time / --peak_gbps. `matmul_share` = ours / the int4 matmul that follows
-(N = K, the shape of o_proj/down_proj-like linears), the paper's Fig. 7
+both with and without the Hadamard, writing packed int4 and (case suffix
+`_int8`) one int8 code per element, the format the Mosaic GPU matmul takes.
+`hbm_fraction` = (bytes read + written) / time / --peak_gbps. `matmul_share`
+= ours / the W4A4 matmul the model runs after it (`qlinear.w4a4_matmul`,
+N = K, the shape of o_proj/down_proj-like linears), the paper's Fig. 7
 overhead. Appends to --out_dir/hadamard_quant.jsonl.
 """
 
@@ -20,14 +22,16 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import hadamard_quant as hq
-from pallas_kernels import int4_matmul as w4a4
 from quarot_jax import benchmarking
+from quarot_jax import qlinear
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
 _MS = flags.DEFINE_list("m", ["2048", "8192", "16384"], "Rows (tokens).")
 _KS = flags.DEFINE_list("k", ["4096", "11008", "14336"], "Widths K.")
 _PEAK = flags.DEFINE_float("peak_gbps", 3350.0, "HBM peak (H100 SXM).")
 _WARPS = flags.DEFINE_list("num_warps", ["2", "4"], "num_warps sweep.")
+_PACKED = flags.DEFINE_list("packed", ["true", "false"],
+                            "Output formats: packed int4, int8 codes.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
 
 
@@ -42,13 +46,16 @@ def main(argv):
     for m in map(int, _MS.value):
       x = jax.random.normal(next(key), (m, k), jnp.bfloat16)
       records = []
-      for use_had in (True, False):
-        case = f"M{m}_K{k}_{'hadamard' if use_had else 'quant_only'}"
+      for use_had, packed in [(h, p == "true") for h in (True, False)
+                              for p in _PACKED.value]:
+        case = (f"M{m}_K{k}_{'hadamard' if use_had else 'quant_only'}"
+                + ("" if packed else "_int8"))
         best = None
         for warps in map(int, _WARPS.value):
           cfg = hq.HadamardQuantConfig(num_warps=warps)
-          fn = jax.jit(lambda x, cfg=cfg, h=use_had: hq.hadamard_quant(
-              x, hadamard=h, config=cfg, **impl))
+          fn = jax.jit(lambda x, cfg=cfg, h=use_had, p=packed:
+                       hq.hadamard_quant(x, hadamard=h, packed=p, config=cfg,
+                                         **impl))
           try:
             ms = benchmarking.median_ms(fn, x)
           except Exception as e:  # pylint: disable=broad-except
@@ -59,24 +66,27 @@ def main(argv):
         if best is None:
           continue
         ms, cfg = best
-        xla = jax.jit(lambda x, h=use_had: hq.hadamard_quant_reference(
-            x, hadamard=h))
+        xla = jax.jit(lambda x, h=use_had, p=packed:
+                      hq.hadamard_quant_reference(x, hadamard=h, packed=p))
         base = {"xla_unfused": benchmarking.median_ms(xla, x)}
         wq = jax.random.randint(next(key), (k, k // 2), 0, 256, jnp.int32
                                 ).astype(jnp.uint8)
-        xq, sx = hq.hadamard_quant(x, hadamard=use_had, **impl)
-        mm = jax.jit(lambda a, b, s, t: w4a4.int4_matmul(
-            a, b, s, t, implementation="pallas", interpret=_INTERPRET.value))
+        xq, sx = hq.hadamard_quant(x, hadamard=use_had, packed=packed,
+                                   **impl)
+        mm = jax.jit(lambda a, b, s, t: qlinear.w4a4_matmul(
+            a, b, s, t, **impl))
         matmul_ms = benchmarking.median_ms(mm, xq, wq, sx,
                                            jnp.ones((k,), jnp.float32))
-        moved = m * k * 2 + m * k // 2 + m * 4  # read bf16, write int4 + s
+        # Read bf16; write the codes (int4 or int8) and the scales.
+        moved = m * k * 2 + m * k // (2 if packed else 1) + m * 4
         records.append(benchmarking.record(
             "hadamard_quant", case, ms, base, command=command,
             hbm_fraction=round(moved / (ms * 1e-3) / (_PEAK.value * 1e9), 3),
             xla_hbm_fraction=round(moved / (base["xla_unfused"] * 1e-3)
                                    / (_PEAK.value * 1e9), 3),
             int4_matmul_ms=round(matmul_ms, 4),
-            matmul_share=round(ms / matmul_ms, 3), config=str(cfg)))
+            matmul_share=round(ms / matmul_ms, 3), config=str(cfg),
+            matmul=qlinear.w4a4_kernel(**impl) or "default"))
         print(benchmarking.summary_line(records[-1]),
               f"hbm {records[-1]['hbm_fraction']:.2f}"
               f" share-of-matmul {records[-1]['matmul_share']:.2f}",

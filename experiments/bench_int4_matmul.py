@@ -1,6 +1,14 @@
-r"""int4_matmul (W4A4) and w4a16_matmul against XLA's bf16 and int8 matmuls.
+r"""W4A4 (Triton and Mosaic GPU) and W4A16 matmuls against XLA bf16 and int8.
 
   python -m experiments.bench_int4_matmul --out_dir=results
+  python -m experiments.bench_int4_matmul --kernels=mosaic  # one kernel
+
+W4A4 records carry `implementation`: `triton` (int4_matmul); `mosaic_gpu`
+(int4_matmul_mgpu: packed int4 activations and weights, both widened to int8
+inside the kernel, what the model runs); `mosaic_gpu_x_int8` (activations
+handed over as int8, fed to the wgmma from shared memory); `mosaic_gpu_w8`
+and `mosaic_gpu_w8_x_int8` (int4_matmul_mgpu_w8: weights widened to int8
+once, at load, at twice the weight memory).
 
 Each case is timed side by side in one process (median of 20 runs after
 warm-up, fresh random inputs). Appends JSONL to --out_dir.
@@ -15,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import int4_matmul as w4a4
+from pallas_kernels import int4_matmul_mgpu as mgpu
 from pallas_kernels import w4a16_matmul as w4a16
 from quarot_jax import benchmarking
 
@@ -23,6 +32,8 @@ _MS = flags.DEFINE_list("m", ["2048", "8192", "32768"], "W4A4 token counts.")
 _KN = flags.DEFINE_list("kn", ["4096x4096", "4096x11008", "11008x4096",
                                "5120x13824", "13824x5120"], "K x N shapes.")
 _DECODE_M = flags.DEFINE_list("decode_m", ["1", "4", "16"], "W4A16 M.")
+_KERNELS = flags.DEFINE_list("kernels", ["triton", "mosaic", "w4a16"],
+                             "Which of triton, mosaic, w4a16 to time.")
 
 _W4A4_CONFIGS = (
     w4a4.Int4MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=4,
@@ -31,6 +42,14 @@ _W4A4_CONFIGS = (
                           num_stages=3),
     w4a4.Int4MatmulConfig(block_m=256, block_n=128, block_k=64, num_warps=8,
                           num_stages=3),
+)
+_MOSAIC_CONFIGS = (  # None: default_int4_matmul_mgpu_config.
+    None,
+    mgpu.Int4MatmulMgpuConfig(wg_dimension="m", grid_minor_dim="m"),
+)
+_MOSAIC_X_INT8_CONFIGS = (
+    None,
+    mgpu.Int4MatmulMgpuConfig(wgmma_depth=1, max_concurrent_steps=2),
 )
 _W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
@@ -54,12 +73,16 @@ def _int8_mm(x, w):
   return jax.lax.dot_general(x, w, _NT, preferred_element_type=jnp.int32)
 
 
-def _best(fn_for_config, configs):
-  """(ms, config) of the fastest config that compiles."""
+def _best(fn_for_config, configs, want=None):
+  """(ms, config) of the fastest config that compiles (and equals `want`)."""
   best = None
   for cfg in configs:
     try:
-      ms = benchmarking.median_ms(fn_for_config(cfg))
+      fn = fn_for_config(cfg)
+      if want is not None and not bool(jnp.array_equal(fn(), want)):
+        print(f"  {cfg}: WRONG RESULT, not timed")
+        continue
+      ms = benchmarking.median_ms(fn)
     except Exception as e:  # pylint: disable=broad-except
       print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
       continue
@@ -82,6 +105,8 @@ def main(argv):
   for kn in _KN.value:
     k, n = map(int, kn.split("x"))
     for m in map(int, _MS.value):
+      if not {"triton", "mosaic"} & set(_KERNELS.value):
+        break
       xq, wq = rint((m, k // 2)), rint((n, k // 2))
       sx = jax.random.uniform(next(key), (m,), jnp.float32, 0.01, 0.1)
       sw = jax.random.uniform(next(key), (n,), jnp.float32, 0.01, 0.1)
@@ -90,21 +115,42 @@ def main(argv):
       wi = jax.random.randint(next(key), (n, k), -128, 127, jnp.int8)
       case = f"M{m}_K{k}_N{n}"
       print(case, flush=True)
-      best = _best(lambda c: _bind(w4a4.int4_matmul, (xq, wq, sx, sw), c),
-                   _W4A4_CONFIGS)
       base = {"xla_bf16": benchmarking.median_ms(jax.jit(_bf16_mm), xb, wb),
               "xla_int8": benchmarking.median_ms(jax.jit(_int8_mm), xi, wi)}
-      if best is None:
-        continue
-      ms, cfg = best
-      tops = 2 * m * n * k / ms / 1e9
-      records.append(benchmarking.record(
-          "int4_matmul", case, ms, base, command=command, ours_tops=round(
-              tops, 1), config=str(cfg)))
-      print(f"  -> ours {ms:.4f} ms ({tops:.0f} TOP/s) bf16"
-            f" {base['xla_bf16']:.4f} int8 {base['xla_int8']:.4f}",
-            flush=True)
+      want = w4a4.int4_matmul_reference(xq, wq, sx, sw)  # Exact (int32).
+      candidates = []  # (implementation, best (ms, config) or None)
+      if "triton" in _KERNELS.value:
+        candidates.append(("triton", _best(
+            lambda c: _bind(w4a4.int4_matmul, (xq, wq, sx, sw), c),
+            _W4A4_CONFIGS, want)))
+      if "mosaic" in _KERNELS.value:
+        w8, x8 = mgpu.unpack_weights(wq), mgpu.unpack_weights(xq)
+        for name, op, args, configs in (
+            ("mosaic_gpu", mgpu.int4_matmul_mgpu, (xq, wq), _MOSAIC_CONFIGS),
+            ("mosaic_gpu_x_int8", mgpu.int4_matmul_mgpu, (x8, wq),
+             _MOSAIC_X_INT8_CONFIGS),
+            ("mosaic_gpu_w8", mgpu.int4_matmul_mgpu_w8, (xq, w8),
+             _MOSAIC_CONFIGS),
+            ("mosaic_gpu_w8_x_int8", mgpu.int4_matmul_mgpu_w8, (x8, w8),
+             _MOSAIC_X_INT8_CONFIGS)):
+          candidates.append((name, _best(
+              lambda c, op=op, args=args: _bind(op, (*args, sx, sw), c),
+              configs, want)))
+      for implementation, best in candidates:
+        if best is None:
+          continue
+        ms, cfg = best
+        tops = 2 * m * n * k / ms / 1e9
+        records.append(benchmarking.record(
+            "int4_matmul", case, ms, base, command=command,
+            implementation=implementation, ours_tops=round(tops, 1),
+            config=str(cfg)))
+        print(f"  -> {implementation} {ms:.4f} ms ({tops:.0f} TOP/s) bf16"
+              f" {base['xla_bf16']:.4f} int8 {base['xla_int8']:.4f}",
+              flush=True)
     for m in map(int, _DECODE_M.value):
+      if "w4a16" not in _KERNELS.value:
+        break
       x = rnd((m, k), jnp.bfloat16)
       wq = rint((n, k // 2))
       sw = jax.random.uniform(next(key), (n,), jnp.float32, 0.01, 0.1)
@@ -131,9 +177,10 @@ def main(argv):
                              if r["benchmark"] == "w4a16_matmul"])
 
 
-def _bind(op, args, cfg):
-  """A zero-argument-compatible timed callable for `op(*args, config=cfg)`."""
-  fn = jax.jit(lambda *a: op(*a, config=cfg, implementation="pallas"))
+def _bind(op, args, cfg, **kwargs):
+  """A zero-argument timed callable for `op(*args, config=cfg, **kwargs)`."""
+  fn = jax.jit(lambda *a: op(*a, config=cfg, implementation="pallas",
+                             **kwargs))
   return lambda: fn(*args)
 
 

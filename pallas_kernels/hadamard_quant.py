@@ -8,8 +8,11 @@ written as packed int4 in the layout of `quarot_jax/quant.py` (two's
 complement nibbles along K, byte j = element 2j in the low nibble, 2j+1 in
 the high one): exactly `quant.pack_int4(quant.quantize(y,
 quant.activation_spec(4, clip_ratio=c)).values)` and its scales, which is what
-`pallas_kernels.int4_matmul` takes. Matmul-style axes: M rows (tokens), K the
-transformed axis.
+`pallas_kernels.int4_matmul` takes. With `packed=False` the codes are written
+one per int8 byte instead ([M, K], twice the bytes): the operand the Mosaic
+GPU matmul feeds to wgmma from shared memory, where an int4 operand would
+have to be widened in registers first (BENCHMARKS.md). Matmul-style axes: M
+rows (tokens), K the transformed axis.
 
 The transform as two small matmuls. H_K = np.kron(S_p, B_m) with
 (p, m) = hadamard.factorize(K) (S Sylvester, B the base of order m), and
@@ -21,8 +24,10 @@ order r = b·m. Viewing a row x[K] as X[a, r] (row-major, a free reshape),
 output columns are X · R[:, 0::2] and the odd ones X · R[:, 1::2], and as r
 is even, column parity inside the [a, r] view is the parity of k. So each
 program computes Y_even, Y_odd [a, r/2], their absmax, the codes, and one
-byte per pair. Without the Hadamard, R is the identity (its even/odd columns
-select) and the left factor is skipped.
+byte per pair (unpacked output splits R into its first and second halves of
+columns instead, two stores). Without the Hadamard, R
+is the identity (its even/odd columns select) and the left factor is
+skipped.
 
 Precision: the ±1 and 0/1 matrices are exact in bf16, so X · R (bf16 x, f32
 accumulation) loses nothing; its f32 result is split into bf16 high and low
@@ -84,8 +89,8 @@ def _pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _matrices(k: int, use_hadamard: bool) -> tuple[np.ndarray, ...]:
-  """(left [a, a], right_even [r, r/2], right_odd [r, r/2]) as f32."""
+def _matrices(k: int, use_hadamard: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(left [a, a], right [r, r]) as f32."""
   a, b, m = _split(k, use_hadamard)
   if use_hadamard:
     # pylint: disable-next=protected-access
@@ -93,8 +98,7 @@ def _matrices(k: int, use_hadamard: bool) -> tuple[np.ndarray, ...]:
     left = hadamard_lib.sylvester(a).T
   else:
     right, left = np.eye(b * m), np.eye(a)
-  right = right.astype(np.float32)
-  return left.astype(np.float32), right[:, 0::2].copy(), right[:, 1::2].copy()
+  return left.astype(np.float32), right.astype(np.float32)
 
 
 def can_use_hadamard_quant(k: int, use_hadamard: bool = True) -> bool:
@@ -117,26 +121,29 @@ def _round_half_even(v: jax.Array) -> jax.Array:
   return jnp.where(up, f + 1.0, f)
 
 
-def hadamard_quant_kernel(x_ref, sign_ref, left_ref, re_ref, ro_ref, q_ref,
-                          s_ref, *, use_left: bool, use_signs: bool,
-                          norm: float, clip_ratio: float):
-  """One row: transform, absmax, codes, packed bytes."""
-  # x_ref: [a, r]; sign_ref: f32[ap, rp]; left_ref: [ap, ap];
-  # re_ref, ro_ref: [rp, rp // 2]; q_ref: uint8[a, r // 2]; s_ref: f32[1]
-  # (ap, rp: a, r rounded up to powers of two, as Triton needs; the padded
-  # rows and columns of the matrices are zero).
+def hadamard_quant_kernel(x_ref, sign_ref, left_ref, *refs, packed: bool,
+                          use_left: bool, use_signs: bool, norm: float,
+                          clip_ratio: float):
+  """One row: transform, absmax, codes, packed bytes (or int8 codes)."""
+  # x_ref: [a, r]; sign_ref: f32[ap, rp]; left_ref: [ap, ap]; r0_ref,
+  # r1_ref: [rp, rp // 2], the even and odd columns of R (packed) or its
+  # first and second halves; q_ref: uint8[a, r // 2] (packed) or
+  # int8[a, 2, r // 2] (the halves; in memory the same as [a, r]);
+  # s_ref: f32[1] (ap, rp: a, r rounded up to powers of two, as Triton
+  # needs; the padded rows and columns of the matrices are zero).
+  *right_refs, q_ref, s_ref = refs
   a, r = x_ref.shape
   ap, rp = sign_ref.shape
   rows = jnp.arange(ap)[:, None] < a
   x = plgpu.load(x_ref.at[pl.ds(0, ap), pl.ds(0, rp)],
                  mask=rows & (jnp.arange(rp)[None, :] < r), other=0)
-  dt = re_ref.dtype
+  dt = right_refs[0].dtype
   if use_signs:
     x = x.astype(jnp.float32) * sign_ref[...]
   x = x.astype(dt)
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
-  halves = [dot(x, re_ref[...]), dot(x, ro_ref[...])]  # f32 [ap, rp // 2]
+  halves = [dot(x, ref[...]) for ref in right_refs]  # f32 [ap, rp // 2]
   if use_left:
     left = left_ref[...]
     if dt == jnp.float32:
@@ -148,24 +155,30 @@ def hadamard_quant_kernel(x_ref, sign_ref, left_ref, re_ref, ro_ref, q_ref,
         z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
         split.append(dot(left, z_hi) + dot(left, z_lo))
       halves = split
-  y_even, y_odd = (z * norm for z in halves)
-  absmax = jnp.maximum(jnp.max(jnp.abs(y_even)), jnp.max(jnp.abs(y_odd)))
+  ys = [z * norm for z in halves]
+  absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y)) for y in ys])
   scale = clip_ratio * absmax / 7.0
   scale = jnp.where(scale > 0, scale, 1.0)
   codes = [jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
-           for y in (y_even, y_odd)]
-  packed = ((codes[0] & 0xF) | ((codes[1] & 0xF) << 4)).astype(jnp.uint8)
-  plgpu.store(q_ref.at[pl.ds(0, ap), pl.ds(0, rp // 2)], packed,
-              mask=rows & (jnp.arange(rp // 2)[None, :] < r // 2))
+           for y in ys]
+  mask = rows & (jnp.arange(rp // 2)[None, :] < r // 2)
+  if packed:
+    out = ((codes[0] & 0xF) | ((codes[1] & 0xF) << 4)).astype(jnp.uint8)
+    plgpu.store(q_ref.at[pl.ds(0, ap), pl.ds(0, rp // 2)], out, mask=mask)
+  else:  # Two half-width stores keep the dots the packed kernel's size.
+    for i, half in enumerate(codes):
+      plgpu.store(q_ref.at[pl.ds(0, ap), pl.ds(i, 1), pl.ds(0, rp // 2)],
+                  half.astype(jnp.int8)[:, None, :], mask=mask[:, None, :])
   s_ref[...] = jnp.full((1,), scale, jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "hadamard", "clip_ratio", "bits", "config", "interpret", "debug",
-    "implementation"))
+    "hadamard", "clip_ratio", "bits", "packed", "config", "interpret",
+    "debug", "implementation"))
 def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
                    signs: jax.Array | None = None, clip_ratio: float = 0.9,
-                   bits: int = 4, config: HadamardQuantConfig | None = None,
+                   bits: int = 4, packed: bool = True,
+                   config: HadamardQuantConfig | None = None,
                    interpret: bool = False, debug: bool = False,
                    implementation: Literal["pallas", "xla"] | None = None
                    ) -> tuple[jax.Array, jax.Array]:
@@ -178,6 +191,8 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
       (a randomized Hadamard diag(signs) · H).
     clip_ratio: fraction of each row's absmax mapped to the largest code.
     bits: 4 (the only width the packed kernels take).
+    packed: two codes per byte (uint8[..., K // 2]); False writes one int8
+      code per element (int8[..., K]).
     config: launch parameters.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     debug: print the kernel's jaxpr.
@@ -185,7 +200,8 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
       or when interpret=True, else the reference).
 
   Returns:
-    (x_q uint8[..., K // 2] packed int4, s_x f32[...] per-row scales).
+    (x_q uint8[..., K // 2] packed int4 (int8[..., K] codes when not
+    `packed`), s_x f32[...] per-row scales).
 
   Raises:
     ValueError: K odd, K without a Hadamard matrix, clip_ratio outside
@@ -210,7 +226,7 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
     logging.info("hadamard_quant: using %s", implementation)
   if implementation == "xla":
     return hadamard_quant_reference(x, hadamard=hadamard, signs=signs,
-                                    clip_ratio=clip_ratio)
+                                    clip_ratio=clip_ratio, packed=packed)
   cfg = config or HadamardQuantConfig()
   lead = x.shape[:-1]
   a, b, m = _split(k, hadamard)
@@ -220,14 +236,18 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
   rows = x3.shape[0]
   # ±1 and 0/1 are exact in every float dtype; 16-bit inputs keep theirs.
   dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-  left, right_even, right_odd = _matrices(k, hadamard)
+  left, right = _matrices(k, hadamard)
+  rights = ((right[:, 0::2], right[:, 1::2]) if packed
+            else (right[:, :r // 2], right[:, r // 2:]))
+  q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else (
+      (a, 2, r // 2), jnp.int8)
   pad = lambda t, shape: jnp.asarray(
       np.pad(t, [(0, n - d) for d, n in zip(t.shape, shape)]), dt)
   sign = (jnp.ones((a, r), jnp.float32) if signs is None
           else signs.astype(jnp.float32).reshape(a, r))
   sign = jnp.pad(sign, [(0, ap - a), (0, rp - r)])
   kernel = functools.partial(
-      hadamard_quant_kernel, use_left=hadamard and a > 1,
+      hadamard_quant_kernel, packed=packed, use_left=hadamard and a > 1,
       use_signs=signs is not None,
       norm=float(np.float32(1.0 / math.sqrt(k))) if hadamard else 1.0,
       clip_ratio=clip_ratio)
@@ -236,25 +256,27 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
       kernel,
       grid=(rows,),
       in_specs=[pl.BlockSpec((None, a, r), lambda i: (i, 0, 0)),
-                full((ap, rp)), full((ap, ap)), full((rp, rp // 2)),
-                full((rp, rp // 2))],
-      out_specs=[pl.BlockSpec((None, a, r // 2), lambda i: (i, 0, 0)),
+                full((ap, rp)), full((ap, ap))]
+      + [full((rp, rp // 2))] * 2,
+      out_specs=[pl.BlockSpec((None, *q_block),
+                              lambda i: (i,) + (0,) * len(q_block)),
                  pl.BlockSpec((1,), lambda i: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((rows, a, r // 2), jnp.uint8),
+      out_shape=[jax.ShapeDtypeStruct((rows, *q_block), q_dtype),
                  jax.ShapeDtypeStruct((rows,), jnp.float32)],
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="hadamard_quant",
-  )(x3, sign, pad(left, (ap, ap)), pad(right_even, (rp, rp // 2)),
-    pad(right_odd, (rp, rp // 2)))
-  return x_q.reshape(*lead, k // 2), s_x.reshape(lead)
+  )(x3, sign, pad(left, (ap, ap)),
+    *[pad(t, (rp, rp // 2)) for t in rights])
+  return x_q.reshape(*lead, -1), s_x.reshape(lead)
 
 
 def hadamard_quant_reference(x: jax.Array, *, hadamard: bool = True,
                              signs: jax.Array | None = None,
-                             clip_ratio: float = 0.9
+                             clip_ratio: float = 0.9, packed: bool = True
                              ) -> tuple[jax.Array, jax.Array]:
-  """Plain-jnp `hadamard_quant`: transform in f32, quantize, pack."""
+  """Plain-jnp `hadamard_quant`: transform in f32, quantize, pack (or keep
+  int8 codes when not `packed`)."""
   from quarot_jax import quant  # pylint: disable=g-import-not-at-top
   y = x.astype(jnp.float32)
   if signs is not None:
@@ -262,4 +284,5 @@ def hadamard_quant_reference(x: jax.Array, *, hadamard: bool = True,
   if hadamard:
     y = hadamard_lib.fast_hadamard_transform(y)
   q = quant.quantize(y, quant.activation_spec(4, clip_ratio=clip_ratio))
-  return quant.pack_int4(q.values), q.scale[..., 0]
+  codes = q.values.astype(jnp.int8)
+  return (quant.pack_int4(codes) if packed else codes), q.scale[..., 0]

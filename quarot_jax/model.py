@@ -67,9 +67,9 @@ class RunOptions:
       on a GPU, their jnp references elsewhere), 'pallas' or 'xla'.
     interpret: run those Pallas kernels in interpret mode (CPU tests).
     matmul_implementation: overrides `implementation` for the int4
-      matmuls only; 'xla' unpacks int4 to int8 in XLA and runs XLA's
-      (cuBLAS) int8 matmul, which beats our Pallas Triton kernel on an H100
-      (BENCHMARKS.md).
+      matmuls only: 'mosaic' (the wgmma kernel, the default on Hopper),
+      'triton', or 'xla' (int4 unpacked to int8 in XLA, then XLA's cuBLAS
+      int8 matmul); see `qlinear.w4a4_matmul` and BENCHMARKS.md.
   """
 
   online_had_down: bool = False

@@ -10,9 +10,11 @@ A decoder linear quantized for real holds, instead of a float
 stacked on the leading L axis like every layer param. `linear` runs one:
 with 4-bit activations it quantizes the input per token (fusing the online
 Hadamard when asked) with `pallas_kernels.hadamard_quant` and multiplies with
-`pallas_kernels.int4_matmul`; with float activations it runs the W4A16
-kernel. Each kernel falls back to its plain-jnp reference off the GPU, so
-the CPU runs the same code path and CI tests it.
+`w4a4_matmul` (the Mosaic GPU wgmma kernel on Hopper, fed int8 activation
+codes, which it reads from shared memory faster than packed ones; the
+Triton kernel, fed packed codes, on other GPUs); with float activations it
+runs the W4A16 kernel. Each kernel falls back to its plain-jnp reference off
+the GPU, so the CPU runs the same code path and CI tests it.
 
 Supported: 4-bit symmetric per-channel weights; activations 4-bit symmetric
 per token, or unquantized (16). Weight groups, asymmetric weights and other
@@ -27,6 +29,7 @@ import numpy as np
 
 from pallas_kernels import hadamard_quant as hq_lib
 from pallas_kernels import int4_matmul as w4a4_lib
+from pallas_kernels import int4_matmul_mgpu as mgpu_lib
 from pallas_kernels import w4a16_matmul as w4a16_lib
 from quarot_jax import hadamard
 from quarot_jax import quant
@@ -161,7 +164,8 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
     implementation: None (Pallas on a GPU, else the jnp references),
       'pallas' or 'xla' (the references).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
-    matmul_implementation: overrides `implementation` for the matmul.
+    matmul_implementation: overrides `implementation` for the matmul; also
+      'mosaic' or 'triton' to pick the W4A4 kernel (see `w4a4_matmul`).
 
   Returns:
     [..., out] in the dtype of x.
@@ -177,6 +181,8 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
     if online_hadamard:
       x2 = hadamard.fast_hadamard_transform(
           x2.astype(jnp.float32)).astype(x.dtype)
+    if mm_impl["implementation"] in ("mosaic", "triton"):
+      mm_impl["implementation"] = "pallas"  # W4A16 has one kernel.
     y = w4a16_lib.w4a16_matmul(x2, p["qweight"], p["wscale"], **mm_impl)
   else:
     if (a_spec.bits != 4 or not a_spec.symmetric
@@ -184,13 +190,71 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
       raise NotImplementedError(
           f"packed linears quantize activations to 4-bit symmetric per"
           f" token; got {a_spec}")
+    mm_impl["implementation"] = w4a4_kernel(**mm_impl)
     x_q, s_x = hq_lib.hadamard_quant(
-        x2, hadamard=online_hadamard, clip_ratio=a_spec.clip_ratio, **impl)
-    y = w4a4_lib.int4_matmul(x_q, p["qweight"], s_x, p["wscale"],
-                             out_dtype=x.dtype, **mm_impl)
+        x2, hadamard=online_hadamard, clip_ratio=a_spec.clip_ratio,
+        packed=mm_impl["implementation"] != "mosaic", **impl)
+    y = w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],
+                    out_dtype=x.dtype, **mm_impl)
   if "bias" in p:
     y = y + p["bias"].astype(y.dtype)
   return y.reshape(*lead, y.shape[-1])
+
+
+def w4a4_kernel(implementation: str | None = None,
+                interpret: bool = False) -> str | None:
+  """The W4A4 matmul `w4a4_matmul` runs for `implementation`: 'mosaic' for
+  None/'pallas' on a Hopper GPU (and not `interpret`), else unchanged.
+
+  Raises:
+    ValueError: an unknown implementation.
+  """
+  if implementation not in (None, "pallas", "mosaic", "triton", "xla"):
+    raise ValueError(f"unknown W4A4 matmul implementation {implementation!r}")
+  if implementation in (None, "pallas") and not interpret and (
+      mgpu_lib.can_use_int4_matmul_mgpu()):
+    return "mosaic"
+  return implementation
+
+
+def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
+                s_w: jax.Array, *, out_dtype=jnp.bfloat16,
+                implementation: str | None = None,
+                interpret: bool = False) -> jax.Array:
+  """y = (x_q · w_qᵀ) * s_x * s_w with the fastest W4A4 kernel available.
+
+  Args:
+    x_q: uint8[M, K // 2] packed int4 activations (quant.py layout), or
+      int8[M, K] codes in [-8, 7] (`hadamard_quant(..., packed=False)`):
+      what the Mosaic kernel reads fastest; packed here for the others.
+    w_q: uint8[N, K // 2] packed int4 weights.
+    s_x: f32[M] per-token scales.
+    s_w: f32[N] per-output-channel scales.
+    out_dtype: dtype of y.
+    implementation: None or 'pallas' (the Mosaic GPU wgmma kernel on a
+      Hopper GPU, the Triton kernel on other GPUs and under `interpret`),
+      'mosaic', 'triton', or 'xla' (the jnp reference: int8 unpack + XLA's
+      int8 matmul).
+    interpret: run the Triton kernel in interpret mode (CPU tests; Mosaic
+      GPU's interpreter does not run the wgmma kernel).
+
+  Returns:
+    y: [M, N] in `out_dtype`.
+
+  Raises:
+    ValueError: an unknown implementation.
+  """
+  implementation = w4a4_kernel(implementation, interpret)
+  if implementation == "mosaic":
+    return mgpu_lib.int4_matmul_mgpu(x_q, w_q, s_x, s_w, out_dtype=out_dtype,
+                                     implementation="pallas")
+  if x_q.dtype == jnp.int8:
+    x_q = quant.pack_int4(x_q)
+  if implementation == "triton":
+    implementation = "pallas"
+  return w4a4_lib.int4_matmul(x_q, w_q, s_x, s_w, out_dtype=out_dtype,
+                              implementation=implementation,
+                              interpret=interpret)
 
 
 def weight_bytes(params: Params) -> int:

@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import hadamard_quant as hq_lib
-from pallas_kernels import int4_matmul as w4a4_lib
 from pallas_kernels import kv4_cache as kv4_lib
 from quarot_jax import benchmarking
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import qlinear
+from quarot_jax import quant as quant_lib
 from quarot_jax import quarot
 from quarot_jax.config import LlamaConfig
 
@@ -130,6 +130,12 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   xla_mm = dataclasses.replace(options, matmul_implementation="xla")
   ours_xla_mm_ms = benchmarking.median_ms(
       lambda: run(qparams, x, qcache, xla_mm))
+  triton = {}
+  if jax.default_backend() == "gpu":  # The Triton kernel has no CPU path.
+    triton_mm = dataclasses.replace(options, matmul_implementation="triton")
+    ms = benchmarking.median_ms(lambda: run(qparams, x, qcache, triton_mm))
+    triton = dict(ours_triton_matmul_ms=round(ms, 4),
+                  speedup_triton_matmul=round(float_ms / ms, 3))
   stages = _stage_times(qparams, config, batch * seq)
   qk = jax.random.normal(kx, (batch, seq, n, h), jnp.bfloat16)
   kvx = jax.random.normal(kx, (batch, seq, kv, h), jnp.bfloat16)
@@ -143,6 +149,7 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
       {"xla_bf16_layer": float_ms}, command=command,
       ours_xla_int8_matmul_ms=round(ours_xla_mm_ms, 4),
       speedup_xla_int8_matmul=round(float_ms / ours_xla_mm_ms, 3),
+      **triton,
       stages_ms={k: round(v, 4) for k, v in stages.items()},
       stage_share={k: round(v / ours_ms, 3) for k, v in stages.items()})]
 
@@ -154,7 +161,10 @@ def _stage_times(qparams: Any, config: LlamaConfig, m: int) -> dict:
   nh = config.num_attention_heads * config.head_dim
   key = iter(jax.random.split(jax.random.key(1), 16))
   times = {}
-  quant = jax.jit(lambda x, had: hq_lib.hadamard_quant(x, hadamard=had),
+  # The activation format the model's matmul takes (int8 codes for Mosaic).
+  packed = qlinear.w4a4_kernel() != "mosaic"
+  quant = jax.jit(lambda x, had: hq_lib.hadamard_quant(x, hadamard=had,
+                                                       packed=packed),
                   static_argnames="had")
   for name, width, had in (("quantize_qkv_in", d, False),
                            ("hadamard_quantize_o_in", nh, True),
@@ -162,7 +172,7 @@ def _stage_times(qparams: Any, config: LlamaConfig, m: int) -> dict:
                            ("hadamard_quantize_down_in", f, True)):
     x = jax.random.normal(next(key), (m, width), jnp.bfloat16)
     times[name] = benchmarking.median_ms(lambda x=x, had=had: quant(x, had))
-  matmul = jax.jit(w4a4_lib.int4_matmul)
+  matmul = jax.jit(qlinear.w4a4_matmul)  # The kernel the model runs.
   total = 0.0
   x_q_of = {}
   for block, name in quarot.LINEARS:
@@ -170,12 +180,13 @@ def _stage_times(qparams: Any, config: LlamaConfig, m: int) -> dict:
     x_q = jax.random.randint(next(key), (m, p["qweight"].shape[1]), 0, 256,
                              jnp.int32).astype(jnp.uint8)
     x_q_of[x_q.shape[1]] = x_q
+    x_in = x_q if packed else quant_lib.unpack_int4(x_q, signed=True)
     s_x = jnp.ones((m,), jnp.float32)
     total += benchmarking.median_ms(
-        lambda x_q=x_q, s_x=s_x, p=p: matmul(x_q, p["qweight"], s_x,
-                                             p["wscale"]))
+        lambda x_in=x_in, s_x=s_x, p=p: matmul(x_in, p["qweight"], s_x,
+                                               p["wscale"]))
   times["int4_matmuls"] = total
-  xla_matmul = jax.jit(functools.partial(w4a4_lib.int4_matmul,
+  xla_matmul = jax.jit(functools.partial(qlinear.w4a4_matmul,
                                          implementation="xla"))
   times["int4_matmuls_xla_int8"] = sum(
       benchmarking.median_ms(lambda p=lp[b][n]: xla_matmul(
@@ -303,6 +314,13 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
   xla_mm = dataclasses.replace(options, matmul_implementation="xla")
   xla_mm_ms = benchmarking.median_ms(lambda: run(qparams, True, xla_mm),
                                      warmup=1, runs=5, inner=1)
+  triton = {}
+  if jax.default_backend() == "gpu":  # The Triton kernel has no CPU path.
+    triton_mm = dataclasses.replace(options, matmul_implementation="triton")
+    ms = benchmarking.median_ms(lambda: run(qparams, True, triton_mm),
+                                warmup=1, runs=5, inner=1)
+    triton = dict(ours_triton_matmul_ms=round(ms, 4),
+                  speedup_triton_matmul=round(float_ms / ms, 3))
   tps = lambda ms: batch * seq / (ms / 1e3)
   return [benchmarking.record(
       "model_prefill", f"{_name(config)} b{batch} s{seq}", ours_ms,
@@ -311,5 +329,6 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
       baseline_tokens_per_s=round(tps(float_ms), 1),
       ours_xla_int8_matmul_ms=round(xla_mm_ms, 4),
       speedup_xla_int8_matmul=round(float_ms / xla_mm_ms, 3),
+      **triton,
       ours_weight_bytes=nbytes(qparams),
       baseline_weight_bytes=nbytes(fparams))]

@@ -119,6 +119,20 @@ def test_packed_forward_runs_every_kernel_in_interpret_mode():
   assert _rel(decode, want[1]) < 1e-4
 
 
+@pytest.mark.gpu
+def test_packed_forward_on_gpu_uses_mosaic_matmul_and_matches_reference():
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 12, seed=5)
+  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
+                                  progress=False)
+  ref = dataclasses.replace(options, implementation="xla")
+  fwd = jax.jit(lambda p, opts: model.forward(p, tokens, config,
+                                              options=opts)[0],
+                static_argnames="opts")
+  assert "int4_matmul_mgpu" in fwd.lower(real, options).as_text()
+  assert _rel(fwd(real, options), fwd(real, ref)) < 1e-4
+
+
 def test_generate_on_packed_params_agrees_with_simulated():
   params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
   (sim, options), (real, _) = _both(params, config)

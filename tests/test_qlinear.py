@@ -115,3 +115,26 @@ def test_dequantize_params_is_the_simulated_model():
   node = back["layers"]["mlp"]["down_proj"]
   assert set(node) == {"kernel", "bias"}
   np.testing.assert_array_equal(np.asarray(node["kernel"]), np.asarray(want))
+
+
+def test_w4a4_matmul_kernels_agree_with_reference():
+  rng = np.random.default_rng(4)
+  x8 = jnp.asarray(rng.integers(-8, 8, (12, 256)), jnp.int8)
+  xq = quant.pack_int4(x8)
+  wq = quant.pack_int4(jnp.asarray(rng.integers(-8, 8, (40, 256)), jnp.int8))
+  sx = jnp.asarray(rng.uniform(0.01, 0.1, 12), jnp.float32)
+  sw = jnp.asarray(rng.uniform(0.01, 0.1, 40), jnp.float32)
+  want = qlinear.w4a4_matmul(xq, wq, sx, sw, out_dtype=jnp.float32,
+                             implementation="xla")
+  on_gpu = jax.default_backend() == "gpu"
+  impls = ["triton", None] + (["mosaic"] if on_gpu else [])
+  for impl in impls:
+    got = qlinear.w4a4_matmul(xq, wq, sx, sw, out_dtype=jnp.float32,
+                              implementation=impl, interpret=not on_gpu)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Unpacked int8 codes (what hadamard_quant writes for Mosaic) too.
+    got = qlinear.w4a4_matmul(x8, wq, sx, sw, out_dtype=jnp.float32,
+                              implementation=impl, interpret=not on_gpu)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match="unknown W4A4"):
+    qlinear.w4a4_matmul(xq, wq, sx, sw, implementation="cutlass")

@@ -52,6 +52,25 @@ def test_16_bit_inputs_and_signs_and_leading_dims(dtype, interpret):
   np.testing.assert_array_equal(np.asarray(got_q), np.asarray(want_q))
 
 
+@pytest.mark.parametrize("k", [64, 576, 688, 4096])
+@pytest.mark.parametrize("use_hadamard", [True, False])
+def test_unpacked_output_is_the_packed_codes(k, use_hadamard, interpret):
+  x = _x(5, k, jnp.bfloat16, seed=k + 1)
+  got_q, got_s = hq.hadamard_quant(x, hadamard=use_hadamard, packed=False,
+                                   interpret=interpret)
+  packed_q, packed_s = hq.hadamard_quant(x, hadamard=use_hadamard,
+                                         interpret=interpret)
+  assert got_q.shape == (5, k) and got_q.dtype == jnp.int8
+  assert int(jnp.abs(got_q.astype(jnp.int32)).max()) > 1  # not all zeros
+  # The same transform, scales and codes, only one per byte.
+  np.testing.assert_array_equal(np.asarray(got_s), np.asarray(packed_s))
+  np.testing.assert_array_equal(
+      np.asarray(got_q), np.asarray(quant.unpack_int4(packed_q, signed=True)))
+  want_q, _ = hq.hadamard_quant_reference(x, hadamard=use_hadamard,
+                                          packed=False)
+  np.testing.assert_array_equal(np.asarray(got_q), np.asarray(want_q))
+
+
 def test_reference_by_hand():
   # x = [3.5, 0.5, 6, 4], H_4 = Sylvester (symmetric): columns [1,1,1,1],
   # [1,-1,1,-1], [1,1,-1,-1], [1,-1,-1,1]. x @ H_4 = [14, 5, -6, 1];

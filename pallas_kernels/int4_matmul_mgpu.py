@@ -1,0 +1,546 @@
+"""W4A4 matmul on Hopper with Pallas Mosaic GPU (int8 wgmma, int32 acc).
+
+  y[M, N] = (x[M, K] · w[N, K]ᵀ) * s_x[M, 1] * s_w[1, N]
+
+Matmul axes are M (tokens), N (output channels), K (input channels).
+Inputs use the int4 packing of `quarot_jax/quant.py` (two signed nibbles per
+byte along K, low nibble = even index): x_q uint8[M, K // 2] and w_q
+uint8[N, K // 2], both K-major. Scales are f32 per token and per output
+channel; the int32 accumulation is exact and the scales are applied in the
+epilogue; y is written in bf16 (or f16/f32) through shared memory and TMA.
+
+Hopper has no int4 tensor-core MMA, so the kernel runs int8 wgmma:
+  * the activation tile is operand A. By default (x_operand='registers')
+    it travels as int4 (the wrapper reinterprets the bytes as jnp.int4) and
+    is widened int4 -> int8 in registers (8-bit WGMMA layout); a register
+    operand cannot outlive its step, so those wgmmas run one at a time per
+    warpgroup (the two compute warpgroups interleave). int8 activations
+    (x_operand='smem', or x given as int8) feed the wgmma from shared
+    memory, and one wgmma stays in flight while the next step's weights
+    are widened;
+  * the weight tile is operand B and must be int8 in shared memory, K-major
+    ([N, K] in memory, passed as `plgpu.transpose_ref(w8, (1, 0))`).
+    `int4_matmul_mgpu` streams the weights as int4 (half the bytes) and each
+    compute warpgroup widens its tile through registers into its own int8
+    shared-memory buffer before the wgmma; `int4_matmul_mgpu_w8` takes
+    weights widened once by `unpack_weights` (twice the weight memory) and
+    feeds the TMA'd int8 tile to the wgmma directly.
+The grid is persistent (one CTA per SM, `planar_snake` tile order); each CTA
+has two compute warpgroups, each owning a [block_m, block_n] output tile,
+and one TMA warpgroup that streams K tiles through a `max_concurrent_steps`
+deep shared-memory pipeline (`plgpu.emit_pipeline_warp_specialized`).
+
+Shapes are padded to the tiles by the wrapper. Not supported: group scales
+along K (per-channel only), bits other than 4, GPUs before Hopper (the
+wrappers fall back to the reference off GPU).
+"""
+
+import dataclasses
+import functools
+import logging
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import int4_matmul
+from quarot_jax import quant
+
+_LANE = 128  # int8 elements per 128-byte swizzle row: one wgmma K group
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Int4MatmulMgpuConfig:
+  """Tiles of the Mosaic GPU W4A4 kernel.
+
+  Attributes:
+    block_m: output rows per compute warpgroup (multiple of 64).
+    block_n: output columns per compute warpgroup (multiple of 64, <= 256).
+    block_k: K elements per pipeline step (multiple of 128).
+    max_concurrent_steps: shared-memory pipeline depth.
+    wg_dimension: 'n' puts the two compute warpgroups side by side along N
+      (CTA tile [block_m, 2 * block_n]), 'm' along M.
+    grid_minor_dim: 'n' or 'm', the fast axis of the persistent tile order.
+    grid_tile_width: width of the snake bands of the tile order.
+    epi_block_m: rows per TMA store of the epilogue.
+    epi_block_n: columns per TMA store of the epilogue.
+    wgmma_depth: wgmma groups left in flight at the end of a step (0 or 1;
+      1 needs int8 activations in shared memory, x_operand='smem').
+    num_sms: persistent CTAs; None = the device's SM count.
+  """
+
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 128
+  max_concurrent_steps: int = 4
+  wg_dimension: Literal["m", "n"] = "n"
+  grid_minor_dim: Literal["m", "n"] = "n"
+  grid_tile_width: int = 8
+  epi_block_m: int = 64
+  epi_block_n: int = 64
+  wgmma_depth: int = 0
+  num_sms: int | None = None
+
+  def __post_init__(self):
+    if self.block_m % 64 or self.block_m <= 0:
+      raise ValueError(f"{self.block_m=} must be a positive multiple of 64")
+    if self.block_n % 64 or not 0 < self.block_n <= 256:
+      raise ValueError(f"{self.block_n=} must be a multiple of 64 in"
+                       " (0, 256]")
+    if self.block_k % _LANE or self.block_k <= 0:
+      raise ValueError(f"{self.block_k=} must be a positive multiple of"
+                       f" {_LANE}")
+    if self.max_concurrent_steps < 2:
+      raise ValueError(f"{self.max_concurrent_steps=} must be >= 2")
+    if self.wg_dimension not in ("m", "n"):
+      raise ValueError(f"{self.wg_dimension=} must be 'm' or 'n'")
+    if self.grid_minor_dim not in ("m", "n"):
+      raise ValueError(f"{self.grid_minor_dim=} must be 'm' or 'n'")
+    if self.grid_tile_width < 1:
+      raise ValueError(f"{self.grid_tile_width=} must be >= 1")
+    if self.block_m % self.epi_block_m or self.block_n % self.epi_block_n:
+      raise ValueError(f"{self.epi_block_m=} and {self.epi_block_n=} must"
+                       f" divide {self.block_m=} and {self.block_n=}")
+    if self.wgmma_depth not in (0, 1):
+      raise ValueError(f"{self.wgmma_depth=} must be 0 or 1")
+    if self.num_sms is not None and self.num_sms < 1:
+      raise ValueError(f"{self.num_sms=} must be >= 1")
+
+  @property
+  def cta_m(self) -> int:
+    return self.block_m * (2 if self.wg_dimension == "m" else 1)
+
+  @property
+  def cta_n(self) -> int:
+    return self.block_n * (2 if self.wg_dimension == "n" else 1)
+
+
+_SMEM_BYTES = 232448  # Per-block shared memory on an H100 (sm_90).
+
+
+def smem_bytes(cfg: Int4MatmulMgpuConfig, *, x_int4: bool, w_int4: bool,
+               out_dtype) -> int:
+  """Shared memory the kernel allocates for `cfg` (barriers excluded)."""
+  x_b, w_b = (0.5 if x_int4 else 1), (0.5 if w_int4 else 1)
+  stage = cfg.cta_m * cfg.block_k * x_b + cfg.cta_n * cfg.block_k * w_b
+  widened = 4 * cfg.block_n * cfg.block_k if w_int4 else 0
+  epilogue = 4 * cfg.epi_block_m * cfg.epi_block_n * jnp.dtype(
+      out_dtype).itemsize
+  scales = 4 * 2 * (cfg.block_m + cfg.block_n)
+  return int(cfg.max_concurrent_steps * stage + widened + epilogue + scales)
+
+
+def default_int4_matmul_mgpu_config(*, x_int4: bool, w_int4: bool,
+                                    out_dtype) -> Int4MatmulMgpuConfig:
+  """Tiles: 128x128x128 per warpgroup, the deepest pipeline (<= 4) that fits.
+
+  With int8 activations in shared memory one wgmma stays in flight across
+  steps (depth 1); int4 activations are a register operand (depth 0).
+  BENCHMARKS.md has the configs timed.
+  """
+  for steps in (4, 3, 2):
+    cfg = Int4MatmulMgpuConfig(max_concurrent_steps=steps,
+                               wgmma_depth=0 if x_int4 else 1)
+    if smem_bytes(cfg, x_int4=x_int4, w_int4=w_int4,
+                  out_dtype=out_dtype) + 1024 <= _SMEM_BYTES:
+      return cfg
+  return cfg
+
+
+def _transforms(minor_elems: int, dtype) -> tuple[int, tuple]:
+  """Swizzle (bytes) and tiling+swizzle transforms for a smem tile."""
+  bits = jnp.iinfo(dtype).bits if jnp.issubdtype(
+      dtype, jnp.integer) else jnp.finfo(dtype).bits
+  swizzle = plgpu.find_swizzle(minor_elems * bits)
+  return swizzle, (plgpu.TilingTransform((8, swizzle * 8 // bits)),
+                   plgpu.SwizzleTransform(swizzle))
+
+
+def _load(ref, layout) -> jax.Array:
+  """Smem -> registers in a pinned layout (wgmma's register operand's)."""
+  return plgpu.load(ref, (), layout=layout)
+
+
+def int4_matmul_mgpu_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem,
+                            sx_smem, sw_smem, s_barrier, w8_smem=None, *,
+                            cfg: Int4MatmulMgpuConfig):
+  """Persistent warp-specialized kernel body (one CTA per SM).
+
+  Args:
+    x_gmem: int4[M, K] activations (operand A, widened in registers), or
+      int8[M, K] (operand A straight from shared memory).
+    w_gmem: int4[N, K] weights (widened to int8 in the kernel), or
+      int8[N, K] with values in [-8, 7]; operand B, K-major.
+    sx_gmem: f32[M] per-token scales.
+    sw_gmem: f32[N] per-channel scales.
+    o_gmem: [M, N] output.
+    o_smem: [2, 2, epi_block_m, epi_block_n] epilogue staging (per warpgroup,
+      two slots).
+    sx_smem: f32[2, block_m] scale tiles (per warpgroup).
+    sw_smem: f32[2, block_n] scale tiles (per warpgroup).
+    s_barrier: 4 barriers, the scale copies of (warpgroup, which).
+    w8_smem: int8[2, 2, block_n, block_k] widened weight tiles (per
+      warpgroup, two slots) when w_gmem is int4, else None.
+    cfg: tiles; M, N, K must be multiples of the CTA tile and block_k.
+  """
+  m, k = x_gmem.shape
+  n = w_gmem.shape[0]
+  bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+  m_iters, n_iters, k_iters = m // cfg.cta_m, n // cfg.cta_n, k // bk
+  _, x_tf = _transforms(bk, x_gmem.dtype)
+  _, w_tf = _transforms(bk, w_gmem.dtype)
+  delay = cfg.wgmma_depth
+  if delay and x_gmem.dtype == jnp.int4:
+    raise ValueError("wgmma_depth=1 needs int8 activations in smem; int4"
+                     " activations are a register operand (depth 0)")
+
+  def get_pipeline(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(k_iters,),
+        memory_registers=40,
+        in_specs=[
+            # x: int4[cta_m, block_k]; w: int8[cta_n, block_k]
+            plgpu.BlockSpec((cfg.cta_m, bk), lambda kk: (0, kk),
+                            transforms=x_tf, memory_space=plgpu.SMEM,
+                            delay_release=delay),
+            plgpu.BlockSpec((cfg.cta_n, bk), lambda kk: (0, kk),
+                            transforms=w_tf, memory_space=plgpu.SMEM,
+                            delay_release=delay),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  ignore = lambda *_, **__: None
+
+  @functools.partial(
+      pl.run_scoped,
+      allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+      collective_axes="wg")
+  def _scope(allocs):
+    wg = lax.axis_index("wg")
+
+    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+    def _tile_loop(info):
+      (lin,) = info.index
+      mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters),
+                                  1 if cfg.grid_minor_dim == "n" else 0,
+                                  cfg.grid_tile_width)
+      cta_m = pl.ds(mi * cfg.cta_m, cfg.cta_m)
+      cta_n = pl.ds(ni * cfg.cta_n, cfg.cta_n)
+      if cfg.wg_dimension == "m":
+        wg_m, wg_n = pl.ds(wg * bm, bm), slice(None)
+        m0, n0 = mi * cfg.cta_m + wg * bm, ni * cfg.cta_n
+      else:
+        wg_m, wg_n = slice(None), pl.ds(wg * bn, bn)
+        m0, n0 = mi * cfg.cta_m, ni * cfg.cta_n + wg * bn
+
+      def compute_context(eval_pipeline):
+        # Scales of this tile: TMA now, used after the K loop.
+        plgpu.copy_gmem_to_smem(sx_gmem.at[pl.ds(m0, bm)], sx_smem.at[wg],
+                                s_barrier.at[2 * wg])
+        plgpu.copy_gmem_to_smem(sw_gmem.at[pl.ds(n0, bn)], sw_smem.at[wg],
+                                s_barrier.at[2 * wg + 1])
+
+        @functools.partial(pl.run_scoped,
+                           acc_ref=plgpu.ACC((bm, bn), jnp.int32))
+        def _acc_scope(acc_ref):
+          eval_pipeline(acc_ref)
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_wait(s_barrier.at[2 * wg])
+          plgpu.barrier_wait(s_barrier.at[2 * wg + 1])
+          sx = _load(sx_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
+          sw = _load(sw_smem.at[wg], plgpu.Layout.WGMMA.reduce(0))
+          y = (acc_ref[...].astype(jnp.float32)
+               * lax.broadcast_in_dim(sx, (bm, bn), (0,))
+               * lax.broadcast_in_dim(sw, (bm, bn), (1,)))
+          y = y.astype(o_gmem.dtype)
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          em, en = cfg.epi_block_m, cfg.epi_block_n
+          for i in range(bm // em):
+            for j in range(bn // en):
+              slot = (i * (bn // en) + j) % 2
+              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+              o_smem[wg, slot] = y[i * em:(i + 1) * em, j * en:(j + 1) * en]
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                  o_smem.at[wg, slot],
+                  o_gmem.at[cta_m, cta_n].at[wg_m, wg_n].at[
+                      pl.ds(i * em, em), pl.ds(j * en, en)])
+
+      def mma_body(idx, x_smem, w_smem, acc_ref):
+        # x_smem: int4 or int8[cta_m, block_k]
+        # w_smem: int4 or int8[cta_n, block_k]
+        if x_gmem.dtype == jnp.int4:  # wgmma's register operand.
+          a = _load(x_smem.at[wg_m], plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
+        else:
+          a = x_smem.at[wg_m]
+        if w8_smem is None:
+          b = w_smem.at[wg_n]
+        else:
+          # wgmma's smem operand must be 8-bit: widen this warpgroup's int4
+          # weight tile through registers into its own int8 buffer. Two
+          # slots, so a wgmma still in flight (depth 1) keeps its operand.
+          (kk,) = idx
+          b = w8_smem.at[wg, kk % 2 if delay else 0]
+          b[...] = _load(w_smem.at[wg_n],
+                         plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
+          plgpu.commit_smem()  # Generic-proxy stores -> wgmma's async reads.
+        plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+        # depth 1 (smem operands only): this step's wgmma overlaps the next
+        # step's weight widening; the pipeline holds each smem slot one step
+        # longer (delay_release). A register operand must not be overwritten
+        # while its wgmma runs, and Pallas cannot pin registers, so int4 x
+        # runs at depth 0 (measured: depth 1 gave wrong results).
+        plgpu.wgmma_wait(delay)
+        return acc_ref
+
+      get_pipeline(mma_body, compute_context)(
+          x_gmem.at[cta_m, :], w_gmem.at[cta_n, :], allocations=allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def packed_to_int4(x_q: jax.Array) -> jax.Array:
+  """Reinterprets quant.py's packed bytes as a jnp.int4 array (no unpack).
+
+  Args:
+    x_q: uint8[..., K // 2], low nibble = even index (quant.py layout).
+
+  Returns:
+    int4[..., K] with element 2j = low nibble of byte j.
+  """
+  # [..., K // 2, 2]: XLA splits each byte low nibble first.
+  x4 = lax.bitcast_convert_type(x_q, jnp.int4)
+  # [..., K]
+  return x4.reshape(*x_q.shape[:-1], 2 * x_q.shape[-1])
+
+
+def unpack_weights(w_q: jax.Array) -> jax.Array:
+  """Widens packed int4 weights to the kernel's int8 operand B.
+
+  Args:
+    w_q: uint8[N, K // 2] packed int4 (quant.py layout).
+
+  Returns:
+    int8[N, K], values in [-8, 7]. Do this once per model and call
+    `int4_matmul_mgpu_w8` to skip the per-call widening.
+  """
+  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
+  return quant.unpack_int4(w_q, signed=True)
+
+
+def can_use_int4_matmul_mgpu() -> bool:
+  """True on a Hopper GPU (sm_90), where the Mosaic GPU kernel runs."""
+  if jax.default_backend() != "gpu":
+    return False
+  cc = getattr(jax.devices()[0], "compute_capability", "")
+  return str(cc).startswith("9.")
+
+
+def _num_sms(cfg: Int4MatmulMgpuConfig) -> int:
+  if cfg.num_sms is not None:
+    return cfg.num_sms
+  return jax.devices()[0].core_count
+
+
+def _check(x, w, s_x, s_w, w_dtype):
+  """Shared argument checks; returns (M, N, K)."""
+  m, n = x.shape[0], w.shape[0]
+  if x.dtype not in (jnp.uint8, jnp.int8) or w.dtype != w_dtype:
+    raise ValueError(f"x must be uint8 (packed int4) or int8 and w {w_dtype},"
+                     f" got {x.dtype=} {w.dtype=}")
+  k = x.shape[1] * (2 if x.dtype == jnp.uint8 else 1)
+  if w.shape[1] * (2 if w.dtype == jnp.uint8 else 1) != k:
+    raise ValueError(f"K differs: x {x.shape} {x.dtype}, w {w.shape}"
+                     f" {w.dtype}")
+  if s_x.shape != (m,) or s_w.shape != (n,):
+    raise ValueError(f"scales must be [M]=[{m}] and [N]=[{n}], got"
+                     f" {s_x.shape=} {s_w.shape=}")
+  return m, n, k
+
+
+def _resolve(implementation: str | None, name: str) -> str:
+  """'pallas' or 'xla'; None picks pallas on a Hopper GPU."""
+  if implementation not in (None, "pallas", "xla"):
+    raise ValueError(f"{name}: unknown implementation {implementation!r}")
+  if implementation is None:
+    implementation = "pallas" if can_use_int4_matmul_mgpu() else "xla"
+    logging.info("%s: using %s", name, implementation)
+  if implementation == "pallas" and not can_use_int4_matmul_mgpu():
+    raise ValueError(f"{name}: the Mosaic GPU kernel needs a Hopper GPU"
+                     f" (sm_90); got {jax.devices()[0].device_kind}. Use"
+                     " implementation='xla' (or None) elsewhere.")
+  return implementation
+
+
+def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
+  """Pads to the tiles and runs the kernel.
+
+  x is packed uint8[M, K // 2] or int8[M, K]; w is packed uint8[N, K // 2]
+  (handed to the kernel as int4 and widened there) or int8[N, K].
+  """
+  m, n = x.shape[0], w.shape[0]
+  if x_operand not in ("smem", "registers"):
+    raise ValueError(f"{x_operand=} must be 'smem' or 'registers'")
+  if x.dtype == jnp.uint8 and x_operand == "smem":
+    x = quant.unpack_int4(x, signed=True)  # One XLA pass over activations.
+  cfg = config or default_int4_matmul_mgpu_config(
+      x_int4=x.dtype == jnp.uint8, w_int4=w.dtype == jnp.uint8,
+      out_dtype=out_dtype)
+  if x.dtype == jnp.uint8:
+    x = packed_to_int4(_pad_to(_pad_to(x, 0, cfg.cta_m), 1, cfg.block_k // 2))
+  else:
+    x = _pad_to(_pad_to(x, 0, cfg.cta_m), 1, cfg.block_k)
+  if w.dtype == jnp.uint8:
+    w = packed_to_int4(_pad_to(_pad_to(w, 0, cfg.cta_n), 1, cfg.block_k // 2))
+  else:
+    w = _pad_to(_pad_to(w, 0, cfg.cta_n), 1, cfg.block_k)
+  sx = _pad_to(s_x.astype(jnp.float32), 0, cfg.cta_m)
+  sw = _pad_to(s_w.astype(jnp.float32), 0, cfg.cta_n)
+  mp, np_ = x.shape[0], w.shape[0]
+  scratch = {}
+  if w.dtype == jnp.int4:
+    _, w8_tf = _transforms(cfg.block_k, jnp.int8)
+    scratch["w8_smem"] = plgpu.SMEM((2, 2, cfg.block_n, cfg.block_k),
+                                    jnp.int8, transforms=w8_tf)
+  em, en = cfg.epi_block_m, cfg.epi_block_n
+  _, o_tf = _transforms(en, out_dtype)
+  call = plgpu.kernel(
+      functools.partial(int4_matmul_mgpu_kernel, cfg=cfg),
+      out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      scratch_types=dict(
+          o_smem=plgpu.SMEM((2, 2, em, en), out_dtype, transforms=o_tf),
+          sx_smem=plgpu.SMEM((2, cfg.block_m), jnp.float32),
+          sw_smem=plgpu.SMEM((2, cfg.block_n), jnp.float32),
+          s_barrier=plgpu.Barrier(num_barriers=4),
+          **scratch,
+      ),
+      grid=(_num_sms(cfg),),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      kernel_name="int4_matmul_mgpu",
+  )
+  if debug:
+    print(jax.make_jaxpr(call)(x, w, sx, sw))
+  return call(x, w, sx, sw)[:m, :n]
+
+
+_STATIC = ("x_operand", "out_dtype", "config", "debug", "implementation")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def int4_matmul_mgpu(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
+                     s_w: jax.Array, *,
+                     x_operand: Literal["smem", "registers"] = "registers",
+                     out_dtype=jnp.bfloat16,
+                     config: Int4MatmulMgpuConfig | None = None,
+                     debug: bool = False,
+                     implementation: Literal["pallas", "xla"] | None = None
+                     ) -> jax.Array:
+  """W4A4 matmul with per-token and per-channel scales (Mosaic GPU).
+
+  Args:
+    x: uint8[M, K // 2] packed int4 activations, or int8[M, K] int4 values.
+    w_q: uint8[N, K // 2] packed int4 weights (widened to int8 in the
+      kernel, tile by tile, in shared memory).
+    s_x: f32[M] per-token scales.
+    s_w: f32[N] per-output-channel scales.
+    x_operand: 'registers' streams packed x as int4 and widens it in
+      registers (half the activation bytes, but each wgmma must finish
+      before the next step); 'smem' feeds int8 activations to the wgmma from
+      shared memory (packed x is widened to int8 by XLA first), which lets
+      one wgmma run while the next weight tile is widened. int8 x always
+      goes through shared memory. BENCHMARKS.md compares them.
+    out_dtype: dtype of y.
+    config: tiles; `default_int4_matmul_mgpu_config` when None.
+    debug: print the kernel's jaxpr.
+    implementation: 'pallas', 'xla' (the reference) or None (pallas on a
+      Hopper GPU, else the reference). There is no interpret mode: Mosaic
+      GPU's interpreter (jax 0.10.2) fails on this kernel's warp-specialized
+      pipeline, so it is tested on the GPU; the Triton kernel
+      (`int4_matmul`), tested in interpret mode, runs the same arithmetic.
+
+  Returns:
+    y: [M, N] in `out_dtype`.
+
+  Raises:
+    ValueError: shapes, dtypes or options that do not fit together.
+  """
+  _check(x, w_q, s_x, s_w, jnp.uint8)
+  if _resolve(implementation, "int4_matmul_mgpu") == "xla":
+    return int4_matmul_mgpu_reference(x, w_q, s_x, s_w, out_dtype=out_dtype)
+  return _mgpu_matmul(x, w_q, s_x, s_w, x_operand=x_operand,
+                      out_dtype=out_dtype, config=config, debug=debug)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def int4_matmul_mgpu_w8(x: jax.Array, w_i8: jax.Array, s_x: jax.Array,
+                        s_w: jax.Array, *,
+                        x_operand: Literal["smem", "registers"] = "registers",
+                        out_dtype=jnp.bfloat16,
+                        config: Int4MatmulMgpuConfig | None = None,
+                        debug: bool = False,
+                        implementation: Literal["pallas", "xla"] | None = None
+                        ) -> jax.Array:
+  """`int4_matmul_mgpu` with weights already widened by `unpack_weights`.
+
+  Args:
+    x: uint8[M, K // 2] packed int4 activations, or int8[M, K] int4 values.
+    w_i8: int8[N, K] int4 weight values in [-8, 7] (not checked).
+    s_x: f32[M] per-token scales.
+    s_w: f32[N] per-output-channel scales.
+    x_operand: as in `int4_matmul_mgpu`.
+    out_dtype: dtype of y.
+    config: tiles; `default_int4_matmul_mgpu_config` when None.
+    debug: print the kernel's jaxpr.
+    implementation: as in `int4_matmul_mgpu`.
+
+  Returns:
+    y: [M, N] in `out_dtype`.
+
+  Raises:
+    ValueError: shapes, dtypes or options that do not fit together.
+  """
+  _check(x, w_i8, s_x, s_w, jnp.int8)
+  if _resolve(implementation, "int4_matmul_mgpu_w8") == "xla":
+    return int4_matmul_mgpu_reference(x, quant.pack_int4(w_i8), s_x, s_w,
+                                      out_dtype=out_dtype)
+  return _mgpu_matmul(x, w_i8, s_x, s_w, x_operand=x_operand,
+                      out_dtype=out_dtype, config=config, debug=debug)
+
+
+def int4_matmul_mgpu_reference(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
+                               s_w: jax.Array, *,
+                               out_dtype=jnp.bfloat16) -> jax.Array:
+  """Plain-jnp reference: `int4_matmul.int4_matmul_reference`.
+
+  Args:
+    x: uint8[M, K // 2] packed int4 activations, or int8[M, K] int4 values.
+    w_q: uint8[N, K // 2] packed int4 weights.
+    s_x: f32[M]; s_w: f32[N].
+    out_dtype: dtype of y.
+
+  Returns:
+    y: [M, N] in `out_dtype`.
+  """
+  if x.dtype == jnp.int8:
+    x = quant.pack_int4(x)
+  return int4_matmul.int4_matmul_reference(x, w_q, s_x, s_w,
+                                           out_dtype=out_dtype)

@@ -30,6 +30,8 @@ _MS = flags.DEFINE_list("m", ["2048", "8192", "16384"], "Rows (tokens).")
 _KS = flags.DEFINE_list("k", ["4096", "11008", "14336"], "Widths K.")
 _PEAK = flags.DEFINE_float("peak_gbps", 3350.0, "HBM peak (H100 SXM).")
 _WARPS = flags.DEFINE_list("num_warps", ["2", "4"], "num_warps sweep.")
+_ROWS = flags.DEFINE_list("rows_per_program", ["1", "4", "8"],
+                          "rows_per_program sweep.")
 _PACKED = flags.DEFINE_list("packed", ["true", "false"],
                             "Output formats: packed int4, int8 codes.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
@@ -51,8 +53,9 @@ def main(argv):
         case = (f"M{m}_K{k}_{'hadamard' if use_had else 'quant_only'}"
                 + ("" if packed else "_int8"))
         best = None
-        for warps in map(int, _WARPS.value):
-          cfg = hq.HadamardQuantConfig(num_warps=warps)
+        for warps, rows in [(w, r) for w in map(int, _WARPS.value)
+                            for r in map(int, _ROWS.value)]:
+          cfg = hq.HadamardQuantConfig(num_warps=warps, rows_per_program=rows)
           fn = jax.jit(lambda x, cfg=cfg, h=use_had, p=packed:
                        hq.hadamard_quant(x, hadamard=h, packed=p, config=cfg,
                                          **impl))

@@ -34,8 +34,9 @@ accumulation) loses nothing; its f32 result is split into bf16 high and low
 parts for the left product (two dots), which keeps ~16 mantissa bits. f32
 inputs (CPU tests) use f32 dots at HIGHEST precision throughout.
 
-Backend: the Pallas Triton lowering, one row per program (interpret mode on
-the CPU). Not supported: bits other than 4 (NotImplementedError), group
+Backend: the Pallas Triton lowering, a few rows per program
+(`rows_per_program`) sharing one load of the transform matrices (interpret
+mode on the CPU). Not supported: bits other than 4 (NotImplementedError), group
 scales along K, K without a Hadamard matrix of that order.
 """
 
@@ -59,10 +60,23 @@ _MAX_ORDER = 256  # largest r or a the split aims for
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HadamardQuantConfig:
-  """Launch parameters (one row per program)."""
+  """Launch parameters.
+
+  Attributes:
+    num_warps: warps per program.
+    num_stages: Triton pipelining stages.
+    rows_per_program: most rows one program transforms (a power of two; the
+      largest one dividing M that is at most this is used, so no padding).
+  """
 
   num_warps: int = 4
   num_stages: int = 1
+  rows_per_program: int = 1  # 4-8 won only at M2048 K4096 (BENCHMARKS.md)
+
+  def __post_init__(self):
+    n = self.rows_per_program
+    if n < 1 or n & (n - 1):
+      raise ValueError(f"rows_per_program={n} must be a power of two")
 
 
 def _split(k: int, use_hadamard: bool) -> tuple[int, int, int]:
@@ -124,52 +138,63 @@ def _round_half_even(v: jax.Array) -> jax.Array:
 def hadamard_quant_kernel(x_ref, sign_ref, left_ref, *refs, packed: bool,
                           use_left: bool, use_signs: bool, norm: float,
                           clip_ratio: float):
-  """One row: transform, absmax, codes, packed bytes (or int8 codes)."""
-  # x_ref: [a, r]; sign_ref: f32[ap, rp]; left_ref: [ap, ap]; r0_ref,
+  """A few rows: transform, absmax, codes, packed bytes (or int8 codes)."""
+  # x_ref: [rows, a, r]; sign_ref: f32[ap, rp]; left_ref: [ap, ap]; r0_ref,
   # r1_ref: [rp, rp // 2], the even and odd columns of R (packed) or its
-  # first and second halves; q_ref: uint8[a, r // 2] (packed) or
-  # int8[a, 2, r // 2] (the halves; in memory the same as [a, r]);
-  # s_ref: f32[1] (ap, rp: a, r rounded up to powers of two, as Triton
+  # first and second halves; q_ref: uint8[rows, a, r // 2] (packed) or
+  # int8[rows, a, 2, r // 2] (the halves; in memory the same as [a, r]);
+  # s_ref: f32[rows] (ap, rp: a, r rounded up to powers of two, as Triton
   # needs; the padded rows and columns of the matrices are zero).
   *right_refs, q_ref, s_ref = refs
-  a, r = x_ref.shape
+  n_rows, a, r = x_ref.shape
   ap, rp = sign_ref.shape
-  rows = jnp.arange(ap)[:, None] < a
-  x = plgpu.load(x_ref.at[pl.ds(0, ap), pl.ds(0, rp)],
-                 mask=rows & (jnp.arange(rp)[None, :] < r), other=0)
   dt = right_refs[0].dtype
-  if use_signs:
-    x = x.astype(jnp.float32) * sign_ref[...]
-  x = x.astype(dt)
+  # The matrices are loaded once per program and reused for every row (one
+  # row per program spent more L2 traffic on them than on x).
+  rights = [ref[...] for ref in right_refs]
+  left = left_ref[...] if use_left else None
+  signs = sign_ref[...] if use_signs else None
+  valid = jnp.arange(ap)[:, None] < a
+  mask = valid & (jnp.arange(rp // 2)[None, :] < r // 2)
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
-  halves = [dot(x, ref[...]) for ref in right_refs]  # f32 [ap, rp // 2]
-  if use_left:
-    left = left_ref[...]
-    if dt == jnp.float32:
-      halves = [dot(left, z) for z in halves]
-    else:  # 16-bit: split the f32 intermediate so the left dot stays exact
-      split = []
-      for z in halves:
-        z_hi = z.astype(dt)
-        z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
-        split.append(dot(left, z_hi) + dot(left, z_lo))
-      halves = split
-  ys = [z * norm for z in halves]
-  absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y)) for y in ys])
-  scale = clip_ratio * absmax / 7.0
-  scale = jnp.where(scale > 0, scale, 1.0)
-  codes = [jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
-           for y in ys]
-  mask = rows & (jnp.arange(rp // 2)[None, :] < r // 2)
-  if packed:
-    out = ((codes[0] & 0xF) | ((codes[1] & 0xF) << 4)).astype(jnp.uint8)
-    plgpu.store(q_ref.at[pl.ds(0, ap), pl.ds(0, rp // 2)], out, mask=mask)
-  else:  # Two half-width stores keep the dots the packed kernel's size.
-    for i, half in enumerate(codes):
-      plgpu.store(q_ref.at[pl.ds(0, ap), pl.ds(i, 1), pl.ds(0, rp // 2)],
-                  half.astype(jnp.int8)[:, None, :], mask=mask[:, None, :])
-  s_ref[...] = jnp.full((1,), scale, jnp.float32)
+  scales = jnp.zeros((n_rows,), jnp.float32)
+  for i in range(n_rows):
+    row = jnp.int32(i)  # interpret mode's load/store reject a Python int
+    x = plgpu.load(x_ref.at[row, pl.ds(0, ap), pl.ds(0, rp)],
+                   mask=valid & (jnp.arange(rp)[None, :] < r), other=0)
+    if use_signs:
+      x = x.astype(jnp.float32) * signs
+    x = x.astype(dt)
+    halves = [dot(x, right) for right in rights]  # f32 [ap, rp // 2]
+    if use_left:
+      if dt == jnp.float32:
+        halves = [dot(left, z) for z in halves]
+      else:  # 16-bit: split the f32 intermediate so the left dot stays exact
+        split = []
+        for z in halves:
+          z_hi = z.astype(dt)
+          z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
+          split.append(dot(left, z_hi) + dot(left, z_lo))
+        halves = split
+    ys = [z * norm for z in halves]
+    absmax = functools.reduce(jnp.maximum,
+                              [jnp.max(jnp.abs(y)) for y in ys])
+    scale = clip_ratio * absmax / 7.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    codes = [jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
+             for y in ys]
+    if packed:
+      out = ((codes[0] & 0xF) | ((codes[1] & 0xF) << 4)).astype(jnp.uint8)
+      plgpu.store(q_ref.at[row, pl.ds(0, ap), pl.ds(0, rp // 2)], out,
+                  mask=mask)
+    else:  # Two half-width stores keep the dots the packed kernel's size.
+      for h, half in enumerate(codes):
+        plgpu.store(
+            q_ref.at[row, pl.ds(0, ap), pl.ds(h, 1), pl.ds(0, rp // 2)],
+            half.astype(jnp.int8)[:, None, :], mask=mask[:, None, :])
+    scales = jnp.where(jnp.arange(n_rows) == i, scale, scales)
+  s_ref[...] = scales
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -234,6 +259,7 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
   ap, rp = _pow2(a), _pow2(r)
   x3 = x.reshape(-1, a, r)  # [M, a, r]: row element k = i * r + j
   rows = x3.shape[0]
+  per_program = math.gcd(rows, cfg.rows_per_program) if rows else 1
   # ±1 and 0/1 are exact in every float dtype; 16-bit inputs keep theirs.
   dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
   left, right = _matrices(k, hadamard)
@@ -254,13 +280,13 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   x_q, s_x = pl.pallas_call(
       kernel,
-      grid=(rows,),
-      in_specs=[pl.BlockSpec((None, a, r), lambda i: (i, 0, 0)),
+      grid=(rows // per_program,),
+      in_specs=[pl.BlockSpec((per_program, a, r), lambda i: (i, 0, 0)),
                 full((ap, rp)), full((ap, ap))]
       + [full((rp, rp // 2))] * 2,
-      out_specs=[pl.BlockSpec((None, *q_block),
+      out_specs=[pl.BlockSpec((per_program, *q_block),
                               lambda i: (i,) + (0,) * len(q_block)),
-                 pl.BlockSpec((1,), lambda i: (i,))],
+                 pl.BlockSpec((per_program,), lambda i: (i,))],
       out_shape=[jax.ShapeDtypeStruct((rows, *q_block), q_dtype),
                  jax.ShapeDtypeStruct((rows,), jnp.float32)],
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,

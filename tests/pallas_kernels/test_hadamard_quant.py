@@ -71,6 +71,26 @@ def test_unpacked_output_is_the_packed_codes(k, use_hadamard, interpret):
   np.testing.assert_array_equal(np.asarray(got_q), np.asarray(want_q))
 
 
+@pytest.mark.parametrize("m, per_program", [(8, 4), (8, 8), (12, 8), (7, 4)])
+@pytest.mark.parametrize("packed", [True, False])
+def test_several_rows_per_program(m, per_program, packed, interpret):
+  # M=12 with 8 asked runs 4 per program; M=7 runs one.
+  k = 576
+  x = _x(m, k, jnp.bfloat16, seed=m)
+  cfg = hq.HadamardQuantConfig(rows_per_program=per_program)
+  got_q, got_s = hq.hadamard_quant(x, packed=packed, config=cfg,
+                                   interpret=interpret)
+  want_q, want_s = hq.hadamard_quant_reference(x, packed=packed)
+  np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s),
+                             rtol=1.2e-7 * np.sqrt(k))
+  np.testing.assert_array_equal(np.asarray(got_q), np.asarray(want_q))
+
+
+def test_rows_per_program_must_be_a_power_of_two():
+  with pytest.raises(ValueError, match="rows_per_program=3"):
+    hq.HadamardQuantConfig(rows_per_program=3)
+
+
 def test_reference_by_hand():
   # x = [3.5, 0.5, 6, 4], H_4 = Sylvester (symmetric): columns [1,1,1,1],
   # [1,-1,1,-1], [1,1,-1,-1], [1,-1,-1,1]. x @ H_4 = [14, 5, -6, 1];

@@ -82,7 +82,8 @@ def int4_matmul_kernel(x_ref, w_ref, sx_ref, sw_ref, o_ref, *, block_k: int,
   o_ref[...] = y.astype(o_ref.dtype)
 
 
-def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+def pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  """x zero-padded at the end of `axis` to a multiple of `multiple`."""
   pad = -x.shape[axis] % multiple
   if not pad:
     return x
@@ -143,12 +144,12 @@ def int4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
   cfg = config or default_int4_matmul_config(m, n, 2 * k2)
   # Bytes reinterpreted as int8 (same width): the nibble shifts then
   # sign-extend.
-  xi = _pad_to(_pad_to(jax.lax.bitcast_convert_type(x_q, jnp.int8), 0,
+  xi = pad_to(pad_to(jax.lax.bitcast_convert_type(x_q, jnp.int8), 0,
                        cfg.block_m), 1, cfg.block_k)
-  wi = _pad_to(_pad_to(jax.lax.bitcast_convert_type(w_q, jnp.int8), 0,
+  wi = pad_to(pad_to(jax.lax.bitcast_convert_type(w_q, jnp.int8), 0,
                        cfg.block_n), 1, cfg.block_k)
-  sx = _pad_to(s_x.astype(jnp.float32), 0, cfg.block_m)
-  sw = _pad_to(s_w.astype(jnp.float32), 0, cfg.block_n)
+  sx = pad_to(s_x.astype(jnp.float32), 0, cfg.block_m)
+  sw = pad_to(s_w.astype(jnp.float32), 0, cfg.block_n)
   mp, kp = xi.shape
   np_ = wi.shape[0]
   kernel = functools.partial(int4_matmul_kernel, block_k=cfg.block_k,

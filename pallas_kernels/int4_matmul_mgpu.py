@@ -307,15 +307,6 @@ def int4_matmul_mgpu_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem,
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
-  pad = -x.shape[axis] % multiple
-  if not pad:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
 def packed_to_int4(x_q: jax.Array) -> jax.Array:
   """Reinterprets quant.py's packed bytes as a jnp.int4 array (no unpack).
 
@@ -403,16 +394,17 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
   cfg = config or default_int4_matmul_mgpu_config(
       x_int4=x.dtype == jnp.uint8, w_int4=w.dtype == jnp.uint8,
       out_dtype=out_dtype)
+  pad = int4_matmul.pad_to
   if x.dtype == jnp.uint8:
-    x = packed_to_int4(_pad_to(_pad_to(x, 0, cfg.cta_m), 1, cfg.block_k // 2))
+    x = packed_to_int4(pad(pad(x, 0, cfg.cta_m), 1, cfg.block_k // 2))
   else:
-    x = _pad_to(_pad_to(x, 0, cfg.cta_m), 1, cfg.block_k)
+    x = pad(pad(x, 0, cfg.cta_m), 1, cfg.block_k)
   if w.dtype == jnp.uint8:
-    w = packed_to_int4(_pad_to(_pad_to(w, 0, cfg.cta_n), 1, cfg.block_k // 2))
+    w = packed_to_int4(pad(pad(w, 0, cfg.cta_n), 1, cfg.block_k // 2))
   else:
-    w = _pad_to(_pad_to(w, 0, cfg.cta_n), 1, cfg.block_k)
-  sx = _pad_to(s_x.astype(jnp.float32), 0, cfg.cta_m)
-  sw = _pad_to(s_w.astype(jnp.float32), 0, cfg.cta_n)
+    w = pad(pad(w, 0, cfg.cta_n), 1, cfg.block_k)
+  sx = pad(s_x.astype(jnp.float32), 0, cfg.cta_m)
+  sw = pad(s_w.astype(jnp.float32), 0, cfg.cta_n)
   mp, np_ = x.shape[0], w.shape[0]
   scratch = {}
   if w.dtype == jnp.int4:

@@ -103,7 +103,7 @@ def w4a16_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array, *,
   if implementation == "xla":
     return w4a16_matmul_reference(x, w_q, s_w)
   cfg = config or W4A16MatmulConfig()
-  pad = int4_lib._pad_to  # pylint: disable=protected-access
+  pad = int4_lib.pad_to
   k_multiple = cfg.block_k * cfg.split_k
   xe = pad(pad(x[:, 0::2], 0, cfg.block_m), 1, k_multiple)
   xo = pad(pad(x[:, 1::2], 0, cfg.block_m), 1, k_multiple)

@@ -7,14 +7,12 @@ import pytest
 
 from pallas_kernels import int4_matmul_mgpu as mgpu
 from quarot_jax import quant
+from tests.pallas_kernels.test_int4_matmul import _operands as int4_operands
 
 
 def _operands(m, n, k, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.integers(-8, 8, (m, k)), jnp.int8)
-  w = jnp.asarray(rng.integers(-8, 8, (n, k)), jnp.int8)
-  sx = jnp.asarray(rng.uniform(0.01, 0.1, m), jnp.float32)
-  sw = jnp.asarray(rng.uniform(0.01, 0.1, n), jnp.float32)
+  """Packed int4 x, w and f32 scales (random, never zero)."""
+  x, w, sx, sw = int4_operands(m, n, k, seed)
   return quant.pack_int4(x), quant.pack_int4(w), sx, sw
 
 

@@ -10,12 +10,24 @@ nibble = even h; scale f32[B, K, S], zero uint8[B, K, S]). Shape letters as in
 S slots, H head dim.
 
 Grid (B, K, num_splits). Each program takes the G query heads of one kv
-head (zero-padded to at least 16 rows, the smallest Triton dot) and one
-split of that row's valid range [start, end) (the range, not [0, S), is cut
-into num_splits runs of whole blocks, so short rows do not leave programs
-idle), loops over it in blocks of block_s tokens with an online softmax, and
-writes an unnormalized partial (o, m, l). A jnp epilogue merges the splits
-(log-sum-exp) and normalizes.
+head and one split of that row's valid range [start, end) (the range, not
+[0, S), is cut into num_splits runs of whole blocks, so short rows do not
+leave programs idle), loops over it in blocks of block_s tokens with an
+online softmax, and writes an unnormalized partial (o, m, l). A jnp epilogue
+merges the splits (log-sum-exp) and normalizes.
+
+Two paths, chosen by G (`uses_dot_free_path`):
+  * dot path (G > 1): the G heads are zero-padded to at least 16 rows (the
+    smallest Triton dot), and q · k and p' · v are tensor-core dots.
+  * dot-free path (G = 1, MHA): padding one head to 16 rows would do 16x the
+    dot, exp and softmax work per byte of cache read (measured: ~30% of HBM
+    bandwidth on an H100). The one query row instead takes elementwise f32
+    products with row sums, [1, H/2] * [block_s, H/2] summed over H/2 for
+    the scores and p'[block_s, 1] * v[block_s, H/2] summed over block_s for
+    the output; the softmax is shared with the dot path. With no dot-size
+    constraint its default block_s is larger (256: best of 64/128/256 at
+    LLaMA-2-7B heads on an H100, BENCHMARKS.md).
+Both compute the same math (below); only the summation order differs.
 
 The nibbles are never interleaved and k, v are never dequantized in full.
 With lo = low nibbles (even h), hi = high nibbles (odd h), per token t:
@@ -25,7 +37,9 @@ with p'_t = p_t * scale_v,t:
   o_even = Σ_t p'_t lo_t - Σ_t p'_t zero_t,  o_odd likewise with hi_t,
 which the wrapper interleaves back to [.., H]. The codes 0..15 are exact in
 bf16; the dots take q (and p') in the dtype of q with f32 accumulation, as
-bf16 flash attention does; the zero-point term uses the same rounded p'.
+bf16 flash attention does; the zero-point term uses the same rounded p'. The
+dot-free path rounds p' to the dtype of q too and then multiplies in f32,
+which is exact for bf16/f16 operands, like the dots' products.
 
 A block that would run past S is shifted back to end at S and its already
 seen tokens are masked, so no load leaves the arrays (the cache is never
@@ -67,7 +81,9 @@ class KV4DecodeAttentionConfig:
 
   Attributes:
     block_s: tokens per inner step (a power of two >= 16); lowered to the
-      largest power of two <= S for short caches.
+      largest power of two <= S for short caches. The dot-free (G = 1) path
+      has no dot-size floor but keeps the same one; it takes larger blocks
+      (128, 256) well.
     num_splits: programs per (row, kv head), each over a contiguous run of
       blocks of the row's range.
     num_warps: Triton warps per program.
@@ -91,9 +107,29 @@ class KV4DecodeAttentionConfig:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
 
 
+def uses_dot_free_path(query_heads: int, kv_heads: int) -> bool:
+  """True where the kernel takes the dot-free path: G = N / K = 1 (MHA).
+
+  Only G = 1: for G >= 2 the elementwise products would need a 3-D
+  [G, block_s, H / 2] intermediate (or G passes over each unpacked block),
+  G times the CUDA-core multiply-adds per byte read, while the dot path's
+  padding waste falls to 16 / G (G = 4 measured 3.3-4.3x faster than bf16
+  XLA attention on an H100).
+
+  Args:
+    query_heads: N.
+    kv_heads: K.
+
+  Returns:
+    Whether `kv4_decode_attention` computes without dots.
+  """
+  return query_heads == kv_heads
+
+
 def default_kv4_decode_attention_config(
     batch: int, kv_heads: int, max_len: int, head_dim: int,
-    *, num_sms: int = 132) -> KV4DecodeAttentionConfig:
+    *, query_heads: int | None = None,
+    num_sms: int = 132) -> KV4DecodeAttentionConfig:
   """Enough splits for ~2 programs per SM, at least 512 tokens each.
 
   Args:
@@ -101,13 +137,19 @@ def default_kv4_decode_attention_config(
     kv_heads: K.
     max_len: S.
     head_dim: H.
+    query_heads: N; picks block_s by path (`uses_dot_free_path`): 256 for
+      the dot-free path, 64 for the dot path (also when None).
     num_sms: streaming multiprocessors of the GPU (H100 SXM: 132).
 
   Returns:
     A `KV4DecodeAttentionConfig`.
   """
   del head_dim
-  block_s = 64
+  # Larger blocks amortize the per-block reductions and loop overhead of the
+  # dot-free path; the dot path's [16, block_s] scores favour 64.
+  dot_free = query_heads is not None and uses_dot_free_path(query_heads,
+                                                             kv_heads)
+  block_s = 256 if dot_free else 64
   want = -(-2 * num_sms // max(batch * kv_heads, 1))
   most = max(max_len // 512, 1)
   return KV4DecodeAttentionConfig(block_s=block_s,
@@ -130,9 +172,10 @@ def _nibbles(codes: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
 def kv4_decode_attention_kernel(
     qe_ref, qo_ref, qs_ref, start_ref, end_ref, kc_ref, ks_ref, kz_ref,
     vc_ref, vs_ref, vz_ref, oe_ref, oo_ref, m_ref, l_ref, *, block_s: int,
-    num_splits: int, sm_scale: float):
+    num_splits: int, sm_scale: float, dot_free: bool):
   """One (row, kv head, split): online softmax over its run of blocks."""
-  # qe_ref, qo_ref: [Gp, H // 2] even / odd columns of the G (padded) heads
+  # qe_ref, qo_ref: [Gp, H // 2] even / odd columns of the G (padded) heads;
+  #   Gp = 1 (G = 1, no padding) when dot_free, else >= 16
   # qs_ref: f32[Gp] Σ_h q_h;  start_ref, end_ref: int32[] (this row)
   # kc_ref, vc_ref: uint8[S, H // 2];  ks/vs_ref: f32[S]; kz/vz_ref: uint8[S]
   # oe_ref, oo_ref: f32[Gp, H // 2];  m_ref, l_ref: f32[Gp]
@@ -140,13 +183,6 @@ def kv4_decode_attention_kernel(
   gp, h2 = qe_ref.shape
   s_len = kc_ref.shape[0]
   dt = qe_ref.dtype
-  nt = (((1,), (1,)), ((), ()))
-  # HIGHEST: f32 operands (tests, CPU models) get IEEE dots, not TF32;
-  # bf16 operands are unaffected.
-  dot = functools.partial(jax.lax.dot_general,
-                          precision=jax.lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32)
-  nn = (((1,), (0,)), ((), ()))
   lo_tok, hi_tok = start_ref[()], end_ref[()]
   n_blocks = jnp.maximum(pl.cdiv(hi_tok - lo_tok, block_s), 0)
   per_split = pl.cdiv(n_blocks, num_splits)
@@ -154,6 +190,34 @@ def kv4_decode_attention_kernel(
   last = jnp.minimum(first + per_split, n_blocks)
   qe, qo = qe_ref[...], qo_ref[...]
   qsum = qs_ref[...]
+  if dot_free:
+    # One query row: f32 products (exact for bf16/f16 q and the codes, as in
+    # the dots) and row sums; no reshape or transpose, only reductions and
+    # broadcasts, which the Triton lowering takes.
+    code_dt = jnp.float32
+    qe, qo = qe.astype(jnp.float32), qo.astype(jnp.float32)
+
+    def qk(k_lo, k_hi):  # [block_s, H // 2] x2 -> [1, block_s]
+      return (k_lo * qe + k_hi * qo).sum(axis=1)[None, :]
+
+    def pv_times(pv, codes):  # [1, block_s] x [block_s, H // 2]
+      col = pv.astype(jnp.float32).sum(axis=0)  # [block_s], sum of one row
+      return (col[:, None] * codes).sum(axis=0)[None, :]
+  else:
+    code_dt = dt
+    # HIGHEST: f32 operands (tests, CPU models) get IEEE dots, not TF32;
+    # bf16 operands are unaffected.
+    dot = functools.partial(jax.lax.dot_general,
+                            precision=jax.lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)
+    nt = (((1,), (1,)), ((), ()))
+    nn = (((1,), (0,)), ((), ()))
+
+    def qk(k_lo, k_hi):  # -> [Gp, block_s]
+      return dot(qe, k_lo, nt) + dot(qo, k_hi, nt)
+
+    def pv_times(pv, codes):  # -> [Gp, H // 2]
+      return dot(pv, codes, nn)
 
   def body(i, carry):
     o_e, o_o, m_prev, l_prev = carry
@@ -162,8 +226,7 @@ def kv4_decode_attention_kernel(
     pos = at + jnp.arange(block_s, dtype=jnp.int32)
     valid = (pos >= off) & (pos < hi_tok)  # [block_s]
     rows = pl.ds(at, block_s)
-    k_lo, k_hi = _nibbles(kc_ref[rows, :], dt)
-    dots = dot(qe, k_lo, nt) + dot(qo, k_hi, nt)  # [Gp, block_s]
+    dots = qk(*_nibbles(kc_ref[rows, :], code_dt))  # [Gp, block_s]
     k_zero = kz_ref[rows].astype(jnp.float32)
     k_scale = ks_ref[rows].astype(jnp.float32) * sm_scale
     s = (dots - qsum[:, None] * k_zero[None, :]) * k_scale[None, :]
@@ -174,12 +237,12 @@ def kv4_decode_attention_kernel(
     p = jnp.exp(s - m_next[:, None])
     l_next = corr * l_prev + p.sum(axis=1)
     v_scale = jnp.where(valid, vs_ref[rows].astype(jnp.float32), 0.0)
-    pv = (p * v_scale[None, :]).astype(dt)  # p' in the dot's dtype
-    v_lo, v_hi = _nibbles(vc_ref[rows, :], dt)
+    pv = (p * v_scale[None, :]).astype(dt)  # p' rounded to the dtype of q
+    v_lo, v_hi = _nibbles(vc_ref[rows, :], code_dt)
     v_zero = vz_ref[rows].astype(jnp.float32)
     zterm = (pv.astype(jnp.float32) * v_zero[None, :]).sum(axis=1)
-    o_e = corr[:, None] * o_e - zterm[:, None] + dot(pv, v_lo, nn)
-    o_o = corr[:, None] * o_o - zterm[:, None] + dot(pv, v_hi, nn)
+    o_e = corr[:, None] * o_e - zterm[:, None] + pv_times(pv, v_lo)
+    o_o = corr[:, None] * o_o - zterm[:, None] + pv_times(pv, v_hi)
     return o_e, o_o, m_next, l_next
 
   init = (jnp.zeros((gp, h2), jnp.float32), jnp.zeros((gp, h2), jnp.float32),
@@ -266,9 +329,11 @@ def kv4_decode_attention(
     logging.info("kv4_decode_attention: using %s", implementation)
   if implementation == "xla":
     return kv4_decode_attention_reference(q, k, v, start, end)
-  cfg = config or default_kv4_decode_attention_config(b, kv_heads, s, h)
+  cfg = config or default_kv4_decode_attention_config(
+      b, kv_heads, s, h, query_heads=n)
   g, h2 = n // kv_heads, h // 2
-  gp = max(_MIN_DOT, _next_pow2(g))
+  dot_free = uses_dot_free_path(n, kv_heads)
+  gp = 1 if dot_free else max(_MIN_DOT, _next_pow2(g))
   block_s = min(cfg.block_s, max(_MIN_DOT, 1 << (s.bit_length() - 1)))
   if s < block_s:  # tiny caches only (S < 16): pad the slots
     pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, block_s - s)]
@@ -282,7 +347,8 @@ def kv4_decode_attention(
   qsum = qg.astype(jnp.float32).sum(axis=-1)
   kernel = functools.partial(
       kv4_decode_attention_kernel, block_s=block_s,
-      num_splits=cfg.num_splits, sm_scale=1.0 / math.sqrt(h))
+      num_splits=cfg.num_splits, sm_scale=1.0 / math.sqrt(h),
+      dot_free=dot_free)
   ns = cfg.num_splits
   per_head = lambda *blk: pl.BlockSpec((None, None) + blk,
                                        lambda i, j, t: (i, j) + (0,) * len(

@@ -36,10 +36,14 @@ def _case(b, s, kv_heads, g, h, seed=0, dtype=jnp.bfloat16):
 
 
 # S not a block multiple; G in {1, 4, 8}; H in {64, 128}; several splits;
-# per-row ranges, one of them short (3 or 5 slots), one ending at S.
+# per-row ranges, one of them short (3 or 5 slots), one ending at S. G = 1
+# takes the dot-free path: MHA rows with an empty range (row 3 of the
+# second case), one slot, and blocks of 64 and 128 shifted back to end at S.
 _CASES = [
     # b, s, kv_heads, g, h, block_s, num_splits, start, end
     (2, 100, 2, 1, 64, 16, 3, [0, 40], [100, 43]),
+    (4, 200, 4, 1, 128, 64, 3, [0, 17, 150, 90], [200, 130, 155, 90]),
+    (3, 300, 2, 1, 64, 128, 2, [0, 5, 280], [300, 290, 281]),
     (3, 77, 1, 4, 128, 32, 2, [5, 0, 60], [70, 77, 65]),
     (2, 50, 1, 8, 64, 16, 4, [10, 0], [15, 50]),
 ]
@@ -98,6 +102,22 @@ def test_empty_and_scalar_end_and_tiny_cache(interpret):
                                              jnp.array([12, 12]))
   assert not np.any(np.isnan(np.asarray(got)))
   np.testing.assert_array_equal(np.asarray(got[1]), 0.0)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                             atol=2e-6 * float(jnp.abs(want).max()))
+
+
+def test_g1_default_config_and_empty_rows(interpret):
+  # MHA (G = 1) with the default config (block_s 256, lowered to 128 < S =
+  # 150, so blocks are shifted back to end at S; one split); rows 1
+  # (start == end) and 3 (start > end) are empty and give exactly 0.
+  q, k, v = _case(4, 150, 2, 1, 64, seed=5, dtype=jnp.float32)
+  start = jnp.array([0, 150, 31, 60], jnp.int32)
+  end = jnp.array([150, 150, 149, 20], jnp.int32)
+  got = attn.kv4_decode_attention(q, k, v, start, end, interpret=interpret)
+  want = attn.kv4_decode_attention_reference(q, k, v, start, end)
+  assert not np.any(np.isnan(np.asarray(got)))
+  np.testing.assert_array_equal(np.asarray(got[1]), 0.0)
+  np.testing.assert_array_equal(np.asarray(got[3]), 0.0)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
                              atol=2e-6 * float(jnp.abs(want).max()))
 
@@ -181,9 +201,36 @@ def test_pallas_call_is_in_the_jaxpr():
   assert "kv4_decode_attention" in str(jaxpr)
 
 
+def _kernel_jaxpr(g):
+  """The jaxpr of the wrapper (pallas_call and kernel) for G = g."""
+  q, k, v = _case(1, 32, 2, g, 64)
+  return str(jax.make_jaxpr(lambda *a: attn.kv4_decode_attention(
+      *a, config=Config(block_s=16, num_splits=2), interpret=True))(
+          q, k, v, jnp.array([0]), jnp.array([32])))
+
+
+def test_g1_takes_the_dot_free_path():
+  assert attn.uses_dot_free_path(32, 32)
+  assert not attn.uses_dot_free_path(32, 8)
+  assert not attn.uses_dot_free_path(2, 1)
+  # The kernel's jaxpr is printed inside the pallas_call: no dot for G = 1,
+  # whose partial outputs o [B, K, splits, Gp, H / 2] have Gp = 1 row, not
+  # 16; the dot path for G = 2 has dots.
+  g1, g2 = _kernel_jaxpr(1), _kernel_jaxpr(2)
+  assert "pallas_call" in g1 and "dot_general" not in g1
+  assert "f32[1,2,2,1,32]" in g1 and "f32[1,2,2,16,32]" not in g1
+  assert "pallas_call" in g2 and "dot_general" in g2
+  assert "f32[1,2,2,16,32]" in g2
+
+
 def test_default_config_and_can_use():
   cfg = attn.default_kv4_decode_attention_config(8, 8, 32768, 128)
   assert cfg.num_splits == 5 and cfg.block_s == 64  # 264 / 64 -> 5
+  # The dot-free path (N = K) takes larger blocks, the dot path 64.
+  assert attn.default_kv4_decode_attention_config(
+      8, 32, 32768, 128, query_heads=32).block_s == 256
+  assert attn.default_kv4_decode_attention_config(
+      8, 8, 32768, 128, query_heads=32).block_s == 64
   cfg = attn.default_kv4_decode_attention_config(16, 32, 8192, 128)
   assert cfg.num_splits == 1
   assert attn.default_kv4_decode_attention_config(1, 1, 600, 64
@@ -251,4 +298,30 @@ def test_gpu_lowers_to_the_named_kernel_and_matches():
     got = attn.kv4_decode_attention(q, k, v, start, end, config=cfg,
                                     implementation="pallas")
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0,
+                               atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+def test_gpu_g1_dot_free_path_matches():
+  # MHA (LLaMA-2-7B heads, fewer of them): rows with a full, a partial, a
+  # short and an empty range; the default config and large/small blocks.
+  q, k, v = _case(4, 4096 + 200, 8, 1, 128)
+  start = jnp.array([0, 100, 4000, 4296], jnp.int32)
+  end = jnp.array([4296, 3000, 4010, 4296], jnp.int32)
+  want = np.asarray(attn.kv4_decode_attention_reference(
+      q.astype(jnp.float32), k, v, start, end))
+  fn = jax.jit(lambda *a: attn.kv4_decode_attention(
+      *a, implementation="pallas"))
+  hlo = fn.lower(q, k, v, start, end).as_text()
+  assert "kv4_decode_attention" in hlo
+  for cfg in (None,
+              Config(block_s=256, num_splits=4, num_warps=8, num_stages=2),
+              Config(block_s=128, num_splits=8, num_warps=4, num_stages=3),
+              Config(block_s=16, num_splits=1, num_warps=2, num_stages=2)):
+    got = np.asarray(attn.kv4_decode_attention(
+        q, k, v, start, end, config=cfg, implementation="pallas"),
+                     np.float32)
+    assert not np.any(np.isnan(got))
+    np.testing.assert_array_equal(got[3], 0.0)
+    np.testing.assert_allclose(got, want, rtol=0,
                                atol=1e-2 * np.abs(want).max())

@@ -3,10 +3,11 @@ r"""W4A4 (Triton and Mosaic GPU) and W4A16 matmuls against XLA bf16 and int8.
   python -m experiments.bench_int4_matmul --out_dir=results
   python -m experiments.bench_int4_matmul --kernels=mosaic  # one kernel
 
-W4A4 records carry `implementation`: `triton` (int4_matmul); `mosaic_gpu`
-(int4_matmul_mgpu: packed int4 activations and weights, both widened to int8
-inside the kernel, what the model runs); `mosaic_gpu_x_int8` (activations
-handed over as int8, fed to the wgmma from shared memory); `mosaic_gpu_w8`
+W4A4 records carry `implementation`: `triton` (int4_matmul); `triton_g128`
+(int4_matmul with s_x [M, K/128] and s_w [N, K/128], the 128G mode);
+`mosaic_gpu` (int4_matmul_mgpu: packed int4 activations and weights, both
+widened to int8 inside the kernel); `mosaic_gpu_x_int8` (activations handed
+over as int8, fed to the wgmma from shared memory: what the model runs); `mosaic_gpu_w8`
 and `mosaic_gpu_w8_x_int8` (int4_matmul_mgpu_w8: weights widened to int8
 once, at load, at twice the weight memory).
 
@@ -39,8 +40,9 @@ _KN = flags.DEFINE_list("kn", ["4096x4096", "4096x11008", "11008x4096",
 _DECODE_M = flags.DEFINE_list("decode_m", ["1", "4", "16"], "W4A16 M.")
 _LAYERS = flags.DEFINE_integer(
     "decode_layers", 32, "W4A16: weight matrices per timed call (lax.map).")
-_KERNELS = flags.DEFINE_list("kernels", ["triton", "mosaic", "w4a16"],
-                             "Which of triton, mosaic, w4a16 to time.")
+_KERNELS = flags.DEFINE_list(
+    "kernels", ["triton", "triton_g128", "mosaic", "w4a16"],
+    "Which of triton, triton_g128 (group-128 scales), mosaic, w4a16 to time.")
 
 _W4A4_CONFIGS = (
     w4a4.Int4MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=4,
@@ -53,10 +55,15 @@ _W4A4_CONFIGS = (
 _MOSAIC_CONFIGS = (  # None: default_int4_matmul_mgpu_config.
     None,
     mgpu.Int4MatmulMgpuConfig(wg_dimension="m", grid_minor_dim="m"),
+    mgpu.Int4MatmulMgpuConfig(wg_dimension="m", grid_minor_dim="m",
+                              share_widening=True),
 )
 _MOSAIC_X_INT8_CONFIGS = (
     None,
     mgpu.Int4MatmulMgpuConfig(wgmma_depth=1, max_concurrent_steps=2),
+    mgpu.Int4MatmulMgpuConfig(wg_dimension="m", grid_minor_dim="m",
+                              wgmma_depth=1, max_concurrent_steps=3,
+                              share_widening=True),
 )
 _W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
@@ -112,7 +119,7 @@ def main(argv):
   for kn in _KN.value:
     k, n = map(int, kn.split("x"))
     for m in map(int, _MS.value):
-      if not {"triton", "mosaic"} & set(_KERNELS.value):
+      if not {"triton", "triton_g128", "mosaic"} & set(_KERNELS.value):
         break
       xq, wq = rint((m, k // 2)), rint((n, k // 2))
       sx = jax.random.uniform(next(key), (m,), jnp.float32, 0.01, 0.1)
@@ -130,6 +137,20 @@ def main(argv):
         candidates.append(("triton", _best(
             lambda c: _bind(w4a4.int4_matmul, (xq, wq, sx, sw), c),
             _W4A4_CONFIGS, want)))
+      if "triton_g128" in _KERNELS.value:
+        gx = jax.random.uniform(next(key), (m, k // 128), jnp.float32, 0.01,
+                                0.1)
+        gw = jax.random.uniform(next(key), (n, k // 128), jnp.float32, 0.01,
+                                0.1)
+        got = w4a4.int4_matmul(xq, wq, gx, gw, out_dtype=jnp.float32)
+        ref = w4a4.int4_matmul_reference(xq, wq, gx, gw, out_dtype=jnp.float32)
+        if not bool(jnp.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(
+            jnp.abs(ref).max()))):
+          print("  triton_g128: WRONG RESULT, not timed")
+        else:
+          candidates.append(("triton_g128", _best(
+              lambda c: _bind(w4a4.int4_matmul, (xq, wq, gx, gw), c),
+              _W4A4_CONFIGS)))
       if "mosaic" in _KERNELS.value:
         w8, x8 = mgpu.unpack_weights(wq), mgpu.unpack_weights(xq)
         for name, op, args, configs in (

@@ -69,6 +69,10 @@ class Int4MatmulMgpuConfig:
     epi_block_n: columns per TMA store of the epilogue.
     wgmma_depth: wgmma groups left in flight at the end of a step (0 or 1;
       1 needs int8 activations in shared memory, x_operand='smem').
+    share_widening: with wg_dimension='m' the two compute warpgroups
+      multiply the same int4 weight tile; each widens half of it into one
+      shared int8 buffer (3 slots) and they meet at a barrier before the
+      wgmma, instead of each widening all of it. Only for int4 weights.
     num_sms: persistent CTAs; None = the device's SM count.
   """
 
@@ -82,6 +86,7 @@ class Int4MatmulMgpuConfig:
   epi_block_m: int = 64
   epi_block_n: int = 64
   wgmma_depth: int = 0
+  share_widening: bool = False
   num_sms: int | None = None
 
   def __post_init__(self):
@@ -106,6 +111,11 @@ class Int4MatmulMgpuConfig:
                        f" divide {self.block_m=} and {self.block_n=}")
     if self.wgmma_depth not in (0, 1):
       raise ValueError(f"{self.wgmma_depth=} must be 0 or 1")
+    if self.share_widening and (self.wg_dimension != "m"
+                                or self.block_n % 128):
+      raise ValueError("share_widening needs wg_dimension='m' (the"
+                       " warpgroups must share the weight tile) and block_n"
+                       " a multiple of 128 (halves of whole 64-row tiles)")
     if self.num_sms is not None and self.num_sms < 1:
       raise ValueError(f"{self.num_sms=} must be >= 1")
 
@@ -126,7 +136,8 @@ def smem_bytes(cfg: Int4MatmulMgpuConfig, *, x_int4: bool, w_int4: bool,
   """Shared memory the kernel allocates for `cfg` (barriers excluded)."""
   x_b, w_b = (0.5 if x_int4 else 1), (0.5 if w_int4 else 1)
   stage = cfg.cta_m * cfg.block_k * x_b + cfg.cta_n * cfg.block_k * w_b
-  widened = 4 * cfg.block_n * cfg.block_k if w_int4 else 0
+  slots = 3 if cfg.share_widening else 4  # shared 3, or 2 per warpgroup
+  widened = slots * cfg.block_n * cfg.block_k if w_int4 else 0
   epilogue = 4 * cfg.epi_block_m * cfg.epi_block_n * jnp.dtype(
       out_dtype).itemsize
   scales = 4 * 2 * (cfg.block_m + cfg.block_n)
@@ -165,8 +176,8 @@ def _load(ref, layout) -> jax.Array:
 
 
 def int4_matmul_mgpu_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem,
-                            sx_smem, sw_smem, s_barrier, w8_smem=None, *,
-                            cfg: Int4MatmulMgpuConfig):
+                            sx_smem, sw_smem, s_barrier, w8_smem=None,
+                            w8_barrier=None, *, cfg: Int4MatmulMgpuConfig):
   """Persistent warp-specialized kernel body (one CTA per SM).
 
   Args:
@@ -183,7 +194,10 @@ def int4_matmul_mgpu_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem,
     sw_smem: f32[2, block_n] scale tiles (per warpgroup).
     s_barrier: 4 barriers, the scale copies of (warpgroup, which).
     w8_smem: int8[2, 2, block_n, block_k] widened weight tiles (per
-      warpgroup, two slots) when w_gmem is int4, else None.
+      warpgroup, two slots) when w_gmem is int4, int8[3, block_n, block_k]
+      (shared, three slots) with `share_widening`, else None.
+    w8_barrier: with `share_widening`, the barrier (2 arrivals) the two
+      warpgroups meet at once both halves of a tile are widened.
     cfg: tiles; M, N, K must be multiples of the CTA tile and block_k.
   """
   m, k = x_gmem.shape
@@ -283,6 +297,18 @@ def int4_matmul_mgpu_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem,
           a = x_smem.at[wg_m]
         if w8_smem is None:
           b = w_smem.at[wg_n]
+        elif cfg.share_widening:
+          # Each warpgroup widens its half of the shared tile, then both wait
+          # for the other half. 3 slots: a warpgroup may run one step ahead
+          # of the other, whose depth-1 wgmma may still read the slot before.
+          (kk,) = idx
+          b = w8_smem.at[kk % 3]
+          rows = pl.ds(wg * (bn // 2), bn // 2)
+          b.at[rows][...] = _load(w_smem.at[rows],
+                                  plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(w8_barrier)
+          plgpu.barrier_wait(w8_barrier)
         else:
           # wgmma's smem operand must be 8-bit: widen this warpgroup's int4
           # weight tile through registers into its own int8 buffer. Two
@@ -409,8 +435,11 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
   scratch = {}
   if w.dtype == jnp.int4:
     _, w8_tf = _transforms(cfg.block_k, jnp.int8)
-    scratch["w8_smem"] = plgpu.SMEM((2, 2, cfg.block_n, cfg.block_k),
+    slots = (3,) if cfg.share_widening else (2, 2)
+    scratch["w8_smem"] = plgpu.SMEM((*slots, cfg.block_n, cfg.block_k),
                                     jnp.int8, transforms=w8_tf)
+    if cfg.share_widening:
+      scratch["w8_barrier"] = plgpu.Barrier(num_arrivals=2)
   em, en = cfg.epi_block_m, cfg.epi_block_n
   _, o_tf = _transforms(en, out_dtype)
   call = plgpu.kernel(

@@ -71,6 +71,47 @@ def test_w4a4_pallas_really_runs():
   assert "pallas_call" in str(jaxpr)
 
 
+def _group_scales(rows, groups, seed):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.uniform(0.01, 0.1, (rows, groups)), jnp.float32)
+
+
+# K 512 in groups of 128 (the 128G mode) and of 64; M, N not tile multiples.
+@pytest.mark.parametrize("m, n, k, group", [(40, 72, 512, 128),
+                                            (16, 32, 256, 64)])
+@pytest.mark.parametrize("which", ["both", "x", "w"])
+def test_w4a4_group_scales_match_reference(m, n, k, group, which, interpret):
+  x, w, sx, sw = _operands(m, n, k, seed=k + group)
+  xq, wq = quant.pack_int4(x), quant.pack_int4(w)
+  if which in ("both", "x"):
+    sx = _group_scales(m, k // group, 1)
+  if which in ("both", "w"):
+    sw = _group_scales(n, k // group, 2)
+  got = w4a4.int4_matmul(xq, wq, sx, sw, out_dtype=jnp.float32,
+                         config=_SMALL, interpret=interpret)
+  want = w4a4.int4_matmul_reference(xq, wq, sx, sw, out_dtype=jnp.float32)
+  # Same exact int32 group dots, scaled and summed over G in the same order;
+  # only f32 rounding of those few terms may differ (FMA contraction).
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6,
+                             atol=1e-6 * float(jnp.abs(want).max()))
+  # The reference is the float computation it stands for.
+  sxg = np.broadcast_to(np.asarray(sx).reshape(m, -1), (m, k // group))
+  swg = np.broadcast_to(np.asarray(sw).reshape(n, -1), (n, k // group))
+  xd = np.asarray(x, np.float64) * np.repeat(sxg, group, axis=1)
+  wd = np.asarray(w, np.float64) * np.repeat(swg, group, axis=1)
+  np.testing.assert_allclose(np.asarray(want), xd @ wd.T, rtol=1e-5,
+                             atol=1e-6 * float(np.abs(xd @ wd.T).max()))
+
+
+def test_w4a4_group_scale_errors():
+  x, w, sx, sw = _operands(16, 32, 256)
+  xq, wq = quant.pack_int4(x), quant.pack_int4(w)
+  with pytest.raises(ValueError, match="group scales must share G"):
+    w4a4.int4_matmul(xq, wq, _group_scales(16, 2, 0), _group_scales(32, 4, 0))
+  with pytest.raises(ValueError, match="group scales must share G"):
+    w4a4.int4_matmul(xq, wq, sx, _group_scales(32, 3, 0))  # 256 % 3
+
+
 def test_w4a4_errors():
   x, w, sx, sw = _operands(16, 32, 64)
   xq, wq = quant.pack_int4(x), quant.pack_int4(w)

@@ -31,9 +31,13 @@ _KS = flags.DEFINE_list("k", ["4096", "11008", "14336"], "Widths K.")
 _PEAK = flags.DEFINE_float("peak_gbps", 3350.0, "HBM peak (H100 SXM).")
 _WARPS = flags.DEFINE_list("num_warps", ["2", "4"], "num_warps sweep.")
 _ROWS = flags.DEFINE_list("rows_per_program", ["1", "4", "8"],
-                          "rows_per_program sweep.")
+                          "rows_per_program sweep (Hadamard kernel).")
+_BLOCK = flags.DEFINE_list("block_elements", ["8192", "16384", "32768"],
+                           "block_elements sweep (quantize-only kernel).")
 _PACKED = flags.DEFINE_list("packed", ["true", "false"],
                             "Output formats: packed int4, int8 codes.")
+_TRANSFORM = flags.DEFINE_list("transform", ["hadamard", "quant_only"],
+                               "Variants: with the Hadamard, quantize only.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
 
 
@@ -48,14 +52,18 @@ def main(argv):
     for m in map(int, _MS.value):
       x = jax.random.normal(next(key), (m, k), jnp.bfloat16)
       records = []
-      for use_had, packed in [(h, p == "true") for h in (True, False)
+      for use_had, packed in [(t == "hadamard", p == "true")
+                              for t in _TRANSFORM.value
                               for p in _PACKED.value]:
         case = (f"M{m}_K{k}_{'hadamard' if use_had else 'quant_only'}"
                 + ("" if packed else "_int8"))
         best = None
-        for warps, rows in [(w, r) for w in map(int, _WARPS.value)
-                            for r in map(int, _ROWS.value)]:
-          cfg = hq.HadamardQuantConfig(num_warps=warps, rows_per_program=rows)
+        sizes = ([dict(rows_per_program=int(r)) for r in _ROWS.value]
+                 if use_had else
+                 [dict(block_elements=int(b)) for b in _BLOCK.value])
+        for warps, size in [(w, z) for w in map(int, _WARPS.value)
+                            for z in sizes]:
+          cfg = hq.HadamardQuantConfig(num_warps=warps, **size)
           fn = jax.jit(lambda x, cfg=cfg, h=use_had, p=packed:
                        hq.hadamard_quant(x, hadamard=h, packed=p, config=cfg,
                                          **impl))
@@ -64,6 +72,7 @@ def main(argv):
           except Exception as e:  # pylint: disable=broad-except
             print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
             continue
+          print(f"  {cfg}: {ms:.4f} ms", flush=True)
           if best is None or ms < best[0]:
             best = (ms, cfg)
         if best is None:

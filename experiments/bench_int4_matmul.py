@@ -12,14 +12,22 @@ and `mosaic_gpu_w8_x_int8` (int4_matmul_mgpu_w8: weights widened to int8
 once, at load, at twice the weight memory).
 
 W4A16 (decode) runs each matmul over --decode_layers different weight
-matrices inside one jitted `lax.map`, as a decode step runs one per layer,
-and reports the time per matmul: single calls of these 10-100 µs matmuls
-time the host's dispatch, not the GPU.
+matrices in one jitted call, as a decode step runs one per layer, and
+reports the time per matmul: single calls of these 10-100 µs matmuls time
+the host's dispatch, not the GPU. --decode_timing=map (default) runs a
+`lax.map` over [layers, ...] stacked weights; --decode_timing=unrolled
+passes `layers` separate weight arrays (and activations) and calls the
+matmul once per layer in a Python loop unrolled in the trace, so no layer's
+weights are sliced out of a stack. Each W4A16 config (including its
+`reduction`, 'partials' or 'atomic') is checked against the reference
+before it is timed. --interpret runs the W4A16 kernel in interpret mode
+(CPU smoke runs only; the timings mean nothing).
 
 Each case is timed side by side in one process (median of 20 runs after
 warm-up, fresh random inputs). Appends JSONL to --out_dir.
 """
 
+import dataclasses
 import shlex
 import sys
 
@@ -39,7 +47,13 @@ _KN = flags.DEFINE_list("kn", ["4096x4096", "4096x11008", "11008x4096",
                                "5120x13824", "13824x5120"], "K x N shapes.")
 _DECODE_M = flags.DEFINE_list("decode_m", ["1", "4", "16"], "W4A16 M.")
 _LAYERS = flags.DEFINE_integer(
-    "decode_layers", 32, "W4A16: weight matrices per timed call (lax.map).")
+    "decode_layers", 32, "W4A16: weight matrices per timed call.")
+_DECODE_TIMING = flags.DEFINE_enum(
+    "decode_timing", "map", ["map", "unrolled"],
+    "W4A16: lax.map over stacked weights, or one call per separate weight"
+    " array unrolled in the trace.")
+_INTERPRET = flags.DEFINE_bool(
+    "interpret", False, "W4A16 kernel in interpret mode (CPU smoke runs).")
 _KERNELS = flags.DEFINE_list(
     "kernels", ["triton", "triton_g128", "mosaic", "w4a16"],
     "Which of triton, triton_g128 (group-128 scales), mosaic, w4a16 to time.")
@@ -65,7 +79,7 @@ _MOSAIC_X_INT8_CONFIGS = (
                               wgmma_depth=1, max_concurrent_steps=3,
                               share_widening=True),
 )
-_W4A16_CONFIGS = (
+_W4A16_TILES = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
                             num_warps=4, num_stages=4),
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
@@ -75,6 +89,11 @@ _W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=128, block_k=128,
                             split_k=4, num_warps=4, num_stages=4),
 )
+# Each tile with both K-split reductions (split_k 1 + 'atomic': the kernel
+# stores y in bf16 itself).
+_W4A16_CONFIGS = tuple(
+    dataclasses.replace(c, reduction=r) for c in _W4A16_TILES
+    for r in ("partials", "atomic"))
 _NT = (((1,), (1,)), ((), ()))
 
 
@@ -87,13 +106,27 @@ def _int8_mm(x, w):
   return jax.lax.dot_general(x, w, _NT, preferred_element_type=jnp.int32)
 
 
-def _best(fn_for_config, configs, want=None):
-  """(ms, config) of the fastest config that compiles (and equals `want`)."""
+def _bf16_close(got, want) -> bool:
+  """True when bf16 outputs agree up to bf16 rounding (either may round
+  the other way) and f32 summation order."""
+  got, want = (jnp.stack(a) if isinstance(a, (list, tuple)) else a
+               for a in (got, want))
+  want = want.astype(jnp.float32)
+  return bool(jnp.allclose(got.astype(jnp.float32), want, rtol=2.0**-7,
+                           atol=1e-4 * float(jnp.abs(want).max())))
+
+
+def _best(fn_for_config, configs, want=None, close_to=None):
+  """(ms, config) of the fastest config that compiles (and equals `want`,
+  or is `_bf16_close` to `close_to`)."""
   best = None
   for cfg in configs:
     try:
       fn = fn_for_config(cfg)
       if want is not None and not bool(jnp.array_equal(fn(), want)):
+        print(f"  {cfg}: WRONG RESULT, not timed")
+        continue
+      if close_to is not None and not _bf16_close(fn(), close_to):
         print(f"  {cfg}: WRONG RESULT, not timed")
         continue
       ms = benchmarking.median_ms(fn)
@@ -179,20 +212,33 @@ def main(argv):
     for m in map(int, _DECODE_M.value):
       if "w4a16" not in _KERNELS.value:
         break
-      layers = _LAYERS.value
-      x = rnd((m, k), jnp.bfloat16)
-      wq = rint((layers, n, k // 2))
-      sw = jax.random.uniform(next(key), (layers, n), jnp.float32, 0.01, 0.1)
-      wb = rnd((layers, n, k), jnp.bfloat16)
+      layers, timing = _LAYERS.value, _DECODE_TIMING.value
+      over_layers = _over_layers if timing == "map" else _unrolled
+      if timing == "map":  # One x; [layers, ...] weight stacks.
+        x = rnd((m, k), jnp.bfloat16)
+        wq = rint((layers, n, k // 2))
+        sw = jax.random.uniform(next(key), (layers, n), jnp.float32, 0.01,
+                                0.1)
+        wb = rnd((layers, n, k), jnp.bfloat16)
+      else:  # Per-layer lists: x, w_q and s_w as a decode step sees them.
+        x = [rnd((m, k), jnp.bfloat16) for _ in range(layers)]
+        wq = [rint((n, k // 2)) for _ in range(layers)]
+        sw = [jax.random.uniform(next(key), (n,), jnp.float32, 0.01, 0.1)
+              for _ in range(layers)]
+        wb = [rnd((n, k), jnp.bfloat16) for _ in range(layers)]
       case = f"M{m}_K{k}_N{n}"
       print(case, flush=True)
-      best = _best(lambda c: _over_layers(
-          lambda x, w, s: w4a16.w4a16_matmul(x, w, s, config=c,
-                                              implementation="pallas"),
-          x, wq, sw), _W4A16_CONFIGS)
+      def mm(implementation, config=None):
+        return lambda x, w, s: w4a16.w4a16_matmul(
+            x, w, s, config=config, implementation=implementation,
+            interpret=_INTERPRET.value and implementation == "pallas")
+
+      ref = over_layers(mm("xla"), x, wq, sw)()
+      best = _best(lambda c: over_layers(mm("pallas", c), x, wq, sw),
+                   _W4A16_CONFIGS, close_to=ref)
       bf16 = benchmarking.median_ms(
-          _over_layers(lambda x, w: _bf16_mm(x, w), x, wb))
-      del wq, wb  # [layers, N, K] stacks: free before the next shape
+          over_layers(lambda x, w: _bf16_mm(x, w), x, wb))
+      del wq, wb, ref  # layers x [N, K] weights: free before the next shape
       base = {"xla_bf16": bf16 / layers}
       if best is None:
         continue
@@ -200,7 +246,8 @@ def main(argv):
       gbs = (n * k / 2 + m * k * 2 + m * n * 2) / ms / 1e6
       records.append(benchmarking.record(
           "w4a16_matmul", case, ms, base, command=command,
-          ours_gbps=round(gbs, 1), config=str(cfg), layers=layers))
+          ours_gbps=round(gbs, 1), config=str(cfg), layers=layers,
+          decode_timing=timing))
       print(f"  -> ours {ms:.4f} ms ({gbs:.0f} GB/s) bf16"
             f" {base['xla_bf16']:.4f}", flush=True)
   benchmarking.append_jsonl(f"{_OUT.value}/int4_matmul.jsonl",
@@ -216,6 +263,15 @@ def _over_layers(mm, x, *stacks):
   `stacks` ([layers, ...] each) in one jitted lax.map."""
   fn = jax.jit(lambda x, *st: jax.lax.map(lambda a: mm(x, *a), st))
   return lambda: fn(x, *stacks)
+
+
+def _unrolled(mm, xs, *weights):
+  """A zero-argument timed callable: `mm(xs[l], *weights[l])` for each layer
+  l of the per-layer lists, one call per layer unrolled in one jit (no
+  slicing out of a stack). Returns the tuple of outputs (all live)."""
+  fn = jax.jit(lambda xs, *ws: tuple(
+      mm(x, *w) for x, *w in zip(xs, *ws)))
+  return lambda: fn(xs, *weights)
 
 
 def _bind(op, args, cfg, **kwargs):

@@ -25,9 +25,12 @@ output columns are X · R[:, 0::2] and the odd ones X · R[:, 1::2], and as r
 is even, column parity inside the [a, r] view is the parity of k. So each
 program computes Y_even, Y_odd [a, r/2], their absmax, the codes, and one
 byte per pair (unpacked output splits R into its first and second halves of
-columns instead, two stores). Without the Hadamard, R
-is the identity (its even/odd columns select) and the left factor is
-skipped.
+columns instead, two stores).
+
+Without the Hadamard a separate kernel (`quantize_kernel`) has no dots: it
+quantizes a block of rows (`block_elements`) and splits the codes into even
+and odd elements in registers for the pack (an identity "transform" ran two
+dots per row and was slower than XLA, BENCHMARKS.md).
 
 Precision: the ±1 and 0/1 matrices are exact in bf16, so X · R (bf16 x, f32
 accumulation) loses nothing; its f32 result is split into bf16 high and low
@@ -67,16 +70,20 @@ class HadamardQuantConfig:
     num_stages: Triton pipelining stages.
     rows_per_program: most rows one program transforms (a power of two; the
       largest one dividing M that is at most this is used, so no padding).
+    block_elements: quantize-only kernel (no Hadamard): rows per program are
+      the most (a power of two dividing M) whose padded elements fit in this.
   """
 
   num_warps: int = 4
   num_stages: int = 1
   rows_per_program: int = 1  # 4-8 won only at M2048 K4096 (BENCHMARKS.md)
+  block_elements: int = 8192
 
   def __post_init__(self):
-    n = self.rows_per_program
-    if n < 1 or n & (n - 1):
-      raise ValueError(f"rows_per_program={n} must be a power of two")
+    for name in ("rows_per_program", "block_elements"):
+      n = getattr(self, name)
+      if n < 1 or n & (n - 1):
+        raise ValueError(f"{name}={n} must be a power of two")
 
 
 def _split(k: int, use_hadamard: bool) -> tuple[int, int, int]:
@@ -86,9 +93,8 @@ def _split(k: int, use_hadamard: bool) -> tuple[int, int, int]:
   (Triton's smallest dot is 16 wide); rows too short for that use a = 1
   (no left product).
   """
-  if not use_hadamard:
-    r = math.gcd(k, 128)  # even because K is
-    return k // r, r, 1
+  if not use_hadamard:  # no transform: see _quantize_view
+    raise ValueError("_split is for the Hadamard kernel")
   p, m = hadamard_lib.factorize(k)
   options = [(p // b + b * m, b) for b in (2**i for i in range(
       p.bit_length())) if (b * m) % 2 == 0 and b * m >= 32 and p // b >= 16]
@@ -102,27 +108,35 @@ def _pow2(n: int) -> int:
   return 1 << (n - 1).bit_length()
 
 
+def _quantize_view(k: int) -> tuple[int, int]:
+  """(a, r) for the quantize-only kernel: a row viewed as [a, r], r the
+  largest power of two dividing K up to 1024 (Triton blocks are powers of
+  two; only a is padded, by masking)."""
+  r = min(k & -k, 1024)
+  return k // r, r
+
+
 @functools.lru_cache(maxsize=None)
-def _matrices(k: int, use_hadamard: bool) -> tuple[np.ndarray, np.ndarray]:
+def _matrices(k: int) -> tuple[np.ndarray, np.ndarray]:
   """(left [a, a], right [r, r]) as f32."""
-  a, b, m = _split(k, use_hadamard)
-  if use_hadamard:
-    # pylint: disable-next=protected-access
-    right = np.kron(hadamard_lib.sylvester(b), hadamard_lib._base_matrix(m))
-    left = hadamard_lib.sylvester(a).T
-  else:
-    right, left = np.eye(b * m), np.eye(a)
+  a, b, m = _split(k, True)
+  # pylint: disable-next=protected-access
+  right = np.kron(hadamard_lib.sylvester(b), hadamard_lib._base_matrix(m))
+  left = hadamard_lib.sylvester(a).T
   return left.astype(np.float32), right.astype(np.float32)
 
 
 def can_use_hadamard_quant(k: int, use_hadamard: bool = True) -> bool:
-  """True where the Pallas kernel compiles: a GPU backend, and a row split
-  into [a, r] with both matmuls at least 16 wide (K >= 512 or so)."""
+  """True where the Pallas kernel compiles: a GPU backend and K even; with
+  the Hadamard also a row split into [a, r] with both matmuls at least 16
+  wide (K >= 512 or so)."""
   if jax.default_backend() != "gpu" or k % 2:
     return False
-  if use_hadamard and not hadamard_lib.is_supported(k):
+  if not use_hadamard:
+    return True
+  if not hadamard_lib.is_supported(k):
     return False
-  a, b, m = _split(k, use_hadamard)
+  a, b, m = _split(k, True)
   return _pow2(a) >= 16 and _pow2(b * m) >= 32
 
 
@@ -197,6 +211,74 @@ def hadamard_quant_kernel(x_ref, sign_ref, left_ref, *refs, packed: bool,
   s_ref[...] = scales
 
 
+def quantize_kernel(x_ref, sign_ref, q_ref, s_ref, *, packed: bool,
+                    use_signs: bool, clip_ratio: float):
+  """Quantize only: a block of rows, no dots; the pack splits each row's
+  codes into even and odd elements in registers (reshape + unstack)."""
+  # x_ref: [rows, a, r]; sign_ref: f32[ap, r]; q_ref: uint8[rows, a, r // 2]
+  # (packed) or int8[rows, a, r]; s_ref: f32[rows]. ap = a rounded up to a
+  # power of two, its padded rows masked.
+  n_rows, a, r = x_ref.shape
+  ap = sign_ref.shape[0]
+  valid = None
+  if ap != a:
+    valid = (jnp.arange(ap) < a)[None, :, None]
+  mask = lambda width: (None if valid is None else
+                        jnp.broadcast_to(valid, (n_rows, ap, width)))
+  masked = {} if valid is None else dict(mask=mask(r), other=0)
+  y = plgpu.load(x_ref.at[:, pl.ds(0, ap), :], **masked).astype(jnp.float32)
+  if use_signs:
+    y = y * sign_ref[...][None]
+  absmax = jnp.max(jnp.max(jnp.abs(y), axis=2), axis=1)
+  scale = clip_ratio * absmax / 7.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  codes = jnp.clip(_round_half_even(y / scale[:, None, None]), -8, 7
+                   ).astype(jnp.int32)
+  if packed:
+    even, odd = jnp.unstack(codes.reshape(n_rows, ap, r // 2, 2), axis=-1)
+    out = ((even & 0xF) | ((odd & 0xF) << 4)).astype(jnp.uint8)
+  else:
+    out = codes.astype(jnp.int8)
+  plgpu.store(q_ref.at[:, pl.ds(0, ap), :], out, mask=mask(out.shape[-1]))
+  s_ref[...] = scale
+
+
+def _quantize_only(x: jax.Array, signs: jax.Array | None, clip_ratio: float,
+                   packed: bool, cfg: HadamardQuantConfig, interpret: bool,
+                   debug: bool) -> tuple[jax.Array, jax.Array]:
+  """`hadamard_quant(hadamard=False)` with `quantize_kernel`."""
+  k = x.shape[-1]
+  lead = x.shape[:-1]
+  a, r = _quantize_view(k)
+  ap = _pow2(a)
+  x3 = x.reshape(-1, a, r)
+  rows = x3.shape[0]
+  per_program = math.gcd(rows, max(1, cfg.block_elements // (ap * r))
+                         ) if rows else 1
+  sign = (jnp.ones((a, r), jnp.float32) if signs is None
+          else signs.astype(jnp.float32).reshape(a, r))
+  sign = jnp.pad(sign, [(0, ap - a), (0, 0)])
+  q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else ((a, r),
+                                                                jnp.int8)
+  kernel = functools.partial(quantize_kernel, packed=packed,
+                             use_signs=signs is not None,
+                             clip_ratio=clip_ratio)
+  x_q, s_x = pl.pallas_call(
+      kernel,
+      grid=(rows // per_program,),
+      in_specs=[pl.BlockSpec((per_program, a, r), lambda i: (i, 0, 0)),
+                pl.BlockSpec((ap, r), lambda i: (0, 0))],
+      out_specs=[pl.BlockSpec((per_program, *q_block), lambda i: (i, 0, 0)),
+                 pl.BlockSpec((per_program,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((rows, *q_block), q_dtype),
+                 jax.ShapeDtypeStruct((rows,), jnp.float32)],
+      compiler_params=compat.triton_params(num_warps=cfg.num_warps,
+                                           num_stages=cfg.num_stages),
+      interpret=interpret, debug=debug, name="hadamard_quant_no_transform",
+  )(x3, sign)
+  return x_q.reshape(*lead, -1), s_x.reshape(lead)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "hadamard", "clip_ratio", "bits", "packed", "config", "interpret",
     "debug", "implementation"))
@@ -253,8 +335,10 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
     return hadamard_quant_reference(x, hadamard=hadamard, signs=signs,
                                     clip_ratio=clip_ratio, packed=packed)
   cfg = config or HadamardQuantConfig()
+  if not hadamard:
+    return _quantize_only(x, signs, clip_ratio, packed, cfg, interpret, debug)
   lead = x.shape[:-1]
-  a, b, m = _split(k, hadamard)
+  a, b, m = _split(k, True)
   r = b * m
   ap, rp = _pow2(a), _pow2(r)
   x3 = x.reshape(-1, a, r)  # [M, a, r]: row element k = i * r + j
@@ -262,7 +346,7 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
   per_program = math.gcd(rows, cfg.rows_per_program) if rows else 1
   # ±1 and 0/1 are exact in every float dtype; 16-bit inputs keep theirs.
   dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-  left, right = _matrices(k, hadamard)
+  left, right = _matrices(k)
   rights = ((right[:, 0::2], right[:, 1::2]) if packed
             else (right[:, :r // 2], right[:, r // 2:]))
   q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else (
@@ -273,9 +357,9 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
           else signs.astype(jnp.float32).reshape(a, r))
   sign = jnp.pad(sign, [(0, ap - a), (0, rp - r)])
   kernel = functools.partial(
-      hadamard_quant_kernel, packed=packed, use_left=hadamard and a > 1,
+      hadamard_quant_kernel, packed=packed, use_left=a > 1,
       use_signs=signs is not None,
-      norm=float(np.float32(1.0 / math.sqrt(k))) if hadamard else 1.0,
+      norm=float(np.float32(1.0 / math.sqrt(k))),
       clip_ratio=clip_ratio)
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   x_q, s_x = pl.pallas_call(

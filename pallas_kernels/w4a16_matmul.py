@@ -9,8 +9,16 @@ unpacked in registers (shifts sign-extend each nibble), converted to bf16
 and fed to the bf16 tensor cores against the matching even/odd columns of x,
 which the wrapper splits once ([M, K] is tiny at decode). With M this small
 the N tiles alone cannot fill the GPU, so K is also split over the grid
-(`split_k`): each program writes an f32 partial tile and the wrapper sums
-them and applies the per-channel scale. Accumulation is f32.
+(`split_k`). `W4A16MatmulConfig.reduction` picks how the splits are summed:
+  'partials': each program writes an f32 partial tile to f32[split_k, M, N]
+    and the wrapper sums them, applies the per-channel scale and casts (three
+    XLA ops after the kernel);
+  'atomic': each program scales its f32 tile by s_w and adds it into one
+    f32[M, N] output with Triton atomic adds (the output starts as zeros
+    aliased to it), so the wrapper only slices and casts; with split_k == 1
+    the tile is stored directly in the dtype of x (no f32 pass at all).
+Accumulation is f32; atomic adds make the order of the splits' sum (and so
+the last bits of y) vary from run to run on the GPU.
 
 Backend: the Pallas Triton lowering (interpret mode on the CPU). Not
 supported: group scales, bits other than 4.
@@ -24,6 +32,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels import int4_matmul as int4_lib
 from quarot_jax import compat
@@ -31,7 +40,12 @@ from quarot_jax import compat
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class W4A16MatmulConfig:
-  """Tile sizes (block_k counts packed bytes)."""
+  """Tile sizes (block_k counts packed bytes) and the K-split reduction.
+
+  reduction: 'partials' (f32 partial tiles summed by the wrapper) or
+  'atomic' (scaled tiles atomically added in the kernel); see the module
+  docstring.
+  """
 
   block_m: int = 16
   block_n: int = 64
@@ -39,13 +53,19 @@ class W4A16MatmulConfig:
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 4
+  reduction: Literal["partials", "atomic"] = "partials"
+
+  def __post_init__(self):
+    if self.reduction not in ("partials", "atomic"):
+      raise ValueError(f"reduction={self.reduction!r} must be 'partials' or"
+                       " 'atomic'")
+    if self.split_k < 1:
+      raise ValueError(f"split_k={self.split_k} must be at least 1")
 
 
-def w4a16_matmul_kernel(xe_ref, xo_ref, w_ref, o_ref, *, block_k: int,
-                        k_steps: int):
-  """One f32 [block_m, block_n] partial tile over this split's K range."""
-  # xe_ref, xo_ref: bf16[block_m, K // (2 * split_k)] (even / odd x columns)
-  # w_ref: int8[block_n, K // (2 * split_k)]; o_ref: f32[1, bm, bn]
+def _dot_over_k(xe_ref, xo_ref, w_ref, shape: tuple[int, int], *,
+                block_k: int, k_steps: int) -> jax.Array:
+  """f32 [block_m, block_n] = x[:, split] · w[:, split]ᵀ, unscaled."""
   nt = (((1,), (1,)), ((), ()))
 
   def body(step, acc):
@@ -58,9 +78,32 @@ def w4a16_matmul_kernel(xe_ref, xo_ref, w_ref, o_ref, *, block_k: int,
                                preferred_element_type=jnp.float32)
     return acc
 
-  acc = jax.lax.fori_loop(0, k_steps, body,
-                          jnp.zeros(o_ref.shape[1:], jnp.float32))
-  o_ref[...] = acc[None]
+  return jax.lax.fori_loop(0, k_steps, body, jnp.zeros(shape, jnp.float32))
+
+
+def w4a16_matmul_kernel(xe_ref, xo_ref, w_ref, o_ref, *, block_k: int,
+                        k_steps: int):
+  """reduction='partials': one f32 partial tile over this split's K range."""
+  # xe_ref, xo_ref: bf16[block_m, K // (2 * split_k)] (even / odd x columns)
+  # w_ref: int8[block_n, K // (2 * split_k)]; o_ref: f32[1, bm, bn]
+  o_ref[...] = _dot_over_k(xe_ref, xo_ref, w_ref, o_ref.shape[1:],
+                           block_k=block_k, k_steps=k_steps)[None]
+
+
+def w4a16_matmul_atomic_kernel(xe_ref, xo_ref, w_ref, sw_ref, *refs,
+                               block_k: int, k_steps: int, split_k: int):
+  """reduction='atomic': adds this split's scaled tile into the output."""
+  # xe_ref, xo_ref: bf16[block_m, K // (2 * split_k)] (even / odd x columns)
+  # w_ref: int8[block_n, K // (2 * split_k)]; sw_ref: f32[block_n]
+  # split_k == 1: refs = (o_ref [bm, bn] in the dtype of x,);
+  # else refs = (zeros_ref, o_ref), both f32[bm, bn], aliased (o starts 0).
+  o_ref = refs[-1]
+  y = _dot_over_k(xe_ref, xo_ref, w_ref, o_ref.shape, block_k=block_k,
+                  k_steps=k_steps) * sw_ref[...][None, :]
+  if split_k == 1:
+    o_ref[...] = y.astype(o_ref.dtype)
+  else:
+    pl_triton.atomic_add(o_ref, (slice(None), slice(None)), y)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -76,7 +119,7 @@ def w4a16_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array, *,
     x: bf16[M, K] (or f16/f32) activations.
     w_q: uint8[N, K // 2] packed int4 weights.
     s_w: f32[N] scales.
-    config: tiles.
+    config: tiles, split_k and the K-split `reduction`.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     debug: print the kernel's jaxpr.
     implementation: 'pallas', 'xla' (the reference) or None (pallas on GPU
@@ -112,25 +155,45 @@ def w4a16_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array, *,
   mp, kp = xe.shape
   np_ = wi.shape[0]
   k_split = kp // cfg.split_k
-  kernel = functools.partial(w4a16_matmul_kernel, block_k=cfg.block_k,
-                             k_steps=k_split // cfg.block_k)
-  partial = pl.pallas_call(
-      kernel,
-      grid=(cfg.split_k, mp // cfg.block_m, np_ // cfg.block_n),
-      in_specs=[
-          pl.BlockSpec((cfg.block_m, k_split), lambda s, i, j: (i, s)),
-          pl.BlockSpec((cfg.block_m, k_split), lambda s, i, j: (i, s)),
-          pl.BlockSpec((cfg.block_n, k_split), lambda s, i, j: (j, s)),
-      ],
-      out_specs=pl.BlockSpec((1, cfg.block_m, cfg.block_n),
-                             lambda s, i, j: (s, i, j)),
-      out_shape=jax.ShapeDtypeStruct((cfg.split_k, mp, np_), jnp.float32),
+  k_steps = k_split // cfg.block_k
+  grid = (cfg.split_k, mp // cfg.block_m, np_ // cfg.block_n)
+  in_specs = [
+      pl.BlockSpec((cfg.block_m, k_split), lambda s, i, j: (i, s)),
+      pl.BlockSpec((cfg.block_m, k_split), lambda s, i, j: (i, s)),
+      pl.BlockSpec((cfg.block_n, k_split), lambda s, i, j: (j, s)),
+  ]
+  call = functools.partial(
+      pl.pallas_call, grid=grid,
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
-      interpret=interpret, debug=debug, name="w4a16_matmul",
-  )(xe, xo, wi)
-  y = partial.sum(axis=0)[:m, :n] * s_w.astype(jnp.float32)[None, :]
-  return y.astype(x.dtype)
+      interpret=interpret, debug=debug, name="w4a16_matmul")
+  if cfg.reduction == "partials":
+    partial = call(
+        functools.partial(w4a16_matmul_kernel, block_k=cfg.block_k,
+                          k_steps=k_steps),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((1, cfg.block_m, cfg.block_n),
+                               lambda s, i, j: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((cfg.split_k, mp, np_), jnp.float32),
+    )(xe, xo, wi)
+    y = partial.sum(axis=0)[:m, :n] * s_w.astype(jnp.float32)[None, :]
+    return y.astype(x.dtype)
+  # reduction == "atomic": every split adds into the same output tile.
+  sw = pad(s_w.astype(jnp.float32), 0, cfg.block_n)
+  tile = pl.BlockSpec((cfg.block_m, cfg.block_n), lambda s, i, j: (i, j))
+  in_specs.append(pl.BlockSpec((cfg.block_n,), lambda s, i, j: (j,)))
+  kernel = functools.partial(w4a16_matmul_atomic_kernel, block_k=cfg.block_k,
+                             k_steps=k_steps, split_k=cfg.split_k)
+  if cfg.split_k == 1:
+    y = call(kernel, in_specs=in_specs, out_specs=tile,
+             out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+             )(xe, xo, wi, sw)
+  else:
+    y = call(kernel, in_specs=[*in_specs, tile], out_specs=tile,
+             out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
+             input_output_aliases={4: 0},
+             )(xe, xo, wi, sw, jnp.zeros((mp, np_), jnp.float32))
+  return y[:m, :n].astype(x.dtype)
 
 
 def w4a16_matmul_reference(x: jax.Array, w_q: jax.Array,

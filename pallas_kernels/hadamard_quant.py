@@ -86,15 +86,13 @@ class HadamardQuantConfig:
         raise ValueError(f"{name}={n} must be a power of two")
 
 
-def _split(k: int, use_hadamard: bool) -> tuple[int, int, int]:
-  """(a, b, m): the row is viewed as [a, r] with r = b * m.
+def _split(k: int) -> tuple[int, int, int]:
+  """(a, b, m): the Hadamard kernel views a row as [a, r] with r = b * m.
 
   Picks the b that keeps a + r smallest with r even, r >= 32 and a >= 16
   (Triton's smallest dot is 16 wide); rows too short for that use a = 1
   (no left product).
   """
-  if not use_hadamard:  # no transform: see _quantize_view
-    raise ValueError("_split is for the Hadamard kernel")
   p, m = hadamard_lib.factorize(k)
   options = [(p // b + b * m, b) for b in (2**i for i in range(
       p.bit_length())) if (b * m) % 2 == 0 and b * m >= 32 and p // b >= 16]
@@ -119,7 +117,7 @@ def _quantize_view(k: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _matrices(k: int) -> tuple[np.ndarray, np.ndarray]:
   """(left [a, a], right [r, r]) as f32."""
-  a, b, m = _split(k, True)
+  a, b, m = _split(k)
   # pylint: disable-next=protected-access
   right = np.kron(hadamard_lib.sylvester(b), hadamard_lib._base_matrix(m))
   left = hadamard_lib.sylvester(a).T
@@ -136,7 +134,7 @@ def can_use_hadamard_quant(k: int, use_hadamard: bool = True) -> bool:
     return True
   if not hadamard_lib.is_supported(k):
     return False
-  a, b, m = _split(k, True)
+  a, b, m = _split(k)
   return _pow2(a) >= 16 and _pow2(b * m) >= 32
 
 
@@ -338,7 +336,7 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
   if not hadamard:
     return _quantize_only(x, signs, clip_ratio, packed, cfg, interpret, debug)
   lead = x.shape[:-1]
-  a, b, m = _split(k, True)
+  a, b, m = _split(k)
   r = b * m
   ap, rp = _pow2(a), _pow2(r)
   x3 = x.reshape(-1, a, r)  # [M, a, r]: row element k = i * r + j

@@ -1,0 +1,125 @@
+"""Which kernels the forward runs: decided once, from the platform and one
+user setting.
+
+`RunOptions` says *what* the model computes (rotations, quantizers);
+`Kernels` says *how* the packed int4 linears, the activation quantizer and
+the packed KV4 attention are run. `resolve` is the only place that looks at
+the platform; every op below it receives an already resolved choice and
+never re-derives it.
+
+Settings (the notebook's `kernels=` argument and the CLIs' `--kernels`):
+
+  auto       Pallas where it runs: on a Hopper GPU the Mosaic GPU W4A4
+             matmul, elsewhere on a GPU the Triton one; the plain-jnp/XLA
+             references on a CPU.
+  mosaic     the Mosaic GPU W4A4 matmul (Hopper only); other ops Pallas.
+  triton     the Triton W4A4 matmul; other ops Pallas.
+  xla        every op as XLA code: int4 unpacked to int8 and XLA's int8 dot
+             (cuBLAS on a GPU), jnp quantizers and attention.
+  reference  same ops as 'xla' (the plain-jnp references are written as the
+             fastest XLA formulation); kept as its own word so that tests
+             and notebooks can say what they mean.
+  interpret  every Pallas kernel that has an interpreter (Triton lowering)
+             in interpret mode: how CI runs the kernels on a CPU.
+"""
+
+import dataclasses
+import functools
+import logging
+from typing import Literal
+
+import jax
+
+SETTINGS = ("auto", "mosaic", "triton", "xla", "reference", "interpret")
+
+W4A4 = Literal["mosaic", "triton", "xla"]
+PallasOrXla = Literal["pallas", "xla"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Kernels:
+  """A resolved kernel choice; hashable, so a static jit argument.
+
+  Attributes:
+    w4a4: the int4 x int4 matmul: 'mosaic', 'triton' or 'xla'.
+    w4a16: the int4-weight, float-activation matmul: 'pallas' or 'xla'.
+    hadamard_quant: the fused online Hadamard + per-token quantizer.
+    kv4_attention: decode attention over the packed KV4 cache.
+    interpret: run the Pallas kernels above in interpret mode.
+  """
+
+  w4a4: W4A4 = "xla"
+  w4a16: PallasOrXla = "xla"
+  hadamard_quant: PallasOrXla = "xla"
+  kv4_attention: PallasOrXla = "xla"
+  interpret: bool = False
+
+  def __post_init__(self):
+    if self.w4a4 not in ("mosaic", "triton", "xla"):
+      raise ValueError(f"w4a4={self.w4a4!r} must be 'mosaic', 'triton' or"
+                       " 'xla'")
+    for name in ("w4a16", "hadamard_quant", "kv4_attention"):
+      value = getattr(self, name)
+      if value not in ("pallas", "xla"):
+        raise ValueError(f"{name}={value!r} must be 'pallas' or 'xla'")
+    if self.interpret and self.w4a4 == "mosaic":
+      raise ValueError("w4a4='mosaic' has no interpret mode; use 'triton'")
+
+
+XLA = Kernels()
+
+
+@functools.cache
+def _platform() -> tuple[bool, bool]:
+  """(has a GPU, that GPU is a Hopper (sm_90))."""
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    return False, False
+  if not gpus:
+    return False, False
+  cc = getattr(gpus[0], "compute_capability", "")
+  return True, str(cc).startswith("9")
+
+
+def resolve(kernels: "str | Kernels | None" = None) -> Kernels:
+  """The kernel choice for a setting on this platform.
+
+  Args:
+    kernels: a `Kernels` (returned as is), one of `SETTINGS`, or None
+      ('auto').
+
+  Returns:
+    The resolved `Kernels`.
+
+  Raises:
+    ValueError: an unknown setting, or one this platform cannot run
+      ('mosaic' without a Hopper GPU, 'triton'/'mosaic' without a GPU).
+  """
+  if isinstance(kernels, Kernels):
+    return kernels
+  setting = "auto" if kernels is None else kernels
+  if setting not in SETTINGS:
+    raise ValueError(f"kernels={setting!r} must be one of {SETTINGS}")
+  gpu, hopper = _platform()
+  if setting in ("xla", "reference"):
+    return XLA
+  if setting == "interpret":
+    return Kernels(w4a4="triton", w4a16="pallas", hadamard_quant="pallas",
+                   kv4_attention="pallas", interpret=True)
+  if setting == "auto":
+    if not gpu:
+      choice = XLA
+    else:
+      choice = Kernels(w4a4="mosaic" if hopper else "triton",
+                       w4a16="pallas", hadamard_quant="pallas",
+                       kv4_attention="pallas")
+    logging.info("kernels='auto' resolved to %s", choice)
+    return choice
+  if not gpu:
+    raise ValueError(f"kernels={setting!r} needs a GPU; this machine has"
+                     " none (use 'auto', 'xla' or 'interpret')")
+  if setting == "mosaic" and not hopper:
+    raise ValueError("kernels='mosaic' needs a Hopper GPU (sm_90)")
+  return Kernels(w4a4=setting, w4a16="pallas", hadamard_quant="pallas",
+                 kv4_attention="pallas")

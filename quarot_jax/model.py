@@ -33,6 +33,7 @@ A norm `scale` may be absent: after QuaRot fuses it into the next linears the
 norm is a plain `x / rms(x)`.
 """
 
+from collections.abc import Mapping
 import dataclasses
 from typing import Any
 
@@ -383,6 +384,25 @@ def logits_from_hidden(params: Params, x: jax.Array) -> jax.Array:
   emb = params["embed_tokens"]["embedding"]
   return jnp.einsum("...D,VD->...V", x, emb.astype(x.dtype),
                     preferred_element_type=jnp.float32)
+
+
+def unwrap(params: Any) -> tuple[Params, Any]:
+  """Lets every entry point take Flax variables `{"params": params}` too.
+
+  `quarot_jax.nn.Llama` keeps this module's params pytree under "params";
+  the transforms, checkpoints and generation call `unwrap` on entry so both
+  faces share one layout, and hand results back wrapped as they came.
+
+  Args:
+    params: a params pytree, or Flax variables `{"params": params}`.
+
+  Returns:
+    (params, wrap): the params pytree, and a function that wraps a result
+    as the input was (the identity for a plain params pytree).
+  """
+  if isinstance(params, Mapping) and set(params) == {"params"}:
+    return params["params"], lambda p: {"params": p}
+  return params, lambda p: p
 
 
 def init_params(config: LlamaConfig, key: jax.Array, *,

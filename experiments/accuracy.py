@@ -18,7 +18,11 @@ from absl import flags
 from absl import logging
 import jax
 
-from quarot_jax import experiment
+from experiments.lab import benchmarking
+from experiments.lab import models
+from experiments.lab import paper
+from experiments.lab import results
+from quarot_jax import sweep
 from quarot_jax.quarot import QuaRotConfig
 
 _MODEL = flags.DEFINE_string(
@@ -60,8 +64,8 @@ _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
 
 def _configs(config) -> list[QuaRotConfig]:
   if _SWEEP.value == "paper":
-    sweep = experiment.paper_sweep(experiment.group_size_for(config))
-    return [c for c in sweep
+    configs = paper.paper_sweep(sweep.group_size_for(config))
+    return [c for c in configs
             if _METHODS.value == "all" or c.w_bits == 16
             or c.w_method == _METHODS.value]
   return [QuaRotConfig(
@@ -77,23 +81,24 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
-  params, config, tokenizer, name = experiment.load_model(_MODEL.value)
+  params, config, tokenizer, name = models.load_model(_MODEL.value)
   try:
     configs = _configs(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  evals, calib = experiment.load_windows(
+  evals, calib = sweep.windows(
       tokenizer, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,
       nsamples=_NSAMPLES.value if any(
           c.w_method == "gptq" and c.w_bits < 16 for c in configs) else 0)
-  records = experiment.run_sweep(
+  records = sweep.run_sweep(
       params, config, configs, evals, calib_windows=calib,
       eval_text=_EVAL_TEXT.value, model_name=name,
       command=shlex.join(["python", "-m", "experiments.accuracy"]
                          + sys.argv[1:]),
-      out_jsonl=_OUT_JSONL.value, out_md=_OUT_MD.value,
+      on_record=lambda r: benchmarking.append_jsonl(_OUT_JSONL.value, [r]),
       batch_size=_BATCH.value)
-  print(experiment.markdown_table(records))
+  results.write_tables(_OUT_MD.value, records)
+  print(results.markdown_table(records))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from experiments.lab import benchmarking
 from pallas_kernels import hadamard_quant as hq
-from quarot_jax import benchmarking
 from quarot_jax import qlinear
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")

@@ -36,10 +36,10 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from experiments.lab import benchmarking
 from pallas_kernels import int4_matmul as w4a4
 from pallas_kernels import int4_matmul_mgpu as mgpu
 from pallas_kernels import w4a16_matmul as w4a16
-from quarot_jax import benchmarking
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
 _MS = flags.DEFINE_list("m", ["2048", "8192", "32768"], "W4A4 token counts.")

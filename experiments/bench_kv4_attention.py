@@ -25,9 +25,9 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from experiments.lab import benchmarking
 from pallas_kernels import kv4_cache as kv4_lib
 from pallas_kernels import kv4_decode_attention as attn
-from quarot_jax import benchmarking
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
 _BATCH = flags.DEFINE_list("batch", ["8", "16"], "Batch sizes B.")

@@ -18,8 +18,8 @@ from absl import app
 from absl import flags
 import jax
 
-from quarot_jax import benchmarking
-from quarot_jax import speed
+from experiments.lab import benchmarking
+from experiments.lab import speed
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
 _BENCH = flags.DEFINE_list(

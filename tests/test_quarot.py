@@ -2,13 +2,11 @@
 error with and without rotation."""
 
 import dataclasses
-import json
 
 import jax
 import numpy as np
 import pytest
 
-from quarot_jax import experiment
 from quarot_jax import hf
 from quarot_jax import model
 from quarot_jax import quarot
@@ -90,50 +88,3 @@ def test_gptq_needs_calibration(outlier_model):
   with pytest.raises(ValueError, match="calib_tokens"):
     quarot.quantize(params, config, quarot.QuaRotConfig(
         w_bits=4, w_method="gptq"))
-
-
-def test_sweep_writes_records_and_table(outlier_model, tmp_path):
-  params, config, _, _ = outlier_model
-  windows = hf_models.random_tokens(config.vocab_size, 3, 16, seed=7)
-  configs = [quarot.QuaRotConfig(w_bits=8, a_bits=8, k_bits=8, v_bits=8)]
-  jsonl, md = tmp_path / "r.jsonl", tmp_path / "r.md"
-  records = experiment.run_sweep(
-      params, config, configs, windows, eval_text="enwiki-gensim",
-      model_name="tiny", command="pytest", out_jsonl=str(jsonl),
-      out_md=str(md), batch_size=2, progress=False)
-  assert [r["label"] for r in records] == ["W16A16KV16 norot",
-                                           "W8A8KV8 rtn rot-hadamard"]
-  lines = [json.loads(l) for l in jsonl.read_text().splitlines()]
-  assert lines == records
-  for key in ("w_bits", "a_bits", "k_bits", "v_bits", "w_method",
-              "groupsize", "rotate", "ppl", "fp_ppl", "eval_text",
-              "eval_tokens", "seqlen", "date", "command"):
-    assert key in lines[1]
-  assert lines[0]["ppl"] == lines[1]["fp_ppl"]
-  assert "W8A8KV8 rtn rot-hadamard" in md.read_text()
-  csv_lines = (tmp_path / "r.csv").read_text().splitlines()
-  assert csv_lines[0].startswith("label,w_bits") and len(csv_lines) == 3
-
-
-def test_group_size_divides_every_width():
-  config = hf.LlamaConfig(vocab_size=10, hidden_size=576,
-                          intermediate_size=1536, num_hidden_layers=1,
-                          num_attention_heads=9, num_key_value_heads=3,
-                          head_dim=64)
-  assert experiment.group_size_for(config) == 64  # 576 = 4.5 * 128
-  config = dataclasses.replace(config, hidden_size=4096,
-                               intermediate_size=11008,
-                               num_attention_heads=32,
-                               num_key_value_heads=32, head_dim=128)
-  assert experiment.group_size_for(config) == 128
-
-
-def test_table_keeps_the_latest_record_per_label(tmp_path):
-  base = dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn",
-              groupsize=None, rotate=True, rotate_mode="hadamard",
-              delta_ppl=1.0, wall_s=1)
-  path = tmp_path / "r.jsonl"
-  path.write_text("\n".join(json.dumps(dict(base, label="a", ppl=p))
-                            for p in (10.0, 12.5)) + "\n")
-  table = experiment.table_from_jsonl(str(path))
-  assert "12.500" in table and "10.000" not in table

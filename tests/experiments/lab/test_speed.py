@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import pytest
 
-from quarot_jax import speed
+from experiments.lab import speed
 from quarot_jax.config import LlamaConfig
 
 _TINY = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.lab import benchmarking
 from pallas_kernels import hadamard_quant as hq_lib
 from pallas_kernels import kv4_cache as kv4_lib
-from quarot_jax import benchmarking
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import qlinear

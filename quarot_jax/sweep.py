@@ -1,0 +1,142 @@
+"""Accuracy sweeps: the windows they score and the loop that scores configs.
+
+`windows` cuts enwiki-gensim into evaluation (and calibration) windows;
+`run_sweep` quantizes a model once per `QuaRotConfig` and returns one
+perplexity record per config. Writing the records (JSONL, Markdown, CSV)
+and the paper's list of configs are lab code (`experiments/lab/`).
+"""
+
+import datetime
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from quarot_jax import data
+from quarot_jax import evaluate
+from quarot_jax import quarot
+from quarot_jax.quarot import QuaRotConfig
+
+_FP = dict(w_bits=16, a_bits=16, k_bits=16, v_bits=16)
+
+
+def group_size_for(config: Any, preferred: int = 128) -> int:
+  """The largest power of two <= `preferred` dividing every linear input.
+
+  QuaRot's "128G" mode assumes widths that are multiples of 128; SmolLM2's
+  hidden size 576 is not, so it gets 64.
+
+  Args:
+    config: a `LlamaConfig`.
+    preferred: the group size wanted.
+
+  Returns:
+    The group size.
+  """
+  widths = (config.hidden_size, config.intermediate_size,
+            config.num_attention_heads * config.head_dim)
+  g = preferred
+  while g > 1 and any(w % g for w in widths):
+    g //= 2
+  return g
+
+
+def windows(tokenizer: Any, *, seqlen: int, max_windows: int | None,
+            nsamples: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """enwiki-gensim evaluation windows and (if nsamples) calibration ones.
+
+  Args:
+    tokenizer: the model's tokenizer.
+    seqlen: tokens per window.
+    max_windows: keep the first N evaluation windows (None: all).
+    nsamples: calibration windows (0: none).
+
+  Returns:
+    (int32[n, seqlen] evaluation windows, int32[nsamples, seqlen]
+    calibration windows or None).
+  """
+  evals = data.eval_windows(tokenizer, seqlen=seqlen, max_windows=max_windows)
+  calib = (data.calibration_windows(tokenizer, nsamples=nsamples,
+                                    seqlen=seqlen) if nsamples else None)
+  return evals, calib
+
+
+def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
+            wall_s: float, seqlen: int, nsamples: int, eval_text: str,
+            model_name: str, command: str) -> dict[str, Any]:
+  return {
+      "model": model_name,
+      "label": qconfig.describe(),
+      "w_bits": qconfig.w_bits, "a_bits": qconfig.a_bits,
+      "k_bits": qconfig.k_bits, "v_bits": qconfig.v_bits,
+      "w_method": qconfig.w_method if qconfig.w_bits < 16 else "none",
+      "groupsize": qconfig.w_groupsize,
+      "rotate": qconfig.rotate, "rotate_mode": qconfig.rotate_mode,
+      "a_clip": qconfig.a_clip, "kv_clip": qconfig.kv_clip,
+      "ppl": result["ppl"], "fp_ppl": fp_ppl,
+      "delta_ppl": result["ppl"] - fp_ppl,
+      "eval_text": eval_text, "eval_windows": result["windows"],
+      "eval_tokens": result["tokens"], "seqlen": seqlen,
+      "nsamples": nsamples if qconfig.w_method == "gptq" else 0,
+      "wall_s": round(wall_s, 1),
+      "date": datetime.date.today().isoformat(), "command": command,
+  }
+
+
+def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
+              eval_windows: np.ndarray, *,
+              calib_windows: np.ndarray | None = None,
+              eval_text: str = data.EVAL_TEXT_NAME, model_name: str = "",
+              command: str = "",
+              on_record: Callable[[dict[str, Any]], None] | None = None,
+              batch_size: int = 4, progress: bool = True) -> list[dict]:
+  """Quantizes and evaluates each config, the float baseline first.
+
+  Args:
+    params: float params of the model.
+    config: its `LlamaConfig`.
+    configs: what to run; an all-16-bit unrotated config gives fp_ppl, and
+      one is run first if absent.
+    eval_windows: int32[n, seqlen] evaluation windows.
+    calib_windows: int32[m, seqlen] calibration windows (GPTQ configs).
+    eval_text: name of the evaluation corpus, stored in each record.
+    model_name: stored in each record.
+    command: the command line that produced the run, stored in each record.
+    on_record: called with each record as soon as its config finishes (a
+      long sweep can append it to a file).
+    batch_size: windows per forward.
+    progress: show progress bars.
+
+  Returns:
+    One record per config: its label, bits, method, rotation, `ppl`,
+    `fp_ppl`, `delta_ppl`, window counts, `wall_s`, date and command.
+  """
+  fp_config = QuaRotConfig(rotate=False, **_FP)
+  configs = list(configs)
+  if fp_config in configs:
+    configs.remove(fp_config)
+  configs.insert(0, fp_config)
+  seqlen = eval_windows.shape[1]
+  nsamples = 0 if calib_windows is None else calib_windows.shape[0]
+  records = []
+  fp_ppl = None
+  for qconfig in configs:
+    start = time.time()
+    qparams, options = quarot.quantize(params, config, qconfig,
+                                       calib_windows, progress=progress)
+    result = evaluate.perplexity(qparams, config, eval_windows,
+                                 options=options, batch_size=batch_size,
+                                 progress=progress)
+    if fp_ppl is None:
+      fp_ppl = result["ppl"]
+    record = _record(qconfig, result, fp_ppl, wall_s=time.time() - start,
+                     seqlen=seqlen, nsamples=nsamples, eval_text=eval_text,
+                     model_name=model_name, command=command)
+    records.append(record)
+    if progress:
+      print(f"{record['label']:<32} ppl {record['ppl']:.3f}"
+            f" ({record['delta_ppl']:+.3f})  {record['wall_s']} s",
+            flush=True)
+    if on_record is not None:
+      on_record(record)
+  return records

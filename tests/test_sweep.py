@@ -1,0 +1,49 @@
+"""The sweep loop on a tiny model, and the group size it picks."""
+
+import dataclasses
+
+import pytest
+
+from quarot_jax import hf
+from quarot_jax import quarot
+from quarot_jax import sweep
+from tests import hf_models
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
+
+
+def test_sweep_runs_float_first_and_reports_each_record(tiny):
+  params, config = tiny
+  windows = hf_models.random_tokens(config.vocab_size, 3, 16, seed=7)
+  configs = [quarot.QuaRotConfig(w_bits=8, a_bits=8, k_bits=8, v_bits=8)]
+  seen = []
+  records = sweep.run_sweep(
+      params, config, configs, windows, eval_text="enwiki-gensim",
+      model_name="tiny", command="pytest", on_record=seen.append,
+      batch_size=2, progress=False)
+  assert [r["label"] for r in records] == ["W16A16KV16 norot",
+                                           "W8A8KV8 rtn rot-hadamard"]
+  assert seen == records
+  for key in ("w_bits", "a_bits", "k_bits", "v_bits", "w_method",
+              "groupsize", "rotate", "ppl", "fp_ppl", "eval_text",
+              "eval_tokens", "seqlen", "date", "command"):
+    assert key in records[1]
+  assert records[0]["ppl"] == records[1]["fp_ppl"]
+  assert records[1]["delta_ppl"] == records[1]["ppl"] - records[0]["ppl"]
+  assert records[1]["eval_tokens"] == 3 * 15 and records[1]["seqlen"] == 16
+
+
+def test_group_size_divides_every_width():
+  config = hf.LlamaConfig(vocab_size=10, hidden_size=576,
+                          intermediate_size=1536, num_hidden_layers=1,
+                          num_attention_heads=9, num_key_value_heads=3,
+                          head_dim=64)
+  assert sweep.group_size_for(config) == 64  # 576 = 4.5 * 128
+  config = dataclasses.replace(config, hidden_size=4096,
+                               intermediate_size=11008,
+                               num_attention_heads=32,
+                               num_key_value_heads=32, head_dim=128)
+  assert sweep.group_size_for(config) == 128

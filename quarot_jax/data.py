@@ -1,26 +1,47 @@
-"""The `enwiki-gensim` corpus: real English text for calibration and eval.
+"""Real text for calibration and eval: `enwiki-gensim` and `code-sympy`.
 
-English Wikipedia articles from the sample dump shipped in the `gensim`
-wheel (CC BY-SA text), cleaned and split exactly as ../shared/data.md says:
-pages in file order, redirects skipped, `filter_wiki`, bold/italic quotes
-removed, lines stripped, empty lines dropped, articles of >= 1000 characters
-kept; article k is calibration text iff k % 4 == 3, test text otherwise.
+`enwiki-gensim`: English Wikipedia articles from the sample dump shipped in
+the `gensim` wheel (CC BY-SA text), cleaned and split exactly as
+../shared/data.md says: pages in file order, redirects skipped,
+`filter_wiki`, bold/italic quotes removed, lines stripped, empty lines
+dropped, articles of >= 1000 characters kept. The cleaned articles are
+cached as JSON under $QUAROT_JAX_CACHE (default ~/.cache/quarot_jax),
+written atomically; with the cache present gensim is not needed (the GPU
+machine uses a carried copy).
 
-The cleaned articles are cached as JSON under $QUAROT_JAX_CACHE (default
-~/.cache/quarot_jax), written atomically; with the cache present gensim is
-not needed (the GPU machine uses a carried copy).
+`code-sympy`: the Python sources of the pinned sympy 1.13.3 wheel (BSD),
+read as a zip (never installed, never vendored): members under `sympy/`
+ending in `.py`, none under a `/tests/` or `/benchmarks/` folder, sorted by
+name, UTF-8, files of >= 1000 characters kept (708 files). The wheel is
+found in the cache, or fetched there once with `pip download`, and its
+sha256 is checked either way.
+
+In both, document k (0-based, in that order) is calibration text iff
+k % 4 == 3, test text otherwise. Evaluation joins the test documents with
+two newlines, tokenizes once and cuts non-overlapping windows.
 """
 
 import bz2
 import functools
+import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import zipfile
 from typing import Any
 
 import numpy as np
 
 EVAL_TEXT_NAME = "enwiki-gensim"
+CODE_TEXT_NAME = "code-sympy"
+# Every text `eval_windows` and `calibration_windows` can read.
+TEXTS = (EVAL_TEXT_NAME, CODE_TEXT_NAME)
+SYMPY_VERSION = "1.13.3"
+SYMPY_WHEEL = f"sympy-{SYMPY_VERSION}-py3-none-any.whl"
+SYMPY_SHA256 = (
+    "54612cf55a62755ee71824ce692986f23c88ffa77207b30c1368eda4a7060f73")
 _DUMP = ("test/test_data/"
          "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
 _CACHE_FILE = "enwiki_gensim_v1.json"
@@ -76,12 +97,122 @@ def enwiki_gensim_articles() -> list[str]:
   return list(_articles())
 
 
+def calibration_split(docs: Any) -> tuple[list[str], list[str]]:
+  """(calibration, test) documents: document k is calibration iff k % 4 == 3.
+
+  Args:
+    docs: the documents of one text, in its order.
+
+  Returns:
+    (calibration documents, test documents), each in order.
+  """
+  docs = list(docs)
+  calib = [d for k, d in enumerate(docs) if k % 4 == 3]
+  test = [d for k, d in enumerate(docs) if k % 4 != 3]
+  return calib, test
+
+
 def enwiki_gensim_split() -> tuple[list[str], list[str]]:
   """(calibration articles, test articles): k % 4 == 3 is calibration."""
-  articles = _articles()
-  calib = [a for k, a in enumerate(articles) if k % 4 == 3]
-  test = [a for k, a in enumerate(articles) if k % 4 != 3]
-  return calib, test
+  return calibration_split(_articles())
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _fetch_sympy_wheel(dest: str) -> None:
+  """`pip download`s the pinned wheel and moves it to `dest` (atomic)."""
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(dest)) as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+           "--only-binary=:all:", "--dest", tmp, f"sympy=={SYMPY_VERSION}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    got = os.path.join(tmp, SYMPY_WHEEL)
+    if done.returncode or not os.path.isfile(got):
+      raise ValueError(f"{' '.join(cmd)} failed ({done.returncode}):"
+                       f" {done.stderr[-500:]}")
+    os.replace(got, dest)
+
+
+def find_sympy_wheel(*, fetch: bool = True) -> str:
+  """Path of the pinned sympy wheel in the cache, checked by sha256.
+
+  Args:
+    fetch: if it is not cached, `pip download` it into the cache (the only
+      network access of this module); with False, raise instead.
+
+  Returns:
+    `cache_dir()/sympy-1.13.3-py3-none-any.whl`.
+
+  Raises:
+    ValueError: absent (and `fetch` is False, or pip failed), or its
+      sha256 is not `SYMPY_SHA256`.
+  """
+  path = os.path.join(cache_dir(), SYMPY_WHEEL)
+  if not os.path.isfile(path):
+    if not fetch:
+      raise ValueError(f"{path!r} is missing: pip download --no-deps"
+                       f" sympy=={SYMPY_VERSION} -d {cache_dir()}")
+    os.makedirs(cache_dir(), exist_ok=True)
+    _fetch_sympy_wheel(path)
+  digest = _sha256(path)
+  if digest != SYMPY_SHA256:
+    raise ValueError(f"{path!r} has sha256 {digest}, expected {SYMPY_SHA256}"
+                     " (another sympy gives other text); delete it")
+  return path
+
+
+def is_code_file(name: str) -> bool:
+  """Whether a wheel member is a `code-sympy` source (before the size cut)."""
+  return (name.startswith("sympy/") and name.endswith(".py")
+          and "/tests/" not in name and "/benchmarks/" not in name)
+
+
+def code_files_from_wheel(path: str) -> list[str]:
+  """The `code-sympy` documents of a wheel, in member-name order.
+
+  Args:
+    path: a wheel (zip) file.
+
+  Returns:
+    The text of every `is_code_file` member of >= MIN_CHARS characters.
+  """
+  with zipfile.ZipFile(path) as z:
+    names = sorted(n for n in z.namelist() if is_code_file(n))
+    texts = [z.read(n).decode("utf-8") for n in names]
+  return [t for t in texts if len(t) >= MIN_CHARS]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_files() -> tuple[str, ...]:
+  return tuple(code_files_from_wheel(find_sympy_wheel()))
+
+
+def code_sympy_files() -> list[str]:
+  """All `code-sympy` files, in member-name order (708 of them)."""
+  return list(_code_files())
+
+
+def code_sympy_split() -> tuple[list[str], list[str]]:
+  """(calibration files, test files): k % 4 == 3 is calibration."""
+  return calibration_split(_code_files())
+
+
+def text_split(text: str) -> tuple[list[str], list[str]]:
+  """(calibration, test) documents of a text named in `TEXTS`.
+
+  Raises:
+    ValueError: an unknown name.
+  """
+  if text == EVAL_TEXT_NAME:
+    return enwiki_gensim_split()
+  if text == CODE_TEXT_NAME:
+    return code_sympy_split()
+  raise ValueError(f"{text=} is not one of {TEXTS}")
 
 
 def _token_stream(tokenizer: Any, articles: list[str]) -> np.ndarray:
@@ -91,23 +222,26 @@ def _token_stream(tokenizer: Any, articles: list[str]) -> np.ndarray:
 
 
 def eval_windows(tokenizer: Any, *, seqlen: int = 2048,
-                 max_windows: int | None = None) -> np.ndarray:
+                 max_windows: int | None = None,
+                 text: str = EVAL_TEXT_NAME) -> np.ndarray:
   """Non-overlapping evaluation windows of the test text.
 
   Args:
     tokenizer: an HF tokenizer.
     seqlen: tokens per window.
     max_windows: keep only the first N windows (None: all).
+    text: which text, one of `TEXTS`.
 
   Returns:
     int32[n, seqlen] (the remainder after the last full window is dropped).
 
   Raises:
-    ValueError: seqlen is not positive or longer than the text.
+    ValueError: seqlen is not positive or longer than the text, or an
+      unknown text.
   """
   if seqlen <= 1:
     raise ValueError(f"{seqlen=} must be at least 2")
-  stream = _token_stream(tokenizer, enwiki_gensim_split()[1])
+  stream = _token_stream(tokenizer, text_split(text)[1])
   n = len(stream) // seqlen
   if n == 0:
     raise ValueError(f"{seqlen=} is longer than the test text"
@@ -118,18 +252,27 @@ def eval_windows(tokenizer: Any, *, seqlen: int = 2048,
 
 
 def calibration_windows(tokenizer: Any, *, nsamples: int, seqlen: int,
-                        seed: int = 0) -> np.ndarray:
+                        seed: int = 0,
+                        text: str = EVAL_TEXT_NAME) -> np.ndarray:
   """Random windows of the calibration text (GPTQ Hessians, clip search).
+
+  Args:
+    tokenizer: an HF tokenizer.
+    nsamples: windows to draw.
+    seqlen: tokens per window.
+    seed: seeds the numpy Generator that draws the starts.
+    text: which text's calibration documents, one of `TEXTS`.
 
   Returns:
     int32[nsamples, seqlen], starts drawn with a fixed-seed numpy Generator.
 
   Raises:
-    ValueError: non-positive sizes or seqlen longer than the text.
+    ValueError: non-positive sizes, seqlen longer than the text, or an
+      unknown text.
   """
   if nsamples <= 0 or seqlen <= 1:
     raise ValueError(f"{nsamples=} and {seqlen=} must be positive")
-  stream = _token_stream(tokenizer, enwiki_gensim_split()[0])
+  stream = _token_stream(tokenizer, text_split(text)[0])
   if len(stream) <= seqlen:
     raise ValueError(f"{seqlen=} is longer than the calibration text"
                      f" ({len(stream)} tokens)")

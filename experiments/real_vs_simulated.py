@@ -24,6 +24,7 @@ import jax
 from experiments.lab import agreement
 from experiments.lab import benchmarking
 from experiments.lab import models
+from quarot_jax import cli_flags
 from quarot_jax import evaluate
 from quarot_jax import qlinear
 from quarot_jax import quarot
@@ -31,11 +32,10 @@ from quarot_jax import sweep
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint, HF dir or .gguf;"
                              " default: the embedded SmolLM2-135M.")
-_W_METHOD = flags.DEFINE_enum("w_method", "gptq", ["gptq", "rtn"],
-                              "Weight quantizer.")
+_QUANT = cli_flags.define_quant_flags(
+    w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq")
 _SEQLEN = flags.DEFINE_integer("seqlen", 2048, "Window length.")
 _WINDOWS = flags.DEFINE_integer("max_windows", 40, "Eval windows.")
-_NSAMPLES = flags.DEFINE_integer("nsamples", 128, "GPTQ calibration windows.")
 _PROMPTS = flags.DEFINE_integer("prompts", 4, "Greedy prompts (eval text).")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Greedy tokens per prompt.")
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
@@ -46,6 +46,24 @@ _PRECISION = flags.DEFINE_enum(
     " that the packed path's exact integer matmuls do not.")
 
 
+def _record(case: str, ppl: dict, agree: dict, ctrl: dict, *,
+            eval_windows: int, seconds: float, command: str) -> dict:
+  """The JSONL record: perplexities, agreement, and the control's."""
+  return {
+      "benchmark": "real_vs_simulated", "case": case,
+      "ppl_simulated": round(ppl["simulated"], 4),
+      "ppl_packed": round(ppl["packed"], 4),
+      "ppl_rel_diff": round(ppl["packed"] / ppl["simulated"] - 1, 5),
+      "ppl_control": round(ppl["control"], 4),
+      "control_ppl_rel_diff": round(ppl["control"] / ppl["simulated"] - 1, 5),
+      "control_free_running": ctrl["free_running"],
+      "control_teacher_forced": ctrl["teacher_forced"],
+      "eval_windows": eval_windows, "seqlen": _SEQLEN.value, **agree,
+      "matmul_precision": _PRECISION.value, "seconds": round(seconds, 1),
+      "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+      "date": datetime.date.today().isoformat(), "command": command}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -53,12 +71,11 @@ def main(argv):
                        + sys.argv[1:])
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   params, config, tokenizer, name = models.load_model(_MODEL.value)
-  nsamples = _NSAMPLES.value if _W_METHOD.value == "gptq" else 0
+  qconfig = cli_flags.quarot_config({k: h.value for k, h in _QUANT.items()})
+  nsamples = _QUANT["nsamples"].value if qconfig.w_method == "gptq" else 0
   evals, calib = sweep.windows(
       tokenizer, seqlen=_SEQLEN.value, max_windows=_WINDOWS.value,
       nsamples=nsamples)
-  qconfig = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
-                                w_method=_W_METHOD.value)
   start = time.time()
   packed, options = quarot.quantize(params, config, qconfig, calib,
                                     packed=True)
@@ -75,20 +92,9 @@ def main(argv):
   ctrl = agreement.greedy_agreement(simulated, control, config, prompts,
                                     options=options,
                                     max_new_tokens=_NEW.value)
-  record = {
-      "benchmark": "real_vs_simulated", "case": f"{name} {qconfig.describe()}",
-      "ppl_simulated": round(ppl["simulated"], 4),
-      "ppl_packed": round(ppl["packed"], 4),
-      "ppl_rel_diff": round(ppl["packed"] / ppl["simulated"] - 1, 5),
-      "ppl_control": round(ppl["control"], 4),
-      "control_ppl_rel_diff": round(ppl["control"] / ppl["simulated"] - 1, 5),
-      "control_free_running": ctrl["free_running"],
-      "control_teacher_forced": ctrl["teacher_forced"],
-      "eval_windows": int(evals.shape[0]), "seqlen": _SEQLEN.value, **agree,
-      "matmul_precision": _PRECISION.value,
-      "seconds": round(time.time() - start, 1),
-      "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-      "date": datetime.date.today().isoformat(), "command": command}
+  record = _record(f"{name} {qconfig.describe()}", ppl, agree, ctrl,
+                   eval_windows=int(evals.shape[0]),
+                   seconds=time.time() - start, command=command)
   print(record)
   benchmarking.append_jsonl(os.path.join(_OUT.value,
                                          "real_vs_simulated.jsonl"), [record])

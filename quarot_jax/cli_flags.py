@@ -1,0 +1,149 @@
+"""The one flag vocabulary of the command lines: how to quantize, which kernels.
+
+Every CLI (`experiments/*.py`, `convert/hf_to_orbax.py`) that quantizes a
+model defines its flags here, so `--w_bits=4 --w_method=gptq` means the same
+everywhere. Each quantization flag is named after the `QuaRotConfig` field it
+sets (no rename layer), plus `nsamples` (GPTQ calibration windows) and
+`--kernels` (a `kernels.SETTINGS` word).
+
+The library never reads `FLAGS`: `define_*` only defines flags and returns
+their holders, and the CLI passes the values back explicitly:
+
+  _QUANT = cli_flags.define_quant_flags(w_bits=4, w_method="gptq")
+  _KERNELS = cli_flags.define_kernels_flag()
+  ...
+  qconfig = cli_flags.quarot_config({k: h.value for k, h in _QUANT.items()})
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+from absl import flags
+
+from quarot_jax import data
+from quarot_jax import kernels
+from quarot_jax.quarot import QuaRotConfig
+
+# Flag name -> help. Names are `QuaRotConfig` fields, except `nsamples`.
+_HELP = {
+    "w_bits": "Weight bits (16: not quantized).",
+    "a_bits": "Activation bits, at the input of every decoder linear.",
+    "k_bits": "Key cache bits.",
+    "v_bits": "Value cache bits.",
+    "w_method": "Weight quantizer.",
+    "w_groupsize": "Weight group size along the input axis (default: per"
+                   " output channel).",
+    "w_asym": "Asymmetric weights.",
+    "w_clip": "MSE search of the weight clipping range.",
+    "a_clip": "Activation clip ratio.",
+    "kv_clip": "KV cache clip ratio.",
+    "rotate": "Apply QuaRot's rotations.",
+    "rotate_mode": "Residual rotation.",
+    "percdamp": "GPTQ dampening, a fraction of the mean Hessian diagonal.",
+    "act_order": "GPTQ column reordering by Hessian diagonal.",
+    "seed": "Seeds the random rotation signs.",
+    "nsamples": "GPTQ calibration windows (enwiki-gensim).",
+}
+_ENUMS = {"w_method": ("rtn", "gptq"), "rotate_mode": ("hadamard", "random")}
+_CALIBRATION_DEFAULTS = {"nsamples": 128}
+QUANT_FLAGS = tuple(_HELP)
+
+
+def define_quant_flags(
+    flag_values: flags.FlagValues = flags.FLAGS, **defaults: Any
+) -> dict[str, flags.FlagHolder]:
+  """Defines `QUANT_FLAGS` (in absl's global registry by default).
+
+  Call once per program, at import time of its CLI module.
+
+  Args:
+    flag_values: the registry to define them in (tests pass their own).
+    **defaults: default values by flag name, overriding `QuaRotConfig`'s
+      (and `nsamples=128`); e.g. the converter's `w_bits=4, w_method='gptq'`.
+
+  Returns:
+    Flag name -> its `FlagHolder`.
+
+  Raises:
+    ValueError: a default names no flag of `QUANT_FLAGS`.
+  """
+  unknown = sorted(set(defaults) - set(QUANT_FLAGS))
+  if unknown:
+    raise ValueError(f"{unknown=} are not quantization flags {QUANT_FLAGS}")
+  fields = {f.name: f.default for f in dataclasses.fields(QuaRotConfig)}
+  values = {**fields, **_CALIBRATION_DEFAULTS, **defaults}
+  holders = {}
+  for name in QUANT_FLAGS:
+    value, help_ = values[name], _HELP[name]
+    kw = dict(flag_values=flag_values)
+    if name in _ENUMS:
+      holders[name] = flags.DEFINE_enum(name, value, _ENUMS[name], help_, **kw)
+    elif isinstance(fields.get(name), bool):
+      holders[name] = flags.DEFINE_bool(name, value, help_, **kw)
+    elif isinstance(fields.get(name), float):
+      holders[name] = flags.DEFINE_float(name, value, help_, **kw)
+    else:  # ints, and w_groupsize (None by default)
+      holders[name] = flags.DEFINE_integer(name, value, help_, **kw)
+  return holders
+
+
+def define_kernels_flag(
+    default: str = "auto", flag_values: flags.FlagValues = flags.FLAGS
+) -> flags.FlagHolder:
+  """Defines `--kernels`: which kernels run (see `quarot_jax.kernels`).
+
+  Args:
+    default: one of `kernels.SETTINGS`.
+    flag_values: the registry to define it in (tests pass their own).
+
+  Returns:
+    Its `FlagHolder`; pass `.value` as the library's `kernels=` argument.
+  """
+  return flags.DEFINE_enum(
+      "kernels", default, kernels.SETTINGS,
+      "Which kernels run: auto (Pallas where it runs: Mosaic GPU on Hopper,"
+      " Triton on other GPUs, XLA on a CPU), mosaic, triton, xla, reference,"
+      " or interpret (Pallas interpret mode).", flag_values=flag_values)
+
+
+def define_eval_text_flag(
+    default: str = data.EVAL_TEXT_NAME,
+    flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
+  """Defines `--eval_text`: which text is scored (see `quarot_jax.data`).
+
+  Args:
+    default: one of `data.TEXTS`.
+    flag_values: the registry to define it in (tests pass their own).
+
+  Returns:
+    Its `FlagHolder`; pass `.value` as the library's `eval_text=` argument
+    (every accuracy record stores it).
+  """
+  return flags.DEFINE_enum(
+      "eval_text", default, data.TEXTS,
+      "Evaluation text: enwiki-gensim (Wikipedia prose from the gensim"
+      " wheel) or code-sympy (the sympy 1.13.3 wheel's Python sources);"
+      " calibration windows always come from enwiki-gensim.",
+      flag_values=flag_values)
+
+
+def quarot_config(values: Mapping[str, Any]) -> QuaRotConfig:
+  """The `QuaRotConfig` that flag values describe.
+
+  Args:
+    values: flag name -> value, e.g. `{k: h.value for k, h in
+      define_quant_flags().items()}`; `nsamples` is not part of the config
+      and is left out.
+
+  Returns:
+    The config (it checks its own values).
+
+  Raises:
+    ValueError: a key names no flag of `QUANT_FLAGS`, or the config rejects
+      a value.
+  """
+  unknown = sorted(set(values) - set(QUANT_FLAGS))
+  if unknown:
+    raise ValueError(f"{unknown=} are not quantization flags {QUANT_FLAGS}")
+  return QuaRotConfig(**{k: v for k, v in values.items()
+                         if k not in _CALIBRATION_DEFAULTS})

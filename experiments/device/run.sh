@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# The one runner for the GPU device machine. The `run` tool starts it in the
+# repository root; logs and JSONL go to $OUT (they come back from there).
+#
+#   bash experiments/device/run.sh TASK [ARGS...]
+#
+# Tasks (ARGS go to the python command last, so they override the defaults):
+#   env                      jax/flax/orbax/transformers versions, the GPU,
+#                            what is staged.
+#   stage NAME FIRST [LAST]  copy carried chunks .carry/NAME/chunkFIRST..LAST
+#                            to /root/stage/NAME, each checked against the
+#                            sha256 in experiments/device/NAME.sha256
+#                            (stage.sh put); also keeps carried wheels
+#                            (.carry/wheels/*.whl) and enwiki-gensim text
+#                            (.carry/cache/*.json) in /root/stage.
+#   join NAME                join the staged chunks into /root/stage/FILE,
+#                            checking the joined sha256 (NAME: smollm2, qwen).
+#   tests-gpu [PYTEST ARGS]  the GPU kernels, not interpreted (default:
+#                            tests/pallas_kernels tests/test_qlinear.py
+#                            tests/test_packed_model.py); e.g. `-m gpu tests`.
+#   bench NAME [ARGS]        python -m experiments.bench_NAME --out_dir=$OUT.
+#   bench-kernels            every kernel benchmark with its default shapes.
+#   bench-model [ARGS]       experiments.bench_model (LLaMA shapes, random
+#                            weights: needs no staged model).
+#   accuracy [ARGS]          experiments.accuracy on the staged SmolLM2.
+#   real-vs-simulated [ARGS] experiments.real_vs_simulated on SmolLM2.
+#   plot-activations [ARGS]  experiments.plot_activations on SmolLM2.
+#   py MODULE [ARGS]         python -m MODULE with the same environment.
+# TIMEOUT=SECONDS (default 570) bounds each python command; STAGE_DIR
+# (default /root/stage) is where staged files live.
+#
+# SmolLM2 (98 MB) takes two device calls; the machine keeps /root/stage only
+# while it stays warm, so make them back to back:
+#   here, once (the chunks; the manifest smollm2.sha256 is committed):
+#     bash experiments/device/stage.sh split GGUF smollm2
+#     (GGUF: python -c 'from quarot_jax import gguf
+#                       print(gguf.find_smollm2_gguf())')
+#   call 1 (carry .carry/smollm2/chunk00):
+#     bash experiments/device/run.sh stage smollm2 0
+#   call 2 (carry .carry/smollm2/chunk01 .carry/wheels .carry/cache):
+#     bash experiments/device/run.sh stage smollm2 1 &&
+#     bash experiments/device/run.sh join smollm2 &&
+#     bash experiments/device/run.sh accuracy --sweep=paper --methods=rtn
+# The Qwen GGUF goes the same way: stage qwen FIRST LAST per call (see
+# stage.sh), then join qwen.
+set -uo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+STAGE="${STAGE_DIR:-/root/stage}"
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+# Drops absl INFO/WARNING lines, Python warnings and progress bars.
+filter() {
+  grep --line-buffered -v -E \
+    "^[WI][0-9]{4} |DeprecationWarning|warnings.warn|it/s\]|s/it\]"
+}
+
+gguf_file() {
+  case "$1" in
+    smollm2) echo "SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+    qwen) echo "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf" ;;
+    *) echo "unknown model '$1' (smollm2, qwen)" >&2; return 2 ;;
+  esac
+}
+
+# Carried wheels installed once per machine; staged files exported.
+setup_env() {
+  if compgen -G "$STAGE/wheels/*.whl" > /dev/null \
+      && [ ! -f /tmp/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target /tmp/site "$STAGE"/wheels/*.whl \
+      && touch /tmp/site/.installed
+  fi
+  export PYTHONPATH="/tmp/site:$PWD"
+  [ -d "$STAGE/cache" ] && export QUAROT_JAX_CACHE="$STAGE/cache"
+  local f
+  f="$STAGE/$(gguf_file smollm2)"
+  [ -f "$f" ] && export QUAROT_SMOLLM2_GGUF="$f"
+  f="$STAGE/$(gguf_file qwen)"
+  [ -f "$f" ] && export QUAROT_QWEN_GGUF="$f"
+  return 0
+}
+
+# python -m MODULE ARGS, bounded, filtered, logged to $OUT/LOG.log.
+py() {
+  local log="$1"; shift
+  setup_env
+  timeout "${TIMEOUT:-570}" python3 -m "$@" 2>&1 | filter \
+    | tee -a "$OUT/$log.log"
+  return "${PIPESTATUS[0]}"
+}
+
+task="${1:-}"
+shift || true
+case "$task" in
+  env)
+    setup_env
+    python3 -c "import jax, flax, orbax.checkpoint, transformers
+print('jax', jax.__version__, jax.devices())
+print('flax', flax.__version__, 'transformers', transformers.__version__)"
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    ls -la "$STAGE" 2>/dev/null
+    ;;
+  stage)
+    [ $# -ge 2 ] || {
+      echo "usage: run.sh stage NAME FIRST [LAST]" >&2; exit 2; }
+    bash "$HERE/stage.sh" put "$@" || exit 1
+    for kind in wheels cache; do
+      if compgen -G ".carry/$kind/*" > /dev/null; then
+        mkdir -p "$STAGE/$kind" && cp -n .carry/"$kind"/* "$STAGE/$kind/"
+      fi
+    done
+    bash "$HERE/stage.sh" have "$1"
+    ;;
+  join)
+    [ $# -eq 1 ] || { echo "usage: run.sh join NAME" >&2; exit 2; }
+    file="$(gguf_file "$1")" || exit 2
+    if [ -f "$STAGE/$file" ]; then
+      echo "$STAGE/$file"
+    else
+      bash "$HERE/stage.sh" join "$1" "$STAGE/$file"
+    fi
+    ;;
+  tests-gpu)
+    [ $# -gt 0 ] || set -- tests/pallas_kernels tests/test_qlinear.py \
+      tests/test_packed_model.py
+    py tests_gpu pytest -q --tb=short "$@" | tail -30
+    ;;
+  bench)
+    [ $# -ge 1 ] || { echo "usage: run.sh bench NAME [ARGS]" >&2; exit 2; }
+    name="$1"; shift
+    py "bench_$name" "experiments.bench_$name" --out_dir="$OUT" "$@"
+    ;;
+  bench-kernels)
+    for name in int4_matmul hadamard_quant kv4_attention; do
+      py "bench_$name" "experiments.bench_$name" --out_dir="$OUT" "$@"
+    done
+    ;;
+  bench-model)
+    py bench_model experiments.bench_model --out_dir="$OUT" "$@"
+    ;;
+  accuracy)
+    py accuracy experiments.accuracy \
+      --out_jsonl="$OUT/accuracy_smollm2.jsonl" \
+      --out_md="$OUT/accuracy_smollm2.md" "$@"
+    ;;
+  real-vs-simulated)
+    py real_vs_simulated experiments.real_vs_simulated --out_dir="$OUT" "$@"
+    ;;
+  plot-activations)
+    py plot_activations experiments.plot_activations \
+      --out="$OUT/activations_smollm2.png" "$@"
+    ;;
+  py)
+    [ $# -ge 1 ] || { echo "usage: run.sh py MODULE [ARGS]" >&2; exit 2; }
+    py "${1##*.}" "$@"
+    ;;
+  *)
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' \
+      "$0" >&2
+    exit 2
+    ;;
+esac

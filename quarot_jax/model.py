@@ -35,6 +35,7 @@ norm is a plain `x / rms(x)`.
 
 from collections.abc import Mapping
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -42,6 +43,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import kv4_cache as kv4_lib
 from pallas_kernels import kv4_decode_attention as kv4_attn_lib
+from quarot_jax import attention as attention_lib
+from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache as kv_cache_lib
 from quarot_jax import layers
 from quarot_jax import qlinear
@@ -158,15 +161,67 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
+def _use_flash(q: jax.Array, kv_heads: int,
+               kernels: kernels_lib.Kernels) -> bool:
+  """Whether prefill attention (T > 1) runs `attention.flash_attention`:
+  `kernels.attention == 'cudnn'` and cuDNN takes q (else `attend`, logged).
+  """
+  if kernels.attention != "cudnn" or q.shape[1] == 1:
+    return False
+  k = jax.ShapeDtypeStruct(q.shape[:2] + (kv_heads, q.shape[3]), q.dtype)
+  if attention_lib.can_use_cudnn(q, k):
+    return True
+  logging.info("attention='cudnn' cannot take q %s[%s]; using the einsum"
+               " attention", q.dtype, q.shape)
+  return False
+
+
+def _flash_prefill(q, chunk, cached, write_at, start):
+  """`attention.flash_attention` (cuDNN) with the model's mask.
+
+  Args:
+    q: [B, T, N, H] queries.
+    chunk: () -> (k, v) [B, T, K, H], this step's keys and values exactly
+      as the cache holds them (dequantized for KV4), in the dtype of q.
+    cached: () -> (k, v) [B, S, K, H], the whole cache after this step's
+      write, in the dtype of q; None without a cache (plain causal).
+    write_at: slot of the first query (int or int32[]).
+    start: int32[B] first valid slot per row, or None.
+
+  Returns:
+    [B, T, N, H]. When the cache was empty before this step (write_at == 0;
+    a traced write_at picks with `lax.cond`), only this step's T keys are
+    read, so a long preallocated (or KV4) cache is not.
+  """
+  if cached is None:
+    return attention_lib.flash_attention(q, *chunk())
+
+  def from_chunk():
+    return attention_lib.flash_attention(q, *chunk(), start=start, end=0)
+
+  def from_cache():
+    return attention_lib.flash_attention(q, *cached(), start=start,
+                                         end=write_at)
+
+  if isinstance(write_at, int):
+    return from_chunk() if write_at == 0 else from_cache()
+  return jax.lax.cond(write_at == 0, from_chunk, from_cache)
+
+
 def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
                      config: LlamaConfig, options: RunOptions, inv_freq,
-                     start=None):
+                     start=None,
+                     kernels: kernels_lib.Kernels = kernels_lib.XLA):
   """One attention sub-block.
 
   A float cache ([B, S, K, H]) stores keys and values fake-quantized by
   `options.k_spec`/`v_spec`; a packed `kv4_cache.KV4` cache quantizes them
   for real, and a single decode token (T = 1) then reads it with the
-  packed decode-attention kernel.
+  packed decode-attention kernel. Prefill (T > 1) attends with
+  `kernels.attention`: 'cudnn' is flash attention (`_flash_prefill`; the
+  mask is then causal without a cache and start <= s <= write_at + t with
+  one, which is what `forward` passes), 'xla' the einsum `attend` over
+  `mask`.
 
   Returns:
     (output [B, T, D], new k cache, new v cache, o_proj input [B, T, N*H]
@@ -185,7 +240,7 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
     q, k = _hadamard(q), _hadamard(k)
   if isinstance(k_cache, kv4_lib.KV4):
     out = _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
-                                  mask, options)
+                                  mask, options, kernels=kernels)
     out, k_cache, v_cache = out
   else:
     k = _fake_quant(k, options.k_spec)
@@ -195,8 +250,18 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
           k_cache, k.astype(k_cache.dtype), write_at, axis=1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(
           v_cache, v.astype(v_cache.dtype), write_at, axis=1)
-      k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    out = attend(q, k, v, mask)
+    if _use_flash(q, kv, kernels):
+      # What the cache holds: this step's keys, or all of them.
+      dtype = q.dtype if k_cache is None else k_cache.dtype
+      chunk = lambda: (k.astype(dtype).astype(q.dtype),
+                       v.astype(dtype).astype(q.dtype))
+      cached = None if k_cache is None else (
+          lambda: (k_cache.astype(q.dtype), v_cache.astype(q.dtype)))
+      out = _flash_prefill(q, chunk, cached, write_at, start)
+    else:
+      if k_cache is not None:
+        k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+      out = attend(q, k, v, mask)
   out = out.reshape(b, t, n * h)
   packed = "qweight" in p["o_proj"]
   if options.online_had_o and not packed:
@@ -216,8 +281,13 @@ def _check_kv4_spec(spec, head_dim: int) -> None:
 
 
 def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
-                            mask, options: RunOptions):
+                            mask, options: RunOptions, *,
+                            kernels: kernels_lib.Kernels = kernels_lib.XLA):
   """Writes k, v [B, T, K, H] into packed KV4 caches and attends.
+
+  Prefill with `kernels.attention == 'cudnn'` dequantizes this step's codes
+  (the simulated path's quantize -> dequantize) when the cache was empty
+  before, else the whole cache, and runs flash attention on them.
 
   Returns:
     (out [B, T, N, H], k_cache, v_cache).
@@ -234,6 +304,19 @@ def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
         q[:, 0], k_cache, v_cache, start, end,
         implementation=options.implementation, interpret=options.interpret)
     return out[:, None].astype(q.dtype), k_cache, v_cache
+  if _use_flash(q, k.shape[2], kernels):
+    def dequantize(c):  # [B, K, S, H // 2] codes -> [B, S, K, H]
+      return jnp.swapaxes(kv4_lib.dequantize_kv4(c), 1, 2).astype(q.dtype)
+
+    def chunk():  # The codes write_kv4 just wrote (XLA computes them once).
+      return tuple(
+          dequantize(kv4_lib.quantize_kv4(x, clip_ratio=spec.clip_ratio))
+          for x, spec in ((k, options.k_spec), (v, options.v_spec)))
+
+    out = _flash_prefill(q, chunk,
+                         lambda: (dequantize(k_cache), dequantize(v_cache)),
+                         write_at, start)
+    return out, k_cache, v_cache
   return attend_kv4(q, k_cache, v_cache, mask), k_cache, v_cache
 
 

@@ -11,9 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import kv4_cache as kv4_lib
 from quarot_jax import attention
 from quarot_jax import kernels as kernels_lib
+from quarot_jax import layers
 from quarot_jax import model
+from quarot_jax import quant
+from quarot_jax.config import LlamaConfig
 
 # One compiled call each (eager jnp would compile op by op).
 _attend = jax.jit(model.attend)
@@ -150,3 +154,82 @@ def test_cudnn_matches_einsum(n, kv_heads):
         np.where(valid, np.asarray(got, np.float32), 0),
         np.where(valid, np.asarray(want, np.float32), 0), atol=2e-2,
         rtol=2e-2)
+
+
+# The model's routing (`model._attention_block` with kernels.attention
+# 'cudnn'): on a CPU the flash path runs jax's 'xla' implementation of the
+# same call, and is checked against the einsum path with `forward`'s mask.
+_CONFIG = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+
+
+@pytest.fixture
+def flash_on_cpu(monkeypatch):
+  real = attention.flash_attention
+  monkeypatch.setattr(attention, "can_use_cudnn", lambda q, k: True)
+  monkeypatch.setattr(
+      attention, "flash_attention",
+      lambda *a, **kw: real(*a, **{**kw, "implementation": "xla"}))
+
+
+def _block(p, x, k_cache, v_cache, start, write_at, *, options,
+           attention_kind):
+  """`model._attention_block` as `forward` calls it at slot write_at."""
+  b, t, _ = x.shape
+  s = k_cache.codes.shape[2] if packed(k_cache) else k_cache.shape[1]
+  slots = write_at + jnp.arange(t)
+  positions = slots[None, :] - start[:, None]
+  key_slots = jnp.arange(s)
+  mask = ((key_slots[None, None, :] <= slots[None, :, None])
+          & (key_slots[None, None, :] >= start[:, None, None]))
+  inv_freq = layers.rope_inv_freq(_CONFIG.head_dim, _CONFIG.rope_theta, None)
+  o, k_cache, v_cache, _ = model._attention_block(  # pylint: disable=protected-access
+      x, p, positions, mask, k_cache, v_cache, write_at, config=_CONFIG,
+      options=options, inv_freq=inv_freq, start=start,
+      kernels=kernels_lib.Kernels(attention=attention_kind))
+  return o, k_cache, v_cache
+
+
+def packed(cache):
+  return isinstance(cache, kv4_lib.KV4)
+
+
+@pytest.mark.parametrize("kv4", [False, True])
+def test_model_flash_prefill_then_chunk_matches_einsum(flash_on_cpu, kv4):
+  del flash_on_cpu
+  b, s, h = 2, 12, _CONFIG.head_dim
+  start = jnp.asarray([0, 3], jnp.int32)
+  if kv4:
+    options = model.RunOptions(k_spec=quant.kv_spec(4),
+                               v_spec=quant.kv_spec(4))
+    empty = kv4_lib.empty_kv4(b, 2, s, h)
+  else:
+    options = model.FLOAT
+    empty = jnp.zeros((b, s, 2, h), jnp.float32)
+  params = model.init_params(_CONFIG, jax.random.key(0))
+  p = jax.tree.map(lambda a: a[0], params["layers"]["self_attn"])
+  rng = np.random.default_rng(3)
+  # A 6-token left-padded prompt into the empty cache (write_at 0: the
+  # lax.cond reads this step's keys), then 6 more tokens at slot 6 (it
+  # reads the cache).
+  prompt, chunk = (jnp.asarray(rng.standard_normal((b, 6, 32), np.float32))
+                   for _ in range(2))
+  run = jax.jit(_block, static_argnames=("options", "attention_kind"))
+  out = {}
+  for kind in ("xla", "cudnn"):
+    o, kc, vc = run(p, prompt, empty, empty, start, jnp.int32(0),
+                    options=options, attention_kind=kind)
+    o2, _, _ = run(p, chunk, kc, vc, start, jnp.int32(6), options=options,
+                   attention_kind=kind)
+    out[kind] = (o, o2, kc)
+  valid = (jnp.arange(6)[None, :] >= start[:, None])[:, :, None]
+  np.testing.assert_allclose(np.where(valid, out["cudnn"][0], 0),
+                             np.where(valid, out["xla"][0], 0), atol=1e-5,
+                             rtol=1e-5)
+  np.testing.assert_allclose(out["cudnn"][1], out["xla"][1], atol=1e-5,
+                             rtol=1e-5)
+  # The same cache write (up to f32 rounding: two compiled programs).
+  for got, want in zip(jax.tree.leaves(out["cudnn"][2]),
+                       jax.tree.leaves(out["xla"][2])):
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)

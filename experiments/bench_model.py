@@ -19,6 +19,7 @@ from absl import flags
 import jax
 
 from experiments.lab import benchmarking
+from experiments.lab import decode_speed
 from experiments.lab import speed
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
@@ -32,7 +33,7 @@ _LAYER_BATCHES = flags.DEFINE_list("layer_batches", ["1", "4", "16"],
 _SEQ = flags.DEFINE_integer("seq", 2048, "Prefill length (layer, model).")
 _DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1", "16"],
                                     "Batches for decode.")
-_PREFILLS = flags.DEFINE_list("prefills", ["256", "1024", "4096"],
+_PREFILLS = flags.DEFINE_list("prefills", ["1024", "4096"],
                               "Tokens in the cache before decoding.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Decode steps timed.")
 _MODEL_BATCHES = flags.DEFINE_list("model_batches", ["1", "4"],
@@ -49,12 +50,17 @@ def _cases():
         for b in ints(_LAYER_BATCHES.value):
           yield bench, speed.layer_prefill, dict(config=config, batch=b,
                                                  seq=_SEQ.value)
-      elif bench in ("decode_memory", "decode_throughput"):
-        fn = getattr(speed, bench)
+      elif bench == "decode_memory":
         for b in ints(_DECODE_BATCHES.value):
           for p in ints(_PREFILLS.value):
-            yield bench, fn, dict(config=config, batch=b, prefill=p,
-                                  new_tokens=_NEW.value)
+            yield bench, speed.decode_memory, dict(
+                config=config, batch=b, prefill=p, new_tokens=_NEW.value)
+      elif bench == "decode_throughput":
+        for b in ints(_DECODE_BATCHES.value):
+          for p in ints(_PREFILLS.value):
+            yield bench, decode_speed.decode_throughput, dict(
+                config=config, name=name, batch=b, cached=p,
+                new_tokens=_NEW.value)
       elif bench == "model_prefill":
         for b in ints(_MODEL_BATCHES.value):
           yield bench, speed.model_prefill, dict(config=config, batch=b,

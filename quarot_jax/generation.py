@@ -61,13 +61,20 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
                    eos_ids, pad_id, *, config: LlamaConfig,
                    max_new_tokens: int, options: model.RunOptions,
                    cache_dtype):
-  """Prefill + decode loop. Returns int32[B, max_new_tokens]."""
+  """Prefill + decode loop. Returns int32[B, max_new_tokens].
+
+  The layers run unrolled over per-layer weights and caches
+  (`model.unstack_layers`, sliced once here, before the loop), so a decode
+  step reads each weight once and updates each layer's cache in place.
+  """
   global TRACE_COUNT
   TRACE_COUNT += 1
   batch, prompt_len = tokens.shape
+  params = model.unstack_layers(params)
   cache = kv_cache.cache_for(config, batch, prompt_len + max_new_tokens,
                              dtype=cache_dtype, start=start,
-                             packed=model.uses_kv4_cache(params, options))
+                             packed=model.uses_kv4_cache(params, options),
+                             per_layer=True)
   logits, cache = model.forward(params, tokens, config, cache=cache,
                                 options=options)
   key, sub = jax.random.split(key)

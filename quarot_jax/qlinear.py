@@ -42,6 +42,8 @@ def is_packed(p: Params) -> bool:
   if "qweight" in p:
     return True
   layers = p.get("layers")
+  if isinstance(layers, (list, tuple)):  # model.unstack_layers
+    layers = layers[0] if layers else None
   return bool(layers) and "qweight" in layers["mlp"]["down_proj"]
 
 

@@ -82,3 +82,55 @@ def test_llama2_7b_shapes_under_eval_shape():
   logits, _ = jax.eval_shape(
       lambda p, t: model.forward(p, t, config), params, tokens)
   assert logits.shape == (1, 16, 32000)
+
+
+@pytest.mark.parametrize("packed_cache", [False, True])
+def test_unstacked_layers_decode_like_the_stacked_scan(packed_cache):
+  """The per-layer run layout (generate's decode) computes what the stacked
+  `lax.scan` computes, prefill and decode, float and packed KV4 caches."""
+  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
+  path, _ = hf_models.tiny_hf_model("llama3")
+  params, config = hf.load_hf(path)
+  options = model.FLOAT
+  if packed_cache:
+    qconfig = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4)
+    params, options = quarot.quantize(params, config, qconfig, packed=True,
+                                      progress=False)
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 9, seed=4)
+  start = jnp.array([0, 2], jnp.int32)
+  got = {}
+  for unstacked in (False, True):
+    p = model.unstack_layers(params) if unstacked else params
+    cache = kv_cache.cache_for(config, batch=2, max_len=12, start=start,
+                               packed=packed_cache, per_layer=unstacked)
+    logits, cache = model.forward(p, tokens[:, :6], config, cache=cache,
+                                  options=options)
+    steps = [logits]
+    for t in range(6, 9):
+      logits, cache = model.forward(p, tokens[:, t:t + 1], config,
+                                    cache=cache, options=options)
+      steps.append(logits)
+    got[unstacked] = np.asarray(jnp.concatenate(steps, axis=1))
+    assert cache.per_layer == unstacked and cache.packed == packed_cache
+  np.testing.assert_allclose(got[True], got[False], atol=1e-5, rtol=0)
+
+
+def test_unstack_layers_shares_leaves_and_mismatched_cache_is_refused():
+  config = hf.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8)
+  params = model.init_params(config, jax.random.key(0))
+  per_layer = model.unstack_layers(params)
+  assert len(per_layer["layers"]) == 3
+  assert model.unstack_layers(per_layer) is per_layer
+  np.testing.assert_array_equal(
+      per_layer["layers"][2]["mlp"]["down_proj"]["kernel"],
+      params["layers"]["mlp"]["down_proj"]["kernel"][2])
+  assert per_layer["embed_tokens"] is params["embed_tokens"]
+  stacked_cache = kv_cache.cache_for(config, batch=1, max_len=4)
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  with pytest.raises(ValueError, match="per_layer=True"):
+    model.forward(per_layer, tokens, config, cache=stacked_cache)
+  with pytest.raises(ValueError, match="per_layer=False"):
+    model.forward(params, tokens, config, cache=kv_cache.cache_for(
+        config, batch=1, max_len=4, per_layer=True))

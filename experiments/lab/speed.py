@@ -9,8 +9,6 @@ in one process and returns `benchmarking.record`s. Used by
 
 import dataclasses
 import functools
-import statistics
-import time
 from typing import Any
 
 import jax
@@ -75,7 +73,7 @@ def nbytes(tree: Any) -> int:
              for a in jax.tree.leaves(tree))
 
 
-def _random_cache(cache: kv_cache.KVCache, key: jax.Array,
+def random_cache(cache: kv_cache.KVCache, key: jax.Array,
                   end: int) -> kv_cache.KVCache:
   """The same cache filled with random keys/values, `end` slots written."""
   leaves, treedef = jax.tree.flatten((cache.k, cache.v))
@@ -234,56 +232,6 @@ def decode_memory(config: LlamaConfig, batch: int, prefill: int,
           "decode_memory", "", 1.0, {}, command=command).items()
          if k in ("device", "jax_version", "date", "command")},
   }]
-
-
-def decode_throughput(config: LlamaConfig, batch: int, prefill: int,
-                      new_tokens: int, *, command: str,
-                      key: jax.Array) -> list[dict]:
-  """Greedy decode steps over a cache holding `prefill` random tokens.
-
-  Returns:
-    A `decode_throughput` record (ms for `new_tokens` steps, tokens/s).
-  """
-  kf, kq, kc, kt = jax.random.split(key, 4)
-  fparams = model.init_params(config, kf, dtype=jnp.bfloat16)
-  qparams = packed_like(fparams, kq)
-  options = W4A4KV4.run_options(config.head_dim)
-  slots = prefill + new_tokens
-  tok = jax.random.randint(kt, (batch, 1), 0, config.vocab_size, jnp.int32)
-
-  def steps(params, cache, tok, opts):
-    def body(_, state):
-      tok, cache = state
-      logits, cache = model.forward(params, tok, config, cache=cache,
-                                    options=opts)
-      return jnp.argmax(logits[:, -1:], -1).astype(jnp.int32), cache
-    tok, cache = jax.lax.fori_loop(0, new_tokens, body, (tok, cache))
-    # Rewind, so the next timed call decodes after the same prefill.
-    return tok, dataclasses.replace(cache, end=cache.end - new_tokens)
-
-  # The cache is donated and handed back: no second copy of it in memory.
-  steps = jax.jit(steps, static_argnames="opts", donate_argnums=1)
-  times = {}
-  for name, params, packed, opts in (("float", fparams, False, model.FLOAT),
-                                     ("ours", qparams, True, options)):
-    cache = _random_cache(kv_cache.cache_for(
-        config, batch, slots, dtype=jnp.bfloat16, packed=packed), kc, prefill)
-    t = tok
-    runs = []
-    for i in range(4):
-      begin = time.perf_counter()
-      t, cache = jax.block_until_ready(steps(params, cache, t, opts))
-      if i:  # the first call compiles
-        runs.append((time.perf_counter() - begin) * 1e3)
-    times[name] = statistics.median(runs)
-    del cache  # one cache at a time: the bf16 one is the larger
-  tps = lambda ms: batch * new_tokens / (ms / 1e3)
-  return [benchmarking.record(
-      "decode_throughput",
-      f"{_name(config)} b{batch} prefill{prefill} +{new_tokens}",
-      times["ours"], {"xla_bf16_model": times["float"]}, command=command,
-      ours_tokens_per_s=round(tps(times["ours"]), 1),
-      baseline_tokens_per_s=round(tps(times["float"]), 1))]
 
 
 def model_prefill(config: LlamaConfig, batch: int, seq: int, *,

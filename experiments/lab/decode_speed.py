@@ -1,0 +1,136 @@
+"""Decode throughput of our bf16 and W4A4KV4 models against the plain-JAX
+anchor, and how many kernels one decode step launches (issue #14).
+
+Both our models decode the way `generate` does: `model.unstack_layers`
+params (per-layer weights), a per-layer cache updated in place (donated),
+`lax.fori_loop` over `new_tokens` steps inside one jit.
+"""
+
+import dataclasses
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.lab import benchmarking
+from experiments.lab import plain_jax_decode
+from experiments.lab import speed
+from quarot_jax import kv_cache
+from quarot_jax import model
+from quarot_jax.config import LlamaConfig
+
+HBM_BYTES_PER_S = 4.8e12  # H200 (the H100 SXM has 3.35e12)
+
+# HLO instructions that launch no kernel of their own.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+         "opt-barrier", "after-all", "partition-id", "replica-id"}
+
+
+def launch_count(hlo_text: str) -> dict[str, int]:
+  """Kernels an optimized HLO module launches, counted statically.
+
+  Every instruction outside fusion bodies and reducers that is not free
+  (parameters, tuples, bitcasts, ...) is one kernel launch: fusions, library
+  and Pallas custom calls, copies, in-place updates.
+
+  Args:
+    hlo_text: `jitted.lower(...).compile().as_text()`.
+
+  Returns:
+    {"total", "fusion", "custom-call", "other", "command_buffers"}.
+  """
+  bodies = set(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", hlo_text))
+  counts = {"fusion": 0, "custom-call": 0, "other": 0}
+  skip = False
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+      skip = head.group(1) in bodies and not line.startswith("ENTRY")
+      continue
+    op = re.search(r"= [^=]*? ([a-z][\w\-]*)\(", line)
+    if skip or not op or op.group(1) in _FREE:
+      continue
+    kind = op.group(1)
+    counts[kind if kind in counts else "other"] += 1
+  counts["total"] = sum(counts.values())
+  counts["command_buffers"] = hlo_text.count("command_buffer")
+  return counts
+
+
+def _decode_fn(config: LlamaConfig, new_tokens: int, options, kernels):
+  """Jitted `new_tokens` greedy decode steps; the cache is donated and
+  rewound, so repeated calls decode after the same prefill."""
+  def steps(params, cache, tok):
+    def body(_, state):
+      tok, cache = state
+      logits, cache = model.forward(params, tok, config, cache=cache,
+                                    options=options, kernels=kernels)
+      return jnp.argmax(logits[:, -1:], -1).astype(jnp.int32), cache
+    tok, cache = jax.lax.fori_loop(0, new_tokens, body, (tok, cache))
+    return tok, dataclasses.replace(cache, end=cache.end - new_tokens)
+  return jax.jit(steps, donate_argnums=1)
+
+
+def _step_launches(params, cache, tok, config, options, kernels):
+  one = jax.jit(lambda p, c, t: model.forward(
+      p, t, config, cache=c, options=options, kernels=kernels))
+  return launch_count(one.lower(params, cache, tok).compile().as_text())
+
+
+def _time(fn, params, cache, tok) -> tuple[float, Any]:
+  runs = []
+  for i in range(4):
+    begin = time.perf_counter()
+    tok, cache = jax.block_until_ready(fn(params, cache, tok))
+    if i:  # the first call compiles
+      runs.append((time.perf_counter() - begin) * 1e3)
+  return float(np.median(runs)), cache
+
+
+def decode_throughput(config: LlamaConfig, name: str, batch: int,
+                      cached: int, new_tokens: int, *, command: str,
+                      key: jax.Array, kernels=None) -> list[dict[str, Any]]:
+  """One `decode_throughput` record: ms per token of our bf16 and W4A4KV4
+  models and of the plain-JAX anchor, the weight-read floor, launches."""
+  kf, kq, kc, kt, ka = jax.random.split(key, 5)
+  fparams = model.init_params(config, kf, dtype=jnp.bfloat16)
+  qparams = speed.packed_like(fparams, kq)
+  options = speed.W4A4KV4.run_options(config.head_dim)
+  tok = jax.random.randint(kt, (batch, 1), 0, config.vocab_size, jnp.int32)
+  slots = cached + new_tokens
+  ms, launches, nbytes = {}, {}, {}
+  for label, params, packed, opts in (
+      ("bf16_model", fparams, False, model.FLOAT),
+      ("w4a4kv4_model", qparams, True, options)):
+    params = model.unstack_layers(params)
+    cache = speed.random_cache(kv_cache.cache_for(
+        config, batch, slots, dtype=jnp.bfloat16, packed=packed,
+        per_layer=True), kc, cached)
+    launches[label] = _step_launches(params, cache, tok, config, opts,
+                                     kernels)
+    total, cache = _time(_decode_fn(config, new_tokens, opts, kernels),
+                         params, cache, tok)
+    ms[label] = total / new_tokens
+    # Bytes one step must read: all weights (embeddings: one row) + cache.
+    emb = params["embed_tokens"]["embedding"]
+    nbytes[label] = (speed.nbytes(params) - speed.nbytes(emb)
+                     + emb.shape[1] * emb.dtype.itemsize * batch
+                     + speed.nbytes((cache.k, cache.v)) * (
+                         cached + new_tokens / 2) / slots)
+    del params, cache
+  anchor = plain_jax_decode.decode_ms_per_token(config, batch, cached,
+                                                key=ka)
+  floor = {k: v / HBM_BYTES_PER_S * 1e3 for k, v in nbytes.items()}
+  rec = benchmarking.record(
+      "decode_throughput", f"{name} b{batch} cached{cached}",
+      ms["w4a4kv4_model"], {"plain_jax_bf16": anchor}, command=command,
+      model=name, batch=batch, cached=cached,
+      ours_ms_per_token={k: round(v, 4) for k, v in ms.items()},
+      weight_floor_ms={k: round(v, 4) for k, v in floor.items()},
+      launches_per_step=launches)
+  rec["speedup"] = {k: round(anchor / v, 3) for k, v in ms.items()}
+  rec["floor_fraction"] = {k: round(floor[k] / ms[k], 3) for k in ms}
+  return [rec]

@@ -18,7 +18,8 @@
 #   tests-gpu [PYTEST ARGS]  the GPU kernels, not interpreted (default:
 #                            tests/pallas_kernels tests/test_qlinear.py
 #                            tests/test_packed_model.py); e.g. `-m gpu tests`.
-#   bench NAME [ARGS]        python -m experiments.bench_NAME --out_dir=$OUT.
+#   bench NAME [ARGS]        python -m experiments.bench_NAME, JSONL to $OUT
+#                            (e.g. int4_matmul, decode_matmul, attention).
 #   bench-kernels            every kernel benchmark with its default shapes.
 #   bench-model [ARGS]       experiments.bench_model (LLaMA shapes, random
 #                            weights: needs no staged model).
@@ -91,6 +92,14 @@ py() {
   return "${PIPESTATUS[0]}"
 }
 
+# One benchmark module, its JSONL sent to $OUT.
+bench() {
+  local name="$1"; shift
+  local out=(--out_dir="$OUT")
+  [ "$name" = decode_matmul ] && out=(--out="$OUT/decode_matmul.jsonl")
+  py "bench_$name" "experiments.bench_$name" "${out[@]}" "$@"
+}
+
 task="${1:-}"
 shift || true
 case "$task" in
@@ -130,11 +139,11 @@ print('flax', flax.__version__, 'transformers', transformers.__version__)"
   bench)
     [ $# -ge 1 ] || { echo "usage: run.sh bench NAME [ARGS]" >&2; exit 2; }
     name="$1"; shift
-    py "bench_$name" "experiments.bench_$name" --out_dir="$OUT" "$@"
+    bench "$name" "$@"
     ;;
   bench-kernels)
-    for name in int4_matmul hadamard_quant kv4_attention; do
-      py "bench_$name" "experiments.bench_$name" --out_dir="$OUT" "$@"
+    for name in int4_matmul decode_matmul hadamard_quant kv4_attention; do
+      bench "$name"
     done
     ;;
   bench-model)

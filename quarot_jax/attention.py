@@ -29,6 +29,13 @@ gathers the T outputs back. A query at a pad slot (end + t < start[b]) sees
 no key; it gets 0 (`model.attend` gives it the mean of all values; both are
 finite and never read by a valid token).
 
+Measured (H200, jax 0.11.2, 2048 tokens, 32 x 128 heads, bf16, B = 1 / 4 /
+16; `experiments/bench_attention.py`, results/prefill_attention.jsonl):
+plain causal cuDNN 0.120 / 0.319 / 1.106 ms, the shifted formulation with
+lengths 0.170 / 0.463 / 1.645, a dense bool mask plus is_causal 0.195 /
+0.564 / 2.010, XLA einsum (`model.attend`) 0.770 / 2.961 / 11.48. So the
+model runs plain causal whenever no row is padded (see `model.py`).
+
 Not supported here: f32 inputs and other head dims on cuDNN (see
 `can_use_cudnn`; the model then falls back to `model.attend`), and
 non-causal masks.

@@ -189,12 +189,18 @@ def _flash_prefill(q, chunk, cached, write_at, start):
     start: int32[B] first valid slot per row, or None.
 
   Returns:
-    [B, T, N, H]. When the cache was empty before this step (write_at == 0;
-    a traced write_at picks with `lax.cond`), only this step's T keys are
-    read, so a long preallocated (or KV4) cache is not.
+    [B, T, N, H]. When the cache was empty before this step (write_at ==
+    0), only this step's T keys are read, so a long preallocated (or KV4)
+    cache is not; if no row is left-padded either, the mask is plain causal
+    and cuDNN runs without `flash_attention`'s row shift (its gathers took
+    0.05 of 0.17 ms at B = 1 and 0.54 of 1.65 ms at B = 16, LLaMA-2-7B
+    heads, 2048 tokens, H200). One `lax.switch` on the traced values picks.
   """
-  if cached is None:
+  def plain():
     return attention_lib.flash_attention(q, *chunk())
+
+  if cached is None:
+    return plain()
 
   def from_chunk():
     return attention_lib.flash_attention(q, *chunk(), start=start, end=0)
@@ -203,9 +209,12 @@ def _flash_prefill(q, chunk, cached, write_at, start):
     return attention_lib.flash_attention(q, *cached(), start=start,
                                          end=write_at)
 
-  if isinstance(write_at, int):
-    return from_chunk() if write_at == 0 else from_cache()
-  return jax.lax.cond(write_at == 0, from_chunk, from_cache)
+  if isinstance(write_at, int) and write_at != 0:
+    return from_cache()
+  padded = (jnp.zeros((), bool) if start is None
+            else jnp.any(jnp.asarray(start) != 0))
+  branch = jnp.where(jnp.asarray(write_at) == 0, padded.astype(jnp.int32), 2)
+  return jax.lax.switch(branch, (plain, from_chunk, from_cache))
 
 
 def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,

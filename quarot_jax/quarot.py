@@ -145,7 +145,8 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
   """Rotates and quantizes a model.
 
   Args:
-    params: float params.
+    params: float params, or Flax variables `{"params": params}` (then the
+      result is wrapped the same way).
     config: the model config.
     qconfig: what to do.
     calib_tokens: int32[n, T] calibration windows (GPTQ only).
@@ -161,6 +162,7 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     ValueError: GPTQ without calibration tokens, or an unsupported size.
     NotImplementedError: `packed` with a config the kernels do not run.
   """
+  params, wrap = model.unwrap(params)
   if packed:
     check_packable(qconfig)
   options = qconfig.run_options(config.head_dim)
@@ -185,4 +187,4 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
           params, LINEARS, qconfig.weight_spec))
     else:
       params = rtn_quantize_params(params, qconfig.weight_spec)
-  return params, options
+  return wrap(params), options

@@ -22,6 +22,9 @@ unchanged (in exact arithmetic) when the forward runs with `ROTATED`
 5. Queries and keys are rotated by H_H after RoPE at run time
    (`RunOptions.qk_had`): it cancels in q·kᵀ and needs no weight change.
 
+Each transform also takes Flax variables `{"params": params}` (`nn.Llama`)
+and returns them wrapped the same way (`model.unwrap`).
+
 Hadamard convention: `hadamard.fast_hadamard_transform(x)` is x @ Hn with Hn
 orthogonal, so folding Hn's inverse into a kernel W [in, out] that reads the
 transformed input is Hnᵀ W = (Wᵀ Hn)ᵀ.
@@ -69,6 +72,7 @@ def fuse_norms(params: Params, config: LlamaConfig) -> Params:
     f32 params whose norms have no `scale` and that always carry an explicit
     `lm_head` (tied embeddings are untied).
   """
+  params, wrap = model.unwrap(params)
   del config
   p = _copy(_f32(params))
   layers, attn, mlp = p["layers"], p["layers"]["self_attn"], p["layers"]["mlp"]
@@ -84,7 +88,7 @@ def fuse_norms(params: Params, config: LlamaConfig) -> Params:
   p["layers"]["input_layernorm"] = {}
   p["layers"]["post_attention_layernorm"] = {}
   p["norm"] = {}
-  return p
+  return wrap(p)
 
 
 def rotate_residual(params: Params, q: jax.Array) -> Params:
@@ -97,6 +101,7 @@ def rotate_residual(params: Params, q: jax.Array) -> Params:
   Returns:
     Rotated params.
   """
+  params, wrap = model.unwrap(params)
   if "scale" in params["norm"] or "lm_head" not in params:
     raise ValueError("rotate_residual needs params after fuse_norms")
   p = _copy(params)
@@ -111,15 +116,16 @@ def rotate_residual(params: Params, q: jax.Array) -> Params:
     if "bias" in block[name]:
       block[name]["bias"] = block[name]["bias"] @ q
   p["lm_head"]["kernel"] = q.T @ p["lm_head"]["kernel"]
-  return p
+  return wrap(p)
 
 
 def rotate_down_input(params: Params) -> Params:
   """Folds H_Fᵀ into down_proj (run with `online_had_down=True`)."""
+  params, wrap = model.unwrap(params)
   p = _copy(params)
   down = p["layers"]["mlp"]["down_proj"]
   down["kernel"] = _had_left(down["kernel"])
-  return p
+  return wrap(p)
 
 
 def rotate_values_and_o(params: Params, config: LlamaConfig) -> Params:
@@ -127,6 +133,7 @@ def rotate_values_and_o(params: Params, config: LlamaConfig) -> Params:
 
   Run with `online_had_o=True`.
   """
+  params, wrap = model.unwrap(params)
   p = _copy(params)
   attn = p["layers"]["self_attn"]
   h, kv, n = (config.head_dim, config.num_key_value_heads,
@@ -144,7 +151,7 @@ def rotate_values_and_o(params: Params, config: LlamaConfig) -> Params:
   o = attn["o_proj"]["kernel"].reshape(num_layers, n, h, d)  # [L, N, H, D]
   o = _had_left(o).reshape(num_layers, n * h, d)
   attn["o_proj"]["kernel"] = _had_left(o)
-  return p
+  return wrap(p)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode"))
@@ -166,8 +173,9 @@ def rotate(params: Params, config: LlamaConfig, key: jax.Array, *,
     ValueError: a size has no supported Hadamard matrix (the message names
       it); with mode='random' only the online transforms still need one.
   """
+  params, wrap = model.unwrap(params)
   q = hadamard.rotation_matrix(config.hidden_size, key, mode=mode)
   p = fuse_norms(params, config)
   p = rotate_residual(p, q.astype(jnp.float32))
   p = rotate_down_input(p)
-  return rotate_values_and_o(p, config)
+  return wrap(rotate_values_and_o(p, config))

@@ -17,6 +17,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from quarot_jax import checkpoint
 from quarot_jax import cli_flags
@@ -49,18 +50,32 @@ def _qconfig() -> quarot.QuaRotConfig | None:
   return cli_flags.quarot_config({k: h.value for k, h in _QUANT.items()})
 
 
+def _check_packable(qconfig: quarot.QuaRotConfig | None) -> None:
+  """Names the flags --quantize cannot store as packed int4."""
+  problems = [f"--{name}={value} ({need})" for name, value, need
+              in quarot.packing_problems(qconfig)] if qconfig else []
+  if problems:
+    raise ValueError(
+        "--quantize stores real packed int4, which does not support "
+        + ", ".join(problems) + "; measure other settings simulated with"
+        " python -m experiments.accuracy")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if bool(_HF_DIR.value) == bool(_GGUF.value):
     raise app.UsageError("give exactly one of --hf_dir and --gguf")
+  logging.set_verbosity(logging.WARNING)  # jax and Orbax log INFO lines
   try:
+    qconfig = _qconfig()
+    _check_packable(qconfig)
     path = checkpoint.convert(
         _HF_DIR.value or _GGUF.value, _OUT_DIR.value, dtype=_DTYPE.value,
         overwrite=_OVERWRITE.value, allow_pickle=_ALLOW_PICKLE.value,
-        qconfig=_qconfig(), calib_windows=_QUANT["nsamples"].value,
+        qconfig=qconfig, calib_windows=_QUANT["nsamples"].value,
         calib_seqlen=_CALIB_SEQLEN.value)
-  except (ValueError, NotImplementedError) as e:
+  except (ValueError, NotImplementedError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"wrote {path}")

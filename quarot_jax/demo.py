@@ -38,7 +38,7 @@ def run_demo(path: str, prompts: Sequence[str], *, max_new_tokens: int = 24,
   Returns:
     A Markdown report.
   """
-  params, config, _ = checkpoint.load_params(path)
+  params, config = checkpoint.load_params(path)
   tokenizer = checkpoint.load_tokenizer(path)
   rows = []
   lines = []

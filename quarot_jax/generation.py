@@ -7,6 +7,7 @@ static ones: changing them does not recompile.
 """
 
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -100,6 +101,44 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
   return jax.lax.while_loop(cond, body, state)[4]
 
 
+def _check_args(config: LlamaConfig, prompts: Sequence[Sequence[int]], *,
+                max_new_tokens: int, temperature: float, top_k: int,
+                top_p: float, pad_id: int) -> None:
+  """Raises ValueError naming the first bad argument of `generate_tokens`."""
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+    raise ValueError(f"{max_new_tokens=} must be a positive int")
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f"{temperature=} must be a finite number >= 0"
+                     " (0: greedy)")
+  if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"{top_k=} must be an int >= 0 (0: keep all)")
+  if not 0 < top_p <= 1:  # also False for NaN
+    raise ValueError(f"{top_p=} must be in (0, 1]")
+  vocab, limit = config.vocab_size, config.max_position_embeddings
+  if not 0 <= pad_id < vocab:
+    raise ValueError(f"{pad_id=} must be a token id in [0, {vocab=})")
+  if len(prompts) == 0:
+    raise ValueError("no prompts: give at least one")
+  for i, prompt in enumerate(prompts):
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or ids.size == 0:
+      raise ValueError(f"prompt {i} must be a non-empty list of token ids;"
+                       f" got shape {ids.shape}: every prompt must have at"
+                       " least one token")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"prompt {i} holds {ids.dtype} values; token ids are"
+                       " ints")
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.size:
+      raise ValueError(f"prompt {i} has token id {int(bad[0])} outside"
+                       f" [0, {vocab=})")
+    if len(ids) + max_new_tokens > limit:
+      raise ValueError(
+          f"prompt {i} has {len(ids)} tokens; with {max_new_tokens=} that"
+          f" is {len(ids) + max_new_tokens} positions, more than the model's"
+          f" max_position_embeddings={limit}")
+
+
 def generate_tokens(params: Any, config: LlamaConfig,
                     prompts: Sequence[Sequence[int]], *,
                     max_new_tokens: int = 32, temperature: float = 0.0,
@@ -128,15 +167,14 @@ def generate_tokens(params: Any, config: LlamaConfig,
     EOS if one was produced.
 
   Raises:
-    ValueError: empty prompts or bad sampling values.
+    ValueError: an empty prompt, a token id outside [0, vocab_size), a
+      prompt plus `max_new_tokens` longer than max_position_embeddings, or
+      bad sampling values (negative or NaN temperature, ...).
   """
   params, _ = model.unwrap(params)  # Flax variables too
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt must have at least one token")
-  if max_new_tokens <= 0:
-    raise ValueError(f"{max_new_tokens=} must be positive")
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(f"bad sampling values {temperature=}, {top_k=}, {top_p=}")
+  _check_args(config, prompts, max_new_tokens=max_new_tokens,
+              temperature=temperature, top_k=top_k, top_p=top_p,
+              pad_id=pad_id)
   eos = tuple(config.eos_token_ids if eos_ids is None else eos_ids) or (-1,)
   batch = _bucket(len(prompts), 1)
   length = _bucket(max(len(p) for p in prompts), 8)

@@ -79,6 +79,37 @@ def find_smollm2_gguf() -> str:
   return path
 
 
+def open_reader(path: str):
+  """A `gguf.GGUFReader` for `path`, after checking the file is whole.
+
+  Raises:
+    ValueError: no such file, not a GGUF file, or truncated (a tensor's
+      data runs past the end of the file).
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"no such file: {path!r}" if not os.path.exists(path)
+                     else f"{path!r} is not a file")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    raise ValueError(f"{path!r} is not a GGUF file (it starts with"
+                     f" {magic!r}, not b'GGUF')")
+  import gguf  # pylint: disable=g-import-not-at-top
+  size = os.path.getsize(path)
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError, OSError) as e:
+    raise ValueError(f"{path!r} ({size} bytes) is truncated or corrupt; the"
+                     f" GGUF reader says: {e}") from None
+  for tensor in reader.tensors:
+    end = int(tensor.data_offset) + int(tensor.n_bytes)
+    if end > size or tensor.data.nbytes != int(tensor.n_bytes):
+      raise ValueError(
+          f"{path!r} is truncated: tensor {tensor.name!r} needs bytes up to"
+          f" {end}, the file has {size}")
+  return reader
+
+
 def _field(reader, key: str, default: Any = None) -> Any:
   field = reader.fields.get(key)
   return default if field is None else field.contents()
@@ -157,12 +188,10 @@ def load_gguf(path: str, *, dtype: Any = np.float32
     (params with numpy leaves, config).
 
   Raises:
-    ValueError: a missing file, another architecture, or unknown tensors.
+    ValueError: a missing, truncated or corrupt file, another architecture,
+      or unknown tensors.
   """
-  if not os.path.isfile(path):
-    raise ValueError(f"no GGUF file at {path!r}")
-  import gguf  # pylint: disable=g-import-not-at-top
-  reader = gguf.GGUFReader(path)
+  reader = open_reader(path)
   config = config_from_gguf(reader)
   num_layers = config.num_hidden_layers
   params: dict = {}
@@ -207,8 +236,7 @@ def load_gguf_tokenizer(path: str) -> Any:
 
   The pad token is set to EOS when the file names none, so batches pad.
   """
-  if not os.path.isfile(path):
-    raise ValueError(f"no GGUF file at {path!r}")
+  open_reader(path)  # one clear error for a missing or truncated file
   import transformers  # pylint: disable=g-import-not-at-top
   tokenizer = transformers.AutoTokenizer.from_pretrained(
       os.path.dirname(os.path.abspath(path)),

@@ -76,12 +76,18 @@ def _iter_tensors(hf_dir: str, allow_pickle: bool
   """Yields (name, array) one tensor at a time."""
   shards = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
   if shards:
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    import safetensors  # pylint: disable=g-import-not-at-top
     for shard in shards:
-      # The flax framework reads bf16 too (numpy's reader cannot).
-      with safe_open(shard, framework="flax") as f:
-        for name in f.keys():
-          yield name, np.asarray(f.get_tensor(name))
+      try:
+        # The flax framework reads bf16 too (numpy's reader cannot).
+        with safetensors.safe_open(shard, framework="flax") as f:
+          names = list(f.keys())
+          for name in names:
+            tensor = np.asarray(f.get_tensor(name))
+            yield name, tensor
+      except (safetensors.SafetensorError, OSError) as e:
+        raise ValueError(f"{shard!r} is not a readable safetensors file"
+                         f" (truncated or corrupt?): {e}") from None
     return
   bins = sorted(glob.glob(os.path.join(hf_dir, "*.bin")))
   if not bins:

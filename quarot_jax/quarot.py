@@ -64,10 +64,24 @@ class QuaRotConfig:
   seed: int = 0
 
   def __post_init__(self):
+    def is_int(x):
+      return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
     for name in ("w_bits", "a_bits", "k_bits", "v_bits"):
       bits = getattr(self, name)
-      if bits != 16 and not 2 <= bits <= 8:
-        raise ValueError(f"{name}={bits} must be 2..8, or 16 for none")
+      if not is_int(bits) or (bits != 16 and not 2 <= bits <= 8):
+        raise ValueError(f"{name}={bits!r} must be an int in 2..8, or 16 for"
+                         " none")
+    if self.w_groupsize is not None and (not is_int(self.w_groupsize)
+                                         or self.w_groupsize <= 0):
+      raise ValueError(f"w_groupsize={self.w_groupsize!r} must be a positive"
+                       " int, or None for per channel")
+    for name in ("a_clip", "kv_clip"):
+      ratio = getattr(self, name)
+      if (not isinstance(ratio, (int, float, np.number))
+          or isinstance(ratio, bool) or not 0 < ratio <= 1):
+        raise ValueError(f"{name}={ratio!r} must be a number in (0, 1]")
+    if not is_int(self.seed):
+      raise ValueError(f"seed={self.seed!r} must be an int")
     if self.w_method not in ("rtn", "gptq"):
       raise ValueError(f"w_method={self.w_method!r} must be 'rtn' or 'gptq'")
     if self.rotate_mode not in ("hadamard", "random"):
@@ -120,22 +134,32 @@ def check_packable(qconfig: QuaRotConfig) -> None:
     NotImplementedError: the int4 kernels need 4-bit symmetric per-channel
       weights and 4- or 16-bit activations; KV bits must be 4 or 16.
   """
-  problems = []
-  if qconfig.w_bits != 4:
-    problems.append(f"w_bits={qconfig.w_bits} (needs 4)")
-  if qconfig.w_asym:
-    problems.append("w_asym=True (needs symmetric weights)")
-  if qconfig.w_groupsize is not None:
-    problems.append(f"w_groupsize={qconfig.w_groupsize} (needs per-channel)")
-  if qconfig.a_bits not in (4, 16):
-    problems.append(f"a_bits={qconfig.a_bits} (needs 4 or 16)")
-  for name in ("k_bits", "v_bits"):
-    if getattr(qconfig, name) not in (4, 16):
-      problems.append(f"{name}={getattr(qconfig, name)} (needs 4 or 16)")
+  problems = [f"{name}={value!r} ({need})"
+              for name, value, need in packing_problems(qconfig)]
   if problems:
     raise NotImplementedError(
         "packed (real int4) quantization does not support "
         + ", ".join(problems) + "; use packed=False to simulate it")
+
+
+def packing_problems(qconfig: QuaRotConfig) -> list[tuple[str, Any, str]]:
+  """What keeps `qconfig` from running packed: (field, value, what it needs).
+
+  Empty when `quantize(..., packed=True)` can run it. Command lines word
+  these with their own flag names.
+  """
+  problems = []
+  if qconfig.w_bits != 4:
+    problems.append(("w_bits", qconfig.w_bits, "needs 4"))
+  if qconfig.w_asym:
+    problems.append(("w_asym", True, "needs symmetric weights"))
+  if qconfig.w_groupsize is not None:
+    problems.append(("w_groupsize", qconfig.w_groupsize,
+                     "needs per-channel"))
+  for name in ("a_bits", "k_bits", "v_bits"):
+    if getattr(qconfig, name) not in (4, 16):
+      problems.append((name, getattr(qconfig, name), "needs 4 or 16"))
+  return problems
 
 
 def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,

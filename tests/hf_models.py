@@ -1,11 +1,14 @@
 """Tiny random Hugging Face models of each supported family, for parity tests.
 
 Each is built with `transformers`, saved with `save_pretrained` (safetensors)
-and read back by our loader: nothing is downloaded.
+and read back by our loader: nothing is downloaded. The folders live under
+one temp directory that is removed when the Python process exits.
 """
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -44,6 +47,14 @@ def _hf_config(family: str):
   raise ValueError(f"unknown {family=}")
 
 
+@functools.cache
+def _root() -> str:
+  """One temp directory per process, removed at exit."""
+  root = tempfile.mkdtemp(prefix="quarot_jax_tests_")
+  atexit.register(shutil.rmtree, root, ignore_errors=True)
+  return root
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_hf_model(family: str) -> tuple[str, object]:
   """Saves a tiny random HF model of `family`; returns (dir, torch model)."""
@@ -61,7 +72,7 @@ def tiny_hf_model(family: str) -> tuple[str, object]:
       elif name.endswith("bias"):
         p.copy_(0.05 * torch.randn_like(p))
   model.eval()
-  path = os.path.join(tempfile.mkdtemp(prefix=f"tiny_{family}_"), "hf")
+  path = os.path.join(_root(), f"tiny_{family}", "hf")
   model.save_pretrained(path, safe_serialization=True)
   return path, model
 

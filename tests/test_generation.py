@@ -99,3 +99,26 @@ def test_bad_input_errors():
     generation.generate_tokens(params, config, [[]])
   with pytest.raises(ValueError, match="top_p"):
     generation.generate_tokens(params, config, [[4]], top_p=0.0)
+
+
+@pytest.mark.parametrize("prompts, kwargs, match", [
+    ([[4] * 257], {}, r"prompt 0 has 257 tokens.*max_position_embeddings=256"),
+    ([[4] * 250], dict(max_new_tokens=7), r"257 positions"),
+    ([[4], [5, 97]], {}, r"prompt 1 has token id 97 outside \[0, vocab=97\)"),
+    ([[-1]], {}, r"token id -1 outside"),
+    ([[4.0]], {}, r"float64 values; token ids are ints"),
+    ([[4]], dict(temperature=float("nan")), r"temperature=nan must be a"
+     r" finite number >= 0"),
+    ([[4]], dict(temperature=-0.5), r"temperature=-0.5"),
+    ([[4]], dict(top_p=float("nan")), r"top_p=nan must be in \(0, 1\]"),
+    ([[4]], dict(top_k=-1), r"top_k=-1"),
+    ([[4]], dict(max_new_tokens=0), r"max_new_tokens=0 must be a positive"),
+    ([[4]], dict(pad_id=200), r"pad_id=200 must be a token id"),
+])
+def test_rejects_bad_arguments_naming_the_value(prompts, kwargs, match):
+  # The tiny config: vocab 97, max_position_embeddings 256. Checked before
+  # anything is traced, so no params are needed.
+  path, _ = hf_models.tiny_hf_model("llama2")
+  _, config = hf.load_hf(path)
+  with pytest.raises(ValueError, match=match):
+    generation.generate_tokens(None, config, prompts, **kwargs)

@@ -73,9 +73,24 @@ def test_logits_and_greedy_text(ours, theirs):
   assert out[0].startswith(" Paris")
 
 
-def test_bad_path():
-  with pytest.raises(ValueError, match="no GGUF file"):
+def test_bad_path(tmp_path):
+  with pytest.raises(ValueError, match="no such file: '/nonexistent.gguf'"):
     gguf.load_gguf("/nonexistent.gguf")
+  (tmp_path / "x.gguf").write_text("{}")
+  with pytest.raises(ValueError, match="is not a GGUF file"):
+    gguf.load_gguf(str(tmp_path / "x.gguf"))
+
+
+@pytest.mark.parametrize("keep", [1000, 50_000_000, -1])
+def test_truncated_file_is_one_clear_error(tmp_path, keep):
+  # Cut in the header, in the middle of the tensor data, and one byte short.
+  with open(_PATH, "rb") as f:
+    data = f.read()
+  cut = tmp_path / "cut.gguf"
+  cut.write_bytes(data[:keep])
+  with pytest.raises(ValueError, match=r"cut\.gguf' \(\d+ bytes\) is"
+                     r" truncated|cut\.gguf' is truncated"):
+    gguf.load_gguf(str(cut))
 
 
 def test_zero_shot_scorer_on_hand_written_items(ours):

@@ -77,6 +77,12 @@ def test_gptq_beats_rtn_on_calibration_text(outlier_model):
     (dict(a_bits=12), "a_bits=12"),
     (dict(w_method="awq"), "w_method='awq'"),
     (dict(rotate_mode="givens"), "rotate_mode='givens'"),
+    (dict(w_bits=4.0), r"w_bits=4\.0 must be an int"),
+    (dict(w_bits="4"), r"w_bits='4' must be an int"),
+    (dict(k_bits=True), r"k_bits=True must be an int"),
+    (dict(w_groupsize=0), r"w_groupsize=0 must be a positive int"),
+    (dict(a_clip=0.0), r"a_clip=0\.0 must be a number in \(0, 1\]"),
+    (dict(kv_clip=float("nan")), r"kv_clip=nan"),
 ])
 def test_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -88,3 +94,57 @@ def test_gptq_needs_calibration(outlier_model):
   with pytest.raises(ValueError, match="calib_tokens"):
     quarot.quantize(params, config, quarot.QuaRotConfig(
         w_bits=4, w_method="gptq"))
+
+
+def test_packing_problems_name_the_fields():
+  qconfig = quarot.QuaRotConfig(w_bits=8, a_bits=8, k_bits=4, v_bits=16,
+                                w_groupsize=64)
+  assert quarot.packing_problems(qconfig) == [
+      ("w_bits", 8, "needs 4"), ("w_groupsize", 64, "needs per-channel"),
+      ("a_bits", 8, "needs 4 or 16")]
+  with pytest.raises(NotImplementedError, match=r"w_bits=8 \(needs 4\)"):
+    quarot.check_packable(qconfig)
+  assert not quarot.packing_problems(
+      quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rotation_objective="spin"), "rotation_objective='spin'"),
+    (dict(rotation_steps=-1), r"rotation_steps=-1 must be an int >= 0"),
+    (dict(rotation_steps=2.5), r"rotation_steps=2\.5 must be an int"),
+    (dict(rotation_lr=0.0), r"rotation_lr=0\.0 must be a positive number"),
+    (dict(rotation_lr=True), r"rotation_lr=True must be a positive number"),
+    (dict(rotation_lr=float("inf")), r"rotation_lr=inf"),
+])
+def test_learned_rotation_config_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    quarot.QuaRotConfig(rotate_mode="learned", **kwargs)
+
+
+def test_learned_rotations_need_calibration(outlier_model):
+  params, config, _, _ = outlier_model
+  with pytest.raises(ValueError, match="rotate_mode='learned' needs"):
+    quarot.quantize(params, config,
+                    quarot.QuaRotConfig(rotate_mode="learned"))
+
+
+def test_learned_rotations_with_zero_steps_are_the_hadamard(outlier_model):
+  params, config, tokens, _ = outlier_model
+  learned = quarot.QuaRotConfig(rotate_mode="learned", rotation_steps=0)
+  assert learned.describe() == "W16A16KV16 rot-learned-whip0"
+  got, _ = quarot.quantize(params, config, learned, tokens, progress=False)
+  want, _ = quarot.quantize(params, config, quarot.QuaRotConfig(), tokens,
+                            progress=False)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               got, want)
+
+
+def test_rotation_key_shares_whip_rotations_across_bits():
+  whip = quarot.QuaRotConfig(rotate_mode="learned", w_bits=4, a_bits=4,
+                             k_bits=4, v_bits=4, w_method="gptq")
+  assert quarot.rotation_key(quarot.QuaRotConfig()) is None
+  assert quarot.rotation_key(whip) == quarot.rotation_key(
+      dataclasses.replace(whip, a_bits=16, k_bits=16, v_bits=16))
+  e2e = dataclasses.replace(whip, rotation_objective="e2e")
+  assert quarot.rotation_key(e2e) != quarot.rotation_key(
+      dataclasses.replace(e2e, a_bits=16, k_bits=16, v_bits=16))

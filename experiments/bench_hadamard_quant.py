@@ -7,9 +7,10 @@ reference: fast Hadamard transform, quantize, pack; XLA fuses what it can),
 both with and without the Hadamard, writing packed int4 and (case suffix
 `_int8`) one int8 code per element, the format the Mosaic GPU matmul takes.
 `hbm_fraction` = (bytes read + written) / time / --peak_gbps. `matmul_share`
-= ours / the W4A4 matmul the model runs after it (`qlinear.w4a4_matmul`,
-N = K, the shape of o_proj/down_proj-like linears), the paper's Fig. 7
-overhead. Appends to --out_dir/hadamard_quant.jsonl.
+= ours / the W4A4 matmul the model runs after it (`w4a4_matmul.api` with
+the backend it picks on this machine, N = K, the shape of
+o_proj/down_proj-like linears), the paper's Fig. 7 overhead. Appends to
+--out_dir/hadamard_quant.jsonl.
 """
 
 import os
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from experiments.lab import benchmarking
 from pallas_kernels import hadamard_quant as hq
+from pallas_kernels.w4a4_matmul import api as w4a4
 from quarot_jax import qlinear
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
@@ -48,7 +50,11 @@ def main(argv):
                        + sys.argv[1:])
   key = iter(jax.random.split(jax.random.key(0), 1000))
   impl = dict(implementation="pallas", interpret=_INTERPRET.value)
+  matmul_impl = dict(
+      implementation=w4a4.default_implementation(
+          interpret=_INTERPRET.value), interpret=_INTERPRET.value)
   for k in map(int, _KS.value):
+    base_k = qlinear.hadamard_base(k)  # closed over: a constant under jit
     for m in map(int, _MS.value):
       x = jax.random.normal(next(key), (m, k), jnp.bfloat16)
       records = []
@@ -65,8 +71,8 @@ def main(argv):
                             for z in sizes]:
           cfg = hq.HadamardQuantConfig(num_warps=warps, **size)
           fn = jax.jit(lambda x, cfg=cfg, h=use_had, p=packed:
-                       hq.hadamard_quant(x, hadamard=h, packed=p, config=cfg,
-                                         **impl))
+                       hq.hadamard_quant(x, base_k if h else None, packed=p,
+                                         config=cfg, **impl))
           try:
             ms = benchmarking.median_ms(fn, x)
           except Exception as e:  # pylint: disable=broad-except
@@ -79,14 +85,15 @@ def main(argv):
           continue
         ms, cfg = best
         xla = jax.jit(lambda x, h=use_had, p=packed:
-                      hq.hadamard_quant_reference(x, hadamard=h, packed=p))
+                      hq.hadamard_quant_reference(
+                          x, base_k if h else None, packed=p))
         base = {"xla_unfused": benchmarking.median_ms(xla, x)}
         wq = jax.random.randint(next(key), (k, k // 2), 0, 256, jnp.int32
                                 ).astype(jnp.uint8)
-        xq, sx = hq.hadamard_quant(x, hadamard=use_had, packed=packed,
-                                   **impl)
-        mm = jax.jit(lambda a, b, s, t: qlinear.w4a4_matmul(
-            a, b, s, t, **impl))
+        xq, sx = hq.hadamard_quant(x, base_k if use_had else None,
+                                   packed=packed, **impl)
+        mm = jax.jit(lambda a, b, s, t: w4a4.w4a4_matmul(
+            a, b, s, t, **matmul_impl))
         matmul_ms = benchmarking.median_ms(mm, xq, wq, sx,
                                            jnp.ones((k,), jnp.float32))
         # Read bf16; write the codes (int4 or int8) and the scales.
@@ -98,7 +105,7 @@ def main(argv):
                                    / (_PEAK.value * 1e9), 3),
             int4_matmul_ms=round(matmul_ms, 4),
             matmul_share=round(ms / matmul_ms, 3), config=str(cfg),
-            matmul=qlinear.w4a4_kernel(**impl) or "default"))
+            matmul=matmul_impl["implementation"]))
         print(benchmarking.summary_line(records[-1]),
               f"hbm {records[-1]['hbm_fraction']:.2f}"
               f" share-of-matmul {records[-1]['matmul_share']:.2f}",

@@ -3,13 +3,14 @@ r"""W4A4 (Triton and Mosaic GPU) and W4A16 matmuls against XLA bf16 and int8.
   python -m experiments.bench_int4_matmul --out_dir=results
   python -m experiments.bench_int4_matmul --kernels=mosaic  # one kernel
 
-W4A4 records carry `implementation`: `triton` (int4_matmul); `triton_g128`
-(int4_matmul with s_x [M, K/128] and s_w [N, K/128], the 128G mode);
-`mosaic_gpu` (int4_matmul_mgpu: packed int4 activations and weights, both
-widened to int8 inside the kernel); `mosaic_gpu_x_int8` (activations handed
-over as int8, fed to the wgmma from shared memory: what the model runs); `mosaic_gpu_w8`
-and `mosaic_gpu_w8_x_int8` (int4_matmul_mgpu_w8: weights widened to int8
-once, at load, at twice the weight memory).
+W4A4 records carry `implementation`: `triton` (w4a4_matmul_triton);
+`triton_g128` (the same with s_x [M, K/128] and s_w [N, K/128], the 128G
+mode); `mosaic_gpu` (w4a4_matmul_mosaic: packed int4 activations and
+weights, both widened to int8 inside the kernel); `mosaic_gpu_x_int8`
+(activations handed over as int8, fed to the wgmma from shared memory: what
+the model runs); `mosaic_gpu_w8` and `mosaic_gpu_w8_x_int8` (the diagnostic
+w4a4_matmul_mosaic_w8: weights widened to int8 once, at load, at twice the
+weight memory).
 
 W4A16 (decode) runs each matmul over --decode_layers different weight
 matrices in one jitted call, as a decode step runs one per layer, and
@@ -18,16 +19,14 @@ the host's dispatch, not the GPU. --decode_timing=map (default) runs a
 `lax.map` over [layers, ...] stacked weights; --decode_timing=unrolled
 passes `layers` separate weight arrays (and activations) and calls the
 matmul once per layer in a Python loop unrolled in the trace, so no layer's
-weights are sliced out of a stack. Each W4A16 config (including its
-`reduction`, 'partials' or 'atomic') is checked against the reference
-before it is timed. --interpret runs the W4A16 kernel in interpret mode
-(CPU smoke runs only; the timings mean nothing).
+weights are sliced out of a stack. Each W4A16 config is checked against the
+reference before it is timed. --interpret runs the W4A16 kernel in
+interpret mode (CPU smoke runs only; the timings mean nothing).
 
 Each case is timed side by side in one process (median of 20 runs after
 warm-up, fresh random inputs). Appends JSONL to --out_dir.
 """
 
-import dataclasses
 import shlex
 import sys
 
@@ -37,9 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from experiments.lab import benchmarking
-from pallas_kernels import int4_matmul as w4a4
-from pallas_kernels import int4_matmul_mgpu as mgpu
 from pallas_kernels import w4a16_matmul as w4a16
+from pallas_kernels.w4a4_matmul import mosaic_gpu as mgpu
+from pallas_kernels.w4a4_matmul import reference as w4a4_reference
+from pallas_kernels.w4a4_matmul import triton as w4a4_triton
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
 _MS = flags.DEFINE_list("m", ["2048", "8192", "32768"], "W4A4 token counts.")
@@ -59,27 +59,24 @@ _KERNELS = flags.DEFINE_list(
     "Which of triton, triton_g128 (group-128 scales), mosaic, w4a16 to time.")
 
 _W4A4_CONFIGS = (
-    w4a4.Int4MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=4,
-                          num_stages=3),
-    w4a4.Int4MatmulConfig(block_m=128, block_n=256, block_k=64, num_warps=8,
-                          num_stages=3),
-    w4a4.Int4MatmulConfig(block_m=256, block_n=128, block_k=64, num_warps=8,
-                          num_stages=3),
+    w4a4_triton.W4A4TritonConfig(block_m=128, block_n=128, block_k=64,
+                                 num_warps=4, num_stages=3),
+    w4a4_triton.W4A4TritonConfig(block_m=128, block_n=256, block_k=64,
+                                 num_warps=8, num_stages=3),
+    w4a4_triton.W4A4TritonConfig(block_m=256, block_n=128, block_k=64,
+                                 num_warps=8, num_stages=3),
 )
-_MOSAIC_CONFIGS = (  # None: default_int4_matmul_mgpu_config.
+_MOSAIC_CONFIGS = (  # None: default_w4a4_mosaic_config.
     None,
-    mgpu.Int4MatmulMgpuConfig(wg_dimension="m", grid_minor_dim="m"),
-    mgpu.Int4MatmulMgpuConfig(wg_dimension="m", grid_minor_dim="m",
-                              share_widening=True),
+    mgpu.W4A4MosaicConfig(wg_dimension="m", grid_minor_dim="m"),
 )
 _MOSAIC_X_INT8_CONFIGS = (
     None,
-    mgpu.Int4MatmulMgpuConfig(wgmma_depth=1, max_concurrent_steps=2),
-    mgpu.Int4MatmulMgpuConfig(wg_dimension="m", grid_minor_dim="m",
-                              wgmma_depth=1, max_concurrent_steps=3,
-                              share_widening=True),
+    mgpu.W4A4MosaicConfig(wgmma_depth=1, max_concurrent_steps=2),
+    mgpu.W4A4MosaicConfig(wg_dimension="m", grid_minor_dim="m",
+                          wgmma_depth=1, max_concurrent_steps=3),
 )
-_W4A16_TILES = (
+_W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
                             num_warps=4, num_stages=4),
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
@@ -89,11 +86,6 @@ _W4A16_TILES = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=128, block_k=128,
                             split_k=4, num_warps=4, num_stages=4),
 )
-# Each tile with both K-split reductions (split_k 1 + 'atomic': the kernel
-# stores y in bf16 itself).
-_W4A16_CONFIGS = tuple(
-    dataclasses.replace(c, reduction=r) for c in _W4A16_TILES
-    for r in ("partials", "atomic"))
 _NT = (((1,), (1,)), ((), ()))
 
 
@@ -164,35 +156,40 @@ def main(argv):
       print(case, flush=True)
       base = {"xla_bf16": benchmarking.median_ms(jax.jit(_bf16_mm), xb, wb),
               "xla_int8": benchmarking.median_ms(jax.jit(_int8_mm), xi, wi)}
-      want = w4a4.int4_matmul_reference(xq, wq, sx, sw)  # Exact (int32).
+      want = w4a4_reference.w4a4_matmul_reference(xq, wq, sx, sw)  # Exact.
       candidates = []  # (implementation, best (ms, config) or None)
       if "triton" in _KERNELS.value:
         candidates.append(("triton", _best(
-            lambda c: _bind(w4a4.int4_matmul, (xq, wq, sx, sw), c),
+            lambda c: _bind(w4a4_triton.w4a4_matmul_triton, (xq, wq, sx, sw),
+                            c),
             _W4A4_CONFIGS, want)))
       if "triton_g128" in _KERNELS.value:
         gx = jax.random.uniform(next(key), (m, k // 128), jnp.float32, 0.01,
                                 0.1)
         gw = jax.random.uniform(next(key), (n, k // 128), jnp.float32, 0.01,
                                 0.1)
-        got = w4a4.int4_matmul(xq, wq, gx, gw, out_dtype=jnp.float32)
-        ref = w4a4.int4_matmul_reference(xq, wq, gx, gw, out_dtype=jnp.float32)
+        got = w4a4_triton.w4a4_matmul_triton(xq, wq, gx, gw,
+                                             out_dtype=jnp.float32)
+        ref = w4a4_reference.w4a4_matmul_reference(xq, wq, gx, gw,
+                                                   out_dtype=jnp.float32)
         if not bool(jnp.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(
             jnp.abs(ref).max()))):
           print("  triton_g128: WRONG RESULT, not timed")
         else:
           candidates.append(("triton_g128", _best(
-              lambda c: _bind(w4a4.int4_matmul, (xq, wq, gx, gw), c),
+              lambda c: _bind(w4a4_triton.w4a4_matmul_triton,
+                              (xq, wq, gx, gw), c),
               _W4A4_CONFIGS)))
       if "mosaic" in _KERNELS.value:
         w8, x8 = mgpu.unpack_weights(wq), mgpu.unpack_weights(xq)
         for name, op, args, configs in (
-            ("mosaic_gpu", mgpu.int4_matmul_mgpu, (xq, wq), _MOSAIC_CONFIGS),
-            ("mosaic_gpu_x_int8", mgpu.int4_matmul_mgpu, (x8, wq),
-             _MOSAIC_X_INT8_CONFIGS),
-            ("mosaic_gpu_w8", mgpu.int4_matmul_mgpu_w8, (xq, w8),
+            ("mosaic_gpu", mgpu.w4a4_matmul_mosaic, (xq, wq),
              _MOSAIC_CONFIGS),
-            ("mosaic_gpu_w8_x_int8", mgpu.int4_matmul_mgpu_w8, (x8, w8),
+            ("mosaic_gpu_x_int8", mgpu.w4a4_matmul_mosaic, (x8, wq),
+             _MOSAIC_X_INT8_CONFIGS),
+            ("mosaic_gpu_w8", mgpu.w4a4_matmul_mosaic_w8, (xq, w8),
+             _MOSAIC_CONFIGS),
+            ("mosaic_gpu_w8_x_int8", mgpu.w4a4_matmul_mosaic_w8, (x8, w8),
              _MOSAIC_X_INT8_CONFIGS)):
           candidates.append((name, _best(
               lambda c, op=op, args=args: _bind(op, (*args, sx, sw), c),
@@ -276,8 +273,7 @@ def _unrolled(mm, xs, *weights):
 
 def _bind(op, args, cfg, **kwargs):
   """A zero-argument timed callable for `op(*args, config=cfg, **kwargs)`."""
-  fn = jax.jit(lambda *a: op(*a, config=cfg, implementation="pallas",
-                             **kwargs))
+  fn = jax.jit(lambda *a: op(*a, config=cfg, **kwargs))
   return lambda: fn(*args)
 
 

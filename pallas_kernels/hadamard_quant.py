@@ -1,23 +1,26 @@
 """Fused online Hadamard + per-token int4 quantization.
 
-  y = (x * signs) @ H_K / √K          (hadamard=True; y = x otherwise)
+  y = x @ H_K / √K          (a Hadamard base given; y = x otherwise)
   s_x[m] = clip_ratio * max_k |y[m, k]| / 7   (1 where that is 0)
   x_q[m, k] = clip(round_half_even(y[m, k] / s_x[m]), -8, 7)
 
-written as packed int4 in the layout of `quarot_jax/quant.py` (two's
-complement nibbles along K, byte j = element 2j in the low nibble, 2j+1 in
-the high one): exactly `quant.pack_int4(quant.quantize(y,
-quant.activation_spec(4, clip_ratio=c)).values)` and its scales, which is what
-`pallas_kernels.int4_matmul` takes. With `packed=False` the codes are written
-one per int8 byte instead ([M, K], twice the bytes): the operand the Mosaic
-GPU matmul feeds to wgmma from shared memory, where an int4 operand would
-have to be widened in registers first (BENCHMARKS.md). Matmul-style axes: M
-rows (tokens), K the transformed axis.
+written as packed int4 in the layout of `pallas_kernels/int4_layout.py`
+(two's complement nibbles along K, byte j = element 2j in the low nibble,
+2j+1 in the high one): QuaRot's symmetric per-token activation quantizer
+(`quarot_jax.quant.activation_spec(4, clip_ratio=c)`, the same arithmetic
+step for step) packed, which is what `w4a4_matmul` takes. With
+`packed=False` the codes are written one per int8 byte instead ([M, K],
+twice the bytes): the operand the Mosaic GPU matmul feeds to wgmma from
+shared memory, where an int4 operand would have to be widened in registers
+first (BENCHMARKS.md). Matmul-style axes: M rows (tokens), K the transformed
+axis.
 
-The transform as two small matmuls. H_K = np.kron(S_p, B_m) with
-(p, m) = hadamard.factorize(K) (S Sylvester, B the base of order m), and
-S_p = S_a ⊗ S_b for any a·b = p, so H_K = S_a ⊗ R with R = S_b ⊗ B_m of
-order r = b·m. Viewing a row x[K] as X[a, r] (row-major, a free reshape),
+The Hadamard matrix comes from the caller as its base: H_K = np.kron(S_p,
+B_m) with S Sylvester (built here) and B_m the ±1 base of order m = K / p
+(`hadamard_base`; the library builds it with `quarot_jax.hadamard`, which
+has the constructions). The transform as two small matmuls: S_p = S_a ⊗ S_b
+for any a·b = p, so H_K = S_a ⊗ R with R = S_b ⊗ B_m of order r = b·m.
+Viewing a row x[K] as X[a, r] (row-major, a free reshape),
   (x @ H_K) viewed as [a, r] = S_aᵀ · X · R
 (S_a is symmetric). b is chosen so that r is even and both orders are small
 (r, a <= 256 for every LLaMA width). Packing needs no interleave: the even
@@ -40,7 +43,7 @@ inputs (CPU tests) use f32 dots at HIGHEST precision throughout.
 Backend: the Pallas Triton lowering, a few rows per program
 (`rows_per_program`) sharing one load of the transform matrices (interpret
 mode on the CPU). Not supported: bits other than 4 (NotImplementedError), group
-scales along K, K without a Hadamard matrix of that order.
+scales along K, a base whose order m leaves K / m not a power of two.
 """
 
 import dataclasses
@@ -55,10 +58,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import numpy as np
 
-from quarot_jax import compat
-from quarot_jax import hadamard as hadamard_lib
-
-_MAX_ORDER = 256  # largest r or a the split aims for
+from pallas_kernels import compat
+from pallas_kernels import int4_layout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,20 +87,51 @@ class HadamardQuantConfig:
         raise ValueError(f"{name}={n} must be a power of two")
 
 
-def _split(k: int) -> tuple[int, int, int]:
-  """(a, b, m): the Hadamard kernel views a row as [a, r] with r = b * m.
+def sylvester(n: int) -> np.ndarray:
+  """Sylvester's Hadamard matrix S_n = S_2 ⊗ S_{n/2}, S_1 = [[1]].
+
+  Args:
+    n: a power of two.
+
+  Returns:
+    f32[n, n] with ±1 entries (symmetric).
+
+  Raises:
+    ValueError: n is not a power of two.
+  """
+  if n < 1 or n & (n - 1):
+    raise ValueError(f"{n=} must be a power of two")
+  s = np.ones((1, 1), np.float32)
+  while len(s) < n:
+    s = np.block([[s, s], [s, -s]])
+  return s
+
+
+def _base_fits(k: int, m: int) -> bool:
+  """Whether K / m is a power of two (a base of order m gives H_K)."""
+  return m >= 1 and k % m == 0 and (k // m) & (k // m - 1) == 0
+
+
+def _check_base(k: int, base_order: int) -> None:
+  if not _base_fits(k, base_order):
+    raise ValueError(f"a Hadamard base of order m={base_order} gives no"
+                     f" H_K for K={k}: K / m must be a power of two")
+
+
+def _split(k: int, m: int) -> tuple[int, int]:
+  """(a, b): the Hadamard kernel views a row as [a, r] with r = b * m.
 
   Picks the b that keeps a + r smallest with r even, r >= 32 and a >= 16
   (Triton's smallest dot is 16 wide); rows too short for that use a = 1
   (no left product).
   """
-  p, m = hadamard_lib.factorize(k)
+  p = k // m
   options = [(p // b + b * m, b) for b in (2**i for i in range(
       p.bit_length())) if (b * m) % 2 == 0 and b * m >= 32 and p // b >= 16]
   if not options:
-    return 1, p, m
+    return 1, p
   b = min(options)[1]
-  return p // b, b, m
+  return p // b, b
 
 
 def _pow2(n: int) -> int:
@@ -114,28 +146,24 @@ def _quantize_view(k: int) -> tuple[int, int]:
   return k // r, r
 
 
-@functools.lru_cache(maxsize=None)
-def _matrices(k: int) -> tuple[np.ndarray, np.ndarray]:
-  """(left [a, a], right [r, r]) as f32."""
-  a, b, m = _split(k)
-  # pylint: disable-next=protected-access
-  right = np.kron(hadamard_lib.sylvester(b), hadamard_lib._base_matrix(m))
-  left = hadamard_lib.sylvester(a).T
-  return left.astype(np.float32), right.astype(np.float32)
-
-
-def can_use_hadamard_quant(k: int, use_hadamard: bool = True) -> bool:
-  """True where the Pallas kernel compiles: a GPU backend and K even; with
-  the Hadamard also a row split into [a, r] with both matmuls at least 16
-  wide (K >= 512 or so)."""
-  if jax.default_backend() != "gpu" or k % 2:
+def kernel_takes(k: int, base_order: int | None) -> bool:
+  """Whether the Pallas kernel takes rows of K (on a GPU): K even; with a
+  Hadamard base of order m also K / m a power of two and a row split into
+  [a, r] with both matmuls at least 16 wide (K >= 512 or so)."""
+  if k % 2:
     return False
-  if not use_hadamard:
+  if base_order is None:
     return True
-  if not hadamard_lib.is_supported(k):
+  if not _base_fits(k, base_order):
     return False
-  a, b, m = _split(k)
-  return _pow2(a) >= 16 and _pow2(b * m) >= 32
+  a, b = _split(k, base_order)
+  return _pow2(a) >= 16 and _pow2(b * base_order) >= 32
+
+
+def can_use_hadamard_quant(k: int, base_order: int | None = None) -> bool:
+  """True where the Pallas kernel compiles: a GPU backend and
+  `kernel_takes(k, base_order)`."""
+  return jax.default_backend() == "gpu" and kernel_takes(k, base_order)
 
 
 def _round_half_even(v: jax.Array) -> jax.Array:
@@ -147,25 +175,23 @@ def _round_half_even(v: jax.Array) -> jax.Array:
   return jnp.where(up, f + 1.0, f)
 
 
-def hadamard_quant_kernel(x_ref, sign_ref, left_ref, *refs, packed: bool,
-                          use_left: bool, use_signs: bool, norm: float,
-                          clip_ratio: float):
+def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
+                          use_left: bool, norm: float, clip_ratio: float):
   """A few rows: transform, absmax, codes, packed bytes (or int8 codes)."""
-  # x_ref: [rows, a, r]; sign_ref: f32[ap, rp]; left_ref: [ap, ap]; r0_ref,
-  # r1_ref: [rp, rp // 2], the even and odd columns of R (packed) or its
-  # first and second halves; q_ref: uint8[rows, a, r // 2] (packed) or
-  # int8[rows, a, 2, r // 2] (the halves; in memory the same as [a, r]);
-  # s_ref: f32[rows] (ap, rp: a, r rounded up to powers of two, as Triton
-  # needs; the padded rows and columns of the matrices are zero).
+  # x_ref: [rows, a, r]; left_ref: [ap, ap]; r0_ref, r1_ref: [rp, rp // 2],
+  # the even and odd columns of R (packed) or its first and second halves;
+  # q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, 2, r // 2] (the
+  # halves; in memory the same as [a, r]); s_ref: f32[rows] (ap, rp: a, r
+  # rounded up to powers of two, as Triton needs; the padded rows and
+  # columns of the matrices are zero).
   *right_refs, q_ref, s_ref = refs
   n_rows, a, r = x_ref.shape
-  ap, rp = sign_ref.shape
+  ap, rp = left_ref.shape[0], right_refs[0].shape[0]
   dt = right_refs[0].dtype
   # The matrices are loaded once per program and reused for every row (one
   # row per program spent more L2 traffic on them than on x).
   rights = [ref[...] for ref in right_refs]
   left = left_ref[...] if use_left else None
-  signs = sign_ref[...] if use_signs else None
   valid = jnp.arange(ap)[:, None] < a
   mask = valid & (jnp.arange(rp // 2)[None, :] < r // 2)
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
@@ -175,8 +201,6 @@ def hadamard_quant_kernel(x_ref, sign_ref, left_ref, *refs, packed: bool,
     row = jnp.int32(i)  # interpret mode's load/store reject a Python int
     x = plgpu.load(x_ref.at[row, pl.ds(0, ap), pl.ds(0, rp)],
                    mask=valid & (jnp.arange(rp)[None, :] < r), other=0)
-    if use_signs:
-      x = x.astype(jnp.float32) * signs
     x = x.astype(dt)
     halves = [dot(x, right) for right in rights]  # f32 [ap, rp // 2]
     if use_left:
@@ -209,15 +233,14 @@ def hadamard_quant_kernel(x_ref, sign_ref, left_ref, *refs, packed: bool,
   s_ref[...] = scales
 
 
-def quantize_kernel(x_ref, sign_ref, q_ref, s_ref, *, packed: bool,
-                    use_signs: bool, clip_ratio: float):
+def quantize_kernel(x_ref, q_ref, s_ref, *, ap: int, packed: bool,
+                    clip_ratio: float):
   """Quantize only: a block of rows, no dots; the pack splits each row's
   codes into even and odd elements in registers (reshape + unstack)."""
-  # x_ref: [rows, a, r]; sign_ref: f32[ap, r]; q_ref: uint8[rows, a, r // 2]
-  # (packed) or int8[rows, a, r]; s_ref: f32[rows]. ap = a rounded up to a
-  # power of two, its padded rows masked.
+  # x_ref: [rows, a, r]; q_ref: uint8[rows, a, r // 2] (packed) or
+  # int8[rows, a, r]; s_ref: f32[rows]. ap = a rounded up to a power of
+  # two, its padded rows masked.
   n_rows, a, r = x_ref.shape
-  ap = sign_ref.shape[0]
   valid = None
   if ap != a:
     valid = (jnp.arange(ap) < a)[None, :, None]
@@ -225,8 +248,6 @@ def quantize_kernel(x_ref, sign_ref, q_ref, s_ref, *, packed: bool,
                         jnp.broadcast_to(valid, (n_rows, ap, width)))
   masked = {} if valid is None else dict(mask=mask(r), other=0)
   y = plgpu.load(x_ref.at[:, pl.ds(0, ap), :], **masked).astype(jnp.float32)
-  if use_signs:
-    y = y * sign_ref[...][None]
   absmax = jnp.max(jnp.max(jnp.abs(y), axis=2), axis=1)
   scale = clip_ratio * absmax / 7.0
   scale = jnp.where(scale > 0, scale, 1.0)
@@ -241,10 +262,10 @@ def quantize_kernel(x_ref, sign_ref, q_ref, s_ref, *, packed: bool,
   s_ref[...] = scale
 
 
-def _quantize_only(x: jax.Array, signs: jax.Array | None, clip_ratio: float,
-                   packed: bool, cfg: HadamardQuantConfig, interpret: bool,
+def _quantize_only(x: jax.Array, clip_ratio: float, packed: bool,
+                   cfg: HadamardQuantConfig, interpret: bool,
                    debug: bool) -> tuple[jax.Array, jax.Array]:
-  """`hadamard_quant(hadamard=False)` with `quantize_kernel`."""
+  """`hadamard_quant` without a Hadamard, with `quantize_kernel`."""
   k = x.shape[-1]
   lead = x.shape[:-1]
   a, r = _quantize_view(k)
@@ -253,19 +274,14 @@ def _quantize_only(x: jax.Array, signs: jax.Array | None, clip_ratio: float,
   rows = x3.shape[0]
   per_program = math.gcd(rows, max(1, cfg.block_elements // (ap * r))
                          ) if rows else 1
-  sign = (jnp.ones((a, r), jnp.float32) if signs is None
-          else signs.astype(jnp.float32).reshape(a, r))
-  sign = jnp.pad(sign, [(0, ap - a), (0, 0)])
   q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else ((a, r),
                                                                 jnp.int8)
-  kernel = functools.partial(quantize_kernel, packed=packed,
-                             use_signs=signs is not None,
+  kernel = functools.partial(quantize_kernel, ap=ap, packed=packed,
                              clip_ratio=clip_ratio)
   x_q, s_x = pl.pallas_call(
       kernel,
       grid=(rows // per_program,),
-      in_specs=[pl.BlockSpec((per_program, a, r), lambda i: (i, 0, 0)),
-                pl.BlockSpec((ap, r), lambda i: (0, 0))],
+      in_specs=[pl.BlockSpec((per_program, a, r), lambda i: (i, 0, 0))],
       out_specs=[pl.BlockSpec((per_program, *q_block), lambda i: (i, 0, 0)),
                  pl.BlockSpec((per_program,), lambda i: (i,))],
       out_shape=[jax.ShapeDtypeStruct((rows, *q_block), q_dtype),
@@ -273,16 +289,36 @@ def _quantize_only(x: jax.Array, signs: jax.Array | None, clip_ratio: float,
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="hadamard_quant_no_transform",
-  )(x3, sign)
+  )(x3)
   return x_q.reshape(*lead, -1), s_x.reshape(lead)
 
 
+def _check(x: jax.Array, hadamard_base: jax.Array | None, clip_ratio: float,
+           bits: int) -> int | None:
+  """Argument checks; returns the base order m (None: no Hadamard)."""
+  k = x.shape[-1]
+  if bits != 4:
+    raise NotImplementedError(f"hadamard_quant packs int4 only, got {bits=}")
+  if k % 2:
+    raise ValueError(f"K={k} must be even to pack int4")
+  if not 0 < clip_ratio <= 1:
+    raise ValueError(f"{clip_ratio=} must be in (0, 1]")
+  if hadamard_base is None:
+    return None
+  if hadamard_base.ndim != 2 or (
+      hadamard_base.shape[0] != hadamard_base.shape[1]):
+    raise ValueError(f"hadamard_base must be a square [m, m] matrix, got"
+                     f" {hadamard_base.shape}")
+  _check_base(k, hadamard_base.shape[0])
+  return hadamard_base.shape[0]
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "hadamard", "clip_ratio", "bits", "packed", "config", "interpret",
-    "debug", "implementation"))
-def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
-                   signs: jax.Array | None = None, clip_ratio: float = 0.9,
-                   bits: int = 4, packed: bool = True,
+    "clip_ratio", "bits", "packed", "config", "interpret", "debug",
+    "implementation"))
+def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
+                   clip_ratio: float = 0.9, bits: int = 4,
+                   packed: bool = True,
                    config: HadamardQuantConfig | None = None,
                    interpret: bool = False, debug: bool = False,
                    implementation: Literal["pallas", "xla"] | None = None
@@ -291,9 +327,10 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
 
   Args:
     x: float[..., K] activations (bf16, f16 or f32); K even.
-    hadamard: apply x @ H_K / √K first (H_K = `hadamard.hadamard_matrix(K)`).
-    signs: optional f32[K] of ±1 multiplied into x before the transform
-      (a randomized Hadamard diag(signs) · H).
+    hadamard_base: f32[m, m], the ±1 base B_m of H_K = kron(S_{K/m}, B_m)
+      (K / m a power of two; `quarot_jax.hadamard.hadamard_matrix(m)` with
+      m from `quarot_jax.hadamard.factorize(K)`), applied as x @ H_K / √K
+      first; None quantizes x as it is.
     clip_ratio: fraction of each row's absmax mapped to the largest code.
     bits: 4 (the only width the packed kernels take).
     packed: two codes per byte (uint8[..., K // 2]); False writes one int8
@@ -301,42 +338,38 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
     config: launch parameters.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     debug: print the kernel's jaxpr.
-    implementation: 'pallas', 'xla' (the reference) or None (pallas on a GPU
-      or when interpret=True, else the reference).
+    implementation: 'pallas' (the kernel where `kernel_takes` the shape,
+      the reference for rows it does not take, such as short ones), 'xla'
+      (the reference), or None (pallas where `can_use_hadamard_quant` or
+      `interpret`, else the reference; logged).
 
   Returns:
     (x_q uint8[..., K // 2] packed int4 (int8[..., K] codes when not
     `packed`), s_x f32[...] per-row scales).
 
   Raises:
-    ValueError: K odd, K without a Hadamard matrix, clip_ratio outside
-      (0, 1], or signs of the wrong shape.
+    ValueError: K odd, a base that is not square or whose order m leaves
+      K / m not a power of two, or clip_ratio outside (0, 1].
     NotImplementedError: bits != 4.
   """
   k = x.shape[-1]
-  if bits != 4:
-    raise NotImplementedError(f"hadamard_quant packs int4 only, got {bits=}")
-  if k % 2:
-    raise ValueError(f"K={k} must be even to pack int4")
-  if not 0 < clip_ratio <= 1:
-    raise ValueError(f"{clip_ratio=} must be in (0, 1]")
-  if hadamard and not hadamard_lib.is_supported(k):
-    raise ValueError(f"no Hadamard matrix of order K={k} (see"
-                     " quarot_jax.hadamard.factorize)")
-  if signs is not None and signs.shape != (k,):
-    raise ValueError(f"signs must be [K]=[{k}], got {signs.shape}")
+  m = _check(x, hadamard_base, clip_ratio, bits)
   if implementation is None:
-    implementation = ("pallas" if interpret
-                      or can_use_hadamard_quant(k, hadamard) else "xla")
+    implementation = ("pallas" if interpret or can_use_hadamard_quant(k, m)
+                      else "xla")
     logging.info("hadamard_quant: using %s", implementation)
+  elif implementation == "pallas" and not (interpret or kernel_takes(k, m)):
+    implementation = "xla"
+    logging.info("hadamard_quant: the kernel does not take K=%d (base %s);"
+                 " using the reference", k, m)
   if implementation == "xla":
-    return hadamard_quant_reference(x, hadamard=hadamard, signs=signs,
-                                    clip_ratio=clip_ratio, packed=packed)
+    return hadamard_quant_reference(x, hadamard_base, clip_ratio=clip_ratio,
+                                    packed=packed)
   cfg = config or HadamardQuantConfig()
-  if not hadamard:
-    return _quantize_only(x, signs, clip_ratio, packed, cfg, interpret, debug)
+  if hadamard_base is None:
+    return _quantize_only(x, clip_ratio, packed, cfg, interpret, debug)
   lead = x.shape[:-1]
-  a, b, m = _split(k)
+  a, b = _split(k, m)
   r = b * m
   ap, rp = _pow2(a), _pow2(r)
   x3 = x.reshape(-1, a, r)  # [M, a, r]: row element k = i * r + j
@@ -344,19 +377,17 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
   per_program = math.gcd(rows, cfg.rows_per_program) if rows else 1
   # ±1 and 0/1 are exact in every float dtype; 16-bit inputs keep theirs.
   dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-  left, right = _matrices(k)
+  left = jnp.asarray(sylvester(a).T)
+  right = jnp.kron(jnp.asarray(sylvester(b)),
+                   hadamard_base.astype(jnp.float32))
   rights = ((right[:, 0::2], right[:, 1::2]) if packed
             else (right[:, :r // 2], right[:, r // 2:]))
   q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else (
       (a, 2, r // 2), jnp.int8)
-  pad = lambda t, shape: jnp.asarray(
-      np.pad(t, [(0, n - d) for d, n in zip(t.shape, shape)]), dt)
-  sign = (jnp.ones((a, r), jnp.float32) if signs is None
-          else signs.astype(jnp.float32).reshape(a, r))
-  sign = jnp.pad(sign, [(0, ap - a), (0, rp - r)])
+  pad = lambda t, shape: jnp.pad(
+      t, [(0, n - d) for d, n in zip(t.shape, shape)]).astype(dt)
   kernel = functools.partial(
       hadamard_quant_kernel, packed=packed, use_left=a > 1,
-      use_signs=signs is not None,
       norm=float(np.float32(1.0 / math.sqrt(k))),
       clip_ratio=clip_ratio)
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
@@ -364,8 +395,7 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
       kernel,
       grid=(rows // per_program,),
       in_specs=[pl.BlockSpec((per_program, a, r), lambda i: (i, 0, 0)),
-                full((ap, rp)), full((ap, ap))]
-      + [full((rp, rp // 2))] * 2,
+                full((ap, ap))] + [full((rp, rp // 2))] * 2,
       out_specs=[pl.BlockSpec((per_program, *q_block),
                               lambda i: (i,) + (0,) * len(q_block)),
                  pl.BlockSpec((per_program,), lambda i: (i,))],
@@ -374,23 +404,58 @@ def hadamard_quant(x: jax.Array, *, hadamard: bool = True,
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="hadamard_quant",
-  )(x3, sign, pad(left, (ap, ap)),
-    *[pad(t, (rp, rp // 2)) for t in rights])
+  )(x3, pad(left, (ap, ap)), *[pad(t, (rp, rp // 2)) for t in rights])
   return x_q.reshape(*lead, -1), s_x.reshape(lead)
 
 
-def hadamard_quant_reference(x: jax.Array, *, hadamard: bool = True,
-                             signs: jax.Array | None = None,
+def _hadamard_transform(y: jax.Array, base: jax.Array) -> jax.Array:
+  """y @ kron(S_p, base) / √K in f32 (HIGHEST), the way
+  `quarot_jax.hadamard.fast_hadamard_transform` computes it: the base as a
+  dense [m, m] matmul, then log2(p) butterfly stages."""
+  k, m = y.shape[-1], base.shape[0]
+  p = k // m
+  lead = y.shape[:-1]
+  y = y.reshape(lead + (p, m))  # [..., p, m]
+  if m > 1:
+    y = jnp.einsum("...pa,ab->...pb", y, base.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  h = 1
+  while h < p:
+    y = y.reshape(lead + (p // (2 * h), 2, h, m))
+    lo, hi = y[..., 0, :, :], y[..., 1, :, :]
+    y = jnp.stack([lo + hi, lo - hi], axis=-3)
+    h *= 2
+  return y.reshape(lead + (k,)) * jnp.float32(1.0 / math.sqrt(k))
+
+
+@functools.partial(jax.jit, static_argnames=("clip_ratio", "packed"))
+def hadamard_quant_reference(x: jax.Array,
+                             hadamard_base: jax.Array | None = None, *,
                              clip_ratio: float = 0.9, packed: bool = True
                              ) -> tuple[jax.Array, jax.Array]:
   """Plain-jnp `hadamard_quant`: transform in f32, quantize, pack (or keep
-  int8 codes when not `packed`)."""
-  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
+  int8 codes when not `packed`).
+
+  The quantizer is `quarot_jax.quant.quantize` with
+  `activation_spec(4, clip_ratio)`, op for op (so the two agree exactly).
+
+  Args:
+    x: float[..., K] activations.
+    hadamard_base: as in `hadamard_quant`.
+    clip_ratio: fraction of each row's absmax mapped to code 7.
+    packed: pack the codes (else int8 codes).
+
+  Returns:
+    (x_q uint8[..., K // 2] or int8[..., K], s_x f32[...]).
+
+  Raises:
+    ValueError: as `hadamard_quant`.
+  """
+  _check(x, hadamard_base, clip_ratio, 4)
   y = x.astype(jnp.float32)
-  if signs is not None:
-    y = y * signs.astype(jnp.float32)
-  if hadamard:
-    y = hadamard_lib.fast_hadamard_transform(y)
-  q = quant.quantize(y, quant.activation_spec(4, clip_ratio=clip_ratio))
-  codes = q.values.astype(jnp.int8)
-  return (quant.pack_int4(codes) if packed else codes), q.scale[..., 0]
+  if hadamard_base is not None:
+    y = _hadamard_transform(y, hadamard_base)
+  scale = jnp.max(jnp.abs(y), axis=-1, keepdims=True) * clip_ratio / 7
+  scale = jnp.where(scale > 0, scale, 1.0)
+  codes = jnp.clip(jnp.round(y / scale), -8, 7).astype(jnp.int8)
+  return (int4_layout.pack_int4(codes) if packed else codes), scale[..., 0]

@@ -3,12 +3,13 @@
 Shape letters as in `quarot_jax/model.py`: B batch, T new tokens, S slots,
 K kv heads, H head dim.
 
-Quantizer (QuaRot's KV quantizer, `quant.kv_spec(4, clip_ratio=0.95)`):
-asymmetric 4 bits, one group per (token, head) over the whole head dim H,
+Quantizer (QuaRot's KV quantizer, `quarot_jax.quant.kv_spec(4,
+clip_ratio=0.95)`, the same arithmetic step for step): asymmetric 4 bits,
+one group per (token, head) over the whole head dim H,
   scale = clip * (max - min) / 15,  zero = round(-clip * min / scale),
   code = clip(round(x / scale) + zero, 0, 15),  x ≈ (code - zero) * scale
-(min/max include 0; see `quarot_jax/quant.py`). Scale is stored in f32 and
-zero (an integer in 0..15) in uint8, so `dequantize_kv4` equals
+(min/max include 0; a group of zeros gets scale 1). Scale is stored in f32
+and zero (an integer in 0..15) in uint8, so `dequantize_kv4` equals
 `quant.dequantize` of the same codes exactly and the packed cache computes
 what simulated KV quantization computes. (An f16 scale would save a byte but
 moves every dequantized value by up to 2^-11 relative, which a 4-bit model
@@ -16,7 +17,7 @@ amplifies: measured in BENCHMARKS.md.)
 
 Layout of one layer, head-major so that a kernel reads contiguous tokens of
 one head:
-  codes uint8[B, K, S, H // 2]  the int4 packing of `quarot_jax/quant.py`
+  codes uint8[B, K, S, H // 2]  the int4 packing of `int4_layout.py`
                                 (byte j: low nibble = element 2j, high
                                 nibble = element 2j + 1; unsigned codes)
   scale f32[B, K, S]
@@ -34,12 +35,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import int4_layout
 
-def _quant():
-  """`quarot_jax.quant`, imported late: importing the `quarot_jax` package
-  imports `model`, which imports this module (a cycle at import time)."""
-  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
-  return quant
+_MAXQ = 15  # largest 4-bit unsigned code
 
 
 @jax.tree_util.register_dataclass
@@ -49,7 +47,7 @@ class KV4:
 
   Attributes:
     codes: uint8[B, K, S, H // 2] packed codes in 0..15 (packing of
-      `quarot_jax/quant.py`: low nibble = even h).
+      `int4_layout.py`: low nibble = even h).
     scale: f32[B, K, S] per (token, head) scale.
     zero: uint8[B, K, S] per (token, head) integer zero point in 0..15.
   """
@@ -96,13 +94,19 @@ def quantize_kv4(x: jax.Array, *, clip_ratio: float = 0.95,
     NotImplementedError: group_size is neither None nor H.
   """
   _check_x(x, group_size)
-  quant = _quant()
-  q = quant.quantize(x, quant.kv_spec(4, clip_ratio=clip_ratio))
+  x = x.astype(jnp.float32)
+  # [B, T, K, 1] ranges, 0 included.
+  xmin = jnp.minimum(jnp.min(x, axis=-1, keepdims=True), 0) * clip_ratio
+  xmax = jnp.maximum(jnp.max(x, axis=-1, keepdims=True), 0) * clip_ratio
+  scale = (xmax - xmin) / _MAXQ
+  scale = jnp.where(scale > 0, scale, 1.0)
+  zero = jnp.round(-xmin / scale)
+  codes = jnp.clip(jnp.round(x / scale) + zero, 0, _MAXQ).astype(jnp.int8)
   # [B, T, K, H // 2] -> [B, K, T, H // 2]
-  codes = jnp.swapaxes(quant.pack_int4(q.values), 1, 2)
+  codes = jnp.swapaxes(int4_layout.pack_int4(codes), 1, 2)
   # [B, T, K, 1] -> [B, K, T]
-  scale = jnp.swapaxes(q.scale[..., 0], 1, 2).astype(jnp.float32)
-  zero = jnp.swapaxes(q.zero[..., 0], 1, 2).astype(jnp.uint8)
+  scale = jnp.swapaxes(scale[..., 0], 1, 2)
+  zero = jnp.swapaxes(zero[..., 0], 1, 2).astype(jnp.uint8)
   return KV4(codes=codes, scale=scale, zero=zero)
 
 
@@ -116,7 +120,8 @@ def dequantize_kv4(c: KV4) -> jax.Array:
   Returns:
     f32[B, K, S, H].
   """
-  codes = _quant().unpack_int4(c.codes, signed=False).astype(jnp.float32)
+  codes = int4_layout.unpack_int4(c.codes, signed=False).astype(
+      jnp.float32)
   zero = c.zero.astype(jnp.float32)[..., None]
   return (codes - zero) * c.scale.astype(jnp.float32)[..., None]
 

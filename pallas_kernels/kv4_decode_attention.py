@@ -4,7 +4,7 @@ One query token per row (decode), grouped-query attention:
   out[b, n] = Σ_s softmax_s(q[b, n] · k[b, n // G, s] / √H) v[b, n // G, s]
 over the slots start[b] <= s < end[b] (left padding before start[b]), with
 k, v ≈ (code - zero) * scale as stored by `kv4_cache` (codes
-uint8[B, K, S, H // 2] in the int4 packing of `quarot_jax/quant.py`: low
+uint8[B, K, S, H // 2] in the int4 packing of `int4_layout.py`: low
 nibble = even h; scale f32[B, K, S], zero uint8[B, K, S]). Shape letters as in
 `quarot_jax/model.py`: B batch, N query heads, K kv heads, G = N / K,
 S slots, H head dim.
@@ -61,8 +61,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import compat
 from pallas_kernels import kv4_cache as kv4_lib
-from quarot_jax import compat
 
 _MIN_DOT = 16  # smallest M, N, K of a Triton dot
 
@@ -157,10 +157,16 @@ def default_kv4_decode_attention_config(
                                   num_warps=4, num_stages=2)
 
 
+def kernel_takes(head_dim: int) -> bool:
+  """Whether the Pallas kernel takes heads of H (on a GPU): H / 2 = 2^k
+  >= 16."""
+  return (head_dim % 2 == 0 and _is_pow2(head_dim // 2)
+          and head_dim // 2 >= _MIN_DOT)
+
+
 def can_use_kv4_decode_attention(head_dim: int) -> bool:
-  """True where the Pallas kernel compiles: a GPU and H / 2 = 2^k >= 16."""
-  return (jax.default_backend() == "gpu" and head_dim % 2 == 0
-          and _is_pow2(head_dim // 2) and head_dim // 2 >= _MIN_DOT)
+  """True where the Pallas kernel compiles: a GPU and `kernel_takes(H)`."""
+  return jax.default_backend() == "gpu" and kernel_takes(head_dim)
 
 
 def _nibbles(codes: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -311,9 +317,10 @@ def kv4_decode_attention(
     config: tiling; `default_kv4_decode_attention_config` when None.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     debug: print the kernel's jaxpr.
-    implementation: 'pallas', 'xla' (the reference) or None (pallas on a
-      GPU where `can_use_kv4_decode_attention`, or when interpret=True;
-      else the reference).
+    implementation: 'pallas' (the kernel where `kernel_takes` H, else the
+      reference), 'xla' (the reference) or None (pallas on a GPU where
+      `can_use_kv4_decode_attention`, or when interpret=True; else the
+      reference; logged).
 
   Returns:
     [B, N, H] in the dtype of q; 0 for rows with start >= end.
@@ -327,6 +334,10 @@ def kv4_decode_attention(
     implementation = ("pallas" if interpret
                       or can_use_kv4_decode_attention(h) else "xla")
     logging.info("kv4_decode_attention: using %s", implementation)
+  elif implementation == "pallas" and not (interpret or kernel_takes(h)):
+    implementation = "xla"
+    logging.info("kv4_decode_attention: the kernel does not take H=%d;"
+                 " using the reference", h)
   if implementation == "xla":
     return kv4_decode_attention_reference(q, k, v, start, end)
   cfg = config or default_kv4_decode_attention_config(

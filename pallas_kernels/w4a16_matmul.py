@@ -3,22 +3,17 @@
   y[M, N] = x[M, K] · (w_q[N, K] * s_w[N, 1])ᵀ
 
 Matmul axes are M (tokens), N (output channels), K (input channels).
-w_q is uint8[N, K // 2] in the int4 packing of `quarot_jax/quant.py` (low
-nibble = even K index), s_w f32[N] per output channel. The weight tile is
+w_q is uint8[N, K // 2] in the int4 packing of `pallas_kernels/int4_layout.py`
+(low nibble = even K index), s_w f32[N] per output channel. The weight tile is
 unpacked in registers (shifts sign-extend each nibble), converted to bf16
 and fed to the bf16 tensor cores against the matching even/odd columns of x,
 which the wrapper splits once ([M, K] is tiny at decode). With M this small
 the N tiles alone cannot fill the GPU, so K is also split over the grid
-(`split_k`). `W4A16MatmulConfig.reduction` picks how the splits are summed:
-  'partials': each program writes an f32 partial tile to f32[split_k, M, N]
-    and the wrapper sums them, applies the per-channel scale and casts (three
-    XLA ops after the kernel);
-  'atomic': each program scales its f32 tile by s_w and adds it into one
-    f32[M, N] output with Triton atomic adds (the output starts as zeros
-    aliased to it), so the wrapper only slices and casts; with split_k == 1
-    the tile is stored directly in the dtype of x (no f32 pass at all).
-Accumulation is f32; atomic adds make the order of the splits' sum (and so
-the last bits of y) vary from run to run on the GPU.
+(`split_k`): each program writes an f32 partial tile to f32[split_k, M, N]
+and the wrapper sums them, applies the per-channel scale and casts (three
+XLA ops after the kernel). Accumulation is f32. (Summing the splits with
+Triton atomic adds in the kernel was measured no faster and removed;
+BENCHMARKS.md.)
 
 Backend: the Pallas Triton lowering (interpret mode on the CPU). Not
 supported: group scales, bits other than 4.
@@ -32,20 +27,15 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
-from pallas_kernels import int4_matmul as int4_lib
-from quarot_jax import compat
+from pallas_kernels import compat
+from pallas_kernels import int4_layout
+from pallas_kernels import padding
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class W4A16MatmulConfig:
-  """Tile sizes (block_k counts packed bytes) and the K-split reduction.
-
-  reduction: 'partials' (f32 partial tiles summed by the wrapper) or
-  'atomic' (scaled tiles atomically added in the kernel); see the module
-  docstring.
-  """
+  """Tile sizes (block_k counts packed bytes) and the K split."""
 
   block_m: int = 16
   block_n: int = 64
@@ -53,14 +43,15 @@ class W4A16MatmulConfig:
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 4
-  reduction: Literal["partials", "atomic"] = "partials"
 
   def __post_init__(self):
-    if self.reduction not in ("partials", "atomic"):
-      raise ValueError(f"reduction={self.reduction!r} must be 'partials' or"
-                       " 'atomic'")
     if self.split_k < 1:
       raise ValueError(f"split_k={self.split_k} must be at least 1")
+
+
+def can_use_w4a16_matmul() -> bool:
+  """True where the Pallas kernel compiles (a GPU backend)."""
+  return jax.default_backend() == "gpu"
 
 
 def _dot_over_k(xe_ref, xo_ref, w_ref, shape: tuple[int, int], *,
@@ -70,7 +61,7 @@ def _dot_over_k(xe_ref, xo_ref, w_ref, shape: tuple[int, int], *,
 
   def body(step, acc):
     cols = pl.ds(pl.multiple_of(step * block_k, block_k), block_k)
-    w_lo, w_hi = int4_lib._nibbles(w_ref[:, cols])  # pylint: disable=protected-access
+    w_lo, w_hi = int4_layout.signed_nibbles(w_ref[:, cols])
     dt = xe_ref.dtype
     acc += jax.lax.dot_general(xe_ref[:, cols], w_lo.astype(dt), nt,
                                preferred_element_type=jnp.float32)
@@ -83,27 +74,11 @@ def _dot_over_k(xe_ref, xo_ref, w_ref, shape: tuple[int, int], *,
 
 def w4a16_matmul_kernel(xe_ref, xo_ref, w_ref, o_ref, *, block_k: int,
                         k_steps: int):
-  """reduction='partials': one f32 partial tile over this split's K range."""
+  """One f32 partial tile over this split's K range."""
   # xe_ref, xo_ref: bf16[block_m, K // (2 * split_k)] (even / odd x columns)
   # w_ref: int8[block_n, K // (2 * split_k)]; o_ref: f32[1, bm, bn]
   o_ref[...] = _dot_over_k(xe_ref, xo_ref, w_ref, o_ref.shape[1:],
                            block_k=block_k, k_steps=k_steps)[None]
-
-
-def w4a16_matmul_atomic_kernel(xe_ref, xo_ref, w_ref, sw_ref, *refs,
-                               block_k: int, k_steps: int, split_k: int):
-  """reduction='atomic': adds this split's scaled tile into the output."""
-  # xe_ref, xo_ref: bf16[block_m, K // (2 * split_k)] (even / odd x columns)
-  # w_ref: int8[block_n, K // (2 * split_k)]; sw_ref: f32[block_n]
-  # split_k == 1: refs = (o_ref [bm, bn] in the dtype of x,);
-  # else refs = (zeros_ref, o_ref), both f32[bm, bn], aliased (o starts 0).
-  o_ref = refs[-1]
-  y = _dot_over_k(xe_ref, xo_ref, w_ref, o_ref.shape, block_k=block_k,
-                  k_steps=k_steps) * sw_ref[...][None, :]
-  if split_k == 1:
-    o_ref[...] = y.astype(o_ref.dtype)
-  else:
-    pl_triton.atomic_add(o_ref, (slice(None), slice(None)), y)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -119,11 +94,11 @@ def w4a16_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array, *,
     x: bf16[M, K] (or f16/f32) activations.
     w_q: uint8[N, K // 2] packed int4 weights.
     s_w: f32[N] scales.
-    config: tiles, split_k and the K-split `reduction`.
+    config: tiles and split_k.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     debug: print the kernel's jaxpr.
-    implementation: 'pallas', 'xla' (the reference) or None (pallas on GPU
-      or when interpret=True, else the reference).
+    implementation: 'pallas', 'xla' (the reference) or None (pallas on a
+      GPU or when interpret=True, else the reference; logged).
 
   Returns:
     y: [M, N] in the dtype of x.
@@ -140,13 +115,13 @@ def w4a16_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array, *,
   if s_w.shape != (n,):
     raise ValueError(f"s_w must be [N]=[{n}], got {s_w.shape}")
   if implementation is None:
-    implementation = ("pallas" if interpret or int4_lib.can_use_int4_matmul()
+    implementation = ("pallas" if interpret or can_use_w4a16_matmul()
                       else "xla")
     logging.info("w4a16_matmul: using %s", implementation)
   if implementation == "xla":
     return w4a16_matmul_reference(x, w_q, s_w)
   cfg = config or W4A16MatmulConfig()
-  pad = int4_lib.pad_to
+  pad = padding.pad_to
   k_multiple = cfg.block_k * cfg.split_k
   xe = pad(pad(x[:, 0::2], 0, cfg.block_m), 1, k_multiple)
   xo = pad(pad(x[:, 1::2], 0, cfg.block_m), 1, k_multiple)
@@ -167,40 +142,31 @@ def w4a16_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array, *,
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="w4a16_matmul")
-  if cfg.reduction == "partials":
-    partial = call(
-        functools.partial(w4a16_matmul_kernel, block_k=cfg.block_k,
-                          k_steps=k_steps),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((1, cfg.block_m, cfg.block_n),
-                               lambda s, i, j: (s, i, j)),
-        out_shape=jax.ShapeDtypeStruct((cfg.split_k, mp, np_), jnp.float32),
-    )(xe, xo, wi)
-    y = partial.sum(axis=0)[:m, :n] * s_w.astype(jnp.float32)[None, :]
-    return y.astype(x.dtype)
-  # reduction == "atomic": every split adds into the same output tile.
-  sw = pad(s_w.astype(jnp.float32), 0, cfg.block_n)
-  tile = pl.BlockSpec((cfg.block_m, cfg.block_n), lambda s, i, j: (i, j))
-  in_specs.append(pl.BlockSpec((cfg.block_n,), lambda s, i, j: (j,)))
-  kernel = functools.partial(w4a16_matmul_atomic_kernel, block_k=cfg.block_k,
-                             k_steps=k_steps, split_k=cfg.split_k)
-  if cfg.split_k == 1:
-    y = call(kernel, in_specs=in_specs, out_specs=tile,
-             out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
-             )(xe, xo, wi, sw)
-  else:
-    y = call(kernel, in_specs=[*in_specs, tile], out_specs=tile,
-             out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
-             input_output_aliases={4: 0},
-             )(xe, xo, wi, sw, jnp.zeros((mp, np_), jnp.float32))
-  return y[:m, :n].astype(x.dtype)
+  partial = call(
+      functools.partial(w4a16_matmul_kernel, block_k=cfg.block_k,
+                        k_steps=k_steps),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((1, cfg.block_m, cfg.block_n),
+                             lambda s, i, j: (s, i, j)),
+      out_shape=jax.ShapeDtypeStruct((cfg.split_k, mp, np_), jnp.float32),
+  )(xe, xo, wi)
+  y = partial.sum(axis=0)[:m, :n] * s_w.astype(jnp.float32)[None, :]
+  return y.astype(x.dtype)
 
 
 def w4a16_matmul_reference(x: jax.Array, w_q: jax.Array,
                            s_w: jax.Array) -> jax.Array:
-  """Plain-jnp `w4a16_matmul`: dequantize w in f32, then x · wᵀ."""
-  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
-  w = quant.unpack_int4(w_q, signed=True).astype(jnp.float32)
+  """Plain-jnp `w4a16_matmul`: dequantize w in f32, then x · wᵀ.
+
+  Args:
+    x: [M, K] activations.
+    w_q: uint8[N, K // 2] packed int4 weights.
+    s_w: f32[N] scales.
+
+  Returns:
+    y: [M, N] in the dtype of x.
+  """
+  w = int4_layout.unpack_int4(w_q, signed=True).astype(jnp.float32)
   y = jnp.dot(x.astype(jnp.float32), (w * s_w[:, None]).T,
               precision=jax.lax.Precision.HIGHEST)
   return y.astype(x.dtype)

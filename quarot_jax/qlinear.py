@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import hadamard_quant as hq_lib
-from pallas_kernels import int4_matmul as w4a4_lib
-from pallas_kernels import int4_matmul_mgpu as mgpu_lib
 from pallas_kernels import w4a16_matmul as w4a16_lib
+from pallas_kernels.w4a4_matmul import api as w4a4_lib
+from pallas_kernels.w4a4_matmul import mosaic_gpu as mgpu_lib
 from quarot_jax import hadamard
 from quarot_jax import quant
 
@@ -194,13 +194,21 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
           f" token; got {a_spec}")
     mm_impl["implementation"] = w4a4_kernel(**mm_impl)
     x_q, s_x = hq_lib.hadamard_quant(
-        x2, hadamard=online_hadamard, clip_ratio=a_spec.clip_ratio,
+        x2, hadamard_base(k) if online_hadamard else None,
+        clip_ratio=a_spec.clip_ratio,
         packed=mm_impl["implementation"] != "mosaic", **impl)
     y = w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],
                     out_dtype=x.dtype, **mm_impl)
   if "bias" in p:
     y = y + p["bias"].astype(y.dtype)
   return y.reshape(*lead, y.shape[-1])
+
+
+def hadamard_base(k: int) -> jax.Array:
+  """f32[m, m]: the base B_m of H_K = kron(S_{K/m}, B_m) that
+  `hadamard_quant` takes (m from `hadamard.factorize(K)`)."""
+  _, m = hadamard.factorize(k)
+  return jnp.asarray(hadamard.hadamard_matrix(m))
 
 
 def w4a4_kernel(implementation: str | None = None,
@@ -214,7 +222,7 @@ def w4a4_kernel(implementation: str | None = None,
   if implementation not in (None, "pallas", "mosaic", "triton", "xla"):
     raise ValueError(f"unknown W4A4 matmul implementation {implementation!r}")
   if implementation in (None, "pallas") and not interpret and (
-      mgpu_lib.can_use_int4_matmul_mgpu()):
+      mgpu_lib.can_use_w4a4_mosaic()):
     return "mosaic"
   return implementation
 
@@ -247,14 +255,9 @@ def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
     ValueError: an unknown implementation.
   """
   implementation = w4a4_kernel(implementation, interpret)
-  if implementation == "mosaic":
-    return mgpu_lib.int4_matmul_mgpu(x_q, w_q, s_x, s_w, out_dtype=out_dtype,
-                                     implementation="pallas")
-  if x_q.dtype == jnp.int8:
-    x_q = quant.pack_int4(x_q)
-  if implementation == "triton":
-    implementation = "pallas"
-  return w4a4_lib.int4_matmul(x_q, w_q, s_x, s_w, out_dtype=out_dtype,
+  if implementation == "pallas":
+    implementation = "triton"
+  return w4a4_lib.w4a4_matmul(x_q, w_q, s_x, s_w, out_dtype=out_dtype,
                               implementation=implementation,
                               interpret=interpret)
 

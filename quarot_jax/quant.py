@@ -16,23 +16,24 @@ Number format (follows spcl/QuaRot `fake_quant/quant_utils.py`):
   (min/max include 0, as in the reference; a group of zeros gets scale 1.)
   Rounding is round-half-to-even (jnp.round, like torch.round).
 
-int4 packing (THE one layout, cited by every kernel in pallas_kernels/):
-  two 4-bit values per uint8 byte along the LAST axis. Byte j holds element
-  2j in its LOW nibble (bits 0-3) and element 2j+1 in its HIGH nibble
-  (bits 4-7):  byte[..., j] = (v[..., 2j] & 0xF) | (v[..., 2j+1] & 0xF) << 4.
-  Symmetric values are signed two's-complement nibbles in [-8, 7] (so
-  [1, -2] packs to 0xE1); asymmetric values are unsigned codes in [0, 15]
-  (nibble = code). int[..., K] packs to uint8[..., K // 2]; K must be even.
-  Packed weights are uint8[N_out, K_in // 2] (K-major, as Hopper's 8-bit
-  wgmma wants both operands).
+int4 packing: the kernels own it (`pallas_kernels/int4_layout.py`: two
+4-bit values per byte along the LAST axis, element 2j in the LOW nibble);
+`pack_int4`/`unpack_int4` here are that module's. Symmetric codes pack as
+signed nibbles, asymmetric ones as unsigned; packed weights are
+uint8[N_out, K_in // 2] (K-major).
 """
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import int4_layout
+
+# The packed layout of the kernels (re-exported: `quant.pack_int4`).
+pack_int4 = int4_layout.pack_int4
+unpack_int4 = int4_layout.unpack_int4
 
 # MSE clip search of GPTQ/QuaRot `find_params(..., mse=True)`.
 MSE_NORM = 2.4
@@ -93,7 +94,7 @@ class QArray:
 
   Attributes:
     values: int8[..., K] codes (uint8 for 8-bit asymmetric), or
-      uint8[..., K // 2] when `packed` (layout in the module docstring).
+      uint8[..., K // 2] when `packed` (`pallas_kernels/int4_layout.py`).
     scale: f32[..., K // group_size] per-group scales.
     zero: f32[..., K // group_size] zero points (integers), or None when
       symmetric.
@@ -306,84 +307,9 @@ def kv_spec(bits: int, *, group_size: int | None = None,
                    clip_ratio=clip_ratio)
 
 
-def quantize_activation(x: jax.Array, spec: QuantSpec) -> QArray:
-  """Quantizes activations per token (one group per row, or per group).
-
-  Args:
-    x: float[..., K], every leading index one token.
-    spec: usually `activation_spec(bits)` (symmetric, clip 0.9).
-
-  Returns:
-    A `QArray` with values [..., K] and scales [..., K // group].
-
-  Raises:
-    ValueError: bits == 16, or group_size does not divide K.
-  """
-  return quantize(x, spec)
-
-
-def quantize_kv(x: jax.Array, spec: QuantSpec) -> QArray:
-  """Quantizes keys or values per (token, head, group) of the head dim.
-
-  Args:
-    x: float[..., H], e.g. [B, S, K, H]; each head vector is quantized on
-      its own (group_size None = one group per head).
-    spec: usually `kv_spec(bits)` (asymmetric, clip 0.95).
-
-  Returns:
-    A `QArray` with values [..., H] and scales/zeros [..., H // group].
-
-  Raises:
-    ValueError: bits == 16, or group_size does not divide H.
-  """
-  return quantize(x, spec)
-
-
-@jax.jit
-def pack_int4(values: jax.Array) -> jax.Array:
-  """Packs 4-bit codes two per byte (layout in the module docstring).
-
-  Args:
-    values: int[..., K], signed in [-8, 7] or unsigned in [0, 15].
-
-  Returns:
-    uint8[..., K // 2]; byte j = low nibble element 2j, high nibble 2j+1.
-
-  Raises:
-    ValueError: K is odd.
-  """
-  k = values.shape[-1]
-  if k % 2:
-    raise ValueError(f"the last axis K={k} must be even to pack int4")
-  v = values.astype(jnp.int32) & 0xF
-  # [..., K // 2, 2]
-  v = v.reshape(*values.shape[:-1], k // 2, 2)
-  return (v[..., 0] | (v[..., 1] << 4)).astype(jnp.uint8)
-
-
-@functools.partial(jax.jit, static_argnames="signed")
-def unpack_int4(packed: jax.Array, *, signed: bool) -> jax.Array:
-  """Inverse of `pack_int4`.
-
-  Args:
-    packed: uint8[..., K // 2].
-    signed: read nibbles as two's complement [-8, 7] (else [0, 15]).
-
-  Returns:
-    int8[..., K].
-  """
-  p = packed.astype(jnp.int32)
-  lo, hi = p & 0xF, (p >> 4) & 0xF
-  # [..., K // 2, 2] -> [..., K]
-  v = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1],
-                                            packed.shape[-1] * 2)
-  if signed:
-    v = jnp.where(v >= 8, v - 16, v)
-  return v.astype(jnp.int8)
-
-
 def pack(q: QArray) -> QArray:
-  """The same `QArray` with int4-packed values (no-op if packed).
+  """The same `QArray` with int4-packed values (no-op if packed; layout of
+  `pallas_kernels/int4_layout.py`).
 
   Raises:
     NotImplementedError: bits != 4.
@@ -403,7 +329,3 @@ def unpack(q: QArray) -> QArray:
   return dataclasses.replace(
       q, values=unpack_int4(q.values, signed=q.symmetric), packed=False)
 
-
-def describe(spec: Any) -> dict | None:
-  """A JSON-serializable dict of a spec (None stays None)."""
-  return None if spec is None else dataclasses.asdict(spec)

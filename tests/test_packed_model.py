@@ -113,7 +113,8 @@ def test_packed_forward_runs_every_kernel_in_interpret_mode():
       want = (prefill, decode)
   jaxpr = str(jax.make_jaxpr(lambda p: model.forward(
       p, tokens[:, 3:], config, cache=cache, options=pallas)[0])(real))
-  for name in ("hadamard_quant", "int4_matmul", "kv4_decode_attention"):
+  for name in ("hadamard_quant", "w4a4_matmul_triton",
+               "kv4_decode_attention"):
     assert name in jaxpr, name
   assert _rel(prefill, want[0]) < 1e-4
   assert _rel(decode, want[1]) < 1e-4
@@ -129,7 +130,7 @@ def test_packed_forward_on_gpu_uses_mosaic_matmul_and_matches_reference():
   fwd = jax.jit(lambda p, opts: model.forward(p, tokens, config,
                                               options=opts)[0],
                 static_argnames="opts")
-  assert "int4_matmul_mgpu" in fwd.lower(real, options).as_text()
+  assert "w4a4_matmul_mosaic" in fwd.lower(real, options).as_text()
   assert _rel(fwd(real, options), fwd(real, ref)) < 1e-4
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import int4_layout
 from quarot_jax import quant
 
 
@@ -59,30 +60,10 @@ def test_asymmetric_range_includes_zero():
   np.testing.assert_array_equal(q.values, [[5, 15, 11, 15]])
 
 
-def test_pack_layout_low_nibble_is_even_index():
-  # 1 -> 0x1 in the low nibble, -2 -> 0xE in the high nibble: 0xE1;
-  # 7 -> 0x7 low, -8 -> 0x8 high: 0x87.
-  packed = quant.pack_int4(jnp.array([[1, -2, 7, -8]], jnp.int8))
-  assert packed.dtype == jnp.uint8
-  np.testing.assert_array_equal(packed, [[0xE1, 0x87]])
-  np.testing.assert_array_equal(quant.unpack_int4(packed, signed=True),
-                                [[1, -2, 7, -8]])
-  # Unsigned codes: 3 low, 12 high -> 0xC3.
-  np.testing.assert_array_equal(
-      quant.pack_int4(jnp.array([3, 12], jnp.int8)), [0xC3])
-  np.testing.assert_array_equal(
-      quant.unpack_int4(jnp.array([0xC3], jnp.uint8), signed=False), [3, 12])
-
-
-@pytest.mark.parametrize("signed", [True, False])
-def test_pack_round_trip_all_codes(signed):
-  rng = np.random.default_rng(0)
-  lo, hi = (-8, 7) if signed else (0, 15)
-  codes = jnp.asarray(rng.integers(lo, hi + 1, size=(3, 5, 64)), jnp.int8)
-  packed = quant.pack_int4(codes)
-  assert packed.shape == (3, 5, 32)
-  np.testing.assert_array_equal(quant.unpack_int4(packed, signed=signed),
-                                codes)
+def test_pack_is_the_kernels_layout():
+  # The layout itself is tested in tests/pallas_kernels/test_int4_layout.py.
+  assert quant.pack_int4 is int4_layout.pack_int4
+  assert quant.unpack_int4 is int4_layout.unpack_int4
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -205,20 +186,20 @@ def test_weight_layout_is_k_major():
                              quant.fake_quant_weight(w, spec))
 
 
-def test_activation_and_kv_helpers():
+def test_activation_and_kv_specs():
   x = _x((2, 3, 64))  # [B, T, D]
-  a = quant.quantize_activation(x, quant.activation_spec(4))
+  a = quant.quantize(x, quant.activation_spec(4))
   assert a.scale.shape == (2, 3, 1) and a.symmetric
   xn = np.asarray(x)
   np.testing.assert_allclose(
       a.scale[..., 0], 0.9 * np.abs(xn).max(-1) / 7, rtol=1e-6)
   kv = _x((2, 5, 4, 32))  # [B, S, K, H]
-  k = quant.quantize_kv(kv, quant.kv_spec(4))
+  k = quant.quantize(kv, quant.kv_spec(4))
   assert k.scale.shape == k.zero.shape == (2, 5, 4, 1) and not k.symmetric
   kvn = np.asarray(kv)
   span = np.maximum(kvn.max(-1), 0) - np.minimum(kvn.min(-1), 0)
   np.testing.assert_allclose(k.scale[..., 0], 0.95 * span / 15, rtol=1e-6)
-  k2 = quant.quantize_kv(kv, quant.kv_spec(4, group_size=16))
+  k2 = quant.quantize(kv, quant.kv_spec(4, group_size=16))
   assert k2.scale.shape == (2, 5, 4, 2)
 
 

@@ -161,8 +161,8 @@ def _stage_times(qparams: Any, config: LlamaConfig, m: int) -> dict:
   times = {}
   # The activation format the model's matmul takes (int8 codes for Mosaic).
   packed = qlinear.w4a4_kernel() != "mosaic"
-  quant = jax.jit(lambda x, had: hq_lib.hadamard_quant(x, hadamard=had,
-                                                       packed=packed),
+  quant = jax.jit(lambda x, had: hq_lib.hadamard_quant(
+      x, qlinear.hadamard_base(x.shape[-1]) if had else None, packed=packed),
                   static_argnames="had")
   for name, width, had in (("quantize_qkv_in", d, False),
                            ("hadamard_quantize_o_in", nh, True),

@@ -15,6 +15,12 @@ def _x(m, k, dtype=jnp.float32, seed=0):
   return jax.random.normal(jax.random.key(seed), (m, k)).astype(dtype)
 
 
+def _base(k):
+  """The Hadamard base of H_K, built by the library (as qlinear does)."""
+  _, m = hadamard.factorize(k)
+  return jnp.asarray(hadamard.hadamard_matrix(m))
+
+
 def _assert_quantized_like(got, want, packed, interpret, scale_rtol=0.0):
   """(codes, scales) equal to the reference's: exactly in interpret mode
   (scales to `scale_rtol`, the rounding of a sum in another order).
@@ -44,9 +50,9 @@ def _assert_quantized_like(got, want, packed, interpret, scale_rtol=0.0):
 @pytest.mark.parametrize("use_hadamard", [True, False])
 def test_kernel_matches_reference(k, use_hadamard, interpret):
   x = _x(5, k, seed=k)
-  got_q, got_s = hq.hadamard_quant(x, hadamard=use_hadamard,
-                                   interpret=interpret)
-  want_q, want_s = hq.hadamard_quant_reference(x, hadamard=use_hadamard)
+  base = _base(k) if use_hadamard else None
+  got_q, got_s = hq.hadamard_quant(x, base, interpret=interpret)
+  want_q, want_s = hq.hadamard_quant_reference(x, base)
   assert got_q.shape == (5, k // 2) and got_q.dtype == jnp.uint8
   # f32 rounding of a K-term sum in another order: ~ulp * sqrt(K).
   np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s),
@@ -59,15 +65,12 @@ def test_kernel_matches_reference(k, use_hadamard, interpret):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_16_bit_inputs_and_signs_and_leading_dims(dtype, interpret):
+def test_16_bit_inputs_and_leading_dims(dtype, interpret):
   k = 576
   x = _x(6, k, dtype, seed=3).reshape(2, 3, k)
-  signs = jnp.where(jax.random.bernoulli(jax.random.key(4), 0.5, (k,)), 1.0,
-                    -1.0)
-  got_q, got_s = hq.hadamard_quant(x, signs=signs, clip_ratio=0.8,
+  got_q, got_s = hq.hadamard_quant(x, _base(k), clip_ratio=0.8,
                                    interpret=interpret)
-  want_q, want_s = hq.hadamard_quant_reference(x, signs=signs,
-                                               clip_ratio=0.8)
+  want_q, want_s = hq.hadamard_quant_reference(x, _base(k), clip_ratio=0.8)
   assert got_q.shape == (2, 3, k // 2) and got_s.shape == (2, 3)
   np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s),
                              rtol=1.2e-7 * np.sqrt(k))
@@ -78,10 +81,10 @@ def test_16_bit_inputs_and_signs_and_leading_dims(dtype, interpret):
 @pytest.mark.parametrize("use_hadamard", [True, False])
 def test_unpacked_output_is_the_packed_codes(k, use_hadamard, interpret):
   x = _x(5, k, jnp.bfloat16, seed=k + 1)
-  got_q, got_s = hq.hadamard_quant(x, hadamard=use_hadamard, packed=False,
+  base = _base(k) if use_hadamard else None
+  got_q, got_s = hq.hadamard_quant(x, base, packed=False,
                                    interpret=interpret)
-  packed_q, packed_s = hq.hadamard_quant(x, hadamard=use_hadamard,
-                                         interpret=interpret)
+  packed_q, packed_s = hq.hadamard_quant(x, base, interpret=interpret)
   assert got_q.shape == (5, k) and got_q.dtype == jnp.int8
   assert int(jnp.abs(got_q.astype(jnp.int32)).max()) > 1  # not all zeros
   # The same transform, scales and codes, only one per byte.
@@ -90,7 +93,7 @@ def test_unpacked_output_is_the_packed_codes(k, use_hadamard, interpret):
       np.asarray(got_q), np.asarray(quant.unpack_int4(packed_q, signed=True)))
   _assert_quantized_like(
       (got_q, got_s),
-      hq.hadamard_quant_reference(x, hadamard=use_hadamard, packed=False),
+      hq.hadamard_quant_reference(x, base, packed=False),
       packed=False, interpret=interpret,
       scale_rtol=1.2e-7 * np.sqrt(k) if use_hadamard else 0.0)
 
@@ -102,9 +105,9 @@ def test_several_rows_per_program(m, per_program, packed, interpret):
   k = 576
   x = _x(m, k, jnp.bfloat16, seed=m)
   cfg = hq.HadamardQuantConfig(rows_per_program=per_program)
-  got_q, got_s = hq.hadamard_quant(x, packed=packed, config=cfg,
+  got_q, got_s = hq.hadamard_quant(x, _base(k), packed=packed, config=cfg,
                                    interpret=interpret)
-  want_q, want_s = hq.hadamard_quant_reference(x, packed=packed)
+  want_q, want_s = hq.hadamard_quant_reference(x, _base(k), packed=packed)
   np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s),
                              rtol=1.2e-7 * np.sqrt(k))
   np.testing.assert_array_equal(np.asarray(got_q), np.asarray(want_q))
@@ -120,16 +123,11 @@ def test_quantize_only_several_rows_per_program(m, block_elements, packed,
   # 4, M=7 one), 1024 one.
   k = 688
   x = _x(m, k, jnp.bfloat16, seed=m + 50)
-  signs = jnp.where(jax.random.bernoulli(jax.random.key(m), 0.5, (k,)), 1.0,
-                    -1.0)
   cfg = hq.HadamardQuantConfig(block_elements=block_elements)
-  got_q, got_s = hq.hadamard_quant(x, hadamard=False, signs=signs,
-                                   packed=packed, config=cfg,
+  got_q, got_s = hq.hadamard_quant(x, packed=packed, config=cfg,
                                    interpret=interpret)
   _assert_quantized_like(
-      (got_q, got_s),
-      hq.hadamard_quant_reference(x, hadamard=False, signs=signs,
-                                  packed=packed),
+      (got_q, got_s), hq.hadamard_quant_reference(x, packed=packed),
       packed=packed, interpret=interpret)
   # Per-row scales: rows that share a program still differ (two bf16 rows
   # may share an absmax, so not necessarily all of them).
@@ -149,18 +147,40 @@ def test_reference_by_hand():
   # codes = round(y) = [7, 2, -3, 0] (ties to even); bytes 7 | 2 << 4 = 0x27
   # and (-3 & 0xF) | 0 << 4 = 0x0D.
   q, s = hq.hadamard_quant_reference(jnp.array([[3.5, 0.5, 6.0, 4.0]]),
-                                     clip_ratio=1.0)
+                                     jnp.ones((1, 1)), clip_ratio=1.0)
   np.testing.assert_array_equal(np.asarray(s), [1.0])
   np.testing.assert_array_equal(np.asarray(q), [[0x27, 0x0D]])
   # Without the transform, x = y gives the same codes.
   q, s = hq.hadamard_quant_reference(jnp.array([[7.0, 2.5, -3.0, 0.5]]),
-                                     hadamard=False, clip_ratio=1.0)
+                                     clip_ratio=1.0)
   np.testing.assert_array_equal(np.asarray(q), [[0x27, 0x0D]])
+
+
+# Powers of two and the bases 12, 36, 172, 20.
+@pytest.mark.parametrize("k", [64, 1536, 576, 688, 1280])
+@pytest.mark.parametrize("clip_ratio", [0.9, 1.0])
+def test_reference_is_the_library_quantizer_exactly(k, clip_ratio):
+  # The library's Hadamard transform and QuaRot activation quantizer,
+  # computed independently in quarot_jax: the same codes and scales.
+  x = _x(4, k, seed=k + 7)
+  q, s = hq.hadamard_quant_reference(x, _base(k), clip_ratio=clip_ratio,
+                                     packed=False)
+  want = quant.quantize(hadamard.fast_hadamard_transform(x),
+                        quant.activation_spec(4, clip_ratio=clip_ratio))
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(want.values))
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(want.scale[:, 0]))
+
+
+def test_sylvester_is_the_library_one():
+  for n in (1, 2, 8, 64):
+    np.testing.assert_array_equal(hq.sylvester(n), hadamard.sylvester(n))
+  with pytest.raises(ValueError, match="n=6 must be a power of two"):
+    hq.sylvester(6)
 
 
 def test_reference_is_quantized_transform():
   x = _x(3, 1536, seed=9)
-  q, s = hq.hadamard_quant_reference(x)
+  q, s = hq.hadamard_quant_reference(x, _base(1536))
   y = x @ jnp.asarray(hadamard.hadamard_matrix(1536)) / np.sqrt(1536)
   deq = quant.unpack_int4(q, signed=True) * s[:, None]
   # Each value is within half a step of its scale (or clipped at 0.9 max).
@@ -177,8 +197,23 @@ def test_round_half_even_matches_jnp_round():
 def test_pallas_call_is_in_the_jaxpr():
   x = _x(2, 576)
   jaxpr = str(jax.make_jaxpr(lambda x: hq.hadamard_quant(
-      x, implementation="pallas", interpret=True))(x))
+      x, _base(576), implementation="pallas", interpret=True))(x))
   assert "pallas_call" in jaxpr and "hadamard_quant" in jaxpr
+
+
+def test_rows_the_kernel_does_not_take_run_the_reference():
+  # K = 64 is too short for the two-factor split (a = 1 < 16), so 'pallas'
+  # (outside interpret mode) runs the reference, with no kernel.
+  assert not hq.kernel_takes(64, 1) and hq.kernel_takes(576, 36)
+  assert hq.kernel_takes(64, None) and not hq.kernel_takes(63, None)
+  x = _x(2, 64)
+  jaxpr = str(jax.make_jaxpr(lambda x: hq.hadamard_quant(
+      x, _base(64), implementation="pallas"))(x))
+  assert "pallas_call" not in jaxpr
+  got = hq.hadamard_quant(x, _base(64), implementation="pallas")
+  want = hq.hadamard_quant_reference(x, _base(64))
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_errors():
@@ -188,19 +223,23 @@ def test_errors():
     hq.hadamard_quant(_x(2, 63))
   with pytest.raises(ValueError, match="clip_ratio=1.5 must be in"):
     hq.hadamard_quant(_x(2, 64), clip_ratio=1.5)
-  with pytest.raises(ValueError, match="no Hadamard matrix of order K=18"):
-    hq.hadamard_quant(_x(2, 18))
-  with pytest.raises(ValueError, match=r"signs must be \[K\]=\[64\]"):
-    hq.hadamard_quant(_x(2, 64), signs=jnp.ones((32,)))
+  with pytest.raises(ValueError, match="order m=12 gives no H_K for K=36"):
+    hq.hadamard_quant(_x(2, 36), jnp.ones((12, 12)))  # 36 / 12 = 3
+  with pytest.raises(ValueError, match="order m=12 gives no H_K for K=18"):
+    hq.hadamard_quant_reference(_x(2, 18), jnp.ones((12, 12)))
+  with pytest.raises(ValueError, match=r"square \[m, m\] matrix, got"
+                     r" \(4, 2\)"):
+    hq.hadamard_quant(_x(2, 64), jnp.ones((4, 2)))
 
 
 @pytest.mark.gpu
 def test_gpu_lowers_to_the_named_kernel_and_matches():
   x = _x(300, 11008, jnp.bfloat16, seed=1)
-  hlo = jax.jit(lambda x: hq.hadamard_quant(x)).lower(x).as_text()
+  base = _base(11008)
+  hlo = jax.jit(hq.hadamard_quant).lower(x, base).as_text()
   assert "hadamard_quant" in hlo
-  got_q, got_s = hq.hadamard_quant(x)
-  want_q, want_s = hq.hadamard_quant_reference(x)
+  got_q, got_s = hq.hadamard_quant(x, base)
+  want_q, want_s = hq.hadamard_quant_reference(x, base)
   np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s),
                              rtol=1e-4)
   diff = np.abs(np.asarray(quant.unpack_int4(got_q, signed=True), np.int32)

@@ -171,13 +171,63 @@ def test_reference_hand_worked():
   np.testing.assert_array_equal(out, np.zeros((1, 2, 2)))
 
 
-def test_xla_implementation_is_the_reference():
-  q, k, v = _case(2, 20, 2, 2, 64, seed=3)
-  start, end = jnp.array([0, 4], jnp.int32), jnp.int32(20)
-  got = attn.kv4_decode_attention(q, k, v, start, end, implementation="xla")
-  want = attn.kv4_decode_attention_reference(q, k, v, start, end)
-  np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                np.asarray(want, np.float32))
+def _attention_f64(q, k, v, start, end):
+  """Decode attention written out in numpy f64, independent of the kernel
+  module: unpack the nibbles, (code - zero) * scale, softmax over
+  start <= s < end (0 for an empty range), query head n reads kv head
+  n // G."""
+  q = np.asarray(q, np.float64)
+  b, n, h = q.shape
+
+  def dequantize(c):  # codes [B, K, S, H // 2] -> [B, K, S, H]
+    codes = np.asarray(c.codes).astype(np.int64)
+    values = np.stack([codes & 0xF, codes >> 4], axis=-1).reshape(
+        codes.shape[:3] + (h,))
+    zero = np.asarray(c.zero, np.float64)[..., None]
+    return (values - zero) * np.asarray(c.scale, np.float64)[..., None]
+
+  keys, values = dequantize(k), dequantize(v)
+  g = n // keys.shape[1]
+  end = np.broadcast_to(np.asarray(end), (b,))
+  out = np.zeros((b, n, h))
+  for i in range(b):
+    lo, hi = int(start[i]), int(end[i])
+    if lo >= hi:
+      continue
+    for j in range(n):
+      kk, vv = keys[i, j // g, lo:hi], values[i, j // g, lo:hi]
+      s = kk @ q[i, j] / np.sqrt(h)
+      p = np.exp(s - s.max())
+      out[i, j] = p @ vv / p.sum()
+  return out
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_reference_is_attention_over_the_dequantized_cache(g):
+  q, k, v = _case(3, 40, 2, g, 64, seed=3, dtype=jnp.float32)
+  start = jnp.array([0, 4, 30], jnp.int32)
+  end = jnp.array([40, 17, 30], jnp.int32)  # row 2 is empty
+  got = np.asarray(attn.kv4_decode_attention_reference(q, k, v, start, end))
+  want = _attention_f64(q, k, v, start, end)
+  np.testing.assert_array_equal(got[2], 0.0)
+  np.testing.assert_allclose(got, want, rtol=0,
+                             atol=1e-5 * np.abs(want).max())
+
+
+def test_implementation_choice_off_the_kernel():
+  # 'xla', and 'pallas' outside interpret mode for a head dim the kernel
+  # does not take (H / 2 = 48 is no power of two), run the jnp reference:
+  # no pallas_call, and the attention it stands for.
+  for h, implementation in ((64, "xla"), (96, "pallas")):
+    q, k, v = _case(2, 20, 2, 2, h, seed=3, dtype=jnp.float32)
+    start, end = jnp.array([0, 4], jnp.int32), jnp.int32(20)
+    run = lambda *a, impl=implementation: attn.kv4_decode_attention(
+        *a, implementation=impl)
+    assert "pallas_call" not in str(jax.make_jaxpr(run)(q, k, v, start, end))
+    want = _attention_f64(q, k, v, start, end)
+    np.testing.assert_allclose(np.asarray(run(q, k, v, start, end)), want,
+                               rtol=0, atol=1e-5 * np.abs(want).max())
+  assert attn.kernel_takes(64) and not attn.kernel_takes(96)
 
 
 def test_bf16_baseline_is_attention_over_the_float_cache():

@@ -1,18 +1,13 @@
-"""w4a16_matmul's K-split reductions ('partials', 'atomic') vs the reference.
-
-The older W4A16 tests (hand-worked reference, errors, GPU lowering) live in
-test_int4_matmul.py.
-"""
+"""w4a16_matmul (Pallas Triton, interpret mode on the CPU) against its
+reference, the reference by hand, and the errors."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import int4_layout
 from pallas_kernels import w4a16_matmul as w4a16
-from quarot_jax import quant
-
-_REDUCTIONS = ("partials", "atomic")
 
 
 def _operands(m, n, k, dtype, seed):
@@ -22,14 +17,14 @@ def _operands(m, n, k, dtype, seed):
   w = jax.random.randint(kw, (n, k), -8, 8, jnp.int32).astype(jnp.int8)
   # Scales in [0.5, 2): dropping or doubling them moves y far off.
   s_w = jax.random.uniform(ks, (n,), jnp.float32, 0.5, 2.0)
-  return x, quant.pack_int4(w), s_w
+  return x, int4_layout.pack_int4(w), s_w
 
 
-def _config(split_k, reduction):
+def _config(split_k):
   # block_k = 32 bytes = 64 K values, so K = 512 gives 2 steps per split
   # at split_k = 4.
   return w4a16.W4A16MatmulConfig(block_m=16, block_n=32, block_k=32,
-                                 split_k=split_k, reduction=reduction)
+                                 split_k=split_k)
 
 
 def _check(x, w_q, s_w, cfg, interpret):
@@ -44,40 +39,55 @@ def _check(x, w_q, s_w, cfg, interpret):
                              rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("reduction", _REDUCTIONS)
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_decode_m_matches_reference(m, split_k, reduction, interpret):
+def test_decode_m_matches_reference(m, split_k, interpret):
   x, w_q, s_w = _operands(m, 64, 512, jnp.float32, seed=m + 10 * split_k)
-  _check(x, w_q, s_w, _config(split_k, reduction), interpret)
+  _check(x, w_q, s_w, _config(split_k), interpret)
 
 
 # M, N and K all need padding: M 3 -> 16, N 100 -> 128, K / 2 = 192 bytes
 # -> a multiple of block_k * split_k (256 bytes at split_k 2 and 4).
 # bf16 at split_k 1 and 4 only, to keep the interpret-mode time down.
-@pytest.mark.parametrize("split_k, reduction, dtype", [
-    (s, r, d) for r in _REDUCTIONS for s, d in
-    [(1, jnp.float32), (2, jnp.float32), (4, jnp.float32),
-     (1, jnp.bfloat16), (4, jnp.bfloat16)]])
-def test_padded_shape_matches_reference(split_k, reduction, dtype, interpret):
+@pytest.mark.parametrize("split_k, dtype", [
+    (1, jnp.float32), (2, jnp.float32), (4, jnp.float32),
+    (1, jnp.bfloat16), (4, jnp.bfloat16)])
+def test_padded_shape_matches_reference(split_k, dtype, interpret):
   x, w_q, s_w = _operands(3, 100, 384, dtype, seed=split_k)
-  _check(x, w_q, s_w, _config(split_k, reduction), interpret)
+  _check(x, w_q, s_w, _config(split_k), interpret)
 
 
-@pytest.mark.parametrize("split_k, reduction, atomics", [
-    (1, "partials", False), (4, "partials", False),
-    (1, "atomic", False),  # One split: a plain store, in the dtype of x.
-    (4, "atomic", True)])
-def test_atomic_reduction_really_uses_atomics(split_k, reduction, atomics):
-  x, w_q, s_w = _operands(4, 64, 512, jnp.bfloat16, seed=0)
+def test_reference_hand_worked():
+  # w = [[3, 1, -1, 2]] * 0.5 = [[1.5, 0.5, -0.5, 1]];
+  # x = [[2, 4, 6, 8]] -> 3 + 2 - 3 + 8 = 10.
+  wq = int4_layout.pack_int4(jnp.array([[3, 1, -1, 2]], jnp.int8))
+  y = w4a16.w4a16_matmul_reference(jnp.array([[2.0, 4.0, 6.0, 8.0]]), wq,
+                                   jnp.array([0.5]))
+  np.testing.assert_array_equal(y, [[10.0]])
+
+
+def test_pallas_really_runs():
+  x, w_q, s_w = _operands(4, 32, 64, jnp.float32, seed=0)
   jaxpr = str(jax.make_jaxpr(lambda a: w4a16.w4a16_matmul(
-      a, w_q, s_w, config=_config(split_k, reduction), interpret=True))(x))
-  assert "pallas_call" in jaxpr
-  assert ("atomic_rmw" in jaxpr) == atomics
+      a, w_q, s_w, config=_config(1), interpret=True))(x))
+  assert "pallas_call" in jaxpr and "w4a16_matmul" in jaxpr
 
 
-def test_config_errors():
-  with pytest.raises(ValueError, match="reduction='tree' must be"):
-    w4a16.W4A16MatmulConfig(reduction="tree")
+def test_errors():
+  x, w_q, s_w = _operands(4, 32, 64, jnp.float32, seed=0)
+  with pytest.raises(ValueError, match="packs K=64"):
+    w4a16.w4a16_matmul(x[:, :32], w_q, s_w)
+  with pytest.raises(ValueError, match="w_q must be uint8"):
+    w4a16.w4a16_matmul(x, w_q.astype(jnp.int8), s_w)
+  with pytest.raises(ValueError, match=r"s_w must be \[N\]=\[32\]"):
+    w4a16.w4a16_matmul(x, w_q, s_w[:3])
   with pytest.raises(ValueError, match="split_k=0 must be at least 1"):
     w4a16.W4A16MatmulConfig(split_k=0)
+
+
+@pytest.mark.gpu
+def test_lowers_to_the_named_gpu_kernel():
+  x, w_q, s_w = _operands(4, 256, 512, jnp.bfloat16, seed=1)
+  fn = jax.jit(w4a16.w4a16_matmul)
+  assert "w4a16_matmul" in fn.lower(x, w_q, s_w).as_text()
+  _check(x, w_q, s_w, None, interpret=False)

@@ -1,24 +1,36 @@
-"""int4_matmul_mgpu (Mosaic GPU W4A4) against the plain-jnp reference."""
+"""w4a4_matmul.mosaic_gpu (Hopper) against the reference.
+
+The kernel has no interpret mode: on the CPU only its layout helpers,
+configs and argument checks are tested; the `gpu` tests run it.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import int4_matmul_mgpu as mgpu
-from quarot_jax import quant
-from tests.pallas_kernels.test_int4_matmul import _operands as int4_operands
+from pallas_kernels import int4_layout
+from pallas_kernels.w4a4_matmul import mosaic_gpu as mgpu
+from pallas_kernels.w4a4_matmul import reference
+from tests.pallas_kernels.w4a4_matmul import operands
+
+pack = int4_layout.pack_int4
+Config = mgpu.W4A4MosaicConfig
 
 
 def _operands(m, n, k, seed=0):
   """Packed int4 x, w and f32 scales (random, never zero)."""
-  x, w, sx, sw = int4_operands(m, n, k, seed)
-  return quant.pack_int4(x), quant.pack_int4(w), sx, sw
+  x, w, sx, sw = operands.codes(m, n, k, seed)
+  return pack(x), pack(w), sx, sw
 
 
-def test_packed_to_int4_keeps_quant_layout():
+def _reference(xq, wq, sx, sw, out_dtype=jnp.float32):
+  return reference.w4a4_matmul_reference(xq, wq, sx, sw, out_dtype=out_dtype)
+
+
+def test_packed_to_int4_keeps_the_layout():
   x = jnp.array([[1, -2, 7, -8, 0, 3]], jnp.int8)
-  got = mgpu.packed_to_int4(quant.pack_int4(x))
+  got = mgpu.packed_to_int4(pack(x))
   assert got.dtype == jnp.int4 and got.shape == (1, 6)
   np.testing.assert_array_equal(np.asarray(got.astype(jnp.int8)), x)
 
@@ -27,66 +39,37 @@ def test_unpack_weights_values():
   _, wq, _, _ = _operands(8, 16, 64)
   w8 = mgpu.unpack_weights(wq)
   assert w8.dtype == jnp.int8 and w8.shape == (16, 64)
-  np.testing.assert_array_equal(np.asarray(quant.pack_int4(w8)),
-                                np.asarray(wq))
-
-
-def test_off_gpu_falls_back_to_reference():
-  args = _operands(24, 40, 96)
-  got = mgpu.int4_matmul_mgpu(*args, out_dtype=jnp.float32,
-                              implementation="xla")
-  want = mgpu.int4_matmul_mgpu_reference(*args, out_dtype=jnp.float32)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-@pytest.mark.skipif(mgpu.can_use_int4_matmul_mgpu(), reason="on Hopper")
-def test_pallas_off_hopper_is_a_clear_error():
-  with pytest.raises(ValueError, match="needs a Hopper GPU"):
-    mgpu.int4_matmul_mgpu(*_operands(8, 16, 128), implementation="pallas")
-  with pytest.raises(ValueError, match="unknown implementation"):
-    mgpu.int4_matmul_mgpu(*_operands(8, 16, 128), implementation="cuda")
+  np.testing.assert_array_equal(np.asarray(pack(w8)), np.asarray(wq))
 
 
 def test_config_errors():
   with pytest.raises(ValueError, match="block_m"):
-    mgpu.Int4MatmulMgpuConfig(block_m=96)
+    Config(block_m=96)
   with pytest.raises(ValueError, match="block_k"):
-    mgpu.Int4MatmulMgpuConfig(block_k=64)
+    Config(block_k=64)
   with pytest.raises(ValueError, match="max_concurrent_steps"):
-    mgpu.Int4MatmulMgpuConfig(max_concurrent_steps=1)
+    Config(max_concurrent_steps=1)
 
 
 def test_shape_errors():
+  # Checked before anything is lowered, so they run on the CPU too.
   xq, wq, sx, sw = _operands(16, 32, 128)
+  run = mgpu.w4a4_matmul_mosaic
   with pytest.raises(ValueError, match="K differs"):
-    mgpu.int4_matmul_mgpu(xq[:, :32], wq, sx, sw, implementation="xla")
+    run(xq[:, :32], wq, sx, sw)
   with pytest.raises(ValueError, match="scales"):
-    mgpu.int4_matmul_mgpu(xq, wq, sx[:8], sw, implementation="xla")
+    run(xq, wq, sx[:8], sw)
   with pytest.raises(ValueError, match="must be uint8"):
-    mgpu.int4_matmul_mgpu(xq.astype(jnp.int32), wq, sx, sw,
-                          implementation="xla")
+    run(xq.astype(jnp.int32), wq, sx, sw)
   with pytest.raises(ValueError, match="K differs"):  # int8 x is unpacked.
-    mgpu.int4_matmul_mgpu(xq.astype(jnp.int8), wq, sx, sw,
-                          implementation="xla")
-
-
-def test_share_widening_config():
-  with pytest.raises(ValueError, match="share_widening needs"):
-    mgpu.Int4MatmulMgpuConfig(share_widening=True)  # wg_dimension 'n'
-  with pytest.raises(ValueError, match="share_widening needs"):
-    mgpu.Int4MatmulMgpuConfig(wg_dimension="m", block_n=64,
-                              share_widening=True)
-  own = mgpu.Int4MatmulMgpuConfig(wg_dimension="m")
-  shared = mgpu.Int4MatmulMgpuConfig(wg_dimension="m", share_widening=True)
-  # One shared 3-slot buffer instead of two 2-slot ones: 16 KB less.
-  size = lambda c: mgpu.smem_bytes(c, x_int4=False, w_int4=True,
-                                   out_dtype=jnp.bfloat16)
-  assert size(own) - size(shared) == 128 * 128
+    run(xq.astype(jnp.int8), wq, sx, sw)
+  with pytest.raises(ValueError, match="w int8"):  # the w8 diagnostic
+    mgpu.w4a4_matmul_mosaic_w8(xq, wq, sx, sw)
 
 
 def test_smem_bytes_matches_what_mosaic_allocated():
   # On the H100 this config raised "smem_bytes=280656" (80 of barriers).
-  cfg = mgpu.Int4MatmulMgpuConfig(block_k=256, max_concurrent_steps=3)
+  cfg = Config(block_k=256, max_concurrent_steps=3)
   assert mgpu.smem_bytes(cfg, x_int4=True, w_int4=False,
                          out_dtype=jnp.bfloat16) == 280656 - 80
 
@@ -96,19 +79,11 @@ def test_smem_bytes_matches_what_mosaic_allocated():
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 def test_default_config_fits_and_keeps_register_operands_at_depth_0(
     x_int4, w_int4, out_dtype):
-  cfg = mgpu.default_int4_matmul_mgpu_config(x_int4=x_int4, w_int4=w_int4,
-                                             out_dtype=out_dtype)
+  cfg = mgpu.default_w4a4_mosaic_config(x_int4=x_int4, w_int4=w_int4,
+                                        out_dtype=out_dtype)
   assert mgpu.smem_bytes(cfg, x_int4=x_int4, w_int4=w_int4,
                          out_dtype=out_dtype) < 232448
   assert cfg.wgmma_depth == (0 if x_int4 else 1)
-
-
-def test_reference_takes_int8_activations():
-  xq, wq, sx, sw = _operands(24, 40, 96)
-  x8 = quant.unpack_int4(xq, signed=True)
-  np.testing.assert_array_equal(
-      np.asarray(mgpu.int4_matmul_mgpu(x8, wq, sx, sw, implementation="xla")),
-      np.asarray(mgpu.int4_matmul_mgpu(xq, wq, sx, sw, implementation="xla")))
 
 
 # Not tile multiples on purpose: M 200 (CTA 128), N 328 (CTA 256), K 384+64.
@@ -118,12 +93,11 @@ _GPU_SHAPES = [(200, 328, 448), (256, 512, 1024), (2048, 1024, 4096)]
 def _run_gpu(args, *, x_operand, widen, cfg=None, out_dtype=jnp.float32):
   xq, wq, sx, sw = args
   if widen == "kernel":
-    return mgpu.int4_matmul_mgpu(xq, wq, sx, sw, x_operand=x_operand,
-                                 out_dtype=out_dtype, config=cfg,
-                                 implementation="pallas")
-  return mgpu.int4_matmul_mgpu_w8(xq, mgpu.unpack_weights(wq), sx, sw,
-                                  x_operand=x_operand, out_dtype=out_dtype,
-                                  config=cfg, implementation="pallas")
+    return mgpu.w4a4_matmul_mosaic(xq, wq, sx, sw, x_operand=x_operand,
+                                   out_dtype=out_dtype, config=cfg)
+  return mgpu.w4a4_matmul_mosaic_w8(xq, mgpu.unpack_weights(wq), sx, sw,
+                                    x_operand=x_operand, out_dtype=out_dtype,
+                                    config=cfg)
 
 
 @pytest.mark.gpu
@@ -135,7 +109,7 @@ def test_mgpu_kernel_matches_reference_on_gpu(m, n, k, out_dtype,
   args = _operands(m, n, k, seed=m + n + k)
   got = _run_gpu(args, x_operand=x_operand, widen="kernel",
                  out_dtype=out_dtype)
-  want = mgpu.int4_matmul_mgpu_reference(*args, out_dtype=out_dtype)
+  want = _reference(*args, out_dtype=out_dtype)
   # int32 accumulation is exact; the epilogue is the same two f32 products.
   np.testing.assert_array_equal(np.asarray(got, np.float32),
                                 np.asarray(want, np.float32))
@@ -143,7 +117,6 @@ def test_mgpu_kernel_matches_reference_on_gpu(m, n, k, out_dtype,
 
 _CONFIGS = [
     dict(wg_dimension="m", grid_minor_dim="m"),
-    dict(wg_dimension="m", grid_minor_dim="m", share_widening=True),
     dict(block_m=64),
     dict(block_n=64),
     dict(max_concurrent_steps=2),
@@ -162,15 +135,14 @@ def test_mgpu_configs_on_gpu(fields, x_operand, widen):
   # 3 steps where they fit in shared memory, else 2 (int8 x widened in a
   # 256-row CTA overflows at 3: 256080 bytes on the H100).
   for steps in (3, 2):
-    cfg = mgpu.Int4MatmulMgpuConfig(**{"max_concurrent_steps": steps,
-                                       **fields})
+    cfg = Config(**{"max_concurrent_steps": steps, **fields})
     if mgpu.smem_bytes(cfg, x_int4=x_operand == "registers",
                        w_int4=widen == "kernel",
                        out_dtype=jnp.float32) + 1024 <= 232448:
       break
   args = _operands(384, 640, 1024, seed=3)
   got = _run_gpu(args, x_operand=x_operand, widen=widen, cfg=cfg)
-  want = mgpu.int4_matmul_mgpu_reference(*args, out_dtype=jnp.float32)
+  want = _reference(*args)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -178,12 +150,11 @@ def test_mgpu_configs_on_gpu(fields, x_operand, widen):
 def test_register_operand_rejects_depth_1():
   with pytest.raises(ValueError, match="wgmma_depth=1 needs int8"):
     _run_gpu(_operands(128, 256, 128), x_operand="registers", widen="kernel",
-             cfg=mgpu.Int4MatmulMgpuConfig(wgmma_depth=1))
+             cfg=Config(wgmma_depth=1))
 
 
 @pytest.mark.gpu
 def test_mgpu_lowers_to_mosaic_gpu():
   xq, wq, sx, sw = _operands(512, 768, 2048, seed=7)
-  hlo = jax.jit(lambda *a: mgpu.int4_matmul_mgpu(
-      *a, implementation="pallas")).lower(xq, wq, sx, sw).as_text()
+  hlo = jax.jit(mgpu.w4a4_matmul_mosaic).lower(xq, wq, sx, sw).as_text()
   assert "mosaic_gpu" in hlo

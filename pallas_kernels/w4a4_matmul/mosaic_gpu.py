@@ -3,8 +3,8 @@
   y[M, N] = (x[M, K] · w[N, K]ᵀ) * s_x[M, 1] * s_w[1, N]
 
 Matmul axes are M (tokens), N (output channels), K (input channels).
-Inputs use the int4 packing of `quarot_jax/quant.py` (two signed nibbles per
-byte along K, low nibble = even index): x_q uint8[M, K // 2] and w_q
+Inputs use the int4 packing of `pallas_kernels/int4_layout.py` (two signed
+nibbles per byte along K, low nibble = even index): x_q uint8[M, K // 2] and w_q
 uint8[N, K // 2], both K-major. Scales are f32 per token and per output
 channel; the int32 accumulation is exact and the scales are applied in the
 epilogue; y is written in bf16 (or f16/f32) through shared memory and TMA.
@@ -20,24 +20,27 @@ Hopper has no int4 tensor-core MMA, so the kernel runs int8 wgmma:
     are widened;
   * the weight tile is operand B and must be int8 in shared memory, K-major
     ([N, K] in memory, passed as `plgpu.transpose_ref(w8, (1, 0))`).
-    `int4_matmul_mgpu` streams the weights as int4 (half the bytes) and each
-    compute warpgroup widens its tile through registers into its own int8
-    shared-memory buffer before the wgmma; `int4_matmul_mgpu_w8` takes
-    weights widened once by `unpack_weights` (twice the weight memory) and
-    feeds the TMA'd int8 tile to the wgmma directly.
+    `w4a4_matmul_mosaic` streams the weights as int4 (half the bytes) and
+    each compute warpgroup widens its tile through registers into its own
+    int8 shared-memory buffer before the wgmma. `w4a4_matmul_mosaic_w8`, a
+    benchmark diagnostic outside the model path, takes weights widened once
+    by `unpack_weights` (twice the weight memory) and feeds the TMA'd int8
+    tile to the wgmma directly.
 The grid is persistent (one CTA per SM, `planar_snake` tile order); each CTA
 has two compute warpgroups, each owning a [block_m, block_n] output tile,
 and one TMA warpgroup that streams K tiles through a `max_concurrent_steps`
 deep shared-memory pipeline (`plgpu.emit_pipeline_warp_specialized`).
 
-Shapes are padded to the tiles by the wrapper. Not supported: group scales
-along K (per-channel only), bits other than 4, GPUs before Hopper (the
-wrappers fall back to the reference off GPU).
+Shapes are padded to the tiles by the wrapper. The wrappers always run the
+kernel (`api.w4a4_matmul` picks between backends). Not supported: group
+scales along K (per-channel only), bits other than 4, GPUs before Hopper,
+interpret mode (Mosaic GPU's interpreter, jax 0.10.2, fails on this
+kernel's warp-specialized pipeline; the Triton kernel, tested in interpret
+mode, runs the same arithmetic).
 """
 
 import dataclasses
 import functools
-import logging
 from typing import Literal
 
 import jax
@@ -46,14 +49,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import int4_matmul
-from quarot_jax import quant
+from pallas_kernels import int4_layout
+from pallas_kernels import padding
 
 _LANE = 128  # int8 elements per 128-byte swizzle row: one wgmma K group
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Int4MatmulMgpuConfig:
+class W4A4MosaicConfig:
   """Tiles of the Mosaic GPU W4A4 kernel.
 
   Attributes:
@@ -69,10 +72,6 @@ class Int4MatmulMgpuConfig:
     epi_block_n: columns per TMA store of the epilogue.
     wgmma_depth: wgmma groups left in flight at the end of a step (0 or 1;
       1 needs int8 activations in shared memory, x_operand='smem').
-    share_widening: with wg_dimension='m' the two compute warpgroups
-      multiply the same int4 weight tile; each widens half of it into one
-      shared int8 buffer (3 slots) and they meet at a barrier before the
-      wgmma, instead of each widening all of it. Only for int4 weights.
     num_sms: persistent CTAs; None = the device's SM count.
   """
 
@@ -86,7 +85,6 @@ class Int4MatmulMgpuConfig:
   epi_block_m: int = 64
   epi_block_n: int = 64
   wgmma_depth: int = 0
-  share_widening: bool = False
   num_sms: int | None = None
 
   def __post_init__(self):
@@ -111,11 +109,6 @@ class Int4MatmulMgpuConfig:
                        f" divide {self.block_m=} and {self.block_n=}")
     if self.wgmma_depth not in (0, 1):
       raise ValueError(f"{self.wgmma_depth=} must be 0 or 1")
-    if self.share_widening and (self.wg_dimension != "m"
-                                or self.block_n % 128):
-      raise ValueError("share_widening needs wg_dimension='m' (the"
-                       " warpgroups must share the weight tile) and block_n"
-                       " a multiple of 128 (halves of whole 64-row tiles)")
     if self.num_sms is not None and self.num_sms < 1:
       raise ValueError(f"{self.num_sms=} must be >= 1")
 
@@ -131,21 +124,20 @@ class Int4MatmulMgpuConfig:
 _SMEM_BYTES = 232448  # Per-block shared memory on an H100 (sm_90).
 
 
-def smem_bytes(cfg: Int4MatmulMgpuConfig, *, x_int4: bool, w_int4: bool,
+def smem_bytes(cfg: W4A4MosaicConfig, *, x_int4: bool, w_int4: bool,
                out_dtype) -> int:
   """Shared memory the kernel allocates for `cfg` (barriers excluded)."""
   x_b, w_b = (0.5 if x_int4 else 1), (0.5 if w_int4 else 1)
   stage = cfg.cta_m * cfg.block_k * x_b + cfg.cta_n * cfg.block_k * w_b
-  slots = 3 if cfg.share_widening else 4  # shared 3, or 2 per warpgroup
-  widened = slots * cfg.block_n * cfg.block_k if w_int4 else 0
+  widened = 4 * cfg.block_n * cfg.block_k if w_int4 else 0  # 2 slots per wg
   epilogue = 4 * cfg.epi_block_m * cfg.epi_block_n * jnp.dtype(
       out_dtype).itemsize
   scales = 4 * 2 * (cfg.block_m + cfg.block_n)
   return int(cfg.max_concurrent_steps * stage + widened + epilogue + scales)
 
 
-def default_int4_matmul_mgpu_config(*, x_int4: bool, w_int4: bool,
-                                    out_dtype) -> Int4MatmulMgpuConfig:
+def default_w4a4_mosaic_config(*, x_int4: bool, w_int4: bool,
+                               out_dtype) -> W4A4MosaicConfig:
   """Tiles: 128x128x128 per warpgroup, the deepest pipeline (<= 4) that fits.
 
   With int8 activations in shared memory one wgmma stays in flight across
@@ -153,8 +145,8 @@ def default_int4_matmul_mgpu_config(*, x_int4: bool, w_int4: bool,
   BENCHMARKS.md has the configs timed.
   """
   for steps in (4, 3, 2):
-    cfg = Int4MatmulMgpuConfig(max_concurrent_steps=steps,
-                               wgmma_depth=0 if x_int4 else 1)
+    cfg = W4A4MosaicConfig(max_concurrent_steps=steps,
+                           wgmma_depth=0 if x_int4 else 1)
     if smem_bytes(cfg, x_int4=x_int4, w_int4=w_int4,
                   out_dtype=out_dtype) + 1024 <= _SMEM_BYTES:
       return cfg
@@ -175,9 +167,9 @@ def _load(ref, layout) -> jax.Array:
   return plgpu.load(ref, (), layout=layout)
 
 
-def int4_matmul_mgpu_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem,
-                            sx_smem, sw_smem, s_barrier, w8_smem=None,
-                            w8_barrier=None, *, cfg: Int4MatmulMgpuConfig):
+def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
+                              o_smem, sx_smem, sw_smem, s_barrier,
+                              w8_smem=None, *, cfg: W4A4MosaicConfig):
   """Persistent warp-specialized kernel body (one CTA per SM).
 
   Args:
@@ -194,10 +186,7 @@ def int4_matmul_mgpu_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem,
     sw_smem: f32[2, block_n] scale tiles (per warpgroup).
     s_barrier: 4 barriers, the scale copies of (warpgroup, which).
     w8_smem: int8[2, 2, block_n, block_k] widened weight tiles (per
-      warpgroup, two slots) when w_gmem is int4, int8[3, block_n, block_k]
-      (shared, three slots) with `share_widening`, else None.
-    w8_barrier: with `share_widening`, the barrier (2 arrivals) the two
-      warpgroups meet at once both halves of a tile are widened.
+      warpgroup, two slots) when w_gmem is int4, else None.
     cfg: tiles; M, N, K must be multiples of the CTA tile and block_k.
   """
   m, k = x_gmem.shape
@@ -297,18 +286,6 @@ def int4_matmul_mgpu_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem,
           a = x_smem.at[wg_m]
         if w8_smem is None:
           b = w_smem.at[wg_n]
-        elif cfg.share_widening:
-          # Each warpgroup widens its half of the shared tile, then both wait
-          # for the other half. 3 slots: a warpgroup may run one step ahead
-          # of the other, whose depth-1 wgmma may still read the slot before.
-          (kk,) = idx
-          b = w8_smem.at[kk % 3]
-          rows = pl.ds(wg * (bn // 2), bn // 2)
-          b.at[rows][...] = _load(w_smem.at[rows],
-                                  plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(w8_barrier)
-          plgpu.barrier_wait(w8_barrier)
         else:
           # wgmma's smem operand must be 8-bit: widen this warpgroup's int4
           # weight tile through registers into its own int8 buffer. Two
@@ -334,10 +311,10 @@ def int4_matmul_mgpu_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, o_smem,
 
 
 def packed_to_int4(x_q: jax.Array) -> jax.Array:
-  """Reinterprets quant.py's packed bytes as a jnp.int4 array (no unpack).
+  """Reinterprets packed bytes as a jnp.int4 array (no unpack).
 
   Args:
-    x_q: uint8[..., K // 2], low nibble = even index (quant.py layout).
+    x_q: uint8[..., K // 2], low nibble = even index (`int4_layout`).
 
   Returns:
     int4[..., K] with element 2j = low nibble of byte j.
@@ -352,17 +329,15 @@ def unpack_weights(w_q: jax.Array) -> jax.Array:
   """Widens packed int4 weights to the kernel's int8 operand B.
 
   Args:
-    w_q: uint8[N, K // 2] packed int4 (quant.py layout).
+    w_q: uint8[N, K // 2] packed int4 (`int4_layout`).
 
   Returns:
-    int8[N, K], values in [-8, 7]. Do this once per model and call
-    `int4_matmul_mgpu_w8` to skip the per-call widening.
+    int8[N, K], values in [-8, 7], for `w4a4_matmul_mosaic_w8`.
   """
-  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
-  return quant.unpack_int4(w_q, signed=True)
+  return int4_layout.unpack_int4(w_q, signed=True)
 
 
-def can_use_int4_matmul_mgpu() -> bool:
+def can_use_w4a4_mosaic() -> bool:
   """True on a Hopper GPU (sm_90), where the Mosaic GPU kernel runs."""
   if jax.default_backend() != "gpu":
     return False
@@ -370,7 +345,7 @@ def can_use_int4_matmul_mgpu() -> bool:
   return str(cc).startswith("9.")
 
 
-def _num_sms(cfg: Int4MatmulMgpuConfig) -> int:
+def _num_sms(cfg: W4A4MosaicConfig) -> int:
   if cfg.num_sms is not None:
     return cfg.num_sms
   return jax.devices()[0].core_count
@@ -380,8 +355,9 @@ def _check(x, w, s_x, s_w, w_dtype):
   """Shared argument checks; returns (M, N, K)."""
   m, n = x.shape[0], w.shape[0]
   if x.dtype not in (jnp.uint8, jnp.int8) or w.dtype != w_dtype:
-    raise ValueError(f"x must be uint8 (packed int4) or int8 and w {w_dtype},"
-                     f" got {x.dtype=} {w.dtype=}")
+    raise ValueError(f"x must be uint8 (packed int4) or int8 and w"
+                     f" {jnp.dtype(w_dtype).name}, got {x.dtype=}"
+                     f" {w.dtype=}")
   k = x.shape[1] * (2 if x.dtype == jnp.uint8 else 1)
   if w.shape[1] * (2 if w.dtype == jnp.uint8 else 1) != k:
     raise ValueError(f"K differs: x {x.shape} {x.dtype}, w {w.shape}"
@@ -390,20 +366,6 @@ def _check(x, w, s_x, s_w, w_dtype):
     raise ValueError(f"scales must be [M]=[{m}] and [N]=[{n}], got"
                      f" {s_x.shape=} {s_w.shape=}")
   return m, n, k
-
-
-def _resolve(implementation: str | None, name: str) -> str:
-  """'pallas' or 'xla'; None picks pallas on a Hopper GPU."""
-  if implementation not in (None, "pallas", "xla"):
-    raise ValueError(f"{name}: unknown implementation {implementation!r}")
-  if implementation is None:
-    implementation = "pallas" if can_use_int4_matmul_mgpu() else "xla"
-    logging.info("%s: using %s", name, implementation)
-  if implementation == "pallas" and not can_use_int4_matmul_mgpu():
-    raise ValueError(f"{name}: the Mosaic GPU kernel needs a Hopper GPU"
-                     f" (sm_90); got {jax.devices()[0].device_kind}. Use"
-                     " implementation='xla' (or None) elsewhere.")
-  return implementation
 
 
 def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
@@ -416,11 +378,11 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
   if x_operand not in ("smem", "registers"):
     raise ValueError(f"{x_operand=} must be 'smem' or 'registers'")
   if x.dtype == jnp.uint8 and x_operand == "smem":
-    x = quant.unpack_int4(x, signed=True)  # One XLA pass over activations.
-  cfg = config or default_int4_matmul_mgpu_config(
+    x = int4_layout.unpack_int4(x, signed=True)  # One XLA pass over x.
+  cfg = config or default_w4a4_mosaic_config(
       x_int4=x.dtype == jnp.uint8, w_int4=w.dtype == jnp.uint8,
       out_dtype=out_dtype)
-  pad = int4_matmul.pad_to
+  pad = padding.pad_to
   if x.dtype == jnp.uint8:
     x = packed_to_int4(pad(pad(x, 0, cfg.cta_m), 1, cfg.block_k // 2))
   else:
@@ -435,15 +397,12 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
   scratch = {}
   if w.dtype == jnp.int4:
     _, w8_tf = _transforms(cfg.block_k, jnp.int8)
-    slots = (3,) if cfg.share_widening else (2, 2)
-    scratch["w8_smem"] = plgpu.SMEM((*slots, cfg.block_n, cfg.block_k),
+    scratch["w8_smem"] = plgpu.SMEM((2, 2, cfg.block_n, cfg.block_k),
                                     jnp.int8, transforms=w8_tf)
-    if cfg.share_widening:
-      scratch["w8_barrier"] = plgpu.Barrier(num_arrivals=2)
   em, en = cfg.epi_block_m, cfg.epi_block_n
   _, o_tf = _transforms(en, out_dtype)
   call = plgpu.kernel(
-      functools.partial(int4_matmul_mgpu_kernel, cfg=cfg),
+      functools.partial(w4a4_matmul_mosaic_kernel, cfg=cfg),
       out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
       scratch_types=dict(
           o_smem=plgpu.SMEM((2, 2, em, en), out_dtype, transforms=o_tf),
@@ -456,26 +415,24 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
-      kernel_name="int4_matmul_mgpu",
+      kernel_name="w4a4_matmul_mosaic",
   )
   if debug:
     print(jax.make_jaxpr(call)(x, w, sx, sw))
   return call(x, w, sx, sw)[:m, :n]
 
 
-_STATIC = ("x_operand", "out_dtype", "config", "debug", "implementation")
+_STATIC = ("x_operand", "out_dtype", "config", "debug")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def int4_matmul_mgpu(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
-                     s_w: jax.Array, *,
-                     x_operand: Literal["smem", "registers"] = "registers",
-                     out_dtype=jnp.bfloat16,
-                     config: Int4MatmulMgpuConfig | None = None,
-                     debug: bool = False,
-                     implementation: Literal["pallas", "xla"] | None = None
-                     ) -> jax.Array:
-  """W4A4 matmul with per-token and per-channel scales (Mosaic GPU).
+def w4a4_matmul_mosaic(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
+                       s_w: jax.Array, *,
+                       x_operand: Literal["smem", "registers"] = "registers",
+                       out_dtype=jnp.bfloat16,
+                       config: W4A4MosaicConfig | None = None,
+                       debug: bool = False) -> jax.Array:
+  """W4A4 matmul with per-token and per-channel scales (Mosaic GPU, Hopper).
 
   Args:
     x: uint8[M, K // 2] packed int4 activations, or int8[M, K] int4 values.
@@ -490,13 +447,8 @@ def int4_matmul_mgpu(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
       one wgmma run while the next weight tile is widened. int8 x always
       goes through shared memory. BENCHMARKS.md compares them.
     out_dtype: dtype of y.
-    config: tiles; `default_int4_matmul_mgpu_config` when None.
+    config: tiles; `default_w4a4_mosaic_config` when None.
     debug: print the kernel's jaxpr.
-    implementation: 'pallas', 'xla' (the reference) or None (pallas on a
-      Hopper GPU, else the reference). There is no interpret mode: Mosaic
-      GPU's interpreter (jax 0.10.2) fails on this kernel's warp-specialized
-      pipeline, so it is tested on the GPU; the Triton kernel
-      (`int4_matmul`), tested in interpret mode, runs the same arithmetic.
 
   Returns:
     y: [M, N] in `out_dtype`.
@@ -505,33 +457,31 @@ def int4_matmul_mgpu(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
     ValueError: shapes, dtypes or options that do not fit together.
   """
   _check(x, w_q, s_x, s_w, jnp.uint8)
-  if _resolve(implementation, "int4_matmul_mgpu") == "xla":
-    return int4_matmul_mgpu_reference(x, w_q, s_x, s_w, out_dtype=out_dtype)
   return _mgpu_matmul(x, w_q, s_x, s_w, x_operand=x_operand,
                       out_dtype=out_dtype, config=config, debug=debug)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def int4_matmul_mgpu_w8(x: jax.Array, w_i8: jax.Array, s_x: jax.Array,
-                        s_w: jax.Array, *,
-                        x_operand: Literal["smem", "registers"] = "registers",
-                        out_dtype=jnp.bfloat16,
-                        config: Int4MatmulMgpuConfig | None = None,
-                        debug: bool = False,
-                        implementation: Literal["pallas", "xla"] | None = None
-                        ) -> jax.Array:
-  """`int4_matmul_mgpu` with weights already widened by `unpack_weights`.
+def w4a4_matmul_mosaic_w8(x: jax.Array, w_i8: jax.Array, s_x: jax.Array,
+                          s_w: jax.Array, *,
+                          x_operand: Literal["smem", "registers"] = "registers",
+                          out_dtype=jnp.bfloat16,
+                          config: W4A4MosaicConfig | None = None,
+                          debug: bool = False) -> jax.Array:
+  """`w4a4_matmul_mosaic` with weights already widened by `unpack_weights`.
+
+  A benchmark diagnostic (twice the weight memory; the model does not run
+  it): how much of the kernel's time the in-kernel weight widening takes.
 
   Args:
     x: uint8[M, K // 2] packed int4 activations, or int8[M, K] int4 values.
     w_i8: int8[N, K] int4 weight values in [-8, 7] (not checked).
     s_x: f32[M] per-token scales.
     s_w: f32[N] per-output-channel scales.
-    x_operand: as in `int4_matmul_mgpu`.
+    x_operand: as in `w4a4_matmul_mosaic`.
     out_dtype: dtype of y.
-    config: tiles; `default_int4_matmul_mgpu_config` when None.
+    config: tiles; `default_w4a4_mosaic_config` when None.
     debug: print the kernel's jaxpr.
-    implementation: as in `int4_matmul_mgpu`.
 
   Returns:
     y: [M, N] in `out_dtype`.
@@ -540,28 +490,5 @@ def int4_matmul_mgpu_w8(x: jax.Array, w_i8: jax.Array, s_x: jax.Array,
     ValueError: shapes, dtypes or options that do not fit together.
   """
   _check(x, w_i8, s_x, s_w, jnp.int8)
-  if _resolve(implementation, "int4_matmul_mgpu_w8") == "xla":
-    return int4_matmul_mgpu_reference(x, quant.pack_int4(w_i8), s_x, s_w,
-                                      out_dtype=out_dtype)
   return _mgpu_matmul(x, w_i8, s_x, s_w, x_operand=x_operand,
                       out_dtype=out_dtype, config=config, debug=debug)
-
-
-def int4_matmul_mgpu_reference(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
-                               s_w: jax.Array, *,
-                               out_dtype=jnp.bfloat16) -> jax.Array:
-  """Plain-jnp reference: `int4_matmul.int4_matmul_reference`.
-
-  Args:
-    x: uint8[M, K // 2] packed int4 activations, or int8[M, K] int4 values.
-    w_q: uint8[N, K // 2] packed int4 weights.
-    s_x: f32[M]; s_w: f32[N].
-    out_dtype: dtype of y.
-
-  Returns:
-    y: [M, N] in `out_dtype`.
-  """
-  if x.dtype == jnp.int8:
-    x = quant.pack_int4(x)
-  return int4_matmul.int4_matmul_reference(x, w_q, s_x, s_w,
-                                           out_dtype=out_dtype)

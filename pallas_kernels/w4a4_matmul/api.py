@@ -1,0 +1,90 @@
+"""W4A4 matmul: runs the backend it is told to (tokamax's api.py).
+
+  y[M, N] = (x_q[M, K] · w_q[N, K]ᵀ) * s_x[M, 1] * s_w[1, N]
+
+Backends (the `implementation` argument):
+  'mosaic'  `mosaic_gpu.w4a4_matmul_mosaic` (Hopper only): int8 codes
+            (what `hadamard_quant(..., packed=False)` writes) are fed to the
+            wgmma from shared memory; packed x is widened in registers.
+  'triton'  `triton.w4a4_matmul_triton` (any GPU, or interpret mode): int8
+            codes are packed first.
+  'xla'     `reference.w4a4_matmul_reference`: int4 unpacked to int8 and
+            XLA's int8 dot (cuBLAS on a GPU).
+  None      for direct users: 'mosaic' on a Hopper GPU, 'triton' on other
+            GPUs or under `interpret`, else 'xla' (logged). The model never
+            passes None: `quarot_jax.kernels.resolve` decided once.
+"""
+
+import functools
+import logging
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import int4_layout
+from pallas_kernels.w4a4_matmul import mosaic_gpu
+from pallas_kernels.w4a4_matmul import reference
+from pallas_kernels.w4a4_matmul import triton
+
+Implementation = Literal["mosaic", "triton", "xla"]
+IMPLEMENTATIONS = ("mosaic", "triton", "xla")
+
+
+def default_implementation(*, interpret: bool = False) -> Implementation:
+  """The backend `w4a4_matmul` runs for implementation=None."""
+  if not interpret and mosaic_gpu.can_use_w4a4_mosaic():
+    return "mosaic"
+  if interpret or triton.can_use_w4a4_triton():
+    return "triton"
+  return "xla"
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "out_dtype", "implementation", "interpret"))
+def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
+                s_w: jax.Array, *, out_dtype=jnp.bfloat16,
+                implementation: Implementation | None = None,
+                interpret: bool = False) -> jax.Array:
+  """y = (x_q · w_qᵀ) * s_x * s_w with the given backend.
+
+  Args:
+    x_q: uint8[M, K // 2] packed int4 activations (`int4_layout`), or
+      int8[M, K] codes in [-8, 7] (what the Mosaic kernel reads fastest;
+      packed here for Triton).
+    w_q: uint8[N, K // 2] packed int4 weights.
+    s_x: f32[M] per-token scales (or f32[M, G], not with 'mosaic').
+    s_w: f32[N] per-output-channel scales (or f32[N, G], not with
+      'mosaic').
+    out_dtype: dtype of y.
+    implementation: 'mosaic', 'triton', 'xla', or None (see the module
+      docstring).
+    interpret: run the Triton kernel in interpret mode (CPU tests).
+
+  Returns:
+    y: [M, N] in `out_dtype`.
+
+  Raises:
+    ValueError: an unknown implementation, 'mosaic' with `interpret`, or
+      operands that do not fit together.
+  """
+  if implementation is None:
+    implementation = default_implementation(interpret=interpret)
+    logging.info("w4a4_matmul: using %s", implementation)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} must be one of"
+                     f" {IMPLEMENTATIONS} or None")
+  if implementation == "mosaic":
+    if interpret:
+      raise ValueError("implementation='mosaic' has no interpret mode; use"
+                       " 'triton'")
+    return mosaic_gpu.w4a4_matmul_mosaic(x_q, w_q, s_x, s_w,
+                                         out_dtype=out_dtype)
+  reference.check_operands(x_q, w_q, s_x, s_w)
+  if implementation == "xla":
+    return reference.w4a4_matmul_reference(x_q, w_q, s_x, s_w,
+                                           out_dtype=out_dtype)
+  if x_q.dtype == jnp.int8:
+    x_q = int4_layout.pack_int4(x_q)
+  return triton.w4a4_matmul_triton(x_q, w_q, s_x, s_w, out_dtype=out_dtype,
+                                   interpret=interpret)

@@ -1,0 +1,72 @@
+"""w4a4_matmul.api: each backend it runs, and what it picks by itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import int4_layout
+from pallas_kernels.w4a4_matmul import api
+from pallas_kernels.w4a4_matmul import mosaic_gpu
+from tests.pallas_kernels.w4a4_matmul import operands
+
+pack = int4_layout.pack_int4
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def _implementations():
+  """The backends this machine runs ('triton' in interpret mode off GPU)."""
+  return ["xla", "triton"] + (
+      ["mosaic"] if mosaic_gpu.can_use_w4a4_mosaic() else [])
+
+
+@pytest.mark.parametrize("codes", ["packed", "int8"])
+def test_every_backend_is_the_float_computation(codes):
+  # M, N, K not tile multiples; int8 codes are what hadamard_quant writes
+  # for the Mosaic kernel.
+  x, w, sx, sw = operands.codes(12, 40, 256, seed=4)
+  want = operands.dequantized_product(x, w, sx, sw)
+  x_in = pack(x) if codes == "packed" else x
+  for implementation in _implementations():
+    got = api.w4a4_matmul(x_in, pack(w), sx, sw, out_dtype=jnp.float32,
+                          implementation=implementation,
+                          interpret=implementation == "triton"
+                          and not _on_gpu())
+    # Exact int32 dots; only the two f32 scale products round.
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6,
+                               atol=1e-7 * np.abs(want).max(),
+                               err_msg=implementation)
+
+
+def test_none_picks_by_platform():
+  x, w, sx, sw = operands.codes(8, 16, 64)
+  args = (pack(x), pack(w), sx, sw)
+  jaxpr = lambda **kw: str(jax.make_jaxpr(
+      lambda *a: api.w4a4_matmul(*a, **kw))(*args))
+  assert api.default_implementation(interpret=True) == "triton"
+  assert "w4a4_matmul_triton" in jaxpr(interpret=True)
+  if mosaic_gpu.can_use_w4a4_mosaic():
+    assert api.default_implementation() == "mosaic"
+  elif _on_gpu():
+    assert api.default_implementation() == "triton"
+  else:  # The CPU falls back to the XLA reference: no kernel at all.
+    assert api.default_implementation() == "xla"
+    assert "pallas_call" not in jaxpr()
+    got = api.w4a4_matmul(*args, out_dtype=jnp.float32)
+    np.testing.assert_allclose(
+        np.asarray(got), operands.dequantized_product(x, w, sx, sw),
+        rtol=1e-6)
+
+
+def test_errors():
+  x, w, sx, sw = operands.codes(8, 16, 64)
+  args = (pack(x), pack(w), sx, sw)
+  with pytest.raises(ValueError, match="implementation='cutlass' must be"):
+    api.w4a4_matmul(*args, implementation="cutlass")
+  with pytest.raises(ValueError, match="'mosaic' has no interpret mode"):
+    api.w4a4_matmul(*args, implementation="mosaic", interpret=True)
+  with pytest.raises(ValueError, match="K differs"):
+    api.w4a4_matmul(args[0][:, :8], *args[1:], implementation="xla")

@@ -356,6 +356,36 @@ def fast_hadamard_transform(x: jax.Array, *, normalize: bool = True
   return y.astype(x.dtype)
 
 
+def block_hadamard_transform(x: jax.Array, blocks: int = 1, *,
+                             normalize: bool = True) -> jax.Array:
+  """x @ (I_blocks ⊗ H_(n / blocks)): one Hadamard per contiguous block.
+
+  The block-diagonal rotation for tensor parallelism: when the last axis is
+  sharded in `blocks` contiguous pieces, each shard transforms its own
+  piece and nothing crosses shards. Still orthogonal (if `normalize`).
+
+  Args:
+    x: float[..., n].
+    blocks: number of diagonal blocks, a divisor of n; 1 is
+      `fast_hadamard_transform(x)` exactly.
+    normalize: divide by sqrt(n / blocks), which makes the map orthogonal.
+
+  Returns:
+    x.dtype[..., n].
+
+  Raises:
+    ValueError: blocks does not divide n, or n / blocks is unsupported.
+  """
+  n = x.shape[-1]
+  if operator.index(blocks) < 1 or n % blocks:
+    raise ValueError(f"{blocks=} must be a positive divisor of {n=}")
+  if blocks == 1:
+    return fast_hadamard_transform(x, normalize=normalize)
+  # [..., blocks, n / blocks]
+  y = x.reshape(x.shape[:-1] + (blocks, n // blocks))
+  return fast_hadamard_transform(y, normalize=normalize).reshape(x.shape)
+
+
 def random_hadamard_matrix(n: int, key: jax.Array) -> jax.Array:
   """QuaRot's randomized Hadamard matrix Q = diag(s) · H_n / sqrt(n).
 

@@ -74,6 +74,9 @@ class RunOptions:
       matmuls only: 'mosaic' (the wgmma kernel, the default on Hopper),
       'triton', or 'xla' (int4 unpacked to int8 in XLA, then XLA's cuBLAS
       int8 matmul); see `qlinear.w4a4_matmul` and BENCHMARKS.md.
+    had_blocks: the online down/o Hadamards are block-diagonal with this
+      many blocks, one per tensor-parallel shard (`rotation.rotate(...,
+      tp=had_blocks)` folds the same ones); 1 is the full-width transform.
   """
 
   online_had_down: bool = False
@@ -85,6 +88,7 @@ class RunOptions:
   implementation: str | None = None
   interpret: bool = False
   matmul_implementation: str | None = None
+  had_blocks: int = 1
 
 
 FLOAT = RunOptions()
@@ -97,11 +101,11 @@ def _fake_quant(x: jax.Array, spec) -> jax.Array:
   return quant.fake_quant(x, spec)
 
 
-def _hadamard(x: jax.Array) -> jax.Array:
+def _hadamard(x: jax.Array, blocks: int = 1) -> jax.Array:
   from quarot_jax import hadamard  # pylint: disable=g-import-not-at-top
   # In f32 (and back): rounding stays a property of the quantizers.
-  return hadamard.fast_hadamard_transform(x.astype(jnp.float32)).astype(
-      x.dtype)
+  return hadamard.block_hadamard_transform(x.astype(jnp.float32),
+                                           blocks).astype(x.dtype)
 
 
 def _linear(x: jax.Array, p: Params, options: RunOptions, *,
@@ -113,6 +117,8 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
   real (the Hadamard fused into their quantize kernel).
   """
   if "qweight" in p:
+    if online_hadamard and options.had_blocks > 1:  # not the fused one
+      x, online_hadamard = _hadamard(x, options.had_blocks), False
     return qlinear.linear(x, p, a_spec=options.a_spec,
                           online_hadamard=online_hadamard,
                           implementation=options.implementation,
@@ -274,7 +280,7 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   out = out.reshape(b, t, n * h)
   packed = "qweight" in p["o_proj"]
   if options.online_had_o and not packed:
-    out = _hadamard(out)
+    out = _hadamard(out, options.had_blocks)
   o = _linear(out, p["o_proj"], options,
               online_hadamard=options.online_had_o and packed)
   return o, k_cache, v_cache, out
@@ -357,7 +363,7 @@ def _mlp_block(x, p, *, options: RunOptions):
                          _linear(x, p["up_proj"], options))
   packed = "qweight" in p["down_proj"]
   if options.online_had_down and not packed:
-    hidden = _hadamard(hidden)
+    hidden = _hadamard(hidden, options.had_blocks)
   return _linear(hidden, p["down_proj"], options,
                  online_hadamard=options.online_had_down and packed), hidden
 

@@ -55,10 +55,11 @@ def _copy(params: Params) -> Params:
   return jax.tree.map(lambda x: x, params)
 
 
-def _had_left(w: jax.Array) -> jax.Array:
-  """Hnᵀ @ w along axis -2, for w [..., n, out]."""
-  return jnp.swapaxes(
-      hadamard.fast_hadamard_transform(jnp.swapaxes(w, -1, -2)), -1, -2)
+def _had_left(w: jax.Array, blocks: int = 1) -> jax.Array:
+  """Hnᵀ @ w along axis -2, for w [..., n, out] (Hn block-diagonal with
+  `blocks` blocks, `hadamard.block_hadamard_transform`)."""
+  return jnp.swapaxes(hadamard.block_hadamard_transform(
+      jnp.swapaxes(w, -1, -2), blocks), -1, -2)
 
 
 def fuse_norms(params: Params, config: LlamaConfig) -> Params:
@@ -119,19 +120,23 @@ def rotate_residual(params: Params, q: jax.Array) -> Params:
   return wrap(p)
 
 
-def rotate_down_input(params: Params) -> Params:
-  """Folds H_Fᵀ into down_proj (run with `online_had_down=True`)."""
+def rotate_down_input(params: Params, *, tp: int = 1) -> Params:
+  """Folds H_Fᵀ into down_proj (run with `online_had_down=True`); with
+  `tp` > 1, H_F is block-diagonal, one H_(F/tp) per shard (run with
+  `had_blocks=tp`)."""
   params, wrap = model.unwrap(params)
   p = _copy(params)
   down = p["layers"]["mlp"]["down_proj"]
-  down["kernel"] = _had_left(down["kernel"])
+  down["kernel"] = _had_left(down["kernel"], tp)
   return wrap(p)
 
 
-def rotate_values_and_o(params: Params, config: LlamaConfig) -> Params:
+def rotate_values_and_o(params: Params, config: LlamaConfig, *,
+                        tp: int = 1) -> Params:
   """Rotates V per head by H_H and folds it and H_(N·H) into o_proj.
 
-  Run with `online_had_o=True`.
+  Run with `online_had_o=True`. With `tp` > 1, H_(N·H) is block-diagonal,
+  one block per shard of the heads (run with `had_blocks=tp`).
   """
   params, wrap = model.unwrap(params)
   p = _copy(params)
@@ -150,13 +155,13 @@ def rotate_values_and_o(params: Params, config: LlamaConfig) -> Params:
   # o_proj reads out·(I_N ⊗ H_H)·H_NH; fold the inverse of both.
   o = attn["o_proj"]["kernel"].reshape(num_layers, n, h, d)  # [L, N, H, D]
   o = _had_left(o).reshape(num_layers, n * h, d)
-  attn["o_proj"]["kernel"] = _had_left(o)
+  attn["o_proj"]["kernel"] = _had_left(o, tp)
   return wrap(p)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mode"))
+@functools.partial(jax.jit, static_argnames=("config", "mode", "tp"))
 def rotate(params: Params, config: LlamaConfig, key: jax.Array, *,
-           mode: str = "hadamard") -> Params:
+           mode: str = "hadamard", tp: int = 1) -> Params:
   """The full QuaRot rotation (steps 1-4; step 5 happens at run time).
 
   Args:
@@ -165,9 +170,12 @@ def rotate(params: Params, config: LlamaConfig, key: jax.Array, *,
     key: seeds the residual rotation Q.
     mode: 'hadamard' (randomized Hadamard, QuaRot's choice) or 'random'
       (Haar-random orthogonal, the paper's Table 8 comparison).
+    tp: the online down/o Hadamards are block-diagonal with `tp` blocks,
+      one per tensor-parallel shard (`sharding.py`), so none spans shards.
 
   Returns:
-    f32 params to run with `ROTATED` options (plus any quantization).
+    f32 params to run with `ROTATED` options (with `had_blocks=tp`; plus
+    any quantization).
 
   Raises:
     ValueError: a size has no supported Hadamard matrix (the message names
@@ -177,5 +185,5 @@ def rotate(params: Params, config: LlamaConfig, key: jax.Array, *,
   q = hadamard.rotation_matrix(config.hidden_size, key, mode=mode)
   p = fuse_norms(params, config)
   p = rotate_residual(p, q.astype(jnp.float32))
-  p = rotate_down_input(p)
-  return wrap(rotate_values_and_o(p, config))
+  p = rotate_down_input(p, tp=tp)
+  return wrap(rotate_values_and_o(p, config, tp=tp))

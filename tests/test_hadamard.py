@@ -165,6 +165,30 @@ def test_fast_transform_rejects_ints():
     hadamard.fast_hadamard_transform(jnp.ones((4,), jnp.int32))
 
 
+@pytest.mark.parametrize("n, blocks", [(96, 2), (96, 3), (576, 3)])
+def test_block_transform_is_block_diagonal(n, blocks):
+  # x @ (I_blocks ⊗ H_(n/blocks)) / sqrt(n/blocks): 96/2 = 48 = 4·12,
+  # 96/3 = 32, 576/3 = 192 = 16·12 (SmolLM2's N·H over 3 shards).
+  x = jax.random.normal(jax.random.key(0), (3, n), jnp.float32)
+  m = n // blocks
+  dense = np.kron(np.eye(blocks), hadamard.hadamard_matrix(m)) / np.sqrt(m)
+  y = hadamard.block_hadamard_transform(x, blocks)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ dense,
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dense @ dense.T), np.eye(n),
+                             atol=1e-6)
+
+
+def test_block_transform_one_block_is_the_full_transform():
+  x = jax.random.normal(jax.random.key(1), (2, 96), jnp.float32)
+  np.testing.assert_array_equal(
+      np.asarray(hadamard.block_hadamard_transform(x, 1)),
+      np.asarray(hadamard.fast_hadamard_transform(x)))
+  with pytest.raises(ValueError, match="blocks=5 must be a positive divisor"
+                     " of n=96"):
+    hadamard.block_hadamard_transform(x, 5)
+
+
 @pytest.mark.parametrize("n", [576, 1536, 344])
 def test_random_hadamard_matrix(n):
   q = hadamard.random_hadamard_matrix(n, jax.random.key(0))

@@ -21,8 +21,10 @@ import jax
 from experiments.lab import benchmarking
 from experiments.lab import decode_speed
 from experiments.lab import speed
+from quarot_jax import cli_flags
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
+_KERNELS = cli_flags.define_kernels_flag()
 _BENCH = flags.DEFINE_list(
     "benchmarks", ["layer_prefill", "decode_memory", "decode_throughput",
                    "model_prefill"], "Which benchmarks to run.")
@@ -81,6 +83,7 @@ def main(argv):
   for bench, fn, kwargs in list(_cases()):
     if bench != "decode_memory":
       kwargs["key"] = jax.random.key(0)
+      kwargs["kernels"] = _KERNELS.value
     try:
       records = fn(command=command, **kwargs)
     except Exception as e:  # pylint: disable=broad-except

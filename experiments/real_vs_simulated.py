@@ -26,6 +26,7 @@ from experiments.lab import benchmarking
 from experiments.lab import models
 from quarot_jax import cli_flags
 from quarot_jax import evaluate
+from quarot_jax import kernels as kernels_lib
 from quarot_jax import qlinear
 from quarot_jax import quarot
 from quarot_jax import sweep
@@ -34,6 +35,7 @@ _MODEL = flags.DEFINE_string("model", None, "Checkpoint, HF dir or .gguf;"
                              " default: the embedded SmolLM2-135M.")
 _QUANT = cli_flags.define_quant_flags(
     w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq")
+_KERNELS = cli_flags.define_kernels_flag()
 _SEQLEN = flags.DEFINE_integer("seqlen", 2048, "Window length.")
 _WINDOWS = flags.DEFINE_integer("max_windows", 40, "Eval windows.")
 _PROMPTS = flags.DEFINE_integer("prompts", 4, "Greedy prompts (eval text).")
@@ -70,6 +72,7 @@ def main(argv):
   command = shlex.join(["python", "-m", "experiments.real_vs_simulated"]
                        + sys.argv[1:])
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
+  kernels = kernels_lib.resolve(_KERNELS.value)
   params, config, tokenizer, name = models.load_model(_MODEL.value)
   qconfig = cli_flags.quarot_config({k: h.value for k, h in _QUANT.items()})
   nsamples = _QUANT["nsamples"].value if qconfig.w_method == "gptq" else 0
@@ -82,15 +85,16 @@ def main(argv):
   # The simulated twin holds exactly the packed codes, dequantized.
   simulated = qlinear.dequantize_params(packed)
   control = agreement.ulp_perturbed(simulated, jax.random.key(1))
-  ppl = {label: evaluate.perplexity(p, config, evals, options=options)["ppl"]
+  ppl = {label: evaluate.perplexity(p, config, evals, options=options,
+                                    kernels=kernels)["ppl"]
          for label, p in (("simulated", simulated), ("packed", packed),
                           ("control", control))}
   prompts = [list(w[:64]) for w in evals[:_PROMPTS.value]]
   agree = agreement.greedy_agreement(simulated, packed, config, prompts,
-                                     options=options,
+                                     options=options, kernels=kernels,
                                      max_new_tokens=_NEW.value)
   ctrl = agreement.greedy_agreement(simulated, control, config, prompts,
-                                    options=options,
+                                    options=options, kernels=kernels,
                                     max_new_tokens=_NEW.value)
   record = _record(f"{name} {qconfig.describe()}", ppl, agree, ctrl,
                    eval_windows=int(evals.shape[0]),

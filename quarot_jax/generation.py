@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax.config import LlamaConfig
@@ -57,11 +58,12 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
-                                             "options", "cache_dtype"))
+                                             "options", "kernels",
+                                             "cache_dtype"))
 def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
                    eos_ids, pad_id, *, config: LlamaConfig,
                    max_new_tokens: int, options: model.RunOptions,
-                   cache_dtype):
+                   kernels: kernels_lib.Kernels, cache_dtype):
   """Prefill + decode loop. Returns int32[B, max_new_tokens].
 
   The layers run unrolled over per-layer weights and caches
@@ -77,7 +79,7 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
                              packed=model.uses_kv4_cache(params, options),
                              per_layer=True)
   logits, cache = model.forward(params, tokens, config, cache=cache,
-                                options=options)
+                                options=options, kernels=kernels)
   key, sub = jax.random.split(key)
   first = sample_next(logits[:, -1], sub, temperature, top_k, top_p)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
@@ -92,7 +94,7 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
     out = out.at[:, i].set(jnp.where(done, pad_id, tok))
     done = done | jnp.isin(tok, eos_ids)
     logits, cache = model.forward(params, tok[:, None], config, cache=cache,
-                                  options=options)
+                                  options=options, kernels=kernels)
     key, sub = jax.random.split(key)
     tok = sample_next(logits[:, -1], sub, temperature, top_k, top_p)
     return i + 1, tok, cache, key, out, done
@@ -145,6 +147,7 @@ def generate_tokens(params: Any, config: LlamaConfig,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     eos_ids: Sequence[int] | None = None, pad_id: int = 0,
                     options: model.RunOptions = model.FLOAT,
+                    kernels: "str | kernels_lib.Kernels | None" = None,
                     cache_dtype: Any = None) -> list[list[int]]:
   """Generates token ids for a batch of tokenized prompts.
 
@@ -160,6 +163,8 @@ def generate_tokens(params: Any, config: LlamaConfig,
     eos_ids: stop tokens (default: the config's EOS ids).
     pad_id: token used for left padding.
     options: rotation/quantization behaviour of the forward.
+    kernels: which kernels run (`kernels.SETTINGS`, None = 'auto', or a
+      resolved `kernels.Kernels`); resolved once, here.
     cache_dtype: KV cache dtype (default: the embedding dtype).
 
   Returns:
@@ -169,8 +174,10 @@ def generate_tokens(params: Any, config: LlamaConfig,
   Raises:
     ValueError: an empty prompt, a token id outside [0, vocab_size), a
       prompt plus `max_new_tokens` longer than max_position_embeddings, or
-      bad sampling values (negative or NaN temperature, ...).
+      bad sampling values (negative or NaN temperature, ...), or a
+      `kernels` setting this platform cannot run.
   """
+  kernels = kernels_lib.resolve(kernels)
   params, _ = model.unwrap(params)  # Flax variables too
   _check_args(config, prompts, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p,
@@ -192,7 +199,7 @@ def generate_tokens(params: Any, config: LlamaConfig,
       jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k),
       jnp.float32(top_p), jnp.asarray(eos, jnp.int32), jnp.int32(pad_id),
       config=config, max_new_tokens=max_new_tokens, options=options,
-      cache_dtype=jnp.dtype(cache_dtype))
+      kernels=kernels, cache_dtype=jnp.dtype(cache_dtype))
   results = []
   for row in np.asarray(out)[:len(prompts)].tolist():
     ids = []
@@ -207,7 +214,8 @@ def generate_tokens(params: Any, config: LlamaConfig,
 def generate(params: Any, config: LlamaConfig, tokenizer: Any,
              prompts: Sequence[str] | str, *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, options: model.RunOptions = model.FLOAT
+             seed: int = 0, options: model.RunOptions = model.FLOAT,
+             kernels: "str | kernels_lib.Kernels | None" = None
              ) -> list[str]:
   """Generates text for a batch of prompts.
 
@@ -222,6 +230,7 @@ def generate(params: Any, config: LlamaConfig, tokenizer: Any,
     top_p: nucleus sampling mass (1.0: all).
     seed: sampling seed.
     options: rotation/quantization behaviour of the forward.
+    kernels: which kernels run (see `generate_tokens`).
 
   Returns:
     The generated continuation of each prompt (prompt not included).
@@ -238,6 +247,6 @@ def generate(params: Any, config: LlamaConfig, tokenizer: Any,
   out = generate_tokens(params, config, ids, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, eos_ids=sorted(eos), pad_id=pad_id,
-                        options=options)
+                        options=options, kernels=kernels)
   return [tokenizer.decode([t for t in row if t not in eos],
                            skip_special_tokens=True) for row in out]

@@ -54,6 +54,12 @@ class Kernels:
       cannot take, such as f32, fall back to 'xla', logged) or 'xla'
       (`model.attend`, an einsum softmax over the [T, S] scores).
     interpret: run the Pallas kernels above in interpret mode.
+
+  'pallas' for `hadamard_quant` and `kv4_attention` runs the kernel wherever
+  the op's shape constraints allow (`kernel_takes` in its module: e.g. rows
+  too short for the Hadamard split, head dims whose half is no power of
+  two), and its reference elsewhere: a property of the shape, not a second
+  look at the platform.
   """
 
   w4a4: W4A4 = "xla"

@@ -26,8 +26,10 @@ stacked on a leading L axis and run with `lax.scan`):
 
 A decoder linear quantized for real (`qlinear.pack_params`) holds
 `qweight uint8[L, out, in // 2]` (int4 codes packed along `in`, the layout of
-`quant.py`) and `wscale f32[L, out]` instead of `kernel`; `forward` then runs
-it with the Pallas int4 kernels (their references off the GPU).
+`pallas_kernels/int4_layout.py`) and `wscale f32[L, out]` instead of `kernel`;
+`forward` then runs it with the int4 kernels its `kernels` argument names
+(resolved once by `kernels.resolve`: Pallas on a GPU, the XLA references on
+a CPU under 'auto').
 
 A norm `scale` may be absent: after QuaRot fuses it into the next linears the
 norm is a plain `x / rms(x)`.
@@ -55,7 +57,9 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunOptions:
-  """What the forward does besides the float model (static under jit).
+  """What the forward computes besides the float model (static under jit).
+
+  Numerics only: which kernels compute it is `kernels` (`kernels.py`).
 
   Attributes:
     online_had_down: apply a Hadamard of size F to the down_proj input (its
@@ -67,13 +71,6 @@ class RunOptions:
       (per token), or None for no activation quantization.
     k_spec: `quant.QuantSpec` for cached keys (per token and head), or None.
     v_spec: likewise for values.
-    implementation: for packed params and KV4 caches: None (Pallas kernels
-      on a GPU, their jnp references elsewhere), 'pallas' or 'xla'.
-    interpret: run those Pallas kernels in interpret mode (CPU tests).
-    matmul_implementation: overrides `implementation` for the int4
-      matmuls only: 'mosaic' (the wgmma kernel, the default on Hopper),
-      'triton', or 'xla' (int4 unpacked to int8 in XLA, then XLA's cuBLAS
-      int8 matmul); see `qlinear.w4a4_matmul` and BENCHMARKS.md.
     had_blocks: the online down/o Hadamards are block-diagonal with this
       many blocks, one per tensor-parallel shard (`rotation.rotate(...,
       tp=had_blocks)` folds the same ones); 1 is the full-width transform.
@@ -85,9 +82,6 @@ class RunOptions:
   a_spec: Any = None
   k_spec: Any = None
   v_spec: Any = None
-  implementation: str | None = None
-  interpret: bool = False
-  matmul_implementation: str | None = None
   had_blocks: int = 1
 
 
@@ -109,6 +103,7 @@ def _hadamard(x: jax.Array, blocks: int = 1) -> jax.Array:
 
 
 def _linear(x: jax.Array, p: Params, options: RunOptions, *,
+            kernels: kernels_lib.Kernels,
             online_hadamard: bool = False) -> jax.Array:
   """`x @ kernel + bias`, or the packed int4 linear of `qlinear`.
 
@@ -120,10 +115,7 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
     if online_hadamard and options.had_blocks > 1:  # not the fused one
       x, online_hadamard = _hadamard(x, options.had_blocks), False
     return qlinear.linear(x, p, a_spec=options.a_spec,
-                          online_hadamard=online_hadamard,
-                          implementation=options.implementation,
-                          interpret=options.interpret,
-                          matmul_implementation=options.matmul_implementation)
+                          online_hadamard=online_hadamard, kernels=kernels)
   if online_hadamard:
     x = _hadamard(x)
   x = _fake_quant(x, options.a_spec)
@@ -246,9 +238,9 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
               config.head_dim)
   # [B, T, N, H] and [B, T, K, H]
-  q = _linear(x, p["q_proj"], options).reshape(b, t, n, h)
-  k = _linear(x, p["k_proj"], options).reshape(b, t, kv, h)
-  v = _linear(x, p["v_proj"], options).reshape(b, t, kv, h)
+  q = _linear(x, p["q_proj"], options, kernels=kernels).reshape(b, t, n, h)
+  k = _linear(x, p["k_proj"], options, kernels=kernels).reshape(b, t, kv, h)
+  v = _linear(x, p["v_proj"], options, kernels=kernels).reshape(b, t, kv, h)
   q = layers.apply_rope(q, positions, inv_freq)
   k = layers.apply_rope(k, positions, inv_freq)
   if options.qk_had:
@@ -281,7 +273,7 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   packed = "qweight" in p["o_proj"]
   if options.online_had_o and not packed:
     out = _hadamard(out, options.had_blocks)
-  o = _linear(out, p["o_proj"], options,
+  o = _linear(out, p["o_proj"], options, kernels=kernels,
               online_hadamard=options.online_had_o and packed)
   return o, k_cache, v_cache, out
 
@@ -317,7 +309,7 @@ def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
     end = jnp.broadcast_to(write_at + 1, start.shape).astype(jnp.int32)
     out = kv4_attn_lib.kv4_decode_attention(
         q[:, 0], k_cache, v_cache, start, end,
-        implementation=options.implementation, interpret=options.interpret)
+        implementation=kernels.kv4_attention, interpret=kernels.interpret)
     return out[:, None].astype(q.dtype), k_cache, v_cache
   if _use_flash(q, k.shape[2], kernels):
     def dequantize(c):  # [B, K, S, H // 2] codes -> [B, S, K, H]
@@ -356,20 +348,21 @@ def attend_kv4(q: jax.Array, k_cache, v_cache, mask: jax.Array
   return attend(q.astype(dtype), keys, values, mask).astype(q.dtype)
 
 
-def _mlp_block(x, p, *, options: RunOptions):
+def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels):
   """One FFN sub-block. Returns (output [B, T, D], down_proj input (before
   the online Hadamard when down_proj is packed))."""
-  hidden = layers.swiglu(_linear(x, p["gate_proj"], options),
-                         _linear(x, p["up_proj"], options))
+  hidden = layers.swiglu(_linear(x, p["gate_proj"], options, kernels=kernels),
+                         _linear(x, p["up_proj"], options, kernels=kernels))
   packed = "qweight" in p["down_proj"]
   if options.online_had_down and not packed:
     hidden = _hadamard(hidden, options.had_blocks)
-  return _linear(hidden, p["down_proj"], options,
+  return _linear(hidden, p["down_proj"], options, kernels=kernels,
                  online_hadamard=options.online_had_down and packed), hidden
 
 
 def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
                   options: RunOptions = FLOAT,
+                  kernels: kernels_lib.Kernels = kernels_lib.XLA,
                   k_cache=None, v_cache=None, positions=None, mask=None,
                   write_at=None, start=None):
   """One decoder layer, also returning the input of every linear.
@@ -379,6 +372,7 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
     p: one layer's params (the `layers` subtree without the L axis).
     config: the model config.
     options: rotation/quantization behaviour.
+    kernels: a resolved `kernels.Kernels` (default: the XLA references).
     k_cache: [B, S, K, H] or None (then `x` is one causal sequence per row).
     v_cache: [B, S, K, H] or None.
     positions: int32[B, T] RoPE positions (default 0..T-1).
@@ -402,10 +396,11 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
   attn_in = _norm(x, p["input_layernorm"], eps)
   h, k_cache, v_cache, o_in = _attention_block(
       attn_in, p["self_attn"], positions, mask, k_cache, v_cache, write_at,
-      config=config, options=options, inv_freq=inv_freq, start=start)
+      config=config, options=options, inv_freq=inv_freq, start=start,
+      kernels=kernels)
   x = x + h
   mlp_in = _norm(x, p["post_attention_layernorm"], eps)
-  h, down_in = _mlp_block(mlp_in, p["mlp"], options=options)
+  h, down_in = _mlp_block(mlp_in, p["mlp"], options=options, kernels=kernels)
   taps = {"qkv": attn_in, "o": o_in, "gate_up": mlp_in, "down": down_in}
   return x + h, k_cache, v_cache, taps
 
@@ -413,6 +408,7 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
 def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
             cache: kv_cache_lib.KVCache | None = None,
             options: RunOptions = FLOAT,
+            kernels: "str | kernels_lib.Kernels | None" = None,
             return_hidden: bool = False):
   """Runs the decoder.
 
@@ -426,11 +422,18 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     config: the model's `LlamaConfig`.
     cache: a `KVCache` from `kv_cache.init_cache`, or None.
     options: rotation/quantization behaviour (`RunOptions`).
+    kernels: which kernels run: a `kernels.SETTINGS` word, None ('auto'),
+      or a resolved `kernels.Kernels`; resolved here, once.
     return_hidden: return the final hidden state [B, T, D] instead of logits.
 
   Returns:
     (logits f32[B, T, V], new cache or None).
+
+  Raises:
+    ValueError: an unknown `kernels` setting, or one this platform cannot
+      run.
   """
+  kernels = kernels_lib.resolve(kernels)
   b, t = tokens.shape
   x = params["embed_tokens"]["embedding"][tokens]  # [B, T, D]
   if cache is None:
@@ -447,9 +450,9 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
   def layer(x, scanned):
     p, k_layer, v_layer = scanned
     x, k_layer, v_layer, _ = decoder_layer(
-        x, p, config=config, options=options, k_cache=k_layer,
-        v_cache=v_layer, positions=positions, mask=mask, write_at=write_at,
-        start=start)
+        x, p, config=config, options=options, kernels=kernels,
+        k_cache=k_layer, v_cache=v_layer, positions=positions, mask=mask,
+        write_at=write_at, start=start)
     return x, (k_layer, v_layer)
 
   if is_unstacked(params):

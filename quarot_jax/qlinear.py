@@ -3,7 +3,8 @@
 A decoder linear quantized for real holds, instead of a float
 `kernel [in, out]`:
 
-  qweight  uint8[out, in // 2]  int4 codes, packed as in `quant.py` (K-major)
+  qweight  uint8[out, in // 2]  int4 codes (`pallas_kernels/int4_layout.py`,
+                                K-major)
   wscale   f32[out]             symmetric per-output-channel scales
   bias     [out]                (Qwen2 only, kept in float)
 
@@ -13,8 +14,9 @@ Hadamard when asked) with `pallas_kernels.hadamard_quant` and multiplies with
 `w4a4_matmul` (the Mosaic GPU wgmma kernel on Hopper, fed int8 activation
 codes, which it reads from shared memory faster than packed ones; the
 Triton kernel, fed packed codes, on other GPUs); with float activations it
-runs the W4A16 kernel. Each kernel falls back to its plain-jnp reference off
-the GPU, so the CPU runs the same code path and CI tests it.
+runs the W4A16 kernel. Which backend each op runs comes resolved in
+`kernels` (`quarot_jax.kernels`): on a CPU the plain-jnp references run the
+same code path, and CI tests the kernels in interpret mode.
 
 Supported: 4-bit symmetric per-channel weights; activations 4-bit symmetric
 per token, or unquantized (16). Weight groups, asymmetric weights and other
@@ -25,13 +27,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import hadamard_quant as hq_lib
 from pallas_kernels import w4a16_matmul as w4a16_lib
 from pallas_kernels.w4a4_matmul import api as w4a4_lib
-from pallas_kernels.w4a4_matmul import mosaic_gpu as mgpu_lib
 from quarot_jax import hadamard
+from quarot_jax import kernels as kernels_lib
 from quarot_jax import quant
 
 Params = dict[str, Any]
@@ -151,9 +152,7 @@ def quantize_weights_rtn(params: Params, linears, spec: quant.QuantSpec
 
 
 def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
-           implementation: str | None = None,
-           interpret: bool = False,
-           matmul_implementation: str | None = None) -> jax.Array:
+           kernels: kernels_lib.Kernels = kernels_lib.XLA) -> jax.Array:
   """y = Q(H x) · W_qᵀ (+ bias) for a packed linear.
 
   Args:
@@ -163,11 +162,8 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
       for float activations (W4A16).
     online_hadamard: apply the Hadamard of size `in` first (down_proj and
       o_proj inputs after QuaRot).
-    implementation: None (Pallas on a GPU, else the jnp references),
-      'pallas' or 'xla' (the references).
-    interpret: run the Pallas kernels in interpret mode (CPU tests).
-    matmul_implementation: overrides `implementation` for the matmul; also
-      'mosaic' or 'triton' to pick the W4A4 kernel (see `w4a4_matmul`).
+    kernels: the resolved kernel choice (`kernels.resolve`); each op runs
+      the backend it names. Default: the XLA references.
 
   Returns:
     [..., out] in the dtype of x.
@@ -177,28 +173,28 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
   """
   lead, k = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(-1, k)  # [M, in]
-  impl = dict(implementation=implementation, interpret=interpret)
-  mm_impl = dict(impl, implementation=matmul_implementation or implementation)
   if a_spec is None or not a_spec.enabled:
     if online_hadamard:
       x2 = hadamard.fast_hadamard_transform(
           x2.astype(jnp.float32)).astype(x.dtype)
-    if mm_impl["implementation"] in ("mosaic", "triton"):
-      mm_impl["implementation"] = "pallas"  # W4A16 has one kernel.
-    y = w4a16_lib.w4a16_matmul(x2, p["qweight"], p["wscale"], **mm_impl)
+    y = w4a16_lib.w4a16_matmul(x2, p["qweight"], p["wscale"],
+                               implementation=kernels.w4a16,
+                               interpret=kernels.interpret)
   else:
     if (a_spec.bits != 4 or not a_spec.symmetric
         or a_spec.group_size is not None):
       raise NotImplementedError(
           f"packed linears quantize activations to 4-bit symmetric per"
           f" token; got {a_spec}")
-    mm_impl["implementation"] = w4a4_kernel(**mm_impl)
+    # The Mosaic matmul reads int8 codes from shared memory faster than
+    # packed ones (BENCHMARKS.md); the others take packed codes.
     x_q, s_x = hq_lib.hadamard_quant(
         x2, hadamard_base(k) if online_hadamard else None,
-        clip_ratio=a_spec.clip_ratio,
-        packed=mm_impl["implementation"] != "mosaic", **impl)
-    y = w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],
-                    out_dtype=x.dtype, **mm_impl)
+        clip_ratio=a_spec.clip_ratio, packed=kernels.w4a4 != "mosaic",
+        implementation=kernels.hadamard_quant, interpret=kernels.interpret)
+    y = w4a4_lib.w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],
+                             out_dtype=x.dtype, implementation=kernels.w4a4,
+                             interpret=kernels.interpret)
   if "bias" in p:
     y = y + p["bias"].astype(y.dtype)
   return y.reshape(*lead, y.shape[-1])
@@ -209,60 +205,3 @@ def hadamard_base(k: int) -> jax.Array:
   `hadamard_quant` takes (m from `hadamard.factorize(K)`)."""
   _, m = hadamard.factorize(k)
   return jnp.asarray(hadamard.hadamard_matrix(m))
-
-
-def w4a4_kernel(implementation: str | None = None,
-                interpret: bool = False) -> str | None:
-  """The W4A4 matmul `w4a4_matmul` runs for `implementation`: 'mosaic' for
-  None/'pallas' on a Hopper GPU (and not `interpret`), else unchanged.
-
-  Raises:
-    ValueError: an unknown implementation.
-  """
-  if implementation not in (None, "pallas", "mosaic", "triton", "xla"):
-    raise ValueError(f"unknown W4A4 matmul implementation {implementation!r}")
-  if implementation in (None, "pallas") and not interpret and (
-      mgpu_lib.can_use_w4a4_mosaic()):
-    return "mosaic"
-  return implementation
-
-
-def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
-                s_w: jax.Array, *, out_dtype=jnp.bfloat16,
-                implementation: str | None = None,
-                interpret: bool = False) -> jax.Array:
-  """y = (x_q · w_qᵀ) * s_x * s_w with the fastest W4A4 kernel available.
-
-  Args:
-    x_q: uint8[M, K // 2] packed int4 activations (quant.py layout), or
-      int8[M, K] codes in [-8, 7] (`hadamard_quant(..., packed=False)`):
-      what the Mosaic kernel reads fastest; packed here for the others.
-    w_q: uint8[N, K // 2] packed int4 weights.
-    s_x: f32[M] per-token scales.
-    s_w: f32[N] per-output-channel scales.
-    out_dtype: dtype of y.
-    implementation: None or 'pallas' (the Mosaic GPU wgmma kernel on a
-      Hopper GPU, the Triton kernel on other GPUs and under `interpret`),
-      'mosaic', 'triton', or 'xla' (the jnp reference: int8 unpack + XLA's
-      int8 matmul).
-    interpret: run the Triton kernel in interpret mode (CPU tests; Mosaic
-      GPU's interpreter does not run the wgmma kernel).
-
-  Returns:
-    y: [M, N] in `out_dtype`.
-
-  Raises:
-    ValueError: an unknown implementation.
-  """
-  implementation = w4a4_kernel(implementation, interpret)
-  if implementation == "pallas":
-    implementation = "triton"
-  return w4a4_lib.w4a4_matmul(x_q, w_q, s_x, s_w, out_dtype=out_dtype,
-                              implementation=implementation,
-                              interpret=interpret)
-
-
-def weight_bytes(params: Params) -> int:
-  """Bytes of all array leaves (to compare packed and float models)."""
-  return sum(int(np.prod(a.shape)) * a.dtype.itemsize
-             for a in jax.tree.leaves(params))

@@ -101,18 +101,17 @@ def test_packed_forward_runs_every_kernel_in_interpret_mode():
   tokens = hf_models.random_tokens(config.vocab_size, 1, 4, seed=1)
   real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
                                   progress=False)
-  pallas = dataclasses.replace(options, implementation="pallas",
-                               interpret=True)
-  for opts in (options, pallas):
+  for setting in ("xla", "interpret"):
     cache = kv_cache.cache_for(config, 1, 8, packed=True)
     prefill, cache = model.forward(real, tokens[:, :3], config, cache=cache,
-                                   options=opts)
+                                   options=options, kernels=setting)
     decode, _ = model.forward(real, tokens[:, 3:], config, cache=cache,
-                              options=opts)
-    if opts is options:
+                              options=options, kernels=setting)
+    if setting == "xla":
       want = (prefill, decode)
   jaxpr = str(jax.make_jaxpr(lambda p: model.forward(
-      p, tokens[:, 3:], config, cache=cache, options=pallas)[0])(real))
+      p, tokens[:, 3:], config, cache=cache, options=options,
+      kernels="interpret")[0])(real))
   for name in ("hadamard_quant", "w4a4_matmul_triton",
                "kv4_decode_attention"):
     assert name in jaxpr, name
@@ -126,12 +125,11 @@ def test_packed_forward_on_gpu_uses_mosaic_matmul_and_matches_reference():
   tokens = hf_models.random_tokens(config.vocab_size, 2, 12, seed=5)
   real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
                                   progress=False)
-  ref = dataclasses.replace(options, implementation="xla")
-  fwd = jax.jit(lambda p, opts: model.forward(p, tokens, config,
-                                              options=opts)[0],
-                static_argnames="opts")
-  assert "w4a4_matmul_mosaic" in fwd.lower(real, options).as_text()
-  assert _rel(fwd(real, options), fwd(real, ref)) < 1e-4
+  fwd = jax.jit(lambda p, k: model.forward(p, tokens, config,
+                                           options=options, kernels=k)[0],
+                static_argnames="k")
+  assert "w4a4_matmul_mosaic" in fwd.lower(real, "mosaic").as_text()
+  assert _rel(fwd(real, "mosaic"), fwd(real, "xla")) < 1e-4
 
 
 def test_generate_on_packed_params_agrees_with_simulated():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from quarot_jax import hadamard
+from quarot_jax import kernels
 from quarot_jax import qlinear
 from quarot_jax import quant
 
@@ -57,15 +58,23 @@ def test_linear_matches_simulated_quantization(online_hadamard, a_bits):
                                  jnp.abs(want).max()))
 
 
-def test_linear_pallas_interpret_equals_reference():
+@pytest.mark.parametrize("a_bits", [4, 16])
+def test_linear_runs_the_kernels_it_is_given(a_bits):
   kernel, x = _weight_and_input(k=576, n=40, m=3, seed=1)
   p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
   p["bias"] = jax.random.normal(jax.random.key(2), (40,))
   x = x.reshape(1, 3, 576)
-  want = qlinear.linear(x, p, a_spec=_A_SPEC, online_hadamard=True,
-                        implementation="xla")
-  got = qlinear.linear(x, p, a_spec=_A_SPEC, online_hadamard=True,
-                       implementation="pallas", interpret=True)
+  a_spec = _A_SPEC if a_bits == 4 else None
+  run = lambda k: qlinear.linear(x, p, a_spec=a_spec, online_hadamard=True,
+                                 kernels=k)
+  interpret = kernels.resolve("interpret")
+  jaxpr = str(jax.make_jaxpr(lambda: run(interpret))())
+  names = (("hadamard_quant", "w4a4_matmul_triton") if a_bits == 4
+           else ("w4a16_matmul",))
+  assert all(name in jaxpr for name in names), names
+  assert "pallas_call" not in str(jax.make_jaxpr(lambda: run(kernels.XLA))())
+  want = run(kernels.XLA)
+  got = run(interpret)
   assert got.shape == (1, 3, 40)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                              atol=1e-5)
@@ -115,26 +124,3 @@ def test_dequantize_params_is_the_simulated_model():
   node = back["layers"]["mlp"]["down_proj"]
   assert set(node) == {"kernel", "bias"}
   np.testing.assert_array_equal(np.asarray(node["kernel"]), np.asarray(want))
-
-
-def test_w4a4_matmul_kernels_agree_with_reference():
-  rng = np.random.default_rng(4)
-  x8 = jnp.asarray(rng.integers(-8, 8, (12, 256)), jnp.int8)
-  xq = quant.pack_int4(x8)
-  wq = quant.pack_int4(jnp.asarray(rng.integers(-8, 8, (40, 256)), jnp.int8))
-  sx = jnp.asarray(rng.uniform(0.01, 0.1, 12), jnp.float32)
-  sw = jnp.asarray(rng.uniform(0.01, 0.1, 40), jnp.float32)
-  want = qlinear.w4a4_matmul(xq, wq, sx, sw, out_dtype=jnp.float32,
-                             implementation="xla")
-  on_gpu = jax.default_backend() == "gpu"
-  impls = ["triton", None] + (["mosaic"] if on_gpu else [])
-  for impl in impls:
-    got = qlinear.w4a4_matmul(xq, wq, sx, sw, out_dtype=jnp.float32,
-                              implementation=impl, interpret=not on_gpu)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # Unpacked int8 codes (what hadamard_quant writes for Mosaic) too.
-    got = qlinear.w4a4_matmul(x8, wq, sx, sw, out_dtype=jnp.float32,
-                              implementation=impl, interpret=not on_gpu)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  with pytest.raises(ValueError, match="unknown W4A4"):
-    qlinear.w4a4_matmul(xq, wq, sx, sw, implementation="cutlass")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quarot_jax import generation
+from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax.config import LlamaConfig
@@ -21,7 +22,7 @@ from quarot_jax.config import LlamaConfig
 
 def greedy_agreement(simulated: Any, packed: Any, config: LlamaConfig,
                      prompts: Sequence[Sequence[int]], *,
-                     options: model.RunOptions,
+                     options: model.RunOptions, kernels=None,
                      max_new_tokens: int = 256) -> dict[str, Any]:
   """Greedy tokens of both paths, compared position by position.
 
@@ -31,6 +32,8 @@ def greedy_agreement(simulated: Any, packed: Any, config: LlamaConfig,
     config: the model config.
     prompts: token-id prompts.
     options: the `RunOptions` both were made with.
+    kernels: which kernels run (a `kernels.SETTINGS` word, None = 'auto',
+      or a resolved `kernels.Kernels`).
     max_new_tokens: tokens generated per prompt.
 
   Returns:
@@ -40,12 +43,13 @@ def greedy_agreement(simulated: Any, packed: Any, config: LlamaConfig,
      token, 'positions': positions compared, 'first_divergence': per
      prompt, the first differing position or None}.
   """
+  kernels = kernels_lib.resolve(kernels)
   want = generation.generate_tokens(simulated, config, prompts,
                                     max_new_tokens=max_new_tokens,
-                                    options=options)
+                                    options=options, kernels=kernels)
   got = generation.generate_tokens(packed, config, prompts,
                                    max_new_tokens=max_new_tokens,
-                                   options=options)
+                                   options=options, kernels=kernels)
   free, forced, total, first = 0, 0, 0, []
   for prompt, w, g in zip(prompts, want, got):
     n = min(len(w), len(g))
@@ -56,7 +60,7 @@ def greedy_agreement(simulated: Any, packed: Any, config: LlamaConfig,
     cache = kv_cache.cache_for(config, 1, tokens.shape[1],
                                packed=model.uses_kv4_cache(packed, options))
     logits, _ = model.forward(packed, tokens, config, cache=cache,
-                              options=options)
+                              options=options, kernels=kernels)
     pred = np.asarray(jnp.argmax(logits[0, len(prompt) - 1:-1], -1))
     forced += int((pred == np.asarray(w)).sum())
     total += len(w)

@@ -18,6 +18,8 @@ import numpy as np
 from experiments.lab import benchmarking
 from pallas_kernels import hadamard_quant as hq_lib
 from pallas_kernels import kv4_cache as kv4_lib
+from pallas_kernels.w4a4_matmul import api as w4a4_lib
+from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import qlinear
@@ -96,12 +98,18 @@ def _layer(params: Any) -> Any:
 
 
 def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
-                  command: str, key: jax.Array) -> list[dict]:
+                  command: str, key: jax.Array,
+                  kernels: "str | kernels_lib.Kernels | None" = None
+                  ) -> list[dict]:
   """One decoder layer at prefill: bf16 vs W4A4KV4, plus the stage table.
+
+  Both run with `kernels` (resolved here); the record also times the
+  W4A4 matmuls as XLA int8 dots and (on a GPU) as the Triton kernel.
 
   Returns:
     A `layer_prefill` record (with `stages_ms` and `stage_share`).
   """
+  kernels = kernels_lib.resolve(kernels)
   kf, kq, kx = jax.random.split(key, 3)
   one = dataclasses.replace(config, num_hidden_layers=1)
   fparams = model.init_params(one, kf, dtype=jnp.bfloat16)
@@ -111,9 +119,9 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
               config.head_dim)
 
-  def run(p, x, cache, opts):
+  def run(p, x, cache, opts, kern):
     out, _, _, _ = model.decoder_layer(
-        x, _layer(p), config=config, options=opts,
+        x, _layer(p), config=config, options=opts, kernels=kern,
         k_cache=jax.tree.map(lambda a: a[0], cache.k),
         v_cache=jax.tree.map(lambda a: a[0], cache.v), write_at=0,
         start=cache.start)
@@ -121,20 +129,22 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
 
   fcache = kv_cache.cache_for(one, batch, seq, dtype=jnp.bfloat16)
   qcache = kv_cache.cache_for(one, batch, seq, packed=True)
-  run = jax.jit(run, static_argnames="opts")
+  run = jax.jit(run, static_argnames=("opts", "kern"))
   float_ms = benchmarking.median_ms(
-      lambda: run(fparams, x, fcache, model.FLOAT))
-  ours_ms = benchmarking.median_ms(lambda: run(qparams, x, qcache, options))
-  xla_mm = dataclasses.replace(options, matmul_implementation="xla")
+      lambda: run(fparams, x, fcache, model.FLOAT, kernels))
+  ours_ms = benchmarking.median_ms(
+      lambda: run(qparams, x, qcache, options, kernels))
+  xla_mm = dataclasses.replace(kernels, w4a4="xla")
   ours_xla_mm_ms = benchmarking.median_ms(
-      lambda: run(qparams, x, qcache, xla_mm))
+      lambda: run(qparams, x, qcache, options, xla_mm))
   triton = {}
   if jax.default_backend() == "gpu":  # The Triton kernel has no CPU path.
-    triton_mm = dataclasses.replace(options, matmul_implementation="triton")
-    ms = benchmarking.median_ms(lambda: run(qparams, x, qcache, triton_mm))
+    triton_mm = dataclasses.replace(kernels, w4a4="triton")
+    ms = benchmarking.median_ms(
+        lambda: run(qparams, x, qcache, options, triton_mm))
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
                   speedup_triton_matmul=round(float_ms / ms, 3))
-  stages = _stage_times(qparams, config, batch * seq)
+  stages = _stage_times(qparams, config, batch * seq, kernels)
   qk = jax.random.normal(kx, (batch, seq, n, h), jnp.bfloat16)
   kvx = jax.random.normal(kx, (batch, seq, kv, h), jnp.bfloat16)
   mask = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
@@ -152,7 +162,8 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
       stage_share={k: round(v / ours_ms, 3) for k, v in stages.items()})]
 
 
-def _stage_times(qparams: Any, config: LlamaConfig, m: int) -> dict:
+def _stage_times(qparams: Any, config: LlamaConfig, m: int,
+                 kernels: kernels_lib.Kernels) -> dict:
   """ms of each quantize and int4 matmul of one layer at M tokens."""
   lp = _layer(qparams)
   d, f = config.hidden_size, config.intermediate_size
@@ -160,9 +171,10 @@ def _stage_times(qparams: Any, config: LlamaConfig, m: int) -> dict:
   key = iter(jax.random.split(jax.random.key(1), 16))
   times = {}
   # The activation format the model's matmul takes (int8 codes for Mosaic).
-  packed = qlinear.w4a4_kernel() != "mosaic"
+  packed = kernels.w4a4 != "mosaic"
   quant = jax.jit(lambda x, had: hq_lib.hadamard_quant(
-      x, qlinear.hadamard_base(x.shape[-1]) if had else None, packed=packed),
+      x, qlinear.hadamard_base(x.shape[-1]) if had else None, packed=packed,
+      implementation=kernels.hadamard_quant, interpret=kernels.interpret),
                   static_argnames="had")
   for name, width, had in (("quantize_qkv_in", d, False),
                            ("hadamard_quantize_o_in", nh, True),
@@ -170,7 +182,9 @@ def _stage_times(qparams: Any, config: LlamaConfig, m: int) -> dict:
                            ("hadamard_quantize_down_in", f, True)):
     x = jax.random.normal(next(key), (m, width), jnp.bfloat16)
     times[name] = benchmarking.median_ms(lambda x=x, had=had: quant(x, had))
-  matmul = jax.jit(qlinear.w4a4_matmul)  # The kernel the model runs.
+  matmul = jax.jit(functools.partial(  # The kernel the model runs.
+      w4a4_lib.w4a4_matmul, implementation=kernels.w4a4,
+      interpret=kernels.interpret))
   total = 0.0
   x_q_of = {}
   for block, name in quarot.LINEARS:
@@ -184,7 +198,7 @@ def _stage_times(qparams: Any, config: LlamaConfig, m: int) -> dict:
         lambda x_in=x_in, s_x=s_x, p=p: matmul(x_in, p["qweight"], s_x,
                                                p["wscale"]))
   times["int4_matmuls"] = total
-  xla_matmul = jax.jit(functools.partial(qlinear.w4a4_matmul,
+  xla_matmul = jax.jit(functools.partial(w4a4_lib.w4a4_matmul,
                                          implementation="xla"))
   times["int4_matmuls_xla_int8"] = sum(
       benchmarking.median_ms(lambda p=lp[b][n]: xla_matmul(
@@ -235,12 +249,17 @@ def decode_memory(config: LlamaConfig, batch: int, prefill: int,
 
 
 def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
-                  command: str, key: jax.Array) -> list[dict]:
+                  command: str, key: jax.Array,
+                  kernels: "str | kernels_lib.Kernels | None" = None
+                  ) -> list[dict]:
   """Whole-model prefill (writing the cache): bf16 vs W4A4KV4.
+
+  Both run with `kernels` (resolved here), as `layer_prefill`.
 
   Returns:
     A `model_prefill` record with tokens/s and the bytes of weights.
   """
+  kernels = kernels_lib.resolve(kernels)
   kf, kq, kt = jax.random.split(key, 3)
   fparams = model.init_params(config, kf, dtype=jnp.bfloat16)
   qparams = packed_like(fparams, kq)
@@ -248,25 +267,23 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
   tokens = jax.random.randint(kt, (batch, seq), 0, config.vocab_size,
                               jnp.int32)
 
-  def run(params, packed, opts):
+  def run(params, packed, opts, kern):
     cache = kv_cache.cache_for(config, batch, seq, dtype=jnp.bfloat16,
                                packed=packed)
     return model.forward(params, tokens, config, cache=cache,
-                         options=opts)[0]
+                         options=opts, kernels=kern)[0]
 
-  run = jax.jit(run, static_argnames=("packed", "opts"))
-  float_ms = benchmarking.median_ms(lambda: run(fparams, False, model.FLOAT),
-                                    warmup=1, runs=5, inner=1)
-  ours_ms = benchmarking.median_ms(lambda: run(qparams, True, options),
-                                   warmup=1, runs=5, inner=1)
-  xla_mm = dataclasses.replace(options, matmul_implementation="xla")
-  xla_mm_ms = benchmarking.median_ms(lambda: run(qparams, True, xla_mm),
-                                     warmup=1, runs=5, inner=1)
+  run = jax.jit(run, static_argnames=("packed", "opts", "kern"))
+  timed = lambda *args: benchmarking.median_ms(
+      lambda: run(*args), warmup=1, runs=5, inner=1)
+  float_ms = timed(fparams, False, model.FLOAT, kernels)
+  ours_ms = timed(qparams, True, options, kernels)
+  xla_mm_ms = timed(qparams, True, options,
+                    dataclasses.replace(kernels, w4a4="xla"))
   triton = {}
   if jax.default_backend() == "gpu":  # The Triton kernel has no CPU path.
-    triton_mm = dataclasses.replace(options, matmul_implementation="triton")
-    ms = benchmarking.median_ms(lambda: run(qparams, True, triton_mm),
-                                warmup=1, runs=5, inner=1)
+    ms = timed(qparams, True, options,
+               dataclasses.replace(kernels, w4a4="triton"))
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
                   speedup_triton_matmul=round(float_ms / ms, 3))
   tps = lambda ms: batch * seq / (ms / 1e3)

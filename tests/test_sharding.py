@@ -22,9 +22,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from quarot_jax import generation
+from quarot_jax import hadamard
+from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import qlinear
+from quarot_jax import quant
 from quarot_jax import quarot
 from quarot_jax import rotation
 from quarot_jax import sharding
@@ -249,6 +252,10 @@ def _sharded_checks() -> dict:
                                  eos_ids=[])
       for p in (params, sharding.shard_params(params, mesh))]
 
+  # Packed linears per shard in shard_map, Pallas kernels in interpret
+  # mode: against the same kernels on each shard's slice, unsharded.
+  out.update(_packed_linear_checks(mesh))
+
   # Weights created sharded equal model.init_params's.
   sp = sharding.init_params_sharded(CONFIG, jax.random.key(0), mesh)
   q = sp["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -257,6 +264,46 @@ def _sharded_checks() -> dict:
       np.array_equal(a, b) for a, b in zip(jax.tree.leaves(sp),
                                            jax.tree.leaves(want))))
   out["init_q_shard"] = list(q.addressable_shards[0].data.shape)
+  return out
+
+
+def _packed_linear_checks(mesh) -> dict:
+  """`sharding.packed_linear` at tp = 2 (in = 64, out = 48, M = 6)."""
+  kernels = kernels_lib.resolve("interpret")
+  a_spec = quant.activation_spec(4)
+  w = jax.random.normal(jax.random.key(4), (64, 48))
+  p = qlinear.pack_weight(quant.quantize_weight(w, quant.QuantSpec(bits=4)))
+  p["bias"] = jax.random.normal(jax.random.key(5), (48,))
+  x = jax.random.normal(jax.random.key(6), (2, 3, 64))
+  run = lambda x, p: qlinear.linear(x, p, a_spec=a_spec, online_hadamard=True,
+                                    kernels=kernels)
+  out = {}
+  for parallel in ("column", "row"):
+    fn = jax.jit(lambda x, p, parallel=parallel: sharding.packed_linear(
+        x, p, mesh=mesh, parallel=parallel, a_spec=a_spec,
+        online_hadamard=True, kernels=kernels))
+    got = fn(x, p)
+    if parallel == "column":
+      want = run(x, p)
+    else:  # Each half of `in` with its half of the packed bytes.
+      want = p["bias"] + sum(
+          run(x[..., 32 * i:32 * (i + 1)],
+              {"qweight": p["qweight"][:, 16 * i:16 * (i + 1)],
+               "wscale": p["wscale"]}) for i in range(2))
+      # = block-diagonal Hadamard, per-token scales over each half.
+      w_q = qlinear.dequantize_params({"layers": {"mlp": {"down_proj": {
+          k: v[None] for k, v in p.items() if k != "bias"}}}})
+      x_q = quant.fake_quant(hadamard.block_hadamard_transform(x, 2),
+                             quant.activation_spec(4, group_size=32))
+      out["row_vs_simulated"] = _rel(
+          got, x_q @ w_q["layers"]["mlp"]["down_proj"]["kernel"][0]
+          + p["bias"])
+    out[f"{parallel}_linear"] = _rel(got, want)
+    out[f"{parallel}_linear_shard"] = list(
+        got.addressable_shards[0].data.shape)
+    out[f"{parallel}_linear_hlo"] = _collectives(fn, x, p)
+    out[f"{parallel}_linear_pallas"] = "pallas_call" in str(
+        jax.make_jaxpr(fn)(x, p))
   return out
 
 
@@ -306,6 +353,25 @@ def test_layer_collectives_are_two_all_reduces(sharded):
 def test_generate_on_sharded_params(sharded):
   want, got = sharded["generate"]
   assert got == want and len(want[0]) == 3
+
+
+def test_packed_linear_per_shard(sharded):
+  # Column parallel: each device the kernels on its 24 output columns.
+  assert sharded["column_linear"] <= 1e-6
+  assert sharded["column_linear_shard"] == [2, 3, 24]
+  assert sharded["column_linear_hlo"] == []
+  # Row parallel: the kernels on each half of `in`, one all-reduce.
+  assert sharded["row_linear"] <= 1e-6
+  assert sharded["row_vs_simulated"] <= 1e-5
+  assert sharded["row_linear_shard"] == [2, 3, 48]
+  assert sharded["row_linear_hlo"] == ["all-reduce"]
+  assert sharded["column_linear_pallas"] and sharded["row_linear_pallas"]
+
+
+def test_packed_linear_rejects_unknown_parallel():
+  with pytest.raises(ValueError, match="parallel='diagonal' must be"):
+    sharding.packed_linear(jnp.ones((2, 4)), {}, mesh=sharding.make_mesh(1),
+                           parallel="diagonal", a_spec=None)
 
 
 def test_init_params_sharded(sharded):

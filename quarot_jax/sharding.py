@@ -289,7 +289,9 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     mesh: the mesh the params live on.
     cache: a sharded `KVCache`, or None.
     options: as for `model.forward`.
-    kernels: as for `model.forward` (resolved here, once).
+    kernels: as for `model.forward` (resolved here, once). For packed
+      params on a GPU, 'xla' keeps every op splittable by GSPMD; the Pallas
+      kernels are custom calls it cannot split (see `packed_linear`).
 
   Returns:
     (logits f32[B, T, V], new cache or None), as `model.forward`.

@@ -120,8 +120,8 @@ def check_out_dir(path: str, *, overwrite: bool = False,
     os.makedirs(os.path.dirname(path), exist_ok=True)
     os.rmdir(make_temp_dir(path))
   except OSError as e:
-    raise ValueError(f"{what} {path!r} cannot be written:"
-                     f" {e.strerror or e} ({e.filename or existing})") from None
+    raise ValueError(f"{what} {path!r} cannot be written: {e.strerror or e}"
+                     f" (in {os.path.dirname(path)!r})") from None
   clean_stale(path)
   return path
 

@@ -18,10 +18,10 @@ place at the end (`atomic`), so a failure never leaves a half-written
 checkpoint, and what a killed save left is removed by the next one.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -40,17 +40,44 @@ def _checkpointer():
   return ocp.StandardCheckpointer()
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Orbax logs ~30 INFO lines per save under absl; keep warnings only."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  old = logging.get_verbosity()
-  if old >= logging.INFO:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(old)
+def _orbax_record(record) -> bool:
+  """False for a log record made by Orbax (the filter drops it)."""
+  return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _quiet_orbax() -> None:
+  """Drops Orbax's absl log records, once and for good.
+
+  Orbax logs ~30 INFO lines per save, and after a failure (a full disk) a
+  traceback per background thread at ERROR, some after the save returned;
+  the same error reaches the caller as the exception, so nothing is lost.
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+  logger = logging.getLogger("absl")
+  if _orbax_record not in logger.filters:
+    logger.addFilter(_orbax_record)
+
+
+def _drop_closed_loop_noise() -> None:
+  """Keeps Orbax's writer threads from printing tracebacks after a failure.
+
+  When a save fails (a full disk), TensorStore callbacks still running in
+  Orbax's threads hit the closed asyncio loop and report "Event loop is
+  closed" as unraisable errors, a traceback each. The failure itself
+  reaches the caller as the exception, so only these are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "quarot_jax_filter", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == (
+        "Event loop is closed"):
+      return
+    previous(unraisable)
+  hook.quarot_jax_filter = True
+  sys.unraisablehook = hook
 
 
 def is_checkpoint(path: str) -> bool:
@@ -84,11 +111,12 @@ def save_params(params: Any, path: str, config: LlamaConfig, *,
   params, _ = model.unwrap(params)
   path = atomic.check_out_dir(path, overwrite=overwrite)
   tmp = atomic.make_temp_dir(path)
+  _quiet_orbax()
+  _drop_closed_loop_noise()
   try:
-    with _quiet_orbax():
-      ckptr = _checkpointer()
-      ckptr.save(os.path.join(tmp, "params"), params)
-      ckptr.wait_until_finished()
+    ckptr = _checkpointer()
+    ckptr.save(os.path.join(tmp, "params"), params)
+    ckptr.wait_until_finished()
     if tokenizer is not None:
       tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(),
@@ -138,13 +166,13 @@ def _restore(path: str, meta: dict, like: Any, verify: bool) -> Any:
   """The params of checkpoint `path` (checksums verified first)."""
   if verify and meta.get("checksums"):
     atomic.verify_checksums(path, meta["checksums"])
-  with _quiet_orbax():
-    ckptr = _checkpointer()
-    if like is None:
-      return ckptr.restore(os.path.join(path, "params"))
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
-    return ckptr.restore(os.path.join(path, "params"), target)
+  _quiet_orbax()
+  ckptr = _checkpointer()
+  if like is None:
+    return ckptr.restore(os.path.join(path, "params"))
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+  return ckptr.restore(os.path.join(path, "params"), target)
 
 
 def load_params(path: str, *, like: Any = None,

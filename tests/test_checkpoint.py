@@ -265,3 +265,23 @@ def test_cli_success_prints_no_log_lines(tmp_path):
       text=True, check=True)
   assert proc.stdout.strip() == f"wrote {tmp_path / 'ck'}"
   assert not re.search(r"^[IW]\d{4} ", proc.stderr, re.M), proc.stderr
+
+
+def test_orbax_log_records_are_dropped(tmp_path):
+  import io  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  buf = io.StringIO()
+  handler = logging.StreamHandler(buf)
+  logger = logging.getLogger("absl")
+  old = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  logger.addHandler(handler)
+  try:
+    _, _, out = _float_ckpt(tmp_path)  # Orbax logs ~30 INFO lines per save
+    checkpoint.load(out)
+    logger.info("not from Orbax")
+  finally:
+    logger.removeHandler(handler)
+    absl_logging.set_verbosity(old)
+  assert buf.getvalue().splitlines() == ["not from Orbax"]

@@ -5,11 +5,16 @@ One config:
       --w_method=gptq --rotate
 The paper's table (each config with and without rotation):
   python -m experiments.accuracy --sweep=paper
+Learned rotations (issue 16: W4A4KV4 and W4A16 GPTQ, each objective, then
+the Hadamard rows), e.g. on the first 32 windows:
+  python -m experiments.accuracy --sweep=learned --max_windows=32 \
+      --objectives=e2e,qerror --rotation_steps=100 --rotation_lr=1e-3
 
 Appends one JSON record per config to --out_jsonl and writes a Markdown
 table to --out_md. The quantization flags come from `quarot_jax.cli_flags`.
 """
 
+import dataclasses
 import shlex
 import sys
 
@@ -23,6 +28,8 @@ from experiments.lab import models
 from experiments.lab import paper
 from experiments.lab import results
 from quarot_jax import cli_flags
+from quarot_jax import learned_rotation
+from quarot_jax import quarot
 from quarot_jax import sweep
 from quarot_jax.quarot import QuaRotConfig
 
@@ -34,8 +41,13 @@ _SEQLEN = flags.DEFINE_integer("seqlen", 2048, "Window length.")
 _MAX_WINDOWS = flags.DEFINE_integer(
     "max_windows", None, "Evaluate the first N windows (default: all).")
 _EVAL_TEXT = cli_flags.define_eval_text_flag()
-_SWEEP = flags.DEFINE_enum("sweep", None, ["paper"],
-                           "Run a preset list of configs instead of one.")
+_SWEEP = flags.DEFINE_enum(
+    "sweep", None, ["paper", "learned"],
+    "Run a preset list of configs instead of one: the paper's table, or"
+    " learned rotations (--rotation_* flags) against the Hadamard.")
+_OBJECTIVES = flags.DEFINE_list(
+    "objectives", list(learned_rotation.OBJECTIVES),
+    "With --sweep=learned: the rotation objectives to run, in this order.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Windows per forward.")
 _METHODS = flags.DEFINE_enum(
     "methods", "all", ["all", "rtn", "gptq"],
@@ -51,6 +63,9 @@ _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
 
 
 def _configs(config) -> list[QuaRotConfig]:
+  if _SWEEP.value == "learned":
+    return _learned_sweep(cli_flags.quarot_config(
+        {k: h.value for k, h in _QUANT.items()}), _OBJECTIVES.value)
   if _SWEEP.value == "paper":
     configs = paper.paper_sweep(sweep.group_size_for(config))
     return [c for c in configs
@@ -58,6 +73,19 @@ def _configs(config) -> list[QuaRotConfig]:
             or c.w_method == _METHODS.value]
   return [cli_flags.quarot_config(
       {k: h.value for k, h in _QUANT.items()})]
+
+
+def _learned_sweep(flagged: QuaRotConfig,
+                   objectives: list[str]) -> list[QuaRotConfig]:
+  """W4A4KV4 and W4A16 GPTQ with each learned objective, then Hadamard."""
+  rows = (dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq"),
+          dict(w_bits=4, a_bits=16, k_bits=16, v_bits=16, w_method="gptq"))
+  learned = [dataclasses.replace(flagged, rotate=True, rotate_mode="learned",
+                                 rotation_objective=objective, **row)
+             for row in rows for objective in objectives]
+  return learned + [dataclasses.replace(flagged, rotate=True,
+                                        rotate_mode="hadamard", **row)
+                    for row in rows]
 
 
 def main(argv):
@@ -73,7 +101,8 @@ def main(argv):
   evals, calib = sweep.windows(
       tokenizer, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,
       eval_text=_EVAL_TEXT.value, nsamples=_QUANT["nsamples"].value if any(
-          c.w_method == "gptq" and c.w_bits < 16 for c in configs) else 0)
+          (c.w_method == "gptq" and c.w_bits < 16)
+          or quarot.rotation_key(c) is not None for c in configs) else 0)
   records = sweep.run_sweep(
       params, config, configs, evals, calib_windows=calib,
       eval_text=_EVAL_TEXT.value, model_name=name,

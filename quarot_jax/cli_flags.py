@@ -22,6 +22,8 @@ from absl import flags
 
 from quarot_jax import data
 from quarot_jax import kernels
+from quarot_jax import learned_rotation
+from quarot_jax import quarot
 from quarot_jax.quarot import QuaRotConfig
 
 # Flag name -> help. Names are `QuaRotConfig` fields, except `nsamples`.
@@ -38,13 +40,22 @@ _HELP = {
     "a_clip": "Activation clip ratio.",
     "kv_clip": "KV cache clip ratio.",
     "rotate": "Apply QuaRot's rotations.",
-    "rotate_mode": "Residual rotation.",
+    "rotate_mode": "Residual rotation; 'learned' optimizes R1 and R2 from"
+                   " the randomized Hadamard on calibration windows.",
+    "rotation_objective": "With --rotate_mode=learned: whip (DartQuant's"
+                          " distribution calibration), qerror (quantization"
+                          " error of the rotated activations) or e2e"
+                          " (SpinQuant's quantized next-token loss).",
+    "rotation_steps": "With --rotate_mode=learned: optimizer steps.",
+    "rotation_lr": "With --rotate_mode=learned: peak learning rate (Adam).",
     "percdamp": "GPTQ dampening, a fraction of the mean Hessian diagonal.",
     "act_order": "GPTQ column reordering by Hessian diagonal.",
     "seed": "Seeds the random rotation signs.",
-    "nsamples": "GPTQ calibration windows (enwiki-gensim).",
+    "nsamples": "GPTQ (and learned-rotation) calibration windows"
+                " (enwiki-gensim).",
 }
-_ENUMS = {"w_method": ("rtn", "gptq"), "rotate_mode": ("hadamard", "random")}
+_ENUMS = {"w_method": ("rtn", "gptq"), "rotate_mode": quarot.ROTATE_MODES,
+          "rotation_objective": learned_rotation.OBJECTIVES}
 _CALIBRATION_DEFAULTS = {"nsamples": 128}
 QUANT_FLAGS = tuple(_HELP)
 

@@ -244,6 +244,12 @@ def dequantize(q: QArray) -> jax.Array:
 def fake_quant(x: jax.Array, spec: QuantSpec) -> jax.Array:
   """`dequantize(quantize(x, spec))`, or `x` itself when bits == 16.
 
+  Differentiable by a straight-through estimator (SpinQuant's, for learned
+  rotations): rounding passes gradients unchanged, while the clipping and
+  the scale's dependence on the range (max/min of each group) keep theirs;
+  an MSE-clip shrink is held constant. The value is exactly the
+  non-differentiable `dequantize(quantize(x, spec))`.
+
   Args:
     x: float[..., K].
     spec: how.
@@ -256,7 +262,39 @@ def fake_quant(x: jax.Array, spec: QuantSpec) -> jax.Array:
   """
   if not spec.enabled:
     return x
+  return _fake_quant_ste(x, spec)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _fake_quant_ste(x: jax.Array, spec: QuantSpec) -> jax.Array:
   return dequantize(quantize(x, spec)).astype(x.dtype)
+
+
+def _round_ste(x: jax.Array) -> jax.Array:
+  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def _fake_quant_surrogate(x: jax.Array, spec: QuantSpec) -> jax.Array:
+  """fake_quant in float with `_round_ste`: its derivative is the STE's."""
+  xg = _grouped(x.astype(jnp.float32), spec.group_size)
+  shrink = (jax.lax.stop_gradient(_mse_shrink(xg, spec)) if spec.mse_clip
+            else 1.0)
+  scale, _ = _range_params(xg, spec, shrink)
+  if spec.symmetric:
+    q = jnp.clip(_round_ste(xg / scale), -(spec.maxq + 1), spec.maxq)
+    return (q * scale).reshape(x.shape)
+  ratio = spec.clip_ratio * shrink
+  zero = _round_ste(-jnp.minimum(jnp.min(xg, axis=-1, keepdims=True), 0)
+                    * ratio / scale)
+  q = jnp.clip(_round_ste(xg / scale) + zero, 0, spec.maxq)
+  return ((q - zero) * scale).reshape(x.shape)
+
+
+@_fake_quant_ste.defjvp
+def _fake_quant_ste_jvp(spec, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  _, dy = jax.jvp(lambda v: _fake_quant_surrogate(v, spec), (x,), (dx,))
+  return _fake_quant_ste(x, spec), dy.astype(x.dtype)
 
 
 def quantize_weight(kernel: jax.Array, spec: QuantSpec) -> QArray:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quarot_jax import gptq
+from quarot_jax import learned_rotation
 from quarot_jax import model
 from quarot_jax import qlinear
 from quarot_jax import quant
@@ -23,6 +24,7 @@ from quarot_jax.config import LlamaConfig
 LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"),
            ("self_attn", "v_proj"), ("self_attn", "o_proj"),
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+ROTATE_MODES = ("hadamard", "random", "learned")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,7 +43,15 @@ class QuaRotConfig:
     a_clip: activation clip ratio (QuaRot: 0.9).
     kv_clip: KV cache clip ratio (QuaRot: 0.95).
     rotate: apply QuaRot's rotations.
-    rotate_mode: 'hadamard' or 'random' (orthogonal).
+    rotate_mode: 'hadamard', 'random' (orthogonal), or 'learned': R1 and
+      the per-head R2 start from the randomized Hadamard and are optimized
+      on the calibration windows (`learned_rotation`).
+    rotation_objective: what 'learned' minimizes: 'whip' (DartQuant's
+      distribution calibration of each rotation on cached activations),
+      'qerror' (the quantization error of those rotated activations) or
+      'e2e' (SpinQuant's next-token loss of the quantized network).
+    rotation_steps: optimizer steps of 'learned'.
+    rotation_lr: peak learning rate of 'learned' (Adam, cosine decay).
     percdamp: GPTQ dampening.
     act_order: GPTQ column reordering.
     seed: seeds the rotation.
@@ -59,6 +69,9 @@ class QuaRotConfig:
   kv_clip: float = 0.95
   rotate: bool = True
   rotate_mode: str = "hadamard"
+  rotation_objective: str = "whip"
+  rotation_steps: int = 100
+  rotation_lr: float = 1e-3
   percdamp: float = 0.01
   act_order: bool = True
   seed: int = 0
@@ -84,9 +97,21 @@ class QuaRotConfig:
       raise ValueError(f"seed={self.seed!r} must be an int")
     if self.w_method not in ("rtn", "gptq"):
       raise ValueError(f"w_method={self.w_method!r} must be 'rtn' or 'gptq'")
-    if self.rotate_mode not in ("hadamard", "random"):
+    if self.rotate_mode not in ROTATE_MODES:
       raise ValueError(
-          f"rotate_mode={self.rotate_mode!r} must be 'hadamard' or 'random'")
+          f"rotate_mode={self.rotate_mode!r} must be one of {ROTATE_MODES}")
+    if self.rotation_objective not in learned_rotation.OBJECTIVES:
+      raise ValueError(
+          f"rotation_objective={self.rotation_objective!r} must be one of"
+          f" {learned_rotation.OBJECTIVES}")
+    if not is_int(self.rotation_steps) or self.rotation_steps < 0:
+      raise ValueError(
+          f"rotation_steps={self.rotation_steps!r} must be an int >= 0")
+    if (not isinstance(self.rotation_lr, (int, float, np.number))
+        or isinstance(self.rotation_lr, bool)
+        or not 0 < self.rotation_lr < float("inf")):
+      raise ValueError(
+          f"rotation_lr={self.rotation_lr!r} must be a positive number")
 
   @property
   def weight_spec(self) -> quant.QuantSpec:
@@ -114,7 +139,68 @@ class QuaRotConfig:
     g = f" g{self.w_groupsize}" if self.w_groupsize else ""
     method = f" {self.w_method}{g}" if self.w_bits < 16 else ""
     rot = f" rot-{self.rotate_mode}" if self.rotate else " norot"
+    if self.rotate and self.rotate_mode == "learned":
+      rot += f"-{self.rotation_objective}{self.rotation_steps}"
     return f"W{self.w_bits}A{self.a_bits}{kv}{method}{rot}"
+
+
+def _e2e_weight_spec(qconfig: QuaRotConfig) -> quant.QuantSpec | None:
+  """RTN weights inside the 'e2e' loss, or None for float weights.
+
+  As SpinQuant: weights are fake-quantized while learning only when RTN
+  quantizes them afterwards, or when nothing else is quantized (W4A16);
+  before GPTQ the rotations see float weights and quantized activations.
+  """
+  nothing_else = qconfig.a_bits == qconfig.k_bits == qconfig.v_bits == 16
+  if qconfig.w_bits < 16 and (qconfig.w_method == "rtn" or nothing_else):
+    return qconfig.weight_spec
+  return None
+
+
+def rotation_key(qconfig: QuaRotConfig) -> tuple[Any, ...] | None:
+  """Configs with the same key learn the same rotations (None: not learned).
+
+  A sweep can learn once per key and pass the result to `quantize`.
+  """
+  if not qconfig.rotate or qconfig.rotate_mode != "learned":
+    return None
+  key = (qconfig.rotation_objective, qconfig.rotation_steps,
+         qconfig.rotation_lr, qconfig.seed)
+  if qconfig.rotation_objective == "qerror":  # it sees these quantizers
+    key += (qconfig.a_bits, qconfig.v_bits, qconfig.a_clip, qconfig.kv_clip)
+  elif qconfig.rotation_objective == "e2e":  # it sees all of them
+    key += (qconfig.a_bits, qconfig.k_bits, qconfig.v_bits, qconfig.a_clip,
+            qconfig.kv_clip, _e2e_weight_spec(qconfig))
+  return key
+
+
+def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
+                    calib_tokens: np.ndarray | None, *,
+                    progress: bool = True) -> learned_rotation.Rotations:
+  """Learns the R1 and R2 of `rotate_mode='learned'` (see `quantize`).
+
+  Args:
+    params: float params.
+    config: the model config.
+    qconfig: a config with rotate_mode='learned'.
+    calib_tokens: int32[n, T] calibration windows.
+    progress: show progress bars.
+
+  Returns:
+    The rotations, for `quantize(..., rotations=...)`.
+
+  Raises:
+    ValueError: no calibration tokens.
+  """
+  if calib_tokens is None:
+    raise ValueError("rotate_mode='learned' needs calib_tokens")
+  rotations, _ = learned_rotation.learn(
+      params, config, calib_tokens, objective=qconfig.rotation_objective,
+      steps=qconfig.rotation_steps, lr=qconfig.rotation_lr,
+      key=jax.random.key(qconfig.seed),
+      options=qconfig.run_options(config.head_dim),
+      weight_spec=_e2e_weight_spec(qconfig), progress=progress)
+  return rotations
 
 
 def rtn_quantize_params(params: Any, spec: quant.QuantSpec) -> Any:
@@ -165,6 +251,7 @@ def packing_problems(qconfig: QuaRotConfig) -> list[tuple[str, Any, str]]:
 def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
              calib_tokens: np.ndarray | None = None, *,
              packed: bool = False,
+             rotations: learned_rotation.Rotations | None = None,
              progress: bool = True) -> tuple[Any, model.RunOptions]:
   """Rotates and quantizes a model.
 
@@ -173,24 +260,33 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       result is wrapped the same way).
     config: the model config.
     qconfig: what to do.
-    calib_tokens: int32[n, T] calibration windows (GPTQ only).
+    calib_tokens: int32[n, T] calibration windows (GPTQ, and learning
+      rotations).
     packed: store decoder linears as packed int4 (`qlinear`), so `forward`
       runs the int4 kernels and generation keeps a packed KV4 cache;
       otherwise quantization is simulated in float.
+    rotations: with rotate_mode='learned', rotations already learned for
+      this config (`learn_rotations`); None learns them here.
     progress: show progress bars.
 
   Returns:
     (params, options): run the model with `forward(..., options=options)`.
 
   Raises:
-    ValueError: GPTQ without calibration tokens, or an unsupported size.
+    ValueError: GPTQ or learned rotations without calibration tokens, or
+      an unsupported size.
     NotImplementedError: `packed` with a config the kernels do not run.
   """
   params, wrap = model.unwrap(params)
   if packed:
     check_packable(qconfig)
   options = qconfig.run_options(config.head_dim)
-  if qconfig.rotate:
+  if qconfig.rotate and qconfig.rotate_mode == "learned":
+    if rotations is None:
+      rotations = learn_rotations(params, config, qconfig, calib_tokens,
+                                  progress=progress)
+    params = learned_rotation.fold(params, config, rotations)
+  elif qconfig.rotate:
     params = rotation.rotate(params, config, jax.random.key(qconfig.seed),
                              mode=qconfig.rotate_mode)
   else:

@@ -131,12 +131,20 @@ def rotate_down_input(params: Params, *, tp: int = 1) -> Params:
   return wrap(p)
 
 
-def rotate_values_and_o(params: Params, config: LlamaConfig, *,
+def rotate_values_and_o(params: Params, config: LlamaConfig,
+                        r2: jax.Array | None = None, *,
                         tp: int = 1) -> Params:
   """Rotates V per head by H_H and folds it and H_(N·H) into o_proj.
 
-  Run with `online_had_o=True`. With `tp` > 1, H_(N·H) is block-diagonal,
-  one block per shard of the heads (run with `had_blocks=tp`).
+  Run with `online_had_o=True`.
+
+  Args:
+    params: params (fused or not).
+    config: the model config.
+    r2: f32[L, H, H], an orthogonal rotation per layer to use instead of H_H
+      (learned rotations, `learned_rotation`), or None for H_H.
+    tp: H_(N·H) is block-diagonal with `tp` blocks, one per shard of the
+      heads (run with `had_blocks=tp`).
   """
   params, wrap = model.unwrap(params)
   p = _copy(params)
@@ -146,15 +154,17 @@ def rotate_values_and_o(params: Params, config: LlamaConfig, *,
   num_layers, d = attn["v_proj"]["kernel"].shape[:2]
   # [L, D, K, H]: each head's output columns times H_H.
   v = attn["v_proj"]["kernel"].reshape(num_layers, d, kv, h)
-  attn["v_proj"]["kernel"] = hadamard.fast_hadamard_transform(v).reshape(
-      num_layers, d, kv * h)
+  rot = (hadamard.fast_hadamard_transform if r2 is None
+         else lambda x: jnp.einsum("L...H,LHG->L...G", x, r2))
+  attn["v_proj"]["kernel"] = rot(v).reshape(num_layers, d, kv * h)
   if "bias" in attn["v_proj"]:
     b = attn["v_proj"]["bias"].reshape(num_layers, kv, h)
-    attn["v_proj"]["bias"] = hadamard.fast_hadamard_transform(b).reshape(
-        num_layers, kv * h)
+    attn["v_proj"]["bias"] = rot(b).reshape(num_layers, kv * h)
   # o_proj reads out·(I_N ⊗ H_H)·H_NH; fold the inverse of both.
   o = attn["o_proj"]["kernel"].reshape(num_layers, n, h, d)  # [L, N, H, D]
-  o = _had_left(o).reshape(num_layers, n * h, d)
+  o = (_had_left(o) if r2 is None
+       else jnp.einsum("LHG,LNHD->LNGD", r2, o))
+  o = o.reshape(num_layers, n * h, d)
   attn["o_proj"]["kernel"] = _had_left(o, tp)
   return wrap(p)
 

@@ -71,7 +71,9 @@ def windows(tokenizer: Any, *, seqlen: int, max_windows: int | None,
 
 def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
             wall_s: float, seqlen: int, nsamples: int, eval_text: str,
-            model_name: str, command: str) -> dict[str, Any]:
+            model_name: str, command: str,
+            rotation_s: float | None = None) -> dict[str, Any]:
+  learned = quarot.rotation_key(qconfig) is not None
   return {
       "model": model_name,
       "label": qconfig.describe(),
@@ -80,12 +82,16 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
       "w_method": qconfig.w_method if qconfig.w_bits < 16 else "none",
       "groupsize": qconfig.w_groupsize,
       "rotate": qconfig.rotate, "rotate_mode": qconfig.rotate_mode,
+      "rotation_objective": qconfig.rotation_objective if learned else None,
+      "rotation_steps": qconfig.rotation_steps if learned else None,
+      "rotation_lr": qconfig.rotation_lr if learned else None,
+      "rotation_s": None if rotation_s is None else round(rotation_s, 1),
       "a_clip": qconfig.a_clip, "kv_clip": qconfig.kv_clip,
       "ppl": result["ppl"], "fp_ppl": fp_ppl,
       "delta_ppl": result["ppl"] - fp_ppl,
       "eval_text": eval_text, "eval_windows": result["windows"],
       "eval_tokens": result["tokens"], "seqlen": seqlen,
-      "nsamples": nsamples if qconfig.w_method == "gptq" else 0,
+      "nsamples": nsamples if qconfig.w_method == "gptq" or learned else 0,
       "wall_s": round(wall_s, 1),
       "date": datetime.date.today().isoformat(), "command": command,
   }
@@ -106,7 +112,9 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     configs: what to run; an all-16-bit unrotated config gives fp_ppl, and
       one is run first if absent.
     eval_windows: int32[n, seqlen] evaluation windows.
-    calib_windows: int32[m, seqlen] calibration windows (GPTQ configs).
+    calib_windows: int32[m, seqlen] calibration windows (GPTQ configs and
+      learned rotations; configs with the same `quarot.rotation_key` learn
+      once and share the rotations).
     eval_text: name of the evaluation corpus, stored in each record.
     model_name: stored in each record.
     command: the command line that produced the run, stored in each record.
@@ -116,8 +124,10 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     progress: show progress bars.
 
   Returns:
-    One record per config: its label, bits, method, rotation, `ppl`,
-    `fp_ppl`, `delta_ppl`, window counts, `wall_s`, date and command.
+    One record per config: its label, bits, method, rotation (learned ones
+    with `rotation_objective`, `rotation_steps`, `rotation_lr` and
+    `rotation_s`, the seconds spent learning them), `ppl`, `fp_ppl`,
+    `delta_ppl`, window counts, `wall_s`, date and command.
   """
   fp_config = QuaRotConfig(rotate=False, **_FP)
   configs = list(configs)
@@ -128,10 +138,18 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
   nsamples = 0 if calib_windows is None else calib_windows.shape[0]
   records = []
   fp_ppl = None
+  learned = {}  # rotation_key -> (rotations, seconds spent learning)
   for qconfig in configs:
     start = time.time()
+    key = quarot.rotation_key(qconfig)
+    if key is not None and key not in learned:
+      learned[key] = (quarot.learn_rotations(
+          params, config, qconfig, calib_windows, progress=progress),
+                      time.time() - start)
+    rotations, rotation_s = learned.get(key, (None, None))
     qparams, options = quarot.quantize(params, config, qconfig,
-                                       calib_windows, progress=progress)
+                                       calib_windows, rotations=rotations,
+                                       progress=progress)
     result = evaluate.perplexity(qparams, config, eval_windows,
                                  options=options, batch_size=batch_size,
                                  progress=progress)
@@ -139,7 +157,8 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
       fp_ppl = result["ppl"]
     record = _record(qconfig, result, fp_ppl, wall_s=time.time() - start,
                      seqlen=seqlen, nsamples=nsamples, eval_text=eval_text,
-                     model_name=model_name, command=command)
+                     model_name=model_name, command=command,
+                     rotation_s=rotation_s)
     records.append(record)
     if progress:
       print(f"{record['label']:<32} ppl {record['ppl']:.3f}"

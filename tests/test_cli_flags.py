@@ -68,3 +68,13 @@ def test_eval_text_flag():
   assert holder.value == "code-sympy"
   with pytest.raises(flags.IllegalFlagValueError):
     registry(["prog", "--eval_text=wikitext2"])
+
+
+def test_learned_rotation_flags():
+  values, _ = _parse(["--rotate_mode=learned", "--rotation_objective=e2e",
+                      "--rotation_steps=7", "--rotation_lr=0.01"])
+  assert cli_flags.quarot_config(values) == QuaRotConfig(
+      rotate_mode="learned", rotation_objective="e2e", rotation_steps=7,
+      rotation_lr=0.01)
+  with pytest.raises(flags.IllegalFlagValueError):
+    _parse(["--rotation_objective=spin"])

@@ -47,3 +47,28 @@ def test_group_size_divides_every_width():
                                num_attention_heads=32,
                                num_key_value_heads=32, head_dim=128)
   assert sweep.group_size_for(config) == 128
+
+
+def test_sweep_learns_once_per_rotation_key(tiny, monkeypatch):
+  params, config = tiny
+  windows = hf_models.random_tokens(config.vocab_size, 2, 16, seed=7)
+  calls = []
+  learn = quarot.learn_rotations
+  monkeypatch.setattr(quarot, "learn_rotations",
+                      lambda *a, **k: calls.append(1) or learn(*a, **k))
+  whip = quarot.QuaRotConfig(rotate_mode="learned", rotation_steps=2,
+                             k_bits=8, v_bits=8)
+  records = sweep.run_sweep(
+      params, config, [whip, dataclasses.replace(whip, a_bits=8)], windows,
+      calib_windows=windows, batch_size=2, progress=False)
+  assert len(calls) == 1  # the whip loss does not see the bits
+  learned = records[1:]
+  assert [r["label"] for r in learned] == [
+      "W16A16KV8 rot-learned-whip2", "W16A8KV8 rot-learned-whip2"]
+  for r in learned:
+    assert r["rotate_mode"] == "learned"
+    assert r["rotation_objective"] == "whip" and r["rotation_steps"] == 2
+    assert r["rotation_s"] == learned[0]["rotation_s"] > 0
+    assert r["nsamples"] == 2
+  assert records[0]["rotation_objective"] is None
+  assert records[0]["rotation_s"] is None

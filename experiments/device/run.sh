@@ -51,9 +51,11 @@ OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
-# Drops absl INFO/WARNING lines, Python warnings and progress bars.
+# Drops absl INFO/WARNING lines, Python warnings and progress bars. Each
+# carriage return starts a line first: a tqdm bar (leave=False) leaves no
+# newline, so the next print would share its line and be dropped with it.
 filter() {
-  grep --line-buffered -v -E \
+  tr '\r' '\n' | grep --line-buffered -v -E \
     "^[WI][0-9]{4} |DeprecationWarning|warnings.warn|it/s\]|s/it\]"
 }
 

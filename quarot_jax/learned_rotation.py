@@ -1,0 +1,389 @@
+"""Learned rotations: collect activations, train, fold (the glue).
+
+`learn` returns the residual rotation R1 [D, D] and the per-layer value/output
+rotation R2 [L, H, H], starting from QuaRot's randomized Hadamard R1 and the
+H_H of `rotation.rotate_values_and_o`, and optimizing them on calibration
+windows (optax, a jitted step, a tqdm bar with the loss). `fold` puts them
+into the params with the same pure transforms that fold the Hadamards
+(`rotation.fuse_norms`, `rotate_residual`, `rotate_down_input`,
+`rotate_values_and_o(r2=...)`); the online Hadamards (down_proj input, o_proj
+input, Q/K after RoPE) stay, so the result runs with `rotation.ROTATED`
+options exactly as `rotation.rotate`'s does. Objectives (the math is in
+`learned_rotation_core`):
+
+* 'whip' (DartQuant): R1 on the inputs of q/k/v and gate/up of every layer,
+  each R2 on its layer's value heads, cached once from the float model;
+  each rotation minimizes the Whip loss of its rotated inputs (QR
+  parameterization, Adam). Cheap: no model runs while training.
+* 'qerror': the same, minimizing instead the quantization error of the
+  rotated inputs under the activation (R1) and value-cache (R2) quantizers
+  of the forward, clip ratios included.
+* 'e2e' (SpinQuant): both rotations minimize the next-token loss of the
+  quantized network (activations, KV cache and, when asked, RTN weights
+  fake-quantized with a straight-through estimator; `quant.fake_quant`),
+  through the whole model (Cayley parameterization, Adam).
+
+Training runs at TF32 matmul precision (`jax.default_matmul_precision`);
+folding runs at the caller's precision.
+"""
+
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from quarot_jax import hadamard
+from quarot_jax import learned_rotation_core as core
+from quarot_jax import model
+from quarot_jax import quant
+from quarot_jax import rotation
+from quarot_jax.config import LlamaConfig
+from quarot_jax.learned_rotation_core import Rotations
+
+Params = dict[str, Any]
+
+OBJECTIVES = ("whip", "qerror", "e2e")
+DEFAULT_LR = 1e-3
+_TRAIN_PRECISION = "tensorfloat32"
+# The base params (norms fused, H_Fᵀ folded) run with the down Hadamard only.
+_BASE = model.RunOptions(online_had_down=True)
+_LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"),
+            ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def initial_rotations(config: LlamaConfig, key: jax.Array) -> Rotations:
+  """QuaRot's rotations: randomized Hadamard R1 and H_H in every layer.
+
+  Args:
+    config: the model config.
+    key: seeds R1 (the same key gives `rotation.rotate`'s Q).
+
+  Returns:
+    `Rotations`; folding them equals `rotation.rotate(params, config, key)`.
+  """
+  h = config.head_dim
+  r2 = hadamard.fast_hadamard_transform(jnp.eye(h, dtype=jnp.float32))
+  return Rotations(
+      r1=hadamard.random_hadamard_matrix(config.hidden_size, key),
+      r2=jnp.broadcast_to(r2, (config.num_hidden_layers, h, h)))
+
+
+@jax.jit
+def prepare(params: Params) -> Params:
+  """f32 params with norms fused and H_Fᵀ folded into down_proj.
+
+  The part of the fold that does not depend on the learned rotations; run
+  them with `online_had_down=True`.
+  """
+  return rotation.rotate_down_input(rotation.fuse_norms(params, None))
+
+
+def fold_into(base: Params, config: LlamaConfig,
+              rotations: Rotations) -> Params:
+  """Folds R2 (and H_(N·H)) and then R1 into params from `prepare`.
+
+  Differentiable in `rotations`. The result runs with `rotation.ROTATED`.
+  """
+  p = rotation.rotate_values_and_o(base, config, r2=rotations.r2)
+  return rotation.rotate_residual(p, rotations.r1)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def fold(params: Params, config: LlamaConfig,
+         rotations: Rotations) -> Params:
+  """The full rotation with R1, R2 given (learned or not).
+
+  Args:
+    params: float params.
+    config: the model config.
+    rotations: orthogonal R1 f32[D, D] and R2 f32[L, H, H].
+
+  Returns:
+    f32 params to run with `rotation.ROTATED` options (plus quantization);
+    with `initial_rotations(config, key)` this is `rotation.rotate`.
+  """
+  return fold_into(prepare(params), config, rotations)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _sampled_inputs(base, tokens, idx, config):
+  """R1 and R2 inputs at token positions idx int32[B, n] of every layer.
+
+  Returns:
+    (x f32[L, 2, B, n, D]: the normed inputs of q/k/v and of gate/up;
+     v f32[L, B, n, K, H]: the value heads).
+  """
+  take = lambda a: jnp.take_along_axis(a, idx[..., None], axis=1)
+  kv, h = config.num_key_value_heads, config.head_dim
+
+  def body(x, lp):
+    out, _, _, taps = model.decoder_layer(x, lp, config=config,
+                                          options=_BASE)
+    vp = lp["self_attn"]["v_proj"]
+    v = jnp.einsum("BTD,DO->BTO", taps["qkv"], vp["kernel"])
+    if "bias" in vp:
+      v = v + vp["bias"]
+    b, t, _ = v.shape
+    v = take(v.reshape(b, t, kv * h)).reshape(b, -1, kv, h)  # [B, n, K, H]
+    return out, (jnp.stack([take(taps["qkv"]), take(taps["gate_up"])]), v)
+
+  x = base["embed_tokens"]["embedding"][tokens]
+  return jax.lax.scan(body, x, base["layers"])[1]
+
+
+def collect_inputs(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
+                   *, tokens_per_window: int, key: jax.Array,
+                   batch_size: int = 4) -> tuple[jax.Array, jax.Array]:
+  """Caches the float model's inputs of R1 and R2 (the Whip objective).
+
+  Args:
+    base: params from `prepare`.
+    config: the model config.
+    calib_tokens: int32[n, T] calibration windows.
+    tokens_per_window: positions sampled (without replacement) per window.
+    key: draws the positions.
+    batch_size: windows per forward.
+
+  Returns:
+    (x1 f32[M, D]: every layer's q/k/v and gate/up inputs, unit rms;
+     v f32[L, M', K, H]: every layer's value heads, each scaled to unit
+     rms), where M = 2 L n k and M' = n k for k = tokens_per_window.
+  """
+  n, t = calib_tokens.shape
+  k = min(tokens_per_window, t)
+  keys = jax.random.split(key, n)
+  idx = jax.vmap(lambda kk: jax.random.permutation(kk, t)[:k])(keys)
+  xs, vs = [], []
+  for i in range(0, n, batch_size):
+    x, v = _sampled_inputs(base, jnp.asarray(calib_tokens[i:i + batch_size]),
+                           idx[i:i + batch_size].astype(jnp.int32), config)
+    xs.append(x)
+    vs.append(v)
+  x1 = jnp.concatenate(xs, axis=2).reshape(-1, config.hidden_size)
+  # [L, M', K, H]
+  v = jnp.concatenate(vs, axis=1).reshape(
+      config.num_hidden_layers, -1, config.num_key_value_heads,
+      config.head_dim)
+  return core.rms_normalize(x1), core.rms_normalize(v)
+
+
+def _adam(lr: float, steps: int) -> optax.GradientTransformation:
+  return optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1)))
+
+
+def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
+           lr: float, steps: int, progress: bool, desc: str
+           ) -> tuple[Rotations, np.ndarray]:
+  """Adam on the parameters of R = R0 @ P(W), one jitted step per batch.
+
+  Args:
+    loss_fn: (rotations, batch) -> f32 scalar.
+    r0: the start.
+    batches: step -> the batch for that step (a pytree of arrays).
+    parameterization: 'qr' or 'cayley'.
+    lr: peak learning rate (cosine decay to 0).
+    steps: optimizer steps.
+    progress: show a tqdm bar with the loss.
+    desc: the bar's label.
+
+  Returns:
+    (rotations, f32[steps] loss before each step).
+  """
+  optimizer = _adam(lr, steps)
+
+  @jax.jit
+  def step(theta, opt_state, batch):
+    def loss(th):
+      return loss_fn(core.rotations(th, r0, parameterization), batch)
+    value, grads = jax.value_and_grad(loss)(theta)
+    updates, opt_state = optimizer.update(grads, opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state, value
+
+  theta = core.zero_theta(r0)
+  opt_state = optimizer.init(theta)
+  losses = []
+  start = time.time()
+  bar = tqdm.trange(steps, desc=desc, disable=not progress, leave=False)
+  with jax.default_matmul_precision(_TRAIN_PRECISION):
+    for i in bar:
+      theta, opt_state, value = step(theta, opt_state, batches(i))
+      losses.append(float(value))
+      bar.set_postfix(loss=f"{losses[-1]:.4f}")
+  if progress and losses:
+    tqdm.tqdm.write(f"{desc}: {steps} steps in {time.time() - start:.1f} s"
+                    f" (first with compilation), loss {losses[0]:.4f} ->"
+                    f" {losses[-1]:.4f}")
+  return (core.rotations(theta, r0, parameterization),
+          np.asarray(losses, np.float32))
+
+
+def learn_calibration(base: Params, config: LlamaConfig,
+                      calib_tokens: np.ndarray, r0: Rotations, *,
+                      objective: str, options: model.RunOptions, steps: int,
+                      lr: float, key: jax.Array, tokens_per_window: int = 64,
+                      progress: bool = True) -> tuple[Rotations, np.ndarray]:
+  """DartQuant-style calibration of R1 and every R2 on cached inputs.
+
+  The loss is f(x1 @ R1) + mean over layers of f(v_l @ R2_l), f the Whip
+  loss ('whip') or the quantization error under `options.a_spec` and
+  `options.v_spec` ('qerror'); the terms share no parameter, so this trains
+  each rotation on its own inputs, all in one jitted step.
+
+  Args:
+    base: params from `prepare`.
+    config: the model config.
+    calib_tokens: int32[n, T] calibration windows.
+    r0: the start.
+    objective: 'whip' or 'qerror'.
+    options: the quantizers ('qerror').
+    steps: optimizer steps (full batch).
+    lr: Adam's peak learning rate.
+    key: samples the cached token positions.
+    tokens_per_window: cached positions per window.
+    progress: show progress bars.
+
+  Returns:
+    (rotations, f32[steps] losses).
+  """
+  x1, v = collect_inputs(base, config, calib_tokens,
+                         tokens_per_window=tokens_per_window, key=key)
+  if objective == "whip":
+    f1 = f2 = core.whip_loss
+  else:
+    f1 = lambda x: core.quant_error_loss(x, options.a_spec)
+    f2 = lambda x: core.quant_error_loss(x, options.v_spec)
+
+  def loss_fn(rot, batch):
+    x1, v = batch
+    r2_loss = jax.vmap(lambda vl, r: f2(vl @ r))(v, rot.r2)
+    return f1(x1 @ rot.r1) + jnp.mean(r2_loss)
+
+  return _train(loss_fn, r0, lambda i: (x1, v), parameterization="qr",
+                lr=lr, steps=steps, progress=progress,
+                desc=f"learn R ({objective})")
+
+
+def _rtn_ste(params: Params, spec: quant.QuantSpec) -> Params:
+  """Every decoder linear's kernel fake-quantized per output channel (STE)."""
+  p = jax.tree.map(lambda a: a, params)
+  for block, name in _LINEARS:
+    node = p["layers"][block][name]
+    w = jnp.swapaxes(node["kernel"], -1, -2)  # [L, out, in]
+    node["kernel"] = jnp.swapaxes(quant.fake_quant(w, spec), -1, -2)
+  return p
+
+
+def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
+              r0: Rotations, *, options: model.RunOptions,
+              weight_spec: quant.QuantSpec | None, steps: int, lr: float,
+              key: jax.Array, batch_size: int = 4, progress: bool = True
+              ) -> tuple[Rotations, np.ndarray]:
+  """SpinQuant: R1 and R2 minimize the quantized network's next-token loss.
+
+  Args:
+    base: params from `prepare`.
+    config: the model config.
+    calib_tokens: int32[n, T] calibration windows.
+    r0: the start.
+    options: the quantized forward (`rotation.ROTATED` flags plus the
+      activation and KV specs), fake-quantized with a straight-through
+      estimator.
+    weight_spec: RTN weight quantization inside the loss (its MSE clip is
+      dropped), or None for float weights (SpinQuant's choice when GPTQ
+      quantizes the weights afterwards).
+    steps: optimizer steps.
+    lr: Adam's peak learning rate.
+    key: orders the windows.
+    batch_size: windows per step.
+    progress: show a progress bar.
+
+  Returns:
+    (rotations, f32[steps] losses).
+  """
+  n = calib_tokens.shape[0]
+  b = min(batch_size, n)
+  epochs = math.ceil(steps * b / n)
+  order = np.concatenate([np.asarray(jax.random.permutation(k, n))
+                          for k in jax.random.split(key, epochs)])
+  calib = jnp.asarray(calib_tokens, jnp.int32)
+  if weight_spec is not None:
+    weight_spec = quant.QuantSpec(
+        bits=weight_spec.bits, symmetric=weight_spec.symmetric,
+        group_size=weight_spec.group_size)
+
+  def loss_fn(rot, batch):
+    base, tokens = batch  # arguments of the jitted step, not constants
+    params = fold_into(base, config, rot)
+    if weight_spec is not None and weight_spec.enabled:
+      params = _rtn_ste(params, weight_spec)
+    logits, _ = model.forward(params, tokens, config, options=options,
+                              kernels="xla")  # f32 einsum attention
+    return core.next_token_loss(logits, tokens)
+
+  return _train(
+      loss_fn, r0, lambda i: (base, calib[order[i * b:(i + 1) * b]]),
+      parameterization="cayley", lr=lr, steps=steps, progress=progress,
+      desc="learn R (e2e)")
+
+
+def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
+          objective: str, steps: int, lr: float | None = None,
+          key: jax.Array, options: model.RunOptions = rotation.ROTATED,
+          weight_spec: quant.QuantSpec | None = None,
+          batch_size: int = 4, start: Rotations | None = None,
+          progress: bool = True) -> tuple[Rotations, np.ndarray]:
+  """Learns R1 and R2 from QuaRot's randomized Hadamard start.
+
+  Args:
+    params: float params.
+    config: the model config.
+    calib_tokens: int32[n, T] calibration windows.
+    objective: 'whip', 'qerror' or 'e2e' (module docstring).
+    steps: optimizer steps (0 returns the start).
+    lr: peak learning rate (None: `DEFAULT_LR`).
+    key: seeds R1's start (as `rotation.rotate`) and the data order.
+    options: the quantized forward ('e2e'; 'qerror' reads its activation
+      and value specs; 'whip' ignores it).
+    weight_spec: RTN weights in the 'e2e' loss, or None (float weights).
+    batch_size: windows per 'e2e' step.
+    start: the rotations to start from (default `initial_rotations(config,
+      key)`, QuaRot's).
+    progress: show progress bars.
+
+  Returns:
+    (rotations to `fold`, f32[steps] training losses).
+
+  Raises:
+    ValueError: unknown objective, negative steps, or no calibration
+      windows.
+  """
+  if objective not in OBJECTIVES:
+    raise ValueError(f"{objective=} must be one of {OBJECTIVES}")
+  if steps < 0:
+    raise ValueError(f"{steps=} must be >= 0")
+  calib_tokens = np.asarray(calib_tokens, np.int32)
+  if calib_tokens.ndim != 2 or calib_tokens.shape[0] == 0:
+    raise ValueError(f"calib_tokens must be int32[n>0, T], got"
+                     f" {calib_tokens.shape}")
+  lr = DEFAULT_LR if lr is None else lr
+  # R1 starts from `key` itself, as in `rotation.rotate`.
+  r0 = initial_rotations(config, key) if start is None else start
+  data_key = jax.random.fold_in(key, 1)
+  if steps == 0:
+    return r0, np.zeros((0,), np.float32)
+  base = prepare(params)
+  if objective in ("whip", "qerror"):
+    return learn_calibration(base, config, calib_tokens, r0,
+                             objective=objective, options=options,
+                             steps=steps, lr=lr, key=data_key,
+                             progress=progress)
+  return learn_e2e(base, config, calib_tokens, r0, options=options,
+                   weight_spec=weight_spec, steps=steps, lr=lr,
+                   key=data_key, batch_size=batch_size, progress=progress)

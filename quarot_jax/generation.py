@@ -66,18 +66,21 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
                    kernels: kernels_lib.Kernels, cache_dtype):
   """Prefill + decode loop. Returns int32[B, max_new_tokens].
 
-  The layers run unrolled over per-layer weights and caches
-  (`model.unstack_layers`, sliced once here, before the loop), so a decode
-  step reads each weight once and updates each layer's cache in place.
+  With `kernels.layer_loop == 'unrolled'` (GPUs) the layers run unrolled
+  over per-layer weights and caches (`model.unstack_layers`, sliced once
+  here, before the loop), so a decode step reads each weight once and
+  updates each layer's cache in place.
   """
   global TRACE_COUNT
   TRACE_COUNT += 1
   batch, prompt_len = tokens.shape
-  params = model.unstack_layers(params)
+  unrolled = kernels.layer_loop == "unrolled"
+  if unrolled:
+    params = model.unstack_layers(params)
   cache = kv_cache.cache_for(config, batch, prompt_len + max_new_tokens,
                              dtype=cache_dtype, start=start,
                              packed=model.uses_kv4_cache(params, options),
-                             per_layer=True)
+                             per_layer=unrolled)
   logits, cache = model.forward(params, tokens, config, cache=cache,
                                 options=options, kernels=kernels)
   key, sub = jax.random.split(key)

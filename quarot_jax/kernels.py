@@ -49,11 +49,18 @@ class Kernels:
     w4a16: the int4-weight, float-activation matmul: 'pallas' or 'xla'.
     hadamard_quant: the fused online Hadamard + per-token quantizer.
     kv4_attention: decode attention over the packed KV4 cache.
+    decode_matmul: the packed linears' matmul for at most
+      `DECODE_ROWS` tokens (W4A4 and W4A16; `pallas_kernels.decode_matmul`,
+      weights as the wgmma register operand): 'mosaic', 'triton' or 'xla'.
     attention: prefill attention (T > 1): 'cudnn' (flash attention through
       `jax.nn.dot_product_attention`, see `attention.py`; inputs cuDNN
       cannot take, such as f32, fall back to 'xla', logged) or 'xla'
       (`model.attend`, an einsum softmax over the [T, S] scores).
     interpret: run the Pallas kernels above in interpret mode.
+    layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
+      weights and caches (`model.unstack_layers`: each weight read once per
+      step, as a GPU needs) or 'scan' over the stacked layout (compiles
+      several times faster, which dominates short runs on a CPU).
 
   'pallas' for `hadamard_quant` and `kv4_attention` runs the kernel wherever
   the op's shape constraints allow (`kernel_takes` in its module: e.g. rows
@@ -66,13 +73,17 @@ class Kernels:
   w4a16: PallasOrXla = "xla"
   hadamard_quant: PallasOrXla = "xla"
   kv4_attention: PallasOrXla = "xla"
+  decode_matmul: W4A4 = "xla"
   attention: Attention = "xla"
   interpret: bool = False
+  layer_loop: Literal["unrolled", "scan"] = "scan"
 
   def __post_init__(self):
-    if self.w4a4 not in ("mosaic", "triton", "xla"):
-      raise ValueError(f"w4a4={self.w4a4!r} must be 'mosaic', 'triton' or"
-                       " 'xla'")
+    for name in ("w4a4", "decode_matmul"):
+      value = getattr(self, name)
+      if value not in ("mosaic", "triton", "xla"):
+        raise ValueError(f"{name}={value!r} must be 'mosaic', 'triton' or"
+                         " 'xla'")
     for name in ("w4a16", "hadamard_quant", "kv4_attention"):
       value = getattr(self, name)
       if value not in ("pallas", "xla"):
@@ -80,11 +91,20 @@ class Kernels:
     if self.attention not in ("cudnn", "xla"):
       raise ValueError(f"attention={self.attention!r} must be 'cudnn' or"
                        " 'xla'")
-    if self.interpret and self.w4a4 == "mosaic":
-      raise ValueError("w4a4='mosaic' has no interpret mode; use 'triton'")
+    if self.layer_loop not in ("unrolled", "scan"):
+      raise ValueError(f"layer_loop={self.layer_loop!r} must be 'unrolled'"
+                       " or 'scan'")
+    if self.interpret and "mosaic" in (self.w4a4, self.decode_matmul):
+      raise ValueError("'mosaic' kernels have no interpret mode; use"
+                       " 'triton'")
 
 
 XLA = Kernels()
+
+# Up to this many tokens (rows of a linear's input) the packed linears run
+# `decode_matmul`, which reads the int4 weights at a larger share of HBM
+# bandwidth than the prefill matmuls (BENCHMARKS.md, decode matmul).
+DECODE_ROWS = 16
 
 
 @functools.cache
@@ -120,7 +140,8 @@ def resolve(kernels: "str | Kernels | None" = None) -> Kernels:
       ('auto').
 
   Returns:
-    The resolved `Kernels`.
+    The resolved `Kernels`; its `layer_loop` is 'unrolled' on a GPU and
+    'scan' on a CPU, whatever the setting.
 
   Raises:
     ValueError: an unknown setting, or one this platform cannot run
@@ -128,6 +149,14 @@ def resolve(kernels: "str | Kernels | None" = None) -> Kernels:
   """
   if isinstance(kernels, Kernels):
     return kernels
+  choice = _resolve_ops(kernels)
+  gpu, _ = _platform()
+  return dataclasses.replace(choice,
+                             layer_loop="unrolled" if gpu else "scan")
+
+
+def _resolve_ops(kernels: "str | None") -> Kernels:
+  """`resolve` for a setting, before the layer loop is set."""
   setting = "auto" if kernels is None else kernels
   if setting not in SETTINGS:
     raise ValueError(f"kernels={setting!r} must be one of {SETTINGS}")
@@ -136,7 +165,8 @@ def resolve(kernels: "str | Kernels | None" = None) -> Kernels:
     return XLA
   if setting == "interpret":
     return Kernels(w4a4="triton", w4a16="pallas", hadamard_quant="pallas",
-                   kv4_attention="pallas", interpret=True)
+                   kv4_attention="pallas", decode_matmul="triton",
+                   interpret=True)
   if setting == "auto":
     if not gpu:
       choice = XLA
@@ -144,6 +174,7 @@ def resolve(kernels: "str | Kernels | None" = None) -> Kernels:
       choice = Kernels(w4a4="mosaic" if hopper else "triton",
                        w4a16="pallas", hadamard_quant="pallas",
                        kv4_attention="pallas",
+                       decode_matmul="mosaic" if hopper else "triton",
                        attention="cudnn" if _cuda() else "xla")
     logging.info("kernels='auto' resolved to %s", choice)
     return choice
@@ -153,5 +184,5 @@ def resolve(kernels: "str | Kernels | None" = None) -> Kernels:
   if setting == "mosaic" and not hopper:
     raise ValueError("kernels='mosaic' needs a Hopper GPU (sm_90)")
   return Kernels(w4a4=setting, w4a16="pallas", hadamard_quant="pallas",
-                 kv4_attention="pallas",
+                 kv4_attention="pallas", decode_matmul=setting,
                  attention="cudnn" if _cuda() else "xla")

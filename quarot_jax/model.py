@@ -125,6 +125,16 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
   return y
 
 
+def _linears(x: jax.Array, ps: list[Params], options: RunOptions, *,
+             kernels: kernels_lib.Kernels) -> list[jax.Array]:
+  """`_linear` of one input through several linears (q/k/v, gate/up);
+  packed ones quantize the input once for all (`qlinear.linears`)."""
+  if all("qweight" in p for p in ps):
+    return qlinear.linears(x, ps, a_spec=options.a_spec,
+                           online_hadamard=False, kernels=kernels)
+  return [_linear(x, p, options, kernels=kernels) for p in ps]
+
+
 def _norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
   scale = p.get("scale") if p else None
   if scale is None:
@@ -238,9 +248,11 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
               config.head_dim)
   # [B, T, N, H] and [B, T, K, H]
-  q = _linear(x, p["q_proj"], options, kernels=kernels).reshape(b, t, n, h)
-  k = _linear(x, p["k_proj"], options, kernels=kernels).reshape(b, t, kv, h)
-  v = _linear(x, p["v_proj"], options, kernels=kernels).reshape(b, t, kv, h)
+  q, k, v = _linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], options,
+                     kernels=kernels)
+  q = q.reshape(b, t, n, h)
+  k = k.reshape(b, t, kv, h)
+  v = v.reshape(b, t, kv, h)
   q = layers.apply_rope(q, positions, inv_freq)
   k = layers.apply_rope(k, positions, inv_freq)
   if options.qk_had:
@@ -351,8 +363,8 @@ def attend_kv4(q: jax.Array, k_cache, v_cache, mask: jax.Array
 def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels):
   """One FFN sub-block. Returns (output [B, T, D], down_proj input (before
   the online Hadamard when down_proj is packed))."""
-  hidden = layers.swiglu(_linear(x, p["gate_proj"], options, kernels=kernels),
-                         _linear(x, p["up_proj"], options, kernels=kernels))
+  hidden = layers.swiglu(*_linears(x, [p["gate_proj"], p["up_proj"]],
+                                   options, kernels=kernels))
   packed = "qweight" in p["down_proj"]
   if options.online_had_down and not packed:
     hidden = _hadamard(hidden, options.had_blocks)

@@ -14,7 +14,9 @@ Hadamard when asked) with `pallas_kernels.hadamard_quant` and multiplies with
 `w4a4_matmul` (the Mosaic GPU wgmma kernel on Hopper, fed int8 activation
 codes, which it reads from shared memory faster than packed ones; the
 Triton kernel, fed packed codes, on other GPUs); with float activations it
-runs the W4A16 kernel. Which backend each op runs comes resolved in
+runs the W4A16 kernel. Up to 16 tokens (decode) both run
+`pallas_kernels.decode_matmul` instead, and `linears` quantizes one input
+once for several linears (q/k/v, gate/up). Which backend each op runs comes resolved in
 `kernels` (`quarot_jax.kernels`): on a CPU the plain-jnp references run the
 same code path, and CI tests the kernels in interpret mode.
 
@@ -23,11 +25,13 @@ per token, or unquantized (16). Weight groups, asymmetric weights and other
 bit-widths raise NotImplementedError (the simulated path covers them).
 """
 
-from typing import Any
+import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import decode_matmul as decode_lib
 from pallas_kernels import hadamard_quant as hq_lib
 from pallas_kernels import w4a16_matmul as w4a16_lib
 from pallas_kernels.w4a4_matmul import api as w4a4_lib
@@ -171,33 +175,85 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
   Raises:
     NotImplementedError: an activation spec the kernels do not run.
   """
+  (y,) = linears(x, (p,), a_spec=a_spec, online_hadamard=online_hadamard,
+                 kernels=kernels)
+  return y
+
+
+def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
+            online_hadamard: bool,
+            kernels: kernels_lib.Kernels = kernels_lib.XLA
+            ) -> list[jax.Array]:
+  """`linear` of one input through several packed linears (q/k/v, gate/up).
+
+  The input is rotated and quantized once for all of them. Up to
+  `kernels.DECODE_ROWS` tokens the matmuls are `decode_matmul` (int4
+  weights as the wgmma register operand, split over K), unless
+  `kernels.decode_matmul` is 'xla'; more tokens run the prefill kernels.
+  Both compute the same numbers: int4 codes times int4 weights summed
+  exactly, scaled by s_x * s_w (W4A4), or bf16 x times int4 weights (W4A16).
+
+  Args:
+    x: float[..., in] input (not yet rotated by the online Hadamard).
+    ps: packed linears' params, each as in `linear`, all of width `in`.
+    a_spec: as in `linear`.
+    online_hadamard: as in `linear`.
+    kernels: as in `linear`.
+
+  Returns:
+    One [..., out_i] array per linear, in the dtype of x.
+
+  Raises:
+    NotImplementedError: an activation spec the kernels do not run.
+  """
   lead, k = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(-1, k)  # [M, in]
+  m = x2.shape[0]
+
+  def decode(p):  # decode_matmul's shape limits are the kernel's own
+    return (m <= kernels_lib.DECODE_ROWS and kernels.decode_matmul != "xla"
+            and decode_lib.can_use_decode_matmul(
+                m, p["qweight"].shape[-2], k, kernels.decode_matmul))
+
+  run_decode = functools.partial(
+      decode_lib.decode_matmul, out_dtype=x.dtype,
+      implementation=kernels.decode_matmul, interpret=kernels.interpret)
   if a_spec is None or not a_spec.enabled:
     if online_hadamard:
       x2 = hadamard.fast_hadamard_transform(
           x2.astype(jnp.float32)).astype(x.dtype)
-    y = w4a16_lib.w4a16_matmul(x2, p["qweight"], p["wscale"],
-                               implementation=kernels.w4a16,
-                               interpret=kernels.interpret)
+    ys = [run_decode(x2, p["qweight"], p["wscale"])
+          if decode(p) and x2.dtype == jnp.bfloat16  # it rounds x to bf16
+          else w4a16_lib.w4a16_matmul(x2, p["qweight"], p["wscale"],
+                                      implementation=kernels.w4a16,
+                                      interpret=kernels.interpret)
+          for p in ps]
   else:
     if (a_spec.bits != 4 or not a_spec.symmetric
         or a_spec.group_size is not None):
       raise NotImplementedError(
           f"packed linears quantize activations to 4-bit symmetric per"
           f" token; got {a_spec}")
-    # The Mosaic matmul reads int8 codes from shared memory faster than
-    # packed ones (BENCHMARKS.md); the others take packed codes.
+    # The Mosaic matmuls read int8 codes from shared memory faster than
+    # packed ones (BENCHMARKS.md), and decode_matmul takes only int8 codes;
+    # the Triton prefill kernel takes packed codes.
     x_q, s_x = hq_lib.hadamard_quant(
         x2, hadamard_base(k) if online_hadamard else None,
-        clip_ratio=a_spec.clip_ratio, packed=kernels.w4a4 != "mosaic",
+        clip_ratio=a_spec.clip_ratio,
+        packed=kernels.w4a4 != "mosaic" and not any(map(decode, ps)),
         implementation=kernels.hadamard_quant, interpret=kernels.interpret)
-    y = w4a4_lib.w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],
-                             out_dtype=x.dtype, implementation=kernels.w4a4,
-                             interpret=kernels.interpret)
-  if "bias" in p:
-    y = y + p["bias"].astype(y.dtype)
-  return y.reshape(*lead, y.shape[-1])
+    ys = [run_decode(x_q, p["qweight"], p["wscale"], s_x) if decode(p)
+          else w4a4_lib.w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],
+                                    out_dtype=x.dtype,
+                                    implementation=kernels.w4a4,
+                                    interpret=kernels.interpret)
+          for p in ps]
+  out = []
+  for p, y in zip(ps, ys):
+    if "bias" in p:
+      y = y + p["bias"].astype(y.dtype)
+    out.append(y.astype(x.dtype).reshape(*lead, y.shape[-1]))
+  return out
 
 
 def hadamard_base(k: int) -> jax.Array:

@@ -55,6 +55,23 @@ def test_same_bucket_does_not_recompile():
   assert generation.TRACE_COUNT == traces + 1  # 16-token bucket
 
 
+def test_unrolled_layer_loop_generates_the_scans_tokens():
+  """GPUs decode over per-layer weights and caches (`layer_loop='unrolled'`);
+  the tokens are those of the stacked scan, with left padding."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from quarot_jax import kernels  # pylint: disable=g-import-not-at-top
+  path, _ = hf_models.tiny_hf_model("llama3")
+  params, config = hf.load_hf(path)
+  prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+  got = {}
+  for loop in ("scan", "unrolled"):
+    got[loop] = generation.generate_tokens(
+        params, config, prompts, max_new_tokens=5, eos_ids=[],
+        kernels=dataclasses.replace(kernels.XLA, layer_loop=loop))
+  assert got["unrolled"] == got["scan"]
+  assert all(len(row) == 5 for row in got["scan"])
+
+
 def test_stops_at_eos_and_text_api():
   path, _ = hf_models.tiny_hf_model("llama2")
   params, config = hf.load_hf(path)

@@ -22,9 +22,10 @@ def _pretend(monkeypatch, *, gpu: bool, hopper: bool = False,
   monkeypatch.setattr(kernels, "_cuda", lambda: gpu and cuda)
 
 
-def _pallas(w4a4, **kw):
+def _pallas(w4a4, *, gpu=True, **kw):
   return kernels.Kernels(w4a4=w4a4, w4a16="pallas", hadamard_quant="pallas",
-                         kv4_attention="pallas", **kw)
+                         kv4_attention="pallas", decode_matmul=w4a4,
+                         layer_loop="unrolled" if gpu else "scan", **kw)
 
 
 @pytest.mark.parametrize("setting", ["auto", None, "xla", "reference"])
@@ -38,7 +39,8 @@ def test_cpu_settings_run_xla(monkeypatch, setting):
 def test_interpret_runs_every_triton_kernel_in_interpret_mode(monkeypatch):
   for gpu in (False, True):
     _pretend(monkeypatch, gpu=gpu, hopper=gpu)
-    assert kernels.resolve("interpret") == _pallas("triton", interpret=True)
+    assert kernels.resolve("interpret") == _pallas("triton", gpu=gpu,
+                                                   interpret=True)
 
 
 @pytest.mark.parametrize("setting", ["mosaic", "triton"])
@@ -55,7 +57,9 @@ def test_gpu_settings(monkeypatch, hopper, auto):
   assert kernels.resolve("auto") == _pallas(auto, attention="cudnn")
   assert kernels.resolve(None) == kernels.resolve("auto")
   assert kernels.resolve("triton") == _pallas("triton", attention="cudnn")
-  assert kernels.resolve("xla") == kernels.XLA
+  # XLA's ops, but a GPU decodes over per-layer weights.
+  assert kernels.resolve("xla") == dataclasses.replace(
+      kernels.XLA, layer_loop="unrolled")
   if hopper:
     assert kernels.resolve("mosaic") == _pallas("mosaic", attention="cudnn")
   else:
@@ -89,7 +93,12 @@ def test_this_platform():
     (dict(hadamard_quant="cuda"), "hadamard_quant='cuda' must be"),
     (dict(kv4_attention="mosaic"), "kv4_attention='mosaic' must be"),
     (dict(attention="flash"), "attention='flash' must be"),
-    (dict(w4a4="mosaic", interpret=True), "'mosaic' has no interpret mode"),
+    (dict(decode_matmul="pallas"), "decode_matmul='pallas' must be"),
+    (dict(layer_loop="while"), "layer_loop='while' must be"),
+    (dict(w4a4="mosaic", interpret=True),
+     "'mosaic' kernels have no interpret mode"),
+    (dict(decode_matmul="mosaic", interpret=True),
+     "'mosaic' kernels have no interpret mode"),
 ])
 def test_kernels_errors(fields, match):
   with pytest.raises(ValueError, match=match):

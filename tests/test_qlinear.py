@@ -58,26 +58,56 @@ def test_linear_matches_simulated_quantization(online_hadamard, a_bits):
                                  jnp.abs(want).max()))
 
 
-@pytest.mark.parametrize("a_bits", [4, 16])
-def test_linear_runs_the_kernels_it_is_given(a_bits):
-  kernel, x = _weight_and_input(k=576, n=40, m=3, seed=1)
+@pytest.mark.parametrize("a_bits, m, dtype, names", [
+    # Up to 16 tokens: the decode matmul (W4A16 only for bf16 inputs).
+    (4, 3, jnp.float32, ("hadamard_quant", "decode_matmul")),
+    (16, 3, jnp.bfloat16, ("decode_matmul",)),
+    (16, 3, jnp.float32, ("w4a16_matmul",)),
+    (4, 20, jnp.float32, ("hadamard_quant", "w4a4_matmul_triton")),
+    (16, 20, jnp.float32, ("w4a16_matmul",)),
+])
+def test_linear_runs_the_kernels_it_is_given(a_bits, m, dtype, names):
+  kernel, x = _weight_and_input(k=576, n=40, m=m, seed=1)
   p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
   p["bias"] = jax.random.normal(jax.random.key(2), (40,))
-  x = x.reshape(1, 3, 576)
+  x = x.reshape(1, m, 576).astype(dtype)
   a_spec = _A_SPEC if a_bits == 4 else None
   run = lambda k: qlinear.linear(x, p, a_spec=a_spec, online_hadamard=True,
                                  kernels=k)
   interpret = kernels.resolve("interpret")
   jaxpr = str(jax.make_jaxpr(lambda: run(interpret))())
-  names = (("hadamard_quant", "w4a4_matmul_triton") if a_bits == 4
-           else ("w4a16_matmul",))
   assert all(name in jaxpr for name in names), names
+  other = "decode_matmul" if m > 16 or "decode_matmul" not in names else (
+      "w4a4_matmul_triton")
+  assert other not in jaxpr
   assert "pallas_call" not in str(jax.make_jaxpr(lambda: run(kernels.XLA))())
   want = run(kernels.XLA)
   got = run(interpret)
-  assert got.shape == (1, 3, 40)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                             atol=1e-5)
+  assert got.shape == (1, m, 40) and got.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), rtol=tol,
+                             atol=tol * float(jnp.abs(want).max()))
+
+
+def test_linears_quantize_the_input_once(monkeypatch):
+  x = jax.random.normal(jax.random.key(3), (2, 64))
+  ps = [qlinear.pack_weight(quant.quantize_weight(
+      _weight_and_input(k=64, n=n, seed=s)[0], _W_SPEC))
+        for s, n in ((4, 48), (5, 16), (6, 16))]
+  interpret = kernels.resolve("interpret")
+  calls = []
+  quantize = qlinear.hq_lib.hadamard_quant
+  monkeypatch.setattr(qlinear.hq_lib, "hadamard_quant",
+                      lambda *a, **k: calls.append(1) or quantize(*a, **k))
+  ys = qlinear.linears(x, ps, a_spec=_A_SPEC, online_hadamard=False,
+                       kernels=interpret)
+  assert len(calls) == 1
+  for p, y in zip(ps, ys):
+    one = qlinear.linear(x, p, a_spec=_A_SPEC, online_hadamard=False,
+                         kernels=interpret)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(one))
+  assert len(calls) == 4
 
 
 def test_pack_params_replaces_kernels_only():

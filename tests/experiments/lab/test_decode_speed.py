@@ -1,0 +1,44 @@
+"""The decode benchmark on a tiny config (CPU): its launch counter reads
+optimized HLO right, and its record holds what issue #14 asks for."""
+
+import jax
+import jax.numpy as jnp
+
+from experiments.lab import decode_speed
+from quarot_jax.config import LlamaConfig
+
+_TINY = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16)
+
+
+def _hlo(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_launch_count_skips_fusion_bodies():
+  x = jnp.ones((8, 8), jnp.float32)
+  # Elementwise ops fuse into one kernel; its body's ops are not launches.
+  one = decode_speed.launch_count(_hlo(lambda a: jnp.sin(a) * 2 + 1, x))
+  assert one["total"] == 1 and one["fusion"] == 1
+  # A sort cannot fuse with the elementwise op after it: two launches.
+  two = decode_speed.launch_count(
+      _hlo(lambda a: jnp.sort(a, axis=-1) * 2 + 1, x))
+  assert two["total"] == 2
+
+
+def test_decode_throughput_record():
+  (r,) = decode_speed.decode_throughput(
+      _TINY, "tiny", 2, 8, 4, command="t", key=jax.random.key(0))
+  assert (r["model"], r["batch"], r["cached"]) == ("tiny", 2, 8)
+  ms = r["ours_ms_per_token"]
+  assert set(ms) == {"bf16_model", "w4a4kv4_model"}
+  anchor = r["baselines"]["plain_jax_bf16"]
+  for name, value in ms.items():
+    assert value > 0 and r["speedup"][name] == round(anchor / value, 3)
+    assert r["launches_per_step"][name]["total"] > 0
+    floor = r["weight_floor_ms"][name]
+    assert r["floor_fraction"][name] == round(floor / value, 3)
+  # The packed model reads fewer bytes than the bf16 one.
+  assert r["weight_floor_ms"]["w4a4kv4_model"] < r["weight_floor_ms"][
+      "bf16_model"]

@@ -26,7 +26,9 @@ def _rope(x, pos, head_dim):
   half = head_dim // 2
   inv = 1.0 / (10000 ** (jnp.arange(half, dtype=jnp.float32) / half))
   ang = pos[:, None].astype(jnp.float32) * inv  # [B, H / 2]
-  c, s = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
+  # [B, 1, ..., H / 2]: broadcast over the head axes of x.
+  shape = (ang.shape[0],) + (1,) * (x.ndim - 2) + (half,)
+  c, s = jnp.cos(ang).reshape(shape), jnp.sin(ang).reshape(shape)
   x1 = x[..., :half].astype(jnp.float32)
   x2 = x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s],

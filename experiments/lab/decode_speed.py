@@ -130,6 +130,7 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
       model=name, batch=batch, cached=cached,
       ours_ms_per_token={k: round(v, 4) for k, v in ms.items()},
       weight_floor_ms={k: round(v, 4) for k, v in floor.items()},
+      bytes_per_step={k: int(v) for k, v in nbytes.items()},
       launches_per_step=launches)
   # The anchor's speedup over each of our models (and, from `record`, over
   # the W4A4KV4 model as `plain_jax_bf16`).

@@ -3,6 +3,7 @@ optimized HLO right, and its record holds what issue #14 asks for."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from experiments.lab import decode_speed
 from quarot_jax.config import LlamaConfig
@@ -35,10 +36,13 @@ def test_decode_throughput_record():
   assert set(ms) == {"bf16_model", "w4a4kv4_model"}
   anchor = r["baselines"]["plain_jax_bf16"]
   for name, value in ms.items():
-    assert value > 0 and r["speedup"][name] == round(anchor / value, 3)
+    # The record rounds its times; its ratios come from the exact ones.
+    assert value > 0
+    assert r["speedup"][name] == pytest.approx(anchor / value, rel=1e-2)
     assert r["launches_per_step"][name]["total"] > 0
-    floor = r["weight_floor_ms"][name]
-    assert r["floor_fraction"][name] == round(floor / value, 3)
+    floor = r["bytes_per_step"][name] / decode_speed.HBM_BYTES_PER_S * 1e3
+    assert r["floor_fraction"][name] == pytest.approx(floor / value,
+                                                      rel=1e-2, abs=1e-3)
   # The packed model reads fewer bytes than the bf16 one.
-  assert r["weight_floor_ms"]["w4a4kv4_model"] < r["weight_floor_ms"][
+  assert r["bytes_per_step"]["w4a4kv4_model"] < r["bytes_per_step"][
       "bf16_model"]

@@ -28,7 +28,12 @@ import jax
 import numpy as np
 
 from quarot_jax import atomic
+from quarot_jax import data
+from quarot_jax import gguf
+from quarot_jax import hf
 from quarot_jax import model
+from quarot_jax import qlinear
+from quarot_jax import quarot
 from quarot_jax.config import LlamaConfig
 
 FORMAT_VERSION = 1
@@ -157,7 +162,6 @@ def read_meta(path: str) -> dict:
 
 
 def _quantized_label(quantization: dict) -> str:
-  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
   label = quarot.QuaRotConfig(**quantization["qconfig"]).describe()
   return label + (", packed int4" if quantization.get("packed") else "")
 
@@ -221,7 +225,6 @@ def save_quantized(params: Any, path: str, config: LlamaConfig, qconfig: Any,
   Returns:
     The absolute path written.
   """
-  from quarot_jax import qlinear  # pylint: disable=g-import-not-at-top
   params, _ = model.unwrap(params)
   quantization = {"qconfig": dataclasses.asdict(qconfig),
                   "packed": qlinear.is_packed(params)}
@@ -264,7 +267,6 @@ def load_quantized(path: str, *, expected: Any = None,
       configs differ from the expected ones (the message names each
       differing field).
   """
-  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
   meta = read_meta(os.path.abspath(path))
   quantization = meta.get("quantization")
   if not quantization or "qconfig" not in quantization:
@@ -304,12 +306,10 @@ def load(path: str, *, dtype: Any = np.float32,
     if not path.endswith(".gguf"):
       raise ValueError(f"{path!r} is a file but not a .gguf file; give a"
                        " .gguf file, an HF directory or a checkpoint")
-    from quarot_jax import gguf  # pylint: disable=g-import-not-at-top
     return gguf.load_gguf(path, dtype=dtype)
   if is_checkpoint(path):
     return load_params(path)
   if os.path.isfile(os.path.join(path, "config.json")):
-    from quarot_jax import hf  # pylint: disable=g-import-not-at-top
     return hf.load_hf(path, dtype=dtype, allow_pickle=allow_pickle)
   raise ValueError(
       f"{path!r} is not a quarot_jax checkpoint, an HF directory with"
@@ -323,7 +323,6 @@ def load_tokenizer(path: str) -> Any:
     ValueError: no tokenizer is stored at `path`.
   """
   if os.path.isfile(path) and path.endswith(".gguf"):
-    from quarot_jax import gguf  # pylint: disable=g-import-not-at-top
     return gguf.load_gguf_tokenizer(path)
   import transformers  # pylint: disable=g-import-not-at-top
   for candidate in (os.path.join(path, "tokenizer"), path):
@@ -387,7 +386,6 @@ def convert(source: str, out_dir: str, *, dtype: str = "float32",
   out_dir = atomic.check_out_dir(out_dir, overwrite=overwrite, source=source,
                                  what="out_dir")
   if qconfig is not None:
-    from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
     quarot.check_packable(qconfig)
   params, config = load(source, dtype=np.float32 if qconfig else dtypes[dtype],
                         allow_pickle=allow_pickle)
@@ -403,7 +401,6 @@ def convert(source: str, out_dir: str, *, dtype: str = "float32",
     if tokenizer is None:
       raise ValueError(f"GPTQ needs calibration text, but {source!r} has no"
                        " tokenizer; use w_method='rtn'")
-    from quarot_jax import data  # pylint: disable=g-import-not-at-top
     calib = data.calibration_windows(tokenizer, nsamples=calib_windows,
                                      seqlen=calib_seqlen)
   params, _ = quarot.quantize(params, config, qconfig, calib, packed=True,

@@ -25,27 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.lab import plain_jax_decode
+
 L, D, F, N, H, V = 32, 4096, 11008, 32, 128, 32000
 HBM = 4.8e12
 NAMES = dict(wq=(D, D), wk=(D, D), wv=(D, D), wo=(D, D), wg=(D, F),
              wu=(D, F), wd=(F, D))
 
 
-def rms(x):
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True)
-                              + 1e-5)).astype(x.dtype)
-
-
 def rope(x, pos):
-  half = H // 2
-  inv = 1.0 / (10000 ** (jnp.arange(half, dtype=jnp.float32) / half))
-  ang = pos[:, None].astype(jnp.float32) * inv
-  c, s = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
-  x1 = x[..., :half].astype(jnp.float32)
-  x2 = x[..., half:].astype(jnp.float32)
-  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s],
-                         -1).astype(x.dtype)
+  return plain_jax_decode.rope(x, pos, H)
+
+
+rms = plain_jax_decode.rms
 
 
 def layer(x, w, kc, vc, pos):

@@ -16,13 +16,15 @@ import numpy as np
 from quarot_jax.config import LlamaConfig
 
 
-def _rms(x):
+def rms(x):
+  """RMS norm without a scale (the anchor's weights are 1)."""
   x32 = x.astype(jnp.float32)
   return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True)
                               + 1e-5)).astype(x.dtype)
 
 
-def _rope(x, pos, head_dim):
+def rope(x, pos, head_dim):
+  """Rotate-half RoPE of x [B, ..., H] at positions pos int32[B]."""
   half = head_dim // 2
   inv = 1.0 / (10000 ** (jnp.arange(half, dtype=jnp.float32) / half))
   ang = pos[:, None].astype(jnp.float32) * inv  # [B, H / 2]
@@ -51,9 +53,9 @@ def layer(x, w, kc, vc, pos, config: LlamaConfig):
   b = x.shape[0]
   n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
               config.head_dim)
-  hid = _rms(x)
-  q = _rope((hid @ w["wq"]).reshape(b, kv, n // kv, h), pos, h)
-  k = _rope((hid @ w["wk"]).reshape(b, kv, h), pos, h)
+  hid = rms(x)
+  q = rope((hid @ w["wq"]).reshape(b, kv, n // kv, h), pos, h)
+  k = rope((hid @ w["wk"]).reshape(b, kv, h), pos, h)
   v = (hid @ w["wv"]).reshape(b, kv, h)
   idx = pos[0]
   kc = jax.lax.dynamic_update_slice(kc, k[:, None], (0, idx, 0, 0))
@@ -64,7 +66,7 @@ def layer(x, w, kc, vc, pos, config: LlamaConfig):
   a = jnp.einsum("bkgs,bskh->bkgh", jax.nn.softmax(s, -1).astype(x.dtype),
                  vc).reshape(b, n * h)
   x = x + a @ w["wo"]
-  hid = _rms(x)
+  hid = rms(x)
   return x + (jax.nn.silu(hid @ w["wg"]) * (hid @ w["wu"])) @ w["wd"], kc, vc
 
 
@@ -100,7 +102,7 @@ def decode_ms_per_token(config: LlamaConfig, batch: int, cached: int, *,
       kc, vc = list(kc), list(vc)
       for l in range(num_layers):
         x, kc[l], vc[l] = layer(x, w[l], kc[l], vc[l], pos, config)
-      logits = _rms(x) @ head
+      logits = rms(x) @ head
       return jnp.argmax(logits, -1).astype(jnp.int32), kc, vc
     return jax.lax.fori_loop(0, steps, step, (tok, kc, vc))
 

@@ -194,7 +194,7 @@ def test_generate_takes_variables(variables):
 
 def test_checkpoints_take_variables(tmp_path, variables, quantized):
   path = checkpoint.save_params(variables, str(tmp_path / "f"), TINY)
-  restored, config, _ = checkpoint.load_params(path)
+  restored, config = checkpoint.load_params(path)
   assert config == TINY
   _assert_same_tree(restored, variables["params"])
   qvariables, options = quantized[True]

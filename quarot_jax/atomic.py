@@ -170,7 +170,8 @@ def disk_full_error(path: str) -> OSError:
                  f" ({free}); {path!r} was not written")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """The hex SHA-256 of a file's bytes, read in 16 MiB chunks."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     while chunk := f.read(1 << 24):
@@ -191,7 +192,7 @@ def _files(root: str, skip: Iterable[str]) -> list[str]:
 
 def file_checksums(root: str, *, skip: Iterable[str] = ()) -> dict[str, str]:
   """SHA-256 of every file under `root` (relative path -> hex digest)."""
-  return {rel: _sha256(os.path.join(root, rel))
+  return {rel: file_sha256(os.path.join(root, rel))
           for rel in _files(root, skip)}
 
 
@@ -205,7 +206,7 @@ def verify_checksums(root: str, checksums: dict[str, str]) -> None:
     full = os.path.join(root, rel)
     if not os.path.isfile(full):
       raise ValueError(f"{root!r} is incomplete: {rel!r} is missing")
-    got = _sha256(full)
+    got = file_sha256(full)
     if got != want:
       raise ValueError(
           f"{root!r} is corrupt: {rel!r} has sha256 {got[:16]}…, saved as"

@@ -23,7 +23,6 @@ two newlines, tokenizes once and cuts non-overlapping windows.
 
 import bz2
 import functools
-import hashlib
 import json
 import os
 import subprocess
@@ -33,6 +32,8 @@ import zipfile
 from typing import Any
 
 import numpy as np
+
+from quarot_jax import atomic
 
 EVAL_TEXT_NAME = "enwiki-gensim"
 CODE_TEXT_NAME = "code-sympy"
@@ -117,14 +118,6 @@ def enwiki_gensim_split() -> tuple[list[str], list[str]]:
   return calibration_split(_articles())
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _fetch_sympy_wheel(dest: str) -> None:
   """`pip download`s the pinned wheel and moves it to `dest` (atomic)."""
   with tempfile.TemporaryDirectory(dir=os.path.dirname(dest)) as tmp:
@@ -159,7 +152,7 @@ def find_sympy_wheel(*, fetch: bool = True) -> str:
                        f" sympy=={SYMPY_VERSION} -d {cache_dir()}")
     os.makedirs(cache_dir(), exist_ok=True)
     _fetch_sympy_wheel(path)
-  digest = _sha256(path)
+  digest = atomic.file_sha256(path)
   if digest != SYMPY_SHA256:
     raise ValueError(f"{path!r} has sha256 {digest}, expected {SYMPY_SHA256}"
                      " (another sympy gives other text); delete it")

@@ -40,6 +40,10 @@ def record(benchmark: str, case: str, ours_ms: float,
       "device": jax.devices()[0].device_kind,
       "jax_version": jax.__version__,
       "date": datetime.date.today().isoformat(), "command": command,
+      # XLA_FLAGS change what a run measures (e.g. command buffers), and
+      # the command line does not show them.
+      **({"xla_flags": os.environ["XLA_FLAGS"]}
+         if os.environ.get("XLA_FLAGS") else {}),
       **extra,
   }
 

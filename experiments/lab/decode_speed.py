@@ -25,7 +25,7 @@ from quarot_jax.config import LlamaConfig
 HBM_BYTES_PER_S = 4.8e12  # H200 (the H100 SXM has 3.35e12)
 
 # HLO instructions that launch no kernel of their own.
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
          "opt-barrier", "after-all", "partition-id", "replica-id"}
 
 
@@ -51,7 +51,7 @@ def launch_count(hlo_text: str) -> dict[str, int]:
       skip = head.group(1) in bodies and not line.startswith("ENTRY")
       continue
     op = re.search(r"= [^=]*? ([a-z][\w\-]*)\(", line)
-    if skip or not op or op.group(1) in _FREE:
+    if skip or not op or op.group(1) in FREE_OPS:
       continue
     kind = op.group(1)
     counts[kind if kind in counts else "other"] += 1
@@ -75,8 +75,11 @@ def _decode_fn(config: LlamaConfig, new_tokens: int, options, kernels):
 
 
 def _step_launches(params, cache, tok, config, options, kernels):
+  # The cache donated, as in the decode loop: else each in-place cache
+  # update would count a copy of the whole cache.
   one = jax.jit(lambda p, c, t: model.forward(
-      p, t, config, cache=c, options=options, kernels=kernels))
+      p, t, config, cache=c, options=options, kernels=kernels),
+      donate_argnums=1)
   return launch_count(one.lower(params, cache, tok).compile().as_text())
 
 

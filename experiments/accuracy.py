@@ -48,6 +48,9 @@ _SWEEP = flags.DEFINE_enum(
 _OBJECTIVES = flags.DEFINE_list(
     "objectives", list(learned_rotation.OBJECTIVES),
     "With --sweep=learned: the rotation objectives to run, in this order.")
+_ROWS = flags.DEFINE_list(
+    "learned_rows", ["w4a4kv4", "w4a16"],
+    "With --sweep=learned: the GPTQ rows (w4a4kv4, w4a16), in this order.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Windows per forward.")
 _METHODS = flags.DEFINE_enum(
     "methods", "all", ["all", "rtn", "gptq"],
@@ -65,7 +68,8 @@ _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
 def _configs(config) -> list[QuaRotConfig]:
   if _SWEEP.value == "learned":
     return _learned_sweep(cli_flags.quarot_config(
-        {k: h.value for k, h in _QUANT.items()}), _OBJECTIVES.value)
+        {k: h.value for k, h in _QUANT.items()}), _OBJECTIVES.value,
+        _ROWS.value)
   if _SWEEP.value == "paper":
     configs = paper.paper_sweep(sweep.group_size_for(config))
     return [c for c in configs
@@ -75,11 +79,21 @@ def _configs(config) -> list[QuaRotConfig]:
       {k: h.value for k, h in _QUANT.items()})]
 
 
-def _learned_sweep(flagged: QuaRotConfig,
-                   objectives: list[str]) -> list[QuaRotConfig]:
-  """W4A4KV4 and W4A16 GPTQ with each learned objective, then Hadamard."""
-  rows = (dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq"),
-          dict(w_bits=4, a_bits=16, k_bits=16, v_bits=16, w_method="gptq"))
+_LEARNED_ROWS = {
+    "w4a4kv4": dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq"),
+    "w4a16": dict(w_bits=4, a_bits=16, k_bits=16, v_bits=16, w_method="gptq"),
+}
+
+
+def _learned_sweep(flagged: QuaRotConfig, objectives: list[str],
+                   row_names: list[str]) -> list[QuaRotConfig]:
+  """The GPTQ rows (W4A4KV4, W4A16) with each learned objective, then with
+  the Hadamard."""
+  unknown = sorted(set(row_names) - set(_LEARNED_ROWS))
+  if unknown or not row_names:
+    raise ValueError(f"--learned_rows={','.join(row_names)}: each must be"
+                     f" one of {sorted(_LEARNED_ROWS)}")
+  rows = [_LEARNED_ROWS[name] for name in row_names]
   learned = [dataclasses.replace(flagged, rotate=True, rotate_mode="learned",
                                  rotation_objective=objective, **row)
              for row in rows for objective in objectives]

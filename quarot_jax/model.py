@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import kv4_append as kv4_append_lib
 from pallas_kernels import kv4_cache as kv4_lib
 from pallas_kernels import kv4_decode_attention as kv4_attn_lib
 from quarot_jax import attention as attention_lib
@@ -304,6 +305,9 @@ def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
                             kernels: kernels_lib.Kernels = kernels_lib.XLA):
   """Writes k, v [B, T, K, H] into packed KV4 caches and attends.
 
+  Decode (T = 1) with `kernels.kv4_attention == 'pallas'` writes both rows
+  with one `kv4_append` launch instead of `write_kv4`'s ~8 (same bits).
+
   Prefill with `kernels.attention == 'cudnn'` dequantizes this step's codes
   (the simulated path's quantize -> dequantize) when the cache was empty
   before, else the whole cache, and runs flash attention on them.
@@ -313,10 +317,19 @@ def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
   """
   for spec in (options.k_spec, options.v_spec):
     _check_kv4_spec(spec, k.shape[-1])
-  k_cache = kv4_lib.write_kv4(k_cache, k, write_at,
-                              clip_ratio=options.k_spec.clip_ratio)
-  v_cache = kv4_lib.write_kv4(v_cache, v, write_at,
-                              clip_ratio=options.v_spec.clip_ratio)
+  if q.shape[1] == 1 and kernels.kv4_attention == "pallas":
+    # Decode: one launch quantizes and writes both rows (bit for bit the
+    # write_kv4 below; the reference where the kernel does not take H).
+    k_cache, v_cache = kv4_append_lib.kv4_append(
+        k_cache, v_cache, k[:, 0], v[:, 0], write_at,
+        k_clip_ratio=options.k_spec.clip_ratio,
+        v_clip_ratio=options.v_spec.clip_ratio,
+        interpret=kernels.interpret, implementation="pallas")
+  else:
+    k_cache = kv4_lib.write_kv4(k_cache, k, write_at,
+                                clip_ratio=options.k_spec.clip_ratio)
+    v_cache = kv4_lib.write_kv4(v_cache, v, write_at,
+                                clip_ratio=options.v_spec.clip_ratio)
   if q.shape[1] == 1:
     end = jnp.broadcast_to(write_at + 1, start.shape).astype(jnp.int32)
     out = kv4_attn_lib.kv4_decode_attention(

@@ -113,7 +113,7 @@ def main(argv):
       ("bf16", fparams, False, model.FLOAT),
       ("w4a4kv4", speed.packed_like(fparams, key), True,
        speed.W4A4KV4.run_options(config.head_dim))):
-    params = model.unstack_layers(params)
+    params = model.unstack_layers(params, fuse=True)  # as generate
     cache = kv_cache.cache_for(config, _BATCH.value, _CACHED.value,
                                dtype=jnp.bfloat16, packed=packed,
                                per_layer=True)

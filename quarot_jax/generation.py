@@ -57,26 +57,37 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array,
   return jnp.where(temperature > 0, sampled, greedy)
 
 
+def _split_over_devices(params) -> bool:
+  """Whether some param is split over devices (`sharding.shard_params`)."""
+  return any(not leaf.sharding.is_fully_replicated
+             for leaf in jax.tree.leaves(params)
+             if isinstance(leaf, jax.Array))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
                                              "options", "kernels",
-                                             "cache_dtype"))
+                                             "cache_dtype", "fuse"))
 def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
                    eos_ids, pad_id, *, config: LlamaConfig,
                    max_new_tokens: int, options: model.RunOptions,
-                   kernels: kernels_lib.Kernels, cache_dtype):
+                   kernels: kernels_lib.Kernels, cache_dtype,
+                   fuse: bool = True):
   """Prefill + decode loop. Returns int32[B, max_new_tokens].
 
   With `kernels.layer_loop == 'unrolled'` (GPUs) the layers run unrolled
   over per-layer weights and caches (`model.unstack_layers`, sliced once
   here, before the loop), so a decode step reads each weight once and
-  updates each layer's cache in place.
+  updates each layer's cache in place; with `fuse`, q/k/v and gate/up run
+  as one matmul each (`model.fuse_projections`). Sharded params are not
+  fused: concatenating column-parallel shards would move weights between
+  devices.
   """
   global TRACE_COUNT
   TRACE_COUNT += 1
   batch, prompt_len = tokens.shape
   unrolled = kernels.layer_loop == "unrolled"
   if unrolled:
-    params = model.unstack_layers(params)
+    params = model.unstack_layers(params, fuse=fuse)
   cache = kv_cache.cache_for(config, batch, prompt_len + max_new_tokens,
                              dtype=cache_dtype, start=start,
                              packed=model.uses_kv4_cache(params, options),
@@ -202,7 +213,8 @@ def generate_tokens(params: Any, config: LlamaConfig,
       jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k),
       jnp.float32(top_p), jnp.asarray(eos, jnp.int32), jnp.int32(pad_id),
       config=config, max_new_tokens=max_new_tokens, options=options,
-      kernels=kernels, cache_dtype=jnp.dtype(cache_dtype))
+      kernels=kernels, cache_dtype=jnp.dtype(cache_dtype),
+      fuse=not _split_over_devices(params))
   results = []
   for row in np.asarray(out)[:len(prompts)].tolist():
     ids = []

@@ -55,19 +55,26 @@ def test_same_bucket_does_not_recompile():
   assert generation.TRACE_COUNT == traces + 1  # 16-token bucket
 
 
-def test_unrolled_layer_loop_generates_the_scans_tokens():
-  """GPUs decode over per-layer weights and caches (`layer_loop='unrolled'`);
-  the tokens are those of the stacked scan, with left padding."""
+def test_unrolled_layer_loop_generates_the_scans_tokens(monkeypatch):
+  """GPUs decode over per-layer weights and caches (`layer_loop='unrolled'`),
+  q/k/v and gate/up fused; the tokens are those of the stacked scan, with
+  left padding."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from quarot_jax import kernels  # pylint: disable=g-import-not-at-top
+  from quarot_jax import model  # pylint: disable=g-import-not-at-top
   path, _ = hf_models.tiny_hf_model("llama3")
   params, config = hf.load_hf(path)
   prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-  got = {}
+  got, fused = {}, []
+  fuse = model.fuse_projections
+  monkeypatch.setattr(model, "fuse_projections",
+                      lambda layer: fused.append(1) or fuse(layer))
   for loop in ("scan", "unrolled"):
     got[loop] = generation.generate_tokens(
         params, config, prompts, max_new_tokens=5, eos_ids=[],
         kernels=dataclasses.replace(kernels.XLA, layer_loop=loop))
+  # The unrolled run fused q/k/v and gate/up (`model.fuse_projections`).
+  assert len(fused) == config.num_hidden_layers
   assert got["unrolled"] == got["scan"]
   assert all(len(row) == 5 for row in got["scan"])
 
@@ -139,3 +146,47 @@ def test_rejects_bad_arguments_naming_the_value(prompts, kwargs, match):
   _, config = hf.load_hf(path)
   with pytest.raises(ValueError, match=match):
     generation.generate_tokens(None, config, prompts, **kwargs)
+
+
+def test_unrolled_generate_fuses_packed_projections(monkeypatch):
+  """On a GPU generate decodes through `model.unstack_layers(...,
+  fuse=True)`: one q/k/v and one gate/up matmul a layer. Packed int4
+  linears (random codes, kernels interpreted) give the scan's tokens."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from quarot_jax import kernels  # pylint: disable=g-import-not-at-top
+  from quarot_jax import model  # pylint: disable=g-import-not-at-top
+  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
+  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
+  # Its own config (a static argument), so this test traces generate.
+  config = hf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16,
+                          attention_bias=True, max_position_embeddings=64)
+  params = model.init_params(config, jax.random.key(0), scale=0.1)
+  layers = dict(params["layers"])
+  for i, (block, name) in enumerate(quarot.LINEARS):
+    node = dict(layers[block][name])
+    n_layers, d_in, d_out = node.pop("kernel").shape
+    node["qweight"] = jax.random.randint(  # uint8[L, out, in // 2]
+        jax.random.key(i), (n_layers, d_out, d_in // 2), 0, 256,
+        jnp.int32).astype(jnp.uint8)
+    node["wscale"] = jnp.full((n_layers, d_out), 0.05, jnp.float32)
+    layers[block] = {**layers[block], name: node}
+  params = {**params, "layers": layers}
+  fused = []
+  fuse = model.fuse_projections
+  monkeypatch.setattr(model, "fuse_projections",
+                      lambda layer: fused.append(1) or fuse(layer))
+  prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+  got = {}
+  for loop in ("scan", "unrolled"):
+    got[loop] = generation.generate_tokens(
+        params, config, prompts, max_new_tokens=4, eos_ids=[],
+        options=model.RunOptions(a_spec=quant.QuantSpec(bits=4)),
+        kernels=dataclasses.replace(kernels.resolve("interpret"),
+                                    layer_loop=loop))
+  assert len(fused) == config.num_hidden_layers  # the unrolled run only
+  assert got["unrolled"] == got["scan"]
+  assert len(set(map(tuple, got["scan"]))) == 2  # rows that can differ
+  # pylint: disable-next=protected-access
+  assert not generation._split_over_devices(params)

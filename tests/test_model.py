@@ -1,5 +1,8 @@
 """Logit parity of the functional model against transformers (torch, CPU)."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +137,110 @@ def test_unstack_layers_shares_leaves_and_mismatched_cache_is_refused():
   with pytest.raises(ValueError, match="per_layer=False"):
     model.forward(params, tokens, config, cache=kv_cache.cache_for(
         config, batch=1, max_len=4, per_layer=True))
+
+
+# GQA (K < N), FFN and head widths that differ, D a multiple of 64 (the
+# packed kernels' K).
+_FUSE_CONFIG = hf.LlamaConfig(vocab_size=64, hidden_size=64,
+                              intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16)
+
+
+def _fuse_params(bias: bool, packed: bool, layers: int = 2):
+  """Tiny params (`_FUSE_CONFIG`, q/k biases but no v bias when `bias`),
+  float or packed int4 (RTN), their config and RunOptions."""
+  from quarot_jax import qlinear  # pylint: disable=g-import-not-at-top
+  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
+  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
+  config = dataclasses.replace(_FUSE_CONFIG, attention_bias=bias,
+                               num_hidden_layers=layers)
+  params = model.init_params(config, jax.random.key(0))
+  if bias:  # a sibling without a bias: the fused one has zeros there
+    attn = dict(params["layers"]["self_attn"])
+    attn["v_proj"] = {"kernel": attn["v_proj"]["kernel"]}
+    params["layers"] = {**params["layers"], "self_attn": attn}
+  if not packed:
+    return params, config, model.FLOAT
+  spec = quant.QuantSpec(bits=4)
+  qarrays = qlinear.quantize_weights_rtn(params, quarot.LINEARS, spec)
+  return (qlinear.pack_params(params, qarrays), config,
+          model.RunOptions(a_spec=spec))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fuse_projections_concatenates_along_out(packed):
+  params, _, _ = _fuse_params(bias=True, packed=packed)
+  plain = model.unstack_layers(params)
+  fused = model.unstack_layers(params, fuse=True)
+  assert "qkv_proj" not in plain["layers"][0]["self_attn"]  # default kept
+  for i, (p, f) in enumerate(zip(plain["layers"], fused["layers"])):
+    attn, mlp = f["self_attn"], f["mlp"]
+    assert set(attn) == {"qkv_proj", "o_proj"}
+    assert set(mlp) == {"gate_up_proj", "down_proj"}
+    for (block, name), names in model.FUSED_PROJECTIONS.items():
+      fused_p, parts = f[block][name], [p[block][n] for n in names]
+      if packed:  # qweight [out, in // 2], wscale [out]
+        np.testing.assert_array_equal(fused_p["qweight"], np.concatenate(
+            [q["qweight"] for q in parts], axis=0))
+        np.testing.assert_array_equal(fused_p["wscale"], np.concatenate(
+            [q["wscale"] for q in parts]))
+      else:  # kernel [in, out]
+        np.testing.assert_array_equal(fused_p["kernel"], np.concatenate(
+            [q["kernel"] for q in parts], axis=1))
+    # q [N*H = 64] and k [K*H = 32] biases, then 32 zeros for v.
+    bias = np.asarray(attn["qkv_proj"]["bias"])
+    want = params["layers"]["self_attn"]
+    np.testing.assert_array_equal(bias[:64], want["q_proj"]["bias"][i])
+    np.testing.assert_array_equal(bias[64:96], want["k_proj"]["bias"][i])
+    np.testing.assert_array_equal(bias[96:], np.zeros(32))
+    assert "bias" not in mlp["gate_up_proj"]
+  # Fusing again changes nothing, and returns the same objects.
+  assert model.fuse_projections(fused["layers"][0]) is fused["layers"][0]
+  assert model.unstack_layers(fused, fuse=True) is fused
+  if packed:  # a float up_proj beside a packed gate_proj: left unfused
+    layer = plain["layers"][0]
+    mixed = {**layer, "mlp": {**layer["mlp"], "up_proj": {
+        "kernel": jnp.zeros((64, 128))}}}
+    got = model.fuse_projections(mixed)
+    assert got["mlp"] is mixed["mlp"] and "qkv_proj" in got["self_attn"]
+
+
+@pytest.mark.parametrize("kernels, bias", [
+    ("float", False), ("float", True), ("interpret", False),
+    # ~20 s: XLA on a CPU compiles the reference int4 unpack slowly.
+    pytest.param("xla", True, marks=pytest.mark.slow)])
+def test_fused_projections_compute_the_unfused_logits(kernels, bias):
+  """Prefill (18 rows: the prefill matmuls) and one decode step (2 rows:
+  `decode_matmul` when packed) through per-layer params, fused or not."""
+  packed = kernels != "float"
+  params, config, options = _fuse_params(bias=bias, packed=packed, layers=1)
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 10, seed=5)
+  step = functools.partial(model.forward, config=config, options=options,
+                           kernels="xla" if kernels == "float" else kernels)
+
+  @jax.jit  # one compile per layout (the XLA int4 unpack compiles slowly)
+  def prefill_and_decode(p):
+    cache = kv_cache.cache_for(config, batch=2, max_len=12, per_layer=True)
+    prefill, cache = step(p, tokens[:, :9], cache=cache)
+    decode, _ = step(p, tokens[:, 9:], cache=cache)
+    return jnp.concatenate([prefill, decode], axis=1)
+
+  got = {fuse: np.asarray(prefill_and_decode(
+      model.unstack_layers(params, fuse=fuse))) for fuse in (False, True)}
+  assert np.abs(got[False]).max() > 0.1  # logits that can differ
+  np.testing.assert_allclose(got[True], got[False], atol=1e-6, rtol=0)
+
+
+def test_fused_decode_step_runs_four_matmuls_a_layer():
+  params, config, _ = _fuse_params(bias=True, packed=False)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  dots = {}
+  for fuse in (False, True):
+    p = model.unstack_layers(params, fuse=fuse)
+    cache = kv_cache.cache_for(config, batch=1, max_len=4, per_layer=True)
+    jaxpr = jax.make_jaxpr(lambda p, c: model.forward(
+        p, tokens, config, cache=c, kernels="xla"))(p, cache)
+    dots[fuse] = str(jaxpr).count("dot_general")
+  # 7 -> 4 linears in each of the 2 layers.
+  assert dots[False] - dots[True] == 3 * config.num_hidden_layers

@@ -245,11 +245,15 @@ def _sharded_checks() -> dict:
 
   out["seconds_hlo"] = time.perf_counter() - start
 
-  # generate takes sharded params as they are.
+  # generate takes sharded params as they are (and does not fuse q/k/v,
+  # gate/up across shards).
   prompts = [[1, 2, 3, 4], [5, 6]]
   out["generate"] = [
       generation.generate_tokens(p, CONFIG, prompts, max_new_tokens=3,
                                  eos_ids=[])
+      for p in (params, sharding.shard_params(params, mesh))]
+  out["split_over_devices"] = [
+      generation._split_over_devices(p)  # pylint: disable=protected-access
       for p in (params, sharding.shard_params(params, mesh))]
 
   # Packed linears per shard in shard_map, Pallas kernels in interpret
@@ -353,6 +357,7 @@ def test_layer_collectives_are_two_all_reduces(sharded):
 def test_generate_on_sharded_params(sharded):
   want, got = sharded["generate"]
   assert got == want and len(want[0]) == 3
+  assert sharded["split_over_devices"] == [False, True]  # then not fused
 
 
 def test_packed_linear_per_shard(sharded):

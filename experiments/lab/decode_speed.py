@@ -1,9 +1,10 @@
 """Decode throughput of our bf16 and W4A4KV4 models against the plain-JAX
 anchor, and how many kernels one decode step launches (issue #14).
 
-Both our models decode the way `generate` does: `model.unstack_layers`
-params (per-layer weights), a per-layer cache updated in place (donated),
-`lax.fori_loop` over `new_tokens` steps inside one jit.
+Both our models decode the way `generate` does: `model.unstack_layers(...,
+fuse=True)` params (per-layer weights, q/k/v and gate/up fused), a
+per-layer cache updated in place (donated), `lax.fori_loop` over
+`new_tokens` steps inside one jit.
 """
 
 import dataclasses
@@ -108,7 +109,7 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
   for label, params, packed, opts in (
       ("bf16_model", fparams, False, model.FLOAT),
       ("w4a4kv4_model", qparams, True, options)):
-    params = model.unstack_layers(params)
+    params = model.unstack_layers(params, fuse=True)  # as generate
     cache = speed.random_cache(kv_cache.cache_for(
         config, batch, slots, dtype=jnp.bfloat16, packed=packed,
         per_layer=True), kc, cached)

@@ -33,10 +33,12 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_matmul as decode_lib
 from pallas_kernels import hadamard_quant as hq_lib
+from pallas_kernels import rms_norm_quant as rq_lib
 from pallas_kernels import w4a16_matmul as w4a16_lib
 from pallas_kernels.w4a4_matmul import api as w4a4_lib
 from quarot_jax import hadamard
 from quarot_jax import kernels as kernels_lib
+from quarot_jax import layers
 from quarot_jax import quant
 
 Params = dict[str, Any]
@@ -182,7 +184,8 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
 
 def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
             online_hadamard: bool,
-            kernels: kernels_lib.Kernels = kernels_lib.XLA
+            kernels: kernels_lib.Kernels = kernels_lib.XLA,
+            norm: tuple[jax.Array, float] | None = None
             ) -> list[jax.Array]:
   """`linear` of one input through several packed linears (q/k/v, gate/up).
 
@@ -192,6 +195,10 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
   `kernels.decode_matmul` is 'xla'; more tokens run the prefill kernels.
   Both compute the same numbers: int4 codes times int4 weights summed
   exactly, scaled by s_x * s_w (W4A4), or bf16 x times int4 weights (W4A16).
+  With `norm`, x is the un-normalized residual and `layers.rms_norm` runs
+  first; at decode with 4-bit activations and `kernels.hadamard_quant`
+  'pallas' the norm and the quantizer are one launch
+  (`pallas_kernels.rms_norm_quant`, the same numbers).
 
   Args:
     x: float[..., in] input (not yet rotated by the online Hadamard).
@@ -199,6 +206,8 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     a_spec: as in `linear`.
     online_hadamard: as in `linear`.
     kernels: as in `linear`.
+    norm: (weight [in], eps) of an RMS norm to apply to x first (the
+      decoder's pre-norm), or None.
 
   Returns:
     One [..., out_i] array per linear, in the dtype of x.
@@ -215,6 +224,12 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
             and decode_lib.can_use_decode_matmul(
                 m, p["qweight"].shape[-2], k, kernels.decode_matmul))
 
+  fuse_norm = (norm is not None and a_spec is not None and a_spec.enabled
+               and not online_hadamard
+               and kernels.hadamard_quant == "pallas"
+               and all(map(decode, ps)))
+  if norm is not None and not fuse_norm:
+    x2 = layers.rms_norm(x2, norm[0], eps=norm[1])
   run_decode = functools.partial(
       decode_lib.decode_matmul, out_dtype=x.dtype,
       implementation=kernels.decode_matmul, interpret=kernels.interpret)
@@ -237,11 +252,16 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     # The Mosaic matmuls read int8 codes from shared memory faster than
     # packed ones (BENCHMARKS.md), and decode_matmul takes only int8 codes;
     # the Triton prefill kernel takes packed codes.
-    x_q, s_x = hq_lib.hadamard_quant(
-        x2, hadamard_base(k) if online_hadamard else None,
-        clip_ratio=a_spec.clip_ratio,
-        packed=kernels.w4a4 != "mosaic" and not any(map(decode, ps)),
-        implementation=kernels.hadamard_quant, interpret=kernels.interpret)
+    if fuse_norm:  # int8 codes, as decode_matmul takes
+      x_q, s_x = rq_lib.rms_norm_quant(
+          x2, norm[0], eps=norm[1], clip_ratio=a_spec.clip_ratio,
+          implementation="pallas", interpret=kernels.interpret)
+    else:
+      x_q, s_x = hq_lib.hadamard_quant(
+          x2, hadamard_base(k) if online_hadamard else None,
+          clip_ratio=a_spec.clip_ratio,
+          packed=kernels.w4a4 != "mosaic" and not any(map(decode, ps)),
+          implementation=kernels.hadamard_quant, interpret=kernels.interpret)
     ys = [run_decode(x_q, p["qweight"], p["wscale"], s_x) if decode(p)
           else w4a4_lib.w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],
                                     out_dtype=x.dtype,

@@ -8,6 +8,7 @@ import pytest
 
 from quarot_jax import hadamard
 from quarot_jax import kernels
+from quarot_jax import layers
 from quarot_jax import qlinear
 from quarot_jax import quant
 
@@ -108,6 +109,33 @@ def test_linears_quantize_the_input_once(monkeypatch):
                          kernels=interpret)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(one))
   assert len(calls) == 4
+
+
+@pytest.mark.parametrize("a_bits, m, fused", [
+    (4, 3, True),     # decode: one rms_norm_quant launch
+    (4, 20, False),   # prefill: the norm, then hadamard_quant
+    (16, 3, False),   # float activations: the norm, then the matmul
+])
+def test_linears_with_a_pre_norm_are_the_norm_then_linears(a_bits, m, fused):
+  ps = [qlinear.pack_weight(quant.quantize_weight(
+      _weight_and_input(k=576, n=n, seed=s)[0], _W_SPEC))
+        for s, n in ((7, 64), (8, 40))]
+  kx, kw = jax.random.split(jax.random.key(m))
+  x = (4.0 * jax.random.normal(kx, (1, m, 576))).astype(jnp.bfloat16)
+  w = (1.0 + 0.3 * jax.random.normal(kw, (576,))).astype(jnp.bfloat16)
+  a_spec = _A_SPEC if a_bits == 4 else None
+  interpret = kernels.resolve("interpret")
+  run = lambda x, k, norm=None: qlinear.linears(
+      x, ps, a_spec=a_spec, online_hadamard=False, kernels=k, norm=norm)
+  jaxpr = str(jax.make_jaxpr(lambda: run(x, interpret, (w, 1e-5)))())
+  assert ("rms_norm_quant" in jaxpr) == fused
+  normed = layers.rms_norm(x, w, eps=1e-5)
+  for k in (interpret, kernels.XLA):
+    got, want = run(x, k, (w, 1e-5)), run(normed, k)
+    for g, y in zip(got, want):  # the same codes and scales: bit for bit
+      assert g.shape == y.shape and g.dtype == jnp.bfloat16
+      np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                    np.asarray(y, np.float32))
 
 
 def test_pack_params_replaces_kernels_only():

@@ -132,20 +132,33 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
 
 
 def _linears(x: jax.Array, ps: list[Params], options: RunOptions, *,
-             kernels: kernels_lib.Kernels) -> list[jax.Array]:
+             kernels: kernels_lib.Kernels,
+             pre_norm=None) -> list[jax.Array]:
   """`_linear` of one input through several linears (q/k/v, gate/up);
-  packed ones quantize the input once for all (`qlinear.linears`)."""
+  packed ones quantize the input once for all (`qlinear.linears`).
+  `pre_norm`: (residual, norm weight, eps) that x is the RMS norm of;
+  packed linears take those instead of x and fuse the norm into their
+  quantizer at decode."""
   if all("qweight" in p for p in ps):
+    if pre_norm is not None:
+      x, weight, eps = pre_norm
+      return qlinear.linears(x, ps, a_spec=options.a_spec,
+                             online_hadamard=False, kernels=kernels,
+                             norm=(weight, eps))
     return qlinear.linears(x, ps, a_spec=options.a_spec,
                            online_hadamard=False, kernels=kernels)
   return [_linear(x, p, options, kernels=kernels) for p in ps]
 
 
-def _norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
+def _norm_weight(x: jax.Array, p: Params) -> jax.Array:
   scale = p.get("scale") if p else None
   if scale is None:
     scale = jnp.ones((x.shape[-1],), x.dtype)
-  return layers.rms_norm(x, scale, eps=eps)
+  return scale
+
+
+def _norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
+  return layers.rms_norm(x, _norm_weight(x, p), eps=eps)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -234,8 +247,9 @@ def _flash_prefill(q, chunk, cached, write_at, start):
 def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
                      config: LlamaConfig, options: RunOptions, inv_freq,
                      start=None,
-                     kernels: kernels_lib.Kernels = kernels_lib.XLA):
-  """One attention sub-block.
+                     kernels: kernels_lib.Kernels = kernels_lib.XLA,
+                     pre_norm=None):
+  """One attention sub-block (`pre_norm` as in `_linears`).
 
   A float cache ([B, S, K, H]) stores keys and values fake-quantized by
   `options.k_spec`/`v_spec`; a packed `kv4_cache.KV4` cache quantizes them
@@ -255,11 +269,12 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
               config.head_dim)
   # [B, T, N, H] and [B, T, K, H]
   if "qkv_proj" in p:  # `fuse_projections`: one matmul, split by width
-    (qkv,) = _linears(x, [p["qkv_proj"]], options, kernels=kernels)
+    (qkv,) = _linears(x, [p["qkv_proj"]], options, kernels=kernels,
+                      pre_norm=pre_norm)
     q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
   else:
     q, k, v = _linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], options,
-                       kernels=kernels)
+                       kernels=kernels, pre_norm=pre_norm)
   q = q.reshape(b, t, n, h)
   k = k.reshape(b, t, kv, h)
   v = v.reshape(b, t, kv, h)
@@ -382,16 +397,18 @@ def attend_kv4(q: jax.Array, k_cache, v_cache, mask: jax.Array
   return attend(q.astype(dtype), keys, values, mask).astype(q.dtype)
 
 
-def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels):
+def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
+               pre_norm=None):
   """One FFN sub-block (gate/up_proj, or their `fuse_projections`
-  gate_up_proj). Returns (output [B, T, D], down_proj input (before the
+  gate_up_proj; `pre_norm` as in `_linears`). Returns (output [B, T, D], down_proj input (before the
   online Hadamard when down_proj is packed))."""
   if "gate_up_proj" in p:  # `fuse_projections`: [B, T, 2F], gate then up
-    (gate_up,) = _linears(x, [p["gate_up_proj"]], options, kernels=kernels)
+    (gate_up,) = _linears(x, [p["gate_up_proj"]], options, kernels=kernels,
+                          pre_norm=pre_norm)
     gate, up = jnp.split(gate_up, 2, axis=-1)
   else:
     gate, up = _linears(x, [p["gate_proj"], p["up_proj"]], options,
-                        kernels=kernels)
+                        kernels=kernels, pre_norm=pre_norm)
   hidden = layers.swiglu(gate, up)
   packed = "qweight" in p["down_proj"]
   if options.online_had_down and not packed:
@@ -433,14 +450,19 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
   inv_freq = layers.rope_inv_freq(config.head_dim, config.rope_theta,
                                   config.rope_scaling_dict)
   eps = config.rms_norm_eps
+  # Packed q/k/v and gate/up linears take the residual and the norm
+  # (`pre_norm`) to fuse it into their quantizer; an unused tap is dropped.
   attn_in = _norm(x, p["input_layernorm"], eps)
   h, k_cache, v_cache, o_in = _attention_block(
       attn_in, p["self_attn"], positions, mask, k_cache, v_cache, write_at,
       config=config, options=options, inv_freq=inv_freq, start=start,
-      kernels=kernels)
+      kernels=kernels,
+      pre_norm=(x, _norm_weight(x, p["input_layernorm"]), eps))
   x = x + h
   mlp_in = _norm(x, p["post_attention_layernorm"], eps)
-  h, down_in = _mlp_block(mlp_in, p["mlp"], options=options, kernels=kernels)
+  h, down_in = _mlp_block(
+      mlp_in, p["mlp"], options=options, kernels=kernels,
+      pre_norm=(x, _norm_weight(x, p["post_attention_layernorm"]), eps))
   taps = {"qkv": attn_in, "o": o_in, "gate_up": mlp_in, "down": down_in}
   return x + h, k_cache, v_cache, taps
 

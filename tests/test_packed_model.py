@@ -112,8 +112,10 @@ def test_packed_forward_runs_every_kernel_in_interpret_mode():
   jaxpr = str(jax.make_jaxpr(lambda p: model.forward(
       p, tokens[:, 3:], config, cache=cache, options=options,
       kernels="interpret")[0])(real))
+  # rms_norm_quant: the decode step's q/k/v and gate/up pre-norms are fused
+  # into their quantizer, and give the unfused 'xla' logits.
   for name in ("hadamard_quant", "w4a4_matmul_triton",
-               "kv4_decode_attention"):
+               "kv4_decode_attention", "rms_norm_quant"):
     assert name in jaxpr, name
   assert _rel(prefill, want[0]) < 1e-4
   assert _rel(decode, want[1]) < 1e-4

@@ -13,12 +13,17 @@ Grid (B, K, num_splits). Each program takes the G query heads of one kv
 head and one split of that row's valid range [start, end) (the range, not
 [0, S), is cut into num_splits runs of whole blocks, so short rows do not
 leave programs idle), loops over it in blocks of block_s tokens with an
-online softmax, and writes an unnormalized partial (o, m, l). A jnp epilogue
-merges the splits (log-sum-exp) and normalizes.
+online softmax. With num_splits = 1 it normalizes and writes the output in
+the dtype of q, so the op is one kernel launch (decode is launch-bound);
+otherwise it writes an unnormalized partial (o, m, l) and a second Pallas
+kernel, grid (B, K), merges the splits (log-sum-exp) and normalizes. No XLA
+op runs around them but free reshapes: q is read as [B, K, G, H], the output
+written as [B, K, G, H], and start/end are clamped in the kernel.
 
 Two paths, chosen by G (`uses_dot_free_path`):
-  * dot path (G > 1): the G heads are zero-padded to at least 16 rows (the
-    smallest Triton dot), and q · k and p' · v are tensor-core dots.
+  * dot path (G > 1): the G heads are loaded as Gp >= 16 rows (the
+    smallest Triton dot; rows past G repeat head G - 1 and are never
+    written), and q · k and p' · v are tensor-core dots.
   * dot-free path (G = 1, MHA): padding one head to 16 rows would do 16x the
     dot, exp and softmax work per byte of cache read (measured: ~30% of HBM
     bandwidth on an H100). The one query row instead takes elementwise f32
@@ -32,14 +37,15 @@ Both compute the same math (below); only the summation order differs.
 The nibbles are never interleaved and k, v are never dequantized in full.
 With lo = low nibbles (even h), hi = high nibbles (odd h), per token t:
   q · k_t = scale_t * (q_even · lo_t + q_odd · hi_t - zero_t * Σ_h q_h)
-(the wrapper splits q into its even and odd columns and sums it once), and
+(the kernel loads q's even and odd columns apart and sums them), and
 with p'_t = p_t * scale_v,t:
   o_even = Σ_t p'_t lo_t - Σ_t p'_t zero_t,  o_odd likewise with hi_t,
-which the wrapper interleaves back to [.., H]. The codes 0..15 are exact in
-bf16; the dots take q (and p') in the dtype of q with f32 accumulation, as
-bf16 flash attention does; the zero-point term uses the same rounded p'. The
-dot-free path rounds p' to the dtype of q too and then multiplies in f32,
-which is exact for bf16/f16 operands, like the dots' products.
+which the kernel stores interleaved back to [.., H]. The codes 0..15 are
+exact in bf16; the dots take q (and p') in the dtype of q with f32
+accumulation, as bf16 flash attention does; the zero-point term uses the
+same rounded p'. The dot-free path rounds p' to the dtype of q too and then
+multiplies in f32, which is exact for bf16/f16 operands, like the dots'
+products.
 
 A block that would run past S is shifted back to end at S and its already
 seen tokens are masked, so no load leaves the arrays (the cache is never
@@ -60,6 +66,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import compat
 from pallas_kernels import kv4_cache as kv4_lib
@@ -175,27 +182,67 @@ def _nibbles(codes: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   return (c & 0xF).astype(dtype), (c >> 4).astype(dtype)
 
 
+def _head_index(g: int, gp: int, h2: int, odd: int):
+  """Index arrays of the [Gp, H // 2] even (odd=0) or odd columns of G rows.
+
+  Rows past G repeat row G - 1 (in bounds; their results are never stored).
+  """
+  rows = jnp.minimum(jnp.arange(gp, dtype=jnp.int32), g - 1)
+  cols = 2 * jnp.arange(h2, dtype=jnp.int32) + odd
+  return rows[:, None], cols[None, :]
+
+
+def _store_heads(o_ref, o_e, o_o, g: int):
+  """Writes f32[Gp, H // 2] even / odd columns into o_ref [G, H], rows < G,
+  interleaved back to h = 2c, 2c + 1, in the dtype of o_ref."""
+  gp, h2 = o_e.shape
+  rows = jnp.arange(gp, dtype=jnp.int32)[:, None]
+  cols = 2 * jnp.arange(h2, dtype=jnp.int32)[None, :]
+  mask = None if gp == g else jnp.broadcast_to(rows < g, (gp, h2))
+  for c, o in ((cols, o_e), (cols + 1, o_o)):
+    plgpu.store(o_ref.at[rows, c], o.astype(o_ref.dtype), mask=mask)
+
+
+def _normalize(o_e, o_o, l):
+  """o / l over f32[Gp, H // 2] halves; 0 where l = 0 (an empty range)."""
+  inv = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)[:, None]
+  return o_e * inv, o_o * inv
+
+
 def kv4_decode_attention_kernel(
-    qe_ref, qo_ref, qs_ref, start_ref, end_ref, kc_ref, ks_ref, kz_ref,
-    vc_ref, vs_ref, vz_ref, oe_ref, oo_ref, m_ref, l_ref, *, block_s: int,
-    num_splits: int, sm_scale: float, dot_free: bool):
-  """One (row, kv head, split): online softmax over its run of blocks."""
-  # qe_ref, qo_ref: [Gp, H // 2] even / odd columns of the G (padded) heads;
-  #   Gp = 1 (G = 1, no padding) when dot_free, else >= 16
-  # qs_ref: f32[Gp] Σ_h q_h;  start_ref, end_ref: int32[] (this row)
-  # kc_ref, vc_ref: uint8[S, H // 2];  ks/vs_ref: f32[S]; kz/vz_ref: uint8[S]
-  # oe_ref, oo_ref: f32[Gp, H // 2];  m_ref, l_ref: f32[Gp]
+    q_ref, start_ref, end_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
+    vz_ref, *out_refs, block_s: int, num_splits: int, sm_scale: float,
+    dot_free: bool, seq_len: int, gp: int):
+  """One (row, kv head, split): online softmax over its run of blocks.
+
+  With num_splits = 1 it normalizes and writes the output; otherwise an
+  unnormalized partial (o_even, o_odd, m, l) for
+  `kv4_decode_attention_merge_kernel`.
+  """
+  # q_ref: [G, H] the query heads of this kv head (dtype of q)
+  # start_ref, end_ref: int32[1] (this row's, or a shared end)
+  # kc_ref, vc_ref: uint8[S', H // 2];  ks/vs_ref: f32[S']; kz/vz_ref:
+  #   uint8[S'] (S' >= seq_len = S: padded to one block when S < 16)
+  # out_refs, num_splits = 1: o_ref [G, H] (dtype of q)
+  #   else: oe_ref, oo_ref f32[Gp, H // 2]; m_ref, l_ref f32[Gp]
+  # Gp = 1 (G = 1, no padding) when dot_free, else >= 16 rows, of which
+  # rows past G repeat row G - 1.
   split = pl.program_id(2)
-  gp, h2 = qe_ref.shape
+  g, h = q_ref.shape
+  h2 = h // 2
   s_len = kc_ref.shape[0]
-  dt = qe_ref.dtype
-  lo_tok, hi_tok = start_ref[()], end_ref[()]
+  dt = q_ref.dtype
+  lo_tok = jnp.clip(start_ref[0], 0, seq_len)
+  hi_tok = jnp.clip(end_ref[0], 0, seq_len)
   n_blocks = jnp.maximum(pl.cdiv(hi_tok - lo_tok, block_s), 0)
   per_split = pl.cdiv(n_blocks, num_splits)
   first = split * per_split
   last = jnp.minimum(first + per_split, n_blocks)
-  qe, qo = qe_ref[...], qo_ref[...]
-  qsum = qs_ref[...]
+  # Even and odd columns of q, loaded apart (the nibble order of the codes).
+  qe = q_ref[_head_index(g, gp, h2, 0)]  # [Gp, H // 2]
+  qo = q_ref[_head_index(g, gp, h2, 1)]
+  qsum = qe.astype(jnp.float32).sum(axis=1) + qo.astype(jnp.float32).sum(
+      axis=1)  # [Gp] Σ_h q_h
   if dot_free:
     # One query row: f32 products (exact for bf16/f16 q and the codes, as in
     # the dots) and row sums; no reshape or transpose, only reductions and
@@ -228,7 +275,7 @@ def kv4_decode_attention_kernel(
   def body(i, carry):
     o_e, o_o, m_prev, l_prev = carry
     off = lo_tok + i * block_s  # first token of this block (< hi_tok)
-    at = jnp.minimum(off, s_len - block_s)  # shifted back to end at S
+    at = jnp.minimum(off, s_len - block_s)  # shifted back to end at S'
     pos = at + jnp.arange(block_s, dtype=jnp.int32)
     valid = (pos >= off) & (pos < hi_tok)  # [block_s]
     rows = pl.ds(at, block_s)
@@ -255,14 +302,43 @@ def kv4_decode_attention_kernel(
           jnp.full((gp,), -jnp.inf, jnp.float32),
           jnp.zeros((gp,), jnp.float32))
   o_e, o_o, m, l = jax.lax.fori_loop(first, last, body, init)
-  oe_ref[...] = o_e
-  oo_ref[...] = o_o
-  m_ref[...] = m
-  l_ref[...] = l
+  if num_splits == 1:
+    (o_ref,) = out_refs
+    _store_heads(o_ref, *_normalize(o_e, o_o, l), g)
+  else:
+    oe_ref, oo_ref, m_ref, l_ref = out_refs
+    oe_ref[...] = o_e
+    oo_ref[...] = o_o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def kv4_decode_attention_merge_kernel(oe_ref, oo_ref, m_ref, l_ref, o_ref):
+  """One (row, kv head): merges the splits' partials (log-sum-exp)."""
+  # oe_ref, oo_ref: f32[NS, Gp, H // 2];  m_ref, l_ref: f32[NS, Gp]
+  # o_ref: [G, H] (dtype of q)
+  ns, gp, h2 = oe_ref.shape
+  m_all = jax.lax.fori_loop(
+      0, ns, lambda t, m: jnp.maximum(m, m_ref[t, :]),
+      jnp.full((gp,), -jnp.inf, jnp.float32))
+  m_all = jnp.where(m_all > -jnp.inf, m_all, 0.0)  # all splits empty
+
+  def add(t, carry):
+    o_e, o_o, l = carry
+    l_t = l_ref[t, :]
+    w = jnp.where(l_t > 0, jnp.exp(m_ref[t, :] - m_all), 0.0)  # [Gp]
+    return (o_e + w[:, None] * oe_ref[t, :, :],
+            o_o + w[:, None] * oo_ref[t, :, :], l + w * l_t)
+
+  zeros = jnp.zeros((gp, h2), jnp.float32)
+  o_e, o_o, l = jax.lax.fori_loop(
+      0, ns, add, (zeros, zeros, jnp.zeros((gp,), jnp.float32)))
+  _store_heads(o_ref, *_normalize(o_e, o_o, l), o_ref.shape[0])
 
 
 def _check(q, k, v, start, end):
-  """Shapes and dtypes; returns (B, N, K, S, H) and int32[B] start/end."""
+  """Shapes and dtypes; returns (B, N, K, S, H) and int32 start[B], end[B]
+  or end[] (not clipped)."""
   if q.ndim != 3:
     raise ValueError(f"q must be [B, N, H], got {q.shape=}")
   b, n, h = q.shape
@@ -293,9 +369,8 @@ def _check(q, k, v, start, end):
     raise ValueError(f"start must be [B]=[{b}], got {start.shape=}")
   if end.shape not in ((), (b,)):
     raise ValueError(f"end must be [] or [B]=[{b}], got {end.shape=}")
-  start = jnp.clip(start.astype(jnp.int32), 0, s)
-  end = jnp.clip(jnp.broadcast_to(end, (b,)).astype(jnp.int32), 0, s)
-  return (b, n, kv_heads, s, h), start, end
+  return (b, n, kv_heads, s, h), start.astype(jnp.int32), end.astype(
+      jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -306,6 +381,9 @@ def kv4_decode_attention(
     interpret: bool = False, debug: bool = False,
     implementation: Literal["pallas", "xla"] | None = None) -> jax.Array:
   """Decode attention of one query token per row over packed KV4 caches.
+
+  With num_splits = 1 the Pallas path is one kernel launch (the q and output
+  reshapes are free); with more splits, two (attention, then the merge).
 
   Args:
     q: bf16[B, N, H] queries (f16/f32 also work; the dots take this dtype).
@@ -351,50 +429,54 @@ def kv4_decode_attention(
                             + [(0, 0)] * (a.ndim - 3))
     k, v = jax.tree.map(pad, k), jax.tree.map(pad, v)
   sp = k.codes.shape[2]
-  # [B, N, H] -> [B, K, G, H], G zero-padded to Gp rows
-  qg = jnp.pad(q.reshape(b, kv_heads, g, h), [(0, 0), (0, 0), (0, gp - g),
-                                              (0, 0)])
-  qe, qo = qg[..., 0::2], qg[..., 1::2]
-  qsum = qg.astype(jnp.float32).sum(axis=-1)
-  kernel = functools.partial(
-      kv4_decode_attention_kernel, block_s=block_s,
-      num_splits=cfg.num_splits, sm_scale=1.0 / math.sqrt(h),
-      dot_free=dot_free)
   ns = cfg.num_splits
+  kernel = functools.partial(
+      kv4_decode_attention_kernel, block_s=block_s, num_splits=ns,
+      sm_scale=1.0 / math.sqrt(h), dot_free=dot_free, seq_len=s, gp=gp)
   per_head = lambda *blk: pl.BlockSpec((None, None) + blk,
                                        lambda i, j, t: (i, j) + (0,) * len(
                                            blk))
-  per_row = pl.BlockSpec((None,), lambda i, j, t: (i,))
+  per_row = pl.BlockSpec((1,), lambda i, j, t: (i,))
+  shared = pl.BlockSpec((1,), lambda i, j, t: (0,))
   part = lambda *blk: pl.BlockSpec((None, None, None) + blk,
                                    lambda i, j, t: (i, j, t) + (0,) * len(
                                        blk))
   f32 = lambda *shape: jax.ShapeDtypeStruct((b, kv_heads, ns) + shape,
                                             jnp.float32)
-  oe, oo, m, l = pl.pallas_call(
+  out = jax.ShapeDtypeStruct((b, kv_heads, g, h), q.dtype)
+  if ns == 1:
+    out_specs, out_shape = per_head(g, h), out
+  else:
+    out_specs = [part(gp, h2), part(gp, h2), part(gp), part(gp)]
+    out_shape = [f32(gp, h2), f32(gp, h2), f32(gp), f32(gp)]
+  params = compat.triton_params(num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages)
+  # [B, N, H] -> [B, K, G, H]; end [] -> [1], read by every row
+  res = pl.pallas_call(
       kernel,
       grid=(b, kv_heads, ns),
-      in_specs=[per_head(gp, h2), per_head(gp, h2), per_head(gp),
-                per_row, per_row,
+      in_specs=[per_head(g, h), per_row, per_row if end.ndim else shared,
                 per_head(sp, h2), per_head(sp), per_head(sp),
                 per_head(sp, h2), per_head(sp), per_head(sp)],
-      out_specs=[part(gp, h2), part(gp, h2), part(gp), part(gp)],
-      out_shape=[f32(gp, h2), f32(gp, h2), f32(gp), f32(gp)],
-      compiler_params=compat.triton_params(num_warps=cfg.num_warps,
-                                           num_stages=cfg.num_stages),
+      out_specs=out_specs, out_shape=out_shape, compiler_params=params,
       interpret=interpret, debug=debug, name="kv4_decode_attention",
-  )(qe, qo, qsum, start, end, k.codes, k.scale, k.zero, v.codes, v.scale,
-    v.zero)
-  # Merge the splits: [B, K, NS, Gp, ..] -> [B, K, Gp, ..]
-  m_all = m.max(axis=2, keepdims=True)
-  w = jnp.where(l > 0, jnp.exp(m - jnp.where(jnp.isfinite(m_all), m_all,
-                                             0.0)), 0.0)
-  l_all = (w * l).sum(axis=2)
-  inv = jnp.where(l_all > 0, 1.0 / jnp.where(l_all > 0, l_all, 1.0), 0.0)
-  o_e = (w[..., None] * oe).sum(axis=2) * inv[..., None]
-  o_o = (w[..., None] * oo).sum(axis=2) * inv[..., None]
-  # [B, K, Gp, H // 2, 2] -> [B, K, G, H] -> [B, N, H]
-  out = jnp.stack([o_e, o_o], axis=-1).reshape(b, kv_heads, gp, h)
-  return out[:, :, :g].reshape(b, n, h).astype(q.dtype)
+  )(q.reshape(b, kv_heads, g, h), start, end.reshape(-1), k.codes, k.scale,
+    k.zero, v.codes, v.scale, v.zero)
+  if ns > 1:
+    # Merge the splits: [B, K, NS, Gp, ..] -> [B, K, G, H]
+    merge_head = lambda *blk: pl.BlockSpec((None, None) + blk,
+                                           lambda i, j: (i, j) + (0,) * len(
+                                               blk))
+    res = pl.pallas_call(
+        kv4_decode_attention_merge_kernel,
+        grid=(b, kv_heads),
+        in_specs=[merge_head(ns, gp, h2), merge_head(ns, gp, h2),
+                  merge_head(ns, gp), merge_head(ns, gp)],
+        out_specs=merge_head(g, h), out_shape=out, compiler_params=params,
+        interpret=interpret, debug=debug,
+        name="kv4_decode_attention_merge")(*res)
+  # [B, K, G, H] -> [B, N, H]
+  return res.reshape(b, n, h)
 
 
 @jax.jit
@@ -417,6 +499,7 @@ def kv4_decode_attention_reference(q: jax.Array, k: kv4_lib.KV4,
     ValueError: shapes that do not fit together.
   """
   (b, n, kv_heads, s, h), start, end = _check(q, k, v, start, end)
+  end = jnp.broadcast_to(end, (b,))
   hi = jax.lax.Precision.HIGHEST
   keys = kv4_lib.dequantize_kv4(k)  # f32[B, K, S, H]
   values = kv4_lib.dequantize_kv4(v)

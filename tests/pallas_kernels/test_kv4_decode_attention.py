@@ -46,6 +46,7 @@ _CASES = [
     (3, 300, 2, 1, 64, 128, 2, [0, 5, 280], [300, 290, 281]),
     (3, 77, 1, 4, 128, 32, 2, [5, 0, 60], [70, 77, 65]),
     (2, 50, 1, 8, 64, 16, 4, [10, 0], [15, 50]),
+    (2, 40, 2, 3, 64, 16, 1, [3, 0], [40, 25]),  # G = 3 (SmolLM2), 1 split
 ]
 
 
@@ -212,6 +213,60 @@ def test_reference_is_attention_over_the_dequantized_cache(g):
   np.testing.assert_array_equal(got[2], 0.0)
   np.testing.assert_allclose(got, want, rtol=0,
                              atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("g, splits", [(3, 1), (3, 3), (1, 1), (1, 2)])
+def test_kernel_is_attention_over_the_dequantized_cache(g, splits,
+                                                        interpret):
+  # The kernel against the f64 numpy attention: G = 3 (16 rows computed, 3
+  # written back) and MHA, one split (normalized in the kernel) and several
+  # (the merge kernel); a shared scalar end past S and a negative start,
+  # both clamped in the kernel, and an empty row (start > end).
+  q, k, v = _case(3, 40, 2, g, 64, seed=6, dtype=jnp.float32)
+  start = jnp.array([-5, 9, 41], jnp.int32)
+  got = np.asarray(attn.kv4_decode_attention(
+      q, k, v, start, jnp.int32(50), interpret=interpret,
+      config=Config(block_s=16, num_splits=splits)))
+  want = _attention_f64(q, k, v, np.array([0, 9, 40]), 40)
+  np.testing.assert_array_equal(got[2], 0.0)
+  np.testing.assert_allclose(got, want, rtol=0,
+                             atol=1e-5 * np.abs(want).max())
+
+
+def _primitives_outside_pallas(fn, *args):
+  """Names of the primitives of fn's jaxpr, looking into jit calls but not
+  into pallas_call (their kernels), with multiplicity."""
+  names = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      inner = eqn.params.get("jaxpr")
+      if name != "pallas_call" and inner is not None:
+        walk(getattr(inner, "jaxpr", inner))
+      else:
+        names.append(name)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return sorted(names)
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_one_split_is_one_launch(g):
+  # Decode is launch-bound: with one split nothing but the pallas_call and
+  # free reshapes (q [B, N, H] -> [B, K, G, H], the output back, a scalar
+  # end -> [1]) may run around the kernel: no slicing of q into even / odd
+  # columns, no Σ q, no clamping of start / end, no merge, no interleave.
+  # With more splits, one merge kernel follows.
+  q, k, v = _case(2, 48, 2, g, 64)
+  start = jnp.array([0, 5], jnp.int32)
+  for end in (jnp.array([48, 30], jnp.int32), jnp.int32(48)):
+    for splits, calls in ((1, ["pallas_call"]),
+                          (3, ["pallas_call", "pallas_call"])):
+      run = lambda *a, splits=splits: attn.kv4_decode_attention(
+          *a, config=Config(block_s=16, num_splits=splits), interpret=True)
+      names = _primitives_outside_pallas(run, q, k, v, start, end)
+      assert [x for x in names if x != "reshape"] == calls, names
 
 
 def test_implementation_choice_off_the_kernel():

@@ -275,13 +275,14 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   else:
     q, k, v = _linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], options,
                        kernels=kernels, pre_norm=pre_norm)
-  q = q.reshape(b, t, n, h)
-  k = k.reshape(b, t, kv, h)
+  # RoPE and the Q/K Hadamard act per head alike on queries and keys: one
+  # pass over [B, T, N + K, H] (fewer decode launches than two, same math).
+  qk = jnp.concatenate([q, k], axis=-1).reshape(b, t, n + kv, h)
   v = v.reshape(b, t, kv, h)
-  q = layers.apply_rope(q, positions, inv_freq)
-  k = layers.apply_rope(k, positions, inv_freq)
+  qk = layers.apply_rope(qk, positions, inv_freq)
   if options.qk_had:
-    q, k = _hadamard(q), _hadamard(k)
+    qk = _hadamard(qk)
+  q, k = qk[:, :, :n], qk[:, :, n:]
   if isinstance(k_cache, kv4_lib.KV4):
     out = _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
                                   mask, options, kernels=kernels)
@@ -355,7 +356,7 @@ def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
     v_cache = kv4_lib.write_kv4(v_cache, v, write_at,
                                 clip_ratio=options.v_spec.clip_ratio)
   if q.shape[1] == 1:
-    end = jnp.broadcast_to(write_at + 1, start.shape).astype(jnp.int32)
+    end = jnp.asarray(write_at + 1, jnp.int32)  # [] (shared by the rows)
     out = kv4_attn_lib.kv4_decode_attention(
         q[:, 0], k_cache, v_cache, start, end,
         implementation=kernels.kv4_attention, interpret=kernels.interpret)

@@ -25,6 +25,15 @@ sum_k x² may differ in the last f32 bit; the products are `mul.rn.f32`
 (inline PTX) so that no product is contracted into an FMA with the
 following add, which XLA's own kernels do not do either.
 
+Status on the GPU (H200, jax 0.11.2, 2026-11-30): not yet usable. At one
+row it took ~222 us a call against ~66 us for the jnp reference (both with
+the Python dispatch), which made a 7B decode step at batch 1 take 18.3 ms,
+and its by-hand GPU test gives -8 codes for an all-zero row (0 wanted);
+at 16 rows the model ran it without a visible loss. The model therefore
+runs it only under `Kernels(rms_norm_quant='pallas')` (CI: 'interpret').
+Suspects: the inline-PTX products on broadcast operands, and one program
+for a single row.
+
 Backend: the Pallas Triton lowering, a block of rows per program, each row
 viewed as [a, r] like `hadamard_quant.quantize_kernel` (interpret mode on
 the CPU). Not supported: bits other than 4 (NotImplementedError), a

@@ -56,6 +56,13 @@ class Kernels:
       `jax.nn.dot_product_attention`, see `attention.py`; inputs cuDNN
       cannot take, such as f32, fall back to 'xla', logged) or 'xla'
       (`model.attend`, an einsum softmax over the [T, S] scores).
+    rms_norm_quant: 'pallas' fuses a decode step's RMS pre-norm into the
+      per-token quantizer of the q/k/v and gate/up inputs
+      (`pallas_kernels.rms_norm_quant`, one launch instead of three), 'xla'
+      normalizes first. 'xla' in every GPU setting for now: measured on an
+      H200 the kernel took ~170 us at one row (7B decode at batch 1: 18.3
+      ms/token instead of ~5) and its all-zero-row GPU test fails; only
+      'interpret' turns it on (CI tests the wiring).
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`model.unstack_layers`: each weight read once per
@@ -75,6 +82,7 @@ class Kernels:
   kv4_attention: PallasOrXla = "xla"
   decode_matmul: W4A4 = "xla"
   attention: Attention = "xla"
+  rms_norm_quant: PallasOrXla = "xla"
   interpret: bool = False
   layer_loop: Literal["unrolled", "scan"] = "scan"
 
@@ -84,7 +92,8 @@ class Kernels:
       if value not in ("mosaic", "triton", "xla"):
         raise ValueError(f"{name}={value!r} must be 'mosaic', 'triton' or"
                          " 'xla'")
-    for name in ("w4a16", "hadamard_quant", "kv4_attention"):
+    for name in ("w4a16", "hadamard_quant", "kv4_attention",
+                 "rms_norm_quant"):
       value = getattr(self, name)
       if value not in ("pallas", "xla"):
         raise ValueError(f"{name}={value!r} must be 'pallas' or 'xla'")
@@ -166,7 +175,7 @@ def _resolve_ops(kernels: "str | None") -> Kernels:
   if setting == "interpret":
     return Kernels(w4a4="triton", w4a16="pallas", hadamard_quant="pallas",
                    kv4_attention="pallas", decode_matmul="triton",
-                   interpret=True)
+                   rms_norm_quant="pallas", interpret=True)
   if setting == "auto":
     if not gpu:
       choice = XLA

@@ -196,7 +196,7 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
   Both compute the same numbers: int4 codes times int4 weights summed
   exactly, scaled by s_x * s_w (W4A4), or bf16 x times int4 weights (W4A16).
   With `norm`, x is the un-normalized residual and `layers.rms_norm` runs
-  first; at decode with 4-bit activations and `kernels.hadamard_quant`
+  first; at decode with 4-bit activations and `kernels.rms_norm_quant`
   'pallas' the norm and the quantizer are one launch
   (`pallas_kernels.rms_norm_quant`, the same numbers).
 
@@ -226,7 +226,7 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
 
   fuse_norm = (norm is not None and a_spec is not None and a_spec.enabled
                and not online_hadamard
-               and kernels.hadamard_quant == "pallas"
+               and kernels.rms_norm_quant == "pallas"
                and all(map(decode, ps)))
   if norm is not None and not fuse_norm:
     x2 = layers.rms_norm(x2, norm[0], eps=norm[1])

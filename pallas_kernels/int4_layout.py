@@ -58,12 +58,13 @@ def unpack_int4(packed: jax.Array, *, signed: bool) -> jax.Array:
     int8[..., K].
   """
   p = packed.astype(jnp.int32)
-  lo, hi = p & 0xF, (p >> 4) & 0xF
+  if signed:  # shifts sign-extend; a select here compiles ~10x slower on CPU
+    lo, hi = (p << 28) >> 28, (p << 24) >> 28
+  else:
+    lo, hi = p & 0xF, (p >> 4) & 0xF
   # [..., K // 2, 2] -> [..., K]
   v = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1],
                                             packed.shape[-1] * 2)
-  if signed:
-    v = jnp.where(v >= 8, v - 16, v)
   return v.astype(jnp.int8)
 
 

@@ -49,3 +49,14 @@ def test_signed_nibbles_read_the_layout():
 def test_odd_k_is_an_error():
   with pytest.raises(ValueError, match="K=3 must be even"):
     int4_layout.pack_int4(jnp.ones((2, 3), jnp.int8))
+
+
+def test_unpack_every_byte():
+  byte = np.arange(256, dtype=np.uint8)[None]
+  lo, hi = byte & 0xF, byte >> 4
+  for signed in (False, True):
+    want = np.stack([lo, hi], -1).reshape(1, 512).astype(np.int16)
+    if signed:
+      want = np.where(want >= 8, want - 16, want)
+    np.testing.assert_array_equal(
+        int4_layout.unpack_int4(jnp.asarray(byte), signed=signed), want)

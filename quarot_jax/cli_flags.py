@@ -3,8 +3,8 @@
 Every CLI (`experiments/*.py`, `convert/hf_to_orbax.py`) that quantizes a
 model defines its flags here, so `--w_bits=4 --w_method=gptq` means the same
 everywhere. Each quantization flag is named after the `QuaRotConfig` field it
-sets (no rename layer), plus `nsamples` (GPTQ calibration windows) and
-`--kernels` (a `kernels.SETTINGS` word).
+sets (no rename layer), plus `nsamples` (GPTQ calibration windows),
+`--kernels` (a `kernels.SETTINGS` word) and `--tp` (tensor-parallel devices).
 
 The library never reads `FLAGS`: `define_*` only defines flags and returns
 their holders, and the CLI passes the values back explicitly:
@@ -19,11 +19,13 @@ import dataclasses
 from typing import Any, Mapping
 
 from absl import flags
+import jax
 
 from quarot_jax import data
 from quarot_jax import kernels
 from quarot_jax import learned_rotation
 from quarot_jax import quarot
+from quarot_jax import sharding
 from quarot_jax.quarot import QuaRotConfig
 
 # Flag name -> help. Names are `QuaRotConfig` fields, except `nsamples`.
@@ -115,6 +117,43 @@ def define_kernels_flag(
       "Which kernels run: auto (Pallas where it runs: Mosaic GPU on Hopper,"
       " Triton on other GPUs, XLA on a CPU), mosaic, triton, xla, reference,"
       " or interpret (Pallas interpret mode).", flag_values=flag_values)
+
+
+def define_tp_flag(
+    default: int = 1, flag_values: flags.FlagValues = flags.FLAGS
+) -> flags.FlagHolder:
+  """Defines `--tp`: over how many devices generation runs tensor parallel.
+
+  Args:
+    default: 1 runs on one device (no mesh).
+    flag_values: the registry to define it in (tests pass their own).
+
+  Returns:
+    Its `FlagHolder`; pass `mesh(holder.value)` as the library's `mesh=`.
+  """
+  return flags.DEFINE_integer(
+      "tp", default, "Tensor-parallel degree: split the model Megatron style"
+      " over the first tp devices (1: one device, no mesh). Heads, KV heads,"
+      " FFN and vocabulary sizes must divide by it.", lower_bound=1,
+      flag_values=flag_values)
+
+
+def mesh(tp: int) -> jax.sharding.Mesh | None:
+  """The mesh `--tp` asks for: None for 1, else `sharding.make_mesh(tp)`.
+
+  Args:
+    tp: the `--tp` value.
+
+  Returns:
+    None (one device) or a 1-D mesh with axis 'tp' over `tp` devices.
+
+  Raises:
+    ValueError: tp < 1, or fewer than tp devices (the message says how many
+      jax sees).
+  """
+  if tp == 1:
+    return None
+  return sharding.make_mesh(tp)
 
 
 def define_eval_text_flag(

@@ -17,6 +17,7 @@ import numpy as np
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
+from quarot_jax import sharding
 from quarot_jax.config import LlamaConfig
 
 # Incremented each time `_generate_core` is traced (tests check reuse).
@@ -64,14 +65,39 @@ def _split_over_devices(params) -> bool:
              if isinstance(leaf, jax.Array))
 
 
+def _place_on_mesh(params, config: LlamaConfig, mesh: jax.sharding.Mesh):
+  """Params placed Megatron style on `mesh` (`sharding.param_shardings`).
+
+  Leaves already on their sharding are kept as they are (no copy).
+
+  Raises:
+    ValueError: the mesh has no 'tp' axis, or a size that tensor
+      parallelism splits (heads, kv heads, FFN, vocabulary, or a packed
+      weight's axis) is not divisible by its tp; the message names it.
+  """
+  try:
+    shardings = sharding.param_shardings(params, mesh, config=config)
+  except ValueError as e:
+    raise ValueError(f"cannot split the model over mesh"
+                     f" {dict(mesh.shape)}: {e}") from None
+
+  def place(x, s):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
+      return x
+    return jax.device_put(x, s)
+
+  return jax.tree.map(place, params, shardings)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
                                              "options", "kernels",
-                                             "cache_dtype", "fuse"))
+                                             "cache_dtype", "fuse", "mesh"))
 def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
                    eos_ids, pad_id, *, config: LlamaConfig,
                    max_new_tokens: int, options: model.RunOptions,
                    kernels: kernels_lib.Kernels, cache_dtype,
-                   fuse: bool = True):
+                   fuse: bool = True,
+                   mesh: jax.sharding.Mesh | None = None):
   """Prefill + decode loop. Returns int32[B, max_new_tokens].
 
   With `kernels.layer_loop == 'unrolled'` (GPUs) the layers run unrolled
@@ -81,6 +107,10 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
   as one matmul each (`model.fuse_projections`). Sharded params are not
   fused: concatenating column-parallel shards would move weights between
   devices.
+
+  With a `mesh`, the KV cache is created split by kv heads
+  (`sharding.cache_shardings`) and every decode step's new cache is pinned
+  to the same placement, so it never gathers.
   """
   global TRACE_COUNT
   TRACE_COUNT += 1
@@ -92,8 +122,14 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
                              dtype=cache_dtype, start=start,
                              packed=model.uses_kv4_cache(params, options),
                              per_layer=unrolled)
+  keep_sharded = lambda c: c
+  if mesh is not None:
+    keep_sharded = lambda c: jax.lax.with_sharding_constraint(
+        c, sharding.cache_shardings(c, mesh))
+  cache = keep_sharded(cache)
   logits, cache = model.forward(params, tokens, config, cache=cache,
                                 options=options, kernels=kernels)
+  cache = keep_sharded(cache)
   key, sub = jax.random.split(key)
   first = sample_next(logits[:, -1], sub, temperature, top_k, top_p)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
@@ -109,6 +145,7 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
     done = done | jnp.isin(tok, eos_ids)
     logits, cache = model.forward(params, tok[:, None], config, cache=cache,
                                   options=options, kernels=kernels)
+    cache = keep_sharded(cache)
     key, sub = jax.random.split(key)
     tok = sample_next(logits[:, -1], sub, temperature, top_k, top_p)
     return i + 1, tok, cache, key, out, done
@@ -162,7 +199,9 @@ def generate_tokens(params: Any, config: LlamaConfig,
                     eos_ids: Sequence[int] | None = None, pad_id: int = 0,
                     options: model.RunOptions = model.FLOAT,
                     kernels: "str | kernels_lib.Kernels | None" = None,
-                    cache_dtype: Any = None) -> list[list[int]]:
+                    cache_dtype: Any = None,
+                    mesh: jax.sharding.Mesh | None = None
+                    ) -> list[list[int]]:
   """Generates token ids for a batch of tokenized prompts.
 
   Args:
@@ -180,6 +219,14 @@ def generate_tokens(params: Any, config: LlamaConfig,
     kernels: which kernels run (`kernels.SETTINGS`, None = 'auto', or a
       resolved `kernels.Kernels`); resolved once, here.
     cache_dtype: KV cache dtype (default: the embedding dtype).
+    mesh: a 1-D mesh with axis 'tp' (`sharding.make_mesh`) to run tensor
+      parallel on, or None (one device, or params as they are placed).
+      The params are placed with `sharding.param_shardings` (leaves already
+      there are not copied), the KV cache [.., B, S, K, H] (or KV4) is
+      created split over K and stays split through the decode. GSPMD
+      partitions the rest. Packed params on a GPU: pass kernels='xla'; the
+      Pallas kernels are custom calls GSPMD cannot split (it would gather
+      their weights).
 
   Returns:
     For each prompt, the generated ids, ending at (and including) the first
@@ -189,13 +236,16 @@ def generate_tokens(params: Any, config: LlamaConfig,
     ValueError: an empty prompt, a token id outside [0, vocab_size), a
       prompt plus `max_new_tokens` longer than max_position_embeddings, or
       bad sampling values (negative or NaN temperature, ...), or a
-      `kernels` setting this platform cannot run.
+      `kernels` setting this platform cannot run, or (with `mesh`) a size
+      not divisible by its tp (the message names it).
   """
   kernels = kernels_lib.resolve(kernels)
   params, _ = model.unwrap(params)  # Flax variables too
   _check_args(config, prompts, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p,
               pad_id=pad_id)
+  if mesh is not None:
+    params = _place_on_mesh(params, config, mesh)
   eos = tuple(config.eos_token_ids if eos_ids is None else eos_ids) or (-1,)
   batch = _bucket(len(prompts), 1)
   length = _bucket(max(len(p) for p in prompts), 8)
@@ -208,13 +258,17 @@ def generate_tokens(params: Any, config: LlamaConfig,
   tokens[len(prompts):, -1] = prompts[0][-1]
   if cache_dtype is None:
     cache_dtype = params["embed_tokens"]["embedding"].dtype
+  tokens, start = jnp.asarray(tokens), jnp.asarray(start)
+  if mesh is not None:  # [B, T] and [B], replicated on the mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    tokens, start = jax.device_put((tokens, start), replicated)
   out = _generate_core(
-      params, jnp.asarray(tokens), jnp.asarray(start),
+      params, tokens, start,
       jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k),
       jnp.float32(top_p), jnp.asarray(eos, jnp.int32), jnp.int32(pad_id),
       config=config, max_new_tokens=max_new_tokens, options=options,
       kernels=kernels, cache_dtype=jnp.dtype(cache_dtype),
-      fuse=not _split_over_devices(params))
+      fuse=not _split_over_devices(params), mesh=mesh)
   results = []
   for row in np.asarray(out)[:len(prompts)].tolist():
     ids = []
@@ -230,8 +284,8 @@ def generate(params: Any, config: LlamaConfig, tokenizer: Any,
              prompts: Sequence[str] | str, *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, options: model.RunOptions = model.FLOAT,
-             kernels: "str | kernels_lib.Kernels | None" = None
-             ) -> list[str]:
+             kernels: "str | kernels_lib.Kernels | None" = None,
+             mesh: jax.sharding.Mesh | None = None) -> list[str]:
   """Generates text for a batch of prompts.
 
   Args:
@@ -246,9 +300,14 @@ def generate(params: Any, config: LlamaConfig, tokenizer: Any,
     seed: sampling seed.
     options: rotation/quantization behaviour of the forward.
     kernels: which kernels run (see `generate_tokens`).
+    mesh: a mesh with axis 'tp' to run tensor parallel on, or None (see
+      `generate_tokens`).
 
   Returns:
     The generated continuation of each prompt (prompt not included).
+
+  Raises:
+    ValueError: as `generate_tokens`.
   """
   if isinstance(prompts, str):
     prompts = [prompts]
@@ -262,6 +321,6 @@ def generate(params: Any, config: LlamaConfig, tokenizer: Any,
   out = generate_tokens(params, config, ids, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, eos_ids=sorted(eos), pad_id=pad_id,
-                        options=options, kernels=kernels)
+                        options=options, kernels=kernels, mesh=mesh)
   return [tokenizer.decode([t for t in row if t not in eos],
                            skip_special_tokens=True) for row in out]

@@ -1,6 +1,7 @@
 """The shared CLI flags: names, defaults, parsing, and the config they build."""
 
 from absl import flags
+import jax
 import pytest
 
 from quarot_jax import cli_flags
@@ -78,3 +79,18 @@ def test_learned_rotation_flags():
       rotation_lr=0.01)
   with pytest.raises(flags.IllegalFlagValueError):
     _parse(["--rotation_objective=spin"])
+
+
+def test_tp_flag_and_its_mesh():
+  registry = flags.FlagValues()
+  holder = cli_flags.define_tp_flag(flag_values=registry)
+  registry(["prog"])
+  assert holder.value == 1 and cli_flags.mesh(holder.value) is None
+  registry(["prog", "--tp=2"])
+  assert holder.value == 2
+  with pytest.raises(flags.IllegalFlagValueError):
+    registry(["prog", "--tp=0"])
+  n = jax.device_count()
+  with pytest.raises(ValueError, match=f"tp={n + 1} needs {n + 1} devices"
+                     f" but jax sees {n}"):
+    cli_flags.mesh(n + 1)

@@ -256,6 +256,42 @@ def _sharded_checks() -> dict:
       generation._split_over_devices(p)  # pylint: disable=protected-access
       for p in (params, sharding.shard_params(params, mesh))]
 
+  # generate(mesh=...) places the params and a head-sharded cache itself:
+  # the tokens of one device (float; packed W4A4KV4 with the XLA kernels).
+  out["generate_mesh"] = generation.generate_tokens(
+      params, CONFIG, prompts, max_new_tokens=3, eos_ids=[], mesh=mesh)
+  p, options = _w4a4kv4(params, 2, packed=True)
+  out["generate_packed"] = [
+      generation.generate_tokens(p, CONFIG, prompts, max_new_tokens=3,
+                                 eos_ids=[], options=options, kernels="xla",
+                                 mesh=m) for m in (None, mesh)]
+  sp = sharding.shard_params(params, mesh)
+  place = generation._place_on_mesh  # pylint: disable=protected-access
+  placed = place(sp, CONFIG, mesh)
+  out["placed_not_copied"] = all(
+      a is b for a, b in zip(jax.tree.leaves(sp), jax.tree.leaves(placed)))
+  # The collectives of the mesh generate program (prompt bucket 8 + 3 new
+  # tokens: the cache holds S = 11 positions) and their operand shapes.
+  rep = jax.sharding.NamedSharding(mesh, P())
+  hlo = generation._generate_core.lower(  # pylint: disable=protected-access
+      sp, *jax.device_put((jnp.ones((2, 8), jnp.int32),
+                           jnp.zeros((2,), jnp.int32)), rep),
+      jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1),
+      jnp.asarray([-1], jnp.int32), jnp.int32(0), config=CONFIG,
+      max_new_tokens=3, options=model.FLOAT,
+      kernels=kernels_lib.resolve("xla"), cache_dtype=jnp.dtype(jnp.float32),
+      fuse=False, mesh=mesh).compile().as_text()
+  out["generate_mesh_collective_shapes"] = re.findall(
+      r"=\s*\w+\[([\d,]*)\]\S*\s+(?:all-reduce|all-gather|all-to-all|"
+      r"collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+  bad = dataclasses.replace(CONFIG, num_key_value_heads=4)  # 4 % 3 != 0
+  try:
+    generation.generate_tokens(jax.eval_shape(lambda: _params(bad)), bad,
+                               prompts, mesh=sharding.make_mesh(3))
+  except ValueError as e:
+    out["generate_mesh_error"] = str(e)
+  out["seconds_generate"] = time.perf_counter() - start
+
   # Packed linears per shard in shard_map, Pallas kernels in interpret
   # mode: against the same kernels on each shard's slice, unsharded.
   out.update(_packed_linear_checks(mesh))
@@ -358,6 +394,24 @@ def test_generate_on_sharded_params(sharded):
   want, got = sharded["generate"]
   assert got == want and len(want[0]) == 3
   assert sharded["split_over_devices"] == [False, True]  # then not fused
+
+
+def test_generate_with_mesh(sharded):
+  want = sharded["generate"][0]
+  assert sharded["generate_mesh"] == want
+  packed_want, packed_got = sharded["generate_packed"]
+  assert packed_got == packed_want and len(packed_want[0]) == 3
+  assert sharded["placed_not_copied"]
+  # The head-sharded KV cache [L, B, S = 11, K, H] never moves between
+  # devices during prefill or decode (no collective has an 11 axis).
+  shapes = sharded["generate_mesh_collective_shapes"]
+  assert shapes and not any("11" in s.split(",") for s in shapes), shapes
+
+
+def test_generate_with_mesh_names_the_size_that_does_not_divide(sharded):
+  assert sharded["generate_mesh_error"] == (
+      "cannot split the model over mesh {'tp': 3}: num_key_value_heads=4"
+      " must be divisible by tp=3")
 
 
 def test_packed_linear_per_shard(sharded):

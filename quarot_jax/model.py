@@ -275,14 +275,15 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   else:
     q, k, v = _linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], options,
                        kernels=kernels, pre_norm=pre_norm)
-  # RoPE and the Q/K Hadamard act per head alike on queries and keys: one
-  # pass over [B, T, N + K, H] (fewer decode launches than two, same math).
-  qk = jnp.concatenate([q, k], axis=-1).reshape(b, t, n + kv, h)
+  # q and k stay apart: joined on the head axis, tensor-parallel shards of
+  # the two would interleave and GSPMD would move them between devices.
+  q = q.reshape(b, t, n, h)
+  k = k.reshape(b, t, kv, h)
   v = v.reshape(b, t, kv, h)
-  qk = layers.apply_rope(qk, positions, inv_freq)
+  q = layers.apply_rope(q, positions, inv_freq)
+  k = layers.apply_rope(k, positions, inv_freq)
   if options.qk_had:
-    qk = _hadamard(qk)
-  q, k = qk[:, :, :n], qk[:, :, n:]
+    q, k = _hadamard(q), _hadamard(k)
   if isinstance(k_cache, kv4_lib.KV4):
     out = _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
                                   mask, options, kernels=kernels)

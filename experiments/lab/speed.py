@@ -16,14 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.lab import benchmarking
-from pallas_kernels import hadamard_quant as hq_lib
-from pallas_kernels import kv4_cache as kv4_lib
-from pallas_kernels.w4a4_matmul import api as w4a4_lib
+from experiments.lab import layer_stages
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
-from quarot_jax import qlinear
-from quarot_jax import quant as quant_lib
 from quarot_jax import quarot
 from quarot_jax.config import LlamaConfig
 
@@ -101,23 +97,29 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
                   command: str, key: jax.Array,
                   kernels: "str | kernels_lib.Kernels | None" = None
                   ) -> list[dict]:
-  """One decoder layer at prefill: bf16 vs W4A4KV4, plus the stage table.
+  """One decoder layer at prefill: bf16 vs W4A4KV4, plus the stage tables.
 
   Both run with `kernels` (resolved here); the record also times the
-  W4A4 matmuls as XLA int8 dots and (on a GPU) as the Triton kernel.
+  W4A4 layer with its matmuls as XLA int8 dots and (on a GPU) as the
+  Triton kernel. The stages (`layer_stages.prefill_stages`) are the pieces
+  of each layer, each jitted on its own; B * T must exceed
+  `kernels.DECODE_ROWS`.
 
   Returns:
-    A `layer_prefill` record (with `stages_ms` and `stage_share`).
+    A `layer_prefill` record with `attention` / `baseline_attention` (the
+    prefill attention each layer ran: 'cudnn' or 'xla'), `stages_ms`,
+    `xla_int8_stages_ms` and `baseline_stages_ms` (ms per stage),
+    `stages` (what each stage name runs, per table), `stage_share` and
+    `baseline_stage_share` (stage / its whole layer) and
+    `stage_totals_ms`.
   """
   kernels = kernels_lib.resolve(kernels)
-  kf, kq, kx = jax.random.split(key, 3)
+  kf, kq, kx, ks = jax.random.split(key, 4)
   one = dataclasses.replace(config, num_hidden_layers=1)
   fparams = model.init_params(one, kf, dtype=jnp.bfloat16)
   qparams = packed_like(fparams, kq)
   options = W4A4KV4.run_options(config.head_dim)
   x = jax.random.normal(kx, (batch, seq, config.hidden_size), jnp.bfloat16)
-  n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
-              config.head_dim)
 
   def run(p, x, cache, opts, kern):
     out, _, _, _ = model.decoder_layer(
@@ -129,6 +131,11 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
 
   fcache = kv_cache.cache_for(one, batch, seq, dtype=jnp.bfloat16)
   qcache = kv_cache.cache_for(one, batch, seq, packed=True)
+  # Built first, so that a B * T too small for a prefill fails before any
+  # timing.
+  stages = layer_stages.prefill_stages(
+      config, _layer(fparams), _layer(qparams), batch, seq, options=options,
+      kernels=kernels, caches=(fcache, qcache), key=ks)
   run = jax.jit(run, static_argnames=("opts", "kern"))
   float_ms = benchmarking.median_ms(
       lambda: run(fparams, x, fcache, model.FLOAT, kernels))
@@ -144,68 +151,35 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
         lambda: run(qparams, x, qcache, options, triton_mm))
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
                   speedup_triton_matmul=round(float_ms / ms, 3))
-  stages = _stage_times(qparams, config, batch * seq, kernels)
-  qk = jax.random.normal(kx, (batch, seq, n, h), jnp.bfloat16)
-  kvx = jax.random.normal(kx, (batch, seq, kv, h), jnp.bfloat16)
-  mask = jnp.tril(jnp.ones((seq, seq), bool))[None].repeat(batch, 0)
-  attn = jax.jit(lambda q, k, v: model.attend_kv4(
-      q, kv4_lib.quantize_kv4(k), kv4_lib.quantize_kv4(v), mask))
-  stages["kv4_quantize_and_attention"] = benchmarking.median_ms(
-      lambda: attn(qk, kvx, kvx))
+  # Each stage's inputs are passed as arguments (none is created inside
+  # the timed call), after three warm-up calls that compile it.
+  ms = {table: {name: benchmarking.median_ms(stage.fn, *stage.args)
+                for name, stage in named.items()}
+        for table, named in stages.items()}
+  r4 = lambda d: {k: round(v, 4) for k, v in d.items()}
+  share = lambda d, whole: {k: round(v / whole, 3) for k, v in d.items()}
+  total = lambda d, word: round(sum(v for k, v in d.items() if word in k),
+                                4)
   return [benchmarking.record(
       "layer_prefill", f"{_name(config)} b{batch} s{seq}", ours_ms,
       {"xla_bf16_layer": float_ms}, command=command,
       ours_xla_int8_matmul_ms=round(ours_xla_mm_ms, 4),
       speedup_xla_int8_matmul=round(float_ms / ours_xla_mm_ms, 3),
       **triton,
-      stages_ms={k: round(v, 4) for k, v in stages.items()},
-      stage_share={k: round(v / ours_ms, 3) for k, v in stages.items()})]
-
-
-def _stage_times(qparams: Any, config: LlamaConfig, m: int,
-                 kernels: kernels_lib.Kernels) -> dict:
-  """ms of each quantize and int4 matmul of one layer at M tokens."""
-  lp = _layer(qparams)
-  d, f = config.hidden_size, config.intermediate_size
-  nh = config.num_attention_heads * config.head_dim
-  key = iter(jax.random.split(jax.random.key(1), 16))
-  times = {}
-  # The activation format the model's matmul takes (int8 codes for Mosaic).
-  packed = kernels.w4a4 != "mosaic"
-  quant = jax.jit(lambda x, had: hq_lib.hadamard_quant(
-      x, qlinear.hadamard_base(x.shape[-1]) if had else None, packed=packed,
-      implementation=kernels.hadamard_quant, interpret=kernels.interpret),
-                  static_argnames="had")
-  for name, width, had in (("quantize_qkv_in", d, False),
-                           ("hadamard_quantize_o_in", nh, True),
-                           ("quantize_gate_up_in", d, False),
-                           ("hadamard_quantize_down_in", f, True)):
-    x = jax.random.normal(next(key), (m, width), jnp.bfloat16)
-    times[name] = benchmarking.median_ms(lambda x=x, had=had: quant(x, had))
-  matmul = jax.jit(functools.partial(  # The kernel the model runs.
-      w4a4_lib.w4a4_matmul, implementation=kernels.w4a4,
-      interpret=kernels.interpret))
-  total = 0.0
-  x_q_of = {}
-  for block, name in quarot.LINEARS:
-    p = lp[block][name]
-    x_q = jax.random.randint(next(key), (m, p["qweight"].shape[1]), 0, 256,
-                             jnp.int32).astype(jnp.uint8)
-    x_q_of[x_q.shape[1]] = x_q
-    x_in = x_q if packed else quant_lib.unpack_int4(x_q, signed=True)
-    s_x = jnp.ones((m,), jnp.float32)
-    total += benchmarking.median_ms(
-        lambda x_in=x_in, s_x=s_x, p=p: matmul(x_in, p["qweight"], s_x,
-                                               p["wscale"]))
-  times["int4_matmuls"] = total
-  xla_matmul = jax.jit(functools.partial(w4a4_lib.w4a4_matmul,
-                                         implementation="xla"))
-  times["int4_matmuls_xla_int8"] = sum(
-      benchmarking.median_ms(lambda p=lp[b][n]: xla_matmul(
-          x_q_of[p["qweight"].shape[1]], p["qweight"],
-          jnp.ones((m,), jnp.float32), p["wscale"]))
-      for b, n in quarot.LINEARS)
-  return times
+      attention=layer_stages.attention_used(config, kernels),
+      baseline_attention=layer_stages.attention_used(config, kernels),
+      stages={table: {k: s.what for k, s in named.items()}
+              for table, named in stages.items()},
+      stages_ms=r4(ms["ours"]),
+      xla_int8_stages_ms=r4(ms["xla_int8"]),
+      baseline_stages_ms=r4(ms["baseline"]),
+      stage_share=share(ms["ours"], ours_ms),
+      baseline_stage_share=share(ms["baseline"], float_ms),
+      stage_totals_ms={
+          "int4_matmuls": total(ms["ours"], "matmul"),
+          "quantize": total(ms["ours"], "quantize"),
+          "xla_int8_matmuls": total(ms["xla_int8"], "matmul"),
+          "baseline_matmuls": total(ms["baseline"], "matmul")})]
 
 
 def _name(config: LlamaConfig) -> str:
@@ -257,7 +231,9 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
   Both run with `kernels` (resolved here), as `layer_prefill`.
 
   Returns:
-    A `model_prefill` record with tokens/s and the bytes of weights.
+    A `model_prefill` record with tokens/s, the bytes of weights, and the
+    prefill attention each model ran (`attention`, `baseline_attention`:
+    'cudnn' or 'xla').
   """
   kernels = kernels_lib.resolve(kernels)
   kf, kq, kt = jax.random.split(key, 3)
@@ -295,5 +271,7 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
       ours_xla_int8_matmul_ms=round(xla_mm_ms, 4),
       speedup_xla_int8_matmul=round(float_ms / xla_mm_ms, 3),
       **triton,
+      attention=layer_stages.attention_used(config, kernels),
+      baseline_attention=layer_stages.attention_used(config, kernels),
       ours_weight_bytes=nbytes(qparams),
       baseline_weight_bytes=nbytes(fparams))]

@@ -36,23 +36,45 @@ def _check_ratios(r):
 
 
 def test_layer_prefill_record():
-  (r,) = speed.layer_prefill(_TINY, 2, 8, command="t", key=jax.random.key(0))
+  (r,) = speed.layer_prefill(_TINY, 2, 12, command="t",
+                             key=jax.random.key(0))
   assert r["benchmark"] == "layer_prefill"
-  stages = r["stages_ms"]
-  assert set(stages) == {
-      "quantize_qkv_in", "hadamard_quantize_o_in", "quantize_gate_up_in",
-      "hadamard_quantize_down_in", "int4_matmuls", "int4_matmuls_xla_int8",
-      "kv4_quantize_and_attention"}
   _check_ratios(r)
   # Timed in this order: bf16 layer 1, ours 2, ours with XLA matmuls 3,
-  # then the stages: four quantizers 4..7, the seven matmuls 8..14 (summed),
-  # again with XLA 15..21, the KV4 attention 22.
+  # then each stage table in the order the layer runs it.
   assert (r["baselines"]["xla_bf16_layer"], r["ours_ms"],
           r["ours_xla_int8_matmul_ms"]) == (1, 2, 3)
-  assert stages["int4_matmuls"] == sum(range(8, 15))
-  assert stages["int4_matmuls_xla_int8"] == sum(range(15, 22))
-  assert stages["kv4_quantize_and_attention"] == 22
-  assert r["stage_share"] == {k: round(v / 2, 3) for k, v in stages.items()}
+  assert r["stages_ms"] == {
+      "quantize_qkv_in": 4, "matmuls_qkv": 5, "kv4_write_and_attention": 6,
+      "hadamard_quantize_o_in": 7, "matmul_o": 8, "quantize_gate_up_in": 9,
+      "matmuls_gate_up": 10, "hadamard_quantize_down_in": 11,
+      "matmul_down": 12}
+  assert r["xla_int8_stages_ms"] == {
+      "matmuls_qkv": 13, "matmul_o": 14, "matmuls_gate_up": 15,
+      "matmul_down": 16, "unpack_weights": 17}
+  assert r["baseline_stages_ms"] == {
+      "matmuls_qkv": 18, "write_and_attention": 19, "matmul_o": 20,
+      "matmuls_gate_up": 21, "matmul_down": 22}
+  assert r["stage_totals_ms"] == {
+      "int4_matmuls": 5 + 8 + 10 + 12, "quantize": 4 + 7 + 9 + 11,
+      "xla_int8_matmuls": 13 + 14 + 15 + 16,
+      "baseline_matmuls": 18 + 20 + 21 + 22}
+  assert r["stage_share"] == {
+      k: round(v / 2, 3) for k, v in r["stages_ms"].items()}
+  assert r["baseline_stage_share"] == {
+      k: round(v / 1, 3) for k, v in r["baseline_stages_ms"].items()}
+  # Every timed stage is described, and nothing else.
+  assert {t: set(d) for t, d in r["stages"].items()} == {
+      "ours": set(r["stages_ms"]), "xla_int8": set(r["xla_int8_stages_ms"]),
+      "baseline": set(r["baseline_stages_ms"])}
+  # A CPU resolves 'auto' to the einsum attention, for both layers.
+  assert (r["attention"], r["baseline_attention"]) == ("xla", "xla")
+  assert "einsum" in r["stages"]["ours"]["kv4_write_and_attention"]
+
+
+def test_layer_prefill_rejects_a_decode_sized_batch():
+  with pytest.raises(ValueError, match="prefill stages need B \\* T = 16"):
+    speed.layer_prefill(_TINY, 2, 8, command="t", key=jax.random.key(0))
 
 
 def test_decode_memory_counts_bytes():
@@ -76,6 +98,7 @@ def test_model_prefill_record_and_weight_bytes():
   saved = _TINY.num_hidden_layers * sum(
       i * o * 2 - (i * o // 2 + 4 * o) for i, o in widths.values())
   assert r["baseline_weight_bytes"] - r["ours_weight_bytes"] == saved
+  assert (r["attention"], r["baseline_attention"]) == ("xla", "xla")
 
 
 def test_preset_names():

@@ -26,6 +26,7 @@ from experiments.lab import decode_speed
 from experiments.lab import speed
 from quarot_jax import kv_cache
 from quarot_jax import model
+from quarot_jax import run_layout
 
 _MODEL = flags.DEFINE_enum("model", "llama2-7b", list(speed.PRESETS),
                            "Shapes.")
@@ -113,7 +114,7 @@ def main(argv):
       ("bf16", fparams, False, model.FLOAT),
       ("w4a4kv4", speed.packed_like(fparams, key), True,
        speed.W4A4KV4.run_options(config.head_dim))):
-    params = model.unstack_layers(params, fuse=True)  # as generate
+    params = run_layout.unstack_layers(params, fuse=True)  # as generate
     cache = kv_cache.cache_for(config, _BATCH.value, _CACHED.value,
                                dtype=jnp.bfloat16, packed=packed,
                                per_layer=True)

@@ -17,6 +17,7 @@ import numpy as np
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
+from quarot_jax import run_layout
 from quarot_jax import sharding
 from quarot_jax.config import LlamaConfig
 
@@ -101,10 +102,10 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
   """Prefill + decode loop. Returns int32[B, max_new_tokens].
 
   With `kernels.layer_loop == 'unrolled'` (GPUs) the layers run unrolled
-  over per-layer weights and caches (`model.unstack_layers`, sliced once
+  over per-layer weights and caches (`run_layout.unstack_layers`, sliced once
   here, before the loop), so a decode step reads each weight once and
   updates each layer's cache in place; with `fuse`, q/k/v and gate/up run
-  as one matmul each (`model.fuse_projections`). Sharded params are not
+  as one matmul each (`run_layout.fuse_projections`). Sharded params are not
   fused: concatenating column-parallel shards would move weights between
   devices.
 
@@ -117,7 +118,7 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
   batch, prompt_len = tokens.shape
   unrolled = kernels.layer_loop == "unrolled"
   if unrolled:
-    params = model.unstack_layers(params, fuse=fuse)
+    params = run_layout.unstack_layers(params, fuse=fuse)
   cache = kv_cache.cache_for(config, batch, prompt_len + max_new_tokens,
                              dtype=cache_dtype, start=start,
                              packed=model.uses_kv4_cache(params, options),

@@ -65,7 +65,7 @@ class Kernels:
       'interpret' turns it on (CI tests the wiring).
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
-      weights and caches (`model.unstack_layers`: each weight read once per
+      weights and caches (`run_layout.unstack_layers`: each weight read once per
       step, as a GPU needs) or 'scan' over the stacked layout (compiles
       several times faster, which dominates short runs on a CPU).
 

@@ -8,7 +8,7 @@ so a padded row sees the same positions as an unpadded one.
 Keys and values are either float arrays [L, B, S, K, H] or, for QuaRot's
 real KV4 path, packed `pallas_kernels.kv4_cache.KV4` pytrees stacked over
 layers (codes uint8[L, B, K, S, H // 2], scale/zero [L, B, K, S]). For
-decoding (`per_layer=True`, with `model.unstack_layers` params) they are
+decoding (`per_layer=True`, with `run_layout.unstack_layers` params) they are
 tuples of L per-layer arrays instead, so that each layer's cache is updated
 and read in place, never sliced out of a stack.
 """
@@ -87,7 +87,7 @@ def init_cache(*, num_layers: int, batch: int, max_len: int, kv_heads: int,
     head_dim: H.
     dtype: storage dtype of keys and values.
     start: int32[B] left-padding per row, zeros if None.
-    per_layer: a tuple of L per-layer buffers (for `model.unstack_layers`
+    per_layer: a tuple of L per-layer buffers (for `run_layout.unstack_layers`
       params) instead of one stacked [L, ...] array.
 
   Returns:

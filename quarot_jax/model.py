@@ -34,10 +34,9 @@ a CPU under 'auto').
 A norm `scale` may be absent: after QuaRot fuses it into the next linears the
 norm is a plain `x / rms(x)`.
 
-Decoding runs a per-layer copy (`unstack_layers(params, fuse=True)`):
-`layers` a tuple of L dicts without the L axis, whose q/k/v and gate/up
-linears are concatenated along `out` (`fuse_projections`) into
-`self_attn/qkv_proj` ([D, (N + 2K)*H]) and `mlp/gate_up_proj` ([D, 2F]).
+Decoding runs a per-layer copy (`run_layout.unstack_layers(params,
+fuse=True)`): `layers` a tuple of L dicts without the L axis, whose q/k/v and
+gate/up linears are one `self_attn/qkv_proj` and one `mlp/gate_up_proj`.
 """
 
 from collections.abc import Mapping
@@ -58,6 +57,7 @@ from quarot_jax import kv_cache as kv_cache_lib
 from quarot_jax import layers
 from quarot_jax import qlinear
 from quarot_jax import quant
+from quarot_jax import run_layout
 from quarot_jax.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -258,7 +258,7 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   `kernels.attention`: 'cudnn' is flash attention (`_flash_prefill`; the
   mask is then causal without a cache and start <= s <= write_at + t with
   one, which is what `forward` passes), 'xla' the einsum `attend` over
-  `mask`. `p` holds q/k/v_proj, or their `fuse_projections` qkv_proj.
+  `mask`. `p` holds q/k/v_proj, or their fused qkv_proj (`run_layout`).
 
   Returns:
     (output [B, T, D], new k cache, new v cache, o_proj input [B, T, N*H]
@@ -268,7 +268,7 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
               config.head_dim)
   # [B, T, N, H] and [B, T, K, H]
-  if "qkv_proj" in p:  # `fuse_projections`: one matmul, split by width
+  if "qkv_proj" in p:  # fused (run_layout): one matmul, split by width
     (qkv,) = _linears(x, [p["qkv_proj"]], options, kernels=kernels,
                       pre_norm=pre_norm)
     q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
@@ -401,10 +401,10 @@ def attend_kv4(q: jax.Array, k_cache, v_cache, mask: jax.Array
 
 def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
                pre_norm=None):
-  """One FFN sub-block (gate/up_proj, or their `fuse_projections`
-  gate_up_proj; `pre_norm` as in `_linears`). Returns (output [B, T, D], down_proj input (before the
-  online Hadamard when down_proj is packed))."""
-  if "gate_up_proj" in p:  # `fuse_projections`: [B, T, 2F], gate then up
+  """One FFN sub-block (gate/up_proj, or their fused gate_up_proj from
+  `run_layout`; `pre_norm` as in `_linears`). Returns (output [B, T, D],
+  down_proj input (before the online Hadamard when down_proj is packed))."""
+  if "gate_up_proj" in p:  # fused (run_layout): [B, T, 2F], gate, up
     (gate_up,) = _linears(x, [p["gate_up_proj"]], options, kernels=kernels,
                           pre_norm=pre_norm)
     gate, up = jnp.split(gate_up, 2, axis=-1)
@@ -519,7 +519,7 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
         write_at=write_at, start=start)
     return x, (k_layer, v_layer)
 
-  if is_unstacked(params):
+  if run_layout.is_unstacked(params):
     # Per-layer arrays: each layer's weights and cache are read in place
     # (a scan slices, i.e. copies, each layer's weights every step).
     _check_cache_matches(params, cache)
@@ -547,122 +547,17 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
   return logits, new_cache
 
 
-def is_unstacked(params: Params) -> bool:
-  """Whether `params["layers"]` is a tuple of per-layer dicts
-  (`unstack_layers`) rather than the stacked [L, ...] layout."""
-  return isinstance(params["layers"], (list, tuple))
-
-
-def unstack_layers(params: Params, *, fuse: bool = False) -> Params:
-  """The run layout for decoding: `layers` as a tuple of L per-layer dicts.
-
-  The stacked layout (leaves [L, ...]) is what transforms, checkpoints and
-  `lax.scan` use. A decode step over it slices every layer's weights, and
-  XLA copies a slice that feeds a matmul: measured on an H200 for a
-  LLaMA-2-7B shape, 11.7 ms/token against 5.3 for per-layer arrays
-  (`experiments/bench_decode_structure.py`). `generate` unstacks once per
-  call, outside its decode loop. Costs a second copy of the layer weights
-  while both exist.
-
-  Args:
-    params: params in the stacked layout (or already unstacked).
-    fuse: also give each layer one q/k/v and one gate/up linear
-      (`fuse_projections`), as `generate` decodes: 4 matmuls a layer
-      instead of 7.
-
-  Returns:
-    The same params with `layers` a tuple of per-layer dicts (leaves
-    without the L axis); every other leaf is shared. `params` itself when
-    there is nothing to do.
-  """
-  prepare = fuse_projections if fuse else lambda layer: layer
-  if is_unstacked(params):
-    per_layer = tuple(prepare(p) for p in params["layers"])
-    if all(a is b for a, b in zip(per_layer, params["layers"])):
-      return params
-  else:
-    stacked = params["layers"]
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    # Fused as it is sliced: one layer's unfused slices live at a time.
-    per_layer = tuple(prepare(jax.tree.map(lambda a, i=i: a[i], stacked))
-                      for i in range(num_layers))
-  return {**params, "layers": per_layer}
-
-
-# (block, fused linear) -> the linears `fuse_projections` concatenates.
-FUSED_PROJECTIONS = {
-    ("self_attn", "qkv_proj"): ("q_proj", "k_proj", "v_proj"),
-    ("mlp", "gate_up_proj"): ("gate_proj", "up_proj"),
-}
-
-
-def fuse_projections(layer: Params) -> Params:
-  """One layer's q/k/v and gate/up linears, each group as one linear.
-
-  A decode step is launch-bound (a few us per kernel, issue #14), and the
-  linears of a group read the same input, so concatenating their weights
-  along `out` (once, outside the decode loop) saves 3 of 7 matmuls a layer.
-  `_attention_block` and `_mlp_block` split the output by static widths.
-  Exact for packed linears too: weight scales are per output channel and
-  the activation scale (per token) is shared by the group anyway.
-
-    float:  kernel [D, N*H] | [D, K*H] | [D, K*H] -> qkv_proj kernel
-            [D, (N + 2K)*H]; gate/up [D, F] each -> gate_up_proj [D, 2F].
-    packed: qweight uint8[out_i, D // 2] -> uint8[sum out_i, D // 2],
-            wscale f32[out_i] -> f32[sum out_i].
-    bias:   concatenated likewise; a linear without one adds zeros.
-
-  Only for the per-layer run layout (`unstack_layers(..., fuse=True)`):
-  transforms, checkpoints and sharding read the stacked q/k/v, gate/up.
-
-  Args:
-    layer: one layer's params (an element of `unstack_layers(params)
-      ["layers"]`).
-
-  Returns:
-    The layer with `self_attn/qkv_proj` in place of `{q,k,v}_proj` and
-    `mlp/gate_up_proj` in place of `{gate,up}_proj`; every other leaf is
-    shared. A group already fused, or mixing packed and float linears,
-    stays as it is (the model runs both); `layer` itself if no group
-    changes.
-  """
-  out = layer
-  for (block, fused), names in FUSED_PROJECTIONS.items():
-    ps = [layer[block].get(name) for name in names]
-    if any(p is None for p in ps):
-      continue  # already fused
-    weights = {frozenset(p) - {"bias"} for p in ps}
-    if weights == {frozenset({"kernel"})}:
-      axis, key = -1, "kernel"  # [.., in, out]
-      fused_p = {"kernel": jnp.concatenate([p["kernel"] for p in ps], axis=-1)}
-    elif weights == {frozenset({"qweight", "wscale"})}:
-      axis, key = -2, "qweight"  # [.., out, in // 2]
-      fused_p = {
-          "qweight": jnp.concatenate([p["qweight"] for p in ps], axis=-2),
-          "wscale": jnp.concatenate([p["wscale"] for p in ps], axis=-1)}
-    else:
-      continue  # packed and float mixed
-    if any("bias" in p for p in ps):
-      dtype = next(p["bias"].dtype for p in ps if "bias" in p)
-      fused_p["bias"] = jnp.concatenate(
-          [p["bias"] if "bias" in p else jnp.zeros(
-              p[key].shape[:-2] + (p[key].shape[axis],), dtype)
-           for p in ps], axis=-1)
-    rest = {k: v for k, v in layer[block].items() if k not in names}
-    out = {**out, block: {**rest, fused: fused_p}}
-  return out
-
-
 def _check_cache_matches(params: Params, cache) -> None:
   """Per-layer params need a per-layer cache, stacked params a stacked one."""
   if cache is None:
     return
-  if is_unstacked(params) != cache.per_layer:
+  per_layer = run_layout.is_unstacked(params)
+  if per_layer != cache.per_layer:
     raise ValueError(
-        f"params are {'per-layer' if is_unstacked(params) else 'stacked'}"
+        f"params are {'per-layer' if per_layer else 'stacked'}"
         f" but the cache is {'per-layer' if cache.per_layer else 'stacked'};"
         " build the cache with kv_cache.cache_for(..., per_layer="
-        f"{is_unstacked(params)})")
+        f"{per_layer})")
 
 
 def uses_kv4_cache(params: Params, options: RunOptions) -> bool:

@@ -16,8 +16,8 @@ codes, which it reads from shared memory faster than packed ones; the
 Triton kernel, fed packed codes, on other GPUs); with float activations it
 runs the W4A16 kernel. Up to 16 tokens (decode) both run
 `pallas_kernels.decode_matmul` instead, and `linears` quantizes one input
-once for several linears (q/k/v, gate/up). Which backend each op runs comes resolved in
-`kernels` (`quarot_jax.kernels`): on a CPU the plain-jnp references run the
+once for several linears (q/k/v, gate/up). Which backend each op runs
+comes resolved in `kernels` (`quarot_jax.kernels`): on a CPU the plain-jnp references run the
 same code path, and CI tests the kernels in interpret mode.
 
 Supported: 4-bit symmetric per-channel weights; activations 4-bit symmetric
@@ -49,7 +49,7 @@ def is_packed(p: Params) -> bool:
   if "qweight" in p:
     return True
   layers = p.get("layers")
-  if isinstance(layers, (list, tuple)):  # model.unstack_layers
+  if isinstance(layers, (list, tuple)):  # run_layout.unstack_layers
     layers = layers[0] if layers else None
   return bool(layers) and "qweight" in layers["mlp"]["down_proj"]
 

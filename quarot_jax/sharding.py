@@ -24,8 +24,8 @@ cache placements under `jax.jit`:
                      [.., B, K, S, H // 2] and scale/zero [.., B, K, S] on K.
 
 Axes are counted from the end, so the same rules place the stacked
-([L, ...]) and the per-layer (`model.unstack_layers`, `kv_cache.cache_for(...,
-per_layer=True)`) layouts.
+([L, ...]) and the per-layer (`run_layout.unstack_layers`,
+`kv_cache.cache_for(..., per_layer=True)`) layouts.
 
 The online Hadamards before o_proj and down_proj read the sharded N·H and F
 axes: a full-width transform mixes the shards (GSPMD then moves data between

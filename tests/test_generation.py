@@ -1,5 +1,7 @@
 """Generation: greedy parity with transformers, buckets, sampling."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,11 @@ import torch
 
 from quarot_jax import generation
 from quarot_jax import hf
+from quarot_jax import kernels
+from quarot_jax import model
+from quarot_jax import quant
+from quarot_jax import quarot
+from quarot_jax import run_layout
 from tests import hf_models
 
 
@@ -59,21 +66,18 @@ def test_unrolled_layer_loop_generates_the_scans_tokens(monkeypatch):
   """GPUs decode over per-layer weights and caches (`layer_loop='unrolled'`),
   q/k/v and gate/up fused; the tokens are those of the stacked scan, with
   left padding."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from quarot_jax import kernels  # pylint: disable=g-import-not-at-top
-  from quarot_jax import model  # pylint: disable=g-import-not-at-top
   path, _ = hf_models.tiny_hf_model("llama3")
   params, config = hf.load_hf(path)
   prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
   got, fused = {}, []
-  fuse = model.fuse_projections
-  monkeypatch.setattr(model, "fuse_projections",
+  fuse = run_layout.fuse_projections
+  monkeypatch.setattr(run_layout, "fuse_projections",
                       lambda layer: fused.append(1) or fuse(layer))
   for loop in ("scan", "unrolled"):
     got[loop] = generation.generate_tokens(
         params, config, prompts, max_new_tokens=5, eos_ids=[],
         kernels=dataclasses.replace(kernels.XLA, layer_loop=loop))
-  # The unrolled run fused q/k/v and gate/up (`model.fuse_projections`).
+  # The unrolled run fused q/k/v and gate/up (`run_layout.fuse_projections`).
   assert len(fused) == config.num_hidden_layers
   assert got["unrolled"] == got["scan"]
   assert all(len(row) == 5 for row in got["scan"])
@@ -149,14 +153,9 @@ def test_rejects_bad_arguments_naming_the_value(prompts, kwargs, match):
 
 
 def test_unrolled_generate_fuses_packed_projections(monkeypatch):
-  """On a GPU generate decodes through `model.unstack_layers(...,
+  """On a GPU generate decodes through `run_layout.unstack_layers(...,
   fuse=True)`: one q/k/v and one gate/up matmul a layer. Packed int4
   linears (random codes, kernels interpreted) give the scan's tokens."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from quarot_jax import kernels  # pylint: disable=g-import-not-at-top
-  from quarot_jax import model  # pylint: disable=g-import-not-at-top
-  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
-  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
   # Its own config (a static argument), so this test traces generate.
   config = hf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
                           num_hidden_layers=2, num_attention_heads=4,
@@ -174,8 +173,8 @@ def test_unrolled_generate_fuses_packed_projections(monkeypatch):
     layers[block] = {**layers[block], name: node}
   params = {**params, "layers": layers}
   fused = []
-  fuse = model.fuse_projections
-  monkeypatch.setattr(model, "fuse_projections",
+  fuse = run_layout.fuse_projections
+  monkeypatch.setattr(run_layout, "fuse_projections",
                       lambda layer: fused.append(1) or fuse(layer))
   prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
   got = {}

@@ -12,6 +12,10 @@ import torch
 from quarot_jax import hf
 from quarot_jax import kv_cache
 from quarot_jax import model
+from quarot_jax import qlinear
+from quarot_jax import quant
+from quarot_jax import quarot
+from quarot_jax import run_layout
 from tests import hf_models
 
 
@@ -91,7 +95,6 @@ def test_llama2_7b_shapes_under_eval_shape():
 def test_unstacked_layers_decode_like_the_stacked_scan(packed_cache):
   """The per-layer run layout (generate's decode) computes what the stacked
   `lax.scan` computes, prefill and decode, float and packed KV4 caches."""
-  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
   path, _ = hf_models.tiny_hf_model("llama3")
   params, config = hf.load_hf(path)
   options = model.FLOAT
@@ -103,7 +106,7 @@ def test_unstacked_layers_decode_like_the_stacked_scan(packed_cache):
   start = jnp.array([0, 2], jnp.int32)
   got = {}
   for unstacked in (False, True):
-    p = model.unstack_layers(params) if unstacked else params
+    p = run_layout.unstack_layers(params) if unstacked else params
     cache = kv_cache.cache_for(config, batch=2, max_len=12, start=start,
                                packed=packed_cache, per_layer=unstacked)
     logits, cache = model.forward(p, tokens[:, :6], config, cache=cache,
@@ -123,9 +126,9 @@ def test_unstack_layers_shares_leaves_and_mismatched_cache_is_refused():
                           num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=8)
   params = model.init_params(config, jax.random.key(0))
-  per_layer = model.unstack_layers(params)
+  per_layer = run_layout.unstack_layers(params)
   assert len(per_layer["layers"]) == 3
-  assert model.unstack_layers(per_layer) is per_layer
+  assert run_layout.unstack_layers(per_layer) is per_layer
   np.testing.assert_array_equal(
       per_layer["layers"][2]["mlp"]["down_proj"]["kernel"],
       params["layers"]["mlp"]["down_proj"]["kernel"][2])
@@ -150,9 +153,6 @@ _FUSE_CONFIG = hf.LlamaConfig(vocab_size=64, hidden_size=64,
 def _fuse_params(bias: bool, packed: bool, layers: int = 2):
   """Tiny params (`_FUSE_CONFIG`, q/k biases but no v bias when `bias`),
   float or packed int4 (RTN), their config and RunOptions."""
-  from quarot_jax import qlinear  # pylint: disable=g-import-not-at-top
-  from quarot_jax import quant  # pylint: disable=g-import-not-at-top
-  from quarot_jax import quarot  # pylint: disable=g-import-not-at-top
   config = dataclasses.replace(_FUSE_CONFIG, attention_bias=bias,
                                num_hidden_layers=layers)
   params = model.init_params(config, jax.random.key(0))
@@ -171,14 +171,14 @@ def _fuse_params(bias: bool, packed: bool, layers: int = 2):
 @pytest.mark.parametrize("packed", [False, True])
 def test_fuse_projections_concatenates_along_out(packed):
   params, _, _ = _fuse_params(bias=True, packed=packed)
-  plain = model.unstack_layers(params)
-  fused = model.unstack_layers(params, fuse=True)
+  plain = run_layout.unstack_layers(params)
+  fused = run_layout.unstack_layers(params, fuse=True)
   assert "qkv_proj" not in plain["layers"][0]["self_attn"]  # default kept
   for i, (p, f) in enumerate(zip(plain["layers"], fused["layers"])):
     attn, mlp = f["self_attn"], f["mlp"]
     assert set(attn) == {"qkv_proj", "o_proj"}
     assert set(mlp) == {"gate_up_proj", "down_proj"}
-    for (block, name), names in model.FUSED_PROJECTIONS.items():
+    for (block, name), names in run_layout.FUSED_PROJECTIONS.items():
       fused_p, parts = f[block][name], [p[block][n] for n in names]
       if packed:  # qweight [out, in // 2], wscale [out]
         np.testing.assert_array_equal(fused_p["qweight"], np.concatenate(
@@ -196,13 +196,13 @@ def test_fuse_projections_concatenates_along_out(packed):
     np.testing.assert_array_equal(bias[96:], np.zeros(32))
     assert "bias" not in mlp["gate_up_proj"]
   # Fusing again changes nothing, and returns the same objects.
-  assert model.fuse_projections(fused["layers"][0]) is fused["layers"][0]
-  assert model.unstack_layers(fused, fuse=True) is fused
+  assert run_layout.fuse_projections(fused["layers"][0]) is fused["layers"][0]
+  assert run_layout.unstack_layers(fused, fuse=True) is fused
   if packed:  # a float up_proj beside a packed gate_proj: left unfused
     layer = plain["layers"][0]
     mixed = {**layer, "mlp": {**layer["mlp"], "up_proj": {
         "kernel": jnp.zeros((64, 128))}}}
-    got = model.fuse_projections(mixed)
+    got = run_layout.fuse_projections(mixed)
     assert got["mlp"] is mixed["mlp"] and "qkv_proj" in got["self_attn"]
 
 
@@ -227,7 +227,7 @@ def test_fused_projections_compute_the_unfused_logits(kernels, bias):
     return jnp.concatenate([prefill, decode], axis=1)
 
   got = {fuse: np.asarray(prefill_and_decode(
-      model.unstack_layers(params, fuse=fuse))) for fuse in (False, True)}
+      run_layout.unstack_layers(params, fuse=fuse))) for fuse in (False, True)}
   assert np.abs(got[False]).max() > 0.1  # logits that can differ
   np.testing.assert_allclose(got[True], got[False], atol=1e-6, rtol=0)
 
@@ -237,7 +237,7 @@ def test_fused_decode_step_runs_four_matmuls_a_layer():
   tokens = jnp.zeros((1, 1), jnp.int32)
   dots = {}
   for fuse in (False, True):
-    p = model.unstack_layers(params, fuse=fuse)
+    p = run_layout.unstack_layers(params, fuse=fuse)
     cache = kv_cache.cache_for(config, batch=1, max_len=4, per_layer=True)
     jaxpr = jax.make_jaxpr(lambda p, c: model.forward(
         p, tokens, config, cache=c, kernels="xla"))(p, cache)

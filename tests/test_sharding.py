@@ -30,6 +30,7 @@ from quarot_jax import qlinear
 from quarot_jax import quant
 from quarot_jax import quarot
 from quarot_jax import rotation
+from quarot_jax import run_layout
 from quarot_jax import sharding
 from quarot_jax.config import LlamaConfig
 
@@ -102,7 +103,7 @@ def test_param_specs_megatron_layout():
   assert specs["norm"]["scale"] == P()
   # Per-layer params: the same placements without the L axis.
   per_layer = sharding.param_specs(
-      jax.eval_shape(model.unstack_layers, params), 2)
+      jax.eval_shape(run_layout.unstack_layers, params), 2)
   assert per_layer["layers"][0]["mlp"]["down_proj"]["kernel"] == P("tp", None)
   assert per_layer["layers"][0]["self_attn"]["q_proj"]["bias"] == P("tp")
   # Flax variables come back wrapped.
@@ -211,7 +212,7 @@ def _sharded_checks() -> dict:
   for name, packed in (("sim", False), ("packed", True)):
     p, options = _w4a4kv4(params, 2, packed=packed)
     if packed:
-      p = model.unstack_layers(p)
+      p = run_layout.unstack_layers(p)
     cache = kv_cache.cache_for(CONFIG, 2, 9, packed=packed, per_layer=packed)
     sp, scache = sharding.shard_params(p, mesh), sharding.shard_cache(
         cache, mesh)

@@ -1,7 +1,7 @@
 """Decode throughput of our bf16 and W4A4KV4 models against the plain-JAX
 anchor, and how many kernels one decode step launches (issue #14).
 
-Both our models decode the way `generate` does: `model.unstack_layers(...,
+Both our models decode the way `generate` does: `run_layout.unstack_layers(...,
 fuse=True)` params (per-layer weights, q/k/v and gate/up fused), a
 per-layer cache updated in place (donated), `lax.fori_loop` over
 `new_tokens` steps inside one jit.
@@ -21,6 +21,7 @@ from experiments.lab import plain_jax_decode
 from experiments.lab import speed
 from quarot_jax import kv_cache
 from quarot_jax import model
+from quarot_jax import run_layout
 from quarot_jax.config import LlamaConfig
 
 HBM_BYTES_PER_S = 4.8e12  # H200 (the H100 SXM has 3.35e12)
@@ -109,7 +110,7 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
   for label, params, packed, opts in (
       ("bf16_model", fparams, False, model.FLOAT),
       ("w4a4kv4_model", qparams, True, options)):
-    params = model.unstack_layers(params, fuse=True)  # as generate
+    params = run_layout.unstack_layers(params, fuse=True)  # as generate
     cache = speed.random_cache(kv_cache.cache_for(
         config, batch, slots, dtype=jnp.bfloat16, packed=packed,
         per_layer=True), kc, cached)

@@ -248,6 +248,23 @@ def quantize_kernel(x_ref, q_ref, s_ref, *, ap: int, packed: bool,
                         jnp.broadcast_to(valid, (n_rows, ap, width)))
   masked = {} if valid is None else dict(mask=mask(r), other=0)
   y = plgpu.load(x_ref.at[:, pl.ds(0, ap), :], **masked).astype(jnp.float32)
+  store_quantized_rows(y, q_ref, s_ref, packed=packed, clip_ratio=clip_ratio,
+                       mask=mask)
+
+
+def store_quantized_rows(y: jax.Array, q_ref, s_ref, *, packed: bool,
+                         clip_ratio: float, mask) -> None:
+  """In a kernel: per-row symmetric int4 codes of `y` and their scales.
+
+  Args:
+    y: f32[rows, ap, r] the rows, each viewed as [ap, r] (padding zero).
+    q_ref: int8[rows, a, r] or uint8[rows, a, r // 2] (packed) codes out.
+    s_ref: f32[rows] scales out (1 where a row is all zero).
+    packed: two codes per byte (low nibble = even element).
+    clip_ratio: fraction of each row's absmax mapped to code 7.
+    mask: width -> the store mask of the real [a] of [ap] rows (or None).
+  """
+  n_rows, ap, r = y.shape
   absmax = jnp.max(jnp.max(jnp.abs(y), axis=2), axis=1)
   scale = clip_ratio * absmax / 7.0
   scale = jnp.where(scale > 0, scale, 1.0)

@@ -117,19 +117,8 @@ def rms_norm_quant_kernel(x_ref, w_ref, q_ref, s_ref, *, rows: int, ap: int,
   normed = normed.astype(dtype).astype(jnp.float32)
   y = mul(jnp.broadcast_to(w.astype(jnp.float32)[None], x.shape), normed)
   y = y.astype(dtype).astype(jnp.float32)
-  # hadamard_quant.quantize_kernel from here on.
-  absmax = jnp.max(jnp.max(jnp.abs(y), axis=2), axis=1)
-  scale = clip_ratio * absmax / 7.0
-  scale = jnp.where(scale > 0, scale, 1.0)
-  codes = jnp.clip(hq_lib._round_half_even(y / scale[:, None, None]), -8, 7
-                   ).astype(jnp.int32)
-  if packed:
-    even, odd = jnp.unstack(codes.reshape(n_rows, ap, r // 2, 2), axis=-1)
-    out = ((even & 0xF) | ((odd & 0xF) << 4)).astype(jnp.uint8)
-  else:
-    out = codes.astype(jnp.int8)
-  plgpu.store(q_ref.at[:, pl.ds(0, ap), :], out, mask=mask(out.shape[-1]))
-  s_ref[...] = scale
+  hq_lib.store_quantized_rows(y, q_ref, s_ref, packed=packed,
+                              clip_ratio=clip_ratio, mask=mask)
 
 
 def _check(x: jax.Array, weight: jax.Array, clip_ratio: float, bits: int,

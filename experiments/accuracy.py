@@ -14,7 +14,6 @@ Appends one JSON record per config to --out_jsonl and writes a Markdown
 table to --out_md. The quantization flags come from `quarot_jax.cli_flags`.
 """
 
-import dataclasses
 import shlex
 import sys
 
@@ -67,7 +66,7 @@ _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
 
 def _configs(config) -> list[QuaRotConfig]:
   if _SWEEP.value == "learned":
-    return _learned_sweep(cli_flags.quarot_config(
+    return paper.learned_sweep(cli_flags.quarot_config(
         {k: h.value for k, h in _QUANT.items()}), _OBJECTIVES.value,
         _ROWS.value)
   if _SWEEP.value == "paper":
@@ -77,29 +76,6 @@ def _configs(config) -> list[QuaRotConfig]:
             or c.w_method == _METHODS.value]
   return [cli_flags.quarot_config(
       {k: h.value for k, h in _QUANT.items()})]
-
-
-_LEARNED_ROWS = {
-    "w4a4kv4": dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq"),
-    "w4a16": dict(w_bits=4, a_bits=16, k_bits=16, v_bits=16, w_method="gptq"),
-}
-
-
-def _learned_sweep(flagged: QuaRotConfig, objectives: list[str],
-                   row_names: list[str]) -> list[QuaRotConfig]:
-  """The GPTQ rows (W4A4KV4, W4A16) with each learned objective, then with
-  the Hadamard."""
-  unknown = sorted(set(row_names) - set(_LEARNED_ROWS))
-  if unknown or not row_names:
-    raise ValueError(f"--learned_rows={','.join(row_names)}: each must be"
-                     f" one of {sorted(_LEARNED_ROWS)}")
-  rows = [_LEARNED_ROWS[name] for name in row_names]
-  learned = [dataclasses.replace(flagged, rotate=True, rotate_mode="learned",
-                                 rotation_objective=objective, **row)
-             for row in rows for objective in objectives]
-  return learned + [dataclasses.replace(flagged, rotate=True,
-                                        rotate_mode="hadamard", **row)
-                    for row in rows]
 
 
 def main(argv):

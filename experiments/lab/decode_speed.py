@@ -7,7 +7,9 @@ per-layer cache updated in place (donated), `lax.fori_loop` over
 `new_tokens` steps inside one jit.
 """
 
+import collections
 import dataclasses
+import os
 import re
 import time
 from typing import Any
@@ -60,6 +62,73 @@ def launch_count(hlo_text: str) -> dict[str, int]:
   counts["total"] = sum(counts.values())
   counts["command_buffers"] = hlo_text.count("command_buffer")
   return counts
+
+
+_OP = re.compile(r'op_name="([^"]+)"')
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+
+
+def _frames(hlo_text: str) -> dict[int, str]:
+  """Stack frame id -> 'file:line function < caller:line ...' from the
+  module's frame tables (innermost first, two library frames at most)."""
+  tables, name = collections.defaultdict(dict), None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations",
+                "StackFrames"):
+      name = line
+      continue
+    row = re.match(r"^(\d+) (.*)$", line) if name else None
+    if not row:
+      name = None if line.startswith(("HloModule", "ENTRY", "%")) else name
+      continue
+    tables[name][int(row.group(1))] = row.group(2).strip('"')
+  def loc(i):
+    fields = dict(kv.split("=") for kv in
+                  tables["FileLocations"][i].strip("{}").split())
+    file = os.path.basename(tables["FileNames"][int(fields["file_name_id"])])
+    fn = tables["FunctionNames"][int(fields["function_name_id"])]
+    return f"{file}:{fields['line']} {fn}"
+  out = {}
+  for i, text in tables["StackFrames"].items():
+    chain, j = [], i
+    while j and len(chain) < 2:
+      fields = dict(kv.split("=") for kv in text.strip("{}").split())
+      where = loc(int(fields["file_location_id"]))
+      if not where.startswith(("api.py", "<", "decode_step_kernels", "decode_speed")):
+        chain.append(where)
+      parent = int(fields["parent_frame_id"])
+      j = parent if parent != j else 0
+      text = tables["StackFrames"].get(j, "")
+    out[i] = " < ".join(chain)
+  return out
+
+
+def launched(hlo_text: str) -> list[tuple[str, str]]:
+  """(kind, where) of every kernel the module launches.
+
+  Args:
+    hlo_text: optimized HLO text (`compile().as_text()`).
+
+  Returns:
+    One (kind, 'file:line op') pair per launched instruction, in order;
+    kinds and the launch rule are `decode_speed.launch_count`'s.
+  """
+  bodies = set(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", hlo_text))
+  frames = _frames(hlo_text)
+  out, skip = [], False
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+      skip = head.group(1) in bodies and not line.startswith("ENTRY")
+      continue
+    op = re.search(r"= [^=]*? ([a-z][\w\-]*)\(", line)
+    if skip or not op or op.group(1) in FREE_OPS:
+      continue
+    frame, name = _FRAME.search(line), _OP.search(line)
+    where = frames.get(int(frame.group(1)), "?") if frame else "?"
+    last = name.group(1).split("/")[-1] if name else "?"
+    out.append((op.group(1), f"{last:<22} {where}"))
+  return out
 
 
 def _decode_fn(config: LlamaConfig, new_tokens: int, options, kernels):

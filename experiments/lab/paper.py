@@ -1,5 +1,7 @@
 """The accuracy table of the QuaRot paper as a list of `QuaRotConfig`s."""
 
+import dataclasses
+
 from quarot_jax.quarot import QuaRotConfig
 
 
@@ -34,3 +36,38 @@ def paper_sweep(group_size: int = 128) -> list[QuaRotConfig]:
     for rotate in (False, True):
       configs.append(QuaRotConfig(rotate=rotate, **kw))
   return configs
+
+
+LEARNED_ROWS = {
+    "w4a4kv4": dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq"),
+    "w4a16": dict(w_bits=4, a_bits=16, k_bits=16, v_bits=16, w_method="gptq"),
+}
+
+
+def learned_sweep(flagged: QuaRotConfig, objectives: list[str],
+                  row_names: list[str]) -> list[QuaRotConfig]:
+  """Issue #16's sweep: the GPTQ rows named (keys of `LEARNED_ROWS`) with
+  each learned objective, then with the Hadamard.
+
+  Args:
+    flagged: the config the flags give (rotation steps, lr, ...).
+    objectives: `learned_rotation.OBJECTIVES` to run, in order.
+    row_names: e.g. ['w4a4kv4', 'w4a16'].
+
+  Returns:
+    One config per (row, objective), then one Hadamard config per row.
+
+  Raises:
+    ValueError: an unknown or empty row list (the message names it).
+  """
+  unknown = sorted(set(row_names) - set(LEARNED_ROWS))
+  if unknown or not row_names:
+    raise ValueError(f"--learned_rows={','.join(row_names)}: each must be"
+                     f" one of {sorted(LEARNED_ROWS)}")
+  rows = [LEARNED_ROWS[name] for name in row_names]
+  learned = [dataclasses.replace(flagged, rotate=True, rotate_mode="learned",
+                                 rotation_objective=objective, **row)
+             for row in rows for objective in objectives]
+  return learned + [dataclasses.replace(flagged, rotate=True,
+                                        rotate_mode="hadamard", **row)
+                    for row in rows]

@@ -1,6 +1,8 @@
 """The decode benchmark on a tiny config (CPU): its launch counter reads
 optimized HLO right, and its record holds what issue #14 asks for."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -46,3 +48,19 @@ def test_decode_throughput_record():
   # The packed model reads fewer bytes than the bf16 one.
   assert r["bytes_per_step"]["w4a4kv4_model"] < r["bytes_per_step"][
       "bf16_model"]
+
+
+def test_launched_names_kinds_and_source_lines():
+  def f(x, y):
+    return jnp.tanh(x @ y).sum(axis=0)
+
+  text = jax.jit(f).lower(jnp.ones((8, 8)), jnp.ones((8, 8))).compile(
+  ).as_text()
+  kernels = decode_speed.launched(text)
+  assert kernels, text
+  kinds = {kind for kind, _ in kernels}
+  assert kinds <= {"fusion", "dot", "custom-call", "copy", "reduce"}, kinds
+  # At least one launch is traced back to f's return line in this file.
+  line = inspect.getsourcelines(f)[1] + 1
+  assert any(f"test_decode_speed.py:{line}" in where
+             for _, where in kernels), kernels

@@ -1,6 +1,9 @@
-"""The paper's sweep list."""
+"""The paper's sweep list and the learned-rotation sweep."""
+
+import pytest
 
 from experiments.lab import paper
+from quarot_jax.quarot import QuaRotConfig
 
 
 def test_paper_sweep_pairs_every_row_with_and_without_rotation():
@@ -11,3 +14,22 @@ def test_paper_sweep_pairs_every_row_with_and_without_rotation():
   grouped = [c for c in configs if c.w_groupsize]
   assert [c.describe() for c in grouped] == [
       "W4A4KV4 gptq g64 norot", "W4A4KV4 gptq g64 rot-hadamard"]
+
+
+def test_learned_sweep_rows_objectives_then_hadamard():
+  configs = paper.learned_sweep(QuaRotConfig(), ["qerror", "whip"],
+                                    ["w4a4kv4"])
+  assert [(c.rotate_mode, c.rotation_objective if c.rotate_mode == "learned"
+           else None, c.a_bits) for c in configs] == [
+               ("learned", "qerror", 4), ("learned", "whip", 4),
+               ("hadamard", None, 4)]
+  assert all(c.w_bits == 4 and c.w_method == "gptq" and c.rotate
+             for c in configs)
+  both = paper.learned_sweep(QuaRotConfig(), ["qerror"],
+                                 ["w4a16", "w4a4kv4"])
+  assert [c.a_bits for c in both] == [16, 4, 16, 4]
+
+
+def test_learned_sweep_unknown_row_names_it():
+  with pytest.raises(ValueError, match="w8a8"):
+    paper.learned_sweep(QuaRotConfig(), ["qerror"], ["w8a8"])

@@ -217,9 +217,13 @@ def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
       losses.append(float(value))
       bar.set_postfix(loss=f"{losses[-1]:.4f}")
   if progress and losses:
+    # One batch's loss is noisy (each step sees other windows): compare the
+    # means of the first and last tenth of the steps.
+    k = max(1, len(losses) // 10)
     tqdm.tqdm.write(f"{desc}: {steps} steps in {time.time() - start:.1f} s"
-                    f" (first with compilation), loss {losses[0]:.4f} ->"
-                    f" {losses[-1]:.4f}")
+                    f" (first with compilation), mean loss of the first"
+                    f" {k} steps {np.mean(losses[:k]):.4f} -> last {k}"
+                    f" {np.mean(losses[-k:]):.4f}")
   return (core.rotations(theta, r0, parameterization),
           np.asarray(losses, np.float32))
 

@@ -46,18 +46,8 @@ def launch_count(hlo_text: str) -> dict[str, int]:
   Returns:
     {"total", "fusion", "custom-call", "other", "command_buffers"}.
   """
-  bodies = set(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", hlo_text))
   counts = {"fusion": 0, "custom-call": 0, "other": 0}
-  skip = False
-  for line in hlo_text.splitlines():
-    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if head:
-      skip = head.group(1) in bodies and not line.startswith("ENTRY")
-      continue
-    op = re.search(r"= [^=]*? ([a-z][\w\-]*)\(", line)
-    if skip or not op or op.group(1) in FREE_OPS:
-      continue
-    kind = op.group(1)
+  for kind, _ in launched(hlo_text):
     counts[kind if kind in counts else "other"] += 1
   counts["total"] = sum(counts.values())
   counts["command_buffers"] = hlo_text.count("command_buffer")
@@ -110,8 +100,9 @@ def launched(hlo_text: str) -> list[tuple[str, str]]:
     hlo_text: optimized HLO text (`compile().as_text()`).
 
   Returns:
-    One (kind, 'file:line op') pair per launched instruction, in order;
-    kinds and the launch rule are `decode_speed.launch_count`'s.
+    One (kind, 'op file:line function < caller') pair per launched
+    instruction, in order: every instruction outside fusion bodies and
+    reducers that is not free (`FREE_OPS`).
   """
   bodies = set(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", hlo_text))
   frames = _frames(hlo_text)

@@ -1,7 +1,7 @@
 r"""W4A4 (Triton and Mosaic GPU) and W4A16 matmuls against XLA bf16 and int8.
 
   python -m experiments.bench_int4_matmul --out_dir=results
-  python -m experiments.bench_int4_matmul --kernels=mosaic  # one kernel
+  python -m experiments.bench_int4_matmul --variants=mosaic  # one kernel
 
 W4A4 records carry `implementation`: `triton` (w4a4_matmul_triton);
 `triton_g128` (the same with s_x [M, K/128] and s_w [N, K/128], the 128G
@@ -54,8 +54,9 @@ _DECODE_TIMING = flags.DEFINE_enum(
     " array unrolled in the trace.")
 _INTERPRET = flags.DEFINE_bool(
     "interpret", False, "W4A16 kernel in interpret mode (CPU smoke runs).")
-_KERNELS = flags.DEFINE_list(
-    "kernels", ["triton", "triton_g128", "mosaic", "w4a16"],
+# Not `--kernels`: that flag means one `kernels.resolve` setting elsewhere.
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["triton", "triton_g128", "mosaic", "w4a16"],
     "Which of triton, triton_g128 (group-128 scales), mosaic, w4a16 to time.")
 
 _W4A4_CONFIGS = (
@@ -136,123 +137,133 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   command = shlex.join(["python", "-m", "experiments.bench_int4_matmul"]
                        + sys.argv[1:])
-  key = iter(jax.random.split(jax.random.key(0), 1000))
-  rint = lambda shape: jax.random.randint(next(key), shape, 0, 256, jnp.int32
-                                          ).astype(jnp.uint8)
-  rnd = lambda shape, dt: jax.random.normal(next(key), shape, dt)
+  keys = iter(jax.random.split(jax.random.key(0), 1000))
+  variants = set(_VARIANTS.value)
   records = []
   for kn in _KN.value:
     k, n = map(int, kn.split("x"))
-    for m in map(int, _MS.value):
-      if not {"triton", "triton_g128", "mosaic"} & set(_KERNELS.value):
-        break
-      xq, wq = rint((m, k // 2)), rint((n, k // 2))
-      sx = jax.random.uniform(next(key), (m,), jnp.float32, 0.01, 0.1)
-      sw = jax.random.uniform(next(key), (n,), jnp.float32, 0.01, 0.1)
-      xb, wb = rnd((m, k), jnp.bfloat16), rnd((n, k), jnp.bfloat16)
-      xi = jax.random.randint(next(key), (m, k), -128, 127, jnp.int8)
-      wi = jax.random.randint(next(key), (n, k), -128, 127, jnp.int8)
-      case = f"M{m}_K{k}_N{n}"
-      print(case, flush=True)
-      base = {"xla_bf16": benchmarking.median_ms(jax.jit(_bf16_mm), xb, wb),
-              "xla_int8": benchmarking.median_ms(jax.jit(_int8_mm), xi, wi)}
-      want = w4a4_reference.w4a4_matmul_reference(xq, wq, sx, sw)  # Exact.
-      candidates = []  # (implementation, best (ms, config) or None)
-      if "triton" in _KERNELS.value:
-        candidates.append(("triton", _best(
-            lambda c: _bind(w4a4_triton.w4a4_matmul_triton, (xq, wq, sx, sw),
-                            c),
-            _W4A4_CONFIGS, want)))
-      if "triton_g128" in _KERNELS.value:
-        gx = jax.random.uniform(next(key), (m, k // 128), jnp.float32, 0.01,
-                                0.1)
-        gw = jax.random.uniform(next(key), (n, k // 128), jnp.float32, 0.01,
-                                0.1)
-        got = w4a4_triton.w4a4_matmul_triton(xq, wq, gx, gw,
-                                             out_dtype=jnp.float32)
-        ref = w4a4_reference.w4a4_matmul_reference(xq, wq, gx, gw,
-                                                   out_dtype=jnp.float32)
-        if not bool(jnp.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(
-            jnp.abs(ref).max()))):
-          print("  triton_g128: WRONG RESULT, not timed")
-        else:
-          candidates.append(("triton_g128", _best(
-              lambda c: _bind(w4a4_triton.w4a4_matmul_triton,
-                              (xq, wq, gx, gw), c),
-              _W4A4_CONFIGS)))
-      if "mosaic" in _KERNELS.value:
-        w8, x8 = mgpu.unpack_weights(wq), mgpu.unpack_weights(xq)
-        for name, op, args, configs in (
-            ("mosaic_gpu", mgpu.w4a4_matmul_mosaic, (xq, wq),
-             _MOSAIC_CONFIGS),
-            ("mosaic_gpu_x_int8", mgpu.w4a4_matmul_mosaic, (x8, wq),
-             _MOSAIC_X_INT8_CONFIGS),
-            ("mosaic_gpu_w8", mgpu.w4a4_matmul_mosaic_w8, (xq, w8),
-             _MOSAIC_CONFIGS),
-            ("mosaic_gpu_w8_x_int8", mgpu.w4a4_matmul_mosaic_w8, (x8, w8),
-             _MOSAIC_X_INT8_CONFIGS)):
-          candidates.append((name, _best(
-              lambda c, op=op, args=args: _bind(op, (*args, sx, sw), c),
-              configs, want)))
-      for implementation, best in candidates:
-        if best is None:
-          continue
-        ms, cfg = best
-        tops = 2 * m * n * k / ms / 1e9
-        records.append(benchmarking.record(
-            "int4_matmul", case, ms, base, command=command,
-            implementation=implementation, ours_tops=round(tops, 1),
-            config=str(cfg)))
-        print(f"  -> {implementation} {ms:.4f} ms ({tops:.0f} TOP/s) bf16"
-              f" {base['xla_bf16']:.4f} int8 {base['xla_int8']:.4f}",
-              flush=True)
-    for m in map(int, _DECODE_M.value):
-      if "w4a16" not in _KERNELS.value:
-        break
-      layers, timing = _LAYERS.value, _DECODE_TIMING.value
-      over_layers = _over_layers if timing == "map" else _unrolled
-      if timing == "map":  # One x; [layers, ...] weight stacks.
-        x = rnd((m, k), jnp.bfloat16)
-        wq = rint((layers, n, k // 2))
-        sw = jax.random.uniform(next(key), (layers, n), jnp.float32, 0.01,
-                                0.1)
-        wb = rnd((layers, n, k), jnp.bfloat16)
-      else:  # Per-layer lists: x, w_q and s_w as a decode step sees them.
-        x = [rnd((m, k), jnp.bfloat16) for _ in range(layers)]
-        wq = [rint((n, k // 2)) for _ in range(layers)]
-        sw = [jax.random.uniform(next(key), (n,), jnp.float32, 0.01, 0.1)
-              for _ in range(layers)]
-        wb = [rnd((n, k), jnp.bfloat16) for _ in range(layers)]
-      case = f"M{m}_K{k}_N{n}"
-      print(case, flush=True)
-      def mm(implementation, config=None):
-        return lambda x, w, s: w4a16.w4a16_matmul(
-            x, w, s, config=config, implementation=implementation,
-            interpret=_INTERPRET.value and implementation == "pallas")
+    if variants & {"triton", "triton_g128", "mosaic"}:
+      for m in map(int, _MS.value):
+        records += _w4a4_case(m, k, n, keys, variants, command)
+    if "w4a16" in variants:
+      for m in map(int, _DECODE_M.value):
+        records += _w4a16_case(m, k, n, keys, command)
+  for name in ("int4_matmul", "w4a16_matmul"):
+    benchmarking.append_jsonl(f"{_OUT.value}/{name}.jsonl",
+                              [r for r in records if r["benchmark"] == name])
 
-      ref = over_layers(mm("xla"), x, wq, sw)()
-      best = _best(lambda c: over_layers(mm("pallas", c), x, wq, sw),
-                   _W4A16_CONFIGS, close_to=ref)
-      bf16 = benchmarking.median_ms(
-          over_layers(lambda x, w: _bf16_mm(x, w), x, wb))
-      del wq, wb, ref  # layers x [N, K] weights: free before the next shape
-      base = {"xla_bf16": bf16 / layers}
-      if best is None:
-        continue
-      ms, cfg = best[0] / layers, best[1]
-      gbs = (n * k / 2 + m * k * 2 + m * n * 2) / ms / 1e6
-      records.append(benchmarking.record(
-          "w4a16_matmul", case, ms, base, command=command,
-          ours_gbps=round(gbs, 1), config=str(cfg), layers=layers,
-          decode_timing=timing))
-      print(f"  -> ours {ms:.4f} ms ({gbs:.0f} GB/s) bf16"
-            f" {base['xla_bf16']:.4f}", flush=True)
-  benchmarking.append_jsonl(f"{_OUT.value}/int4_matmul.jsonl",
-                            [r for r in records
-                             if r["benchmark"] == "int4_matmul"])
-  benchmarking.append_jsonl(f"{_OUT.value}/w4a16_matmul.jsonl",
-                            [r for r in records
-                             if r["benchmark"] == "w4a16_matmul"])
+
+def _rint(keys, shape) -> jax.Array:
+  """Random packed int4 bytes, uint8[shape]."""
+  return jax.random.randint(next(keys), shape, 0, 256, jnp.int32
+                            ).astype(jnp.uint8)
+
+
+def _scales(keys, shape) -> jax.Array:
+  return jax.random.uniform(next(keys), shape, jnp.float32, 0.01, 0.1)
+
+
+def _w4a4_case(m: int, k: int, n: int, keys, variants: set[str],
+               command: str) -> list[dict]:
+  """One W4A4 shape: every asked variant's best config against XLA bf16 and
+  int8 ([N, K] weights), each checked against the exact reference first."""
+  xq, wq = _rint(keys, (m, k // 2)), _rint(keys, (n, k // 2))
+  sx, sw = _scales(keys, (m,)), _scales(keys, (n,))
+  xb = jax.random.normal(next(keys), (m, k), jnp.bfloat16)
+  wb = jax.random.normal(next(keys), (n, k), jnp.bfloat16)
+  xi = jax.random.randint(next(keys), (m, k), -128, 127, jnp.int8)
+  wi = jax.random.randint(next(keys), (n, k), -128, 127, jnp.int8)
+  case = f"M{m}_K{k}_N{n}"
+  print(case, flush=True)
+  base = {"xla_bf16": benchmarking.median_ms(jax.jit(_bf16_mm), xb, wb),
+          "xla_int8": benchmarking.median_ms(jax.jit(_int8_mm), xi, wi)}
+  want = w4a4_reference.w4a4_matmul_reference(xq, wq, sx, sw)  # Exact.
+  candidates = []  # (implementation, best (ms, config) or None)
+  if "triton" in variants:
+    candidates.append(("triton", _best(
+        lambda c: _bind(w4a4_triton.w4a4_matmul_triton, (xq, wq, sx, sw), c),
+        _W4A4_CONFIGS, want)))
+  if "triton_g128" in variants:
+    gx, gw = _scales(keys, (m, k // 128)), _scales(keys, (n, k // 128))
+    got = w4a4_triton.w4a4_matmul_triton(xq, wq, gx, gw,
+                                         out_dtype=jnp.float32)
+    ref = w4a4_reference.w4a4_matmul_reference(xq, wq, gx, gw,
+                                               out_dtype=jnp.float32)
+    if not bool(jnp.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(
+        jnp.abs(ref).max()))):
+      print("  triton_g128: WRONG RESULT, not timed")
+    else:
+      candidates.append(("triton_g128", _best(
+          lambda c: _bind(w4a4_triton.w4a4_matmul_triton, (xq, wq, gx, gw),
+                          c),
+          _W4A4_CONFIGS)))
+  if "mosaic" in variants:
+    w8, x8 = mgpu.unpack_weights(wq), mgpu.unpack_weights(xq)
+    for name, op, args, configs in (
+        ("mosaic_gpu", mgpu.w4a4_matmul_mosaic, (xq, wq), _MOSAIC_CONFIGS),
+        ("mosaic_gpu_x_int8", mgpu.w4a4_matmul_mosaic, (x8, wq),
+         _MOSAIC_X_INT8_CONFIGS),
+        ("mosaic_gpu_w8", mgpu.w4a4_matmul_mosaic_w8, (xq, w8),
+         _MOSAIC_CONFIGS),
+        ("mosaic_gpu_w8_x_int8", mgpu.w4a4_matmul_mosaic_w8, (x8, w8),
+         _MOSAIC_X_INT8_CONFIGS)):
+      candidates.append((name, _best(
+          lambda c, op=op, args=args: _bind(op, (*args, sx, sw), c),
+          configs, want)))
+  records = []
+  for implementation, best in candidates:
+    if best is None:
+      continue
+    ms, cfg = best
+    tops = 2 * m * n * k / ms / 1e9
+    records.append(benchmarking.record(
+        "int4_matmul", case, ms, base, command=command,
+        implementation=implementation, ours_tops=round(tops, 1),
+        config=str(cfg)))
+    print(f"  -> {implementation} {ms:.4f} ms ({tops:.0f} TOP/s) bf16"
+          f" {base['xla_bf16']:.4f} int8 {base['xla_int8']:.4f}", flush=True)
+  return records
+
+
+def _w4a16_case(m: int, k: int, n: int, keys, command: str) -> list[dict]:
+  """One W4A16 decode shape over `--decode_layers` weight matrices (see the
+  module docstring), the best config against XLA bf16, per matmul."""
+  layers, timing = _LAYERS.value, _DECODE_TIMING.value
+  rnd = lambda shape: jax.random.normal(next(keys), shape, jnp.bfloat16)
+  if timing == "map":  # One x; [layers, ...] weight stacks.
+    over_layers = _over_layers
+    x = rnd((m, k))
+    wq, sw = _rint(keys, (layers, n, k // 2)), _scales(keys, (layers, n))
+    wb = rnd((layers, n, k))
+  else:  # Per-layer lists: x, w_q and s_w as a decode step sees them.
+    over_layers = _unrolled
+    x = [rnd((m, k)) for _ in range(layers)]
+    wq = [_rint(keys, (n, k // 2)) for _ in range(layers)]
+    sw = [_scales(keys, (n,)) for _ in range(layers)]
+    wb = [rnd((n, k)) for _ in range(layers)]
+  case = f"M{m}_K{k}_N{n}"
+  print(case, flush=True)
+
+  def mm(implementation, config=None):
+    return lambda x, w, s: w4a16.w4a16_matmul(
+        x, w, s, config=config, implementation=implementation,
+        interpret=_INTERPRET.value and implementation == "pallas")
+
+  ref = over_layers(mm("xla"), x, wq, sw)()
+  best = _best(lambda c: over_layers(mm("pallas", c), x, wq, sw),
+               _W4A16_CONFIGS, close_to=ref)
+  bf16 = benchmarking.median_ms(over_layers(_bf16_mm, x, wb))
+  if best is None:
+    return []
+  base = {"xla_bf16": bf16 / layers}
+  ms, cfg = best[0] / layers, best[1]
+  gbs = (n * k / 2 + m * k * 2 + m * n * 2) / ms / 1e6
+  print(f"  -> ours {ms:.4f} ms ({gbs:.0f} GB/s) bf16 {base['xla_bf16']:.4f}",
+        flush=True)
+  return [benchmarking.record(
+      "w4a16_matmul", case, ms, base, command=command,
+      ours_gbps=round(gbs, 1), config=str(cfg), layers=layers,
+      decode_timing=timing)]
 
 
 def _over_layers(mm, x, *stacks):

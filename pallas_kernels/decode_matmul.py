@@ -153,14 +153,23 @@ def _num_sms() -> int:
     return 132  # an H100/H200 SXM
 
 
+def padded_rows(m: int, implementation: str) -> int:
+  """Mp: the rows the kernel computes for M tokens (x is zero-padded to
+  them); M itself for 'xla'. A caller that hands `decode_matmul` x with Mp
+  rows already (and `rows=M`) saves the pad."""
+  if implementation == "mosaic":
+    return 8 if m <= 8 else 16
+  return MAX_M if implementation == "triton" else m
+
+
 def _plan(m: int, n: int, k: int, cfg: DecodeMatmulConfig,
           implementation: str) -> _Plan:
   """Tiles and K split for [M, K] x [N, K] (see `DecodeMatmulConfig`)."""
+  m_pad = padded_rows(m, implementation)
   if implementation == "mosaic":
-    m_pad = 8 if m <= 8 else 16
     block_n = cfg.block_n if n % cfg.block_n == 0 else 64
   else:
-    m_pad, block_n = 16, cfg.block_n
+    block_n = cfg.block_n
   block_k = cfg.block_k
   while k % block_k:
     block_k //= 2
@@ -426,17 +435,18 @@ def _epilogue(partials: jax.Array, m: int, s_w: jax.Array,
   """Sum of the splits, [N, Mp] -> [M, N], scales, cast (one fusion)."""
   acc = partials.sum(axis=0)[:, :m].T  # [M, N]
   if s_x is not None:
-    acc = acc * s_x.astype(jnp.float32)[:, None]
+    acc = acc * s_x[:m].astype(jnp.float32)[:, None]
   return (acc * s_w.astype(jnp.float32)[None, :]).astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "out_dtype", "config", "implementation", "interpret", "debug"))
+    "out_dtype", "config", "implementation", "interpret", "debug", "rows"))
 def decode_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array,
                   s_x: jax.Array | None = None, *, out_dtype=None,
                   config: DecodeMatmulConfig | None = None,
                   implementation: Implementation | None = None,
-                  interpret: bool = False, debug: bool = False) -> jax.Array:
+                  interpret: bool = False, debug: bool = False,
+                  rows: int | None = None) -> jax.Array:
   """y = (x · w_qᵀ) [* s_x] * s_w for a few tokens (decode).
 
   Args:
@@ -452,20 +462,27 @@ def decode_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array,
       `interpret`, else xla; also xla when M > 16 or K % 64 != 0.
     interpret: run the Triton kernel in interpret mode (CPU tests).
     debug: print the Triton kernel's jaxpr.
+    rows: the real tokens R when x (and s_x) come padded to
+      `padded_rows(R, implementation)` rows (the caller's producer wrote
+      the padding, so no pad runs here); None: all M rows are real.
 
   Returns:
-    y: [M, N] in `out_dtype`.
+    y: [M, N] (or [rows, N]) in `out_dtype`.
 
   Raises:
     ValueError: shapes or dtypes that do not fit together, or an explicit
       implementation that cannot take them here.
   """
   m, n, k = _check(x, w_q, s_w, s_x)
+  if rows is not None and not 1 <= rows <= m:
+    raise ValueError(f"rows={rows} must be in [1, M={m}]")
+  out_rows = m if rows is None else rows
   if out_dtype is None:
     out_dtype = jnp.bfloat16 if x.dtype == jnp.int8 else x.dtype
   impl = _resolve(m, n, k, implementation, interpret)
   if impl == "xla":
-    return decode_matmul_reference(x, w_q, s_w, s_x, out_dtype=out_dtype)
+    return decode_matmul_reference(x, w_q, s_w, s_x,
+                                   out_dtype=out_dtype)[:out_rows]
   cfg = config or default_decode_matmul_config(impl)
   plan = _plan(m, n, k, cfg, impl)
   if impl == "mosaic":
@@ -473,7 +490,7 @@ def decode_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array,
   else:
     partials = _partials_triton(x, w_q, plan, cfg, interpret=interpret,
                                 debug=debug)
-  return _epilogue(partials, m, s_w, s_x, out_dtype)
+  return _epilogue(partials, out_rows, s_w, s_x, out_dtype)
 
 
 def decode_matmul_reference(x: jax.Array, w_q: jax.Array, s_w: jax.Array,

@@ -230,10 +230,20 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
                and all(map(decode, ps)))
   if norm is not None and not fuse_norm:
     x2 = layers.rms_norm(x2, norm[0], eps=norm[1])
+  float_x = a_spec is None or not a_spec.enabled  # W4A16
+  rows = None
+  if (ps and all(map(decode, ps)) and not fuse_norm
+      and not (float_x and x2.dtype != jnp.bfloat16)):
+    # The rows decode_matmul computes, padded here in the input's dtype: XLA
+    # fuses the pad into the op that produced x (a norm, SwiGLU), where
+    # decode_matmul's own pad of the codes would be one more launch.
+    mp = decode_lib.padded_rows(m, kernels.decode_matmul)
+    if mp > m:
+      rows, x2 = m, jnp.pad(x2, ((0, mp - m), (0, 0)))
   run_decode = functools.partial(
-      decode_lib.decode_matmul, out_dtype=x.dtype,
+      decode_lib.decode_matmul, out_dtype=x.dtype, rows=rows,
       implementation=kernels.decode_matmul, interpret=kernels.interpret)
-  if a_spec is None or not a_spec.enabled:
+  if float_x:
     if online_hadamard:
       x2 = hadamard.fast_hadamard_transform(
           x2.astype(jnp.float32)).astype(x.dtype)

@@ -62,6 +62,28 @@ def test_w4a4_bit_exact(m, interpret):
       np.asarray(want))
 
 
+@pytest.mark.parametrize("implementation", ["triton", "xla"])
+def test_padded_rows_give_the_unpadded_result(implementation, interpret):
+  m = 3
+  mp = dm.padded_rows(m, implementation)
+  assert (mp, dm.padded_rows(5, "mosaic"), dm.padded_rows(9, "mosaic")) == (
+      16 if implementation == "triton" else 3, 8, 16)
+  x, w_q, s_w, s_x = _operands(m, 200, 320, seed=7, codes=True)
+  want = dm.decode_matmul(x, w_q, s_w, s_x, config=_CFG,
+                          implementation=implementation, interpret=interpret,
+                          out_dtype=jnp.float32)
+  # Padding rows hold junk here: rows= must keep them out of y entirely.
+  xp = jnp.concatenate([x, jnp.full((mp - m + 2, 320), 7, jnp.int8)])[:mp]
+  sp = jnp.concatenate([s_x, jnp.full((mp - m + 2,), 9.0)])[:mp]
+  got = dm.decode_matmul(xp, w_q, s_w, sp, config=_CFG, rows=m,
+                         implementation=implementation, interpret=interpret,
+                         out_dtype=jnp.float32)
+  assert got.shape == (m, 200)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match="rows=4"):
+    dm.decode_matmul(x, w_q, s_w, s_x, rows=4, implementation="xla")
+
+
 def test_reference_hand_worked():
   # w row 0 = [1, -2, 3, -8] packs to bytes [0xE1, 0x83]; row 1 = [7, 0, -1,
   # 2] to [0x07, 0x2F]. x = [[1, 2, 3, 4]], s_w = [0.5, 2]:

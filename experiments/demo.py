@@ -15,6 +15,7 @@ compile, generate) and each model's text as soon as it is done.
 """
 
 import collections
+import dataclasses
 import functools
 import json
 import os
@@ -124,15 +125,16 @@ def _generate(label, params, config, tokenizer, prompts, options, clock,
               max_new_tokens, mesh=None):
   """Generates, printing compile and generate times, then the text.
 
-  With a `mesh` the kernels are XLA's: GSPMD cannot split the Pallas
-  kernels' custom calls.
+  With a `mesh`, packed linears run their kernels per shard, and their
+  o_proj/down_proj quantize per shard (`RunOptions.row_groups` = tp).
   """
+  if mesh is not None and qlinear.is_packed(params):
+    options = dataclasses.replace(options, row_groups=mesh.shape["tp"])
   _say(f"  {label}: compiling and generating {len(prompts)} prompts x"
        f" {max_new_tokens} tokens ...")
   before, start = clock.total(), time.perf_counter()
   texts = generation.generate(params, config, tokenizer, prompts,
                               max_new_tokens=max_new_tokens, options=options,
-                              kernels=None if mesh is None else "xla",
                               mesh=mesh)
   wall = time.perf_counter() - start
   compile_s = clock.total() - before

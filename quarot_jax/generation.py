@@ -111,7 +111,8 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
 
   With a `mesh`, the KV cache is created split by kv heads
   (`sharding.cache_shardings`) and every decode step's new cache is pinned
-  to the same placement, so it never gathers.
+  to the same placement, so it never gathers; the forward runs packed
+  linears and KV4 attention per shard (`model.forward(..., mesh=)`).
   """
   global TRACE_COUNT
   TRACE_COUNT += 1
@@ -129,7 +130,7 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
         c, sharding.cache_shardings(c, mesh))
   cache = keep_sharded(cache)
   logits, cache = model.forward(params, tokens, config, cache=cache,
-                                options=options, kernels=kernels)
+                                options=options, kernels=kernels, mesh=mesh)
   cache = keep_sharded(cache)
   key, sub = jax.random.split(key)
   first = sample_next(logits[:, -1], sub, temperature, top_k, top_p)
@@ -145,7 +146,7 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
     out = out.at[:, i].set(jnp.where(done, pad_id, tok))
     done = done | jnp.isin(tok, eos_ids)
     logits, cache = model.forward(params, tok[:, None], config, cache=cache,
-                                  options=options, kernels=kernels)
+                                  options=options, kernels=kernels, mesh=mesh)
     cache = keep_sharded(cache)
     key, sub = jax.random.split(key)
     tok = sample_next(logits[:, -1], sub, temperature, top_k, top_p)
@@ -224,10 +225,12 @@ def generate_tokens(params: Any, config: LlamaConfig,
       parallel on, or None (one device, or params as they are placed).
       The params are placed with `sharding.param_shardings` (leaves already
       there are not copied), the KV cache [.., B, S, K, H] (or KV4) is
-      created split over K and stays split through the decode. GSPMD
-      partitions the rest. Packed params on a GPU: pass kernels='xla'; the
-      Pallas kernels are custom calls GSPMD cannot split (it would gather
-      their weights).
+      created split over K and stays split through the decode. Packed
+      linears and the packed KV4 attention run their kernels (Pallas or
+      XLA, as `kernels` says) per shard inside `shard_map`, so no weight or
+      cache is gathered; their o_proj/down_proj quantize per shard, so
+      `options.row_groups` must equal the mesh's tp. GSPMD partitions the
+      rest.
 
   Returns:
     For each prompt, the generated ids, ending at (and including) the first
@@ -238,7 +241,8 @@ def generate_tokens(params: Any, config: LlamaConfig,
       prompt plus `max_new_tokens` longer than max_position_embeddings, or
       bad sampling values (negative or NaN temperature, ...), or a
       `kernels` setting this platform cannot run, or (with `mesh`) a size
-      not divisible by its tp (the message names it).
+      not divisible by its tp (the message names it), or packed params with
+      `options.row_groups` not its tp.
   """
   kernels = kernels_lib.resolve(kernels)
   params, _ = model.unwrap(params)  # Flax variables too

@@ -58,6 +58,7 @@ from quarot_jax import layers
 from quarot_jax import qlinear
 from quarot_jax import quant
 from quarot_jax import run_layout
+from quarot_jax import shard_kernels
 from quarot_jax.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -82,6 +83,12 @@ class RunOptions:
     had_blocks: the online down/o Hadamards are block-diagonal with this
       many blocks, one per tensor-parallel shard (`rotation.rotate(...,
       tp=had_blocks)` folds the same ones); 1 is the full-width transform.
+    row_groups: o_proj and down_proj quantize their input per token in this
+      many contiguous groups of in/row_groups (an `a_spec.group_size`, if
+      set, is kept), one per tensor-parallel shard: what a packed run on a
+      mesh computes (`shard_kernels`), where it must equal the mesh's tp.
+      A packed o_proj/down_proj's fused online Hadamard then spans one
+      group. 1: per token.
   """
 
   online_had_down: bool = False
@@ -91,6 +98,7 @@ class RunOptions:
   k_spec: Any = None
   v_spec: Any = None
   had_blocks: int = 1
+  row_groups: int = 1
 
 
 FLOAT = RunOptions()
@@ -131,22 +139,67 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
   return y
 
 
+def _row_linear(x: jax.Array, p: Params, options: RunOptions, *,
+                kernels: kernels_lib.Kernels, online_hadamard: bool,
+                mesh=None) -> jax.Array:
+  """o_proj or down_proj: `_linear` with the input quantized in
+  `options.row_groups` groups per token; with a `mesh`, a packed one runs
+  row parallel per shard (`shard_kernels.linears`)."""
+  groups = options.row_groups
+  packed = "qweight" in p
+  if mesh is not None and packed and groups != shard_kernels.tp_size(mesh):
+    raise ValueError(
+        f"packed o_proj/down_proj on a mesh quantize their input per shard:"
+        f" RunOptions(row_groups={groups}) must equal the mesh's"
+        f" tp={shard_kernels.tp_size(mesh)}")
+  if groups == 1 and mesh is None:
+    return _linear(x, p, options, kernels=kernels,
+                   online_hadamard=online_hadamard)
+  if not packed:
+    spec = options.a_spec
+    if spec is not None and spec.group_size is None:
+      spec = dataclasses.replace(spec, group_size=x.shape[-1] // groups)
+    return _linear(x, p, dataclasses.replace(options, a_spec=spec),
+                   kernels=kernels, online_hadamard=online_hadamard)
+  if online_hadamard and options.had_blocks != groups:  # not the fused one
+    x, online_hadamard = _hadamard(x, options.had_blocks), False
+  if mesh is not None:
+    (y,) = shard_kernels.linears(x, [p], mesh=mesh, parallel="row",
+                                 a_spec=options.a_spec,
+                                 online_hadamard=online_hadamard,
+                                 kernels=kernels)
+    return y
+  # One device: each group of `in` with its bytes of qweight (packing
+  # pairs adjacent `in` elements), summed as the shards' psum sums.
+  xs = jnp.split(x, groups, axis=-1)
+  ws = jnp.split(p["qweight"], groups, axis=-1)
+  y = sum(qlinear.linear(xi, {"qweight": wi, "wscale": p["wscale"]},
+                         a_spec=options.a_spec,
+                         online_hadamard=online_hadamard, kernels=kernels)
+          for xi, wi in zip(xs, ws))
+  return y + p["bias"].astype(y.dtype) if "bias" in p else y
+
+
 def _linears(x: jax.Array, ps: list[Params], options: RunOptions, *,
              kernels: kernels_lib.Kernels,
-             pre_norm=None) -> list[jax.Array]:
+             pre_norm=None, mesh=None) -> list[jax.Array]:
   """`_linear` of one input through several linears (q/k/v, gate/up);
-  packed ones quantize the input once for all (`qlinear.linears`).
+  packed ones quantize the input once for all (`qlinear.linears`), per
+  shard and column parallel with a `mesh` (`shard_kernels.linears`).
   `pre_norm`: (residual, norm weight, eps) that x is the RMS norm of;
   packed linears take those instead of x and fuse the norm into their
   quantizer at decode."""
   if all("qweight" in p for p in ps):
+    norm = None
     if pre_norm is not None:
       x, weight, eps = pre_norm
-      return qlinear.linears(x, ps, a_spec=options.a_spec,
-                             online_hadamard=False, kernels=kernels,
-                             norm=(weight, eps))
+      norm = (weight, eps)
+    if mesh is not None:
+      return shard_kernels.linears(x, ps, mesh=mesh, parallel="column",
+                                   a_spec=options.a_spec, kernels=kernels,
+                                   norm=norm)
     return qlinear.linears(x, ps, a_spec=options.a_spec,
-                           online_hadamard=False, kernels=kernels)
+                           online_hadamard=False, kernels=kernels, norm=norm)
   return [_linear(x, p, options, kernels=kernels) for p in ps]
 
 
@@ -248,8 +301,8 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
                      config: LlamaConfig, options: RunOptions, inv_freq,
                      start=None,
                      kernels: kernels_lib.Kernels = kernels_lib.XLA,
-                     pre_norm=None):
-  """One attention sub-block (`pre_norm` as in `_linears`).
+                     pre_norm=None, mesh=None):
+  """One attention sub-block (`pre_norm` and `mesh` as in `_linears`).
 
   A float cache ([B, S, K, H]) stores keys and values fake-quantized by
   `options.k_spec`/`v_spec`; a packed `kv4_cache.KV4` cache quantizes them
@@ -258,7 +311,9 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   `kernels.attention`: 'cudnn' is flash attention (`_flash_prefill`; the
   mask is then causal without a cache and start <= s <= write_at + t with
   one, which is what `forward` passes), 'xla' the einsum `attend` over
-  `mask`. `p` holds q/k/v_proj, or their fused qkv_proj (`run_layout`).
+  `mask`. `p` holds q/k/v_proj, or their fused qkv_proj (`run_layout`;
+  replicated on a mesh, so it runs unsplit). With a `mesh`, the packed KV4
+  cache attention runs per shard of kv heads (`shard_kernels`).
 
   Returns:
     (output [B, T, D], new k cache, new v cache, o_proj input [B, T, N*H]
@@ -274,7 +329,7 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
     q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
   else:
     q, k, v = _linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], options,
-                       kernels=kernels, pre_norm=pre_norm)
+                       kernels=kernels, pre_norm=pre_norm, mesh=mesh)
   # q and k stay apart: joined on the head axis, tensor-parallel shards of
   # the two would interleave and GSPMD would move them between devices.
   q = q.reshape(b, t, n, h)
@@ -285,8 +340,15 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   if options.qk_had:
     q, k = _hadamard(q), _hadamard(k)
   if isinstance(k_cache, kv4_lib.KV4):
-    out = _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
-                                  mask, options, kernels=kernels)
+    attend_packed = lambda q, k, v, kc, vc, write_at, start, mask: (
+        _packed_cache_attention(q, k, v, kc, vc, write_at, start, mask,
+                                options, kernels=kernels))
+    if mesh is None:
+      out = attend_packed(q, k, v, k_cache, v_cache, write_at, start, mask)
+    else:
+      out = shard_kernels.kv4_attention(attend_packed, q, k, v, k_cache,
+                                        v_cache, write_at, start, mask,
+                                        mesh=mesh)
     out, k_cache, v_cache = out
   else:
     k = _fake_quant(k, options.k_spec)
@@ -312,8 +374,8 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   packed = "qweight" in p["o_proj"]
   if options.online_had_o and not packed:
     out = _hadamard(out, options.had_blocks)
-  o = _linear(out, p["o_proj"], options, kernels=kernels,
-              online_hadamard=options.online_had_o and packed)
+  o = _row_linear(out, p["o_proj"], options, kernels=kernels,
+                  online_hadamard=options.online_had_o and packed, mesh=mesh)
   return o, k_cache, v_cache, out
 
 
@@ -400,9 +462,10 @@ def attend_kv4(q: jax.Array, k_cache, v_cache, mask: jax.Array
 
 
 def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
-               pre_norm=None):
+               pre_norm=None, mesh=None):
   """One FFN sub-block (gate/up_proj, or their fused gate_up_proj from
-  `run_layout`; `pre_norm` as in `_linears`). Returns (output [B, T, D],
+  `run_layout`, unsplit on a mesh; `pre_norm` and `mesh` as in `_linears`).
+  Returns (output [B, T, D],
   down_proj input (before the online Hadamard when down_proj is packed))."""
   if "gate_up_proj" in p:  # fused (run_layout): [B, T, 2F], gate, up
     (gate_up,) = _linears(x, [p["gate_up_proj"]], options, kernels=kernels,
@@ -410,20 +473,21 @@ def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
     gate, up = jnp.split(gate_up, 2, axis=-1)
   else:
     gate, up = _linears(x, [p["gate_proj"], p["up_proj"]], options,
-                        kernels=kernels, pre_norm=pre_norm)
+                        kernels=kernels, pre_norm=pre_norm, mesh=mesh)
   hidden = layers.swiglu(gate, up)
   packed = "qweight" in p["down_proj"]
   if options.online_had_down and not packed:
     hidden = _hadamard(hidden, options.had_blocks)
-  return _linear(hidden, p["down_proj"], options, kernels=kernels,
-                 online_hadamard=options.online_had_down and packed), hidden
+  return _row_linear(hidden, p["down_proj"], options, kernels=kernels,
+                     online_hadamard=options.online_had_down and packed,
+                     mesh=mesh), hidden
 
 
 def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
                   options: RunOptions = FLOAT,
                   kernels: kernels_lib.Kernels = kernels_lib.XLA,
                   k_cache=None, v_cache=None, positions=None, mask=None,
-                  write_at=None, start=None):
+                  write_at=None, start=None, mesh=None):
   """One decoder layer, also returning the input of every linear.
 
   Args:
@@ -438,6 +502,7 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
     mask: bool[B, T, S] (default causal).
     write_at: cache slot of the first token.
     start: int32[B] first valid slot per row (packed KV4 caches only).
+    mesh: as for `forward`.
 
   Returns:
     (x [B, T, D], k_cache, v_cache, taps) where taps maps 'qkv', 'o',
@@ -458,12 +523,12 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
   h, k_cache, v_cache, o_in = _attention_block(
       attn_in, p["self_attn"], positions, mask, k_cache, v_cache, write_at,
       config=config, options=options, inv_freq=inv_freq, start=start,
-      kernels=kernels,
+      kernels=kernels, mesh=mesh,
       pre_norm=(x, _norm_weight(x, p["input_layernorm"]), eps))
   x = x + h
   mlp_in = _norm(x, p["post_attention_layernorm"], eps)
   h, down_in = _mlp_block(
-      mlp_in, p["mlp"], options=options, kernels=kernels,
+      mlp_in, p["mlp"], options=options, kernels=kernels, mesh=mesh,
       pre_norm=(x, _norm_weight(x, p["post_attention_layernorm"]), eps))
   taps = {"qkv": attn_in, "o": o_in, "gate_up": mlp_in, "down": down_in}
   return x + h, k_cache, v_cache, taps
@@ -473,7 +538,8 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
             cache: kv_cache_lib.KVCache | None = None,
             options: RunOptions = FLOAT,
             kernels: "str | kernels_lib.Kernels | None" = None,
-            return_hidden: bool = False):
+            return_hidden: bool = False,
+            mesh: jax.sharding.Mesh | None = None):
   """Runs the decoder.
 
   Without a cache, `tokens` is one causal sequence per row starting at
@@ -489,13 +555,19 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     kernels: which kernels run: a `kernels.SETTINGS` word, None ('auto'),
       or a resolved `kernels.Kernels`; resolved here, once.
     return_hidden: return the final hidden state [B, T, D] instead of logits.
+    mesh: the 1-D mesh (axis 'tp') the params and cache are placed on
+      (`sharding.py`), or None. Only packed linears and the packed KV4
+      cache attention read it: they run per shard inside `shard_map`
+      (`shard_kernels`), so no Pallas kernel gathers a sharded weight or
+      cache; GSPMD partitions the rest. Packed params then need
+      `options.row_groups` equal to the mesh's tp.
 
   Returns:
     (logits f32[B, T, V], new cache or None).
 
   Raises:
     ValueError: an unknown `kernels` setting, or one this platform cannot
-      run.
+      run; packed params on a mesh whose tp is not `options.row_groups`.
   """
   kernels = kernels_lib.resolve(kernels)
   b, t = tokens.shape
@@ -516,7 +588,7 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     x, k_layer, v_layer, _ = decoder_layer(
         x, p, config=config, options=options, kernels=kernels,
         k_cache=k_layer, v_cache=v_layer, positions=positions, mask=mask,
-        write_at=write_at, start=start)
+        write_at=write_at, start=start, mesh=mesh)
     return x, (k_layer, v_layer)
 
   if run_layout.is_unstacked(params):

@@ -33,9 +33,10 @@ devices); `rotation.rotate(..., tp=tp)` with `RunOptions(had_blocks=tp)`
 makes them block-diagonal, one Hadamard per shard, so every device rotates
 only its own slice (`tests/test_sharding.py` checks the HLO).
 
-The Pallas int4 kernels are custom calls that GSPMD cannot split;
-`packed_linear` runs one packed linear per shard inside `shard_map` (the
-model does not call it yet).
+The Pallas kernels are custom calls that GSPMD cannot split; given the
+mesh, `model.forward` runs the packed linears and the packed KV4 attention
+per shard inside `shard_map` (`shard_kernels.py`), so no kernel gathers a
+sharded weight or cache.
 
 Several hosts: the same code runs after `jax.distributed.initialize()` on
 every host, with `make_mesh` over `jax.devices()` (all hosts' devices); see
@@ -54,10 +55,10 @@ from pallas_kernels import kv4_cache as kv4_lib
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache as kv_cache_lib
 from quarot_jax import model
-from quarot_jax import qlinear
+from quarot_jax import shard_kernels
 from quarot_jax.config import LlamaConfig
 
-AXIS = "tp"
+AXIS = shard_kernels.AXIS
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 
@@ -88,10 +89,7 @@ def make_mesh(tp: int) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _tp(mesh: jax.sharding.Mesh) -> int:
-  if AXIS not in mesh.shape:
-    raise ValueError(f"the mesh needs an axis {AXIS!r}, got {mesh.shape}")
-  return mesh.shape[AXIS]
+_tp = shard_kernels.tp_size
 
 
 def _spec(ndim: int, axis: int | None) -> P:
@@ -288,10 +286,11 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     config: the model config.
     mesh: the mesh the params live on.
     cache: a sharded `KVCache`, or None.
-    options: as for `model.forward`.
-    kernels: as for `model.forward` (resolved here, once). For packed
-      params on a GPU, 'xla' keeps every op splittable by GSPMD; the Pallas
-      kernels are custom calls it cannot split (see `packed_linear`).
+    options: as for `model.forward`; packed params need
+      `row_groups` equal to the mesh's tp (their o_proj/down_proj quantize
+      per shard, see `shard_kernels`).
+    kernels: as for `model.forward` (resolved here, once); the Pallas
+      kernels run per shard inside `shard_map`.
 
   Returns:
     (logits f32[B, T, V], new cache or None), as `model.forward`.
@@ -304,7 +303,8 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
                    static_argnames=("config", "mesh", "options", "kernels"))
 def _forward(params, tokens, cache, *, config, mesh, options, kernels):
   logits, new_cache = model.forward(params, tokens, config, cache=cache,
-                                    options=options, kernels=kernels)
+                                    options=options, kernels=kernels,
+                                    mesh=mesh)
   logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P()))
   if new_cache is not None:
     new_cache = jax.lax.with_sharding_constraint(
@@ -316,20 +316,10 @@ def packed_linear(x: jax.Array, p: Params, *, mesh: jax.sharding.Mesh,
                   parallel: str, a_spec: Any, online_hadamard: bool = False,
                   kernels: "str | kernels_lib.Kernels | None" = None
                   ) -> jax.Array:
-  """A packed int4 linear run per shard inside `shard_map`.
+  """One packed int4 linear run per shard inside `shard_map`.
 
-  Each device calls the int4 kernels (`qlinear.linear`) on its own weight
-  shard; no weight is gathered. (Under plain GSPMD a Pallas kernel is an
-  opaque custom call that XLA cannot split.)
-
-  'column': x replicated, qweight [out, in // 2] split on `out`; y comes
-  out split on `out` and equals the unsharded linear.
-  'row': x split on `in`, qweight split on `in`; the partial products meet
-  in one `psum` (all-reduce) and the bias is added after it. Each shard
-  quantizes its own slice, so the per-token activation scale covers in/tp
-  elements (a finer group than the unsharded linear's), and the fused
-  online Hadamard is H_(in/tp) per slice: the block-diagonal transform of
-  `RunOptions(had_blocks=tp)`.
+  `shard_kernels.linears` for a single linear (the one `model.forward`
+  calls with a mesh; see there for 'column' and 'row').
 
   Args:
     x: float[..., in].
@@ -338,7 +328,7 @@ def packed_linear(x: jax.Array, p: Params, *, mesh: jax.sharding.Mesh,
     mesh: a mesh with axis 'tp'.
     parallel: 'column' or 'row'.
     a_spec: as for `qlinear.linear`.
-    online_hadamard: as for `qlinear.linear` (per shard, see above).
+    online_hadamard: as for `qlinear.linear`, per shard.
     kernels: as for `model.forward` (resolved here).
 
   Returns:
@@ -347,24 +337,7 @@ def packed_linear(x: jax.Array, p: Params, *, mesh: jax.sharding.Mesh,
   Raises:
     ValueError: an unknown `parallel`.
   """
-  kernels = kernels_lib.resolve(kernels)
-  lead = [None] * (x.ndim - 1)
-  run = lambda x, p: qlinear.linear(x, p, a_spec=a_spec,
-                                    online_hadamard=online_hadamard,
-                                    kernels=kernels)
-  if parallel == "column":
-    p_specs = {"qweight": P(AXIS, None), "wscale": P(AXIS), "bias": P(AXIS)}
-    x_spec, y_spec, body = P(), P(*lead, AXIS), run
-  elif parallel == "row":
-    p_specs = {"qweight": P(None, AXIS), "wscale": P(), "bias": P()}
-    x_spec, y_spec = P(*lead, AXIS), P()
-
-    def body(x, p):
-      y = jax.lax.psum(run(x, {k: v for k, v in p.items() if k != "bias"}),
-                       AXIS)
-      return y + p["bias"].astype(y.dtype) if "bias" in p else y
-  else:
-    raise ValueError(f"{parallel=} must be 'column' or 'row'")
-  p_specs = {k: p_specs[k] for k in p}
-  return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, p_specs),
-                       out_specs=y_spec, check_vma=False)(x, p)
+  (y,) = shard_kernels.linears(x, [p], mesh=mesh, parallel=parallel,
+                               a_spec=a_spec, online_hadamard=online_hadamard,
+                               kernels=kernels_lib.resolve(kernels))
+  return y

@@ -46,10 +46,16 @@ W4A4KV4 = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
                               w_method="rtn")
 _COLLECTIVE = re.compile(r"=\s*\S+\s+(all-reduce|all-gather|all-to-all|"
                          r"collective-permute|reduce-scatter)(?:-start)?\(")
+# (operand type, collective) pairs, e.g. ('u8[2,3,9,4]', 'all-gather').
+_TYPED_COLLECTIVE = re.compile(
+    r"=\s*(\w+\[[\d,]*\])\S*\s+(all-reduce|all-gather|all-to-all|"
+    r"collective-permute|reduce-scatter)(?:-start)?\(")
 
 
 _init = jax.jit(model.init_params, static_argnames=("config",))
 _forward = jax.jit(model.forward, static_argnames=("config", "options"))
+_forward_kernels = jax.jit(model.forward,
+                           static_argnames=("config", "options", "kernels"))
 
 
 def _params(config=CONFIG):
@@ -67,10 +73,11 @@ def _rotated(params, tp):
 
 
 def _w4a4kv4(params, tp, *, packed):
-  """W4A4KV4 (RTN) params after the block-diagonal rotation, and options."""
+  """W4A4KV4 (RTN) params after the block-diagonal rotation, and options
+  (packed: o_proj/down_proj quantize per shard, `row_groups=tp`)."""
   p, _ = _rotated(params, tp)
   options = dataclasses.replace(W4A4KV4.run_options(CONFIG.head_dim),
-                                had_blocks=tp)
+                                had_blocks=tp, row_groups=tp if packed else 1)
   if packed:
     qarrays = qlinear.quantize_weights_rtn(p, quarot.LINEARS,
                                            W4A4KV4.weight_spec)
@@ -179,6 +186,33 @@ def test_block_diagonal_rotation_is_invariant(tp):
   assert _rel(full, want) > 1e-2
 
 
+def test_row_groups_packed_equals_simulated():
+  # One device: packed o_proj/down_proj with row_groups=2 (the kernels on
+  # each half of `in`, summed) compute the simulated model whose per-token
+  # activation groups are those halves.
+  params, tokens = _params(), _tokens()
+  packed, options = _w4a4kv4(params, 2, packed=True)
+  assert options.row_groups == 2
+  run = lambda p, o: _forward_kernels(p, tokens, CONFIG, options=o,
+                                      kernels=kernels_lib.resolve("xla"))[0]
+  got = run(packed, options)
+  want = run(qlinear.dequantize_params(packed), options)
+  assert _rel(got, want) < 1e-4
+  # Not vacuous: per-token scales over all of `in` give other logits.
+  per_token = dataclasses.replace(options, row_groups=1)
+  assert _rel(run(packed, per_token), got) > 1e-3
+  assert _rel(run(qlinear.dequantize_params(packed), per_token), want) > 1e-3
+
+
+def test_packed_on_mesh_needs_row_groups_equal_to_tp():
+  packed, options = _w4a4kv4(_params(), 1, packed=True)
+  options = dataclasses.replace(options, row_groups=2)
+  with pytest.raises(ValueError, match=r"row_groups=2\) must equal the"
+                     r" mesh's tp=1"):
+    model.forward(packed, _tokens(), CONFIG, options=options, kernels="xla",
+                  mesh=sharding.make_mesh(1))
+
+
 # --- Sharded, in a subprocess with 3 CPU devices ---------------------------
 
 
@@ -208,8 +242,15 @@ def _sharded_checks() -> dict:
   # Prefill + 2 decode steps through a sharded cache: simulated W4A4KV4
   # (stacked params, float cache) and packed W4A4KV4 (per-layer params,
   # packed KV4 cache), each against the same run unsharded.
+  # The packed runs quantize o_proj/down_proj inputs per shard on the
+  # mesh; unsharded, `row_groups=2` computes the same groups. Their kernels
+  # run per shard in shard_map: the XLA references, and the Pallas ones in
+  # interpret mode (prefill + 1 decode step: interpreting is slow).
   mesh = sharding.make_mesh(2)
-  for name, packed in (("sim", False), ("packed", True)):
+  for name, packed, kernels, steps in (("sim", False, "xla", 3),
+                                       ("packed", True, "xla", 3),
+                                       ("interpret", True, "interpret", 2)):
+    kernels = kernels_lib.resolve(kernels)
     p, options = _w4a4kv4(params, 2, packed=packed)
     if packed:
       p = run_layout.unstack_layers(p)
@@ -217,10 +258,12 @@ def _sharded_checks() -> dict:
     sp, scache = sharding.shard_params(p, mesh), sharding.shard_cache(
         cache, mesh)
     step, rels = tokens, []
-    for _ in range(3):
-      want, cache = fwd(p, step, CONFIG, cache=cache, options=options)
+    for _ in range(steps):
+      want, cache = _forward_kernels(p, step, CONFIG, cache=cache,
+                                     options=options, kernels=kernels)
       got, scache = sharding.forward(sp, step, CONFIG, mesh=mesh,
-                                     cache=scache, options=options)
+                                     cache=scache, options=options,
+                                     kernels=kernels)
       rels.append(_rel(got, want))
       step = jnp.argmax(want[:, -1:], -1).astype(jnp.int32)
     out[f"{name}_steps"] = rels
@@ -244,6 +287,31 @@ def _sharded_checks() -> dict:
         lambda x, lp, o=options: model.decoder_layer(
             x, lp, config=CONFIG, options=o)[0], x, layer)
 
+  # Packed W4A4KV4 on the mesh, Pallas kernels (interpret): a decode step
+  # of one layer (per-layer params, KV4 cache) and the whole forward.
+  kernels = kernels_lib.resolve("interpret")
+  p, options = _w4a4kv4(params, 2, packed=True)
+  sp = sharding.shard_params(run_layout.unstack_layers(p), mesh)
+  cache = sharding.shard_cache(
+      kv_cache.cache_for(CONFIG, 2, 9, packed=True, per_layer=True), mesh)
+  x = jax.random.normal(jax.random.key(3), (2, 1, CONFIG.hidden_size))
+  out["hlo_packed_layer"] = _collectives(
+      lambda x, lp, kc, vc: model.decoder_layer(
+          x, lp, config=CONFIG, options=options, kernels=kernels,
+          k_cache=kc, v_cache=vc, positions=jnp.zeros((2, 1), jnp.int32),
+          mask=jnp.ones((2, 1, 9), bool), write_at=jnp.int32(0),
+          start=jnp.zeros((2,), jnp.int32), mesh=mesh)[:3],
+      x, sp["layers"][0], cache.k[0], cache.v[0])
+  for t in (6, 1):  # prefill, decode
+    out[f"hlo_packed_forward_t{t}"] = _TYPED_COLLECTIVE.findall(
+        jax.jit(lambda sp, tokens, c: sharding.forward(
+            sp, tokens, CONFIG, mesh=mesh, cache=c, options=options,
+            kernels=kernels)).lower(sp, tokens[:, :t], cache)
+        .compile().as_text())
+  out["packed_forward_pallas"] = "pallas_call" in str(jax.make_jaxpr(
+      lambda sp, c: model.forward(sp, tokens[:, :1], CONFIG, cache=c,
+                                  options=options, kernels=kernels,
+                                  mesh=mesh))(sp, cache))
   out["seconds_hlo"] = time.perf_counter() - start
 
   # generate takes sharded params as they are (and does not fuse q/k/v,
@@ -258,14 +326,16 @@ def _sharded_checks() -> dict:
       for p in (params, sharding.shard_params(params, mesh))]
 
   # generate(mesh=...) places the params and a head-sharded cache itself:
-  # the tokens of one device (float; packed W4A4KV4 with the XLA kernels).
+  # the tokens of one device (float; packed W4A4KV4: unsharded with the
+  # XLA kernels, on the mesh with the Pallas ones per shard).
   out["generate_mesh"] = generation.generate_tokens(
       params, CONFIG, prompts, max_new_tokens=3, eos_ids=[], mesh=mesh)
   p, options = _w4a4kv4(params, 2, packed=True)
   out["generate_packed"] = [
       generation.generate_tokens(p, CONFIG, prompts, max_new_tokens=3,
-                                 eos_ids=[], options=options, kernels="xla",
-                                 mesh=m) for m in (None, mesh)]
+                                 eos_ids=[], options=options, kernels=k,
+                                 mesh=m)
+      for k, m in (("xla", None), ("interpret", mesh))]
   sp = sharding.shard_params(params, mesh)
   place = generation._place_on_mesh  # pylint: disable=protected-access
   placed = place(sp, CONFIG, mesh)
@@ -373,9 +443,10 @@ def test_sharded_float_logits(sharded, tp):
   assert sharded[f"float_tp{tp}"] <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["sim", "packed"])
+@pytest.mark.parametrize("name", ["sim", "packed", "interpret"])
 def test_sharded_w4a4kv4_prefill_and_decode(sharded, name):
   assert all(r <= 1e-5 for r in sharded[f"{name}_steps"]), sharded
+  assert len(sharded[f"{name}_steps"]) == (2 if name == "interpret" else 3)
   # The new cache stays split by kv heads: 6 heads, 3 per device.
   assert sharded[f"{name}_cache_kept"]
   assert sharded[f"{name}_cache_shard"] == (
@@ -389,6 +460,24 @@ def test_layer_collectives_are_two_all_reduces(sharded):
   assert sharded["hlo_block"] == ["all-reduce", "all-reduce"]
   # A full-width online Hadamard spans the shards and moves data.
   assert set(sharded["hlo_full"]) - {"all-reduce"}, sharded["hlo_full"]
+
+
+def test_packed_kernels_run_per_shard(sharded):
+  # Packed W4A4KV4 decode layer with the Pallas kernels in shard_map: the
+  # psums of o_proj and down_proj, nothing else (no weight, no KV4 cache
+  # moves).
+  assert sharded["hlo_packed_layer"] == ["all-reduce", "all-reduce"]
+  assert sharded["packed_forward_pallas"]
+  for t in (6, 1):
+    hlo = sharded[f"hlo_packed_forward_t{t}"]
+    # No uint8 collective: no packed weight or KV4 code moves.
+    assert not [c for c in hlo if c[0].startswith("u8")], hlo
+    # Per layer (1 here) the two psums [B, T, D]; the vocabulary-sharded
+    # embedding lookup adds one all-reduce [B, T, D] and the replicated
+    # logits of the tied head one all-gather of the embedding [D, V].
+    assert sorted(hlo) == sorted(
+        [[f"f32[2,{t},64]", "all-reduce"]] * 3
+        + [["f32[64,96]", "all-gather"]]), hlo
 
 
 def test_generate_on_sharded_params(sharded):

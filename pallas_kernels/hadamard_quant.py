@@ -240,6 +240,18 @@ def quantize_kernel(x_ref, q_ref, s_ref, *, ap: int, packed: bool,
   # x_ref: [rows, a, r]; q_ref: uint8[rows, a, r // 2] (packed) or
   # int8[rows, a, r]; s_ref: f32[rows]. ap = a rounded up to a power of
   # two, its padded rows masked.
+  y, mask = load_rows(x_ref, ap)
+  store_quantized_rows(y, q_ref, s_ref, packed=packed, clip_ratio=clip_ratio,
+                       mask=mask)
+
+
+def load_rows(x_ref, ap: int):
+  """In a kernel: a block of rows [rows, a, r] as f32[rows, ap, r].
+
+  Returns:
+    (y, mask): y with the padded rows a..ap zero; mask(width) the store mask
+    of the real [a] of [ap] (None when ap == a).
+  """
   n_rows, a, r = x_ref.shape
   valid = None
   if ap != a:
@@ -248,8 +260,7 @@ def quantize_kernel(x_ref, q_ref, s_ref, *, ap: int, packed: bool,
                         jnp.broadcast_to(valid, (n_rows, ap, width)))
   masked = {} if valid is None else dict(mask=mask(r), other=0)
   y = plgpu.load(x_ref.at[:, pl.ds(0, ap), :], **masked).astype(jnp.float32)
-  store_quantized_rows(y, q_ref, s_ref, packed=packed, clip_ratio=clip_ratio,
-                       mask=mask)
+  return y, mask
 
 
 def store_quantized_rows(y: jax.Array, q_ref, s_ref, *, packed: bool,

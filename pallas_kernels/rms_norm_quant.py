@@ -94,16 +94,11 @@ def rms_norm_quant_kernel(x_ref, w_ref, q_ref, s_ref, *, rows: int, ap: int,
   n_rows, a, r = x_ref.shape
   dtype = x_ref.dtype
   mul = _mul(exact)
-  valid = None
-  if ap != a:
-    valid = (jnp.arange(ap) < a)[None, :, None]
-  mask = lambda width: (None if valid is None else
-                        jnp.broadcast_to(valid, (n_rows, ap, width)))
-  masked = {} if valid is None else dict(mask=mask(r), other=0)
-  x = plgpu.load(x_ref.at[:, pl.ds(0, ap), :], **masked).astype(jnp.float32)
+  x, mask = hq_lib.load_rows(x_ref, ap)
   w = plgpu.load(w_ref.at[pl.ds(0, ap), :],
-                 **({} if valid is None else dict(
-                     mask=jnp.broadcast_to(valid[0], (ap, r)), other=0)))
+                 **({} if ap == a else dict(
+                     mask=jnp.broadcast_to((jnp.arange(ap) < a)[:, None],
+                                           (ap, r)), other=0)))
   first = pl.program_id(0) * n_rows
   real = (first + jnp.arange(n_rows)) < rows  # [rows_per_program]
   x = jnp.where(real[:, None, None], x, 0.0)

@@ -5,7 +5,10 @@ Compiles one decode step (`model.forward` on one new token, per-layer
 params and cache as `generate` runs them) of a LLaMA preset cut to a few
 layers, and prints each launched HLO instruction's kind and the source
 line in its metadata, counted per layer. The optimized HLO goes to
-`--out_dir` for reading.
+`--out_dir` for reading. With `--profile_steps=N` it also traces N decode
+steps (the benchmark's `fori_loop`, same layers) and prints, per step, the
+GPU's busy and idle time and the kernels that took it
+(`experiments/lab/kernel_profile.py`): whether bytes or launches bind.
 
 Usage on the GPU:
   bash experiments/device/run.sh py experiments.decode_step_kernels \
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.lab import decode_speed
+from experiments.lab import kernel_profile
 from experiments.lab import speed
 from quarot_jax import kv_cache
 from quarot_jax import model
@@ -34,6 +38,8 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded.")
 _CACHED = flags.DEFINE_integer("cached", 1024, "Cache slots.")
 _KERNELS = flags.DEFINE_string("kernels", "auto", "kernels= setting.")
 _OUT = flags.DEFINE_string("out_dir", "/tmp", "Where the HLO text goes.")
+_PROFILE = flags.DEFINE_integer(
+    "profile_steps", 0, "Decode steps traced on the device (0: none).")
 
 def main(argv):
   del argv
@@ -62,6 +68,21 @@ def main(argv):
     for (kind, where), n in sorted(collections.Counter(kernels).items(),
                                    key=lambda kv: kv[0][1]):
       print(f"  {n / _LAYERS.value:5.1f}/layer  {kind:<12} {where}")
+    if _PROFILE.value:
+      _profile(label, params, cache, tok, config, opts)
+
+
+def _profile(label, params, cache, tok, config, options):
+  """Prints where `--profile_steps` decode steps spend the GPU's time."""
+  steps = _PROFILE.value
+  fn = decode_speed.decode_fn(config, steps, options, _KERNELS.value)
+  tok, cache = jax.block_until_ready(fn(params, cache, tok))  # compiles
+  events = kernel_profile.trace_kernels(fn, params, cache, tok)
+  if not events:
+    print(f"{label}: no device kernels traced (not a GPU?)")
+    return
+  print(f"{label}: per decode step ({steps} traced, {_LAYERS.value} layers)")
+  print(kernel_profile.table(kernel_profile.summarize(events, steps)))
 
 
 if __name__ == "__main__":

@@ -25,14 +25,14 @@ sum_k x² may differ in the last f32 bit; the products are `mul.rn.f32`
 (inline PTX) so that no product is contracted into an FMA with the
 following add, which XLA's own kernels do not do either.
 
-Status on the GPU (H200, jax 0.11.2, 2026-11-30): not yet usable. At one
-row it took ~222 us a call against ~66 us for the jnp reference (both with
-the Python dispatch), which made a 7B decode step at batch 1 take 18.3 ms,
-and its by-hand GPU test gives -8 codes for an all-zero row (0 wanted);
-at 16 rows the model ran it without a visible loss. The model therefore
-runs it only under `Kernels(rms_norm_quant='pallas')` (CI: 'interpret').
-Suspects: the inline-PTX products on broadcast operands, and one program
-for a single row.
+Status on the GPU (H200, jax 0.11.2): on 2026-11-30 one row per program
+took ~210 us (kernel time from a trace, K = 4096; 666 us at K = 11008)
+against 4.4 us at two rows, with or without the inline PTX, which made a
+7B decode step at batch 1 take 18.3 ms; and padding rows came out as -8
+codes when eps = 0 (0 * rsqrt(0) is NaN). Both are changed (two-step sum
+on the GPU; padding zeroed after the norm); the model runs the kernel only
+under `Kernels(rms_norm_quant='pallas')` (CI: 'interpret') until a
+measurement shows the change works.
 
 Backend: the Pallas Triton lowering, a block of rows per program, each row
 viewed as [a, r] like `hadamard_quant.quantize_kernel` (interpret mode on
@@ -103,15 +103,24 @@ def rms_norm_quant_kernel(x_ref, w_ref, q_ref, s_ref, *, rows: int, ap: int,
   real = (first + jnp.arange(n_rows)) < rows  # [rows_per_program]
   x = jnp.where(real[:, None, None], x, 0.0)
   # layers.rms_norm: mean(x²) (XLA: sum * f32(1 / K)), rsqrt, two casts.
-  # [rows_per_program]: one sum over the row (padding last, adds zeros).
-  ss = jnp.sum(mul(x, x).reshape(n_rows, ap * r), axis=1)
+  # [rows_per_program]: the sum over the row (padding adds zeros). On the
+  # GPU in two steps, as the absmax of `store_quantized_rows`: one sum over
+  # the row flattened took ~210 us at one row per program (K = 4096, H200;
+  # 4.4 us at two rows). Interpreted, one sum: XLA's order, bit-exact.
+  sq = mul(x, x)
+  ss = (jnp.sum(jnp.sum(sq, axis=2), axis=1) if exact
+        else jnp.sum(sq.reshape(n_rows, ap * r), axis=1))
   inv_k = jnp.full(ss.shape, np.float32(1) / np.float32(x_ref.shape[1] * r),
                    jnp.float32)
   inv = jax.lax.rsqrt(mul(ss, inv_k) + eps)
   normed = mul(x, jnp.broadcast_to(inv[:, None, None], x.shape))
   normed = normed.astype(dtype).astype(jnp.float32)
   y = mul(jnp.broadcast_to(w.astype(jnp.float32)[None], x.shape), normed)
-  y = y.astype(dtype).astype(jnp.float32)
+  # Padding rows are zero after the norm too, as the reference pads its
+  # output: with eps = 0 their 0 * rsqrt(0) is NaN, whose clip is -8 on a
+  # GPU (0 on a CPU, where XLA converts NaN to 0).
+  y = jnp.where(real[:, None, None], y.astype(dtype).astype(jnp.float32),
+                0.0)
   hq_lib.store_quantized_rows(y, q_ref, s_ref, packed=packed,
                               clip_ratio=clip_ratio, mask=mask)
 

@@ -59,10 +59,7 @@ class Kernels:
     rms_norm_quant: 'pallas' fuses a decode step's RMS pre-norm into the
       per-token quantizer of the q/k/v and gate/up inputs
       (`pallas_kernels.rms_norm_quant`, one launch instead of three), 'xla'
-      normalizes first. 'xla' in every GPU setting for now: measured on an
-      H200 the kernel took ~170 us at one row (7B decode at batch 1: 18.3
-      ms/token instead of ~5) and its all-zero-row GPU test fails; only
-      'interpret' turns it on (CI tests the wiring).
+      normalizes first. 'pallas' in every GPU setting and 'interpret'.
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -184,6 +181,7 @@ def _resolve_ops(kernels: "str | None") -> Kernels:
                        w4a16="pallas", hadamard_quant="pallas",
                        kv4_attention="pallas",
                        decode_matmul="mosaic" if hopper else "triton",
+                       rms_norm_quant="pallas",
                        attention="cudnn" if _cuda() else "xla")
     logging.info("kernels='auto' resolved to %s", choice)
     return choice
@@ -194,4 +192,5 @@ def _resolve_ops(kernels: "str | None") -> Kernels:
     raise ValueError("kernels='mosaic' needs a Hopper GPU (sm_90)")
   return Kernels(w4a4=setting, w4a16="pallas", hadamard_quant="pallas",
                  kv4_attention="pallas", decode_matmul=setting,
+                 rms_norm_quant="pallas",
                  attention="cudnn" if _cuda() else "xla")

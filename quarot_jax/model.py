@@ -42,6 +42,7 @@ gate/up linears are one `self_attn/qkv_proj` and one `mlp/gate_up_proj`.
 from collections.abc import Mapping
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import jax
@@ -114,6 +115,22 @@ def _hadamard(x: jax.Array, blocks: int = 1) -> jax.Array:
   # In f32 (and back): rounding stays a property of the quantizers.
   return hadamard.block_hadamard_transform(x.astype(jnp.float32),
                                            blocks).astype(x.dtype)
+
+
+def _head_hadamard(x: jax.Array) -> jax.Array:
+  """x @ H_h / sqrt(h) on the last axis (a head) as one dense f32 matmul.
+
+  Not the butterfly of `hadamard.fast_hadamard_transform`: XLA fuses its
+  log2(h) slice/stack stages into one loop whose every output recomputes
+  the whole tree, which took 53 us a layer for q and k of one 7B decode
+  token on an H200 (`decode_step_kernels --profile_steps`); the matmul is
+  one small GEMM. Same map up to f32 rounding.
+  """
+  h = x.shape[-1]
+  signs = jnp.asarray(hadamard.hadamard_matrix(h), jnp.float32)  # ±1
+  y = jnp.einsum("...i,ij->...j", x.astype(jnp.float32), signs,
+                 precision=jax.lax.Precision.HIGHEST)
+  return (y * jnp.float32(1.0 / math.sqrt(h))).astype(x.dtype)
 
 
 def _linear(x: jax.Array, p: Params, options: RunOptions, *,
@@ -338,7 +355,7 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   q = layers.apply_rope(q, positions, inv_freq)
   k = layers.apply_rope(k, positions, inv_freq)
   if options.qk_had:
-    q, k = _hadamard(q), _hadamard(k)
+    q, k = _head_hadamard(q), _head_hadamard(k)
   if isinstance(k_cache, kv4_lib.KV4):
     attend_packed = lambda q, k, v, kc, vc, write_at, start, mask: (
         _packed_cache_attention(q, k, v, kc, vc, write_at, start, mask,

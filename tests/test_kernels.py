@@ -23,9 +23,9 @@ def _pretend(monkeypatch, *, gpu: bool, hopper: bool = False,
 
 
 def _pallas(w4a4, *, gpu=True, **kw):
-  # rms_norm_quant stays 'xla' in GPU settings (slow at one row, kernels.py).
   return kernels.Kernels(w4a4=w4a4, w4a16="pallas", hadamard_quant="pallas",
                          kv4_attention="pallas", decode_matmul=w4a4,
+                         rms_norm_quant="pallas",
                          layer_loop="unrolled" if gpu else "scan", **kw)
 
 
@@ -41,7 +41,7 @@ def test_interpret_runs_every_triton_kernel_in_interpret_mode(monkeypatch):
   for gpu in (False, True):
     _pretend(monkeypatch, gpu=gpu, hopper=gpu)
     assert kernels.resolve("interpret") == _pallas(
-        "triton", gpu=gpu, interpret=True, rms_norm_quant="pallas")
+        "triton", gpu=gpu, interpret=True)
 
 
 @pytest.mark.parametrize("setting", ["mosaic", "triton"])

@@ -122,7 +122,7 @@ def launched(hlo_text: str) -> list[tuple[str, str]]:
   return out
 
 
-def _decode_fn(config: LlamaConfig, new_tokens: int, options, kernels):
+def decode_fn(config: LlamaConfig, new_tokens: int, options, kernels):
   """Jitted `new_tokens` greedy decode steps; the cache is donated and
   rewound, so repeated calls decode after the same prefill."""
   def steps(params, cache, tok):
@@ -176,7 +176,7 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
         per_layer=True), kc, cached)
     launches[label] = _step_launches(params, cache, tok, config, opts,
                                      kernels)
-    total, cache = _time(_decode_fn(config, new_tokens, opts, kernels),
+    total, cache = _time(decode_fn(config, new_tokens, opts, kernels),
                          params, cache, tok)
     ms[label] = total / new_tokens
     # Bytes one step must read: all weights (embeddings: one row) + cache.

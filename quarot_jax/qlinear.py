@@ -232,14 +232,16 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     x2 = layers.rms_norm(x2, norm[0], eps=norm[1])
   float_x = a_spec is None or not a_spec.enabled  # W4A16
   rows = None
-  if (ps and all(map(decode, ps)) and not fuse_norm
-      and not (float_x and x2.dtype != jnp.bfloat16)):
+  mp = m
+  if ps and all(map(decode, ps)):
+    mp = decode_lib.padded_rows(m, kernels.decode_matmul)
+  if mp > m and fuse_norm:  # rms_norm_quant writes the padding rows
+    rows = m
+  elif mp > m and not (float_x and x2.dtype != jnp.bfloat16):
     # The rows decode_matmul computes, padded here in the input's dtype: XLA
     # fuses the pad into the op that produced x (a norm, SwiGLU), where
     # decode_matmul's own pad of the codes would be one more launch.
-    mp = decode_lib.padded_rows(m, kernels.decode_matmul)
-    if mp > m:
-      rows, x2 = m, jnp.pad(x2, ((0, mp - m), (0, 0)))
+    rows, x2 = m, jnp.pad(x2, ((0, mp - m), (0, 0)))
   run_decode = functools.partial(
       decode_lib.decode_matmul, out_dtype=x.dtype, rows=rows,
       implementation=kernels.decode_matmul, interpret=kernels.interpret)
@@ -262,10 +264,10 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     # The Mosaic matmuls read int8 codes from shared memory faster than
     # packed ones (BENCHMARKS.md), and decode_matmul takes only int8 codes;
     # the Triton prefill kernel takes packed codes.
-    if fuse_norm:  # int8 codes, as decode_matmul takes
+    if fuse_norm:  # int8 codes, as decode_matmul takes, padded to its Mp
       x_q, s_x = rq_lib.rms_norm_quant(
           x2, norm[0], eps=norm[1], clip_ratio=a_spec.clip_ratio,
-          implementation="pallas", interpret=kernels.interpret)
+          out_rows=mp, implementation="pallas", interpret=kernels.interpret)
     else:
       x_q, s_x = hq_lib.hadamard_quant(
           x2, hadamard_base(k) if online_hadamard else None,

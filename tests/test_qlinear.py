@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import decode_matmul
 from quarot_jax import hadamard
 from quarot_jax import kernels
 from quarot_jax import layers
@@ -129,6 +130,17 @@ def test_linears_with_a_pre_norm_are_the_norm_then_linears(a_bits, m, fused):
       x, ps, a_spec=a_spec, online_hadamard=False, kernels=k, norm=norm)
   jaxpr = str(jax.make_jaxpr(lambda: run(x, interpret, (w, 1e-5)))())
   assert ("rms_norm_quant" in jaxpr) == fused
+  if fused:  # its codes come padded to decode_matmul's rows: no pad launch
+    seen = []
+    real = decode_matmul.decode_matmul
+    def spy(x, *args, rows=None, **kw):
+      seen.append((x.shape[0], rows))
+      return real(x, *args, rows=rows, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(decode_matmul, "decode_matmul", spy)
+      run(x, interpret, (w, 1e-5))
+    mp_rows = decode_matmul.padded_rows(m, interpret.decode_matmul)
+    assert mp_rows > m and seen == [(mp_rows, m)] * len(ps), seen
   normed = layers.rms_norm(x, w, eps=1e-5)
   for k in (interpret, kernels.XLA):
     got, want = run(x, k, (w, 1e-5)), run(normed, k)

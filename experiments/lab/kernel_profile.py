@@ -66,7 +66,9 @@ def summarize(events: list[KernelEvent], calls: int = 1) -> dict[str, Any]:
 
   Returns:
     {'span_us', 'busy_us', 'idle_us', 'busy_fraction', 'kernels',
-    'by_name': [(name, count, µs), ...] largest first}, all per call.
+    'by_name': [(name, count, µs), ...] largest first, 'idle_before':
+    [(name, µs), ...] the idle time just before each name's kernels (the
+    launches the GPU waited for), largest first}, all per call.
 
   Raises:
     ValueError: no events, or calls < 1.
@@ -78,16 +80,24 @@ def summarize(events: list[KernelEvent], calls: int = 1) -> dict[str, Any]:
   span = (max(e.start_ns + e.duration_ns for e in events)
           - min(e.start_ns for e in events))
   busy = busy_ns(events)
-  by = {}
-  for e in events:
+  by, waits = {}, {}
+  end = None
+  for e in sorted(events, key=lambda e: e.start_ns):
     n, t = by.get(e.name, (0, 0.0))
     by[e.name] = (n + 1, t + e.duration_ns)
+    if end is not None and e.start_ns > end:  # the GPU waited for this one
+      waits[e.name] = waits.get(e.name, 0.0) + e.start_ns - end
+    stop = e.start_ns + e.duration_ns
+    end = stop if end is None else max(end, stop)
+  per_call = lambda d: sorted(((k, v / calls / 1e3) for k, v in d.items()),
+                              key=lambda x: -x[1])
   by_name = sorted(((k, n / calls, t / calls / 1e3)
                     for k, (n, t) in by.items()), key=lambda x: -x[2])
   return {"span_us": span / calls / 1e3, "busy_us": busy / calls / 1e3,
           "idle_us": (span - busy) / calls / 1e3,
           "busy_fraction": busy / span if span else 0.0,
-          "kernels": len(events) / calls, "by_name": by_name}
+          "kernels": len(events) / calls, "by_name": by_name,
+          "idle_before": per_call(waits)}
 
 
 def trace_kernels(fn: Callable[..., Any], *args,
@@ -111,4 +121,7 @@ def table(summary: dict[str, Any], top: int = 12) -> str:
            f" {summary['idle_us']:8.1f} us  {summary['kernels']:.0f} kernels"]
   for name, n, us in summary["by_name"][:top]:
     lines.append(f"    {us:8.1f} us  {n:6.1f}x  {name[:70]}")
+  lines.append("  idle just before:")
+  for name, us in summary["idle_before"][:top // 2]:
+    lines.append(f"    {us:8.1f} us  {name[:70]}")
   return "\n".join(lines)

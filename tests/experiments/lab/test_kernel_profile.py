@@ -30,6 +30,8 @@ def test_summarize_per_call():
   assert s["span_us"] == 15 and s["busy_us"] == 7 and s["idle_us"] == 8
   assert s["kernels"] == 2
   assert s["by_name"] == [("k2", 1, 5), ("k1", 1, 2)]
+  # Idle before k2: 3 µs twice; before the second k1: 10 µs.
+  assert s["idle_before"] == [("k1", 5), ("k2", 3)]
   assert abs(s["busy_fraction"] - 14 / 30) < 1e-12
   assert "k2" in kp.table(s)
 

@@ -1,4 +1,4 @@
-r"""Perplexity of QuaRot-quantized models on enwiki-gensim or code-sympy.
+r"""Perplexity of QuaRot-quantized models on enwiki-gensim and/or code-sympy.
 
 One config:
   python -m experiments.accuracy --w_bits=4 --a_bits=4 --k_bits=4 --v_bits=4 \
@@ -6,12 +6,16 @@ One config:
 The paper's table (each config with and without rotation):
   python -m experiments.accuracy --sweep=paper
 Learned rotations (issue 16: W4A4KV4 and W4A16 GPTQ, each objective, then
-the Hadamard rows), e.g. on the first 32 windows:
+the Hadamard rows), e.g. on the first 32 windows of both texts (each config
+quantized and its rotations learned once, then scored on each text):
   python -m experiments.accuracy --sweep=learned --max_windows=32 \
-      --objectives=e2e,qerror --rotation_steps=100 --rotation_lr=1e-3
+      --objectives=e2e,qerror --rotation_steps=100 --rotation_lr=1e-3 \
+      --eval_texts=enwiki-gensim,code-sympy
 
-Appends one JSON record per config to --out_jsonl and writes a Markdown
-table to --out_md. The quantization flags come from `quarot_jax.cli_flags`.
+--eval_text scores one text (default enwiki-gensim); --eval_texts several.
+Calibration windows always come from enwiki-gensim. Appends one JSON record
+per (config, text) to --out_jsonl and writes a Markdown table to --out_md.
+The quantization flags come from `quarot_jax.cli_flags`.
 """
 
 import shlex
@@ -27,6 +31,7 @@ from experiments.lab import models
 from experiments.lab import paper
 from experiments.lab import results
 from quarot_jax import cli_flags
+from quarot_jax import data
 from quarot_jax import learned_rotation
 from quarot_jax import quarot
 from quarot_jax import sweep
@@ -40,6 +45,17 @@ _SEQLEN = flags.DEFINE_integer("seqlen", 2048, "Window length.")
 _MAX_WINDOWS = flags.DEFINE_integer(
     "max_windows", None, "Evaluate the first N windows (default: all).")
 _EVAL_TEXT = cli_flags.define_eval_text_flag()
+_EVAL_TEXTS = flags.DEFINE_list(
+    "eval_texts", None,
+    f"Score every quantized model on each of these texts (of {data.TEXTS}),"
+    " quantizing (and learning rotations) once per config: one record per"
+    " config and text. Default: --eval_text alone.")
+flags.register_validator(
+    "eval_texts",
+    lambda texts: texts is None or (
+        bool(texts) and set(texts) <= set(data.TEXTS)
+        and len(set(texts)) == len(texts)),
+    f"--eval_texts must list distinct names of {data.TEXTS}")
 _SWEEP = flags.DEFINE_enum(
     "sweep", None, ["paper", "learned"],
     "Run a preset list of configs instead of one: the paper's table, or"
@@ -78,9 +94,18 @@ def _configs(config) -> list[QuaRotConfig]:
       {k: h.value for k, h in _QUANT.items()})]
 
 
+def _texts() -> list[str]:
+  if _EVAL_TEXTS.value is None:
+    return [_EVAL_TEXT.value]
+  if flags.FLAGS["eval_text"].present:
+    raise app.UsageError("give --eval_text or --eval_texts, not both")
+  return _EVAL_TEXTS.value
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  texts = _texts()
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   params, config, tokenizer, name = models.load_model(_MODEL.value)
@@ -88,14 +113,13 @@ def main(argv):
     configs = _configs(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  evals, calib = sweep.windows(
-      tokenizer, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,
-      eval_text=_EVAL_TEXT.value, nsamples=_QUANT["nsamples"].value if any(
+  evals, calib = sweep.text_windows(
+      tokenizer, texts, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,
+      nsamples=_QUANT["nsamples"].value if any(
           (c.w_method == "gptq" and c.w_bits < 16)
           or quarot.rotation_key(c) is not None for c in configs) else 0)
   records = sweep.run_sweep(
-      params, config, configs, evals, calib_windows=calib,
-      eval_text=_EVAL_TEXT.value, model_name=name,
+      params, config, configs, evals, calib_windows=calib, model_name=name,
       command=shlex.join(["python", "-m", "experiments.accuracy"]
                          + sys.argv[1:]),
       on_record=lambda r: benchmarking.append_jsonl(_OUT_JSONL.value, [r]),

@@ -1,15 +1,16 @@
 """Accuracy sweeps: the windows they score and the loop that scores configs.
 
 `windows` cuts a text of `data.TEXTS` (enwiki-gensim, code-sympy) into
-evaluation and calibration windows; `run_sweep` quantizes a model once per
-`QuaRotConfig` and returns one perplexity record per config. Writing the
+evaluation and calibration windows (`text_windows`: several texts);
+`run_sweep` quantizes a model once per `QuaRotConfig`, evaluates it on each
+text and returns one perplexity record per (config, text). Writing the
 records (JSONL, Markdown, CSV) and the paper's list of configs are lab code
 (`experiments/lab/`).
 """
 
 import datetime
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,11 +43,50 @@ def group_size_for(config: Any, preferred: int = 128) -> int:
   return g
 
 
+def text_windows(tokenizer: Any, texts: Sequence[str], *, seqlen: int,
+                 max_windows: int | None, nsamples: int,
+                 calib_text: str = data.EVAL_TEXT_NAME
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+  """Evaluation windows of several texts and (if nsamples) calibration ones.
+
+  Args:
+    tokenizer: the model's tokenizer.
+    texts: the texts scored, each one of `data.TEXTS`, no repeats.
+    seqlen: tokens per window.
+    max_windows: keep the first N evaluation windows of each text (None:
+      all).
+    nsamples: calibration windows (0: none).
+    calib_text: the text calibrated on (enwiki-gensim, as in the paper,
+      whatever the evaluation texts).
+
+  Returns:
+    ({text: int32[n_text, seqlen] evaluation windows} in the order of
+    `texts`, int32[nsamples, seqlen] calibration windows or None); the
+    mapping is what `run_sweep` takes to score each config on each text.
+
+  Raises:
+    ValueError: no text, a repeated text, or an unknown one.
+  """
+  texts = list(texts)
+  if not texts:
+    raise ValueError(f"{texts=} must name at least one of {data.TEXTS}")
+  repeated = sorted({t for t in texts if texts.count(t) > 1})
+  if repeated:
+    raise ValueError(f"{texts=} repeats {repeated}")
+  evals = {text: data.eval_windows(tokenizer, seqlen=seqlen,
+                                   max_windows=max_windows, text=text)
+           for text in texts}
+  calib = (data.calibration_windows(tokenizer, nsamples=nsamples,
+                                    seqlen=seqlen, text=calib_text)
+           if nsamples else None)
+  return evals, calib
+
+
 def windows(tokenizer: Any, *, seqlen: int, max_windows: int | None,
             nsamples: int, eval_text: str = data.EVAL_TEXT_NAME,
             calib_text: str = data.EVAL_TEXT_NAME
             ) -> tuple[np.ndarray, np.ndarray | None]:
-  """Evaluation windows and (if nsamples) calibration ones.
+  """Evaluation windows of one text and (if nsamples) calibration ones.
 
   Args:
     tokenizer: the model's tokenizer.
@@ -61,12 +101,10 @@ def windows(tokenizer: Any, *, seqlen: int, max_windows: int | None,
     (int32[n, seqlen] evaluation windows, int32[nsamples, seqlen]
     calibration windows or None).
   """
-  evals = data.eval_windows(tokenizer, seqlen=seqlen, max_windows=max_windows,
-                            text=eval_text)
-  calib = (data.calibration_windows(tokenizer, nsamples=nsamples,
-                                    seqlen=seqlen, text=calib_text)
-           if nsamples else None)
-  return evals, calib
+  evals, calib = text_windows(tokenizer, [eval_text], seqlen=seqlen,
+                              max_windows=max_windows, nsamples=nsamples,
+                              calib_text=calib_text)
+  return evals[eval_text], calib
 
 
 def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
@@ -98,46 +136,66 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
 
 
 def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
-              eval_windows: np.ndarray, *,
+              eval_windows: np.ndarray | Mapping[str, np.ndarray], *,
               calib_windows: np.ndarray | None = None,
-              eval_text: str = data.EVAL_TEXT_NAME, model_name: str = "",
+              eval_text: str | None = None, model_name: str = "",
               command: str = "",
               on_record: Callable[[dict[str, Any]], None] | None = None,
               batch_size: int = 4, progress: bool = True) -> list[dict]:
-  """Quantizes and evaluates each config, the float baseline first.
+  """Quantizes each config once and evaluates it on each text.
+
+  The float baseline runs first.
 
   Args:
     params: float params of the model.
     config: its `LlamaConfig`.
     configs: what to run; an all-16-bit unrotated config gives fp_ppl, and
       one is run first if absent.
-    eval_windows: int32[n, seqlen] evaluation windows.
+    eval_windows: int32[n, seqlen] evaluation windows of `eval_text`, or
+      {text name: int32[n_text, seqlen_text] windows} (`text_windows`) to
+      score every quantized model on each text in turn.
     calib_windows: int32[m, seqlen] calibration windows (GPTQ configs and
       learned rotations; configs with the same `quarot.rotation_key` learn
       once and share the rotations).
-    eval_text: name of the evaluation corpus, stored in each record.
+    eval_text: name of the text of an array `eval_windows` (default
+      enwiki-gensim), stored in each record; None with a mapping, whose
+      keys name the texts.
     model_name: stored in each record.
     command: the command line that produced the run, stored in each record.
-    on_record: called with each record as soon as its config finishes (a
-      long sweep can append it to a file).
+    on_record: called with each record as soon as it is scored (a long
+      sweep can append it to a file).
     batch_size: windows per forward.
     progress: show progress bars.
 
   Returns:
-    One record per config: its label, bits, method, rotation (learned ones
-    with `rotation_objective`, `rotation_steps`, `rotation_lr` and
-    `rotation_s`, the seconds spent learning them), `ppl`, `fp_ppl`,
-    `delta_ppl`, window counts, `wall_s`, date and command.
+    One record per (config, text), config-major in the order run, texts in
+    the order given: its label, bits, method, rotation (learned ones with
+    `rotation_objective`, `rotation_steps`, `rotation_lr` and `rotation_s`,
+    the seconds spent learning them), `eval_text`, `ppl`, and `fp_ppl` and
+    `delta_ppl` against the float model on the same text, window counts,
+    `wall_s` (quantizing, learning included, plus this text's evaluation;
+    the quantization is shared by a config's records), date and command.
+
+  Raises:
+    ValueError: `eval_text` given with a mapping, or an empty mapping.
   """
+  if isinstance(eval_windows, Mapping):
+    if eval_text is not None:
+      raise ValueError(f"{eval_text=} must be None when eval_windows maps"
+                       f" texts to windows ({list(eval_windows)})")
+    texts = dict(eval_windows)
+    if not texts:
+      raise ValueError("eval_windows maps no evaluation text")
+  else:
+    texts = {eval_text or data.EVAL_TEXT_NAME: eval_windows}
   fp_config = QuaRotConfig(rotate=False, **_FP)
   configs = list(configs)
   if fp_config in configs:
     configs.remove(fp_config)
   configs.insert(0, fp_config)
-  seqlen = eval_windows.shape[1]
   nsamples = 0 if calib_windows is None else calib_windows.shape[0]
   records = []
-  fp_ppl = None
+  fp_ppl = {}  # text -> float model's perplexity
   learned = {}  # rotation_key -> (rotations, seconds spent learning)
   for qconfig in configs:
     start = time.time()
@@ -150,20 +208,23 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     qparams, options = quarot.quantize(params, config, qconfig,
                                        calib_windows, rotations=rotations,
                                        progress=progress)
-    result = evaluate.perplexity(qparams, config, eval_windows,
-                                 options=options, batch_size=batch_size,
-                                 progress=progress)
-    if fp_ppl is None:
-      fp_ppl = result["ppl"]
-    record = _record(qconfig, result, fp_ppl, wall_s=time.time() - start,
-                     seqlen=seqlen, nsamples=nsamples, eval_text=eval_text,
-                     model_name=model_name, command=command,
-                     rotation_s=rotation_s)
-    records.append(record)
-    if progress:
-      print(f"{record['label']:<32} ppl {record['ppl']:.3f}"
-            f" ({record['delta_ppl']:+.3f})  {record['wall_s']} s",
-            flush=True)
-    if on_record is not None:
-      on_record(record)
+    quantize_s = time.time() - start
+    for text, windows_ in texts.items():
+      eval_start = time.time()
+      result = evaluate.perplexity(qparams, config, windows_,
+                                   options=options, batch_size=batch_size,
+                                   progress=progress)
+      fp_ppl.setdefault(text, result["ppl"])
+      record = _record(
+          qconfig, result, fp_ppl[text],
+          wall_s=quantize_s + time.time() - eval_start,
+          seqlen=windows_.shape[1], nsamples=nsamples, eval_text=text,
+          model_name=model_name, command=command, rotation_s=rotation_s)
+      records.append(record)
+      if progress:
+        print(f"{record['label']:<32} {text:<14} ppl {record['ppl']:.3f}"
+              f" ({record['delta_ppl']:+.3f})  {record['wall_s']} s",
+              flush=True)
+      if on_record is not None:
+        on_record(record)
   return records

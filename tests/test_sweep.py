@@ -4,6 +4,8 @@ import dataclasses
 
 import pytest
 
+from quarot_jax import data
+from quarot_jax import evaluate
 from quarot_jax import hf
 from quarot_jax import quarot
 from quarot_jax import sweep
@@ -72,3 +74,77 @@ def test_sweep_learns_once_per_rotation_key(tiny, monkeypatch):
     assert r["nsamples"] == 2
   assert records[0]["rotation_objective"] is None
   assert records[0]["rotation_s"] is None
+
+
+def test_sweep_scores_each_config_on_each_text_learning_once(
+    tiny, monkeypatch):
+  params, config = tiny
+  texts = {"enwiki-gensim": hf_models.random_tokens(config.vocab_size, 3, 16,
+                                                    seed=7),
+           "code-sympy": hf_models.random_tokens(config.vocab_size, 2, 16,
+                                                 seed=8)}
+  learns, quantizes = [], []
+  learn, quantize = quarot.learn_rotations, quarot.quantize
+  monkeypatch.setattr(quarot, "learn_rotations",
+                      lambda *a, **k: learns.append(1) or learn(*a, **k))
+  monkeypatch.setattr(quarot, "quantize",
+                      lambda *a, **k: quantizes.append(1) or quantize(*a, **k))
+  whip = quarot.QuaRotConfig(rotate_mode="learned", rotation_steps=2,
+                             k_bits=8, v_bits=8)
+  seen = []
+  records = sweep.run_sweep(
+      params, config, [whip], texts, calib_windows=texts["enwiki-gensim"],
+      on_record=seen.append, batch_size=2, progress=False)
+  assert len(learns) == 1 and len(quantizes) == 2  # float, whip: once each
+  assert seen == records
+  assert [(r["label"], r["eval_text"]) for r in records] == [
+      ("W16A16KV16 norot", "enwiki-gensim"), ("W16A16KV16 norot", "code-sympy"),
+      ("W16A16KV8 rot-learned-whip2", "enwiki-gensim"),
+      ("W16A16KV8 rot-learned-whip2", "code-sympy")]
+  fp = {r["eval_text"]: r["ppl"] for r in records[:2]}
+  assert fp["code-sympy"] == pytest.approx(evaluate.perplexity(
+      params, config, texts["code-sympy"], batch_size=2,
+      progress=False)["ppl"], rel=1e-6)
+  assert fp["enwiki-gensim"] != fp["code-sympy"]
+  for r in records:
+    assert r["fp_ppl"] == fp[r["eval_text"]]
+    assert r["delta_ppl"] == r["ppl"] - fp[r["eval_text"]]
+  assert [r["eval_tokens"] for r in records[2:]] == [3 * 15, 2 * 15]
+  assert records[2]["rotation_s"] == records[3]["rotation_s"] > 0
+  assert records[2]["nsamples"] == records[3]["nsamples"] == 3
+  with pytest.raises(ValueError, match="eval_text"):
+    sweep.run_sweep(params, config, [], texts, eval_text="code-sympy",
+                    progress=False)
+  with pytest.raises(ValueError, match="no evaluation"):
+    sweep.run_sweep(params, config, [], {}, progress=False)
+
+
+class _ByteTokenizer:
+  """One token per byte."""
+
+  def __call__(self, text, add_special_tokens=True):
+    del add_special_tokens
+    return {"input_ids": list(text.encode("utf-8"))}
+
+
+def test_text_windows_score_each_text_and_calibrate_on_enwiki(monkeypatch):
+  docs = {"enwiki-gensim": (["e" * 40], ["E" * 40]),  # (calibration, test)
+          "code-sympy": (["c" * 40], ["C" * 40])}
+  monkeypatch.setattr(data, "text_split", docs.__getitem__)
+  evals, calib = sweep.text_windows(
+      _ByteTokenizer(), ["code-sympy", "enwiki-gensim"], seqlen=8,
+      max_windows=2, nsamples=3)
+  assert list(evals) == ["code-sympy", "enwiki-gensim"]
+  assert (evals["code-sympy"] == ord("C")).all()
+  assert (evals["enwiki-gensim"] == ord("E")).all()
+  assert evals["code-sympy"].shape == (2, 8)
+  assert calib.shape == (3, 8) and (calib == ord("e")).all()
+  one, none = sweep.windows(_ByteTokenizer(), seqlen=8, max_windows=None,
+                            nsamples=0, eval_text="code-sympy")
+  assert one.shape == (5, 8) and (one == ord("C")).all() and none is None
+  with pytest.raises(ValueError, match="code-sympy"):
+    sweep.text_windows(_ByteTokenizer(), ["code-sympy", "code-sympy"],
+                       seqlen=8, max_windows=2, nsamples=0)
+  with pytest.raises(ValueError, match="at least one"):
+    sweep.text_windows(_ByteTokenizer(), [], seqlen=8, max_windows=2,
+                       nsamples=0)

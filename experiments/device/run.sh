@@ -23,7 +23,10 @@
 #   bench-kernels            every kernel benchmark with its default shapes.
 #   bench-model [ARGS]       experiments.bench_model (LLaMA shapes, random
 #                            weights: needs no staged model).
-#   accuracy [ARGS]          experiments.accuracy on the staged SmolLM2.
+#   accuracy [ARGS]          experiments.accuracy on the staged SmolLM2
+#                            (--eval_texts=enwiki-gensim,code-sympy: both
+#                            texts, one quantization per config; code-sympy
+#                            needs the sympy wheel from .carry/cache).
 #   real-vs-simulated [ARGS] experiments.real_vs_simulated on SmolLM2.
 #   plot-activations [ARGS]  experiments.plot_activations on SmolLM2.
 #   py MODULE [ARGS]         python -m MODULE with the same environment.

@@ -11,22 +11,26 @@ from typing import Any, Sequence
 
 
 def markdown_table(records: Sequence[dict]) -> str:
-  """One row per record: bits, method, rotation, ppl, Δ vs fp, wall time."""
-  lines = ["| config | W | A | K | V | method | group | rotation | ppl |"
-           " Δ vs fp | wall s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  """One row per record: text, bits, method, rotation, ppl, Δ vs fp, wall s.
+
+  Δ vs fp is against the float model on the row's text.
+  """
+  lines = ["| config | text | W | A | K | V | method | group | rotation |"
+           " ppl | Δ vs fp | wall s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in records:
     lines.append(
-        f"| {r['label']} | {r['w_bits']} | {r['a_bits']} | {r['k_bits']} |"
+        f"| {r['label']} | {r.get('eval_text') or '-'} | {r['w_bits']} |"
+        f" {r['a_bits']} | {r['k_bits']} |"
         f" {r['v_bits']} | {r['w_method']} | {r['groupsize'] or '-'} |"
         f" {r['rotate_mode'] if r['rotate'] else 'none'} |"
         f" {r['ppl']:.3f} | {r['delta_ppl']:+.3f} | {r['wall_s']} |")
   return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ("label", "w_bits", "a_bits", "k_bits", "v_bits", "w_method",
-               "groupsize", "rotate", "rotate_mode", "ppl", "fp_ppl",
-               "delta_ppl", "eval_windows", "eval_tokens", "wall_s")
+CSV_COLUMNS = ("label", "eval_text", "w_bits", "a_bits", "k_bits", "v_bits",
+               "w_method", "groupsize", "rotate", "rotate_mode", "ppl",
+               "fp_ppl", "delta_ppl", "eval_windows", "eval_tokens", "wall_s")
 
 
 def write_csv(path: str, records: Sequence[dict]) -> None:
@@ -47,19 +51,19 @@ def write_tables(out_md: str, records: Sequence[dict]) -> None:
 
 
 def latest_records(path: str) -> list[dict]:
-  """Records of a JSONL results file, the latest one per config label.
+  """Records of a JSONL results file, the latest per (label, eval_text).
 
-  Rows follow the order in which labels first appear.
+  Rows follow the order in which (label, text) pairs first appear.
   """
-  latest: dict[str, dict] = {}
+  latest: dict[tuple[str, str | None], dict] = {}
   with open(path) as f:
     for line in f:
       if line.strip():
         record = json.loads(line)
-        latest[record["label"]] = record
+        latest[record["label"], record.get("eval_text")] = record
   return list(latest.values())
 
 
 def table_from_jsonl(path: str) -> str:
-  """The Markdown table of a results file, one row per config label."""
+  """The Markdown table of a results file, one row per (label, text)."""
   return markdown_table(latest_records(path))

@@ -20,6 +20,10 @@
 #                            tests/test_packed_model.py); e.g. `-m gpu tests`.
 #   bench NAME [ARGS]        python -m experiments.bench_NAME, JSONL to $OUT
 #                            (e.g. int4_matmul, decode_matmul, attention).
+#                            Tensor parallel (#18, kind nvidia-h200-x2):
+#                            bench tp --models=llama2-70b,llama2-13b
+#                            --tps=2,1 --decode_batches=1,16 --cached=4096
+#                            --time_budget_s=450
 #   bench-kernels            every kernel benchmark with its default shapes.
 #   bench-model [ARGS]       experiments.bench_model (LLaMA shapes, random
 #                            weights: needs no staged model).

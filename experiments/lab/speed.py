@@ -36,6 +36,10 @@ PRESETS = {
         vocab_size=128256, hidden_size=4096, intermediate_size=14336,
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         head_dim=128, rope_theta=500000.0),
+    "llama2-70b": LlamaConfig(
+        vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=128, rms_norm_eps=1e-5),
 }
 W4A4KV4 = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4)
 

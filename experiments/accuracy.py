@@ -12,6 +12,17 @@ quantized and its rotations learned once, then scored on each text):
       --objectives=e2e,qerror --rotation_steps=100 --rotation_lr=1e-3 \
       --eval_texts=enwiki-gensim,code-sympy
 
+Learning and evaluation in two processes (e.g. two device calls of <= 10
+min): the first learns the rotations and saves them, the second (same
+flags and --rotations_dir) loads them instead of learning:
+  python -m experiments.accuracy --sweep=learned ... \
+      --rotations_dir=/root/stage/rotations --learn_only
+  python -m experiments.accuracy --sweep=learned ... \
+      --rotations_dir=/root/stage/rotations
+A rotation is found again for the same config key (objective, steps, lr,
+seed and the bits it sees), model and calibration windows; its records say
+rotation_loaded=true and keep the learning time in rotation_s.
+
 --eval_text scores one text (default enwiki-gensim); --eval_texts several.
 Calibration windows always come from enwiki-gensim. Appends one JSON record
 per (config, text) to --out_jsonl and writes a Markdown table to --out_md.
@@ -74,6 +85,15 @@ _METHODS = flags.DEFINE_enum(
 _PRECISION = flags.DEFINE_enum(
     "matmul_precision", "highest", ["default", "high", "highest"],
     "jax_default_matmul_precision (highest: true f32 on GPUs, no TF32).")
+_ROTATIONS_DIR = flags.DEFINE_string(
+    "rotations_dir", None,
+    "Load learned rotations saved here instead of learning them, and save"
+    " the ones learned (quarot_jax.rotation_cache). Default: learn, save"
+    " nothing.")
+_LEARN_ONLY = flags.DEFINE_bool(
+    "learn_only", False,
+    "Learn (or find) the rotations of the configs in --rotations_dir and"
+    " stop before GPTQ and evaluation.")
 _OUT_JSONL = flags.DEFINE_string("out_jsonl", "results/accuracy_smollm2.jsonl",
                                  "Append records here.")
 _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
@@ -102,9 +122,26 @@ def _texts() -> list[str]:
   return _EVAL_TEXTS.value
 
 
+def _learn_only(params, config, tokenizer, name, configs) -> None:
+  calib = data.calibration_windows(
+      tokenizer, nsamples=_QUANT["nsamples"].value, seqlen=_SEQLEN.value,
+      text=data.EVAL_TEXT_NAME)  # as sweep.text_windows calibrates
+  try:
+    rows = sweep.learn_rotations(params, config, configs, calib,
+                                 rotations_dir=_ROTATIONS_DIR.value,
+                                 model_name=name)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  for row in rows:
+    how = "loaded" if row["rotation_loaded"] else "learned"
+    print(f"{row['label']:<32} {how} ({row['rotation_s']} s) {row['path']}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _LEARN_ONLY.value and _ROTATIONS_DIR.value is None:
+    raise app.UsageError("--learn_only needs --rotations_dir")
   texts = _texts()
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
@@ -113,6 +150,9 @@ def main(argv):
     configs = _configs(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if _LEARN_ONLY.value:
+    _learn_only(params, config, tokenizer, name, configs)
+    return
   evals, calib = sweep.text_windows(
       tokenizer, texts, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,
       nsamples=_QUANT["nsamples"].value if any(
@@ -123,7 +163,7 @@ def main(argv):
       command=shlex.join(["python", "-m", "experiments.accuracy"]
                          + sys.argv[1:]),
       on_record=lambda r: benchmarking.append_jsonl(_OUT_JSONL.value, [r]),
-      batch_size=_BATCH.value)
+      batch_size=_BATCH.value, rotations_dir=_ROTATIONS_DIR.value)
   results.write_tables(_OUT_MD.value, records)
   print(results.markdown_table(records))
 

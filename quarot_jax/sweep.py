@@ -3,7 +3,11 @@
 `windows` cuts a text of `data.TEXTS` (enwiki-gensim, code-sympy) into
 evaluation and calibration windows (`text_windows`: several texts);
 `run_sweep` quantizes a model once per `QuaRotConfig`, evaluates it on each
-text and returns one perplexity record per (config, text). Writing the
+text and returns one perplexity record per (config, text); with a
+`rotations_dir` it loads learned rotations saved there (`rotation_cache`)
+and saves those it learns, and `learn_rotations` learns (or finds) them
+without quantizing, so learning and evaluation can run in separate
+processes. Writing the
 records (JSONL, Markdown, CSV) and the paper's list of configs are lab code
 (`experiments/lab/`).
 """
@@ -17,6 +21,7 @@ import numpy as np
 from quarot_jax import data
 from quarot_jax import evaluate
 from quarot_jax import quarot
+from quarot_jax import rotation_cache
 from quarot_jax.quarot import QuaRotConfig
 
 _FP = dict(w_bits=16, a_bits=16, k_bits=16, v_bits=16)
@@ -110,7 +115,8 @@ def windows(tokenizer: Any, *, seqlen: int, max_windows: int | None,
 def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
             wall_s: float, seqlen: int, nsamples: int, eval_text: str,
             model_name: str, command: str,
-            rotation_s: float | None = None) -> dict[str, Any]:
+            rotation_s: float | None = None,
+            rotation_loaded: bool | None = None) -> dict[str, Any]:
   learned = quarot.rotation_key(qconfig) is not None
   return {
       "model": model_name,
@@ -124,6 +130,7 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
       "rotation_steps": qconfig.rotation_steps if learned else None,
       "rotation_lr": qconfig.rotation_lr if learned else None,
       "rotation_s": None if rotation_s is None else round(rotation_s, 1),
+      "rotation_loaded": rotation_loaded if learned else None,
       "a_clip": qconfig.a_clip, "kv_clip": qconfig.kv_clip,
       "ppl": result["ppl"], "fp_ppl": fp_ppl,
       "delta_ppl": result["ppl"] - fp_ppl,
@@ -141,7 +148,8 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
               eval_text: str | None = None, model_name: str = "",
               command: str = "",
               on_record: Callable[[dict[str, Any]], None] | None = None,
-              batch_size: int = 4, progress: bool = True) -> list[dict]:
+              batch_size: int = 4, progress: bool = True,
+              rotations_dir: str | None = None) -> list[dict]:
   """Quantizes each config once and evaluates it on each text.
 
   The float baseline runs first.
@@ -166,18 +174,23 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
       sweep can append it to a file).
     batch_size: windows per forward.
     progress: show progress bars.
+    rotations_dir: load learned rotations saved here instead of learning
+      them, and save the ones learned (`rotation_cache`); None learns every
+      key and saves nothing.
 
   Returns:
     One record per (config, text), config-major in the order run, texts in
     the order given: its label, bits, method, rotation (learned ones with
-    `rotation_objective`, `rotation_steps`, `rotation_lr` and `rotation_s`,
-    the seconds spent learning them), `eval_text`, `ppl`, and `fp_ppl` and
+    `rotation_objective`, `rotation_steps`, `rotation_lr`, `rotation_s`,
+    the seconds spent learning them, and `rotation_loaded`, true when they
+    came from `rotations_dir`), `eval_text`, `ppl`, and `fp_ppl` and
     `delta_ppl` against the float model on the same text, window counts,
     `wall_s` (quantizing, learning included, plus this text's evaluation;
     the quantization is shared by a config's records), date and command.
 
   Raises:
-    ValueError: `eval_text` given with a mapping, or an empty mapping.
+    ValueError: `eval_text` given with a mapping, an empty mapping, or a
+      saved rotation that does not fit (`rotation_cache.load`).
   """
   if isinstance(eval_windows, Mapping):
     if eval_text is not None:
@@ -196,15 +209,15 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
   nsamples = 0 if calib_windows is None else calib_windows.shape[0]
   records = []
   fp_ppl = {}  # text -> float model's perplexity
-  learned = {}  # rotation_key -> (rotations, seconds spent learning)
+  learned = {}  # rotation_key -> (rotations, seconds learning, loaded)
   for qconfig in configs:
     start = time.time()
     key = quarot.rotation_key(qconfig)
     if key is not None and key not in learned:
-      learned[key] = (quarot.learn_rotations(
-          params, config, qconfig, calib_windows, progress=progress),
-                      time.time() - start)
-    rotations, rotation_s = learned.get(key, (None, None))
+      learned[key] = rotation_cache.learn_or_load(
+          params, config, qconfig, calib_windows, directory=rotations_dir,
+          model_name=model_name, progress=progress)
+    rotations, rotation_s, loaded = learned.get(key, (None, None, None))
     qparams, options = quarot.quantize(params, config, qconfig,
                                        calib_windows, rotations=rotations,
                                        progress=progress)
@@ -219,7 +232,8 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
           qconfig, result, fp_ppl[text],
           wall_s=quantize_s + time.time() - eval_start,
           seqlen=windows_.shape[1], nsamples=nsamples, eval_text=text,
-          model_name=model_name, command=command, rotation_s=rotation_s)
+          model_name=model_name, command=command, rotation_s=rotation_s,
+          rotation_loaded=loaded)
       records.append(record)
       if progress:
         print(f"{record['label']:<32} {text:<14} ppl {record['ppl']:.3f}"
@@ -228,3 +242,52 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
       if on_record is not None:
         on_record(record)
   return records
+
+
+def learn_rotations(params: Any, config: Any,
+                    configs: Sequence[QuaRotConfig],
+                    calib_windows: np.ndarray, *, rotations_dir: str,
+                    model_name: str = "", progress: bool = True
+                    ) -> list[dict[str, Any]]:
+  """Learns (or finds) the rotations of `configs` in `rotations_dir`.
+
+  The first half of a sweep split over two processes: a later `run_sweep`
+  with the same `rotations_dir`, model and calibration windows loads them.
+
+  Args:
+    params: float params of the model.
+    config: its `LlamaConfig`.
+    configs: the sweep's configs; those learning no rotations are skipped,
+      configs sharing a `quarot.rotation_key` learn once.
+    calib_windows: int32[m, seqlen] calibration windows.
+    rotations_dir: where the rotations are saved.
+    model_name: the model's name (part of what identifies a rotation).
+    progress: show progress bars.
+
+  Returns:
+    One row per key, in the order of `configs`: `label` (its first
+    config), `path` (the saved entry), `rotation_s` and `rotation_loaded`.
+
+  Raises:
+    ValueError: no config learns rotations, or a saved one does not fit.
+  """
+  rows, seen = [], set()
+  for qconfig in configs:
+    key = quarot.rotation_key(qconfig)
+    if key is None or key in seen:
+      continue
+    seen.add(key)
+    _, rotation_s, loaded = rotation_cache.learn_or_load(
+        params, config, qconfig, calib_windows, directory=rotations_dir,
+        model_name=model_name, progress=progress)
+    rows.append({"label": qconfig.describe(),
+                 "path": rotation_cache.path_for(
+                     rotations_dir, qconfig, model_name=model_name,
+                     calib_windows=calib_windows),
+                 "rotation_s": round(rotation_s, 1),
+                 "rotation_loaded": loaded})
+  if not rows:
+    raise ValueError(
+        f"none of {[c.describe() for c in configs]} learns rotations"
+        " (rotate_mode='learned')")
+  return rows

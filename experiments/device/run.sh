@@ -31,6 +31,10 @@
 #                            (--eval_texts=enwiki-gensim,code-sympy: both
 #                            texts, one quantization per config; code-sympy
 #                            needs the sympy wheel from .carry/cache).
+#                            Learn in one call, evaluate in the next:
+#                            accuracy --sweep=learned ... --learn_only
+#                            --rotations_dir=/root/stage/rotations, then
+#                            the same flags without --learn_only.
 #   real-vs-simulated [ARGS] experiments.real_vs_simulated on SmolLM2.
 #   plot-activations [ARGS]  experiments.plot_activations on SmolLM2.
 #   py MODULE [ARGS]         python -m MODULE with the same environment.

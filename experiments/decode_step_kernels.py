@@ -38,6 +38,8 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded.")
 _CACHED = flags.DEFINE_integer("cached", 1024, "Cache slots.")
 _KERNELS = flags.DEFINE_string("kernels", "auto", "kernels= setting.")
 _OUT = flags.DEFINE_string("out_dir", "/tmp", "Where the HLO text goes.")
+_WHICH = flags.DEFINE_multi_enum(
+    "which", ["bf16", "w4a4kv4"], ["bf16", "w4a4kv4"], "Models compiled.")
 _PROFILE = flags.DEFINE_integer(
     "profile_steps", 0, "Decode steps traced on the device (0: none).")
 
@@ -52,6 +54,8 @@ def main(argv):
       ("bf16", fparams, False, model.FLOAT),
       ("w4a4kv4", speed.packed_like(fparams, key), True,
        speed.W4A4KV4.run_options(config.head_dim))):
+    if label not in _WHICH.value:
+      continue
     params = run_layout.unstack_layers(params, fuse=True)  # as generate
     cache = kv_cache.cache_for(config, _BATCH.value, _CACHED.value,
                                dtype=jnp.bfloat16, packed=packed,

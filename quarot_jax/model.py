@@ -124,12 +124,16 @@ def _head_hadamard(x: jax.Array) -> jax.Array:
   log2(h) slice/stack stages into one loop whose every output recomputes
   the whole tree, which took 53 us a layer for q and k of one 7B decode
   token on an H200 (`decode_step_kernels --profile_steps`); the matmul is
-  one small GEMM. Same map up to f32 rounding.
+  one small GEMM. Same map up to f32 rounding. The ±1 matrix is exact in
+  any float dtype, so the GEMM reads x as it is (products exact, sums in
+  f32): no conversion kernel before it (there were two a layer).
   """
   h = x.shape[-1]
-  signs = jnp.asarray(hadamard.hadamard_matrix(h), jnp.float32)  # ±1
-  y = jnp.einsum("...i,ij->...j", x.astype(jnp.float32), signs,
-                 precision=jax.lax.Precision.HIGHEST)
+  signs = jnp.asarray(hadamard.hadamard_matrix(h), x.dtype)  # ±1
+  exact = x.dtype == jnp.float32  # 16-bit products are exact as they are
+  y = jnp.einsum("...i,ij->...j", x, signs,
+                 precision=jax.lax.Precision.HIGHEST if exact else None,
+                 preferred_element_type=jnp.float32)
   return (y * jnp.float32(1.0 / math.sqrt(h))).astype(x.dtype)
 
 

@@ -145,14 +145,15 @@ def _step_launches(params, cache, tok, config, options, kernels):
   return launch_count(one.lower(params, cache, tok).compile().as_text())
 
 
-def _time(fn, params, cache, tok) -> tuple[float, Any]:
+def _time(fn, params, cache, tok) -> tuple[float, float, Any]:
+  """(median ms of 3 calls, s of the first call (compile + one run), the
+  cache)."""
   runs = []
   for i in range(4):
     begin = time.perf_counter()
     tok, cache = jax.block_until_ready(fn(params, cache, tok))
-    if i:  # the first call compiles
-      runs.append((time.perf_counter() - begin) * 1e3)
-  return float(np.median(runs)), cache
+    runs.append(time.perf_counter() - begin)
+  return float(np.median(runs[1:])) * 1e3, runs[0], cache
 
 
 def decode_throughput(config: LlamaConfig, name: str, batch: int,
@@ -166,7 +167,7 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
   options = speed.W4A4KV4.run_options(config.head_dim)
   tok = jax.random.randint(kt, (batch, 1), 0, config.vocab_size, jnp.int32)
   slots = cached + new_tokens
-  ms, launches, nbytes = {}, {}, {}
+  ms, launches, nbytes, first_s = {}, {}, {}, {}
   for label, params, packed, opts in (
       ("bf16_model", fparams, False, model.FLOAT),
       ("w4a4kv4_model", qparams, True, options)):
@@ -176,8 +177,8 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
         per_layer=True), kc, cached)
     launches[label] = _step_launches(params, cache, tok, config, opts,
                                      kernels)
-    total, cache = _time(decode_fn(config, new_tokens, opts, kernels),
-                         params, cache, tok)
+    total, first_s[label], cache = _time(
+        decode_fn(config, new_tokens, opts, kernels), params, cache, tok)
     ms[label] = total / new_tokens
     # Bytes one step must read: all weights (embeddings: one row) + cache.
     emb = params["embed_tokens"]["embedding"]
@@ -196,7 +197,10 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
       ours_ms_per_token={k: round(v, 4) for k, v in ms.items()},
       weight_floor_ms={k: round(v, 4) for k, v in floor.items()},
       bytes_per_step={k: int(v) for k, v in nbytes.items()},
-      launches_per_step=launches)
+      launches_per_step=launches,
+      # The first call of the jitted decode loop: compiling it (layers
+      # unrolled) plus one run of `new_tokens` steps.
+      first_call_s={k: round(v, 2) for k, v in first_s.items()})
   # The anchor's speedup over each of our models (and, from `record`, over
   # the W4A4KV4 model as `plain_jax_bf16`).
   rec["speedup"].update({k: round(anchor / v, 3) for k, v in ms.items()})

@@ -42,6 +42,8 @@ def test_decode_throughput_record():
     assert value > 0
     assert r["speedup"][name] == pytest.approx(anchor / value, rel=1e-2)
     assert r["launches_per_step"][name]["total"] > 0
+    # The first call compiles: slower than a timed one.
+    assert r["first_call_s"][name] * 1e3 > value * 4
     floor = r["bytes_per_step"][name] / decode_speed.HBM_BYTES_PER_S * 1e3
     assert r["floor_fraction"][name] == pytest.approx(floor / value,
                                                       rel=1e-2, abs=1e-3)

@@ -118,7 +118,7 @@ def _hadamard(x: jax.Array, blocks: int = 1) -> jax.Array:
 
 
 def _head_hadamard(x: jax.Array) -> jax.Array:
-  """x @ H_h / sqrt(h) on the last axis (a head) as one dense f32 matmul.
+  """x @ H_h / sqrt(h) on the last axis (a head) as one dense matmul.
 
   Not the butterfly of `hadamard.fast_hadamard_transform`: XLA fuses its
   log2(h) slice/stack stages into one loop whose every output recomputes

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.lab import benchmarking
+from experiments.lab import kernel_profile
 from experiments.lab import plain_jax_decode
 from experiments.lab import speed
 from quarot_jax import kv_cache
@@ -156,6 +157,25 @@ def _time(fn, params, cache, tok) -> tuple[float, float, Any]:
   return float(np.median(runs[1:])) * 1e3, runs[0], cache
 
 
+def _profile(fn, params, cache, tok, steps: int) -> dict[str, Any] | None:
+  """One more call of the decode loop under a profiler trace, per step:
+  span, busy and idle µs, kernels, the 8 costliest kernel names and the 5
+  the GPU waited longest before (`kernel_profile`); None without a GPU.
+  The cache is donated, as in the timed calls."""
+  events = kernel_profile.trace_kernels(fn, params, cache, tok)
+  if not events:
+    return None
+  s = kernel_profile.summarize(events, steps)
+  return {"span_us": round(s["span_us"], 1), "busy_us": round(s["busy_us"], 1),
+          "idle_us": round(s["idle_us"], 1),
+          "busy_fraction": round(s["busy_fraction"], 3),
+          "kernels": round(s["kernels"], 1),
+          "top_us": [[n, round(c, 2), round(us, 1)]
+                     for n, c, us in s["by_name"][:8]],
+          "idle_before_us": [[n, round(us, 1)]
+                             for n, us in s["idle_before"][:5]]}
+
+
 def decode_throughput(config: LlamaConfig, name: str, batch: int,
                       cached: int, new_tokens: int, *, command: str,
                       key: jax.Array, kernels=None) -> list[dict[str, Any]]:
@@ -167,7 +187,7 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
   options = speed.W4A4KV4.run_options(config.head_dim)
   tok = jax.random.randint(kt, (batch, 1), 0, config.vocab_size, jnp.int32)
   slots = cached + new_tokens
-  ms, launches, nbytes, first_s = {}, {}, {}, {}
+  ms, launches, nbytes, first_s, profiles = {}, {}, {}, {}, {}
   for label, params, packed, opts in (
       ("bf16_model", fparams, False, model.FLOAT),
       ("w4a4kv4_model", qparams, True, options)):
@@ -177,9 +197,10 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
         per_layer=True), kc, cached)
     launches[label] = _step_launches(params, cache, tok, config, opts,
                                      kernels)
-    total, first_s[label], cache = _time(
-        decode_fn(config, new_tokens, opts, kernels), params, cache, tok)
+    fn = decode_fn(config, new_tokens, opts, kernels)
+    total, first_s[label], cache = _time(fn, params, cache, tok)
     ms[label] = total / new_tokens
+    profiles[label] = _profile(fn, params, cache, tok, new_tokens)
     # Bytes one step must read: all weights (embeddings: one row) + cache.
     emb = params["embed_tokens"]["embedding"]
     nbytes[label] = (speed.nbytes(params) - speed.nbytes(emb)
@@ -200,7 +221,8 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
       launches_per_step=launches,
       # The first call of the jitted decode loop: compiling it (layers
       # unrolled) plus one run of `new_tokens` steps.
-      first_call_s={k: round(v, 2) for k, v in first_s.items()})
+      first_call_s={k: round(v, 2) for k, v in first_s.items()},
+      profile_per_step=profiles)
   # The anchor's speedup over each of our models (and, from `record`, over
   # the W4A4KV4 model as `plain_jax_bf16`).
   rec["speedup"].update({k: round(anchor / v, 3) for k, v in ms.items()})

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments.lab import decode_speed
+from experiments.lab import kernel_profile
 from quarot_jax.config import LlamaConfig
 
 _TINY = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
@@ -47,6 +48,8 @@ def test_decode_throughput_record():
     floor = r["bytes_per_step"][name] / decode_speed.HBM_BYTES_PER_S * 1e3
     assert r["floor_fraction"][name] == pytest.approx(floor / value,
                                                       rel=1e-2, abs=1e-3)
+  # No GPU, no trace: the profile is None (the GPU case below).
+  assert r["profile_per_step"] == {"bf16_model": None, "w4a4kv4_model": None}
   # The packed model reads fewer bytes than the bf16 one.
   assert r["bytes_per_step"]["w4a4kv4_model"] < r["bytes_per_step"][
       "bf16_model"]
@@ -66,3 +69,19 @@ def test_launched_names_kinds_and_source_lines():
   line = inspect.getsourcelines(f)[1] + 1
   assert any(f"test_decode_speed.py:{line}" in where
              for _, where in kernels), kernels
+
+
+def test_profile_per_step_from_a_trace(monkeypatch):
+  # Two steps of (a 2 µs, gap 3 µs, b 5 µs), 10 µs apart: per step 15 µs
+  # span, 7 busy, 8 idle; b waited 3 µs, a 5 µs (between the steps).
+  ev = lambda name, start, dur: kernel_profile.KernelEvent(
+      name=name, start_ns=start, duration_ns=dur)
+  events = [ev("a", 0, 2000), ev("b", 5000, 5000), ev("a", 20000, 2000),
+            ev("b", 25000, 5000)]
+  monkeypatch.setattr(kernel_profile, "trace_kernels",
+                      lambda fn, *args: events)
+  got = decode_speed._profile(None, None, None, None, steps=2)
+  assert got == {"span_us": 15.0, "busy_us": 7.0, "idle_us": 8.0,
+                 "busy_fraction": round(14 / 30, 3), "kernels": 2.0,
+                 "top_us": [["b", 1.0, 5.0], ["a", 1.0, 2.0]],
+                 "idle_before_us": [["a", 5.0], ["b", 3.0]]}

@@ -161,8 +161,12 @@ def _profile(fn, params, cache, tok, steps: int) -> dict[str, Any] | None:
   """One more call of the decode loop under a profiler trace, per step:
   span, busy and idle µs, kernels, the 8 costliest kernel names and the 5
   the GPU waited longest before (`kernel_profile`); None without a GPU.
-  The cache is donated, as in the timed calls."""
-  events = kernel_profile.trace_kernels(fn, params, cache, tok)
+  The cache is donated, as in the timed calls. A tracing failure is
+  recorded as {'error': ...}: it must not lose the timed record."""
+  try:
+    events = kernel_profile.trace_kernels(fn, params, cache, tok)
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
   if not events:
     return None
   s = kernel_profile.summarize(events, steps)

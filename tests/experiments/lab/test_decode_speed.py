@@ -85,3 +85,11 @@ def test_profile_per_step_from_a_trace(monkeypatch):
                  "busy_fraction": round(14 / 30, 3), "kernels": 2.0,
                  "top_us": [["b", 1.0, 5.0], ["a", 1.0, 2.0]],
                  "idle_before_us": [["a", 5.0], ["b", 3.0]]}
+
+
+def test_a_failing_trace_is_recorded_not_raised(monkeypatch):
+  def fail(fn, *args):
+    raise RuntimeError("no CUPTI")
+  monkeypatch.setattr(kernel_profile, "trace_kernels", fail)
+  assert decode_speed._profile(None, None, None, None, steps=2) == {
+      "error": "RuntimeError: no CUPTI"}

@@ -204,14 +204,14 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
     fn = decode_fn(config, new_tokens, opts, kernels)
     total, first_s[label], cache = _time(fn, params, cache, tok)
     ms[label] = total / new_tokens
-    profiles[label] = _profile(fn, params, cache, tok, new_tokens)
     # Bytes one step must read: all weights (embeddings: one row) + cache.
     emb = params["embed_tokens"]["embedding"]
     nbytes[label] = (speed.nbytes(params) - speed.nbytes(emb)
                      + emb.shape[1] * emb.dtype.itemsize * batch
                      + speed.nbytes((cache.k, cache.v)) * (
                          cached + new_tokens / 2) / slots)
-    del params, cache
+    profiles[label] = _profile(fn, params, cache, tok, new_tokens)  # last:
+    del params, cache  # it donates the cache
   anchor = plain_jax_decode.decode_ms_per_token(config, batch, cached,
                                                 key=ka)
   floor = {k: v / HBM_BYTES_PER_S * 1e3 for k, v in nbytes.items()}

@@ -25,14 +25,13 @@ sum_k x² may differ in the last f32 bit; the products are `mul.rn.f32`
 (inline PTX) so that no product is contracted into an FMA with the
 following add, which XLA's own kernels do not do either.
 
-Status on the GPU (H200, jax 0.11.2): on 2026-11-30 one row per program
-took ~210 us (kernel time from a trace, K = 4096; 666 us at K = 11008)
-against 4.4 us at two rows, with or without the inline PTX, which made a
-7B decode step at batch 1 take 18.3 ms; and padding rows came out as -8
-codes when eps = 0 (0 * rsqrt(0) is NaN). Both are changed (two-step sum
-on the GPU; padding zeroed after the norm); the model runs the kernel only
-under `Kernels(rms_norm_quant='pallas')` (CI: 'interpret') until a
-measurement shows the change works.
+Measured on the GPU (H200, jax 0.11.2, kernel time from a trace): with a
+one-step sum over the flattened row, one row per program took ~210 us (K =
+4096; 666 us at 11008) against 4.4 us at two rows, and padding rows came
+out as -8 codes when eps = 0 (0 * rsqrt(0) is NaN). With the two-step sum
+and padding zeroed after the norm (2026-12-01): 2.4 us at one row (2.8
+with 16 output rows; 6.2 at K = 11008), its GPU tests pass, and every GPU
+setting of `Kernels` runs it (CI: 'interpret').
 
 Backend: the Pallas Triton lowering, a block of rows per program, each row
 viewed as [a, r] like `hadamard_quant.quantize_kernel` (interpret mode on

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from quarot_jax import hadamard
 from quarot_jax import hf
 from quarot_jax import kv_cache
 from quarot_jax import model
@@ -244,3 +245,25 @@ def test_fused_decode_step_runs_four_matmuls_a_layer():
     dots[fuse] = str(jaxpr).count("dot_general")
   # 7 -> 4 linears in each of the 2 layers.
   assert dots[False] - dots[True] == 3 * config.num_hidden_layers
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 2e-6),
+                                         (jnp.bfloat16, 1e-2)])
+def test_head_hadamard_is_the_fast_transform(dtype, rtol):
+  # The Q/K rotation as one dense matmul is the butterfly's map (up to
+  # rounding) and keeps norms: q·k is unchanged when both are rotated.
+  kq, kk = jax.random.split(jax.random.key(7))
+  q = (3.0 * jax.random.normal(kq, (2, 3, 4, 64))).astype(dtype)
+  k = (3.0 * jax.random.normal(kk, (2, 3, 4, 64))).astype(dtype)
+  got = model._head_hadamard(q)
+  assert got.dtype == dtype and got.shape == q.shape
+  want = hadamard.fast_hadamard_transform(q)
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), rtol=rtol,
+                             atol=rtol)
+  f32 = lambda x: np.asarray(x, np.float64)
+  dots = (f32(q) * f32(k)).sum(-1)
+  rotated = (f32(model._head_hadamard(q)) * f32(model._head_hadamard(k))
+             ).sum(-1)
+  np.testing.assert_allclose(rotated, dots, rtol=rtol * 10,
+                             atol=rtol * 10 * np.abs(dots).max())

@@ -74,10 +74,10 @@ def _cases():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for name in _MODELS.value:
-    if name not in speed.PRESETS:
-      raise app.UsageError(f"--models: {name!r} is not one of"
-                           f" {sorted(speed.PRESETS)}")
+  try:
+    speed.check_presets(_MODELS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   command = shlex.join(["python", "-m", "experiments.bench_model"]
                        + sys.argv[1:])
   for bench, fn, kwargs in list(_cases()):

@@ -51,10 +51,10 @@ _BUDGET = flags.DEFINE_float(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for name in _MODELS.value:
-    if name not in speed.PRESETS:
-      raise app.UsageError(f"--models: {name!r} is not one of"
-                           f" {sorted(speed.PRESETS)}")
+  try:
+    speed.check_presets(_MODELS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   ints = lambda values: tuple(int(v) for v in values)
   try:
     case = tp_speed.Case(

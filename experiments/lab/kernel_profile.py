@@ -57,6 +57,16 @@ def busy_ns(events: list[KernelEvent]) -> float:
   return total
 
 
+def check_events(events: list[KernelEvent], count: int,
+                 name: str = "calls") -> None:
+  """Raises ValueError for no events, or a count (of calls, steps) < 1
+  named `name` in the message."""
+  if not events:
+    raise ValueError("no device kernels in the trace (run on a GPU)")
+  if count < 1:
+    raise ValueError(f"{name}={count} must be >= 1")
+
+
 def summarize(events: list[KernelEvent], calls: int = 1) -> dict[str, Any]:
   """Per call: span, busy and idle µs, kernel count, and time by name.
 
@@ -73,10 +83,7 @@ def summarize(events: list[KernelEvent], calls: int = 1) -> dict[str, Any]:
   Raises:
     ValueError: no events, or calls < 1.
   """
-  if not events:
-    raise ValueError("no device kernels in the trace (run on a GPU)")
-  if calls < 1:
-    raise ValueError(f"{calls=} must be >= 1")
+  check_events(events, calls)
   span = (max(e.start_ns + e.duration_ns for e in events)
           - min(e.start_ns for e in events))
   busy = busy_ns(events)

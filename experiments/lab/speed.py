@@ -44,6 +44,14 @@ PRESETS = {
 W4A4KV4 = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4)
 
 
+def check_presets(names: list[str]) -> None:
+  """Raises ValueError naming the first of `names` not in `PRESETS`."""
+  for name in names:
+    if name not in PRESETS:
+      raise ValueError(f"--models: {name!r} is not one of"
+                       f" {sorted(PRESETS)}")
+
+
 def packed_like(params: Any, key: jax.Array) -> Any:
   """Random packed int4 linears in place of the float kernels.
 

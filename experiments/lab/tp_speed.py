@@ -340,10 +340,7 @@ def allreduce_share(events: list[kernel_profile.KernelEvent],
   Raises:
     ValueError: no events, or steps < 1.
   """
-  if not events:
-    raise ValueError("no device kernels in the trace (run on a GPU)")
-  if steps < 1:
-    raise ValueError(f"{steps=} must be >= 1")
+  kernel_profile.check_events(events, steps, "steps")
   reduce = [e for e in events if ALL_REDUCE.search(e.name)]
   busy = kernel_profile.busy_ns(events)
   reduce_busy = kernel_profile.busy_ns(reduce)

@@ -106,3 +106,9 @@ def test_preset_names():
   name = speed._name  # pylint: disable=protected-access
   assert name(cfg) == "llama3-8b"
   assert name(_TINY) == "d64-f128-n4-k2"
+
+
+def test_check_presets_names_the_unknown_model():
+  speed.check_presets(["llama2-7b"])
+  with pytest.raises(ValueError, match="--models: 'llama9' is not one of"):
+    speed.check_presets(["llama2-7b", "llama9"])

@@ -176,8 +176,11 @@ def _round_half_even(v: jax.Array) -> jax.Array:
 
 
 def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
-                          use_left: bool, norm: float, clip_ratio: float):
-  """A few rows: transform, absmax, codes, packed bytes (or int8 codes)."""
+                          use_left: bool, norm: float, clip_ratio: float,
+                          rows: int):
+  """A few rows: transform, absmax, codes, packed bytes (or int8 codes).
+  Rows at or past `rows` (the padding up to `out_rows`) quantize zeros:
+  codes 0, scale 1."""
   # x_ref: [rows, a, r]; left_ref: [ap, ap]; r0_ref, r1_ref: [rp, rp // 2],
   # the even and odd columns of R (packed) or its first and second halves;
   # q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, 2, r // 2] (the
@@ -197,11 +200,12 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
   scales = jnp.zeros((n_rows,), jnp.float32)
+  real = pl.program_id(0) * n_rows < rows  # a program's rows: all or none
   for i in range(n_rows):
     row = jnp.int32(i)  # interpret mode's load/store reject a Python int
     x = plgpu.load(x_ref.at[row, pl.ds(0, ap), pl.ds(0, rp)],
                    mask=valid & (jnp.arange(rp)[None, :] < r), other=0)
-    x = x.astype(dt)
+    x = jnp.where(real, x, 0).astype(dt)
     halves = [dot(x, right) for right in rights]  # f32 [ap, rp // 2]
     if use_left:
       if dt == jnp.float32:
@@ -234,13 +238,15 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
 
 
 def quantize_kernel(x_ref, q_ref, s_ref, *, ap: int, packed: bool,
-                    clip_ratio: float):
+                    clip_ratio: float, rows: int):
   """Quantize only: a block of rows, no dots; the pack splits each row's
   codes into even and odd elements in registers (reshape + unstack)."""
   # x_ref: [rows, a, r]; q_ref: uint8[rows, a, r // 2] (packed) or
   # int8[rows, a, r]; s_ref: f32[rows]. ap = a rounded up to a power of
-  # two, its padded rows masked.
+  # two, its padded rows masked. Programs at or past `rows` (the padding
+  # up to `out_rows`) quantize zeros: codes 0, scale 1.
   y, mask = load_rows(x_ref, ap)
+  y = jnp.where(pl.program_id(0) * x_ref.shape[0] < rows, y, 0.0)
   store_quantized_rows(y, q_ref, s_ref, packed=packed, clip_ratio=clip_ratio,
                        mask=mask)
 
@@ -290,9 +296,18 @@ def store_quantized_rows(y: jax.Array, q_ref, s_ref, *, packed: bool,
   s_ref[...] = scale
 
 
+def _grid_rows(rows: int, out_rows: int, most: int) -> tuple[int, int]:
+  """(rows per program, the last program that reads x): every program's
+  rows are all real or all padding; padding programs re-read the last real
+  block (then zero it)."""
+  per_program = math.gcd(rows, out_rows, most) if rows else 1
+  return per_program, max(rows // per_program - 1, 0)
+
+
 def _quantize_only(x: jax.Array, clip_ratio: float, packed: bool,
                    cfg: HadamardQuantConfig, interpret: bool,
-                   debug: bool) -> tuple[jax.Array, jax.Array]:
+                   debug: bool, out_rows: int
+                   ) -> tuple[jax.Array, jax.Array]:
   """`hadamard_quant` without a Hadamard, with `quantize_kernel`."""
   k = x.shape[-1]
   lead = x.shape[:-1]
@@ -300,31 +315,44 @@ def _quantize_only(x: jax.Array, clip_ratio: float, packed: bool,
   ap = _pow2(a)
   x3 = x.reshape(-1, a, r)
   rows = x3.shape[0]
-  per_program = math.gcd(rows, max(1, cfg.block_elements // (ap * r))
-                         ) if rows else 1
+  per_program, last = _grid_rows(
+      rows, out_rows, max(1, cfg.block_elements // (ap * r)))
   q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else ((a, r),
                                                                 jnp.int8)
   kernel = functools.partial(quantize_kernel, ap=ap, packed=packed,
-                             clip_ratio=clip_ratio)
+                             clip_ratio=clip_ratio, rows=rows)
   x_q, s_x = pl.pallas_call(
       kernel,
-      grid=(rows // per_program,),
-      in_specs=[pl.BlockSpec((per_program, a, r), lambda i: (i, 0, 0))],
+      grid=(out_rows // per_program,),
+      in_specs=[pl.BlockSpec((per_program, a, r),
+                             lambda i: (jnp.minimum(i, last), 0, 0))],
       out_specs=[pl.BlockSpec((per_program, *q_block), lambda i: (i, 0, 0)),
                  pl.BlockSpec((per_program,), lambda i: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((rows, *q_block), q_dtype),
-                 jax.ShapeDtypeStruct((rows,), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((out_rows, *q_block), q_dtype),
+                 jax.ShapeDtypeStruct((out_rows,), jnp.float32)],
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="hadamard_quant_no_transform",
   )(x3)
+  return _shaped(x_q, s_x, lead, rows, out_rows)
+
+
+def _shaped(x_q: jax.Array, s_x: jax.Array, lead: tuple[int, ...],
+            rows: int, out_rows: int) -> tuple[jax.Array, jax.Array]:
+  """The kernels' [out_rows, ...] outputs in x's leading shape (or
+  [out_rows, ...] when padded)."""
+  if out_rows != rows:
+    return x_q.reshape(out_rows, -1), s_x
   return x_q.reshape(*lead, -1), s_x.reshape(lead)
 
 
 def _check(x: jax.Array, hadamard_base: jax.Array | None, clip_ratio: float,
-           bits: int) -> int | None:
+           bits: int, out_rows: int | None = None) -> int | None:
   """Argument checks; returns the base order m (None: no Hadamard)."""
   k = x.shape[-1]
+  if out_rows is not None and (x.ndim != 2 or out_rows < x.shape[0]):
+    raise ValueError(f"{out_rows=} needs x of shape [M, K] with M <="
+                     f" out_rows, got {x.shape}")
   if bits != 4:
     raise NotImplementedError(f"hadamard_quant packs int4 only, got {bits=}")
   if k % 2:
@@ -342,11 +370,11 @@ def _check(x: jax.Array, hadamard_base: jax.Array | None, clip_ratio: float,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "clip_ratio", "bits", "packed", "config", "interpret", "debug",
-    "implementation"))
+    "clip_ratio", "bits", "packed", "out_rows", "config", "interpret",
+    "debug", "implementation"))
 def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                    clip_ratio: float = 0.9, bits: int = 4,
-                   packed: bool = True,
+                   packed: bool = True, out_rows: int | None = None,
                    config: HadamardQuantConfig | None = None,
                    interpret: bool = False, debug: bool = False,
                    implementation: Literal["pallas", "xla"] | None = None
@@ -363,6 +391,9 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
     bits: 4 (the only width the packed kernels take).
     packed: two codes per byte (uint8[..., K // 2]); False writes one int8
       code per element (int8[..., K]).
+    out_rows: for x [M, K], rows of the outputs, >= M (None: M). Rows past
+      M hold zero codes and scale 1: the padding `decode_matmul` takes, so
+      nobody pads x in a launch of its own.
     config: launch parameters.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     debug: print the kernel's jaxpr.
@@ -373,15 +404,17 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
 
   Returns:
     (x_q uint8[..., K // 2] packed int4 (int8[..., K] codes when not
-    `packed`), s_x f32[...] per-row scales).
+    `packed`), s_x f32[...] per-row scales); [out_rows, ...] and
+    [out_rows] with `out_rows`.
 
   Raises:
     ValueError: K odd, a base that is not square or whose order m leaves
-      K / m not a power of two, or clip_ratio outside (0, 1].
+      K / m not a power of two, clip_ratio outside (0, 1], or out_rows
+      with x not [M, K] or below M.
     NotImplementedError: bits != 4.
   """
   k = x.shape[-1]
-  m = _check(x, hadamard_base, clip_ratio, bits)
+  m = _check(x, hadamard_base, clip_ratio, bits, out_rows)
   if implementation is None:
     implementation = ("pallas" if interpret or can_use_hadamard_quant(k, m)
                       else "xla")
@@ -392,17 +425,19 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                  " using the reference", k, m)
   if implementation == "xla":
     return hadamard_quant_reference(x, hadamard_base, clip_ratio=clip_ratio,
-                                    packed=packed)
+                                    packed=packed, out_rows=out_rows)
   cfg = config or HadamardQuantConfig()
+  rows = math.prod(x.shape[:-1])
+  out_rows = rows if out_rows is None else out_rows
   if hadamard_base is None:
-    return _quantize_only(x, clip_ratio, packed, cfg, interpret, debug)
+    return _quantize_only(x, clip_ratio, packed, cfg, interpret, debug,
+                          out_rows)
   lead = x.shape[:-1]
   a, b = _split(k, m)
   r = b * m
   ap, rp = _pow2(a), _pow2(r)
   x3 = x.reshape(-1, a, r)  # [M, a, r]: row element k = i * r + j
-  rows = x3.shape[0]
-  per_program = math.gcd(rows, cfg.rows_per_program) if rows else 1
+  per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)
   # ±1 and 0/1 are exact in every float dtype; 16-bit inputs keep theirs.
   dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
   left = jnp.asarray(sylvester(a).T)
@@ -417,23 +452,24 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   kernel = functools.partial(
       hadamard_quant_kernel, packed=packed, use_left=a > 1,
       norm=float(np.float32(1.0 / math.sqrt(k))),
-      clip_ratio=clip_ratio)
+      clip_ratio=clip_ratio, rows=rows)
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   x_q, s_x = pl.pallas_call(
       kernel,
-      grid=(rows // per_program,),
-      in_specs=[pl.BlockSpec((per_program, a, r), lambda i: (i, 0, 0)),
+      grid=(out_rows // per_program,),
+      in_specs=[pl.BlockSpec((per_program, a, r),
+                             lambda i: (jnp.minimum(i, last), 0, 0)),
                 full((ap, ap))] + [full((rp, rp // 2))] * 2,
       out_specs=[pl.BlockSpec((per_program, *q_block),
                               lambda i: (i,) + (0,) * len(q_block)),
                  pl.BlockSpec((per_program,), lambda i: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((rows, *q_block), q_dtype),
-                 jax.ShapeDtypeStruct((rows,), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((out_rows, *q_block), q_dtype),
+                 jax.ShapeDtypeStruct((out_rows,), jnp.float32)],
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="hadamard_quant",
   )(x3, pad(left, (ap, ap)), *[pad(t, (rp, rp // 2)) for t in rights])
-  return x_q.reshape(*lead, -1), s_x.reshape(lead)
+  return _shaped(x_q, s_x, lead, rows, out_rows)
 
 
 def _hadamard_transform(y: jax.Array, base: jax.Array) -> jax.Array:
@@ -456,10 +492,12 @@ def _hadamard_transform(y: jax.Array, base: jax.Array) -> jax.Array:
   return y.reshape(lead + (k,)) * jnp.float32(1.0 / math.sqrt(k))
 
 
-@functools.partial(jax.jit, static_argnames=("clip_ratio", "packed"))
+@functools.partial(jax.jit, static_argnames=("clip_ratio", "packed",
+                                             "out_rows"))
 def hadamard_quant_reference(x: jax.Array,
                              hadamard_base: jax.Array | None = None, *,
-                             clip_ratio: float = 0.9, packed: bool = True
+                             clip_ratio: float = 0.9, packed: bool = True,
+                             out_rows: int | None = None
                              ) -> tuple[jax.Array, jax.Array]:
   """Plain-jnp `hadamard_quant`: transform in f32, quantize, pack (or keep
   int8 codes when not `packed`).
@@ -472,6 +510,8 @@ def hadamard_quant_reference(x: jax.Array,
     hadamard_base: as in `hadamard_quant`.
     clip_ratio: fraction of each row's absmax mapped to code 7.
     packed: pack the codes (else int8 codes).
+    out_rows: as in `hadamard_quant` (zero rows appended to x: zero codes,
+      scale 1).
 
   Returns:
     (x_q uint8[..., K // 2] or int8[..., K], s_x f32[...]).
@@ -479,8 +519,10 @@ def hadamard_quant_reference(x: jax.Array,
   Raises:
     ValueError: as `hadamard_quant`.
   """
-  _check(x, hadamard_base, clip_ratio, 4)
+  _check(x, hadamard_base, clip_ratio, 4, out_rows)
   y = x.astype(jnp.float32)
+  if out_rows is not None:
+    y = jnp.pad(y, ((0, out_rows - x.shape[0]), (0, 0)))
   if hadamard_base is not None:
     y = _hadamard_transform(y, hadamard_base)
   scale = jnp.max(jnp.abs(y), axis=-1, keepdims=True) * clip_ratio / 7

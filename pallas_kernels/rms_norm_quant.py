@@ -41,7 +41,6 @@ Hadamard transform (use `hadamard_quant` after the norm), group scales.
 
 import functools
 import logging
-import math
 from typing import Literal
 
 import jax
@@ -195,11 +194,8 @@ def rms_norm_quant(x: jax.Array, weight: jax.Array, *, eps: float,
   a, r = hq_lib._quantize_view(k)
   ap = hq_lib._pow2(a)
   x3 = x.reshape(m, a, r)
-  # Every program's rows are all real or all padding, and the padding
-  # programs read the last real block (then zero it).
-  per_program = math.gcd(m, out_rows,
-                         max(1, cfg.block_elements // (ap * r)))
-  last = m // per_program - 1
+  per_program, last = hq_lib._grid_rows(
+      m, out_rows, max(1, cfg.block_elements // (ap * r)))
   q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else ((a, r),
                                                                 jnp.int8)
   kernel = functools.partial(rms_norm_quant_kernel, rows=m, ap=ap, eps=eps,

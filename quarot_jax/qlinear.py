@@ -235,12 +235,12 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
   mp = m
   if ps and all(map(decode, ps)):
     mp = decode_lib.padded_rows(m, kernels.decode_matmul)
-  if mp > m and fuse_norm:  # rms_norm_quant writes the padding rows
+  if mp > m and not float_x:  # the quantizer writes the padding rows
     rows = m
-  elif mp > m and not (float_x and x2.dtype != jnp.bfloat16):
-    # The rows decode_matmul computes, padded here in the input's dtype: XLA
-    # fuses the pad into the op that produced x (a norm, SwiGLU), where
-    # decode_matmul's own pad of the codes would be one more launch.
+  elif mp > m and x2.dtype == jnp.bfloat16:
+    # W4A16: the rows decode_matmul computes, padded here in bf16: XLA fuses
+    # the pad into the op that produced x (a norm, SwiGLU), where
+    # decode_matmul's own pad would be one more launch.
     rows, x2 = m, jnp.pad(x2, ((0, mp - m), (0, 0)))
   run_decode = functools.partial(
       decode_lib.decode_matmul, out_dtype=x.dtype, rows=rows,
@@ -273,6 +273,7 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
           x2, hadamard_base(k) if online_hadamard else None,
           clip_ratio=a_spec.clip_ratio,
           packed=kernels.w4a4 != "mosaic" and not any(map(decode, ps)),
+          out_rows=mp if rows else None,  # padded for decode_matmul
           implementation=kernels.hadamard_quant, interpret=kernels.interpret)
     ys = [run_decode(x_q, p["qweight"], p["wscale"], s_x) if decode(p)
           else w4a4_lib.w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],

@@ -60,6 +60,32 @@ def test_linear_matches_simulated_quantization(online_hadamard, a_bits):
                                  jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("online_hadamard", [False, True])
+def test_decode_codes_come_padded_from_the_quantizer(online_hadamard,
+                                                     monkeypatch):
+  # o_proj / down_proj at decode: hadamard_quant writes decode_matmul's
+  # padding rows (no pad of x or of the codes in a launch of its own), and
+  # the result is the unpadded linear's.
+  kernel, x = _weight_and_input(k=64, n=40, m=3)
+  p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
+  interpret = kernels.resolve("interpret")
+  run = lambda: qlinear.linear(x, p, a_spec=_A_SPEC,
+                               online_hadamard=online_hadamard,
+                               kernels=interpret)
+  want = qlinear.linear(x, p, a_spec=_A_SPEC, online_hadamard=online_hadamard,
+                        kernels=kernels.XLA)
+  seen, real = [], decode_matmul.decode_matmul
+  def spy(x, *args, rows=None, **kw):
+    seen.append((x.shape[0], rows))
+    return real(x, *args, rows=rows, **kw)
+  monkeypatch.setattr(decode_matmul, "decode_matmul", spy)
+  got = run()
+  mp = decode_matmul.padded_rows(3, interpret.decode_matmul)
+  assert mp > 3 and seen == [(mp, 3)], seen
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(want).max()))
+
+
 @pytest.mark.parametrize("a_bits, m, dtype, names", [
     # Up to 16 tokens: the decode matmul (W4A16 only for bf16 inputs).
     (4, 3, jnp.float32, ("hadamard_quant", "decode_matmul")),

@@ -216,7 +216,42 @@ def test_rows_the_kernel_does_not_take_run_the_reference():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("m, out_rows, per_program", [(1, 8, 1), (3, 8, 1),
+                                                      (4, 8, 4), (5, 5, 1)])
+@pytest.mark.parametrize("use_hadamard", [True, False])
+@pytest.mark.parametrize("packed", [True, False])
+def test_out_rows_pads_with_zero_codes_and_unit_scales(m, out_rows,
+                                                       per_program,
+                                                       use_hadamard, packed,
+                                                       interpret):
+  # Rows past M: codes 0 and scale 1, whatever x holds (the padding
+  # programs re-read x's last real block); real rows as without padding.
+  k = 576
+  x = 4.0 * _x(m, k, jnp.bfloat16, seed=m + out_rows) + 1.0
+  base = _base(k) if use_hadamard else None
+  cfg = hq.HadamardQuantConfig(rows_per_program=per_program,
+                               block_elements=per_program * 1024)
+  got = hq.hadamard_quant(x, base, packed=packed, out_rows=out_rows,
+                          config=cfg, interpret=interpret)
+  want = hq.hadamard_quant_reference(x, base, packed=packed,
+                                     out_rows=out_rows)
+  width = k // 2 if packed else k
+  assert got[0].shape == (out_rows, width) and got[1].shape == (out_rows,)
+  assert want[0].shape == (out_rows, width)
+  _assert_quantized_like(got, want, packed, interpret,
+                         scale_rtol=1.2e-7 * np.sqrt(k))
+  unpadded = hq.hadamard_quant_reference(x, base, packed=packed)
+  _assert_quantized_like((want[0][:m], want[1][:m]), unpadded, packed, True)
+  assert not np.asarray(got[0][m:]).any()
+  np.testing.assert_array_equal(np.asarray(got[1][m:]), 1.0)
+
+
 def test_errors():
+  with pytest.raises(ValueError, match=r"out_rows=2 needs x of shape \[M, K\]"
+                     r" with M <= out_rows, got \(3, 64\)"):
+    hq.hadamard_quant(_x(3, 64), out_rows=2)
+  with pytest.raises(ValueError, match="out_rows=8 needs x of shape"):
+    hq.hadamard_quant_reference(_x(3, 64)[None], out_rows=8)
   with pytest.raises(NotImplementedError, match="int4 only, got bits=8"):
     hq.hadamard_quant(_x(2, 64), bits=8)
   with pytest.raises(ValueError, match="K=63 must be even"):

@@ -50,6 +50,18 @@ _CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16,
+                                   jnp.int32])
+def test_nibbles_of_every_byte(dtype):
+  # The exponent trick (float dtypes) and the plain conversion (others) give
+  # each byte's low and high nibble exactly.
+  byte = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  lo, hi = jax.jit(attn._nibbles, static_argnums=1)(jnp.asarray(byte), dtype)
+  assert lo.dtype == dtype and hi.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(lo, np.float32), byte & 15)
+  np.testing.assert_array_equal(np.asarray(hi, np.float32), byte >> 4)
+
+
 @pytest.mark.parametrize("b, s, kv_heads, g, h, block_s, splits, start, end",
                          _CASES)
 def test_kernel_matches_reference(b, s, kv_heads, g, h, block_s, splits,

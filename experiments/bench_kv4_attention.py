@@ -39,21 +39,28 @@ _SPLITS = flags.DEFINE_list(
     "num_splits", ["default", "2x"],
     "num_splits sweep: integers, 'default' (the heuristic) or '2x' (twice"
     " it).")
+_PATHS = flags.DEFINE_list(
+    "paths", ["auto"],
+    "KV4DecodeAttentionConfig.path sweep: auto, dot, dot_free (dot_free is"
+    " skipped where G > 1).")
+_HBM_GBPS = flags.DEFINE_float("hbm_gbps", 4800.0,
+                               "HBM peak for hbm_fraction (H200: 4800;"
+                               " H100 SXM: 3350).")
 _INTERPRET = flags.DEFINE_bool("interpret", False,
                                "Pallas interpret mode (CPU smoke tests).")
 
-_HBM_BYTES_PER_S = 3.35e12  # H100 SXM
 
-
-def _configs(b, kv_heads, s, h, block_sizes, splits):
-  """The sweep: every block_s with every num_splits choice."""
-  default = attn.default_kv4_decode_attention_config(b, kv_heads, s, h)
+def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
+  """The sweep: every block_s with every num_splits choice and path."""
+  default = attn.default_kv4_decode_attention_config(b, kv_heads, s, h,
+                                                      query_heads=n)
   named = {"default": default.num_splits, "2x": 2 * default.num_splits}
   counts = sorted({named.get(x) or int(x) for x in splits})
+  paths = [p for p in paths if p != "dot_free" or n == kv_heads]
   return [attn.KV4DecodeAttentionConfig(
       block_s=bs, num_splits=ns, num_warps=default.num_warps,
-      num_stages=default.num_stages)
-          for bs, ns in itertools.product(block_sizes, counts)]
+      num_stages=default.num_stages, path=path)
+          for bs, ns, path in itertools.product(block_sizes, counts, paths)]
 
 
 def _inputs(key, b, s, n, kv_heads, h):
@@ -76,7 +83,7 @@ def _inputs(key, b, s, n, kv_heads, h):
   return q, k, v, kf, vf
 
 
-def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits,
+def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
                interpret, command):
   """Times one case: the kernel's sweep (best kept) and the XLA baseline.
 
@@ -88,7 +95,7 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits,
   end = jnp.full((b,), s, jnp.int32)
   runs = dict(runs=3, inner=1, warmup=1) if interpret else {}
   best = None
-  for cfg in _configs(b, kv_heads, s, h, block_sizes, splits):
+  for cfg in _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
     fn = jax.jit(lambda *a, c=cfg: attn.kv4_decode_attention(
         *a, config=c, interpret=interpret, implementation="pallas"))
     try:
@@ -105,14 +112,14 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits,
     return None
   ms, cfg = best
   ours_bytes, base_bytes = k.nbytes + v.nbytes, kf.nbytes + vf.nbytes
+  peak = _HBM_GBPS.value * 1e9
   return benchmarking.record(
       "kv4_decode_attention", f"B{b}_S{s}_N{n}_K{kv_heads}_H{h}", ms,
       {"xla_bf16_attention": base}, command=command, config=str(cfg),
       memory_ratio=round(ours_bytes / base_bytes, 4),
       ours_bytes=ours_bytes, baseline_bytes=base_bytes,
-      hbm_fraction=round(ours_bytes / (ms * 1e-3) / _HBM_BYTES_PER_S, 3),
-      baseline_hbm_fraction=round(
-          base_bytes / (base * 1e-3) / _HBM_BYTES_PER_S, 3))
+      hbm_fraction=round(ours_bytes / (ms * 1e-3) / peak, 3),
+      baseline_hbm_fraction=round(base_bytes / (base * 1e-3) / peak, 3))
 
 
 def main(argv):
@@ -129,7 +136,8 @@ def main(argv):
       print(f"B{b} S{s} N{n} K{kv_heads} H{h}", flush=True)
       r = bench_case(next(key), b, s, n, kv_heads, h,
                      block_sizes=[int(x) for x in _BLOCK_S.value],
-                     splits=_SPLITS.value, interpret=_INTERPRET.value,
+                     splits=_SPLITS.value, paths=_PATHS.value,
+                     interpret=_INTERPRET.value,
                      command=command)
       if r is not None:  # appended per case: a timeout keeps what ran
         benchmarking.append_jsonl(path, [r])

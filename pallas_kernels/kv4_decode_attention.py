@@ -95,12 +95,15 @@ class KV4DecodeAttentionConfig:
       blocks of the row's range.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages.
+    path: 'auto' (`uses_dot_free_path`), 'dot' (tensor-core dots, any G;
+      G = 1 pads the one head to 16 rows) or 'dot_free' (G = 1 only).
   """
 
   block_s: int = 64
   num_splits: int = 4
   num_warps: int = 4
   num_stages: int = 2
+  path: Literal["auto", "dot", "dot_free"] = "auto"
 
   def __post_init__(self):
     if not _is_pow2(self.block_s) or self.block_s < _MIN_DOT:
@@ -112,6 +115,9 @@ class KV4DecodeAttentionConfig:
       raise ValueError(f"num_warps={self.num_warps} must be a power of two")
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+    if self.path not in ("auto", "dot", "dot_free"):
+      raise ValueError(f"path={self.path!r} must be 'auto', 'dot' or"
+                       " 'dot_free'")
 
 
 def uses_dot_free_path(query_heads: int, kv_heads: int) -> bool:
@@ -441,7 +447,11 @@ def kv4_decode_attention(
   cfg = config or default_kv4_decode_attention_config(
       b, kv_heads, s, h, query_heads=n)
   g, h2 = n // kv_heads, h // 2
-  dot_free = uses_dot_free_path(n, kv_heads)
+  dot_free = (uses_dot_free_path(n, kv_heads) if cfg.path == "auto"
+              else cfg.path == "dot_free")
+  if dot_free and g != 1:
+    raise ValueError(f"path='dot_free' takes one query head per kv head,"
+                     f" got G={g}")
   gp = 1 if dot_free else max(_MIN_DOT, _next_pow2(g))
   block_s = min(cfg.block_s, max(_MIN_DOT, 1 << (s.bit_length() - 1)))
   if s < block_s:  # tiny caches only (S < 16): pad the slots

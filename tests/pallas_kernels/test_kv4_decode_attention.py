@@ -50,6 +50,28 @@ _CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["dot", "dot_free"])
+def test_g1_either_path_matches_reference(path, interpret):
+  # MHA through the padded tensor-core dots or the dot-free path.
+  q, k, v = _case(2, 100, 2, 1, 64)
+  start, end = jnp.array([0, 40], jnp.int32), jnp.array([100, 43], jnp.int32)
+  cfg = Config(block_s=16, num_splits=2, path=path)
+  got = attn.kv4_decode_attention(q, k, v, start, end, config=cfg,
+                                  interpret=interpret,
+                                  implementation="pallas")
+  want = attn.kv4_decode_attention_reference(q.astype(jnp.float32), k, v,
+                                             start, end)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want),
+                             rtol=0, atol=1e-2 * np.abs(want).max())
+  if path == "dot":
+    return
+  q4, k4, v4 = _case(2, 100, 2, 4, 64)
+  with pytest.raises(ValueError, match="path='dot_free' takes one query"
+                     " head per kv head, got G=4"):
+    attn.kv4_decode_attention(q4, k4, v4, start, end, config=cfg,
+                              interpret=interpret, implementation="pallas")
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16,
                                    jnp.int32])
 def test_nibbles_of_every_byte(dtype):
@@ -394,6 +416,8 @@ def test_errors():
     Config(num_warps=3)
   with pytest.raises(ValueError, match="num_stages=0 must be >= 1"):
     Config(num_stages=0)
+  with pytest.raises(ValueError, match="path='mma' must be"):
+    Config(path="mma")
 
 
 @pytest.mark.gpu
@@ -434,7 +458,8 @@ def test_gpu_g1_dot_free_path_matches():
   for cfg in (None,
               Config(block_s=256, num_splits=4, num_warps=8, num_stages=2),
               Config(block_s=128, num_splits=8, num_warps=4, num_stages=3),
-              Config(block_s=16, num_splits=1, num_warps=2, num_stages=2)):
+              Config(block_s=16, num_splits=1, num_warps=2, num_stages=2),
+              Config(block_s=64, num_splits=4, path="dot")):
     got = np.asarray(attn.kv4_decode_attention(
         q, k, v, start, end, config=cfg, implementation="pallas"),
                      np.float32)

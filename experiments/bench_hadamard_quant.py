@@ -11,8 +11,20 @@ both with and without the Hadamard, writing packed int4 and (case suffix
 the backend it picks on this machine, N = K, the shape of
 o_proj/down_proj-like linears), the paper's Fig. 7 overhead. Appends to
 --out_dir/hadamard_quant.jsonl.
+
+Decode (few rows): `--column_splits` sweeps the split path's G ("auto" is
+the kernel's own choice, 1 the fused one-program-per-row kernel); configs
+that run the same launch (G > 1 ignores rows_per_program; an explicit G is
+capped) are timed once; each record's `sweep` holds every launch's ms (None:
+failed), keyed w<num_warps>_<G>_<rows per program> (None where G > 1) or
+w<num_warps>_b<block_elements>. For example
+
+  python -m experiments.bench_hadamard_quant --m=1,16 --k=11008,14336 \
+      --transform=hadamard --packed=true,false --num_warps=2,4,8 \
+      --column_splits=auto,1,2,4,8,16 --rows_per_program=1
 """
 
+import math
 import os
 import shlex
 import sys
@@ -34,6 +46,9 @@ _PEAK = flags.DEFINE_float("peak_gbps", 3350.0, "HBM peak (H100 SXM).")
 _WARPS = flags.DEFINE_list("num_warps", ["2", "4"], "num_warps sweep.")
 _ROWS = flags.DEFINE_list("rows_per_program", ["1", "4", "8"],
                           "rows_per_program sweep (Hadamard kernel).")
+_SPLITS = flags.DEFINE_list(
+    "column_splits", ["auto", "1"],
+    "column_splits sweep (Hadamard kernel): auto (None) or powers of two.")
 _BLOCK = flags.DEFINE_list("block_elements", ["8192", "16384", "32768"],
                            "block_elements sweep (quantize-only kernel).")
 _PACKED = flags.DEFINE_list("packed", ["true", "false"],
@@ -53,8 +68,10 @@ def main(argv):
   matmul_impl = dict(
       implementation=w4a4.default_implementation(
           interpret=_INTERPRET.value), interpret=_INTERPRET.value)
+  splits = [None if g == "auto" else int(g) for g in _SPLITS.value]
   for k in map(int, _KS.value):
     base_k = qlinear.hadamard_base(k)  # closed over: a constant under jit
+    order = base_k.shape[0]
     for m in map(int, _MS.value):
       x = jax.random.normal(next(key), (m, k), jnp.bfloat16)
       records = []
@@ -64,12 +81,24 @@ def main(argv):
         case = (f"M{m}_K{k}_{'hadamard' if use_had else 'quant_only'}"
                 + ("" if packed else "_int8"))
         best = None
-        sizes = ([dict(rows_per_program=int(r)) for r in _ROWS.value]
+        sizes = ([dict(rows_per_program=int(r), column_splits=g)
+                  for r in _ROWS.value for g in splits]
                  if use_had else
                  [dict(block_elements=int(b)) for b in _BLOCK.value])
+        seen = set()
+        sweep = {}  # every launch's time, for the record
         for warps, size in [(w, z) for w in map(int, _WARPS.value)
                             for z in sizes]:
           cfg = hq.HadamardQuantConfig(num_warps=warps, **size)
+          if use_had:  # the launch this config runs, timed once
+            g = hq.column_splits(k, order, m, cfg)
+            launch = (warps, g, math.gcd(m, cfg.rows_per_program)
+                      if g == 1 else None)
+            if launch in seen:
+              continue
+            seen.add(launch)
+          name = f"w{warps}_" + ("_".join(map(str, launch[1:])) if use_had
+                                 else f"b{cfg.block_elements}")
           fn = jax.jit(lambda x, cfg=cfg, h=use_had, p=packed:
                        hq.hadamard_quant(x, base_k if h else None, packed=p,
                                          config=cfg, **impl))
@@ -77,8 +106,10 @@ def main(argv):
             ms = benchmarking.median_ms(fn, x)
           except Exception as e:  # pylint: disable=broad-except
             print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
+            sweep[name] = None
             continue
           print(f"  {cfg}: {ms:.4f} ms", flush=True)
+          sweep[name] = round(ms, 4)
           if best is None or ms < best[0]:
             best = (ms, cfg)
         if best is None:
@@ -105,6 +136,9 @@ def main(argv):
                                    / (_PEAK.value * 1e9), 3),
             int4_matmul_ms=round(matmul_ms, 4),
             matmul_share=round(ms / matmul_ms, 3), config=str(cfg),
+            column_splits=(hq.column_splits(k, order, m, cfg) if use_had
+                           else None),
+            sweep=sweep,
             matmul=matmul_impl["implementation"]))
         print(benchmarking.summary_line(records[-1]),
               f"hbm {records[-1]['hbm_fraction']:.2f}"

@@ -30,6 +30,20 @@ program computes Y_even, Y_odd [a, r/2], their absmax, the codes, and one
 byte per pair (unpacked output splits R into its first and second halves of
 columns instead, two stores).
 
+Few rows (decode, M <= 16): one program per row leaves most SMs idle (at
+M = 1 one SM runs all of the row's dots, once per layer). There the split
+path runs the transform on an (M, G) grid (`hadamard_split_kernel`):
+program (i, g) loads all of row i as X[a, r], multiplies it by slice g of
+R's columns (r_p / G wide, r_p = r padded to a power of two), applies the
+left product to that slice with the same hi/lo split, and stores the f32
+slice of y; then `quantize_kernel` quantizes y (absmax, codes, pack). Each
+element of y and the quantizer's arithmetic are the fused kernel's, so the
+codes and scales are the same bits (interpret mode). The cost: a second
+launch and the f32 y written and read once (4 bytes per element, ~44 KB
+per row at K = 11008). `HadamardQuantConfig.column_splits` and
+`column_splits()` choose G (1: the fused kernel). Tested in interpret mode
+only; not yet timed on a GPU.
+
 Without the Hadamard a separate kernel (`quantize_kernel`) has no dots: it
 quantizes a block of rows (`block_elements`) and splits the codes into even
 and odd elements in registers for the pack (an identity "transform" ran two
@@ -41,9 +55,10 @@ parts for the left product (two dots), which keeps ~16 mantissa bits. f32
 inputs (CPU tests) use f32 dots at HIGHEST precision throughout.
 
 Backend: the Pallas Triton lowering, a few rows per program
-(`rows_per_program`) sharing one load of the transform matrices (interpret
-mode on the CPU). Not supported: bits other than 4 (NotImplementedError), group
-scales along K, a base whose order m leaves K / m not a power of two.
+(`rows_per_program`) sharing one load of the transform matrices, or the
+split path for few rows (interpret mode on the CPU). Not supported: bits
+other than 4 (NotImplementedError), group scales along K, a base whose
+order m leaves K / m not a power of two.
 """
 
 import dataclasses
@@ -73,18 +88,27 @@ class HadamardQuantConfig:
       largest one dividing M that is at most this is used, so no padding).
     block_elements: quantize-only kernel (no Hadamard): rows per program are
       the most (a power of two dividing M) whose padded elements fit in this.
+    column_splits: G, the programs per row of the split path (the transform
+      in G slices of R's columns, then the quantize-only kernel; see the
+      module docstring): None picks it from M (`column_splits`), 1 never
+      splits, a power of two G > 1 always splits (capped so that each slice
+      is at least 16 columns wide, Triton's smallest dot).
   """
 
   num_warps: int = 4
   num_stages: int = 1
   rows_per_program: int = 1  # 4-8 won only at M2048 K4096 (BENCHMARKS.md)
   block_elements: int = 8192
+  column_splits: int | None = None
 
   def __post_init__(self):
     for name in ("rows_per_program", "block_elements"):
       n = getattr(self, name)
       if n < 1 or n & (n - 1):
         raise ValueError(f"{name}={n} must be a power of two")
+    n = self.column_splits
+    if n is not None and (not isinstance(n, int) or n < 1 or n & (n - 1)):
+      raise ValueError(f"column_splits={n!r} must be None or a power of two")
 
 
 def sylvester(n: int) -> np.ndarray:
@@ -166,6 +190,43 @@ def can_use_hadamard_quant(k: int, base_order: int | None = None) -> bool:
   return jax.default_backend() == "gpu" and kernel_takes(k, base_order)
 
 
+# The split path runs for at most this many rows (one program per row left
+# most of an H200's 132 SMs idle there), aiming at this many programs.
+_SPLIT_MAX_ROWS = 16
+_SPLIT_PROGRAMS = 64
+
+
+def column_splits(k: int, base_order: int, rows: int,
+                  config: HadamardQuantConfig | None = None) -> int:
+  """G, the programs per row the Hadamard path runs (1: the fused kernel).
+
+  Automatic (`config.column_splits` None): for 1 <= M <= 16 rows, the
+  smallest power of two with M * G >= 64, at most r_p / 32 (slices at least
+  32 columns wide); else 1. An explicit G is capped at r_p / 16.
+
+  Args:
+    k: row width K.
+    base_order: m, the order of the Hadamard base (K / m a power of two).
+    rows: M, the rows transformed.
+    config: launch parameters (None: the defaults).
+
+  Returns:
+    G >= 1, a power of two dividing r_p (r rounded up to a power of two).
+
+  Raises:
+    ValueError: K / m is not a power of two.
+  """
+  _check_base(k, base_order)
+  _, b = _split(k, base_order)
+  rp = _pow2(b * base_order)
+  wanted = (config or HadamardQuantConfig()).column_splits
+  if wanted is None:
+    if not 1 <= rows <= _SPLIT_MAX_ROWS:
+      return 1
+    return max(1, min(_pow2(-(-_SPLIT_PROGRAMS // rows)), rp // 32))
+  return max(1, min(wanted, rp // 16))
+
+
 def _round_half_even(v: jax.Array) -> jax.Array:
   """jnp.round (ties to even) from floor: Triton has no round primitive."""
   f = jnp.floor(v)
@@ -235,6 +296,38 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
             half.astype(jnp.int8)[:, None, :], mask=mask[:, None, :])
     scales = jnp.where(jnp.arange(n_rows) == i, scale, scales)
   s_ref[...] = scales
+
+
+def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, *,
+                          use_left: bool, norm: float):
+  """One row and one slice of R's columns: y[:, slice] = S_aᵀ · X ·
+  R[:, slice] / √K in f32, each element computed as in
+  `hadamard_quant_kernel` (same dots, same hi/lo split); no quantization."""
+  # x_ref: [1, a, r]; left_ref: [ap, ap]; right_ref: [rp, w], columns
+  # g * w .. (g + 1) * w of R padded to [rp, rp] (padded rows and columns
+  # zero); y_ref: f32[1, a, r], this program stores the real [a] rows of its
+  # columns below r.
+  _, a, r = x_ref.shape
+  ap, (rp, w) = left_ref.shape[0], right_ref.shape
+  dt = right_ref.dtype
+  dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+  valid = jnp.arange(ap)[:, None] < a
+  row = jnp.int32(0)  # interpret mode's load/store reject a Python int
+  x = plgpu.load(x_ref.at[row, pl.ds(0, ap), pl.ds(0, rp)],
+                 mask=valid & (jnp.arange(rp)[None, :] < r), other=0)
+  z = dot(x.astype(dt), right_ref[...])  # f32 [ap, w]
+  if use_left:
+    left = left_ref[...]
+    if dt == jnp.float32:
+      z = dot(left, z)
+    else:  # 16-bit: split the f32 intermediate so the left dot stays exact
+      z_hi = z.astype(dt)
+      z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
+      z = dot(left, z_hi) + dot(left, z_lo)
+  col = pl.program_id(1) * w
+  plgpu.store(y_ref.at[row, pl.ds(0, ap), pl.ds(col, w)], z * norm,
+              mask=valid & (col + jnp.arange(w)[None, :] < r))
 
 
 def quantize_kernel(x_ref, q_ref, s_ref, *, ap: int, packed: bool,
@@ -437,21 +530,39 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   r = b * m
   ap, rp = _pow2(a), _pow2(r)
   x3 = x.reshape(-1, a, r)  # [M, a, r]: row element k = i * r + j
-  per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)
   # ±1 and 0/1 are exact in every float dtype; 16-bit inputs keep theirs.
   dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
   left = jnp.asarray(sylvester(a).T)
   right = jnp.kron(jnp.asarray(sylvester(b)),
                    hadamard_base.astype(jnp.float32))
+  pad = lambda t, shape: jnp.pad(
+      t, [(0, n - d) for d, n in zip(t.shape, shape)]).astype(dt)
+  norm = float(np.float32(1.0 / math.sqrt(k)))
+  params = compat.triton_params(num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages)
+  splits = column_splits(k, m, rows, cfg)
+  if splits > 1:  # Few rows: the transform on M x G programs, then quantize.
+    w = rp // splits
+    y = pl.pallas_call(
+        functools.partial(hadamard_split_kernel, use_left=a > 1, norm=norm),
+        grid=(rows, splits),
+        in_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
+                  pl.BlockSpec((ap, ap), lambda i, g: (0, 0)),
+                  pl.BlockSpec((rp, w), lambda i, g: (0, g))],
+        out_specs=pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, a, r), jnp.float32),
+        compiler_params=params, interpret=interpret, debug=debug,
+        name="hadamard_split",
+    )(x3, pad(left, (ap, ap)), pad(right, (rp, rp)))
+    return _quantize_only(y.reshape(*lead, k), clip_ratio, packed, cfg,
+                          interpret, debug, out_rows)
+  per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)
   rights = ((right[:, 0::2], right[:, 1::2]) if packed
             else (right[:, :r // 2], right[:, r // 2:]))
   q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else (
       (a, 2, r // 2), jnp.int8)
-  pad = lambda t, shape: jnp.pad(
-      t, [(0, n - d) for d, n in zip(t.shape, shape)]).astype(dt)
   kernel = functools.partial(
-      hadamard_quant_kernel, packed=packed, use_left=a > 1,
-      norm=float(np.float32(1.0 / math.sqrt(k))),
+      hadamard_quant_kernel, packed=packed, use_left=a > 1, norm=norm,
       clip_ratio=clip_ratio, rows=rows)
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   x_q, s_x = pl.pallas_call(
@@ -465,9 +576,8 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                  pl.BlockSpec((per_program,), lambda i: (i,))],
       out_shape=[jax.ShapeDtypeStruct((out_rows, *q_block), q_dtype),
                  jax.ShapeDtypeStruct((out_rows,), jnp.float32)],
-      compiler_params=compat.triton_params(num_warps=cfg.num_warps,
-                                           num_stages=cfg.num_stages),
-      interpret=interpret, debug=debug, name="hadamard_quant",
+      compiler_params=params, interpret=interpret, debug=debug,
+      name="hadamard_quant",
   )(x3, pad(left, (ap, ap)), *[pad(t, (rp, rp // 2)) for t in rights])
   return _shaped(x_q, s_x, lead, rows, out_rows)
 

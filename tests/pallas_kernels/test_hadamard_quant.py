@@ -1,6 +1,8 @@
 """hadamard_quant: the kernel (interpret mode on CPU) against its reference,
 the reference against hand-worked numbers, and the errors."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,11 @@ import pytest
 from pallas_kernels import hadamard_quant as hq
 from quarot_jax import hadamard
 from quarot_jax import quant
+
+
+# The fused kernel (one program per row block) where a test is about it: at
+# few rows `column_splits=None` would pick the split path.
+_FUSED = hq.HadamardQuantConfig(column_splits=1)
 
 
 def _x(m, k, dtype=jnp.float32, seed=0):
@@ -51,7 +58,8 @@ def _assert_quantized_like(got, want, packed, interpret, scale_rtol=0.0):
 def test_kernel_matches_reference(k, use_hadamard, interpret):
   x = _x(5, k, seed=k)
   base = _base(k) if use_hadamard else None
-  got_q, got_s = hq.hadamard_quant(x, base, interpret=interpret)
+  got_q, got_s = hq.hadamard_quant(x, base, config=_FUSED,
+                                   interpret=interpret)
   want_q, want_s = hq.hadamard_quant_reference(x, base)
   assert got_q.shape == (5, k // 2) and got_q.dtype == jnp.uint8
   # f32 rounding of a K-term sum in another order: ~ulp * sqrt(K).
@@ -65,10 +73,12 @@ def test_kernel_matches_reference(k, use_hadamard, interpret):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_16_bit_inputs_and_leading_dims(dtype, interpret):
+@pytest.mark.parametrize("splits", [1, None])  # M = 6: None splits in 8
+def test_16_bit_inputs_and_leading_dims(dtype, splits, interpret):
   k = 576
   x = _x(6, k, dtype, seed=3).reshape(2, 3, k)
-  got_q, got_s = hq.hadamard_quant(x, _base(k), clip_ratio=0.8,
+  cfg = hq.HadamardQuantConfig(column_splits=splits)
+  got_q, got_s = hq.hadamard_quant(x, _base(k), clip_ratio=0.8, config=cfg,
                                    interpret=interpret)
   want_q, want_s = hq.hadamard_quant_reference(x, _base(k), clip_ratio=0.8)
   assert got_q.shape == (2, 3, k // 2) and got_s.shape == (2, 3)
@@ -82,9 +92,10 @@ def test_16_bit_inputs_and_leading_dims(dtype, interpret):
 def test_unpacked_output_is_the_packed_codes(k, use_hadamard, interpret):
   x = _x(5, k, jnp.bfloat16, seed=k + 1)
   base = _base(k) if use_hadamard else None
-  got_q, got_s = hq.hadamard_quant(x, base, packed=False,
+  got_q, got_s = hq.hadamard_quant(x, base, packed=False, config=_FUSED,
                                    interpret=interpret)
-  packed_q, packed_s = hq.hadamard_quant(x, base, interpret=interpret)
+  packed_q, packed_s = hq.hadamard_quant(x, base, config=_FUSED,
+                                         interpret=interpret)
   assert got_q.shape == (5, k) and got_q.dtype == jnp.int8
   assert int(jnp.abs(got_q.astype(jnp.int32)).max()) > 1  # not all zeros
   # The same transform, scales and codes, only one per byte.
@@ -104,7 +115,8 @@ def test_several_rows_per_program(m, per_program, packed, interpret):
   # M=12 with 8 asked runs 4 per program; M=7 runs one.
   k = 576
   x = _x(m, k, jnp.bfloat16, seed=m)
-  cfg = hq.HadamardQuantConfig(rows_per_program=per_program)
+  cfg = hq.HadamardQuantConfig(rows_per_program=per_program,
+                               column_splits=1)
   got_q, got_s = hq.hadamard_quant(x, _base(k), packed=packed, config=cfg,
                                    interpret=interpret)
   want_q, want_s = hq.hadamard_quant_reference(x, _base(k), packed=packed)
@@ -138,6 +150,75 @@ def test_quantize_only_several_rows_per_program(m, block_elements, packed,
 def test_config_sizes_must_be_powers_of_two(field):
   with pytest.raises(ValueError, match=f"{field}=3"):
     hq.HadamardQuantConfig(**{field: 3})
+
+
+@pytest.mark.parametrize("splits", [0, 3, 12, -4])
+def test_config_column_splits_must_be_none_or_a_power_of_two(splits):
+  with pytest.raises(ValueError, match=f"column_splits={splits} must be None"
+                     " or a power of two"):
+    hq.HadamardQuantConfig(column_splits=splits)
+
+
+def test_column_splits_rule():
+  # K = 11008 = 64 * 172: rows viewed as [64, 172], r padded to 256; K =
+  # 14336 = 512 * 28: [128, 112], padded to 128. Automatic: M * G >= 64
+  # programs for M <= 16, slices at least 32 columns wide.
+  assert hq.column_splits(11008, 172, 1) == 8  # 256 / 32
+  assert hq.column_splits(11008, 172, 3) == 8
+  assert hq.column_splits(11008, 172, 16) == 4
+  assert hq.column_splits(11008, 172, 17) == 1  # the fused kernel
+  assert hq.column_splits(11008, 172, 0) == 1
+  assert hq.column_splits(14336, 28, 1) == 4  # 128 / 32
+  assert hq.column_splits(4096, 1, 16) == 2  # [64, 64]: 64 / 32
+  # Explicit: forced at any M, capped at 16-column slices.
+  for m, splits, want in [(1, 1, 1), (1000, 2, 2), (1, 64, 16), (3, 4, 4)]:
+    cfg = hq.HadamardQuantConfig(column_splits=splits)
+    assert hq.column_splits(11008, 172, m, cfg) == want, (m, splits)
+  with pytest.raises(ValueError, match="order m=12 gives no H_K for K=36"):
+    hq.column_splits(36, 12, 1)
+
+
+# K = 2752 = 16 * 172 views rows as [16, 172], r padded to 256 as at K =
+# 11008; 14336 as [128, 112] (padded to 128); 688 = 4 * 172 as [1, 688] (no
+# left product); 4096 as [64, 64] (no padding). G = None is automatic (8 for
+# M <= 8 at r_p = 256, 4 at M = 16); 64 is capped at 16.
+@pytest.mark.parametrize("k, m, out_rows, splits, dtype", [
+    (2752, 1, None, None, jnp.bfloat16),
+    (2752, 3, None, None, jnp.bfloat16),
+    (2752, 16, None, None, jnp.bfloat16),
+    (2752, 3, 8, None, jnp.bfloat16),
+    (2752, 1, 4, 2, jnp.float16),
+    (2752, 16, None, 64, jnp.bfloat16),
+    (2752, 40, None, 4, jnp.float32),  # forced past the automatic M <= 16
+    (11008, 1, None, None, jnp.float32),
+    (14336, 1, None, None, jnp.float32),
+    (688, 3, None, 4, jnp.float32),
+    (4096, 2, 5, None, jnp.bfloat16),
+])
+@pytest.mark.parametrize("packed", [True, False])
+def test_split_path_matches_reference_and_fused_kernel(
+    k, m, out_rows, splits, dtype, packed, interpret):
+  x = 4.0 * _x(m, k, dtype, seed=k + m) + 1.0
+  base = _base(k)
+  cfg = hq.HadamardQuantConfig(column_splits=splits)
+  assert hq.column_splits(k, base.shape[0], m, cfg) > 1  # the split path
+  got = hq.hadamard_quant(x, base, packed=packed, out_rows=out_rows,
+                          config=cfg, interpret=interpret)
+  want = hq.hadamard_quant_reference(x, base, packed=packed,
+                                     out_rows=out_rows)
+  rows = out_rows or m
+  assert got[0].shape == (rows, k // 2 if packed else k)
+  assert got[1].shape == (rows,)
+  _assert_quantized_like(got, want, packed, interpret,
+                         scale_rtol=1.2e-7 * np.sqrt(k))
+  assert not np.asarray(got[0][m:]).any()
+  np.testing.assert_array_equal(np.asarray(got[1][m:]), 1.0)
+  # Each element of y is the fused kernel's arithmetic (the same dots and
+  # hi/lo split), and the quantizer is op for op its own: the same bits.
+  fused = hq.hadamard_quant(x, base, packed=packed, out_rows=out_rows,
+                            config=_FUSED, interpret=interpret)
+  for a, b in zip(got, fused):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_reference_by_hand():
@@ -196,9 +277,15 @@ def test_round_half_even_matches_jnp_round():
 
 def test_pallas_call_is_in_the_jaxpr():
   x = _x(2, 576)
-  jaxpr = str(jax.make_jaxpr(lambda x: hq.hadamard_quant(
-      x, _base(576), implementation="pallas", interpret=True))(x))
-  assert "pallas_call" in jaxpr and "hadamard_quant" in jaxpr
+  jaxpr = lambda cfg: str(jax.make_jaxpr(lambda x: hq.hadamard_quant(
+      x, _base(576), implementation="pallas", config=cfg,
+      interpret=True))(x))
+  names = lambda text: set(re.findall(r"hadamard_\w+", text))
+  fused = jaxpr(_FUSED)
+  assert "pallas_call" in fused and names(fused) == {"hadamard_quant"}
+  split = jaxpr(None)  # M = 2: the transform, then the quantize-only kernel
+  assert names(split) == {"hadamard_quant", "hadamard_split",
+                          "hadamard_quant_no_transform"}
 
 
 def test_rows_the_kernel_does_not_take_run_the_reference():
@@ -230,7 +317,8 @@ def test_out_rows_pads_with_zero_codes_and_unit_scales(m, out_rows,
   x = 4.0 * _x(m, k, jnp.bfloat16, seed=m + out_rows) + 1.0
   base = _base(k) if use_hadamard else None
   cfg = hq.HadamardQuantConfig(rows_per_program=per_program,
-                               block_elements=per_program * 1024)
+                               block_elements=per_program * 1024,
+                               column_splits=1)
   got = hq.hadamard_quant(x, base, packed=packed, out_rows=out_rows,
                           config=cfg, interpret=interpret)
   want = hq.hadamard_quant_reference(x, base, packed=packed,
@@ -283,3 +371,23 @@ def test_gpu_lowers_to_the_named_kernel_and_matches():
   # a value within ~1e-5 of a rounding tie may round the other way: allow
   # off-by-one codes on at most 0.1% of elements, nothing larger.
   assert diff.max() <= 1 and diff.mean() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, m", [(11008, 1), (11008, 16), (14336, 1),
+                                  (14336, 16)])
+def test_gpu_split_path_at_decode_shapes(k, m):
+  # LLaMA-2-7B and LLaMA-3-8B down_proj inputs at decode: the automatic
+  # split path against the reference, and the same bits as the fused kernel.
+  x = _x(m, k, jnp.bfloat16, seed=k + m)
+  base = _base(k)
+  assert hq.column_splits(k, base.shape[0], m) > 1
+  hlo = jax.jit(hq.hadamard_quant).lower(x, base).as_text()
+  assert "hadamard_split" in hlo
+  got = hq.hadamard_quant(x, base)
+  _assert_quantized_like(got, hq.hadamard_quant_reference(x, base),
+                         packed=True, interpret=False,
+                         scale_rtol=1.2e-7 * np.sqrt(k))
+  fused = hq.hadamard_quant(x, base, config=_FUSED)
+  for a, b in zip(got, fused):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

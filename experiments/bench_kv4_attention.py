@@ -43,6 +43,10 @@ _PATHS = flags.DEFINE_list(
     "paths", ["auto"],
     "KV4DecodeAttentionConfig.path sweep: auto, dot, dot_free (dot_free is"
     " skipped where G > 1).")
+_WARPS = flags.DEFINE_list("num_warps", ["default"],
+                           "num_warps sweep (integers or 'default').")
+_STAGES = flags.DEFINE_list("num_stages", ["default"],
+                            "num_stages sweep (integers or 'default').")
 _HBM_GBPS = flags.DEFINE_float("hbm_gbps", 4800.0,
                                "HBM peak for hbm_fraction (H200: 4800;"
                                " H100 SXM: 3350).")
@@ -57,10 +61,14 @@ def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
   named = {"default": default.num_splits, "2x": 2 * default.num_splits}
   counts = sorted({named.get(x) or int(x) for x in splits})
   paths = [p for p in paths if p != "dot_free" or n == kv_heads]
+  pick = lambda values, dflt: sorted({dflt if x == "default" else int(x)
+                                      for x in values})
+  warps = pick(_WARPS.value, default.num_warps)
+  stages = pick(_STAGES.value, default.num_stages)
   return [attn.KV4DecodeAttentionConfig(
-      block_s=bs, num_splits=ns, num_warps=default.num_warps,
-      num_stages=default.num_stages, path=path)
-          for bs, ns, path in itertools.product(block_sizes, counts, paths)]
+      block_s=bs, num_splits=ns, num_warps=nw, num_stages=st, path=path)
+          for bs, ns, path, nw, st in itertools.product(
+              block_sizes, counts, paths, warps, stages)]
 
 
 def _inputs(key, b, s, n, kv_heads, h):

@@ -75,8 +75,7 @@ def test_g1_either_path_matches_reference(path, interpret):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16,
                                    jnp.int32])
 def test_nibbles_of_every_byte(dtype):
-  # The exponent trick (float dtypes) and the plain conversion (others) give
-  # each byte's low and high nibble exactly.
+  # Each byte's low and high nibble, exactly, in every dtype.
   byte = np.arange(256, dtype=np.uint8).reshape(16, 16)
   lo, hi = jax.jit(attn._nibbles, static_argnums=1)(jnp.asarray(byte), dtype)
   assert lo.dtype == dtype and hi.dtype == dtype

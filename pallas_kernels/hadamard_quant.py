@@ -1,7 +1,7 @@
 """Fused online Hadamard + per-token int4 quantization.
 
   y = x @ H_K / √K          (a Hadamard base given; y = x otherwise)
-  s_x[m] = clip_ratio * max_k |y[m, k]| / 7   (1 where that is 0)
+  s_x[m] = max_k |y[m, k]| * f32(clip_ratio / 7)   (1 where that is 0)
   x_q[m, k] = clip(round_half_even(y[m, k] / s_x[m]), -8, 7)
 
 written as packed int4 in the layout of `pallas_kernels/int4_layout.py`
@@ -227,6 +227,14 @@ def column_splits(k: int, base_order: int, rows: int,
   return max(1, min(wanted, rp // 16))
 
 
+def _scale_factor(clip_ratio: float) -> np.float32:
+  """clip_ratio / 7 as one f32 constant: scales are absmax times it, one
+  rounding on every backend (XLA folds `absmax * c / 7` into this multiply;
+  Triton would multiply, then divide, 1 ulp apart on the GPU). Equal to
+  `quarot_jax.quant`'s symmetric scale."""
+  return np.float32(clip_ratio / 7)
+
+
 def _round_half_even(v: jax.Array) -> jax.Array:
   """jnp.round (ties to even) from floor: Triton has no round primitive."""
   f = jnp.floor(v)
@@ -281,7 +289,7 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
     ys = [z * norm for z in halves]
     absmax = functools.reduce(jnp.maximum,
                               [jnp.max(jnp.abs(y)) for y in ys])
-    scale = clip_ratio * absmax / 7.0
+    scale = absmax * _scale_factor(clip_ratio)
     scale = jnp.where(scale > 0, scale, 1.0)
     codes = [jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
              for y in ys]
@@ -376,7 +384,7 @@ def store_quantized_rows(y: jax.Array, q_ref, s_ref, *, packed: bool,
   """
   n_rows, ap, r = y.shape
   absmax = jnp.max(jnp.max(jnp.abs(y), axis=2), axis=1)
-  scale = clip_ratio * absmax / 7.0
+  scale = absmax * _scale_factor(clip_ratio)
   scale = jnp.where(scale > 0, scale, 1.0)
   codes = jnp.clip(_round_half_even(y / scale[:, None, None]), -8, 7
                    ).astype(jnp.int32)
@@ -635,7 +643,8 @@ def hadamard_quant_reference(x: jax.Array,
     y = jnp.pad(y, ((0, out_rows - x.shape[0]), (0, 0)))
   if hadamard_base is not None:
     y = _hadamard_transform(y, hadamard_base)
-  scale = jnp.max(jnp.abs(y), axis=-1, keepdims=True) * clip_ratio / 7
+  scale = jnp.max(jnp.abs(y), axis=-1, keepdims=True) * _scale_factor(
+      clip_ratio)
   scale = jnp.where(scale > 0, scale, 1.0)
   codes = jnp.clip(jnp.round(y / scale), -8, 7).astype(jnp.int8)
   return (int4_layout.pack_int4(codes) if packed else codes), scale[..., 0]

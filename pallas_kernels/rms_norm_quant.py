@@ -2,7 +2,7 @@
 
   n[m, k] = dtype(dtype(x[m, k] * rsqrt(sum_k x[m, k]² * (1 / K) + eps))
                   * w[k])                      (f32 math, cast to x's dtype)
-  s_x[m] = clip_ratio * max_k |n[m, k]| / 7   (1 where that is 0)
+  s_x[m] = max_k |n[m, k]| * f32(clip_ratio / 7)   (1 where that is 0)
   x_q[m, k] = clip(round_half_even(n[m, k] / s_x[m]), -8, 7)
 
 The norm is `quarot_jax.layers.rms_norm` op for op (x in f32, normalized,

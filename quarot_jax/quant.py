@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import int4_layout
 
@@ -132,8 +133,14 @@ def _range_params(x: jax.Array, spec: QuantSpec,
   """Scale, zero f32[..., 1] of groups x [..., g] with the range shrunk."""
   ratio = spec.clip_ratio * shrink
   if spec.symmetric:
-    absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) * ratio
-    scale = absmax / spec.maxq
+    absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    if isinstance(ratio, (int, float)):
+      # One multiply by one f32 constant: XLA folds `absmax * r / q` into
+      # that anyway, while a Triton kernel would multiply, then divide
+      # (1 ulp apart; `pallas_kernels.hadamard_quant` writes it so too).
+      scale = absmax * np.float32(ratio / spec.maxq)
+    else:
+      scale = absmax * ratio / spec.maxq
     return jnp.where(scale > 0, scale, 1.0), None
   xmin = jnp.minimum(jnp.min(x, axis=-1, keepdims=True), 0) * ratio
   xmax = jnp.maximum(jnp.max(x, axis=-1, keepdims=True), 0) * ratio

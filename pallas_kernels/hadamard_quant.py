@@ -41,8 +41,12 @@ element of y and the quantizer's arithmetic are the fused kernel's, so the
 codes and scales are the same bits (interpret mode). The cost: a second
 launch and the f32 y written and read once (4 bytes per element, ~44 KB
 per row at K = 11008). `HadamardQuantConfig.column_splits` and
-`column_splits()` choose G (1: the fused kernel). Tested in interpret mode
-only; not yet timed on a GPU.
+`column_splits()` choose G (1: the fused kernel). Measured in the 7B decode
+step (H200, 2026-12-01, B = 1): at K = 11008 split + quantize 3.8 + 4.7 us
+a layer against 15.3 us fused; at K = 4096 4.6 us against 3.7 fused. So the
+automatic rule splits only K >= 8192 and 16-bit inputs: on the GPU the f32
+split cases failed their test (two; a third ran past the time limit; not
+diagnosed), while the bf16/f16 cases at r = 172 (as at 11008) passed.
 
 Without the Hadamard a separate kernel (`quantize_kernel`) has no dots: it
 quantizes a block of rows (`block_elements`) and splits the codes into even
@@ -194,21 +198,26 @@ def can_use_hadamard_quant(k: int, base_order: int | None = None) -> bool:
 # most of an H200's 132 SMs idle there), aiming at this many programs.
 _SPLIT_MAX_ROWS = 16
 _SPLIT_PROGRAMS = 64
+_SPLIT_MIN_K = 8192
 
 
 def column_splits(k: int, base_order: int, rows: int,
-                  config: HadamardQuantConfig | None = None) -> int:
+                  config: HadamardQuantConfig | None = None, *,
+                  dtype=jnp.bfloat16) -> int:
   """G, the programs per row the Hadamard path runs (1: the fused kernel).
 
-  Automatic (`config.column_splits` None): for 1 <= M <= 16 rows, the
-  smallest power of two with M * G >= 64, at most r_p / 32 (slices at least
-  32 columns wide); else 1. An explicit G is capped at r_p / 16.
+  Automatic (`config.column_splits` None): for 1 <= M <= 16 rows of a
+  16-bit dtype and K >= 8192, the smallest power of two with M * G >= 64,
+  at most r_p / 32 (slices at least 32 columns wide); else 1 (measured
+  slower at K = 4096; f32 failed on the GPU, see the module docstring). An
+  explicit G is capped at r_p / 16.
 
   Args:
     k: row width K.
     base_order: m, the order of the Hadamard base (K / m a power of two).
     rows: M, the rows transformed.
     config: launch parameters (None: the defaults).
+    dtype: the dtype of the rows.
 
   Returns:
     G >= 1, a power of two dividing r_p (r rounded up to a power of two).
@@ -221,7 +230,8 @@ def column_splits(k: int, base_order: int, rows: int,
   rp = _pow2(b * base_order)
   wanted = (config or HadamardQuantConfig()).column_splits
   if wanted is None:
-    if not 1 <= rows <= _SPLIT_MAX_ROWS:
+    if (not 1 <= rows <= _SPLIT_MAX_ROWS or k < _SPLIT_MIN_K
+        or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
       return 1
     return max(1, min(_pow2(-(-_SPLIT_PROGRAMS // rows)), rp // 32))
   return max(1, min(wanted, rp // 16))
@@ -548,7 +558,7 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   norm = float(np.float32(1.0 / math.sqrt(k)))
   params = compat.triton_params(num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages)
-  splits = column_splits(k, m, rows, cfg)
+  splits = column_splits(k, m, rows, cfg, dtype=x.dtype)
   if splits > 1:  # Few rows: the transform on M x G programs, then quantize.
     w = rp // splits
     y = pl.pallas_call(

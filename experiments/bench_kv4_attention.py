@@ -107,23 +107,26 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
     fn = jax.jit(lambda *a, c=cfg: attn.kv4_decode_attention(
         *a, config=c, interpret=interpret, implementation="pallas"))
     try:
-      ms = benchmarking.median_ms(fn, q, k, v, start, end, **runs)
+      ms, how = benchmarking.timed_ms(fn, q, k, v, start, end, **runs)
     except Exception as e:  # pylint: disable=broad-except
       print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
       continue
-    print(f"  {cfg}: {ms:.4f} ms", flush=True)
+    print(f"  {cfg}: {ms:.4f} ms ({how['timing']}; wall"
+          f" {how['wall_ms']:.4f})", flush=True)
     if best is None or ms < best[0]:
-      best = (ms, cfg)
-  base = benchmarking.median_ms(attn.bf16_decode_attention, q, kf, vf, start,
-                                end, **runs)
+      best = (ms, cfg, how)
+  base, base_how = benchmarking.timed_ms(attn.bf16_decode_attention, q, kf,
+                                         vf, start, end, **runs)
   if best is None:
     return None
-  ms, cfg = best
+  ms, cfg, how = best
   ours_bytes, base_bytes = k.nbytes + v.nbytes, kf.nbytes + vf.nbytes
   peak = _HBM_GBPS.value * 1e9
   return benchmarking.record(
       "kv4_decode_attention", f"B{b}_S{s}_N{n}_K{kv_heads}_H{h}", ms,
       {"xla_bf16_attention": base}, command=command, config=str(cfg),
+      timing=how["timing"], wall_ms=how["wall_ms"],
+      baseline_wall_ms=base_how["wall_ms"],
       memory_ratio=round(ours_bytes / base_bytes, 4),
       ours_bytes=ours_bytes, baseline_bytes=base_bytes,
       hbm_fraction=round(ours_bytes / (ms * 1e-3) / peak, 3),

@@ -291,7 +291,10 @@ def test_pallas_call_is_in_the_jaxpr():
   names = lambda text: set(re.findall(r"hadamard_\w+", text))
   fused = jaxpr(_FUSED)
   assert "pallas_call" in fused and names(fused) == {"hadamard_quant"}
-  split = jaxpr(None)  # M = 2: the transform, then the quantize-only kernel
+  assert names(jaxpr(None)) == {"hadamard_quant"}  # automatic: K < 8192
+  # M = 2 with an explicit G: the transform, then the quantize-only kernel
+  # (K = 576 is below the automatic rule's 8192).
+  split = jaxpr(hq.HadamardQuantConfig(column_splits=2))
   assert names(split) == {"hadamard_quant", "hadamard_split",
                           "hadamard_quant_no_transform"}
 

@@ -23,6 +23,15 @@ A rotation is found again for the same config key (objective, steps, lr,
 seed and the bits it sees), model and calibration windows; its records say
 rotation_loaded=true and keep the learning time in rotation_s.
 
+The block-diagonal rotation of tensor parallelism (#18: one online
+Hadamard per shard before o_proj and down_proj) against the full-width one,
+W4A4KV4 GPTQ on the first 32 windows; each rotated config runs once per
+--rotation_tp, and a degree the model's sizes do not divide is skipped with
+one printed line (SmolLM2-135M: 9 query heads, so tp=2 is skipped):
+  python -m experiments.accuracy --w_bits=4 --a_bits=4 --k_bits=4 \
+      --v_bits=4 --w_method=gptq --rotate --rotation_tp=1,2,3 \
+      --max_windows=32
+
 --eval_text scores one text (default enwiki-gensim); --eval_texts several.
 Calibration windows always come from enwiki-gensim. Appends one JSON record
 per (config, text) to --out_jsonl and writes a Markdown table to --out_md.
@@ -85,6 +94,26 @@ _METHODS = flags.DEFINE_enum(
 _PRECISION = flags.DEFINE_enum(
     "matmul_precision", "highest", ["default", "high", "highest"],
     "jax_default_matmul_precision (highest: true f32 on GPUs, no TF32).")
+_ROTATION_TP = flags.DEFINE_list(
+    "rotation_tp", ["1"],
+    "Run each rotated config once per tensor-parallel degree listed, its"
+    " online down/o Hadamards block-diagonal with that many blocks (one per"
+    " shard; 1: the full-width transform). Degrees the model's heads, FFN"
+    " or vocabulary do not divide are skipped with a printed line; learned"
+    " rotations run at 1 only.")
+
+
+def _valid_rotation_tp(tps: list[str]) -> bool:
+  try:
+    sweep.check_rotation_tp([int(t) for t in tps])
+  except ValueError:  # int('a') too
+    return False
+  return True
+
+
+flags.register_validator(
+    "rotation_tp", _valid_rotation_tp,
+    "--rotation_tp must list distinct positive ints, e.g. 1,3")
 _ROTATIONS_DIR = flags.DEFINE_string(
     "rotations_dir", None,
     "Load learned rotations saved here instead of learning them, and save"
@@ -163,7 +192,8 @@ def main(argv):
       command=shlex.join(["python", "-m", "experiments.accuracy"]
                          + sys.argv[1:]),
       on_record=lambda r: benchmarking.append_jsonl(_OUT_JSONL.value, [r]),
-      batch_size=_BATCH.value, rotations_dir=_ROTATIONS_DIR.value)
+      batch_size=_BATCH.value, rotations_dir=_ROTATIONS_DIR.value,
+      rotation_tp=[int(t) for t in _ROTATION_TP.value])
   results.write_tables(_OUT_MD.value, records)
   print(results.markdown_table(records))
 

@@ -252,6 +252,7 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
              calib_tokens: np.ndarray | None = None, *,
              packed: bool = False,
              rotations: learned_rotation.Rotations | None = None,
+             rotation_tp: int = 1,
              progress: bool = True) -> tuple[Any, model.RunOptions]:
   """Rotates and quantizes a model.
 
@@ -267,20 +268,32 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       otherwise quantization is simulated in float.
     rotations: with rotate_mode='learned', rotations already learned for
       this config (`learn_rotations`); None learns them here.
+    rotation_tp: fold block-diagonal online Hadamards, one per
+      tensor-parallel shard (`rotation.rotate(..., tp=rotation_tp)`); the
+      options then carry `had_blocks=rotation_tp`. 1: full width.
     progress: show progress bars.
 
   Returns:
     (params, options): run the model with `forward(..., options=options)`.
 
   Raises:
-    ValueError: GPTQ or learned rotations without calibration tokens, or
-      an unsupported size.
-    NotImplementedError: `packed` with a config the kernels do not run.
+    ValueError: GPTQ or learned rotations without calibration tokens, an
+      unsupported size (a `rotation_tp` block included), or `rotation_tp`
+      != 1 without rotation.
+    NotImplementedError: `packed` with a config the kernels do not run,
+      or learned rotations with `rotation_tp` > 1.
   """
   params, wrap = model.unwrap(params)
   if packed:
     check_packable(qconfig)
   options = qconfig.run_options(config.head_dim)
+  if rotation_tp != 1:
+    if not qconfig.rotate:
+      raise ValueError(f"{rotation_tp=} needs rotate=True")
+    if rotation_key(qconfig) is not None:
+      raise NotImplementedError(
+          f"{rotation_tp=}: learned rotations fold full width only")
+    options = dataclasses.replace(options, had_blocks=rotation_tp)
   if qconfig.rotate and qconfig.rotate_mode == "learned":
     if rotations is None:
       rotations = learn_rotations(params, config, qconfig, calib_tokens,
@@ -288,7 +301,7 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     params = learned_rotation.fold(params, config, rotations)
   elif qconfig.rotate:
     params = rotation.rotate(params, config, jax.random.key(qconfig.seed),
-                             mode=qconfig.rotate_mode)
+                             mode=qconfig.rotate_mode, tp=rotation_tp)
   else:
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   if qconfig.w_bits < 16:

@@ -3,7 +3,10 @@
 `windows` cuts a text of `data.TEXTS` (enwiki-gensim, code-sympy) into
 evaluation and calibration windows (`text_windows`: several texts);
 `run_sweep` quantizes a model once per `QuaRotConfig`, evaluates it on each
-text and returns one perplexity record per (config, text); with a
+text and returns one perplexity record per (config, text), rotated
+configs once per `rotation_tp` (block-diagonal online Hadamards, one per
+tensor-parallel shard; `rotation_tp_problem` says which degrees a model
+cannot take); with a
 `rotations_dir` it loads learned rotations saved there (`rotation_cache`)
 and saves those it learns, and `learn_rotations` learns (or finds) them
 without quantizing, so learning and evaluation can run in separate
@@ -16,12 +19,15 @@ import datetime
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from quarot_jax import data
 from quarot_jax import evaluate
 from quarot_jax import quarot
+from quarot_jax import rotation
 from quarot_jax import rotation_cache
+from quarot_jax import sharding
 from quarot_jax.quarot import QuaRotConfig
 
 _FP = dict(w_bits=16, a_bits=16, k_bits=16, v_bits=16)
@@ -112,20 +118,103 @@ def windows(tokenizer: Any, *, seqlen: int, max_windows: int | None,
   return evals[eval_text], calib
 
 
+def check_rotation_tp(rotation_tp: Sequence[int]) -> list[int]:
+  """The tensor-parallel degrees of a sweep, checked.
+
+  Args:
+    rotation_tp: degrees, each a positive int, no repeats.
+
+  Returns:
+    They, as a list of ints.
+
+  Raises:
+    ValueError: none given, one not a positive int, or a repeat.
+  """
+  tps = list(rotation_tp)
+  bad = [tp for tp in tps
+         if not isinstance(tp, (int, np.integer)) or isinstance(tp, bool)
+         or tp < 1]
+  if not tps or bad or len(set(tps)) != len(tps):
+    raise ValueError(f"{rotation_tp=} must list distinct positive ints")
+  return [int(tp) for tp in tps]
+
+
+def rotation_tp_problem(params: Any, config: Any, tp: int) -> str | None:
+  """Why the block-diagonal rotation for `tp` shards does not fit a model.
+
+  The checks are the library's own: `sharding.check_config` (query and KV
+  heads, so that each o_proj block holds whole heads, FFN and vocabulary
+  divide by tp) and those of `rotation.rotate(..., tp=tp)` (a Hadamard of
+  order N·H/tp and F/tp), traced with `jax.eval_shape` (nothing computed).
+
+  Args:
+    params: float params of the model.
+    config: its `LlamaConfig`.
+    tp: the number of diagonal blocks.
+
+  Returns:
+    None if it fits, else the message naming the size at fault.
+  """
+  try:
+    sharding.check_config(config, tp)
+    # mode='random': only the online transforms, which tp splits, need
+    # Hadamards; the residual rotation is the same at every tp.
+    jax.eval_shape(lambda p, key: rotation.rotate(p, config, key,
+                                                  mode="random", tp=tp),
+                   params, jax.random.key(0))
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def _runs(params: Any, config: Any, configs: Sequence[QuaRotConfig],
+          rotation_tp: Sequence[int]) -> list[tuple[QuaRotConfig, int]]:
+  """(config, tp) pairs to run; prints one line per degree or pair skipped.
+
+  Unrotated configs run once (tp 1); rotated ones once per degree that
+  fits the model; learned rotations only at tp 1.
+  """
+  tps = check_rotation_tp(rotation_tp)
+  problems = {}
+  if any(c.rotate for c in configs):
+    for tp in tps:
+      problem = None if tp == 1 else rotation_tp_problem(params, config, tp)
+      if problem is not None:
+        problems[tp] = problem
+        print(f"rotation_tp={tp} skipped: {problem}", flush=True)
+  runs = []
+  for qconfig in configs:
+    if not qconfig.rotate:
+      runs.append((qconfig, 1))
+      continue
+    for tp in tps:
+      if tp in problems:
+        continue
+      if tp != 1 and quarot.rotation_key(qconfig) is not None:
+        print(f"rotation_tp={tp} skipped for {qconfig.describe()}: learned"
+              " rotations fold full width only (tp 1)", flush=True)
+        continue
+      runs.append((qconfig, tp))
+  return runs
+
+
 def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
             wall_s: float, seqlen: int, nsamples: int, eval_text: str,
             model_name: str, command: str,
             rotation_s: float | None = None,
-            rotation_loaded: bool | None = None) -> dict[str, Any]:
+            rotation_loaded: bool | None = None,
+            rotation_tp: int = 1) -> dict[str, Any]:
   learned = quarot.rotation_key(qconfig) is not None
   return {
       "model": model_name,
-      "label": qconfig.describe(),
+      "label": qconfig.describe() + (f" tp{rotation_tp}"
+                                     if rotation_tp != 1 else ""),
       "w_bits": qconfig.w_bits, "a_bits": qconfig.a_bits,
       "k_bits": qconfig.k_bits, "v_bits": qconfig.v_bits,
       "w_method": qconfig.w_method if qconfig.w_bits < 16 else "none",
       "groupsize": qconfig.w_groupsize,
       "rotate": qconfig.rotate, "rotate_mode": qconfig.rotate_mode,
+      "rotation_tp": rotation_tp,
       "rotation_objective": qconfig.rotation_objective if learned else None,
       "rotation_steps": qconfig.rotation_steps if learned else None,
       "rotation_lr": qconfig.rotation_lr if learned else None,
@@ -149,8 +238,10 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
               command: str = "",
               on_record: Callable[[dict[str, Any]], None] | None = None,
               batch_size: int = 4, progress: bool = True,
-              rotations_dir: str | None = None) -> list[dict]:
-  """Quantizes each config once and evaluates it on each text.
+              rotations_dir: str | None = None,
+              rotation_tp: Sequence[int] = (1,)) -> list[dict]:
+  """Quantizes each config once (per `rotation_tp`) and evaluates it on
+  each text.
 
   The float baseline runs first.
 
@@ -177,10 +268,18 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     rotations_dir: load learned rotations saved here instead of learning
       them, and save the ones learned (`rotation_cache`); None learns every
       key and saves nothing.
+    rotation_tp: tensor-parallel degrees: each rotated config runs once per
+      degree, its online Hadamards block-diagonal with that many blocks
+      (`quarot.quantize(..., rotation_tp=tp)`; 1: full width). A degree the
+      model cannot take (`rotation_tp_problem`), and any degree but 1 for
+      learned rotations, is skipped with one printed line saying why.
+      Unrotated configs run once.
 
   Returns:
-    One record per (config, text), config-major in the order run, texts in
-    the order given: its label, bits, method, rotation (learned ones with
+    One record per (config, tp, text), config-major in the order run, then
+    tp in the order given, texts in the order given: its label (' tpN'
+    appended for tp N > 1), bits, method, rotation, `rotation_tp` (1 for
+    the full-width transform and for unrotated configs; learned ones with
     `rotation_objective`, `rotation_steps`, `rotation_lr`, `rotation_s`,
     the seconds spent learning them, and `rotation_loaded`, true when they
     came from `rotations_dir`), `eval_text`, `ppl`, and `fp_ppl` and
@@ -189,8 +288,9 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     the quantization is shared by a config's records), date and command.
 
   Raises:
-    ValueError: `eval_text` given with a mapping, an empty mapping, or a
-      saved rotation that does not fit (`rotation_cache.load`).
+    ValueError: `eval_text` given with a mapping, an empty mapping, a
+      saved rotation that does not fit (`rotation_cache.load`), or
+      `rotation_tp` not distinct positive ints.
   """
   if isinstance(eval_windows, Mapping):
     if eval_text is not None:
@@ -206,11 +306,12 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
   if fp_config in configs:
     configs.remove(fp_config)
   configs.insert(0, fp_config)
+  runs = _runs(params, config, configs, rotation_tp)
   nsamples = 0 if calib_windows is None else calib_windows.shape[0]
   records = []
   fp_ppl = {}  # text -> float model's perplexity
   learned = {}  # rotation_key -> (rotations, seconds learning, loaded)
-  for qconfig in configs:
+  for qconfig, tp in runs:
     start = time.time()
     key = quarot.rotation_key(qconfig)
     if key is not None and key not in learned:
@@ -220,7 +321,7 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     rotations, rotation_s, loaded = learned.get(key, (None, None, None))
     qparams, options = quarot.quantize(params, config, qconfig,
                                        calib_windows, rotations=rotations,
-                                       progress=progress)
+                                       rotation_tp=tp, progress=progress)
     quantize_s = time.time() - start
     for text, windows_ in texts.items():
       eval_start = time.time()
@@ -233,7 +334,7 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
           wall_s=quantize_s + time.time() - eval_start,
           seqlen=windows_.shape[1], nsamples=nsamples, eval_text=text,
           model_name=model_name, command=command, rotation_s=rotation_s,
-          rotation_loaded=loaded)
+          rotation_loaded=loaded, rotation_tp=tp)
       records.append(record)
       if progress:
         print(f"{record['label']:<32} {text:<14} ppl {record['ppl']:.3f}"

@@ -2,19 +2,34 @@
 
 import dataclasses
 
+import jax
 import pytest
 
 from quarot_jax import data
 from quarot_jax import evaluate
 from quarot_jax import hf
+from quarot_jax import model
 from quarot_jax import quarot
 from quarot_jax import sweep
+from quarot_jax.config import LlamaConfig
 from tests import hf_models
+
+# Heads, kv heads, FFN and vocabulary divide by 2 but not by 5; N·H = F = 96
+# and their halves (48 = 4·12) have Hadamard matrices.
+_TP_CONFIG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=1, num_attention_heads=12,
+                         num_key_value_heads=6, head_dim=8)
 
 
 @pytest.fixture(scope="module")
 def tiny():
   return hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
+
+
+@pytest.fixture(scope="module")
+def tp_model():
+  init = jax.jit(model.init_params, static_argnames=("config", "scale"))
+  return init(_TP_CONFIG, jax.random.key(0), scale=0.2)
 
 
 def test_sweep_runs_float_first_and_reports_each_record(tiny):
@@ -36,6 +51,81 @@ def test_sweep_runs_float_first_and_reports_each_record(tiny):
   assert records[0]["ppl"] == records[1]["fp_ppl"]
   assert records[1]["delta_ppl"] == records[1]["ppl"] - records[0]["ppl"]
   assert records[1]["eval_tokens"] == 3 * 15 and records[1]["seqlen"] == 16
+  # rotation_tp defaults to 1: the full-width transform, as before the flag.
+  assert [r["rotation_tp"] for r in records] == [1, 1]
+  qparams, options = quarot.quantize(params, config, configs[0],
+                                     progress=False)
+  assert options.had_blocks == 1
+  assert records[1]["ppl"] == evaluate.perplexity(
+      qparams, config, windows, options=options, batch_size=2,
+      progress=False)["ppl"]
+
+
+def test_sweep_rotation_tp_runs_each_rotated_config_per_degree(tp_model):
+  windows = hf_models.random_tokens(_TP_CONFIG.vocab_size, 2, 16, seed=7)
+  rotated_fp = quarot.QuaRotConfig()
+  records = sweep.run_sweep(tp_model, _TP_CONFIG, [rotated_fp], windows,
+                            batch_size=2, progress=False, rotation_tp=(2,))
+  assert [(r["label"], r["rotation_tp"]) for r in records] == [
+      ("W16A16KV16 norot", 1), ("W16A16KV16 rot-hadamard tp2", 2)]
+  fp = records[0]["ppl"]
+  # The block-diagonal rotation is orthogonal: the float model is unchanged.
+  assert records[1]["ppl"] == pytest.approx(fp, rel=1e-5)
+  _, options = quarot.quantize(tp_model, _TP_CONFIG, rotated_fp,
+                               rotation_tp=2, progress=False)
+  assert options.had_blocks == 2  # the online Hadamards match the folding
+  # Quantized (activations and KV cache: no weight search, for speed), the
+  # two transforms give different models; the unrotated one runs once.
+  a4kv4 = quarot.QuaRotConfig(a_bits=4, k_bits=4, v_bits=4)
+  records = sweep.run_sweep(tp_model, _TP_CONFIG, [a4kv4], windows,
+                            batch_size=2, progress=False, rotation_tp=(1, 2))
+  assert [(r["label"], r["rotation_tp"]) for r in records] == [
+      ("W16A16KV16 norot", 1), ("W16A4KV4 rot-hadamard", 1),
+      ("W16A4KV4 rot-hadamard tp2", 2)]
+  tp1, tp2 = records[1]["ppl"], records[2]["ppl"]
+  assert abs(tp2 - tp1) > 1e-4 * tp1
+  assert abs(tp1 - fp) > 1e-3 * fp
+
+
+def test_sweep_rotation_tp_skips_what_does_not_fit(tp_model, capsys,
+                                                   monkeypatch):
+  windows = hf_models.random_tokens(_TP_CONFIG.vocab_size, 2, 16, seed=7)
+  records = sweep.run_sweep(
+      tp_model, _TP_CONFIG, [quarot.QuaRotConfig(w_bits=8)], windows,
+      batch_size=2,
+      progress=False, rotation_tp=(5,))
+  assert [r["label"] for r in records] == ["W16A16KV16 norot"]
+  assert capsys.readouterr().out == (
+      "rotation_tp=5 skipped: num_attention_heads=12 must be divisible by"
+      " tp=5\n")
+  monkeypatch.setattr(quarot, "learn_rotations", None)  # never called
+  whip = quarot.QuaRotConfig(rotate_mode="learned", rotation_steps=2)
+  records = sweep.run_sweep(
+      tp_model, _TP_CONFIG, [whip], windows, batch_size=2,
+      progress=False, rotation_tp=(2,))
+  assert [r["label"] for r in records] == ["W16A16KV16 norot"]
+  assert capsys.readouterr().out == (
+      "rotation_tp=2 skipped for W16A16KV16 rot-learned-whip2: learned"
+      " rotations fold full width only (tp 1)\n")
+  with pytest.raises(ValueError, match="distinct positive ints"):
+    sweep.run_sweep(tp_model, _TP_CONFIG, [], windows, rotation_tp=(2, 2))
+
+
+def test_rotation_tp_problem_names_the_size():
+  params = jax.eval_shape(
+      lambda key: model.init_params(_TP_CONFIG, key), jax.random.key(0))
+  assert sweep.rotation_tp_problem(params, _TP_CONFIG, 2) is None
+  assert "num_key_value_heads=6" in sweep.rotation_tp_problem(
+      params, _TP_CONFIG, 4)
+  # Sizes divide by 6, but F / 6 = 6 has no Hadamard matrix (rotate says).
+  config = dataclasses.replace(_TP_CONFIG, intermediate_size=36)
+  params = jax.eval_shape(lambda key: model.init_params(config, key),
+                          jax.random.key(0))
+  assert "order n=6" in sweep.rotation_tp_problem(params, config, 6)
+  for bad in ((), (0,), (1, 1), (True,), (1.0,)):
+    with pytest.raises(ValueError, match="distinct positive ints"):
+      sweep.check_rotation_tp(bad)
+  assert sweep.check_rotation_tp((1, 3)) == [1, 3]
 
 
 def test_group_size_divides_every_width():

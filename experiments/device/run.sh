@@ -35,6 +35,10 @@
 #                            accuracy --sweep=learned ... --learn_only
 #                            --rotations_dir=/root/stage/rotations, then
 #                            the same flags without --learn_only.
+#                            Block-diagonal rotation (#18; tp=2 is skipped:
+#                            9 heads): accuracy --w_bits=4 --a_bits=4
+#                            --k_bits=4 --v_bits=4 --w_method=gptq
+#                            --rotation_tp=1,2,3 --max_windows=32
 #   real-vs-simulated [ARGS] experiments.real_vs_simulated on SmolLM2.
 #   plot-activations [ARGS]  experiments.plot_activations on SmolLM2.
 #   py MODULE [ARGS]         python -m MODULE with the same environment.

@@ -42,6 +42,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from experiments.lab import benchmarking
 from pallas_kernels import decode_matmul as dm
 from pallas_kernels import int4_layout
 
@@ -195,20 +196,16 @@ def time_op(fn, ops: dict[str, Any], ws: list[jax.Array], *, reps: int = 10,
     jax.block_until_ready(out)
     walls.append((time.perf_counter() - start) * 1e3 / reps / calls)
   result = {"wall_ms": statistics.median(walls)}
-  try:
-    # pylint: disable-next=g-import-not-at-top
-    from jax.experimental.mosaic.gpu import profiler
-    _, timings = profiler.measure(many, aggregate=False, iterations=7)(*args)
-    totals = [sum(t for _, t in it) / calls for it in timings]
-    top = max(timings[0], key=lambda nt: nt[1])[0]  # the matmul's kernel
-    ours = [sum(t for name, t in it if name == top) / calls
-            for it in timings]
-    result["ms"] = statistics.median(totals)
-    result["kernel_ms"] = statistics.median(ours)
-    result["kernels"] = sorted({name for it in timings for name, _ in it})
-  except Exception as e:  # pylint: disable=broad-except
-    print(f"  (no CUPTI timing: {type(e).__name__}: {str(e)[:200]})")
+  timings = benchmarking.kernel_timings(many, *args, iterations=7)
+  if timings is None:
     result["ms"] = result["wall_ms"]
+    return result
+  totals = [sum(t for _, t in it) / calls for it in timings]
+  top = max(timings[0], key=lambda nt: nt[1])[0]  # the matmul's kernel
+  ours = [sum(t for name, t in it if name == top) / calls for it in timings]
+  result["ms"] = statistics.median(totals)
+  result["kernel_ms"] = statistics.median(ours)
+  result["kernels"] = sorted({name for it in timings for name, _ in it})
   return result
 
 

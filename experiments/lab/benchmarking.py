@@ -40,6 +40,17 @@ def device_ms(fn: Callable[..., Any], *args,
   dispatch more than the kernel (H200, 2026-12-01: every config of a 3-15
   us kernel timed 40-60 us), so sweeps of small kernels pick by this.
   """
+  timings = kernel_timings(fn, *args, iterations=iterations)
+  if timings is None:
+    return None
+  return statistics.median(sum(t for _, t in it) for it in timings)
+
+
+def kernel_timings(fn: Callable[..., Any], *args, iterations: int = 10
+                   ) -> list[list[tuple[str, float]]] | None:
+  """Per iteration, the (kernel name, ms) of every kernel `fn(*args)`
+  launches (CUPTI through Mosaic GPU's profiler); None off the GPU or when
+  the profiler fails (the reason is printed)."""
   if jax.default_backend() != "gpu":
     return None
   try:
@@ -50,7 +61,7 @@ def device_ms(fn: Callable[..., Any], *args,
   except Exception as e:  # pylint: disable=broad-except
     print(f"  (no CUPTI timing: {type(e).__name__}: {str(e)[:200]})")
     return None
-  return statistics.median(sum(t for _, t in it) for it in timings)
+  return timings
 
 
 def timed_ms(fn: Callable[..., Any], *args,

@@ -324,7 +324,7 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
   s_ref[...] = scales
 
 
-def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, amax_ref, *,
+def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, *amax_refs,
                           use_left: bool, norm: float):
   """One row and one slice of R's columns: y[:, slice] = S_aᵀ · X ·
   R[:, slice] / √K in f32, each element computed as in
@@ -332,7 +332,8 @@ def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, amax_ref, *,
   # x_ref: [1, a, r]; left_ref: [ap, ap]; right_ref: [rp, w], columns
   # g * w .. (g + 1) * w of R padded to [rp, rp] (padded rows and columns
   # zero); y_ref: f32[1, a, r], this program stores the real [a] rows of its
-  # columns below r; amax_ref: f32[1, 1], max |y| over them.
+  # columns below r; amax_refs: () or (f32[1, 1],) max |y| over them (for
+  # chunked_quantize).
   _, a, r = x_ref.shape
   ap, (rp, w) = left_ref.shape[0], right_ref.shape
   dt = right_ref.dtype
@@ -355,7 +356,9 @@ def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, amax_ref, *,
   y = z * norm
   mask = valid & (col + jnp.arange(w)[None, :] < r)
   plgpu.store(y_ref.at[row, pl.ds(0, ap), pl.ds(col, w)], y, mask=mask)
-  amax_ref[...] = jnp.full((1, 1), jnp.max(jnp.where(mask, jnp.abs(y), 0.0)))
+  for amax_ref in amax_refs:
+    amax_ref[...] = jnp.full((1, 1),
+                             jnp.max(jnp.where(mask, jnp.abs(y), 0.0)))
 
 
 def quantize_chunk_kernel(y_ref, amax_ref, q_ref, s_ref, *, packed: bool,
@@ -631,20 +634,25 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   splits = column_splits(k, m, rows, cfg, dtype=x.dtype)
   if splits > 1:  # Few rows: the transform on M x G programs, then quantize.
     w = rp // splits
-    y, amax = pl.pallas_call(
+    # The partial maxima only for chunked_quantize: the GPU-measured kernel
+    # stays as it ran until the chunked one is timed.
+    n_out = 2 if cfg.chunked_quantize else 1
+    y, *amax = pl.pallas_call(
         functools.partial(hadamard_split_kernel, use_left=a > 1, norm=norm),
         grid=(rows, splits),
         in_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
                   pl.BlockSpec((ap, ap), lambda i, g: (0, 0)),
                   pl.BlockSpec((rp, w), lambda i, g: (0, g))],
         out_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
-                   pl.BlockSpec((1, 1), lambda i, g: (i, g))],
+                   pl.BlockSpec((1, 1), lambda i, g: (i, g))][:n_out],
         out_shape=[jax.ShapeDtypeStruct((rows, a, r), jnp.float32),
-                   jax.ShapeDtypeStruct((rows, splits), jnp.float32)],
+                   jax.ShapeDtypeStruct((rows, splits), jnp.float32)
+                   ][:n_out],
         compiler_params=params, interpret=interpret, debug=debug,
         name="hadamard_split",
     )(x3, pad(left, (ap, ap)), pad(right, (rp, rp)))
     if cfg.chunked_quantize:
+      amax, = amax
       x_q, s_x = _quantize_chunks(y.reshape(rows, k), amax, clip_ratio,
                                   packed, cfg, interpret, debug, out_rows)
       return _shaped(x_q, s_x, lead, rows, out_rows)

@@ -1,5 +1,7 @@
 """Shared pytest setup: markers and the `interpret` fixture."""
 
+import gc
+
 import jax
 import pytest
 
@@ -31,3 +33,18 @@ def pytest_collection_modifyitems(config, items):
 def interpret() -> bool:
   """True when no GPU is present: Pallas kernels run in interpret mode."""
   return not _has_gpu()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Drops every compiled executable after each test module.
+
+  Each XLA:CPU executable keeps its JIT code in memory maps, and the whole
+  suite in one process compiled enough of them to pass the kernel's map
+  limit (vm.max_map_count, 65530): the process then aborted or segfaulted
+  in a compile late in the run (2026-12-01; ~70 maps a second while tests
+  compile). Clearing the caches after a module lets them be unmapped.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()

@@ -18,8 +18,7 @@ Decode (few rows): `--column_splits` sweeps the split path's G ("auto" is
 the kernel's own choice, 1 the fused one-program-per-row kernel); configs
 that run the same launch (G > 1 ignores rows_per_program; an explicit G is
 capped) are timed once; each record's `sweep` holds every launch's ms (None:
-failed), keyed w<num_warps>_<G>_<rows per program> (where G > 1:
-chunked_quantize, `--chunked_quantize=false,true`) or
+failed), keyed w<num_warps>_<G>_<rows per program> (None where G > 1) or
 w<num_warps>_b<block_elements>. For example
 
   python -m experiments.bench_hadamard_quant --m=1,16 --k=11008,14336 \
@@ -59,9 +58,6 @@ _PACKED = flags.DEFINE_list("packed", ["true", "false"],
 _TRANSFORM = flags.DEFINE_list("transform", ["hadamard", "quant_only"],
                                "Variants: with the Hadamard, quantize only.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
-_CHUNKED = flags.DEFINE_list(
-    "chunked_quantize", ["false"],
-    "Split path: HadamardQuantConfig.chunked_quantize sweep (true/false).")
 
 
 def main(argv):
@@ -87,10 +83,8 @@ def main(argv):
         case = (f"M{m}_K{k}_{'hadamard' if use_had else 'quant_only'}"
                 + ("" if packed else "_int8"))
         best = None
-        sizes = ([dict(rows_per_program=int(r), column_splits=g,
-                       chunked_quantize=c == "true")
-                  for r in _ROWS.value for g in splits
-                  for c in _CHUNKED.value]
+        sizes = ([dict(rows_per_program=int(r), column_splits=g)
+                  for r in _ROWS.value for g in splits]
                  if use_had else
                  [dict(block_elements=int(b)) for b in _BLOCK.value])
         seen = set()
@@ -101,7 +95,7 @@ def main(argv):
           if use_had:  # the launch this config runs, timed once
             g = hq.column_splits(k, order, m, cfg)
             launch = (warps, g, math.gcd(m, cfg.rows_per_program)
-                      if g == 1 else cfg.chunked_quantize)
+                      if g == 1 else None)
             if launch in seen:
               continue
             seen.add(launch)

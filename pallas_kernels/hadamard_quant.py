@@ -47,8 +47,6 @@ a layer against 15.3 us fused; at K = 4096 4.6 us against 3.7 fused. So the
 automatic rule splits only K >= 8192 and 16-bit inputs: on the GPU the f32
 split cases failed their test (two; a third ran past the time limit; not
 diagnosed), while the bf16/f16 cases at r = 172 (as at 11008) passed.
-`chunked_quantize` (off until timed) quantizes y on a (M, chunks) grid too,
-the row's absmax from the transform programs' partial maxima.
 
 Without the Hadamard a separate kernel (`quantize_kernel`) has no dots: it
 quantizes a block of rows (`block_elements`) and splits the codes into even
@@ -99,11 +97,6 @@ class HadamardQuantConfig:
       module docstring): None picks it from M (`column_splits`), 1 never
       splits, a power of two G > 1 always splits (capped so that each slice
       is at least 16 columns wide, Triton's smallest dot).
-    chunked_quantize: split path only: quantize y on a (M, chunks) grid,
-      one program per chunk of a row (`quantize_chunk_kernel`, the row's
-      absmax from the transform programs' partial maxima), instead of the
-      quantize-only kernel's one program per row. Same bits; off until
-      timed on a GPU.
   """
 
   num_warps: int = 4
@@ -111,7 +104,6 @@ class HadamardQuantConfig:
   rows_per_program: int = 1  # 4-8 won only at M2048 K4096 (BENCHMARKS.md)
   block_elements: int = 8192
   column_splits: int | None = None
-  chunked_quantize: bool = False
 
   def __post_init__(self):
     for name in ("rows_per_program", "block_elements"):
@@ -324,7 +316,7 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
   s_ref[...] = scales
 
 
-def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, *amax_refs,
+def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, *,
                           use_left: bool, norm: float):
   """One row and one slice of R's columns: y[:, slice] = S_aᵀ · X ·
   R[:, slice] / √K in f32, each element computed as in
@@ -332,8 +324,7 @@ def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, *amax_refs,
   # x_ref: [1, a, r]; left_ref: [ap, ap]; right_ref: [rp, w], columns
   # g * w .. (g + 1) * w of R padded to [rp, rp] (padded rows and columns
   # zero); y_ref: f32[1, a, r], this program stores the real [a] rows of its
-  # columns below r; amax_refs: () or (f32[1, 1],) max |y| over them (for
-  # chunked_quantize).
+  # columns below r.
   _, a, r = x_ref.shape
   ap, (rp, w) = left_ref.shape[0], right_ref.shape
   dt = right_ref.dtype
@@ -353,72 +344,8 @@ def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, *amax_refs,
       z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
       z = dot(left, z_hi) + dot(left, z_lo)
   col = pl.program_id(1) * w
-  y = z * norm
-  mask = valid & (col + jnp.arange(w)[None, :] < r)
-  plgpu.store(y_ref.at[row, pl.ds(0, ap), pl.ds(col, w)], y, mask=mask)
-  for amax_ref in amax_refs:
-    amax_ref[...] = jnp.full((1, 1),
-                             jnp.max(jnp.where(mask, jnp.abs(y), 0.0)))
-
-
-def quantize_chunk_kernel(y_ref, amax_ref, q_ref, s_ref, *, packed: bool,
-                          clip_ratio: float, rows: int):
-  """One chunk of one row of the split path: codes with the row's scale.
-
-  The row's absmax is the max of the transform programs' partial maxima
-  (a max in any order is exact), so codes and scale are the bits
-  `store_quantized_rows` gives for the whole row. Rows past `rows` (the
-  out_rows padding) get zero codes and scale 1.
-  """
-  # y_ref: f32[1, 1, c] (a chunk of c values of the row); amax_ref: f32[1,
-  # G]; q_ref: int8[1, 1, c] or uint8[1, 1, c // 2]; s_ref: f32[1].
-  real = pl.program_id(0) < rows
-  absmax = jnp.max(amax_ref[...])
-  scale = absmax * _scale_factor(clip_ratio)
-  scale = jnp.where(real & (scale > 0), scale, 1.0)
-  y = y_ref[...]
-  codes = jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
-  codes = jnp.where(real, codes, 0)
-  if packed:
-    c = y.shape[-1]
-    even, odd = jnp.unstack(codes.reshape(1, 1, c // 2, 2), axis=-1)
-    q_ref[...] = ((even & 0xF) | ((odd & 0xF) << 4)).astype(jnp.uint8)
-  else:
-    q_ref[...] = codes.astype(jnp.int8)
-
-  @pl.when(pl.program_id(1) == 0)
-  def _():
-    s_ref[...] = jnp.full((1,), scale, jnp.float32)
-
-
-def _quantize_chunks(y: jax.Array, amax: jax.Array, clip_ratio: float,
-                     packed: bool, cfg: HadamardQuantConfig, interpret: bool,
-                     debug: bool, out_rows: int
-                     ) -> tuple[jax.Array, jax.Array]:
-  """`quantize_chunk_kernel` over y f32[M, K] in chunks of the quantize
-  view's rows (`_quantize_view`: [a, r], r a power of two); amax f32[M, G]
-  the partial maxima. Returns (codes [out_rows, ...], scales [out_rows])."""
-  rows, k = y.shape
-  a, r = _quantize_view(k)
-  last = max(rows - 1, 0)
-  q_chunk, q_dtype = (r // 2, jnp.uint8) if packed else (r, jnp.int8)
-  x_q, s_x = pl.pallas_call(
-      functools.partial(quantize_chunk_kernel, packed=packed,
-                        clip_ratio=clip_ratio, rows=rows),
-      grid=(out_rows, a),
-      in_specs=[pl.BlockSpec((1, 1, r),
-                             lambda i, c: (jnp.minimum(i, last), c, 0)),
-                pl.BlockSpec((1, amax.shape[1]),
-                             lambda i, c: (jnp.minimum(i, last), 0))],
-      out_specs=[pl.BlockSpec((1, 1, q_chunk), lambda i, c: (i, c, 0)),
-                 pl.BlockSpec((1,), lambda i, c: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((out_rows, a, q_chunk), q_dtype),
-                 jax.ShapeDtypeStruct((out_rows,), jnp.float32)],
-      compiler_params=compat.triton_params(num_warps=cfg.num_warps,
-                                           num_stages=cfg.num_stages),
-      interpret=interpret, debug=debug, name="hadamard_quant_chunks",
-  )(y.reshape(rows, a, r), amax)
-  return x_q, s_x
+  plgpu.store(y_ref.at[row, pl.ds(0, ap), pl.ds(col, w)], z * norm,
+              mask=valid & (col + jnp.arange(w)[None, :] < r))
 
 
 def quantize_kernel(x_ref, q_ref, s_ref, *, ap: int, packed: bool,
@@ -634,28 +561,17 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   splits = column_splits(k, m, rows, cfg, dtype=x.dtype)
   if splits > 1:  # Few rows: the transform on M x G programs, then quantize.
     w = rp // splits
-    # The partial maxima only for chunked_quantize: the GPU-measured kernel
-    # stays as it ran until the chunked one is timed.
-    n_out = 2 if cfg.chunked_quantize else 1
-    y, *amax = pl.pallas_call(
+    y = pl.pallas_call(
         functools.partial(hadamard_split_kernel, use_left=a > 1, norm=norm),
         grid=(rows, splits),
         in_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
                   pl.BlockSpec((ap, ap), lambda i, g: (0, 0)),
                   pl.BlockSpec((rp, w), lambda i, g: (0, g))],
-        out_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
-                   pl.BlockSpec((1, 1), lambda i, g: (i, g))][:n_out],
-        out_shape=[jax.ShapeDtypeStruct((rows, a, r), jnp.float32),
-                   jax.ShapeDtypeStruct((rows, splits), jnp.float32)
-                   ][:n_out],
+        out_specs=pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, a, r), jnp.float32),
         compiler_params=params, interpret=interpret, debug=debug,
         name="hadamard_split",
     )(x3, pad(left, (ap, ap)), pad(right, (rp, rp)))
-    if cfg.chunked_quantize:
-      amax, = amax
-      x_q, s_x = _quantize_chunks(y.reshape(rows, k), amax, clip_ratio,
-                                  packed, cfg, interpret, debug, out_rows)
-      return _shaped(x_q, s_x, lead, rows, out_rows)
     return _quantize_only(y.reshape(*lead, k), clip_ratio, packed, cfg,
                           interpret, debug, out_rows)
   per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)

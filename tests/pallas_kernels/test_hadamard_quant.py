@@ -229,38 +229,6 @@ def test_split_path_matches_reference_and_fused_kernel(
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("k, m, out_rows, splits, packed", [
-    (2752, 1, None, 8, True),
-    (2752, 3, 8, 8, False),
-    (2752, 16, None, 4, True),
-    (11008, 1, 4, None, False),  # automatic G, padded rows
-])
-def test_chunked_quantize_is_the_split_path_bit_for_bit(
-    k, m, out_rows, splits, packed, interpret):
-  # The quantize step on a (M, chunks) grid with the row's absmax from the
-  # transform programs' partial maxima: the same codes and scales as the
-  # one-program-per-row quantize, which equal the fused kernel's.
-  x = 4.0 * _x(m, k, jnp.bfloat16, seed=3 * k + m) + 1.0
-  base = _base(k)
-  run = lambda **c: hq.hadamard_quant(
-      x, base, packed=packed, out_rows=out_rows, interpret=interpret,
-      config=hq.HadamardQuantConfig(column_splits=splits, **c))
-  got, want = run(chunked_quantize=True), run()
-  for a, b in zip(got, want):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  if out_rows:
-    assert not np.asarray(got[0][m:]).any()
-    np.testing.assert_array_equal(np.asarray(got[1][m:]), 1.0)
-  names = set(re.findall(r"hadamard_\w+", str(jax.make_jaxpr(
-      lambda x: hq.hadamard_quant(
-          x, base, packed=packed, out_rows=out_rows, interpret=True,
-          config=hq.HadamardQuantConfig(column_splits=splits,
-                                        chunked_quantize=True)))(x))))
-  assert "hadamard_quant_chunks" in names
-  assert "hadamard_quant_no_transform" not in names
-
-
 def test_reference_by_hand():
   # x = [3.5, 0.5, 6, 4], H_4 = Sylvester (symmetric): columns [1,1,1,1],
   # [1,-1,1,-1], [1,1,-1,-1], [1,-1,-1,1]. x @ H_4 = [14, 5, -6, 1];

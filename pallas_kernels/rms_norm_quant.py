@@ -30,8 +30,11 @@ one-step sum over the flattened row, one row per program took ~210 us (K =
 4096; 666 us at 11008) against 4.4 us at two rows, and padding rows came
 out as -8 codes when eps = 0 (0 * rsqrt(0) is NaN). With the two-step sum
 and padding zeroed after the norm (2026-12-01): 2.4 us at one row (2.8
-with 16 output rows; 6.2 at K = 11008), its GPU tests pass, and every GPU
-setting of `Kernels` runs it (CI: 'interpret').
+with 16 output rows; 6.2 at K = 11008), and every GPU setting of `Kernels`
+runs it (CI: 'interpret'). Later that day 5 of its GPU tests failed: codes
+moved at ties because the scale was multiplied, then divided by 7 (1 ulp
+off XLA's folded constant); scales are now `absmax * f32(clip / 7)` as in
+`hadamard_quant`, not yet re-run on the GPU.
 
 Backend: the Pallas Triton lowering, a block of rows per program, each row
 viewed as [a, r] like `hadamard_quant.quantize_kernel` (interpret mode on

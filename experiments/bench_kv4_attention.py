@@ -43,6 +43,10 @@ _PATHS = flags.DEFINE_list(
     "paths", ["auto"],
     "KV4DecodeAttentionConfig.path sweep: auto, dot, dot_free (dot_free is"
     " skipped where G > 1).")
+_NIBBLES = flags.DEFINE_list(
+    "nibbles", ["convert"],
+    "KV4DecodeAttentionConfig.nibbles sweep: convert, bits (bits only"
+    " changes the dot path).")
 _WARPS = flags.DEFINE_list("num_warps", ["default"],
                            "num_warps sweep (integers or 'default').")
 _STAGES = flags.DEFINE_list("num_stages", ["default"],
@@ -65,10 +69,15 @@ def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
                                       for x in values})
   warps = pick(_WARPS.value, default.num_warps)
   stages = pick(_STAGES.value, default.num_stages)
-  return [attn.KV4DecodeAttentionConfig(
-      block_s=bs, num_splits=ns, num_warps=nw, num_stages=st, path=path)
-          for bs, ns, path, nw, st in itertools.product(
-              block_sizes, counts, paths, warps, stages)]
+  configs = [attn.KV4DecodeAttentionConfig(
+      block_s=bs, num_splits=ns, num_warps=nw, num_stages=st, path=path,
+      nibbles=nib)
+             for bs, ns, path, nw, st, nib in itertools.product(
+                 block_sizes, counts, paths, warps, stages, _NIBBLES.value)]
+  # 'bits' on the dot-free path is the 'convert' kernel again.
+  dot_free = lambda c: c.path == "dot_free" or (
+      c.path == "auto" and attn.uses_dot_free_path(n, kv_heads))
+  return [c for c in configs if c.nibbles == "convert" or not dot_free(c)]
 
 
 def _inputs(key, b, s, n, kv_heads, h):

@@ -97,6 +97,11 @@ class KV4DecodeAttentionConfig:
     num_stages: Triton software-pipelining stages.
     path: 'auto' (`uses_dot_free_path`), 'dot' (tensor-core dots, any G;
       G = 1 pads the one head to 16 rows) or 'dot_free' (G = 1 only).
+    nibbles: how the dot path turns codes into bf16 operands: 'convert'
+      (int -> float conversions, two per nibble) or 'bits' (bf16 q only:
+      the bits 0x4300 | c, which read as 128 + c, built four bytes at a
+      time with prmt / shr / lop3 on the GPU; the offset 128 is added to
+      the zero points instead, so no subtraction runs).
   """
 
   block_s: int = 64
@@ -104,6 +109,7 @@ class KV4DecodeAttentionConfig:
   num_warps: int = 4
   num_stages: int = 2
   path: Literal["auto", "dot", "dot_free"] = "auto"
+  nibbles: Literal["convert", "bits"] = "convert"
 
   def __post_init__(self):
     if not _is_pow2(self.block_s) or self.block_s < _MIN_DOT:
@@ -118,6 +124,9 @@ class KV4DecodeAttentionConfig:
     if self.path not in ("auto", "dot", "dot_free"):
       raise ValueError(f"path={self.path!r} must be 'auto', 'dot' or"
                        " 'dot_free'")
+    if self.nibbles not in ("convert", "bits"):
+      raise ValueError(f"nibbles={self.nibbles!r} must be 'convert' or"
+                       " 'bits'")
 
 
 def uses_dot_free_path(query_heads: int, kv_heads: int) -> bool:
@@ -143,30 +152,40 @@ def default_kv4_decode_attention_config(
     batch: int, kv_heads: int, max_len: int, head_dim: int,
     *, query_heads: int | None = None,
     num_sms: int = 132) -> KV4DecodeAttentionConfig:
-  """Enough splits for ~2 programs per SM, at least 512 tokens each.
+  """Enough splits for ~2 programs per SM, at least 128 slots each.
+
+  H200, LLaMA-2-7B heads (32 x 128, MHA), S = 1088, 2026-12-01 (`bench
+  kv4_attention --batch=1,16 --seq=1088 --block_s=64,128,256
+  --num_splits=1,2,4,8,16`): at B = 1, 8 splits took 10.5 us against 18.7
+  at the 2 the old floor of 512 slots a split allowed; at B = 16 one split
+  (already ~4 programs per SM) stays best (69.7 us).
 
   Args:
     batch: B.
     kv_heads: K.
     max_len: S.
     head_dim: H.
-    query_heads: N; picks block_s by path (`uses_dot_free_path`): 256 for
-      the dot-free path, 64 for the dot path (also when None).
-    num_sms: streaming multiprocessors of the GPU (H100 SXM: 132).
+    query_heads: N; picks block_s by path (`uses_dot_free_path`): for the
+      dot-free path 256, or 128 where a split spans fewer than 256 slots;
+      64 for the dot path (also when None).
+    num_sms: streaming multiprocessors of the GPU (H100/H200 SXM: 132).
 
   Returns:
     A `KV4DecodeAttentionConfig`.
   """
   del head_dim
+  want = -(-2 * num_sms // max(batch * kv_heads, 1))
+  most = max(max_len // 128, 1)
+  num_splits = max(1, min(want, most, 64))
   # Larger blocks amortize the per-block reductions and loop overhead of the
   # dot-free path; the dot path's [16, block_s] scores favour 64.
   dot_free = query_heads is not None and uses_dot_free_path(query_heads,
                                                              kv_heads)
-  block_s = 256 if dot_free else 64
-  want = -(-2 * num_sms // max(batch * kv_heads, 1))
-  most = max(max_len // 512, 1)
-  return KV4DecodeAttentionConfig(block_s=block_s,
-                                  num_splits=max(1, min(want, most, 64)),
+  if dot_free:
+    block_s = 256 if max_len // num_splits >= 256 else 128
+  else:
+    block_s = 64
+  return KV4DecodeAttentionConfig(block_s=block_s, num_splits=num_splits,
                                   num_warps=4, num_stages=2)
 
 
@@ -191,6 +210,47 @@ def _nibbles(codes: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   """
   c = codes.astype(jnp.int32)
   return (c & 0xF).astype(dtype), (c >> 4).astype(dtype)
+
+
+# 0x4300 is bf16 128.0, whose ulp is 1: OR-ing a code c < 16 into its low
+# mantissa bits gives exactly 128 + c.
+_BF16_128 = 0x4300
+_BITS_OFFSET = 128.0
+
+# Four bytes in one 32-bit register ($4, byte i = element i) -> their low
+# nibbles ($0: elements 0, 1; $1: 2, 3) and high nibbles ($2, $3) as bf16
+# pairs 128 + c. prmt spreads bytes 0, 1 (then 2, 3) to the two 16-bit
+# halves; lop3 0xEA is (a & b) | c.
+_NIBBLES_ASM = """{
+.reg .b32 t0, t1, u0, u1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shr.b32 u0, t0, 4;
+shr.b32 u1, t1, 4;
+lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $2, u0, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $3, u1, 0x000F000F, 0x43004300, 0xEA;
+}"""
+
+
+def _nibbles_bits(codes: jax.Array, use_asm: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+  """uint8 [..] bytes -> (low, high) bf16 128 + code, from bits alone.
+
+  On the GPU one inline-asm instance takes four bytes (eight instructions
+  for eight values, against two conversions per value); interpreted, the
+  same bits from jnp integer ops.
+  """
+  if use_asm:
+    shape = jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
+    lo, hi = plgpu.elementwise_inline_asm(
+        _NIBBLES_ASM, args=[codes], constraints="=r,=r,=r,=r,r", pack=4,
+        result_shape_dtypes=[shape, shape])
+    return lo, hi
+  c = codes.astype(jnp.uint16)
+  bits = lambda n: jax.lax.bitcast_convert_type(n | _BF16_128, jnp.bfloat16)
+  return bits(c & 0xF), bits(c >> 4)
 
 
 def _head_index(g: int, gp: int, h2: int, odd: int):
@@ -223,7 +283,7 @@ def _normalize(o_e, o_o, l):
 def kv4_decode_attention_kernel(
     q_ref, start_ref, end_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
     vz_ref, *out_refs, block_s: int, num_splits: int, sm_scale: float,
-    dot_free: bool, seq_len: int, gp: int):
+    dot_free: bool, seq_len: int, gp: int, bits: bool, use_asm: bool):
   """One (row, kv head, split): online softmax over its run of blocks.
 
   With num_splits = 1 it normalizes and writes the output; otherwise an
@@ -237,7 +297,8 @@ def kv4_decode_attention_kernel(
   # out_refs, num_splits = 1: o_ref [G, H] (dtype of q)
   #   else: oe_ref, oo_ref f32[Gp, H // 2]; m_ref, l_ref f32[Gp]
   # Gp = 1 (G = 1, no padding) when dot_free, else >= 16 rows, of which
-  # rows past G repeat row G - 1.
+  # rows past G repeat row G - 1. bits (dot path, bf16 q): codes read as
+  # 128 + c, the 128 moved into the zero points.
   split = pl.program_id(2)
   g, h = q_ref.shape
   h2 = h // 2
@@ -283,6 +344,13 @@ def kv4_decode_attention_kernel(
     def pv_times(pv, codes):  # -> [Gp, H // 2]
       return dot(pv, codes, nn)
 
+  if bits:
+    nibbles = lambda c: _nibbles_bits(c, use_asm)
+    offset = _BITS_OFFSET
+  else:
+    nibbles = lambda c: _nibbles(c, code_dt)
+    offset = 0.0
+
   def body(i, carry):
     o_e, o_o, m_prev, l_prev = carry
     off = lo_tok + i * block_s  # first token of this block (< hi_tok)
@@ -290,8 +358,8 @@ def kv4_decode_attention_kernel(
     pos = at + jnp.arange(block_s, dtype=jnp.int32)
     valid = (pos >= off) & (pos < hi_tok)  # [block_s]
     rows = pl.ds(at, block_s)
-    dots = qk(*_nibbles(kc_ref[rows, :], code_dt))  # [Gp, block_s]
-    k_zero = kz_ref[rows].astype(jnp.float32)
+    dots = qk(*nibbles(kc_ref[rows, :]))  # [Gp, block_s]
+    k_zero = kz_ref[rows].astype(jnp.float32) + offset
     k_scale = ks_ref[rows].astype(jnp.float32) * sm_scale
     s = (dots - qsum[:, None] * k_zero[None, :]) * k_scale[None, :]
     s = jnp.where(valid[None, :], s, -jnp.inf)  # [Gp, block_s]
@@ -302,8 +370,8 @@ def kv4_decode_attention_kernel(
     l_next = corr * l_prev + p.sum(axis=1)
     v_scale = jnp.where(valid, vs_ref[rows].astype(jnp.float32), 0.0)
     pv = (p * v_scale[None, :]).astype(dt)  # p' rounded to the dtype of q
-    v_lo, v_hi = _nibbles(vc_ref[rows, :], code_dt)
-    v_zero = vz_ref[rows].astype(jnp.float32)
+    v_lo, v_hi = nibbles(vc_ref[rows, :])
+    v_zero = vz_ref[rows].astype(jnp.float32) + offset
     zterm = (pv.astype(jnp.float32) * v_zero[None, :]).sum(axis=1)
     o_e = corr[:, None] * o_e - zterm[:, None] + pv_times(pv, v_lo)
     o_o = corr[:, None] * o_o - zterm[:, None] + pv_times(pv, v_hi)
@@ -438,6 +506,7 @@ def kv4_decode_attention(
     raise ValueError(f"path='dot_free' takes one query head per kv head,"
                      f" got G={g}")
   gp = 1 if dot_free else max(_MIN_DOT, _next_pow2(g))
+  bits = cfg.nibbles == "bits" and not dot_free and q.dtype == jnp.bfloat16
   block_s = min(cfg.block_s, max(_MIN_DOT, 1 << (s.bit_length() - 1)))
   if s < block_s:  # tiny caches only (S < 16): pad the slots
     pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, block_s - s)]
@@ -447,7 +516,8 @@ def kv4_decode_attention(
   ns = cfg.num_splits
   kernel = functools.partial(
       kv4_decode_attention_kernel, block_s=block_s, num_splits=ns,
-      sm_scale=1.0 / math.sqrt(h), dot_free=dot_free, seq_len=s, gp=gp)
+      sm_scale=1.0 / math.sqrt(h), dot_free=dot_free, seq_len=s, gp=gp,
+      bits=bits, use_asm=not interpret)
   per_head = lambda *blk: pl.BlockSpec((None, None) + blk,
                                        lambda i, j, t: (i, j) + (0,) * len(
                                            blk))

@@ -221,6 +221,21 @@ def rms_norm_quant(x: jax.Array, weight: jax.Array, *, eps: float,
   return x_q.reshape(out_rows, -1), s_x
 
 
+def _round_to(x32: jax.Array, dtype) -> jax.Array:
+  """f32 values rounded to `dtype` (kept in f32), a rounding XLA keeps.
+
+  A convert to bf16 and back inside one fusion is dropped by XLA on the GPU
+  (`xla_allow_excess_precision`, on by default): the jitted reference then
+  quantized the unrounded norm, and 44 of 32768 codes differed from the
+  kernel and from `layers.rms_norm` run alone (H200, 2026-12-01). The
+  optimization barrier between the two converts keeps the pair apart.
+  (`reduce_precision` would too, but it flushes f16 subnormals to zero.)
+  """
+  if jnp.finfo(dtype).bits >= 32:
+    return x32
+  return jax.lax.optimization_barrier(x32.astype(dtype)).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "eps", "clip_ratio", "packed", "out_rows"))
 def rms_norm_quant_reference(x: jax.Array, weight: jax.Array, *, eps: float,
@@ -248,9 +263,8 @@ def rms_norm_quant_reference(x: jax.Array, weight: jax.Array, *, eps: float,
   _check(x, weight, clip_ratio, 4, out_rows)
   x32 = x.astype(jnp.float32)
   var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-  normed = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-  y = (weight.astype(jnp.float32) * normed.astype(jnp.float32)).astype(
-      x.dtype)
+  normed = _round_to(x32 * jax.lax.rsqrt(var + eps), x.dtype)
+  y = _round_to(weight.astype(jnp.float32) * normed, x.dtype).astype(x.dtype)
   if out_rows is not None:
     y = jnp.pad(y, ((0, out_rows - x.shape[0]), (0, 0)))
   return hq_lib.hadamard_quant_reference(y, None, clip_ratio=clip_ratio,

@@ -1,5 +1,6 @@
 """kv4_decode_attention (Pallas, interpret mode) against its reference."""
 
+import dataclasses
 import functools
 import math
 
@@ -81,6 +82,42 @@ def test_nibbles_of_every_byte(dtype):
   assert lo.dtype == dtype and hi.dtype == dtype
   np.testing.assert_array_equal(np.asarray(lo, np.float32), byte & 15)
   np.testing.assert_array_equal(np.asarray(hi, np.float32), byte >> 4)
+
+
+def test_bits_nibbles_of_every_byte():
+  # The jnp form of the 'bits' nibbles (what the GPU asm computes): 128 + c.
+  byte = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  lo, hi = jax.jit(attn._nibbles_bits, static_argnums=1)(jnp.asarray(byte),
+                                                          False)
+  assert lo.dtype == jnp.bfloat16 and hi.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(lo, np.float32), 128 + (byte & 15))
+  np.testing.assert_array_equal(np.asarray(hi, np.float32), 128 + (byte >> 4))
+
+
+def _bits_against_convert(b, s, kv_heads, g, h, cfg, start, end, interpret):
+  """Runs the dot path with both nibble forms: they differ only by the f32
+  rounding of the 128 offset in the sums (<< 1e-4 of the output), and both
+  match the reference."""
+  q, k, v = _case(b, s, kv_heads, g, h)
+  start, end = jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32)
+  run = lambda c: np.asarray(attn.kv4_decode_attention(
+      q, k, v, start, end, config=c, interpret=interpret,
+      implementation="pallas"), np.float32)
+  bits = run(dataclasses.replace(cfg, nibbles="bits"))
+  conv = run(dataclasses.replace(cfg, nibbles="convert"))
+  want = np.asarray(attn.kv4_decode_attention_reference(
+      q.astype(jnp.float32), k, v, start, end))
+  scale = np.abs(want).max()
+  assert not np.any(np.isnan(bits))
+  np.testing.assert_allclose(bits, conv, rtol=0, atol=1e-4 * scale)
+  np.testing.assert_allclose(bits, want, rtol=0, atol=1e-2 * scale)
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_bits_nibbles_match_convert(g, interpret):
+  _bits_against_convert(2, 100, 2, g, 64, Config(block_s=16, num_splits=2,
+                                                 path="dot"),
+                        [0, 40], [100, 43], interpret)
 
 
 @pytest.mark.parametrize("b, s, kv_heads, g, h, block_s, splits, start, end",
@@ -371,8 +408,14 @@ def test_default_config_and_can_use():
       8, 8, 32768, 128, query_heads=32).block_s == 64
   cfg = attn.default_kv4_decode_attention_config(16, 32, 8192, 128)
   assert cfg.num_splits == 1
+  # Splits keep >= 128 slots each: 600 slots -> 4, not the 264 wanted.
   assert attn.default_kv4_decode_attention_config(1, 1, 600, 64
-                                                  ).num_splits == 1
+                                                  ).num_splits == 4
+  # LLaMA-2-7B at B = 1, 1088 slots: 8 splits of 136 slots, so the
+  # dot-free path drops to 128-slot blocks (measured best on an H200).
+  cfg = attn.default_kv4_decode_attention_config(1, 32, 1088, 128,
+                                                 query_heads=32)
+  assert (cfg.num_splits, cfg.block_s) == (8, 128)
   if jax.default_backend() != "gpu":
     assert not attn.can_use_kv4_decode_attention(128)
   assert not attn.can_use_kv4_decode_attention(96)  # H / 2 = 48
@@ -466,3 +509,14 @@ def test_gpu_g1_dot_free_path_matches():
     np.testing.assert_array_equal(got[3], 0.0)
     np.testing.assert_allclose(got, want, rtol=0,
                                atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g", [1, 4])
+def test_gpu_bits_nibbles_match_convert(g):
+  # The inline-asm nibbles (four bytes an instance) on the GPU: a wrong
+  # byte or nibble order would move outputs by far more than 1e-4.
+  _bits_against_convert(4, 1100, 4, g, 128,
+                        Config(block_s=64, num_splits=4, path="dot"),
+                        [0, 100, 1000, 1100], [1100, 900, 1010, 1100],
+                        False)

@@ -47,6 +47,10 @@ _NIBBLES = flags.DEFINE_list(
     "nibbles", ["convert"],
     "KV4DecodeAttentionConfig.nibbles sweep: convert, bits (bits only"
     " changes the dot path).")
+_SOFTMAX_ROWS = flags.DEFINE_list(
+    "softmax_rows", ["all"],
+    "KV4DecodeAttentionConfig.softmax_rows sweep: all, one (one only"
+    " changes the dot path at G = 1).")
 _WARPS = flags.DEFINE_list("num_warps", ["default"],
                            "num_warps sweep (integers or 'default').")
 _STAGES = flags.DEFINE_list("num_stages", ["default"],
@@ -71,13 +75,17 @@ def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
   stages = pick(_STAGES.value, default.num_stages)
   configs = [attn.KV4DecodeAttentionConfig(
       block_s=bs, num_splits=ns, num_warps=nw, num_stages=st, path=path,
-      nibbles=nib)
-             for bs, ns, path, nw, st, nib in itertools.product(
-                 block_sizes, counts, paths, warps, stages, _NIBBLES.value)]
+      nibbles=nib, softmax_rows=rows)
+             for bs, ns, path, nw, st, nib, rows in itertools.product(
+                 block_sizes, counts, paths, warps, stages, _NIBBLES.value,
+                 _SOFTMAX_ROWS.value)]
   # 'bits' on the dot-free path is the 'convert' kernel again.
   dot_free = lambda c: c.path == "dot_free" or (
       c.path == "auto" and attn.uses_dot_free_path(n, kv_heads))
-  return [c for c in configs if c.nibbles == "convert" or not dot_free(c)]
+  # ... and so is softmax_rows 'one' there, or at G > 1.
+  return [c for c in configs
+          if (c.nibbles == "convert" and c.softmax_rows == "all")
+          or not (dot_free(c) or (c.softmax_rows == "one" and n != kv_heads))]
 
 
 def _inputs(key, b, s, n, kv_heads, h):

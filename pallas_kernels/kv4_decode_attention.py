@@ -33,6 +33,11 @@ Two paths, chosen by G (`uses_dot_free_path`):
     constraint its default block_s is larger (256: best of 64/128/256 at
     LLaMA-2-7B heads on an H100, BENCHMARKS.md).
 Both compute the same math (below); only the summation order differs.
+For bf16 q the dot path can skip the int -> float conversions (`nibbles=
+'bits'`: 128 + code straight from the bits, the 128 folded into the zero
+points) and, at G = 1, run the softmax on the one real row
+(`softmax_rows='one'`); so configured it is the fastest MHA path where a
+program streams >= 1024 slots (`default_kv4_decode_attention_config`).
 
 The nibbles are never interleaved and k, v are never dequantized in full.
 With lo = low nibbles (even h), hi = high nibbles (odd h), per token t:
@@ -102,6 +107,10 @@ class KV4DecodeAttentionConfig:
       the bits 0x4300 | c, which read as 128 + c, built four bytes at a
       time with prmt / shr / lop3 on the GPU; the offset 128 is added to
       the zero points instead, so no subtraction runs).
+    softmax_rows: dot path with G = 1 only: 'all' computes the softmax on
+      all 16 padded rows of the dot (equal rows), 'one' on the one real
+      row (a max over the dot's equal rows picks it), broadcast back to 16
+      rows for the p · v dot.
   """
 
   block_s: int = 64
@@ -110,6 +119,7 @@ class KV4DecodeAttentionConfig:
   num_stages: int = 2
   path: Literal["auto", "dot", "dot_free"] = "auto"
   nibbles: Literal["convert", "bits"] = "convert"
+  softmax_rows: Literal["all", "one"] = "all"
 
   def __post_init__(self):
     if not _is_pow2(self.block_s) or self.block_s < _MIN_DOT:
@@ -124,6 +134,9 @@ class KV4DecodeAttentionConfig:
     if self.path not in ("auto", "dot", "dot_free"):
       raise ValueError(f"path={self.path!r} must be 'auto', 'dot' or"
                        " 'dot_free'")
+    if self.softmax_rows not in ("all", "one"):
+      raise ValueError(f"softmax_rows={self.softmax_rows!r} must be 'all'"
+                       " or 'one'")
     if self.nibbles not in ("convert", "bits"):
       raise ValueError(f"nibbles={self.nibbles!r} must be 'convert' or"
                        " 'bits'")
@@ -150,24 +163,31 @@ def uses_dot_free_path(query_heads: int, kv_heads: int) -> bool:
 
 def default_kv4_decode_attention_config(
     batch: int, kv_heads: int, max_len: int, head_dim: int,
-    *, query_heads: int | None = None,
+    *, query_heads: int | None = None, dtype=None,
     num_sms: int = 132) -> KV4DecodeAttentionConfig:
-  """Enough splits for ~2 programs per SM, at least 128 slots each.
+  """Enough splits for ~2 programs per SM, at least 128 slots each; the
+  fastest path measured for the heads.
 
-  H200, LLaMA-2-7B heads (32 x 128, MHA), S = 1088, 2026-12-01 (`bench
-  kv4_attention --batch=1,16 --seq=1088 --block_s=64,128,256
-  --num_splits=1,2,4,8,16`): at B = 1, 8 splits took 10.5 us against 18.7
-  at the 2 the old floor of 512 slots a split allowed; at B = 16 one split
-  (already ~4 programs per SM) stays best (69.7 us).
+  H200, LLaMA-2-7B heads (32 x 128, MHA), 2026-12-01 (`bench kv4_attention
+  --heads=32x32x128`, `results/kv4_decode_attention.jsonl`):
+  * splits: at B = 1, S = 1088, 8 splits took 10.5 us against 18.7 at the
+    2 that the old floor of 512 slots a split allowed; at B = 16 one split
+    (already ~4 programs per SM) stays best.
+  * path, B = 16, S = 4160 (one split of 4160 slots): the dot path with
+    'bits' nibbles and the one-row softmax, 256-slot blocks, 0.169 ms,
+    against 0.229 for the dot-free path (its best) and 0.361 for XLA's
+    bf16 attention. Where splits are short (B = 1, S = 4160: 9 splits of
+    462 slots) the two are even (0.0195 dot-free, 0.0204 dot), so the
+    dot-free path keeps them.
 
   Args:
     batch: B.
     kv_heads: K.
     max_len: S.
     head_dim: H.
-    query_heads: N; picks block_s by path (`uses_dot_free_path`): for the
-      dot-free path 256, or 128 where a split spans fewer than 256 slots;
-      64 for the dot path (also when None).
+    query_heads: N (None: the dot path's tiles for GQA).
+    dtype: dtype of q; the 'bits' dot path for MHA needs bf16 (None: not
+      bf16).
     num_sms: streaming multiprocessors of the GPU (H100/H200 SXM: 132).
 
   Returns:
@@ -177,12 +197,16 @@ def default_kv4_decode_attention_config(
   want = -(-2 * num_sms // max(batch * kv_heads, 1))
   most = max(max_len // 128, 1)
   num_splits = max(1, min(want, most, 64))
+  per_split = max_len // num_splits
+  mha = query_heads is not None and uses_dot_free_path(query_heads, kv_heads)
+  if mha and dtype == jnp.bfloat16 and per_split >= 1024:
+    return KV4DecodeAttentionConfig(block_s=256, num_splits=num_splits,
+                                    path="dot", nibbles="bits",
+                                    softmax_rows="one")
   # Larger blocks amortize the per-block reductions and loop overhead of the
   # dot-free path; the dot path's [16, block_s] scores favour 64.
-  dot_free = query_heads is not None and uses_dot_free_path(query_heads,
-                                                             kv_heads)
-  if dot_free:
-    block_s = 256 if max_len // num_splits >= 256 else 128
+  if mha:
+    block_s = 256 if per_split >= 256 else 128
   else:
     block_s = 64
   return KV4DecodeAttentionConfig(block_s=block_s, num_splits=num_splits,
@@ -217,37 +241,37 @@ def _nibbles(codes: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
 _BF16_128 = 0x4300
 _BITS_OFFSET = 128.0
 
-# Four bytes in one 32-bit register ($4, byte i = element i) -> their low
-# nibbles ($0: elements 0, 1; $1: 2, 3) and high nibbles ($2, $3) as bf16
-# pairs 128 + c. prmt spreads bytes 0, 1 (then 2, 3) to the two 16-bit
-# halves; lop3 0xEA is (a & b) | c.
-_NIBBLES_ASM = """{
-.reg .b32 t0, t1, u0, u1;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-shr.b32 u0, t0, 4;
-shr.b32 u1, t1, 4;
+# Four bytes in one 32-bit register ($2, byte i = element i) -> their low
+# nibbles ($0: elements 0, 1; $1: 2, 3) as bf16 pairs 128 + c. prmt spreads
+# bytes 0, 1 (then 2, 3) to the two 16-bit halves; lop3 0xEA is
+# (a & b) | c. The high nibbles: the same after a shift right by 4 (the
+# bytes prmt leaves zero shift nothing into the kept bits). One output per
+# asm: the Triton lowering of jax 0.11 rejects a multi-result asm inside a
+# loop ("2 outvars do not match 1 outvals").
+_NIBBLES_ASM = """{{
+.reg .b32 t0, t1;
+prmt.b32 t0, $2, 0, 0x4140;
+prmt.b32 t1, $2, 0, 0x4342;
+{shift}
 lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
 lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 $2, u0, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 $3, u1, 0x000F000F, 0x43004300, 0xEA;
-}"""
+}}"""
 
 
 def _nibbles_bits(codes: jax.Array, use_asm: bool
                   ) -> tuple[jax.Array, jax.Array]:
   """uint8 [..] bytes -> (low, high) bf16 128 + code, from bits alone.
 
-  On the GPU one inline-asm instance takes four bytes (eight instructions
-  for eight values, against two conversions per value); interpreted, the
-  same bits from jnp integer ops.
+  On the GPU each inline-asm instance takes four bytes (four or six
+  integer instructions for four values, against two conversions per
+  value); interpreted, the same bits from jnp integer ops.
   """
   if use_asm:
     shape = jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
-    lo, hi = plgpu.elementwise_inline_asm(
-        _NIBBLES_ASM, args=[codes], constraints="=r,=r,=r,=r,r", pack=4,
-        result_shape_dtypes=[shape, shape])
-    return lo, hi
+    run = lambda shift: plgpu.elementwise_inline_asm(
+        _NIBBLES_ASM.format(shift=shift), args=[codes],
+        constraints="=r,=r,r", pack=4, result_shape_dtypes=[shape])[0]
+    return run(""), run("shr.b32 t0, t0, 4;\nshr.b32 t1, t1, 4;")
   c = codes.astype(jnp.uint16)
   bits = lambda n: jax.lax.bitcast_convert_type(n | _BF16_128, jnp.bfloat16)
   return bits(c & 0xF), bits(c >> 4)
@@ -283,7 +307,8 @@ def _normalize(o_e, o_o, l):
 def kv4_decode_attention_kernel(
     q_ref, start_ref, end_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
     vz_ref, *out_refs, block_s: int, num_splits: int, sm_scale: float,
-    dot_free: bool, seq_len: int, gp: int, bits: bool, use_asm: bool):
+    dot_free: bool, seq_len: int, gp: int, bits: bool, use_asm: bool,
+    one_row: bool):
   """One (row, kv head, split): online softmax over its run of blocks.
 
   With num_splits = 1 it normalizes and writes the output; otherwise an
@@ -298,7 +323,8 @@ def kv4_decode_attention_kernel(
   #   else: oe_ref, oo_ref f32[Gp, H // 2]; m_ref, l_ref f32[Gp]
   # Gp = 1 (G = 1, no padding) when dot_free, else >= 16 rows, of which
   # rows past G repeat row G - 1. bits (dot path, bf16 q): codes read as
-  # 128 + c, the 128 moved into the zero points.
+  # 128 + c, the 128 moved into the zero points. one_row (dot path, G = 1):
+  # the softmax state (m, l) has one row, the dots' 16 equal rows.
   split = pl.program_id(2)
   g, h = q_ref.shape
   h2 = h // 2
@@ -359,10 +385,12 @@ def kv4_decode_attention_kernel(
     valid = (pos >= off) & (pos < hi_tok)  # [block_s]
     rows = pl.ds(at, block_s)
     dots = qk(*nibbles(kc_ref[rows, :]))  # [Gp, block_s]
+    if one_row:  # [1, block_s]: the rows are equal, so the max is row 0
+      dots = dots.max(axis=0, keepdims=True)
     k_zero = kz_ref[rows].astype(jnp.float32) + offset
     k_scale = ks_ref[rows].astype(jnp.float32) * sm_scale
-    s = (dots - qsum[:, None] * k_zero[None, :]) * k_scale[None, :]
-    s = jnp.where(valid[None, :], s, -jnp.inf)  # [Gp, block_s]
+    s = (dots - qs[:, None] * k_zero[None, :]) * k_scale[None, :]
+    s = jnp.where(valid[None, :], s, -jnp.inf)  # [R, block_s]
     # Every block holds >= 1 valid token, so m_next is finite.
     m_next = jnp.maximum(m_prev, s.max(axis=1))
     corr = jnp.exp(m_prev - m_next)
@@ -373,14 +401,19 @@ def kv4_decode_attention_kernel(
     v_lo, v_hi = nibbles(vc_ref[rows, :])
     v_zero = vz_ref[rows].astype(jnp.float32) + offset
     zterm = (pv.astype(jnp.float32) * v_zero[None, :]).sum(axis=1)
+    if one_row:
+      pv = jnp.broadcast_to(pv, (gp, block_s))
     o_e = corr[:, None] * o_e - zterm[:, None] + pv_times(pv, v_lo)
     o_o = corr[:, None] * o_o - zterm[:, None] + pv_times(pv, v_hi)
     return o_e, o_o, m_next, l_next
 
+  r = 1 if one_row else gp  # rows of the softmax state
+  qs = qsum.max(keepdims=True) if one_row else qsum  # [R]
   init = (jnp.zeros((gp, h2), jnp.float32), jnp.zeros((gp, h2), jnp.float32),
-          jnp.full((gp,), -jnp.inf, jnp.float32),
-          jnp.zeros((gp,), jnp.float32))
+          jnp.full((r,), -jnp.inf, jnp.float32),
+          jnp.zeros((r,), jnp.float32))
   o_e, o_o, m, l = jax.lax.fori_loop(first, last, body, init)
+  m, l = jnp.broadcast_to(m, (gp,)), jnp.broadcast_to(l, (gp,))
   if num_splits == 1:
     (o_ref,) = out_refs
     _store_heads(o_ref, *_normalize(o_e, o_o, l), g)
@@ -498,7 +531,7 @@ def kv4_decode_attention(
   if implementation == "xla":
     return kv4_decode_attention_reference(q, k, v, start, end)
   cfg = config or default_kv4_decode_attention_config(
-      b, kv_heads, s, h, query_heads=n)
+      b, kv_heads, s, h, query_heads=n, dtype=q.dtype)
   g, h2 = n // kv_heads, h // 2
   dot_free = (uses_dot_free_path(n, kv_heads) if cfg.path == "auto"
               else cfg.path == "dot_free")
@@ -507,6 +540,7 @@ def kv4_decode_attention(
                      f" got G={g}")
   gp = 1 if dot_free else max(_MIN_DOT, _next_pow2(g))
   bits = cfg.nibbles == "bits" and not dot_free and q.dtype == jnp.bfloat16
+  one_row = cfg.softmax_rows == "one" and not dot_free and g == 1
   block_s = min(cfg.block_s, max(_MIN_DOT, 1 << (s.bit_length() - 1)))
   if s < block_s:  # tiny caches only (S < 16): pad the slots
     pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, block_s - s)]
@@ -517,7 +551,7 @@ def kv4_decode_attention(
   kernel = functools.partial(
       kv4_decode_attention_kernel, block_s=block_s, num_splits=ns,
       sm_scale=1.0 / math.sqrt(h), dot_free=dot_free, seq_len=s, gp=gp,
-      bits=bits, use_asm=not interpret)
+      bits=bits, use_asm=not interpret, one_row=one_row)
   per_head = lambda *blk: pl.BlockSpec((None, None) + blk,
                                        lambda i, j, t: (i, j) + (0,) * len(
                                            blk))

@@ -115,13 +115,16 @@ def rms_norm_quant_kernel(x_ref, w_ref, q_ref, s_ref, *, rows: int, ap: int,
                    jnp.float32)
   inv = jax.lax.rsqrt(mul(ss, inv_k) + eps)
   normed = mul(x, jnp.broadcast_to(inv[:, None, None], x.shape))
-  normed = normed.astype(dtype).astype(jnp.float32)
+  # Interpreted on a GPU the body is XLA ops, which drop a convert pair
+  # inside a fusion (see `_round_to`); the barrier keeps the rounding.
+  keep = (lambda v: v) if exact else jax.lax.optimization_barrier
+  normed = keep(normed.astype(dtype)).astype(jnp.float32)
   y = mul(jnp.broadcast_to(w.astype(jnp.float32)[None], x.shape), normed)
   # Padding rows are zero after the norm too, as the reference pads its
   # output: with eps = 0 their 0 * rsqrt(0) is NaN, whose clip is -8 on a
   # GPU (0 on a CPU, where XLA converts NaN to 0).
-  y = jnp.where(real[:, None, None], y.astype(dtype).astype(jnp.float32),
-                0.0)
+  y = jnp.where(real[:, None, None],
+                keep(y.astype(dtype)).astype(jnp.float32), 0.0)
   hq_lib.store_quantized_rows(y, q_ref, s_ref, packed=packed,
                               clip_ratio=clip_ratio, mask=mask)
 

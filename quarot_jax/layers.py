@@ -11,22 +11,41 @@ import jax
 import jax.numpy as jnp
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float,
+             keep_roundings: bool = False) -> jax.Array:
   """RMSNorm: `scale * x / sqrt(mean(x**2) + eps)`.
+
+  Computes in f32 and rounds to x's dtype twice, after the normalization
+  and after the scale (as `transformers`' LlamaRMSNorm does).
 
   Args:
     x: [..., D] activations.
     scale: [D] learned scale.
     eps: added to the mean square.
+    keep_roundings: keep both roundings inside a jit on the GPU, where XLA
+      otherwise drops a convert to bf16 and back within one fusion
+      (`xla_allow_excess_precision`). Set where a quantizer reads the
+      output, so that its codes equal the fused `rms_norm_quant` kernel's
+      and the op-by-op norm's; it costs a fusion boundary, so the float
+      model leaves it off.
 
   Returns:
     [..., D] in the dtype of `x`.
   """
+  rounded = _rounded if keep_roundings else lambda v: v
   x32 = x.astype(jnp.float32)
   var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-  normed = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-  return (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(
-      x.dtype)
+  normed = rounded((x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype))
+  return rounded((scale.astype(jnp.float32)
+                  * normed.astype(jnp.float32)).astype(x.dtype))
+
+
+def _rounded(x: jax.Array) -> jax.Array:
+  """x unchanged, but a convert that produced it stays (XLA cannot pair it
+  with a following convert back to f32 across the barrier)."""
+  if x.dtype == jnp.float32:
+    return x
+  return jax.lax.optimization_barrier(x)
 
 
 def rope_inv_freq(head_dim: int, theta: float,

@@ -231,8 +231,12 @@ def _norm_weight(x: jax.Array, p: Params) -> jax.Array:
   return scale
 
 
-def _norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
-  return layers.rms_norm(x, _norm_weight(x, p), eps=eps)
+def _norm(x: jax.Array, p: Params, eps: float, *,
+          quantized: bool = False) -> jax.Array:
+  """The RMS norm of p; `quantized`: a quantizer reads it (keep its
+  roundings, `layers.rms_norm`)."""
+  return layers.rms_norm(x, _norm_weight(x, p), eps=eps,
+                         keep_roundings=quantized)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -540,14 +544,15 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
   eps = config.rms_norm_eps
   # Packed q/k/v and gate/up linears take the residual and the norm
   # (`pre_norm`) to fuse it into their quantizer; an unused tap is dropped.
-  attn_in = _norm(x, p["input_layernorm"], eps)
+  quantized = options.a_spec is not None and options.a_spec.enabled
+  attn_in = _norm(x, p["input_layernorm"], eps, quantized=quantized)
   h, k_cache, v_cache, o_in = _attention_block(
       attn_in, p["self_attn"], positions, mask, k_cache, v_cache, write_at,
       config=config, options=options, inv_freq=inv_freq, start=start,
       kernels=kernels, mesh=mesh,
       pre_norm=(x, _norm_weight(x, p["input_layernorm"]), eps))
   x = x + h
-  mlp_in = _norm(x, p["post_attention_layernorm"], eps)
+  mlp_in = _norm(x, p["post_attention_layernorm"], eps, quantized=quantized)
   h, down_in = _mlp_block(
       mlp_in, p["mlp"], options=options, kernels=kernels, mesh=mesh,
       pre_norm=(x, _norm_weight(x, p["post_attention_layernorm"]), eps))

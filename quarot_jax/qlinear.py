@@ -229,7 +229,8 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
                and kernels.rms_norm_quant == "pallas"
                and all(map(decode, ps)))
   if norm is not None and not fuse_norm:
-    x2 = layers.rms_norm(x2, norm[0], eps=norm[1])
+    x2 = layers.rms_norm(x2, norm[0], eps=norm[1],
+                         keep_roundings=a_spec is not None and a_spec.enabled)
   float_x = a_spec is None or not a_spec.enabled  # W4A16
   rows = None
   mp = m

@@ -411,6 +411,9 @@ def test_default_config_and_can_use():
       8, 32, 32768, 128, query_heads=32).block_s == 256
   assert attn.default_kv4_decode_attention_config(
       8, 8, 32768, 128, query_heads=32).block_s == 64
+  cfg = attn.default_kv4_decode_attention_config(
+      8, 8, 32768, 128, query_heads=32, dtype=jnp.bfloat16)
+  assert (cfg.block_s, cfg.path, cfg.nibbles) == (128, "auto", "bits")
   cfg = attn.default_kv4_decode_attention_config(16, 32, 8192, 128)
   assert cfg.num_splits == 1
   # Splits keep >= 128 slots each: 600 slots -> 4, not the 264 wanted.

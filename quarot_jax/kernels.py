@@ -49,6 +49,9 @@ class Kernels:
     w4a16: the int4-weight, float-activation matmul: 'pallas' or 'xla'.
     hadamard_quant: the fused online Hadamard + per-token quantizer.
     kv4_attention: decode attention over the packed KV4 cache.
+    decode_attention: decode attention (T = 1) over a float cache:
+      'pallas' is flash decoding (`pallas_kernels.decode_attention`), 'xla'
+      the einsum `model.attend`.
     decode_matmul: the packed linears' matmul for at most
       `DECODE_ROWS` tokens (W4A4 and W4A16; `pallas_kernels.decode_matmul`,
       weights as the wgmma register operand): 'mosaic', 'triton' or 'xla'.
@@ -77,6 +80,7 @@ class Kernels:
   w4a16: PallasOrXla = "xla"
   hadamard_quant: PallasOrXla = "xla"
   kv4_attention: PallasOrXla = "xla"
+  decode_attention: PallasOrXla = "xla"
   decode_matmul: W4A4 = "xla"
   attention: Attention = "xla"
   rms_norm_quant: PallasOrXla = "xla"
@@ -90,7 +94,7 @@ class Kernels:
         raise ValueError(f"{name}={value!r} must be 'mosaic', 'triton' or"
                          " 'xla'")
     for name in ("w4a16", "hadamard_quant", "kv4_attention",
-                 "rms_norm_quant"):
+                 "decode_attention", "rms_norm_quant"):
       value = getattr(self, name)
       if value not in ("pallas", "xla"):
         raise ValueError(f"{name}={value!r} must be 'pallas' or 'xla'")
@@ -171,15 +175,16 @@ def _resolve_ops(kernels: "str | None") -> Kernels:
     return XLA
   if setting == "interpret":
     return Kernels(w4a4="triton", w4a16="pallas", hadamard_quant="pallas",
-                   kv4_attention="pallas", decode_matmul="triton",
-                   rms_norm_quant="pallas", interpret=True)
+                   kv4_attention="pallas", decode_attention="pallas",
+                   decode_matmul="triton", rms_norm_quant="pallas",
+                   interpret=True)
   if setting == "auto":
     if not gpu:
       choice = XLA
     else:
       choice = Kernels(w4a4="mosaic" if hopper else "triton",
                        w4a16="pallas", hadamard_quant="pallas",
-                       kv4_attention="pallas",
+                       kv4_attention="pallas", decode_attention="pallas",
                        decode_matmul="mosaic" if hopper else "triton",
                        rms_norm_quant="pallas",
                        attention="cudnn" if _cuda() else "xla")
@@ -191,6 +196,6 @@ def _resolve_ops(kernels: "str | None") -> Kernels:
   if setting == "mosaic" and not hopper:
     raise ValueError("kernels='mosaic' needs a Hopper GPU (sm_90)")
   return Kernels(w4a4=setting, w4a16="pallas", hadamard_quant="pallas",
-                 kv4_attention="pallas", decode_matmul=setting,
-                 rms_norm_quant="pallas",
+                 kv4_attention="pallas", decode_attention="pallas",
+                 decode_matmul=setting, rms_norm_quant="pallas",
                  attention="cudnn" if _cuda() else "xla")

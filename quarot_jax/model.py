@@ -48,6 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import decode_attention as decode_attn_lib
 from pallas_kernels import kv4_append as kv4_append_lib
 from pallas_kernels import kv4_cache as kv4_lib
 from pallas_kernels import kv4_decode_attention as kv4_attn_lib
@@ -281,6 +282,16 @@ def _use_flash(q: jax.Array, kv_heads: int,
   return False
 
 
+def _use_decode_kernel(q, k_cache, kernels: kernels_lib.Kernels,
+                       mesh) -> bool:
+  """Whether a decode token (T = 1) reads a float cache with the Pallas
+  flash-decoding kernel: `kernels.decode_attention == 'pallas'`, the cache
+  in q's dtype (the einsum `attend` computes in q's dtype), no mesh."""
+  return (kernels.decode_attention == "pallas" and q.shape[1] == 1
+          and k_cache is not None and k_cache.dtype == q.dtype
+          and mesh is None)
+
+
 def _flash_prefill(q, chunk, cached, write_at, start):
   """`attention.flash_attention` (cuDNN) with the model's mask.
 
@@ -383,7 +394,13 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
           k_cache, k.astype(k_cache.dtype), write_at, axis=1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(
           v_cache, v.astype(v_cache.dtype), write_at, axis=1)
-    if _use_flash(q, kv, kernels):
+    if _use_decode_kernel(q, k_cache, kernels, mesh):
+      end = jnp.asarray(write_at + 1, jnp.int32)  # [] (shared by the rows)
+      out = decode_attn_lib.decode_attention(
+          q[:, 0], k_cache, v_cache,
+          jnp.zeros((b,), jnp.int32) if start is None else start, end,
+          implementation="pallas", interpret=kernels.interpret)[:, None]
+    elif _use_flash(q, kv, kernels):
       # What the cache holds: this step's keys, or all of them.
       dtype = q.dtype if k_cache is None else k_cache.dtype
       chunk = lambda: (k.astype(dtype).astype(q.dtype),

@@ -189,3 +189,28 @@ def test_unrolled_generate_fuses_packed_projections(monkeypatch):
   assert len(set(map(tuple, got["scan"]))) == 2  # rows that can differ
   # pylint: disable-next=protected-access
   assert not generation._split_over_devices(params)
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])  # MHA, GQA
+def test_flash_decoding_kernel_generates_the_einsum_tokens(monkeypatch,
+                                                           family):
+  """`kernels.decode_attention='pallas'` (interpreted) reads the float cache
+  with the flash-decoding kernel at every decode step, left padding
+  included, and greedy decoding gives the einsum attention's tokens."""
+  from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
+  path, _ = hf_models.tiny_hf_model(family)
+  params, config = hf.load_hf(path)
+  calls = []
+  real = decode_attention.decode_attention
+  monkeypatch.setattr(decode_attention, "decode_attention",
+                      lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+  flash = dataclasses.replace(kernels.XLA, decode_attention="pallas",
+                              interpret=True)
+  got = {k: generation.generate_tokens(params, config, prompts,
+                                       max_new_tokens=6, eos_ids=[],
+                                       kernels=k)
+         for k in (kernels.XLA, flash)}
+  assert calls  # traced into the decode step
+  assert got[flash] == got[kernels.XLA]
+  assert len(set(map(tuple, got[flash]))) == 2

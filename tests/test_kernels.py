@@ -24,8 +24,8 @@ def _pretend(monkeypatch, *, gpu: bool, hopper: bool = False,
 
 def _pallas(w4a4, *, gpu=True, **kw):
   return kernels.Kernels(w4a4=w4a4, w4a16="pallas", hadamard_quant="pallas",
-                         kv4_attention="pallas", decode_matmul=w4a4,
-                         rms_norm_quant="pallas",
+                         kv4_attention="pallas", decode_attention="pallas",
+                         decode_matmul=w4a4, rms_norm_quant="pallas",
                          layer_loop="unrolled" if gpu else "scan", **kw)
 
 
@@ -93,6 +93,7 @@ def test_this_platform():
     (dict(w4a16="triton"), "w4a16='triton' must be 'pallas' or 'xla'"),
     (dict(hadamard_quant="cuda"), "hadamard_quant='cuda' must be"),
     (dict(kv4_attention="mosaic"), "kv4_attention='mosaic' must be"),
+    (dict(decode_attention="cudnn"), "decode_attention='cudnn' must be"),
     (dict(attention="flash"), "attention='flash' must be"),
     (dict(decode_matmul="pallas"), "decode_matmul='pallas' must be"),
     (dict(layer_loop="while"), "layer_loop='while' must be"),

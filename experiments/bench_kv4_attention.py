@@ -5,9 +5,12 @@ r"""kv4_decode_attention against XLA decode attention over a bf16 cache.
 Each case (B, S, N x K x H, every row attending to all S slots) times a
 small (block_s, num_splits) sweep of the packed 4-bit kernel, keeps the
 fastest, and times `xla_bf16_attention` (jitted `bf16_decode_attention` on a
-bf16 cache [B, S, K, H], the float model's layout) in the same process.
+bf16 cache [B, S, K, H], the float model's layout) and
+`pallas_bf16_flash_decoding` (`pallas_kernels.decode_attention`, what our
+bf16 model runs, on the same cache) in the same process.
 Records the memory ratio (KV4 bytes / bf16 bytes) and the fraction of HBM
-bandwidth (cache bytes read / time / 3.35e12, H100 SXM) of both; appends
+bandwidth (cache bytes read / time / --hbm_gbps, default the H200's 4800 GB/s)
+of ours and XLA's; appends
 one JSONL line per case to --out_dir/kv4_decode_attention.jsonl.
 
 CPU smoke test (interpret mode, tiny shapes):
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.lab import benchmarking
+from pallas_kernels import decode_attention as float_attn
 from pallas_kernels import kv4_cache as kv4_lib
 from pallas_kernels import kv4_decode_attention as attn
 
@@ -134,6 +138,12 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
       best = (ms, cfg, how)
   base, base_how = benchmarking.timed_ms(attn.bf16_decode_attention, q, kf,
                                          vf, start, end, **runs)
+  # The strongest bf16 baseline we have: our flash decoding over the same
+  # bf16 cache (what our bf16 model runs).
+  flash, _ = benchmarking.timed_ms(
+      jax.jit(lambda *a: float_attn.decode_attention(
+          *a, interpret=interpret, implementation="pallas")),
+      q, kf, vf, start, end, **runs)
   if best is None:
     return None
   ms, cfg, how = best
@@ -141,7 +151,8 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
   peak = _HBM_GBPS.value * 1e9
   return benchmarking.record(
       "kv4_decode_attention", f"B{b}_S{s}_N{n}_K{kv_heads}_H{h}", ms,
-      {"xla_bf16_attention": base}, command=command, config=str(cfg),
+      {"xla_bf16_attention": base, "pallas_bf16_flash_decoding": flash},
+      command=command, config=str(cfg),
       timing=how["timing"], wall_ms=how["wall_ms"],
       baseline_wall_ms=base_how["wall_ms"],
       memory_ratio=round(ours_bytes / base_bytes, 4),

@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import compat
+from pallas_kernels import flash_decoding
 
 _MIN_DOT = 16  # smallest M, N, K of a Triton dot
 
@@ -58,8 +59,8 @@ class DecodeAttentionConfig:
   Attributes:
     block_s: slots per inner step (a power of two >= 16); lowered to the
       largest power of two <= S for short caches.
-    num_splits: programs per (row, kv head); None: enough for ~2 programs
-      per SM, each over >= 128 slots.
+    num_splits: programs per (row, kv head); None:
+      `flash_decoding.default_num_splits`.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages.
   """
@@ -80,13 +81,6 @@ class DecodeAttentionConfig:
       raise ValueError(f"num_warps={self.num_warps} must be a power of two")
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
-
-
-def default_num_splits(batch: int, kv_heads: int, max_len: int,
-                       num_sms: int = 132) -> int:
-  """~2 programs per SM, at least 128 slots a split (at most 64 splits)."""
-  want = -(-2 * num_sms // max(batch * kv_heads, 1))
-  return max(1, min(want, max(max_len // 128, 1), 64))
 
 
 def kernel_takes(head_dim: int) -> bool:
@@ -111,12 +105,9 @@ def decode_attention_kernel(q_ref, start_ref, end_ref, k_ref, v_ref,
   g, h = q_ref.shape
   s_len = k_ref.shape[0]
   dt = k_ref.dtype
-  lo_tok = jnp.clip(start_ref[0], 0, seq_len)
-  hi_tok = jnp.clip(end_ref[0], 0, seq_len)
-  n_blocks = jnp.maximum(pl.cdiv(hi_tok - lo_tok, block_s), 0)
-  per_split = pl.cdiv(n_blocks, num_splits)
-  first = split * per_split
-  last = jnp.minimum(first + per_split, n_blocks)
+  lo_tok, hi_tok, first, last = flash_decoding.split_blocks(
+      start_ref[0], end_ref[0], split, seq_len=seq_len, block_s=block_s,
+      num_splits=num_splits)
   rows = jnp.minimum(jnp.arange(gp, dtype=jnp.int32), g - 1)[:, None]
   cols = jnp.arange(h, dtype=jnp.int32)[None, :]
   q = q_ref[rows, cols]  # [Gp, H]
@@ -208,16 +199,9 @@ def _check(q, k_cache, v_cache, start, end):
     raise ValueError(f"k and v caches differ: {k_cache.shape=}"
                      f" {v_cache.shape=}")
   _, s, kv_heads, _ = k_cache.shape
-  if n % kv_heads:
-    raise ValueError(f"query heads {n=} must be a multiple of kv heads"
-                     f" {kv_heads=}")
-  start, end = jnp.asarray(start), jnp.asarray(end)
-  if start.shape != (b,):
-    raise ValueError(f"start must be [B]=[{b}], got {start.shape=}")
-  if end.shape not in ((), (b,)):
-    raise ValueError(f"end must be [] or [B]=[{b}], got {end.shape=}")
-  return (b, n, kv_heads, s, h), start.astype(jnp.int32), end.astype(
-      jnp.int32)
+  start, end = flash_decoding.check_heads_and_range(b, n, kv_heads, start,
+                                                    end)
+  return (b, n, kv_heads, s, h), start, end
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -260,7 +244,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   if implementation == "xla":
     return decode_attention_reference(q, k_cache, v_cache, start, end)
   cfg = config or DecodeAttentionConfig()
-  ns = cfg.num_splits or default_num_splits(b, kv_heads, s)
+  ns = cfg.num_splits or flash_decoding.default_num_splits(b, kv_heads, s)
   g = n // kv_heads
   gp = max(_MIN_DOT, 1 << max(g - 1, 0).bit_length())
   block_s = min(cfg.block_s, max(_MIN_DOT, 1 << (s.bit_length() - 1)))

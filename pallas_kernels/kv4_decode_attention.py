@@ -74,6 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import compat
+from pallas_kernels import flash_decoding
 from pallas_kernels import kv4_cache as kv4_lib
 
 _MIN_DOT = 16  # smallest M, N, K of a Triton dot
@@ -197,9 +198,8 @@ def default_kv4_decode_attention_config(
     A `KV4DecodeAttentionConfig`.
   """
   del head_dim
-  want = -(-2 * num_sms // max(batch * kv_heads, 1))
-  most = max(max_len // 128, 1)
-  num_splits = max(1, min(want, most, 64))
+  num_splits = flash_decoding.default_num_splits(batch, kv_heads, max_len,
+                                                 num_sms)
   per_split = max_len // num_splits
   mha = query_heads is not None and uses_dot_free_path(query_heads, kv_heads)
   if mha and dtype == jnp.bfloat16 and per_split >= 1024:
@@ -336,12 +336,9 @@ def kv4_decode_attention_kernel(
   h2 = h // 2
   s_len = kc_ref.shape[0]
   dt = q_ref.dtype
-  lo_tok = jnp.clip(start_ref[0], 0, seq_len)
-  hi_tok = jnp.clip(end_ref[0], 0, seq_len)
-  n_blocks = jnp.maximum(pl.cdiv(hi_tok - lo_tok, block_s), 0)
-  per_split = pl.cdiv(n_blocks, num_splits)
-  first = split * per_split
-  last = jnp.minimum(first + per_split, n_blocks)
+  lo_tok, hi_tok, first, last = flash_decoding.split_blocks(
+      start_ref[0], end_ref[0], split, seq_len=seq_len, block_s=block_s,
+      num_splits=num_splits)
   # Even and odd columns of q, loaded apart (the nibble order of the codes).
   qe = q_ref[_head_index(g, gp, h2, 0)]  # [Gp, H // 2]
   qo = q_ref[_head_index(g, gp, h2, 1)]
@@ -478,17 +475,9 @@ def _check(q, k, v, start, end):
   if v.codes.shape != k.codes.shape:
     raise ValueError(f"k and v differ: {k.codes.shape=} {v.codes.shape=}")
   _, kv_heads, s, _ = k.codes.shape
-  if n % kv_heads:
-    raise ValueError(f"query heads {n=} must be a multiple of kv heads"
-                     f" {kv_heads=}")
-  start = jnp.asarray(start)
-  end = jnp.asarray(end)
-  if start.shape != (b,):
-    raise ValueError(f"start must be [B]=[{b}], got {start.shape=}")
-  if end.shape not in ((), (b,)):
-    raise ValueError(f"end must be [] or [B]=[{b}], got {end.shape=}")
-  return (b, n, kv_heads, s, h), start.astype(jnp.int32), end.astype(
-      jnp.int32)
+  start, end = flash_decoding.check_heads_and_range(b, n, kv_heads, start,
+                                                    end)
+  return (b, n, kv_heads, s, h), start, end
 
 
 @functools.partial(jax.jit, static_argnames=(

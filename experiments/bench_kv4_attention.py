@@ -55,6 +55,14 @@ _SOFTMAX_ROWS = flags.DEFINE_list(
     "softmax_rows", ["all"],
     "KV4DecodeAttentionConfig.softmax_rows sweep: all, one (one only"
     " changes the dot path at G = 1).")
+_MERGES = flags.DEFINE_list(
+    "merges", ["loop"],
+    "KV4DecodeAttentionConfig.merge sweep: loop, vector (vector only where"
+    " num_splits > 1 is a power of two).")
+_FLASH = flags.DEFINE_list(
+    "flash_configs", ["default"],
+    "bf16 flash-decoding baseline configs, the fastest kept: 'default' or"
+    " BLOCKxSPLITSxWARPSxSTAGES, optionally xvector (merge).")
 _WARPS = flags.DEFINE_list("num_warps", ["default"],
                            "num_warps sweep (integers or 'default').")
 _STAGES = flags.DEFINE_list("num_stages", ["default"],
@@ -79,10 +87,11 @@ def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
   stages = pick(_STAGES.value, default.num_stages)
   configs = [attn.KV4DecodeAttentionConfig(
       block_s=bs, num_splits=ns, num_warps=nw, num_stages=st, path=path,
-      nibbles=nib, softmax_rows=rows)
-             for bs, ns, path, nw, st, nib, rows in itertools.product(
+      nibbles=nib, softmax_rows=rows, merge=merge)
+             for bs, ns, path, nw, st, nib, rows, merge in itertools.product(
                  block_sizes, counts, paths, warps, stages, _NIBBLES.value,
-                 _SOFTMAX_ROWS.value)]
+                 _SOFTMAX_ROWS.value, _MERGES.value)
+             if merge == "loop" or (ns > 1 and ns & (ns - 1) == 0)]
   # 'bits' on the dot-free path is the 'convert' kernel again.
   dot_free = lambda c: c.path == "dot_free" or (
       c.path == "auto" and attn.uses_dot_free_path(n, kv_heads))
@@ -90,6 +99,21 @@ def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
   return [c for c in configs
           if (c.nibbles == "convert" and c.softmax_rows == "all")
           or not (dot_free(c) or (c.softmax_rows == "one" and n != kv_heads))]
+
+
+def _flash_configs() -> list[float_attn.DecodeAttentionConfig | None]:
+  """--flash_configs: None for 'default', else the spelled-out configs."""
+  out = []
+  for spec in _FLASH.value:
+    if spec == "default":
+      out.append(None)
+      continue
+    parts = spec.split("x")
+    bs, ns, nw, st = map(int, parts[:4])
+    out.append(float_attn.DecodeAttentionConfig(
+        block_s=bs, num_splits=ns, num_warps=nw, num_stages=st,
+        merge="vector" if parts[4:] == ["vector"] else "loop"))
+  return out
 
 
 def _inputs(key, b, s, n, kv_heads, h):
@@ -139,11 +163,19 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
   base, base_how = benchmarking.timed_ms(attn.bf16_decode_attention, q, kf,
                                          vf, start, end, **runs)
   # The strongest bf16 baseline we have: our flash decoding over the same
-  # bf16 cache (what our bf16 model runs).
-  flash, _ = benchmarking.timed_ms(
-      jax.jit(lambda *a: float_attn.decode_attention(
-          *a, interpret=interpret, implementation="pallas")),
-      q, kf, vf, start, end, **runs)
+  # bf16 cache (what our bf16 model runs), its fastest config.
+  flash, flash_cfg = None, None
+  for fc in _flash_configs():
+    fn = jax.jit(lambda *a, c=fc: float_attn.decode_attention(
+        *a, config=c, interpret=interpret, implementation="pallas"))
+    try:
+      ms, _ = benchmarking.timed_ms(fn, q, kf, vf, start, end, **runs)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  flash {fc}: failed: {type(e).__name__}: {str(e)[:200]}")
+      continue
+    print(f"  flash {fc}: {ms:.4f} ms", flush=True)
+    if flash is None or ms < flash:
+      flash, flash_cfg = ms, fc
   if best is None:
     return None
   ms, cfg, how = best
@@ -151,8 +183,9 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
   peak = _HBM_GBPS.value * 1e9
   return benchmarking.record(
       "kv4_decode_attention", f"B{b}_S{s}_N{n}_K{kv_heads}_H{h}", ms,
-      {"xla_bf16_attention": base, "pallas_bf16_flash_decoding": flash},
-      command=command, config=str(cfg),
+      {"xla_bf16_attention": base,
+       **({"pallas_bf16_flash_decoding": flash} if flash else {})},
+      command=command, config=str(cfg), flash_config=str(flash_cfg),
       timing=how["timing"], wall_ms=how["wall_ms"],
       baseline_wall_ms=base_how["wall_ms"],
       memory_ratio=round(ours_bytes / base_bytes, 4),

@@ -63,12 +63,16 @@ class DecodeAttentionConfig:
       `flash_decoding.default_num_splits`.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages.
+    merge: with several splits, how the merge kernel reads the partials:
+      'loop' (one split at a time) or 'vector' (all at once; on the GPU
+      num_splits must be a power of two). Not yet timed on the GPU.
   """
 
   block_s: int = 64
   num_splits: int | None = None
   num_warps: int = 4
   num_stages: int = 3
+  merge: Literal["loop", "vector"] = "loop"
 
   def __post_init__(self):
     if not _is_pow2(self.block_s) or self.block_s < _MIN_DOT:
@@ -81,6 +85,7 @@ class DecodeAttentionConfig:
       raise ValueError(f"num_warps={self.num_warps} must be a power of two")
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+    flash_decoding.check_merge(self.merge)
 
 
 def kernel_takes(head_dim: int) -> bool:
@@ -167,24 +172,12 @@ def _store_rows(o_ref, o, g: int):
   plgpu.store(o_ref.at[rows, cols], o.astype(o_ref.dtype), mask=mask)
 
 
-def decode_attention_merge_kernel(o_ref, m_ref, l_ref, out_ref):
+def decode_attention_merge_kernel(o_ref, m_ref, l_ref, out_ref, *,
+                                  vector: bool):
   """One (row, kv head): merges the splits' partials (log-sum-exp)."""
   # o_ref: f32[NS, Gp, H]; m_ref, l_ref: f32[NS, Gp]; out_ref: [G, H]
-  ns, gp, h = o_ref.shape
-  m_all = jax.lax.fori_loop(
-      0, ns, lambda t, m: jnp.maximum(m, m_ref[t, :]),
-      jnp.full((gp,), -jnp.inf, jnp.float32))
-  m_all = jnp.where(m_all > -jnp.inf, m_all, 0.0)  # all splits empty
-
-  def add(t, carry):
-    o, l = carry
-    l_t = l_ref[t, :]
-    w = jnp.where(l_t > 0, jnp.exp(m_ref[t, :] - m_all), 0.0)  # [Gp]
-    return o + w[:, None] * o_ref[t, :, :], l + w * l_t
-
-  o, l = jax.lax.fori_loop(0, ns, add, (jnp.zeros((gp, h), jnp.float32),
-                                        jnp.zeros((gp,), jnp.float32)))
-  _store_rows(out_ref, _normalize(o, l), out_ref.shape[0])
+  (o,) = flash_decoding.merge_splits((o_ref,), m_ref, l_ref, vector=vector)
+  _store_rows(out_ref, o, out_ref.shape[0])
 
 
 def _check(q, k_cache, v_cache, start, end):
@@ -287,7 +280,10 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     merge = lambda *blk: pl.BlockSpec((None, None) + blk,
                                       lambda i, j: (i, j) + (0,) * len(blk))
     res = pl.pallas_call(
-        decode_attention_merge_kernel, grid=(b, kv_heads),
+        functools.partial(decode_attention_merge_kernel,
+                          vector=flash_decoding.vector_merge(
+                              cfg.merge, ns, interpret)),
+        grid=(b, kv_heads),
         in_specs=[merge(ns, gp, h), merge(ns, gp), merge(ns, gp)],
         out_specs=merge(g, h), out_shape=out, compiler_params=params,
         interpret=interpret, name="decode_attention_merge")(*res)

@@ -112,6 +112,9 @@ class KV4DecodeAttentionConfig:
       all 16 padded rows of the dot (equal rows), 'one' on the one real
       row (a max over the dot's equal rows picks it), broadcast back to 16
       rows for the p · v dot.
+    merge: with several splits, how the merge kernel reads the partials:
+      'loop' (one split at a time) or 'vector' (all at once; on the GPU
+      num_splits must be a power of two). Not yet timed on the GPU.
   """
 
   block_s: int = 64
@@ -121,6 +124,7 @@ class KV4DecodeAttentionConfig:
   path: Literal["auto", "dot", "dot_free"] = "auto"
   nibbles: Literal["convert", "bits"] = "convert"
   softmax_rows: Literal["all", "one"] = "all"
+  merge: Literal["loop", "vector"] = "loop"
 
   def __post_init__(self):
     if not _is_pow2(self.block_s) or self.block_s < _MIN_DOT:
@@ -135,6 +139,7 @@ class KV4DecodeAttentionConfig:
     if self.path not in ("auto", "dot", "dot_free"):
       raise ValueError(f"path={self.path!r} must be 'auto', 'dot' or"
                        " 'dot_free'")
+    flash_decoding.check_merge(self.merge)
     if self.softmax_rows not in ("all", "one"):
       raise ValueError(f"softmax_rows={self.softmax_rows!r} must be 'all'"
                        " or 'one'")
@@ -428,27 +433,14 @@ def kv4_decode_attention_kernel(
     l_ref[...] = l
 
 
-def kv4_decode_attention_merge_kernel(oe_ref, oo_ref, m_ref, l_ref, o_ref):
+def kv4_decode_attention_merge_kernel(oe_ref, oo_ref, m_ref, l_ref, o_ref,
+                                      *, vector: bool):
   """One (row, kv head): merges the splits' partials (log-sum-exp)."""
   # oe_ref, oo_ref: f32[NS, Gp, H // 2];  m_ref, l_ref: f32[NS, Gp]
   # o_ref: [G, H] (dtype of q)
-  ns, gp, h2 = oe_ref.shape
-  m_all = jax.lax.fori_loop(
-      0, ns, lambda t, m: jnp.maximum(m, m_ref[t, :]),
-      jnp.full((gp,), -jnp.inf, jnp.float32))
-  m_all = jnp.where(m_all > -jnp.inf, m_all, 0.0)  # all splits empty
-
-  def add(t, carry):
-    o_e, o_o, l = carry
-    l_t = l_ref[t, :]
-    w = jnp.where(l_t > 0, jnp.exp(m_ref[t, :] - m_all), 0.0)  # [Gp]
-    return (o_e + w[:, None] * oe_ref[t, :, :],
-            o_o + w[:, None] * oo_ref[t, :, :], l + w * l_t)
-
-  zeros = jnp.zeros((gp, h2), jnp.float32)
-  o_e, o_o, l = jax.lax.fori_loop(
-      0, ns, add, (zeros, zeros, jnp.zeros((gp,), jnp.float32)))
-  _store_heads(o_ref, *_normalize(o_e, o_o, l), o_ref.shape[0])
+  o_e, o_o = flash_decoding.merge_splits((oe_ref, oo_ref), m_ref, l_ref,
+                                         vector=vector)
+  _store_heads(o_ref, o_e, o_o, o_ref.shape[0])
 
 
 def _check(q, k, v, start, end):
@@ -582,7 +574,9 @@ def kv4_decode_attention(
                                            lambda i, j: (i, j) + (0,) * len(
                                                blk))
     res = pl.pallas_call(
-        kv4_decode_attention_merge_kernel,
+        functools.partial(kv4_decode_attention_merge_kernel,
+                          vector=flash_decoding.vector_merge(
+                              cfg.merge, ns, interpret)),
         grid=(b, kv_heads),
         in_specs=[merge_head(ns, gp, h2), merge_head(ns, gp, h2),
                   merge_head(ns, gp), merge_head(ns, gp)],

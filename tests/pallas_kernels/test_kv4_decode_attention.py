@@ -527,6 +527,20 @@ def test_gpu_g1_dot_free_path_matches():
                                atol=1e-2 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("g", [1, 4])
+def test_vector_merge_is_the_loop_merge(g, interpret):
+  # Loading all splits at once sums in another order only (f32, ~1 ulp).
+  q, k, v = _case(2, 300, 2, g, 64, dtype=jnp.float32)
+  start, end = jnp.array([0, 250], jnp.int32), jnp.array([300, 260])
+  for splits in (3, 4) if interpret else (4,):
+    run = lambda merge: np.asarray(attn.kv4_decode_attention(
+        q, k, v, start, end, interpret=interpret, implementation="pallas",
+        config=Config(block_s=16, num_splits=splits, merge=merge)))
+    loop = run("loop")
+    np.testing.assert_allclose(run("vector"), loop, rtol=0,
+                               atol=1e-6 * np.abs(loop).max())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("g", [1, 4])
 def test_gpu_bits_nibbles_match_convert(g):

@@ -136,6 +136,28 @@ def _inputs(key, b, s, n, kv_heads, h):
   return q, k, v, kf, vf
 
 
+def _fastest(op, configs, args, runs, interpret, *, label):
+  """Times `op(*args, config=c)` (Pallas) for each config, printing each.
+
+  Returns:
+    (ms, config, timing info) of the fastest that ran, or None.
+  """
+  best = None
+  for cfg in configs:
+    fn = jax.jit(lambda *a, c=cfg: op(*a, config=c, interpret=interpret,
+                                      implementation="pallas"))
+    try:
+      ms, how = benchmarking.timed_ms(fn, *args, **runs)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  {label}{cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
+      continue
+    print(f"  {label}{cfg}: {ms:.4f} ms ({how['timing']}; wall"
+          f" {how['wall_ms']:.4f})", flush=True)
+    if best is None or ms < best[0]:
+      best = (ms, cfg, how)
+  return best
+
+
 def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
                interpret, command):
   """Times one case: the kernel's sweep (best kept) and the XLA baseline.
@@ -147,35 +169,18 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
   start = jnp.zeros((b,), jnp.int32)
   end = jnp.full((b,), s, jnp.int32)
   runs = dict(runs=3, inner=1, warmup=1) if interpret else {}
-  best = None
-  for cfg in _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
-    fn = jax.jit(lambda *a, c=cfg: attn.kv4_decode_attention(
-        *a, config=c, interpret=interpret, implementation="pallas"))
-    try:
-      ms, how = benchmarking.timed_ms(fn, q, k, v, start, end, **runs)
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
-      continue
-    print(f"  {cfg}: {ms:.4f} ms ({how['timing']}; wall"
-          f" {how['wall_ms']:.4f})", flush=True)
-    if best is None or ms < best[0]:
-      best = (ms, cfg, how)
+  best = _fastest(
+      attn.kv4_decode_attention,
+      _configs(b, n, kv_heads, s, h, block_sizes, splits, paths),
+      (q, k, v, start, end), runs, interpret, label="")
   base, base_how = benchmarking.timed_ms(attn.bf16_decode_attention, q, kf,
                                          vf, start, end, **runs)
   # The strongest bf16 baseline we have: our flash decoding over the same
   # bf16 cache (what our bf16 model runs), its fastest config.
-  flash, flash_cfg = None, None
-  for fc in _flash_configs():
-    fn = jax.jit(lambda *a, c=fc: float_attn.decode_attention(
-        *a, config=c, interpret=interpret, implementation="pallas"))
-    try:
-      ms, _ = benchmarking.timed_ms(fn, q, kf, vf, start, end, **runs)
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"  flash {fc}: failed: {type(e).__name__}: {str(e)[:200]}")
-      continue
-    print(f"  flash {fc}: {ms:.4f} ms", flush=True)
-    if flash is None or ms < flash:
-      flash, flash_cfg = ms, fc
+  flash, flash_cfg, _ = _fastest(
+      float_attn.decode_attention, _flash_configs(),
+      (q, kf, vf, start, end), runs, interpret, label="flash ") or (
+          None, None, None)
   if best is None:
     return None
   ms, cfg, how = best

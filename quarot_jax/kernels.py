@@ -59,10 +59,11 @@ class Kernels:
       `jax.nn.dot_product_attention`, see `attention.py`; inputs cuDNN
       cannot take, such as f32, fall back to 'xla', logged) or 'xla'
       (`model.attend`, an einsum softmax over the [T, S] scores).
-    rms_norm_quant: 'pallas' fuses a decode step's RMS pre-norm into the
-      per-token quantizer of the q/k/v and gate/up inputs
-      (`pallas_kernels.rms_norm_quant`, one launch instead of three), 'xla'
-      normalizes first. 'pallas' in every GPU setting and 'interpret'.
+    rms_norm_quant: 'pallas' fuses the RMS pre-norm into the per-token
+      quantizer of the packed q/k/v and gate/up inputs, at decode and
+      prefill (`pallas_kernels.rms_norm_quant`, one launch instead of
+      three), 'xla' normalizes first. 'pallas' in every GPU setting and
+      'interpret'.
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per

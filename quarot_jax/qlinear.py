@@ -196,9 +196,9 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
   Both compute the same numbers: int4 codes times int4 weights summed
   exactly, scaled by s_x * s_w (W4A4), or bf16 x times int4 weights (W4A16).
   With `norm`, x is the un-normalized residual and `layers.rms_norm` runs
-  first; at decode with 4-bit activations and `kernels.rms_norm_quant`
-  'pallas' the norm and the quantizer are one launch
-  (`pallas_kernels.rms_norm_quant`, the same numbers).
+  first; with 4-bit activations and `kernels.rms_norm_quant` 'pallas' the
+  norm and the quantizer are one launch (`pallas_kernels.rms_norm_quant`,
+  the same numbers), at decode and at prefill.
 
   Args:
     x: float[..., in] input (not yet rotated by the online Hadamard).
@@ -226,8 +226,7 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
 
   fuse_norm = (norm is not None and a_spec is not None and a_spec.enabled
                and not online_hadamard
-               and kernels.rms_norm_quant == "pallas"
-               and all(map(decode, ps)))
+               and kernels.rms_norm_quant == "pallas")
   if norm is not None and not fuse_norm:
     x2 = layers.rms_norm(x2, norm[0], eps=norm[1],
                          keep_roundings=a_spec is not None and a_spec.enabled)
@@ -265,16 +264,17 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     # The Mosaic matmuls read int8 codes from shared memory faster than
     # packed ones (BENCHMARKS.md), and decode_matmul takes only int8 codes;
     # the Triton prefill kernel takes packed codes.
-    if fuse_norm:  # int8 codes, as decode_matmul takes, padded to its Mp
+    packed = kernels.w4a4 != "mosaic" and not any(map(decode, ps))
+    out_rows = mp if rows else None  # padded for decode_matmul
+    if fuse_norm:
       x_q, s_x = rq_lib.rms_norm_quant(
           x2, norm[0], eps=norm[1], clip_ratio=a_spec.clip_ratio,
-          out_rows=mp, implementation="pallas", interpret=kernels.interpret)
+          packed=packed, out_rows=out_rows, implementation="pallas",
+          interpret=kernels.interpret)
     else:
       x_q, s_x = hq_lib.hadamard_quant(
           x2, hadamard_base(k) if online_hadamard else None,
-          clip_ratio=a_spec.clip_ratio,
-          packed=kernels.w4a4 != "mosaic" and not any(map(decode, ps)),
-          out_rows=mp if rows else None,  # padded for decode_matmul
+          clip_ratio=a_spec.clip_ratio, packed=packed, out_rows=out_rows,
           implementation=kernels.hadamard_quant, interpret=kernels.interpret)
     ys = [run_decode(x_q, p["qweight"], p["wscale"], s_x) if decode(p)
           else w4a4_lib.w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],

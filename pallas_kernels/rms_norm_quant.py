@@ -17,7 +17,8 @@ normalized axis (the model's D).
 Why: at decode each pre-norm of a layer is two XLA launches (the sum of
 squares, then the scaling), each ~3 us, before the quantize launch; this is
 one. With `out_rows` the codes also come already padded to the rows
-`decode_matmul` pads to (zero codes, scale 1), which saves its pad.
+`decode_matmul` pads to (zero codes, scale 1), which saves its pad. The
+packed linears run it at prefill too (`qlinear.linears`).
 
 Numerics: equal bit for bit to the unfused path in interpret mode. On the
 GPU the sum of squares is added in Triton's order, not XLA's, so
@@ -34,7 +35,8 @@ with 16 output rows; 6.2 at K = 11008), and every GPU setting of `Kernels`
 runs it (CI: 'interpret'). Later that day 5 of its GPU tests failed: codes
 moved at ties because the scale was multiplied, then divided by 7 (1 ulp
 off XLA's folded constant); scales are now `absmax * f32(clip / 7)` as in
-`hadamard_quant`, not yet re-run on the GPU.
+`hadamard_quant`, and the GPU tests pass (H200, 2026-12-01, with the
+reference's roundings kept, `_round_to`).
 
 Backend: the Pallas Triton lowering, a block of rows per program, each row
 viewed as [a, r] like `hadamard_quant.quantize_kernel` (interpret mode on

@@ -159,8 +159,9 @@ def _time(fn, params, cache, tok) -> tuple[float, float, Any]:
 
 def _profile(fn, params, cache, tok, steps: int) -> dict[str, Any] | None:
   """One more call of the decode loop under a profiler trace, per step:
-  span, busy and idle µs, kernels, the 8 costliest kernel names and the 5
-  the GPU waited longest before (`kernel_profile`); None without a GPU.
+  span, busy and idle µs, kernels, the 30 costliest kernel names (enough
+  to account for a step's launches by kind) and the 5 the GPU waited
+  longest before (`kernel_profile`); None without a GPU.
   The cache is donated, as in the timed calls. A tracing failure is
   recorded as {'error': ...}: it must not lose the timed record."""
   try:
@@ -175,7 +176,7 @@ def _profile(fn, params, cache, tok, steps: int) -> dict[str, Any] | None:
           "busy_fraction": round(s["busy_fraction"], 3),
           "kernels": round(s["kernels"], 1),
           "top_us": [[n, round(c, 2), round(us, 1)]
-                     for n, c, us in s["by_name"][:8]],
+                     for n, c, us in s["by_name"][:30]],
           "idle_before_us": [[n, round(us, 1)]
                              for n, us in s["idle_before"][:5]]}
 

@@ -55,14 +55,10 @@ _SOFTMAX_ROWS = flags.DEFINE_list(
     "softmax_rows", ["all"],
     "KV4DecodeAttentionConfig.softmax_rows sweep: all, one (one only"
     " changes the dot path at G = 1).")
-_MERGES = flags.DEFINE_list(
-    "merges", ["loop"],
-    "KV4DecodeAttentionConfig.merge sweep: loop, vector (vector only where"
-    " num_splits > 1 is a power of two).")
 _FLASH = flags.DEFINE_list(
     "flash_configs", ["default"],
     "bf16 flash-decoding baseline configs, the fastest kept: 'default' or"
-    " BLOCKxSPLITSxWARPSxSTAGES, optionally xvector (merge).")
+    " BLOCKxSPLITSxWARPSxSTAGES.")
 _WARPS = flags.DEFINE_list("num_warps", ["default"],
                            "num_warps sweep (integers or 'default').")
 _STAGES = flags.DEFINE_list("num_stages", ["default"],
@@ -87,11 +83,10 @@ def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
   stages = pick(_STAGES.value, default.num_stages)
   configs = [attn.KV4DecodeAttentionConfig(
       block_s=bs, num_splits=ns, num_warps=nw, num_stages=st, path=path,
-      nibbles=nib, softmax_rows=rows, merge=merge)
-             for bs, ns, path, nw, st, nib, rows, merge in itertools.product(
+      nibbles=nib, softmax_rows=rows)
+             for bs, ns, path, nw, st, nib, rows in itertools.product(
                  block_sizes, counts, paths, warps, stages, _NIBBLES.value,
-                 _SOFTMAX_ROWS.value, _MERGES.value)
-             if merge == "loop" or (ns > 1 and ns & (ns - 1) == 0)]
+                 _SOFTMAX_ROWS.value)]
   # 'bits' on the dot-free path is the 'convert' kernel again.
   dot_free = lambda c: c.path == "dot_free" or (
       c.path == "auto" and attn.uses_dot_free_path(n, kv_heads))
@@ -108,11 +103,9 @@ def _flash_configs() -> list[float_attn.DecodeAttentionConfig | None]:
     if spec == "default":
       out.append(None)
       continue
-    parts = spec.split("x")
-    bs, ns, nw, st = map(int, parts[:4])
+    bs, ns, nw, st = map(int, spec.split("x"))
     out.append(float_attn.DecodeAttentionConfig(
-        block_s=bs, num_splits=ns, num_warps=nw, num_stages=st,
-        merge="vector" if parts[4:] == ["vector"] else "loop"))
+        block_s=bs, num_splits=ns, num_warps=nw, num_stages=st))
   return out
 
 

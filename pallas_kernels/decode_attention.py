@@ -63,16 +63,12 @@ class DecodeAttentionConfig:
       `flash_decoding.default_num_splits`.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages.
-    merge: with several splits, how the merge kernel reads the partials:
-      'loop' (one split at a time) or 'vector' (all at once; on the GPU
-      num_splits must be a power of two). Not yet timed on the GPU.
   """
 
   block_s: int = 64
   num_splits: int | None = None
   num_warps: int = 4
   num_stages: int = 3
-  merge: Literal["loop", "vector"] = "loop"
 
   def __post_init__(self):
     if not _is_pow2(self.block_s) or self.block_s < _MIN_DOT:
@@ -85,7 +81,6 @@ class DecodeAttentionConfig:
       raise ValueError(f"num_warps={self.num_warps} must be a power of two")
     if self.num_stages < 1:
       raise ValueError(f"num_stages={self.num_stages} must be >= 1")
-    flash_decoding.check_merge(self.merge)
 
 
 def kernel_takes(head_dim: int) -> bool:
@@ -172,11 +167,10 @@ def _store_rows(o_ref, o, g: int):
   plgpu.store(o_ref.at[rows, cols], o.astype(o_ref.dtype), mask=mask)
 
 
-def decode_attention_merge_kernel(o_ref, m_ref, l_ref, out_ref, *,
-                                  vector: bool):
+def decode_attention_merge_kernel(o_ref, m_ref, l_ref, out_ref):
   """One (row, kv head): merges the splits' partials (log-sum-exp)."""
   # o_ref: f32[NS, Gp, H]; m_ref, l_ref: f32[NS, Gp]; out_ref: [G, H]
-  (o,) = flash_decoding.merge_splits((o_ref,), m_ref, l_ref, vector=vector)
+  (o,) = flash_decoding.merge_splits((o_ref,), m_ref, l_ref)
   _store_rows(out_ref, o, out_ref.shape[0])
 
 
@@ -234,6 +228,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     logging.info("decode_attention: using %s", implementation)
   elif implementation == "pallas" and not (interpret or kernel_takes(h)):
     implementation = "xla"
+    logging.info("decode_attention: the kernel does not take H=%d; using"
+                 " the reference", h)
   if implementation == "xla":
     return decode_attention_reference(q, k_cache, v_cache, start, end)
   cfg = config or DecodeAttentionConfig()
@@ -280,10 +276,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     merge = lambda *blk: pl.BlockSpec((None, None) + blk,
                                       lambda i, j: (i, j) + (0,) * len(blk))
     res = pl.pallas_call(
-        functools.partial(decode_attention_merge_kernel,
-                          vector=flash_decoding.vector_merge(
-                              cfg.merge, ns, interpret)),
-        grid=(b, kv_heads),
+        decode_attention_merge_kernel, grid=(b, kv_heads),
         in_specs=[merge(ns, gp, h), merge(ns, gp), merge(ns, gp)],
         out_specs=merge(g, h), out_shape=out, compiler_params=params,
         interpret=interpret, name="decode_attention_merge")(*res)

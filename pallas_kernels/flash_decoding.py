@@ -64,16 +64,14 @@ def check_heads_and_range(b: int, n: int, kv_heads: int, start, end
   return start.astype(jnp.int32), end.astype(jnp.int32)
 
 
-def merge_splits(o_refs, m_ref, l_ref, *, vector: bool) -> list[jax.Array]:
+def merge_splits(o_refs, m_ref, l_ref) -> list[jax.Array]:
   """Inside a merge kernel: the splits' partials of one (row, kv head),
-  combined (log-sum-exp) and normalized.
+  combined (log-sum-exp) and normalized, one split at a time.
 
   Args:
     o_refs: refs f32[NS, Gp, X], unnormalized partial outputs (one, or the
       KV4 kernel's even and odd halves).
     m_ref, l_ref: f32[NS, Gp] the splits' running max and sum.
-    vector: load all NS partials at once and reduce over them (NS a power
-      of two on the GPU); else two loops over the splits, one load each.
 
   Returns:
     f32[Gp, X] per o_ref: Σ_t w_t o_t / Σ_t w_t l_t with w_t =
@@ -81,49 +79,20 @@ def merge_splits(o_refs, m_ref, l_ref, *, vector: bool) -> list[jax.Array]:
     empty.
   """
   ns, gp = m_ref.shape
-  if vector:
-    m, l = m_ref[...], l_ref[...]  # [NS, Gp]
-    m_all = m.max(axis=0)
-    m_all = jnp.where(m_all > -jnp.inf, m_all, 0.0)  # all splits empty
-    w = jnp.where(l > 0, jnp.exp(m - m_all[None, :]), 0.0)  # [NS, Gp]
-    outs = [(w[:, :, None] * r[...]).sum(axis=0) for r in o_refs]
-    l_sum = (w * l).sum(axis=0)
-  else:
-    m_all = jax.lax.fori_loop(
-        0, ns, lambda t, m: jnp.maximum(m, m_ref[t, :]),
-        jnp.full((gp,), -jnp.inf, jnp.float32))
-    m_all = jnp.where(m_all > -jnp.inf, m_all, 0.0)  # all splits empty
+  m_all = jax.lax.fori_loop(
+      0, ns, lambda t, m: jnp.maximum(m, m_ref[t, :]),
+      jnp.full((gp,), -jnp.inf, jnp.float32))
+  m_all = jnp.where(m_all > -jnp.inf, m_all, 0.0)  # all splits empty
 
-    def add(t, carry):
-      *os_, l = carry
-      l_t = l_ref[t, :]
-      w = jnp.where(l_t > 0, jnp.exp(m_ref[t, :] - m_all), 0.0)  # [Gp]
-      return (*(o + w[:, None] * r[t, :, :] for o, r in zip(os_, o_refs)),
-              l + w * l_t)
+  def add(t, carry):
+    *os_, l = carry
+    l_t = l_ref[t, :]
+    w = jnp.where(l_t > 0, jnp.exp(m_ref[t, :] - m_all), 0.0)  # [Gp]
+    return (*(o + w[:, None] * r[t, :, :] for o, r in zip(os_, o_refs)),
+            l + w * l_t)
 
-    init = (*(jnp.zeros(r.shape[1:], jnp.float32) for r in o_refs),
-            jnp.zeros((gp,), jnp.float32))
-    *outs, l_sum = jax.lax.fori_loop(0, ns, add, init)
+  init = (*(jnp.zeros(r.shape[1:], jnp.float32) for r in o_refs),
+          jnp.zeros((gp,), jnp.float32))
+  *outs, l_sum = jax.lax.fori_loop(0, ns, add, init)
   inv = jnp.where(l_sum > 0, 1.0 / jnp.where(l_sum > 0, l_sum, 1.0), 0.0)
   return [o * inv[:, None] for o in outs]
-
-
-def check_merge(merge: str) -> None:
-  """A config's merge mode: 'loop' or 'vector'."""
-  if merge not in ("loop", "vector"):
-    raise ValueError(f"merge={merge!r} must be 'loop' or 'vector'")
-
-
-def vector_merge(merge: str, num_splits: int, interpret: bool) -> bool:
-  """Whether the merge kernel loads all splits at once (`merge_splits`).
-
-  Raises:
-    ValueError: 'vector' with num_splits not a power of two on the GPU
-      (Triton tensors have power-of-two sizes).
-  """
-  if merge != "vector":
-    return False
-  if not interpret and num_splits & (num_splits - 1):
-    raise ValueError(f"merge='vector' needs num_splits a power of two on"
-                     f" the GPU, got {num_splits}")
-  return True

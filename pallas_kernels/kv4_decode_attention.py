@@ -112,9 +112,6 @@ class KV4DecodeAttentionConfig:
       all 16 padded rows of the dot (equal rows), 'one' on the one real
       row (a max over the dot's equal rows picks it), broadcast back to 16
       rows for the p · v dot.
-    merge: with several splits, how the merge kernel reads the partials:
-      'loop' (one split at a time) or 'vector' (all at once; on the GPU
-      num_splits must be a power of two). Not yet timed on the GPU.
   """
 
   block_s: int = 64
@@ -124,7 +121,6 @@ class KV4DecodeAttentionConfig:
   path: Literal["auto", "dot", "dot_free"] = "auto"
   nibbles: Literal["convert", "bits"] = "convert"
   softmax_rows: Literal["all", "one"] = "all"
-  merge: Literal["loop", "vector"] = "loop"
 
   def __post_init__(self):
     if not _is_pow2(self.block_s) or self.block_s < _MIN_DOT:
@@ -139,7 +135,6 @@ class KV4DecodeAttentionConfig:
     if self.path not in ("auto", "dot", "dot_free"):
       raise ValueError(f"path={self.path!r} must be 'auto', 'dot' or"
                        " 'dot_free'")
-    flash_decoding.check_merge(self.merge)
     if self.softmax_rows not in ("all", "one"):
       raise ValueError(f"softmax_rows={self.softmax_rows!r} must be 'all'"
                        " or 'one'")
@@ -433,13 +428,11 @@ def kv4_decode_attention_kernel(
     l_ref[...] = l
 
 
-def kv4_decode_attention_merge_kernel(oe_ref, oo_ref, m_ref, l_ref, o_ref,
-                                      *, vector: bool):
+def kv4_decode_attention_merge_kernel(oe_ref, oo_ref, m_ref, l_ref, o_ref):
   """One (row, kv head): merges the splits' partials (log-sum-exp)."""
   # oe_ref, oo_ref: f32[NS, Gp, H // 2];  m_ref, l_ref: f32[NS, Gp]
   # o_ref: [G, H] (dtype of q)
-  o_e, o_o = flash_decoding.merge_splits((oe_ref, oo_ref), m_ref, l_ref,
-                                         vector=vector)
+  o_e, o_o = flash_decoding.merge_splits((oe_ref, oo_ref), m_ref, l_ref)
   _store_heads(o_ref, o_e, o_o, o_ref.shape[0])
 
 
@@ -574,9 +567,7 @@ def kv4_decode_attention(
                                            lambda i, j: (i, j) + (0,) * len(
                                                blk))
     res = pl.pallas_call(
-        functools.partial(kv4_decode_attention_merge_kernel,
-                          vector=flash_decoding.vector_merge(
-                              cfg.merge, ns, interpret)),
+        kv4_decode_attention_merge_kernel,
         grid=(b, kv_heads),
         in_specs=[merge_head(ns, gp, h2), merge_head(ns, gp, h2),
                   merge_head(ns, gp), merge_head(ns, gp)],

@@ -119,14 +119,14 @@ def rms_norm_quant_kernel(x_ref, w_ref, q_ref, s_ref, *, rows: int, ap: int,
   normed = mul(x, jnp.broadcast_to(inv[:, None, None], x.shape))
   # Interpreted on a GPU the body is XLA ops, which drop a convert pair
   # inside a fusion (see `_round_to`); the barrier keeps the rounding.
-  keep = (lambda v: v) if exact else jax.lax.optimization_barrier
-  normed = keep(normed.astype(dtype)).astype(jnp.float32)
+  rounded = ((lambda v: v.astype(dtype).astype(jnp.float32)) if exact
+             else lambda v: _round_to(v, dtype))
+  normed = rounded(normed)
   y = mul(jnp.broadcast_to(w.astype(jnp.float32)[None], x.shape), normed)
   # Padding rows are zero after the norm too, as the reference pads its
   # output: with eps = 0 their 0 * rsqrt(0) is NaN, whose clip is -8 on a
   # GPU (0 on a CPU, where XLA converts NaN to 0).
-  y = jnp.where(real[:, None, None],
-                keep(y.astype(dtype)).astype(jnp.float32), 0.0)
+  y = jnp.where(real[:, None, None], rounded(y), 0.0)
   hq_lib.store_quantized_rows(y, q_ref, s_ref, packed=packed,
                               clip_ratio=clip_ratio, mask=mask)
 

@@ -78,23 +78,6 @@ def test_tiny_cache_and_default_splits(interpret):
   assert flash_decoding.default_num_splits(16, 32, 4160) == 1
 
 
-@pytest.mark.parametrize("splits", [3, 4])
-def test_vector_merge_is_the_loop_merge(splits, interpret):
-  # Loading all splits at once sums in another order only (f32, ~1 ulp).
-  q, k, v = _case(2, 300, 2, 2, 32, seed=splits)
-  start, end = jnp.array([0, 250], jnp.int32), jnp.array([300, 260])
-  run = lambda merge: np.asarray(da.decode_attention(
-      q, k, v, start, end, interpret=interpret, implementation="pallas",
-      config=Config(block_s=16, num_splits=splits, merge=merge)))
-  loop = run("loop")
-  np.testing.assert_allclose(run("vector"), loop, rtol=0,
-                             atol=1e-6 * np.abs(loop).max())
-  if not interpret and splits == 3:
-    with pytest.raises(ValueError, match="merge='vector' needs num_splits"
-                       " a power of two on the GPU, got 3"):
-      run("vector")
-
-
 def test_reference_is_the_model_attention():
   # model.attend at T = 1 over the mask start <= s < end (rows not empty).
   q, k, v = _case(3, 40, 2, 2, 32, seed=5)
@@ -121,8 +104,6 @@ def test_errors():
     Config(block_s=24)
   with pytest.raises(ValueError, match="num_splits=0 must be >= 1"):
     Config(num_splits=0)
-  with pytest.raises(ValueError, match="merge='tree' must be 'loop' or"):
-    Config(merge="tree")
   assert not da.kernel_takes(96) and da.kernel_takes(128)
 
 
@@ -140,8 +121,7 @@ def test_gpu_lowers_to_the_named_kernel_and_matches(g):
   fn = jax.jit(lambda *a: da.decode_attention(*a, implementation="pallas"))
   assert "decode_attention" in fn.lower(q, k, v, start, end).as_text()
   for cfg in (None, Config(num_splits=1), Config(block_s=128, num_splits=8),
-              Config(block_s=32, num_splits=3, num_warps=8),
-              Config(block_s=64, num_splits=8, merge="vector")):
+              Config(block_s=32, num_splits=3, num_warps=8)):
     got = np.asarray(da.decode_attention(q, k, v, start, end, config=cfg,
                                          implementation="pallas"), np.float32)
     assert not np.any(np.isnan(got))

@@ -110,7 +110,9 @@ def _bits_against_convert(b, s, kv_heads, g, h, cfg, start, end, interpret):
       q.astype(jnp.float32), k, v, start, end))
   scale = np.abs(want).max()
   assert not np.any(np.isnan(bits))
-  np.testing.assert_allclose(bits, conv, rtol=2.0**-7, atol=1e-4 * scale)
+  # Interpreted, the dots are exact f32 and the outputs agree to 1e-4.
+  np.testing.assert_allclose(bits, conv, rtol=0 if interpret else 2.0**-7,
+                             atol=1e-4 * scale)
   np.testing.assert_allclose(bits, want, rtol=0, atol=1e-2 * scale)
   if g == 1:  # the softmax on the one real row: the same numbers
     for nib, base in (("convert", conv), ("bits", bits)):
@@ -525,20 +527,6 @@ def test_gpu_g1_dot_free_path_matches():
     np.testing.assert_array_equal(got[3], 0.0)
     np.testing.assert_allclose(got, want, rtol=0,
                                atol=1e-2 * np.abs(want).max())
-
-
-@pytest.mark.parametrize("g", [1, 4])
-def test_vector_merge_is_the_loop_merge(g, interpret):
-  # Loading all splits at once sums in another order only (f32, ~1 ulp).
-  q, k, v = _case(2, 300, 2, g, 64, dtype=jnp.float32)
-  start, end = jnp.array([0, 250], jnp.int32), jnp.array([300, 260])
-  for splits in (3, 4) if interpret else (4,):
-    run = lambda merge: np.asarray(attn.kv4_decode_attention(
-        q, k, v, start, end, interpret=interpret, implementation="pallas",
-        config=Config(block_s=16, num_splits=splits, merge=merge)))
-    loop = run("loop")
-    np.testing.assert_allclose(run("vector"), loop, rtol=0,
-                               atol=1e-6 * np.abs(loop).max())
 
 
 @pytest.mark.gpu

@@ -87,7 +87,7 @@ def can_use_kv4_append(head_dim: int) -> bool:
   return jax.default_backend() == "gpu" and kernel_takes(head_dim)
 
 
-def _ops(exact: bool):
+def f32_ops(exact: bool):
   """(mul, round) for f32 arrays: PTX with `.rn` on the GPU, else jnp."""
   if not exact:
     return (lambda a, b: a * b), jnp.round
@@ -105,10 +105,20 @@ def _ops(exact: bool):
 
 def _quantize_row(x_ref, clip_ratio: float, exact: bool):
   """One row [1, H] -> (bytes uint8[1, H // 2], scale f32[1], zero u8[1])."""
-  mul, rnd = _ops(exact)
   h2 = x_ref.shape[1] // 2
   even = x_ref[:, pl.ds(0, h2, stride=2)].astype(jnp.float32)  # [1, H // 2]
   odd = x_ref[:, pl.ds(1, h2, stride=2)].astype(jnp.float32)
+  return quantize_halves(even, odd, clip_ratio, exact)
+
+
+def quantize_halves(even: jax.Array, odd: jax.Array, clip_ratio: float,
+                    exact: bool):
+  """In a kernel: one row's even and odd elements f32[1, H // 2] ->
+  (bytes uint8[1, H // 2], scale f32[1], zero u8[1]) of `quantize_kv4`.
+  `exact`: the GPU's `.rn` PTX products and rounding (see the module
+  docstring); False in interpret mode."""
+  mul, rnd = f32_ops(exact)
+  h2 = even.shape[1]
   full = lambda v: jnp.full((1,), v, jnp.float32)
   # [1] ranges, 0 included (min/max are exact in any order).
   xmin = jnp.minimum(jnp.minimum(even.min(axis=1), odd.min(axis=1)), 0.0)

@@ -76,6 +76,15 @@ def rope_inv_freq(head_dim: int, theta: float,
   return jnp.where(is_medium, smoothed, scaled)
 
 
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Rotary cosines and sines, f32[..., H] each, at int32 `positions`
+  [...] (HF's rotate-half layout: the H / 2 frequencies twice)."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array,
                inv_freq: jax.Array) -> jax.Array:
   """Rotary embedding in HF's rotate-half layout.
@@ -88,9 +97,8 @@ def apply_rope(x: jax.Array, positions: jax.Array,
   Returns:
     [B, T, heads, H] in the dtype of `x`.
   """
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  cos, sin = rope_cos_sin(positions, inv_freq)  # [B, T, H]
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import decode_attention as decode_attn_lib
+from pallas_kernels import decode_qkv as decode_qkv_lib
 from pallas_kernels import kv4_append as kv4_append_lib
 from pallas_kernels import kv4_cache as kv4_lib
 from pallas_kernels import kv4_decode_attention as kv4_attn_lib
@@ -362,6 +363,12 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   if "qkv_proj" in p:  # fused (run_layout): one matmul, split by width
     (qkv,) = _linears(x, [p["qkv_proj"]], options, kernels=kernels,
                       pre_norm=pre_norm)
+    if _use_decode_qkv(qkv, k_cache, kernels, mesh, n // kv, h):
+      out, k_cache, v_cache = _decode_qkv_attention(
+          qkv, positions, inv_freq, k_cache, v_cache, write_at, start,
+          n, options, kernels)
+      return _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh) + (
+          k_cache, v_cache, out.reshape(b, t, n * h))
     q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
   else:
     q, k, v = _linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], options,
@@ -413,12 +420,59 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
         k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
       out = attend(q, k, v, mask)
   out = out.reshape(b, t, n * h)
+  return _o_proj(out, p, options, kernels, mesh) + (k_cache, v_cache, out)
+
+
+def _o_proj(out, p, options: RunOptions, kernels: kernels_lib.Kernels,
+            mesh) -> tuple[jax.Array]:
+  """(o_proj of the attention output [B, T, N*H],), after the online
+  Hadamard (fused into a packed o_proj's quantizer)."""
   packed = "qweight" in p["o_proj"]
   if options.online_had_o and not packed:
     out = _hadamard(out, options.had_blocks)
-  o = _row_linear(out, p["o_proj"], options, kernels=kernels,
-                  online_hadamard=options.online_had_o and packed, mesh=mesh)
-  return o, k_cache, v_cache, out
+  return (_row_linear(out, p["o_proj"], options, kernels=kernels,
+                      online_hadamard=options.online_had_o and packed,
+                      mesh=mesh),)
+
+
+def _use_decode_qkv(qkv, k_cache, kernels: kernels_lib.Kernels, mesh,
+                    group: int, head_dim: int) -> bool:
+  """Whether one decode token's fused qkv goes through `decode_qkv` (RoPE,
+  head Hadamard and the KV4 write in one launch) into the KV4 kernel."""
+  return (isinstance(k_cache, kv4_lib.KV4) and qkv.shape[1] == 1
+          and mesh is None and kernels.kv4_attention == "pallas"
+          and (kernels.interpret
+               or decode_qkv_lib.can_use_decode_qkv(head_dim, group)))
+
+
+def _decode_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,
+                          write_at, start, num_heads: int,
+                          options: RunOptions,
+                          kernels: kernels_lib.Kernels):
+  """Decode attention over packed KV4 caches from the fused qkv [B, 1,
+  (N + 2K) H]: `decode_qkv` then `kv4_decode_attention`, the same bits as
+  `apply_rope`, `_head_hadamard` and `_packed_cache_attention`'s decode
+  branch (up to the order of the head Hadamard's f32 sums on the GPU).
+
+  Returns:
+    (out [B, 1, N, H], k_cache, v_cache).
+  """
+  h = 2 * k_cache.codes.shape[-1]
+  for spec in (options.k_spec, options.v_spec):
+    _check_kv4_spec(spec, h)
+  cos, sin = layers.rope_cos_sin(positions[:, 0], inv_freq)  # f32[B, H]
+  signs = (jnp.asarray(hadamard.hadamard_matrix(h), qkv.dtype)
+           if options.qk_had else None)
+  q, k_cache, v_cache = decode_qkv_lib.decode_qkv(
+      qkv[:, 0], cos, sin, signs, k_cache, v_cache, write_at,
+      num_heads=num_heads, k_clip_ratio=options.k_spec.clip_ratio,
+      v_clip_ratio=options.v_spec.clip_ratio, interpret=kernels.interpret,
+      implementation="pallas")
+  end = jnp.asarray(write_at + 1, jnp.int32)  # [] (shared by the rows)
+  out = kv4_attn_lib.kv4_decode_attention(
+      q, k_cache, v_cache, start, end, implementation=kernels.kv4_attention,
+      interpret=kernels.interpret)
+  return out[:, None].astype(q.dtype), k_cache, v_cache
 
 
 def _check_kv4_spec(spec, head_dim: int) -> None:

@@ -68,86 +68,99 @@ def can_use_decode_qkv(head_dim: int, group: int) -> bool:
   return jax.default_backend() == "gpu" and kernel_takes(head_dim, group)
 
 
-def rotate_half_matrix(h: int, dtype) -> jax.Array:
-  """P [H, H] with x @ P = concat(-x[H/2:], x[:H/2]) (HF's rotate_half)."""
-  p = np.zeros((h, h), np.float32)
-  half = h // 2
-  p[np.arange(half) + half, np.arange(half)] = -1.0
-  p[np.arange(half), np.arange(half) + half] = 1.0
-  return jnp.asarray(p, dtype)
+def rope(x1, x2, c1, c2, s1, s2, mul):
+  """RoPE (rotate-half) of the halves x1, x2 f32[..., H / 2] of x:
+  x · cos + rotate_half(x) · sin as XLA computes it (rotate_half(x) =
+  [-x2, x1]), each product by `mul` so the GPU rounds it before the add."""
+  return mul(x1, c1) + mul(-x2, s1), mul(x2, c2) + mul(x1, s2)
 
 
-def rope(x, rotated, cos, sin, mul):
-  """x · cos + rotate_half(x) · sin in f32, each product by `mul` (so the
-  GPU rounds it before the add, as XLA's kernels do)."""
-  return mul(x, cos) + mul(rotated, sin)
-
-
-def decode_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, p_ref, t_ref,
-                      kc_in, ks_in, kz_in, vc_in, vs_in, vz_in, q_ref,
+def decode_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, tk_ref,
+                      ek_ref, kc_in, ks_in, kz_in, vc_in, vs_in, vz_in, q_ref,
                       kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *,
-                      n: int,
-                      norm: float, k_clip_ratio: float, v_clip_ratio: float,
-                      exact: bool):
-  """One (row, kv head): rotate q and k, store q, quantize-write k and v."""
+                      n: int, norm: float, k_clip_ratio: float,
+                      v_clip_ratio: float, exact: bool):
+  """One row's tile of 16 heads: query heads (rotated, stored), key heads
+  (rotated, quantized into the slot) or value heads (quantized)."""
   # at_ref: int32[] slot; qkv_ref: [N + 2K, H] the row's heads;
-  # cos_ref, sin_ref: f32[1, H]; p_ref: [H, H] `rotate_half_matrix`;
-  # t_ref: [H, H] (±1 or identity), p and t in x's dtype
-  # q_ref: [G, H]; kc/vc: uint8[S, H // 2]; ks/vs: f32[S]; kz/vz: uint8[S]
-  # The *_in refs alias the outputs (input_output_aliases): only written.
+  # cos_ref, sin_ref: f32[1, H]; t_ref: [H, H] T (±1 or identity);
+  # tk_ref: [H, H] T's even columns, then its odd ones; ek_ref: the same
+  # of the identity
+  # q_ref: [N, H]; kc/vc: uint8[K, S, H // 2]; ks/vs: f32[K, S];
+  # kz/vz: uint8[K, S]. The *_in refs alias the outputs: only written.
   del kc_in, ks_in, kz_in, vc_in, vs_in, vz_in
-  g, h = q_ref.shape
-  kv_heads = (qkv_ref.shape[0] - n) // 2
-  h2 = h // 2
-  j = pl.program_id(1)
+  kv_heads, s_len, h2 = kc_ref.shape
   dtype = qkv_ref.dtype
+  tiles = pl.cdiv(n, _TILE), pl.cdiv(kv_heads, _TILE)
+  t = pl.program_id(1)
   mul, _ = append_lib.f32_ops(exact)
-  rows = jnp.arange(_TILE)[:, None]
+  rows = jnp.arange(_TILE)
   dot = functools.partial(jax.lax.dot, preferred_element_type=jnp.float32,
                           precision=(jax.lax.Precision.HIGHEST
                                      if dtype == jnp.float32 else None))
-  cos, sin = cos_ref[...], sin_ref[...]  # f32[1, H]
-  t_even = t_ref[:, pl.ds(0, h2, stride=2)]  # [H, H/2]
-  t_odd = t_ref[:, pl.ds(1, h2, stride=2)]
-
-  def rotated(first: jax.Array, count: int):
-    """Heads first .. first + count - 1 as a [16, H] tile, rotated and
-    rounded to x's dtype (rows >= count zero)."""
-    x = plgpu.load(qkv_ref.at[pl.ds(first, _TILE), :], mask=rows < count,
-                   other=0)
-    # rotate_half(x) = x @ P, P a signed permutation: one exact product
-    # per output, so the dot is exact.
-    half = dot(x, p_ref[...])
-    return rope(x.astype(jnp.float32), half, cos, sin, mul).astype(dtype)
-
-  def transformed(y, t):  # [16, H] @ T[:, cols] -> x's dtype
-    return (dot(y, t) * norm).astype(dtype)
-
-  q = transformed(rotated(j * g, g), t_ref[...])  # [16, H]
-  plgpu.store(q_ref.at[pl.ds(0, _TILE), :], q, mask=rows < g)
-
-  k = rotated(n + j, 1)
-  first_row = lambda z: jnp.max(  # row 0 of [16, H/2], exactly
-      jnp.where(rows == 0, z.astype(jnp.float32), -jnp.inf), axis=0,
-      keepdims=True)
-  k_even = first_row(transformed(k, t_even))
-  k_odd = first_row(transformed(k, t_odd))
-  v_row = qkv_ref.at[pl.ds(n + kv_heads + j, 1)]
-  v_even = v_row[:, pl.ds(0, h2, stride=2)].astype(jnp.float32)
-  v_odd = v_row[:, pl.ds(1, h2, stride=2)].astype(jnp.float32)
-
-  s_len = kc_ref.shape[0]
   at = at_ref[()]
   at = jnp.where(at < 0, at + s_len, at)  # as jax's dynamic_update_slice
-  slot = pl.ds(jnp.clip(at, 0, s_len - 1), 1)
-  for (even, odd), c_ref, s_ref, z_ref, clip_ratio in (
-      ((k_even, k_odd), kc_ref, ks_ref, kz_ref, k_clip_ratio),
-      ((v_even, v_odd), vc_ref, vs_ref, vz_ref, v_clip_ratio)):
+  slot = jnp.clip(at, 0, s_len - 1)
+  half = lambda i: pl.ds(i * h2, h2)
+
+  def load_halves(first, count):
+    """Rows first .. first + 15 of qkv (< count real) as the two halves
+    f32[16, H/2] of each head."""
+    return [plgpu.load(qkv_ref.at[pl.ds(first, _TILE), half(i)],
+                       mask=(rows < count)[:, None], other=0
+                       ).astype(jnp.float32) for i in (0, 1)]
+
+  def rotated(first, count):  # [16, H/2] halves, rotated, in x's dtype
+    x1, x2 = load_halves(first, count)
+    full = lambda r, i: jnp.broadcast_to(r[:, half(i)], x1.shape)
+    y1, y2 = rope(x1, x2, full(cos_ref, 0), full(cos_ref, 1),
+                  full(sin_ref, 0), full(sin_ref, 1), mul)
+    return y1.astype(dtype), y2.astype(dtype)
+
+  def transformed(y, top, bot, scale=norm):
+    """Halves [16, H/2] @ T's rows (top, bot), times `scale`, rounded to
+    x's dtype (held in f32)."""
+    return ((dot(y[0], top) + dot(y[1], bot)) * scale).astype(
+        dtype).astype(jnp.float32)
+
+  def even_odd(y, m_ref):  # [even, odd] columns of halves @ m
+    return [transformed(y, m_ref[half(0), half(i)], m_ref[half(1), half(i)],
+                        1.0 if m_ref is ek_ref else norm) for i in (0, 1)]
+
+  def write(even, odd, first, count, c_ref, s_ref, z_ref, clip_ratio):
     codes, scale, zero = append_lib.quantize_halves(even, odd, clip_ratio,
                                                     exact)
-    c_ref[slot, :] = codes
-    s_ref[slot] = scale
-    z_ref[slot] = zero
+    valid = rows < count
+    heads = pl.ds(first, _TILE)
+    plgpu.store(c_ref.at[heads, slot, :], codes, mask=valid[:, None])
+    plgpu.store(s_ref.at[heads, slot], scale, mask=valid)
+    plgpu.store(z_ref.at[heads, slot], zero, mask=valid)
+
+  @pl.when(t < tiles[0])
+  def _():
+    first = t * _TILE
+    q = transformed(rotated(first, n - first), t_ref[half(0), :],
+                    t_ref[half(1), :])
+    plgpu.store(q_ref.at[pl.ds(first, _TILE), :], q.astype(dtype),
+                mask=(rows < n - first)[:, None])
+
+  @pl.when((t >= tiles[0]) & (t < tiles[0] + tiles[1]))
+  def _():
+    first = (t - tiles[0]) * _TILE
+    even, odd = even_odd(rotated(n + first, kv_heads - first), tk_ref)
+    write(even, odd, first, kv_heads - first, kc_ref, ks_ref, kz_ref,
+          k_clip_ratio)
+
+  @pl.when(t >= tiles[0] + tiles[1])
+  def _():
+    first = (t - tiles[0] - tiles[1]) * _TILE
+    # Even and odd elements by a 0/1 permutation (one exact product per
+    # output; strided masked loads do not run in interpret mode).
+    v = [x.astype(dtype) for x in load_halves(n + kv_heads + first,
+                                               kv_heads - first)]
+    even, odd = even_odd(v, ek_ref)
+    write(even, odd, first, kv_heads - first, vc_ref, vs_ref, vz_ref,
+          v_clip_ratio)
 
 
 def _check(qkv, cos, sin, head_signs, k_cache, v_cache, at, num_heads
@@ -246,31 +259,31 @@ def decode_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
       decode_qkv_kernel, n=n, norm=norm, k_clip_ratio=k_clip_ratio,
       v_clip_ratio=v_clip_ratio, exact=not interpret)
   h2 = h // 2
+  tiles = pl.cdiv(n, _TILE) + 2 * pl.cdiv(kv_heads, _TILE)
   scalar = pl.BlockSpec((None,), lambda i, j: (0,))
-  heads = pl.BlockSpec((None, n + 2 * kv_heads, h), lambda i, j: (i, 0, 0))
-  per_row = pl.BlockSpec((1, h), lambda i, j: (i, 0))
+  row = lambda *shape: pl.BlockSpec((None,) + shape,
+                                    lambda i, j: (i,) + (0,) * len(shape))
   whole = pl.BlockSpec((h, h), lambda i, j: (0, 0))
-  codes = pl.BlockSpec((None, None, s, h2), lambda i, j: (i, j, 0, 0))
-  per_slot = pl.BlockSpec((None, None, s), lambda i, j: (i, j, 0))
-  caches = [codes, per_slot, per_slot] * 2
+  caches = [row(kv_heads, s, h2), row(kv_heads, s), row(kv_heads, s)] * 2
   arrays = (k_cache.codes, k_cache.scale, k_cache.zero, v_cache.codes,
             v_cache.scale, v_cache.zero)
   out = pl.pallas_call(
       kernel,
-      grid=(b, kv_heads),
-      in_specs=[scalar, heads, per_row, per_row, whole, whole] + caches,
-      out_specs=[pl.BlockSpec((None, None, g, h),
-                              lambda i, j: (i, j, 0, 0))] + caches,
-      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, g, h), dtype)] + [
+      grid=(b, tiles),
+      in_specs=[scalar, row(n + 2 * kv_heads, h), row(1, h), row(1, h),
+                whole, whole, whole] + caches,
+      out_specs=[row(n, h)] + caches,
+      out_shape=[jax.ShapeDtypeStruct((b, n, h), dtype)] + [
           jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays],
-      input_output_aliases={6 + i: 1 + i for i in range(6)},
+      input_output_aliases={7 + i: 1 + i for i in range(6)},
       compiler_params=compat.triton_params(num_warps=num_warps,
                                            num_stages=1),
       interpret=interpret, debug=debug, name="decode_qkv",
   )(jnp.asarray(at, jnp.int32).reshape(1),
-    qkv.reshape(b, n + 2 * kv_heads, h), cos, sin,
-    rotate_half_matrix(h, dtype), t, *arrays)
-  return (out[0].reshape(b, n, h),
+    qkv.reshape(b, n + 2 * kv_heads, h), cos[:, None], sin[:, None], t,
+    *[jnp.concatenate([m[:, 0::2], m[:, 1::2]], axis=1)
+      for m in (t, jnp.eye(h, dtype=dtype))], *arrays)
+  return (out[0],
           kv4_lib.KV4(codes=out[1], scale=out[2], zero=out[3]),
           kv4_lib.KV4(codes=out[4], scale=out[5], zero=out[6]))
 
@@ -291,18 +304,27 @@ def decode_qkv_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   heads = qkv.reshape(b, n + 2 * kv_heads, h)
   q, k, v = jnp.split(heads, [n, n + kv_heads], axis=1)
 
+  # Each rounding to x's dtype stays (XLA:GPU would otherwise skip a
+  # convert to 16 bits and back inside one fusion), as in the kernel and
+  # in the model's unfused ops, whose roundings are kernel boundaries.
+  rounded = lambda y: (y.astype(dtype) if dtype == jnp.float32 else
+                       jax.lax.optimization_barrier(y.astype(dtype)))
+
   def rotate(x):  # [B, heads, H]
     x32 = x.astype(jnp.float32)
-    half = jnp.concatenate([-x32[..., h // 2:], x32[..., :h // 2]], axis=-1)
-    y = rope(x32, half, cos[:, None, :], sin[:, None, :],
-             lambda a, b: a * b).astype(dtype)
+    c, sn = cos[:, None, :], sin[:, None, :]
+    y = jnp.concatenate(rope(x32[..., :h // 2], x32[..., h // 2:],
+                             c[..., :h // 2], c[..., h // 2:],
+                             sn[..., :h // 2], sn[..., h // 2:],
+                             lambda a, b: a * b), axis=-1)
+    y = rounded(y)
     if head_signs is None:
       return y
     z = jnp.einsum("...i,ij->...j", y, head_signs.astype(dtype),
                    precision=(jax.lax.Precision.HIGHEST
                               if dtype == jnp.float32 else None),
                    preferred_element_type=jnp.float32)
-    return (z * jnp.float32(1.0 / math.sqrt(h))).astype(dtype)
+    return rounded(z * jnp.float32(1.0 / math.sqrt(h)))
 
   q, k = rotate(q), rotate(k)
   k_cache, v_cache = append_lib.kv4_append_reference(

@@ -113,25 +113,25 @@ def _quantize_row(x_ref, clip_ratio: float, exact: bool):
 
 def quantize_halves(even: jax.Array, odd: jax.Array, clip_ratio: float,
                     exact: bool):
-  """In a kernel: one row's even and odd elements f32[1, H // 2] ->
-  (bytes uint8[1, H // 2], scale f32[1], zero u8[1]) of `quantize_kv4`.
-  `exact`: the GPU's `.rn` PTX products and rounding (see the module
-  docstring); False in interpret mode."""
+  """In a kernel: R rows' even and odd elements f32[R, H // 2] ->
+  (bytes uint8[R, H // 2], scale f32[R], zero u8[R]) of `quantize_kv4`,
+  one quantizer per row. `exact`: the GPU's `.rn` PTX products and
+  rounding (see the module docstring); False in interpret mode."""
   mul, rnd = f32_ops(exact)
-  h2 = even.shape[1]
-  full = lambda v: jnp.full((1,), v, jnp.float32)
-  # [1] ranges, 0 included (min/max are exact in any order).
+  r, h2 = even.shape
+  full = lambda v: jnp.full((r,), v, jnp.float32)
+  # [R] ranges, 0 included (min/max are exact in any order).
   xmin = jnp.minimum(jnp.minimum(even.min(axis=1), odd.min(axis=1)), 0.0)
   xmax = jnp.maximum(jnp.maximum(even.max(axis=1), odd.max(axis=1)), 0.0)
   lo = mul(xmin, full(clip_ratio))
   hi = mul(xmax, full(clip_ratio))
   scale = mul(hi - lo, full(_INV_MAXQ))
   scale = jnp.where(scale > 0, scale, 1.0)
-  zero = rnd(-lo / scale)  # [1], an integer in 0..15
-  inv = jax.lax.broadcast_in_dim(1.0 / scale, (1, h2), (0,))
-  zero_row = jax.lax.broadcast_in_dim(zero, (1, h2), (0,))
+  zero = rnd(-lo / scale)  # [R], integers in 0..15
+  inv = jax.lax.broadcast_in_dim(1.0 / scale, (r, h2), (0,))
+  zero_row = jax.lax.broadcast_in_dim(zero, (r, h2), (0,))
 
-  def codes(v):  # [1, H // 2] -> int32 codes 0..15
+  def codes(v):  # [R, H // 2] -> int32 codes 0..15
     return jnp.clip(rnd(mul(v, inv)) + zero_row, 0, _MAXQ).astype(jnp.int32)
 
   packed = codes(even) | (codes(odd) << 4)  # low nibble = even h

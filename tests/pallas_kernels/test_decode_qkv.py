@@ -29,12 +29,15 @@ def _case(b, n, kv_heads, s, h, dtype, seed=0):
   return qkv, cos, sin, positions, inv_freq, caches
 
 
-def _same_caches(got, want):
+def _same_caches(got, want, scale_rtol=0.0):
   for i in (0, 1):
     for name in ("codes", "scale", "zero"):
-      np.testing.assert_array_equal(
-          np.asarray(getattr(got[i], name)), np.asarray(getattr(want[i], name)),
-          err_msg=f"{'kv'[i]}.{name}")
+      g, w = (np.asarray(getattr(c[i], name)) for c in (got, want))
+      if name == "scale" and scale_rtol:
+        np.testing.assert_allclose(g, w, rtol=scale_rtol, atol=0,
+                                   err_msg=f"{'kv'[i]}.{name}")
+      else:
+        np.testing.assert_array_equal(g, w, err_msg=f"{'kv'[i]}.{name}")
 
 
 # b, n, kv_heads, s, h, dtype, head transform, slot
@@ -49,6 +52,11 @@ _CASES = [
 
 @pytest.mark.parametrize("b, n, kv_heads, s, h, dtype, had, at", _CASES)
 def test_kernel_equals_reference(b, n, kv_heads, s, h, dtype, had, at):
+  if jax.default_backend() == "gpu":
+    # Bit for bit only where XLA:CPU runs both dots: XLA:GPU orders the f32
+    # sums of the [16, H] x [H, H / 2] and [B, N, H] x [H, H] GEMMs
+    # differently. test_gpu_matches_reference covers the GPU.
+    pytest.skip("exact on the CPU only")
   qkv, cos, sin, _, _, (kc, vc) = _case(b, n, kv_heads, s, h, dtype)
   signs = jnp.asarray(hadamard.hadamard_matrix(h)) if had else None
   args = (qkv, cos, sin, signs, kc, vc, jnp.int32(at))
@@ -57,9 +65,16 @@ def test_kernel_equals_reference(b, n, kv_heads, s, h, dtype, had, at):
                                  implementation="pallas")
   q_ref, k_ref, v_ref = qkv_lib.decode_qkv_reference(*args, **kw)
   assert q.shape == (b, n, h) and q.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)),
-                                np.asarray(q_ref.astype(jnp.float32)))
-  _same_caches((k2, v2), (k_ref, v_ref))
+  got, want = (np.asarray(x.astype(jnp.float32)) for x in (q, q_ref))
+  if dtype == jnp.float32:
+    # The kernel's head transform sums two half-width dots, the reference
+    # one einsum: f32 sums of H = 64 terms |x| < 8 in another order, within
+    # the reordering bound H * 2^-24 * sum|x| (~2e-4 here).
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    _same_caches((k2, v2), (k_ref, v_ref), scale_rtol=2 ** -20)
+  else:  # 16-bit: rounding the f32 sums to x's dtype hides their order
+    np.testing.assert_array_equal(got, want)
+    _same_caches((k2, v2), (k_ref, v_ref))
 
 
 def test_reference_equals_model_ops():

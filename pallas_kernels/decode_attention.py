@@ -20,8 +20,11 @@ in the cache dtype with f32 accumulation (as `model.attend`: f32 scores and
 softmax, probabilities rounded to the cache dtype). For G = 1 the padded
 rows are equal, so the softmax runs on one row (a max over the rows picks
 it) and is broadcast back for the p · v dot. With one split the program
-normalizes and writes the output; otherwise a second kernel, grid (B, K),
-merges the splits' partials (log-sum-exp).
+normalizes and writes the output; otherwise a second kernel,
+`flash_decoding.merge` on grid (B, K, G), merges the splits' partials
+(log-sum-exp): one program a real query row (never a padding row), all
+splits at once (why, and that it is not yet timed on the GPU:
+`flash_decoding`).
 
 A block that would run past S is shifted back to end at S and its seen
 slots masked, so no load leaves the cache (only S < 16 is padded). Rows with
@@ -100,7 +103,8 @@ def decode_attention_kernel(q_ref, start_ref, end_ref, k_ref, v_ref,
   # q_ref: [G, H] (cache dtype); start_ref, end_ref: int32[1]
   # k_ref, v_ref: [S', H] this row's and kv head's slots (S' >= seq_len)
   # out_refs, num_splits = 1: o_ref [G, H] (dtype of q); else o_ref f32[Gp,
-  #   H], m_ref, l_ref f32[Gp] (unnormalized partials for the merge)
+  #   H], m_ref, l_ref f32[Gp] (unnormalized partials for the merge, this
+  #   split's slice of the NSp-long split axis)
   split = pl.program_id(2)
   g, h = q_ref.shape
   s_len = k_ref.shape[0]
@@ -165,13 +169,6 @@ def _store_rows(o_ref, o, g: int):
   cols = jnp.arange(h, dtype=jnp.int32)[None, :]
   mask = None if gp == g else jnp.broadcast_to(rows < g, (gp, h))
   plgpu.store(o_ref.at[rows, cols], o.astype(o_ref.dtype), mask=mask)
-
-
-def decode_attention_merge_kernel(o_ref, m_ref, l_ref, out_ref):
-  """One (row, kv head): merges the splits' partials (log-sum-exp)."""
-  # o_ref: f32[NS, Gp, H]; m_ref, l_ref: f32[NS, Gp]; out_ref: [G, H]
-  (o,) = flash_decoding.merge_splits((o_ref,), m_ref, l_ref)
-  _store_rows(out_ref, o, out_ref.shape[0])
 
 
 def _check(q, k_cache, v_cache, start, end):
@@ -257,7 +254,10 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   if ns == 1:
     out_specs, out_shape = head(g, h), out
   else:
-    f32 = lambda *shape: jax.ShapeDtypeStruct((b, kv_heads, ns) + shape,
+    # Split axis NSp long (the merge's power-of-two block); splits >= NS
+    # are never written.
+    nsp = flash_decoding.padded_splits(ns)
+    f32 = lambda *shape: jax.ShapeDtypeStruct((b, kv_heads, nsp) + shape,
                                               jnp.float32)
     out_specs = [part(gp, h), part(gp), part(gp)]
     out_shape = [f32(gp, h), f32(gp), f32(gp)]
@@ -273,13 +273,11 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   )(q.reshape(b, kv_heads, g, h).astype(k_cache.dtype), start,
     end.reshape(-1), k_cache, v_cache)
   if ns > 1:
-    merge = lambda *blk: pl.BlockSpec((None, None) + blk,
-                                      lambda i, j: (i, j) + (0,) * len(blk))
-    res = pl.pallas_call(
-        decode_attention_merge_kernel, grid=(b, kv_heads),
-        in_specs=[merge(ns, gp, h), merge(ns, gp), merge(ns, gp)],
-        out_specs=merge(g, h), out_shape=out, compiler_params=params,
-        interpret=interpret, name="decode_attention_merge")(*res)
+    # [B, K, NSp, Gp, H] -> [B, K, G, H]
+    o, m, l = res
+    res = flash_decoding.merge(
+        (o,), m, l, num_splits=ns, out_shape=out, compiler_params=params,
+        interpret=interpret, name="decode_attention_merge")
   # [B, K, G, H] -> [B, N, H]
   return res.reshape(b, n, h)
 

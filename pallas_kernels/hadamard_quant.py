@@ -32,21 +32,35 @@ columns instead, two stores).
 
 Few rows (decode, M <= 16): one program per row leaves most SMs idle (at
 M = 1 one SM runs all of the row's dots, once per layer). There the split
-path runs the transform on an (M, G) grid (`hadamard_split_kernel`):
+path runs two launches. `hadamard_split_kernel`, on an (M, G) grid:
 program (i, g) loads all of row i as X[a, r], multiplies it by slice g of
 R's columns (r_p / G wide, r_p = r padded to a power of two), applies the
-left product to that slice with the same hi/lo split, and stores the f32
-slice of y; then `quantize_kernel` quantizes y (absmax, codes, pack). Each
-element of y and the quantizer's arithmetic are the fused kernel's, so the
-codes and scales are the same bits (interpret mode). The cost: a second
+left product to that slice with the same hi/lo split, stores the f32 slice
+of y and its max |y| (f32[M, G], the partial absmax). Then
+`quantize_chunk_kernel`, on an (M, C) grid: program (i, c) takes chunk c of
+row i (`chunk_elements`, 2048 by default: C = 6 at K = 11008, 7 at
+14336), forms the row's absmax from its G partial maxima, the scale, the
+codes and bytes of its chunk; program (i, 0) writes the scale. Why
+(issue #14): the quantizer it replaces (`quantize_kernel`, at M = 1 one
+program reading and reducing the whole f32 row) took 5.9 us a layer on the
+H200 at the down_proj input, latency bound, more than the split transform
+(4.5 us); the partial maxima spare the chunks a second reduction over the
+row. The chunked quantizer's time is not yet measured on the GPU. Each
+element of y, the absmax (a max, in any order the same) and the
+quantizer's arithmetic (`_row_scales`, `_store_codes`, shared with the
+other kernels) are the fused kernel's, so the codes and scales are the
+same bits (interpret mode). The cost over the fused kernel: a second
 launch and the f32 y written and read once (4 bytes per element, ~44 KB
-per row at K = 11008). `HadamardQuantConfig.column_splits` and
-`column_splits()` choose G (1: the fused kernel). Measured in the 7B decode
-step (H200, 2026-12-01, B = 1): at K = 11008 split + quantize 3.8 + 4.7 us
-a layer against 15.3 us fused; at K = 4096 4.6 us against 3.7 fused. So the
-automatic rule splits only K >= 8192 and 16-bit inputs: on the GPU the f32
-split cases failed their test (two; a third ran past the time limit; not
-diagnosed), while the bf16/f16 cases at r = 172 (as at 11008) passed.
+per row at K = 11008). A split forced past 16 rows (an explicit G)
+quantizes with `quantize_kernel` instead, so prefill-sized M gets no more
+programs than rows. The config's `column_splits` and `column_splits()`
+choose G (1: the fused kernel).
+Measured in the 7B decode step (H200, 2026-12-01, B = 1, with the old
+quantizer): at K = 11008 split + quantize 3.8 + 4.7 us a layer against
+15.3 us fused; at K = 4096 4.6 us against 3.7 fused. So the automatic rule
+splits only K >= 8192 and 16-bit inputs: on the GPU the f32 split cases
+failed their test (two; a third ran past the time limit; not diagnosed),
+while the bf16/f16 cases at r = 172 (as at 11008) passed.
 
 Without the Hadamard a separate kernel (`quantize_kernel`) has no dots: it
 quantizes a block of rows (`block_elements`) and splits the codes into even
@@ -93,10 +107,13 @@ class HadamardQuantConfig:
     block_elements: quantize-only kernel (no Hadamard): rows per program are
       the most (a power of two dividing M) whose padded elements fit in this.
     column_splits: G, the programs per row of the split path (the transform
-      in G slices of R's columns, then the quantize-only kernel; see the
+      in G slices of R's columns, then the chunked quantize; see the
       module docstring): None picks it from M (`column_splits`), 1 never
       splits, a power of two G > 1 always splits (capped so that each slice
       is at least 16 columns wide, Triton's smallest dot).
+    chunk_elements: split path at M <= 16: elements of a row each quantize
+      program takes (a power of two; whole rows of the [a, r] view, at
+      least one).
   """
 
   num_warps: int = 4
@@ -104,9 +121,10 @@ class HadamardQuantConfig:
   rows_per_program: int = 1  # 4-8 won only at M2048 K4096 (BENCHMARKS.md)
   block_elements: int = 8192
   column_splits: int | None = None
+  chunk_elements: int = 2048
 
   def __post_init__(self):
-    for name in ("rows_per_program", "block_elements"):
+    for name in ("rows_per_program", "block_elements", "chunk_elements"):
       n = getattr(self, name)
       if n < 1 or n & (n - 1):
         raise ValueError(f"{name}={n} must be a power of two")
@@ -299,8 +317,7 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
     ys = [z * norm for z in halves]
     absmax = functools.reduce(jnp.maximum,
                               [jnp.max(jnp.abs(y)) for y in ys])
-    scale = absmax * _scale_factor(clip_ratio)
-    scale = jnp.where(scale > 0, scale, 1.0)
+    scale = _row_scales(absmax, clip_ratio)
     codes = [jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
              for y in ys]
     if packed:
@@ -316,15 +333,16 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
   s_ref[...] = scales
 
 
-def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, *,
+def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, max_ref, *,
                           use_left: bool, norm: float):
   """One row and one slice of R's columns: y[:, slice] = S_aᵀ · X ·
   R[:, slice] / √K in f32, each element computed as in
-  `hadamard_quant_kernel` (same dots, same hi/lo split); no quantization."""
+  `hadamard_quant_kernel` (same dots, same hi/lo split), and max |y| over
+  the slice; no quantization."""
   # x_ref: [1, a, r]; left_ref: [ap, ap]; right_ref: [rp, w], columns
   # g * w .. (g + 1) * w of R padded to [rp, rp] (padded rows and columns
   # zero); y_ref: f32[1, a, r], this program stores the real [a] rows of its
-  # columns below r.
+  # columns below r; max_ref: f32[1, 1], this program's partial absmax.
   _, a, r = x_ref.shape
   ap, (rp, w) = left_ref.shape[0], right_ref.shape
   dt = right_ref.dtype
@@ -343,9 +361,38 @@ def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, *,
       z_hi = z.astype(dt)
       z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
       z = dot(left, z_hi) + dot(left, z_lo)
+  y = z * norm
   col = pl.program_id(1) * w
-  plgpu.store(y_ref.at[row, pl.ds(0, ap), pl.ds(col, w)], z * norm,
+  plgpu.store(y_ref.at[row, pl.ds(0, ap), pl.ds(col, w)], y,
               mask=valid & (col + jnp.arange(w)[None, :] < r))
+  # The padding of y is exactly zero (zero-padded x and matrices), as in
+  # the fused kernel's absmax, so no mask; two one-axis reductions, as
+  # `store_quantized_rows`.
+  absmax = jnp.max(jnp.max(jnp.abs(y), axis=1), axis=0)
+  max_ref[...] = jnp.broadcast_to(absmax, max_ref.shape)
+
+
+def quantize_chunk_kernel(y_ref, max_ref, q_ref, s_ref, *, ca: int,
+                          packed: bool, clip_ratio: float, rows: int):
+  """Quantize one chunk of a row (the split path at few rows): rows
+  c * ca .. (c + 1) * ca of its [a, r] view, scaled by the row's absmax
+  from the transform's partial maxima, so no program reduces a whole row.
+  Program (i, 0) writes row i's scale."""
+  # y_ref: f32[1, a, r]; max_ref: f32[1, G] (G a power of two); q_ref:
+  # uint8[1, a, r // 2] (packed) or int8[1, a, r]; s_ref: f32[1]. Rows at
+  # or past `rows` (the padding up to `out_rows`) quantize zeros: codes 0,
+  # scale 1.
+  real = pl.program_id(0) < rows
+  start = pl.program_id(1) * ca
+  y, mask = load_rows(y_ref, ca, start)
+  y = jnp.where(real, y, 0.0)
+  absmax = jnp.where(real, jnp.max(max_ref[...], axis=1), 0.0)  # [1]
+  scale = _row_scales(absmax, clip_ratio)
+  _store_codes(y, scale, q_ref, start=start, packed=packed, mask=mask)
+
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    s_ref[...] = scale
 
 
 def quantize_kernel(x_ref, q_ref, s_ref, *, ap: int, packed: bool,
@@ -362,22 +409,53 @@ def quantize_kernel(x_ref, q_ref, s_ref, *, ap: int, packed: bool,
                        mask=mask)
 
 
-def load_rows(x_ref, ap: int):
+def load_rows(x_ref, ap: int, start=0):
   """In a kernel: a block of rows [rows, a, r] as f32[rows, ap, r].
 
+  Args:
+    x_ref: the block, each row viewed as [a, r].
+    ap: rows of the view loaded (a power of two).
+    start: the first row of the view loaded (a traced int32 in a chunked
+      grid); rows at or past a load as zero.
+
   Returns:
-    (y, mask): y with the padded rows a..ap zero; mask(width) the store mask
-    of the real [a] of [ap] (None when ap == a).
+    (y, mask): y, rows start..start + ap of each row's view (those past a
+    zero); mask(width) the store mask of the real ones (None when all are).
   """
   n_rows, a, r = x_ref.shape
   valid = None
-  if ap != a:
-    valid = (jnp.arange(ap) < a)[None, :, None]
+  if a % ap:  # ap > a, or a ragged last chunk
+    valid = ((start + jnp.arange(ap)) < a)[None, :, None]
   mask = lambda width: (None if valid is None else
                         jnp.broadcast_to(valid, (n_rows, ap, width)))
   masked = {} if valid is None else dict(mask=mask(r), other=0)
-  y = plgpu.load(x_ref.at[:, pl.ds(0, ap), :], **masked).astype(jnp.float32)
+  y = plgpu.load(x_ref.at[:, pl.ds(start, ap), :], **masked
+                 ).astype(jnp.float32)
   return y, mask
+
+
+def _row_scales(absmax: jax.Array, clip_ratio: float) -> jax.Array:
+  """Scales from each row's absmax: absmax * f32(clip_ratio / 7), 1 where
+  that is 0 (all-zero rows)."""
+  scale = absmax * _scale_factor(clip_ratio)
+  return jnp.where(scale > 0, scale, 1.0)
+
+
+def _store_codes(y: jax.Array, scale: jax.Array, q_ref, *, start,
+                 packed: bool, mask) -> None:
+  """In a kernel: the int4 codes of y [rows, ap, r] with scales [rows],
+  stored to rows start..start + ap of each row's [a, r] view in q_ref
+  (packed: byte j = element 2j low nibble, 2j + 1 high)."""
+  n_rows, ap, r = y.shape
+  codes = jnp.clip(_round_half_even(y / scale[:, None, None]), -8, 7
+                   ).astype(jnp.int32)
+  if packed:
+    even, odd = jnp.unstack(codes.reshape(n_rows, ap, r // 2, 2), axis=-1)
+    out = ((even & 0xF) | ((odd & 0xF) << 4)).astype(jnp.uint8)
+  else:
+    out = codes.astype(jnp.int8)
+  plgpu.store(q_ref.at[:, pl.ds(start, ap), :], out,
+              mask=mask(out.shape[-1]))
 
 
 def store_quantized_rows(y: jax.Array, q_ref, s_ref, *, packed: bool,
@@ -392,18 +470,9 @@ def store_quantized_rows(y: jax.Array, q_ref, s_ref, *, packed: bool,
     clip_ratio: fraction of each row's absmax mapped to code 7.
     mask: width -> the store mask of the real [a] of [ap] rows (or None).
   """
-  n_rows, ap, r = y.shape
   absmax = jnp.max(jnp.max(jnp.abs(y), axis=2), axis=1)
-  scale = absmax * _scale_factor(clip_ratio)
-  scale = jnp.where(scale > 0, scale, 1.0)
-  codes = jnp.clip(_round_half_even(y / scale[:, None, None]), -8, 7
-                   ).astype(jnp.int32)
-  if packed:
-    even, odd = jnp.unstack(codes.reshape(n_rows, ap, r // 2, 2), axis=-1)
-    out = ((even & 0xF) | ((odd & 0xF) << 4)).astype(jnp.uint8)
-  else:
-    out = codes.astype(jnp.int8)
-  plgpu.store(q_ref.at[:, pl.ds(0, ap), :], out, mask=mask(out.shape[-1]))
+  scale = _row_scales(absmax, clip_ratio)
+  _store_codes(y, scale, q_ref, start=0, packed=packed, mask=mask)
   s_ref[...] = scale
 
 
@@ -445,6 +514,42 @@ def _quantize_only(x: jax.Array, clip_ratio: float, packed: bool,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="hadamard_quant_no_transform",
   )(x3)
+  return _shaped(x_q, s_x, lead, rows, out_rows)
+
+
+def _quantize_chunks(y: jax.Array, maxima: jax.Array, clip_ratio: float,
+                     packed: bool, cfg: HadamardQuantConfig,
+                     interpret: bool, debug: bool, out_rows: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """The split path's quantize, `quantize_chunk_kernel` on an (out_rows, C)
+  grid: y f32[..., K] in chunks of `cfg.chunk_elements`, with maxima
+  f32[M, G] the partial absmax of each row's G slices."""
+  k = y.shape[-1]
+  lead = y.shape[:-1]
+  a, r = _quantize_view(k)
+  y3 = y.reshape(-1, a, r)
+  rows, splits = maxima.shape
+  ca = max(1, min(_pow2(a), cfg.chunk_elements // r))  # view rows a chunk
+  last = max(rows - 1, 0)  # padding rows re-read the last real row
+  q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else ((a, r),
+                                                                jnp.int8)
+  kernel = functools.partial(quantize_chunk_kernel, ca=ca, packed=packed,
+                             clip_ratio=clip_ratio, rows=rows)
+  x_q, s_x = pl.pallas_call(
+      kernel,
+      grid=(out_rows, -(-a // ca)),
+      in_specs=[pl.BlockSpec((1, a, r),
+                             lambda i, c: (jnp.minimum(i, last), 0, 0)),
+                pl.BlockSpec((1, splits),
+                             lambda i, c: (jnp.minimum(i, last), 0))],
+      out_specs=[pl.BlockSpec((1, *q_block), lambda i, c: (i, 0, 0)),
+                 pl.BlockSpec((1,), lambda i, c: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((out_rows, *q_block), q_dtype),
+                 jax.ShapeDtypeStruct((out_rows,), jnp.float32)],
+      compiler_params=compat.triton_params(num_warps=cfg.num_warps,
+                                           num_stages=cfg.num_stages),
+      interpret=interpret, debug=debug, name="hadamard_split_quantize",
+  )(y3, maxima)
   return _shaped(x_q, s_x, lead, rows, out_rows)
 
 
@@ -561,19 +666,25 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   splits = column_splits(k, m, rows, cfg, dtype=x.dtype)
   if splits > 1:  # Few rows: the transform on M x G programs, then quantize.
     w = rp // splits
-    y = pl.pallas_call(
+    y, maxima = pl.pallas_call(
         functools.partial(hadamard_split_kernel, use_left=a > 1, norm=norm),
         grid=(rows, splits),
         in_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
                   pl.BlockSpec((ap, ap), lambda i, g: (0, 0)),
                   pl.BlockSpec((rp, w), lambda i, g: (0, g))],
-        out_specs=pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((rows, a, r), jnp.float32),
+        out_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
+                   pl.BlockSpec((1, 1), lambda i, g: (i, g))],
+        out_shape=[jax.ShapeDtypeStruct((rows, a, r), jnp.float32),
+                   jax.ShapeDtypeStruct((rows, splits), jnp.float32)],
         compiler_params=params, interpret=interpret, debug=debug,
         name="hadamard_split",
     )(x3, pad(left, (ap, ap)), pad(right, (rp, rp)))
-    return _quantize_only(y.reshape(*lead, k), clip_ratio, packed, cfg,
-                          interpret, debug, out_rows)
+    y = y.reshape(*lead, k)
+    if rows > _SPLIT_MAX_ROWS:  # forced G at many rows: a program per row
+      return _quantize_only(y, clip_ratio, packed, cfg, interpret, debug,
+                            out_rows)
+    return _quantize_chunks(y, maxima, clip_ratio, packed, cfg, interpret,
+                            debug, out_rows)
   per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)
   rights = ((right[:, 0::2], right[:, 1::2]) if packed
             else (right[:, :r // 2], right[:, r // 2:]))

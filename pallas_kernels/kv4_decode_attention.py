@@ -16,9 +16,12 @@ leave programs idle), loops over it in blocks of block_s tokens with an
 online softmax. With num_splits = 1 it normalizes and writes the output in
 the dtype of q, so the op is one kernel launch (decode is launch-bound);
 otherwise it writes an unnormalized partial (o, m, l) and a second Pallas
-kernel, grid (B, K), merges the splits (log-sum-exp) and normalizes. No XLA
-op runs around them but free reshapes: q is read as [B, K, G, H], the output
-written as [B, K, G, H], and start/end are clamped in the kernel.
+kernel, `flash_decoding.merge` on grid (B, K, G), merges the splits
+(log-sum-exp) and normalizes: one program a real query row, all splits at
+once, so the padding rows of the dot path are never read (why, and that it
+is not yet timed on the GPU: `flash_decoding`). No XLA op runs around them
+but free reshapes: q is read as [B, K, G, H], the output written as
+[B, K, G, H], and start/end are clamped in the kernel.
 
 Two paths, chosen by G (`uses_dot_free_path`):
   * dot path (G > 1): the G heads are loaded as Gp >= 16 rows (the
@@ -326,7 +329,8 @@ def kv4_decode_attention_kernel(
   # kc_ref, vc_ref: uint8[S', H // 2];  ks/vs_ref: f32[S']; kz/vz_ref:
   #   uint8[S'] (S' >= seq_len = S: padded to one block when S < 16)
   # out_refs, num_splits = 1: o_ref [G, H] (dtype of q)
-  #   else: oe_ref, oo_ref f32[Gp, H // 2]; m_ref, l_ref f32[Gp]
+  #   else: oe_ref, oo_ref f32[Gp, H // 2]; m_ref, l_ref f32[Gp] (this
+  #   split's slice of the NSp-long split axis)
   # Gp = 1 (G = 1, no padding) when dot_free, else >= 16 rows, of which
   # rows past G repeat row G - 1. bits (dot path, bf16 q): codes read as
   # 128 + c, the 128 moved into the zero points. one_row (dot path, G = 1):
@@ -428,12 +432,12 @@ def kv4_decode_attention_kernel(
     l_ref[...] = l
 
 
-def kv4_decode_attention_merge_kernel(oe_ref, oo_ref, m_ref, l_ref, o_ref):
-  """One (row, kv head): merges the splits' partials (log-sum-exp)."""
-  # oe_ref, oo_ref: f32[NS, Gp, H // 2];  m_ref, l_ref: f32[NS, Gp]
-  # o_ref: [G, H] (dtype of q)
-  o_e, o_o = flash_decoding.merge_splits((oe_ref, oo_ref), m_ref, l_ref)
-  _store_heads(o_ref, o_e, o_o, o_ref.shape[0])
+def _store_row(o_ref, o_e, o_o):
+  """Writes one head's f32[H // 2] even / odd halves into o_ref [H],
+  interleaved back to h = 2c, 2c + 1 (the merge's store)."""
+  cols = 2 * jnp.arange(o_e.shape[0], dtype=jnp.int32)
+  for c, o in ((cols, o_e), (cols + 1, o_o)):
+    plgpu.store(o_ref.at[c], o.astype(o_ref.dtype))
 
 
 def _check(q, k, v, start, end):
@@ -540,7 +544,10 @@ def kv4_decode_attention(
   part = lambda *blk: pl.BlockSpec((None, None, None) + blk,
                                    lambda i, j, t: (i, j, t) + (0,) * len(
                                        blk))
-  f32 = lambda *shape: jax.ShapeDtypeStruct((b, kv_heads, ns) + shape,
+  # Split axis NSp long (the merge's power-of-two block); splits >= NS are
+  # never written.
+  nsp = flash_decoding.padded_splits(ns)
+  f32 = lambda *shape: jax.ShapeDtypeStruct((b, kv_heads, nsp) + shape,
                                             jnp.float32)
   out = jax.ShapeDtypeStruct((b, kv_heads, g, h), q.dtype)
   if ns == 1:
@@ -562,18 +569,12 @@ def kv4_decode_attention(
   )(q.reshape(b, kv_heads, g, h), start, end.reshape(-1), k.codes, k.scale,
     k.zero, v.codes, v.scale, v.zero)
   if ns > 1:
-    # Merge the splits: [B, K, NS, Gp, ..] -> [B, K, G, H]
-    merge_head = lambda *blk: pl.BlockSpec((None, None) + blk,
-                                           lambda i, j: (i, j) + (0,) * len(
-                                               blk))
-    res = pl.pallas_call(
-        kv4_decode_attention_merge_kernel,
-        grid=(b, kv_heads),
-        in_specs=[merge_head(ns, gp, h2), merge_head(ns, gp, h2),
-                  merge_head(ns, gp), merge_head(ns, gp)],
-        out_specs=merge_head(g, h), out_shape=out, compiler_params=params,
-        interpret=interpret, debug=debug,
-        name="kv4_decode_attention_merge")(*res)
+    # Merge the splits: [B, K, NSp, Gp, H // 2] x2 -> [B, K, G, H]
+    o_e, o_o, m, l = res
+    res = flash_decoding.merge(
+        (o_e, o_o), m, l, num_splits=ns, out_shape=out, store=_store_row,
+        compiler_params=params, interpret=interpret, debug=debug,
+        name="kv4_decode_attention_merge")
   # [B, K, G, H] -> [B, N, H]
   return res.reshape(b, n, h)
 

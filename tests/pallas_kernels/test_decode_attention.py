@@ -50,6 +50,34 @@ def test_f32_kernel_is_the_reference(b, s, kv_heads, g, h, block_s, splits,
                              atol=2e-6 * float(jnp.abs(want).max()))
 
 
+# The merge (grid (B, K, G)) over NS = 3 or 5 splits, padded to NSp = 4 or
+# 8: rows with different starts, a row shorter than one block (its later
+# splits empty) and a row with every split empty (start == end).
+_MERGE_CASES = [
+    # b, s, kv_heads, g, splits, start, end
+    (2, 150, 2, 1, 5, [0, 37], [150, 120]),
+    (2, 150, 2, 4, 3, [9, 60], [140, 150]),
+    (3, 90, 2, 4, 5, [3, 40, 70], [90, 44, 70]),
+    (3, 90, 1, 1, 3, [0, 88, 50], [90, 90, 50]),
+]
+
+
+@pytest.mark.parametrize("b, s, kv_heads, g, splits, start, end",
+                         _MERGE_CASES)
+def test_merge_of_splits_not_a_power_of_two(b, s, kv_heads, g, splits, start,
+                                            end, interpret):
+  q, k, v = _case(b, s, kv_heads, g, 32, seed=s + g)
+  start, end = jnp.array(start, jnp.int32), jnp.array(end, jnp.int32)
+  got = np.asarray(da.decode_attention(
+      q, k, v, start, end, interpret=interpret, implementation="pallas",
+      config=Config(block_s=16, num_splits=splits)))
+  want = np.asarray(da.decode_attention_reference(q, k, v, start, end))
+  assert not np.any(np.isnan(got))
+  np.testing.assert_array_equal(got[np.asarray(start >= end)], 0.0)
+  np.testing.assert_allclose(got, want, rtol=0,
+                             atol=2e-6 * float(np.abs(want).max()))
+
+
 @pytest.mark.parametrize("g", [1, 4])
 def test_bf16_kernel_matches_the_reference(g, interpret):
   # bf16 dots with f32 accumulation; the kernel rounds the unnormalized

@@ -168,6 +168,39 @@ def test_f32_kernel_is_the_reference(b, s, kv_heads, g, h, block_s, splits,
                              atol=2e-6 * float(jnp.abs(want).max()))
 
 
+# The merge (grid (B, K, G)) over NS = 3 or 5 splits, padded to NSp = 4 or
+# 8; G = 1 through both paths (partials of Gp = 1 and 16 rows) and G = 4:
+# rows with different starts, a row shorter than one block (its later
+# splits empty) and a row with every split empty (start == end).
+_MERGE_CASES = [
+    # b, s, kv_heads, g, path, splits, start, end
+    (2, 150, 2, 1, "dot_free", 5, [0, 37], [150, 120]),
+    (2, 150, 2, 1, "dot", 3, [9, 60], [140, 150]),
+    (2, 150, 2, 4, "auto", 5, [0, 37], [150, 120]),
+    (3, 90, 2, 4, "auto", 3, [3, 40, 70], [90, 44, 70]),
+    (3, 90, 1, 1, "auto", 5, [0, 88, 50], [90, 90, 50]),
+]
+
+
+@pytest.mark.parametrize("b, s, kv_heads, g, path, splits, start, end",
+                         _MERGE_CASES)
+def test_merge_of_splits_not_a_power_of_two(b, s, kv_heads, g, path, splits,
+                                            start, end, interpret):
+  q, k, v = _case(b, s, kv_heads, g, 64, seed=s + g, dtype=jnp.float32)
+  start, end = jnp.array(start, jnp.int32), jnp.array(end, jnp.int32)
+  got = np.asarray(attn.kv4_decode_attention(
+      q, k, v, start, end, interpret=interpret, implementation="pallas",
+      config=Config(block_s=16, num_splits=splits, path=path)))
+  want = np.asarray(attn.kv4_decode_attention_reference(q, k, v, start,
+                                                        end))
+  assert not np.any(np.isnan(got))
+  np.testing.assert_array_equal(got[np.asarray(start >= end)], 0.0)
+  # f32 q: only the summation order differs, as in
+  # test_f32_kernel_is_the_reference.
+  np.testing.assert_allclose(got, want, rtol=0,
+                             atol=2e-6 * float(np.abs(want).max()))
+
+
 def test_empty_and_scalar_end_and_tiny_cache(interpret):
   # S = 12 < 16 (the cache is padded to one block of 16); row 1 is empty
   # (start == end) and gives 0, not NaN; more splits than blocks.
@@ -403,6 +436,19 @@ def test_g1_takes_the_dot_free_path():
   assert "f32[1,2,2,1,32]" in g1 and "f32[1,2,2,16,32]" not in g1
   assert "pallas_call" in g2 and "dot_general" in g2
   assert "f32[1,2,2,16,32]" in g2
+
+
+def test_merge_grid_is_one_program_a_query_row():
+  # G = 2, 3 splits: the attention grid (B, K, NS) = (1, 2, 3) writes
+  # partials whose split axis is NSp = 4 long; the merge grid is
+  # (B, K, G) = (1, 2, 2), one program a real query row.
+  q, k, v = _case(1, 32, 2, 2, 64)
+  jaxpr = str(jax.make_jaxpr(lambda *a: attn.kv4_decode_attention(
+      *a, config=Config(block_s=16, num_splits=3), interpret=True))(
+          q, k, v, jnp.array([0]), jnp.array([32])))
+  assert "grid=(1, 2, 3)" in jaxpr and "grid=(1, 2, 2)" in jaxpr
+  assert "f32[1,2,4,16,32]" in jaxpr
+  assert "kv4_decode_attention_merge" in jaxpr
 
 
 def test_default_config_and_can_use():

@@ -23,8 +23,7 @@ it) and is broadcast back for the p · v dot. With one split the program
 normalizes and writes the output; otherwise a second kernel,
 `flash_decoding.merge` on grid (B, K, G), merges the splits' partials
 (log-sum-exp): one program a real query row (never a padding row), all
-splits at once (why, and that it is not yet timed on the GPU:
-`flash_decoding`).
+splits at once (why, and its time: `flash_decoding`).
 
 A block that would run past S is shifted back to end at S and its seen
 slots masked, so no load leaves the cache (only S < 16 is padded). Rows with

@@ -17,7 +17,8 @@ its row at once (the unwritten ones masked) and reduces over them with
 vector ops. Why: the former merge ran B * K programs that each looped over
 the splits on all Gp padded rows; H200, LLaMA-3-8B heads (K = 8, G = 4,
 H = 128), B = 1, 1024 slots, 8 splits: 6.3 us a layer, over a third of the
-attention. The row-parallel merge is not yet timed on the GPU.
+attention. The row-parallel merge: 1.8 us a layer (H200, same model step,
+2026-12-01).
 """
 
 from typing import Callable

@@ -18,8 +18,8 @@ the dtype of q, so the op is one kernel launch (decode is launch-bound);
 otherwise it writes an unnormalized partial (o, m, l) and a second Pallas
 kernel, `flash_decoding.merge` on grid (B, K, G), merges the splits
 (log-sum-exp) and normalizes: one program a real query row, all splits at
-once, so the padding rows of the dot path are never read (why, and that it
-is not yet timed on the GPU: `flash_decoding`). No XLA op runs around them
+once, so the padding rows of the dot path are never read (why, and its
+time: `flash_decoding`). No XLA op runs around them
 but free reshapes: q is read as [B, K, G, H], the output written as
 [B, K, G, H], and start/end are clamped in the kernel.
 

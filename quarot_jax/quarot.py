@@ -270,7 +270,12 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       this config (`learn_rotations`); None learns them here.
     rotation_tp: fold block-diagonal online Hadamards, one per
       tensor-parallel shard (`rotation.rotate(..., tp=rotation_tp)`); the
-      options then carry `had_blocks=rotation_tp`. 1: full width.
+      options then carry `had_blocks=rotation_tp` and
+      `row_groups=rotation_tp`: o_proj and down_proj quantize their input
+      with one scale per token and shard, which is what the packed model
+      on a mesh of that many devices computes (and what its shards can
+      compute without another all-reduce). 1: full width, one scale per
+      token.
     progress: show progress bars.
 
   Returns:
@@ -293,7 +298,8 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     if rotation_key(qconfig) is not None:
       raise NotImplementedError(
           f"{rotation_tp=}: learned rotations fold full width only")
-    options = dataclasses.replace(options, had_blocks=rotation_tp)
+    options = dataclasses.replace(options, had_blocks=rotation_tp,
+                                  row_groups=rotation_tp)
   if qconfig.rotate and qconfig.rotate_mode == "learned":
     if rotations is None:
       rotations = learn_rotations(params, config, qconfig, calib_tokens,

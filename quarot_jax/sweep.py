@@ -203,7 +203,7 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
             model_name: str, command: str,
             rotation_s: float | None = None,
             rotation_loaded: bool | None = None,
-            rotation_tp: int = 1) -> dict[str, Any]:
+            rotation_tp: int = 1, row_groups: int = 1) -> dict[str, Any]:
   learned = quarot.rotation_key(qconfig) is not None
   return {
       "model": model_name,
@@ -215,6 +215,9 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
       "groupsize": qconfig.w_groupsize,
       "rotate": qconfig.rotate, "rotate_mode": qconfig.rotate_mode,
       "rotation_tp": rotation_tp,
+      # Activation scales per token of o_proj/down_proj inputs (1: per
+      # token; tp: one per shard, as the packed model on a mesh).
+      "row_groups": row_groups,
       "rotation_objective": qconfig.rotation_objective if learned else None,
       "rotation_steps": qconfig.rotation_steps if learned else None,
       "rotation_lr": qconfig.rotation_lr if learned else None,
@@ -334,7 +337,8 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
           wall_s=quantize_s + time.time() - eval_start,
           seqlen=windows_.shape[1], nsamples=nsamples, eval_text=text,
           model_name=model_name, command=command, rotation_s=rotation_s,
-          rotation_loaded=loaded, rotation_tp=tp)
+          rotation_loaded=loaded, rotation_tp=tp,
+          row_groups=options.row_groups)
       records.append(record)
       if progress:
         print(f"{record['label']:<32} {text:<14} ppl {record['ppl']:.3f}"

@@ -74,6 +74,9 @@ def test_sweep_rotation_tp_runs_each_rotated_config_per_degree(tp_model):
   _, options = quarot.quantize(tp_model, _TP_CONFIG, rotated_fp,
                                rotation_tp=2, progress=False)
   assert options.had_blocks == 2  # the online Hadamards match the folding
+  # and the row-parallel inputs are quantized per shard, as the packed
+  # model on a mesh of 2 does (one scale per token and shard).
+  assert options.row_groups == 2
   # Quantized (activations and KV cache: no weight search, for speed), the
   # two transforms give different models; the unrotated one runs once.
   a4kv4 = quarot.QuaRotConfig(a_bits=4, k_bits=4, v_bits=4)
@@ -82,6 +85,7 @@ def test_sweep_rotation_tp_runs_each_rotated_config_per_degree(tp_model):
   assert [(r["label"], r["rotation_tp"]) for r in records] == [
       ("W16A16KV16 norot", 1), ("W16A4KV4 rot-hadamard", 1),
       ("W16A4KV4 rot-hadamard tp2", 2)]
+  assert [r["row_groups"] for r in records] == [1, 1, 2]
   tp1, tp2 = records[1]["ppl"], records[2]["ppl"]
   assert abs(tp2 - tp1) > 1e-4 * tp1
   assert abs(tp1 - fp) > 1e-3 * fp

@@ -10,6 +10,11 @@ times, side by side:
   triton       decode_matmul, Triton kernel, bf16 x
   xla_bf16     XLA dot, bf16 x [M, K] · bf16 w [K, N] (the bf16 model)
   xla_int8     XLA int8 dot x [M, K] · w [N, K] -> int32, then the scales
+  xla_int4     XLA dot of the int8 codes x with int4 w [N, K] (the packed
+               bytes bitcast, no copy) -> int32, then the scales: whether
+               XLA's own int4 handling reads 4-bit weights at bandwidth
+               (W4A4, bit-exact like ours)
+  xla_int4_bf16  the same int4 w against bf16 x, f32 accumulation (W4A16)
 Each jitted call runs the op on --buffers different weight matrices (as a
 decode step runs one per layer), so no matrix is in the 50 MB L2 when its
 turn comes. Two times per op call: `ms` is device time, the sum of the
@@ -58,7 +63,8 @@ _OUT = flags.DEFINE_string("out", "results/decode_matmul.jsonl",
 _CASES = flags.DEFINE_list("cases", list(SHAPES), "Shapes to time.")
 _MS = flags.DEFINE_list("ms", ["1", "4", "16"], "Token counts M.")
 _IMPLS = flags.DEFINE_list(
-    "impls", ["mosaic", "mosaic_w4a4", "triton", "xla_bf16", "xla_int8"],
+    "impls", ["mosaic", "mosaic_w4a4", "triton", "xla_bf16", "xla_int8",
+              "xla_int4", "xla_int4_bf16"],
     "Implementations to time.")
 _BUFFERS = flags.DEFINE_integer(
     "buffers", 0, "Weight matrices per timed call; 0 = enough for >= 100 MB"
@@ -98,7 +104,19 @@ CONFIGS = {"mosaic": dm.default_decode_matmul_config("mosaic"),
 
 
 def is_w4a4(impl: str) -> bool:
-  return impl.startswith("mosaic_w4a4") or impl == "xla_int8"
+  return impl.startswith("mosaic_w4a4") or impl in ("xla_int8", "xla_int4")
+
+
+def is_baseline(impl: str) -> bool:
+  """XLA's dots of other weight formats: timed, not checked against ours."""
+  return impl in ("xla_bf16", "xla_int8")
+
+
+def as_int4(w_q: jax.Array) -> jax.Array:
+  """uint8[N, K // 2] packed bytes as int4[N, K] (low nibble first, the
+  `int4_layout` order; a bitcast, no copy)."""
+  return jax.lax.bitcast_convert_type(w_q, jnp.int4).reshape(
+      w_q.shape[0], -1)
 
 
 def make_operands(key: jax.Array, m: int, k: int, n: int, buffers: int
@@ -126,13 +144,20 @@ def op_fn(impl: str, cfg: dm.DecodeMatmulConfig | None, interpret: bool
   """One op call: (x, x_codes, s_x, w, s_w) -> y bf16[M, N]."""
   if impl == "xla_bf16":
     return lambda x, xc, sx, w, sw: jnp.dot(x, w)
-  if impl == "xla_int8":
+  if impl in ("xla_int8", "xla_int4"):  # w int8 or int4 [N, K]
     def int8(x, xc, sx, w, sw):
       acc = jax.lax.dot_general(xc, w, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.int32)
       return (acc.astype(jnp.float32) * sx[:, None] * sw[None, :]
               ).astype(jnp.bfloat16)
     return int8
+  if impl == "xla_int4_bf16":
+    def int4_bf16(x, xc, sx, w, sw):
+      acc = jax.lax.dot_general(x, w.astype(jnp.bfloat16),
+                                (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+      return (acc * sw[None, :]).astype(jnp.bfloat16)
+    return int4_bf16
   backend = "triton" if impl == "triton" else "mosaic"
   if is_w4a4(impl):
     return lambda x, xc, sx, w, sw: dm.decode_matmul(
@@ -146,6 +171,8 @@ def weights_for(impl: str, ops: dict[str, Any]) -> list[jax.Array]:
     return [c.T.astype(jnp.bfloat16) for c in ops["w_int8"]]
   if impl == "xla_int8":
     return ops["w_int8"]
+  if impl in ("xla_int4", "xla_int4_bf16"):
+    return [as_int4(w) for w in ops["w_q"]]
   return ops["w_q"]
 
 
@@ -220,7 +247,7 @@ def run_case(case: str, m: int, impls: list[str], *, buffers: int,
     fn = op_fn(impl, cfg, interpret)
     ws = weights_for(impl, ops)
     try:
-      status = "baseline" if impl.startswith("xla") else check(
+      status = "baseline" if is_baseline(impl) else check(
           impl, fn, ops, ws[0])
       t = time_op(fn, ops, ws)
     except Exception as e:  # pylint: disable=broad-except
@@ -251,7 +278,7 @@ def run_case(case: str, m: int, impls: list[str], *, buffers: int,
           f" (kernel {rec.get('kernel_hbm_fraction') or 0:.2f},"
           f" wall {rec['hbm_fraction_wall']:.2f}) {status}", flush=True)
   base = {r["implementation"]: r["ms"] for r in records
-          if r["implementation"].startswith("xla")}
+          if is_baseline(r["implementation"])}
   for r in records:
     r["speedup"] = {b: round(ms / r["ms"], 3) for b, ms in base.items()}
   return records

@@ -321,8 +321,7 @@ def kv4_decode_attention_kernel(
   """One (row, kv head, split): online softmax over its run of blocks.
 
   With num_splits = 1 it normalizes and writes the output; otherwise an
-  unnormalized partial (o_even, o_odd, m, l) for
-  `kv4_decode_attention_merge_kernel`.
+  unnormalized partial (o_even, o_odd, m, l) for `flash_decoding.merge`.
   """
   # q_ref: [G, H] the query heads of this kv head (dtype of q)
   # start_ref, end_ref: int32[1] (this row's, or a shared end)

@@ -46,7 +46,8 @@ def test_sweep_runs_float_first_and_reports_each_record(tiny):
   assert seen == records
   for key in ("w_bits", "a_bits", "k_bits", "v_bits", "w_method",
               "groupsize", "rotate", "ppl", "fp_ppl", "eval_text",
-              "eval_tokens", "seqlen", "date", "command"):
+              "eval_tokens", "seqlen", "date", "command", "device",
+              "jax_version"):
     assert key in records[1]
   assert records[0]["ppl"] == records[1]["fp_ppl"]
   assert records[1]["delta_ppl"] == records[1]["ppl"] - records[0]["ppl"]

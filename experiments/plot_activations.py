@@ -11,7 +11,6 @@ import jax
 from experiments.lab import activations
 from experiments.lab import models
 from quarot_jax import rotation
-from quarot_jax import sweep
 
 _MODEL = flags.DEFINE_string("model", None, "Model (default: SmolLM2-135M).")
 _LAYER = flags.DEFINE_integer("layer", 10, "0-based decoder layer.")
@@ -25,9 +24,8 @@ _OUT = flags.DEFINE_string("out", "results/activations_smollm2.png",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  params, config, tokenizer, name = models.load_model(_MODEL.value)
-  tokens, _ = sweep.windows(tokenizer, seqlen=_SEQLEN.value, max_windows=1,
-                            nsamples=0)
+  params, config, tokens, name = models.model_and_window(_MODEL.value,
+                                                         _SEQLEN.value)
   before = activations.layer_taps(params, config, tokens, _LAYER.value)
   rotated = rotation.rotate(params, config, jax.random.key(0))
   after = activations.layer_taps(rotated, config, tokens, _LAYER.value,

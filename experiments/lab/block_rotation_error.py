@@ -29,7 +29,6 @@ from experiments.lab import activations
 from experiments.lab import models
 from quarot_jax import hadamard
 from quarot_jax import quant
-from quarot_jax import sweep
 
 _MODEL = flags.DEFINE_string("model", None, "Model (default: SmolLM2-135M).")
 _TP = flags.DEFINE_integer("tp", 3, "Blocks of the block-diagonal transform.")
@@ -46,9 +45,8 @@ def relative_error(y: jax.Array, spec: quant.QuantSpec) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  params, config, tokenizer, name = models.load_model(_MODEL.value)
-  tokens, _ = sweep.windows(tokenizer, seqlen=_SEQLEN.value, max_windows=1,
-                            nsamples=0)
+  params, config, tokens, name = models.model_and_window(_MODEL.value,
+                                                         _SEQLEN.value)
   spec = quant.activation_spec(_BITS.value)
   tp, h = _TP.value, config.head_dim
   print(f"{name}: relative int{_BITS.value} error of the online-transformed"

@@ -3,8 +3,11 @@
 import os
 from typing import Any
 
+import numpy as np
+
 from quarot_jax import checkpoint
 from quarot_jax import gguf
+from quarot_jax import sweep
 
 
 def load_model(path: str | None) -> tuple[Any, Any, Any, str]:
@@ -22,3 +25,16 @@ def load_model(path: str | None) -> tuple[Any, Any, Any, str]:
   params, config = checkpoint.load(path)
   tokenizer = checkpoint.load_tokenizer(path)
   return params, config, tokenizer, os.path.basename(os.path.normpath(path))
+
+
+def model_and_window(path: str | None, seqlen: int
+                     ) -> tuple[Any, Any, np.ndarray, str]:
+  """`load_model` and the first enwiki-gensim window of `seqlen` tokens.
+
+  Returns:
+    (params, config, tokens int32[1, seqlen], name).
+  """
+  params, config, tokenizer, name = load_model(path)
+  tokens, _ = sweep.windows(tokenizer, seqlen=seqlen, max_windows=1,
+                            nsamples=0)
+  return params, config, tokens, name

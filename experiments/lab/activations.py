@@ -1,6 +1,6 @@
 """Per-channel activation magnitudes at one layer (the paper's Figure 1)."""
 
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +30,25 @@ def layer_taps(params: Any, config: LlamaConfig, tokens: np.ndarray,
   """
   if not 0 <= layer < config.num_hidden_layers:
     raise ValueError(f"{layer=} must be in [0, {config.num_hidden_layers})")
+  for i, taps in enumerate(every_layer_taps(params, config, tokens,
+                                            options=options)):
+    if i == layer:
+      return taps
+  raise AssertionError("unreachable")
+
+
+def every_layer_taps(params: Any, config: LlamaConfig, tokens: np.ndarray,
+                     *, options: model.RunOptions = model.FLOAT
+                     ) -> Iterator[dict[str, np.ndarray]]:
+  """`layer_taps` of layers 0, 1, ... in turn, one forward pass in all (one
+  jitted layer, each layer run once)."""
   step = jax.jit(lambda p, x: model.decoder_layer(
       x, p, config=config, options=options))
   x = jnp.asarray(params["embed_tokens"]["embedding"])[jnp.asarray(tokens)]
-  for i in range(layer + 1):
+  for i in range(config.num_hidden_layers):
     lp = jax.tree.map(lambda a, i=i: jnp.asarray(a[i]), params["layers"])
     x, _, _, taps = step(lp, x)
-  return {k: np.asarray(v, np.float32) for k, v in taps.items()}
+    yield {k: np.asarray(v, np.float32) for k, v in taps.items()}
 
 
 def channel_absmax(x: np.ndarray) -> np.ndarray:

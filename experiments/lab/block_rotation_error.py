@@ -54,8 +54,8 @@ def main(argv):
   print(f"{'layer':>5} {'down full':>10} {'down tp':>10} {'+ groups':>10}"
         f" {'o full':>10} {'o tp':>10} {'+ groups':>10}")
   sums = np.zeros(6)
-  for layer in range(config.num_hidden_layers):
-    taps = activations.layer_taps(params, config, tokens, layer)
+  for layer, taps in enumerate(activations.every_layer_taps(
+      params, config, tokens)):
     down = jnp.asarray(taps["down"]).reshape(-1, taps["down"].shape[-1])
     o = jnp.asarray(taps["o"]).reshape(-1, taps["o"].shape[-1])
     # The per-head H_H folded into v_proj, then the online transform.

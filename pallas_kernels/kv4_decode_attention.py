@@ -170,22 +170,27 @@ def default_kv4_decode_attention_config(
     *, query_heads: int | None = None, dtype=None,
     num_sms: int = 132) -> KV4DecodeAttentionConfig:
   """Enough splits for ~2 programs per SM, at least 128 slots each; the
-  fastest path measured for the heads.
+  fastest path and tiles measured for the heads.
 
-  H200, LLaMA-2-7B heads (32 x 128, MHA), 2026-12-01 (`bench kv4_attention
-  --heads=32x32x128`, `results/kv4_decode_attention.jsonl`):
+  H200, LLaMA-2-7B heads (32 x 128, MHA), jax 0.11.2, 2026-12-02 (`bench
+  kv4_attention --heads=32x32x128 --batch=16,1 --seq=1088,4160
+  --block_s=128,256 --paths=dot,dot_free --nibbles=bits --softmax_rows=one
+  --num_stages=2,3,4 ...`, `results/kv4_decode_attention.jsonl`):
+  * MHA with bf16 q: the dot path with 'bits' nibbles and the one-row
+    softmax, 128-slot blocks, at every batch. B = 16, one split: 3
+    pipeline stages, 0.0436 ms at 1088 slots (256-slot blocks, 2 stages:
+    0.0548; bf16 flash decoding 0.075) and 0.143 ms at 4160 (0.169; flash
+    decoding 0.282). B = 1, 8-9 short splits: 2 stages, 7.7 us at 1088 and
+    15.0 at 4160, against 9.0 and 18.1 for the dot-free path (its best).
   * splits: at B = 1, S = 1088, 8 splits took 10.5 us against 18.7 at the
-    2 that the old floor of 512 slots a split allowed; at B = 16 one split
-    (already ~4 programs per SM) stays best.
-  * path, B = 16, S = 4160 (one split of 4160 slots): the dot path with
-    'bits' nibbles and the one-row softmax, 256-slot blocks, 0.169 ms,
-    against 0.229 for the dot-free path (its best) and 0.361 for XLA's
-    bf16 attention. Where splits are short (B = 1, S = 4160: 9 splits of
-    462 slots) the two are even (0.0195 dot-free, 0.0204 dot), so the
-    dot-free path keeps them.
-  * GQA (32 x 8 heads, S = 4160): the 'bits' nibbles with 128-slot blocks
-    are 1.44x the int -> float ones with 64 at B = 16 (0.0475 ms; XLA bf16
-    0.240), 1.07x at B = 1.
+    2 that an old floor of 512 slots a split allowed (2026-12-01); at
+    B = 16 one split (already ~4 programs per SM) stays best (2 and 4:
+    slower at every tile, 2026-12-02).
+  * GQA (32 x 8 heads): the 'bits' nibbles with 128-slot blocks are 1.44x
+    the int -> float ones with 64 at B = 16, S = 4160 (0.0475 ms; XLA bf16
+    0.240), 1.07x at B = 1; at 1088 slots the default 3 splits, 2 stages
+    are the best of 64/128-slot blocks, 3-6 splits, 2-3 stages and 4-8
+    warps (0.0152 ms; 2026-12-02).
 
   Args:
     batch: B.
@@ -205,10 +210,11 @@ def default_kv4_decode_attention_config(
                                                  num_sms)
   per_split = max_len // num_splits
   mha = query_heads is not None and uses_dot_free_path(query_heads, kv_heads)
-  if mha and dtype == jnp.bfloat16 and per_split >= 1024:
-    return KV4DecodeAttentionConfig(block_s=256, num_splits=num_splits,
-                                    path="dot", nibbles="bits",
-                                    softmax_rows="one")
+  if mha and dtype == jnp.bfloat16:
+    # Deeper pipelining pays where a program streams long runs of slots.
+    return KV4DecodeAttentionConfig(
+        block_s=128, num_splits=num_splits, path="dot", nibbles="bits",
+        softmax_rows="one", num_stages=3 if per_split >= 1024 else 2)
   # Larger blocks amortize the per-block reductions and loop overhead of the
   # dot-free path; the dot path's [16, block_s] scores favour 64 with
   # int -> float nibbles, 128 with 'bits' (GQA, G = 4, S = 4160: 0.0475 ms

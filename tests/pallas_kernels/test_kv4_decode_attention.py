@@ -467,17 +467,23 @@ def test_default_config_and_can_use():
   # Splits keep >= 128 slots each: 600 slots -> 4, not the 264 wanted.
   assert attn.default_kv4_decode_attention_config(1, 1, 600, 64
                                                   ).num_splits == 4
-  # LLaMA-2-7B at B = 1, 1088 slots: 8 splits of 136 slots, so the
-  # dot-free path drops to 128-slot blocks (measured best on an H200).
+  # LLaMA-2-7B at B = 1, 1088 slots: 8 splits of 136 slots; f32 q keeps
+  # the dot-free path, which drops to 128-slot blocks.
   cfg = attn.default_kv4_decode_attention_config(1, 32, 1088, 128,
                                                  query_heads=32)
-  assert (cfg.num_splits, cfg.block_s) == (8, 128)
-  assert cfg.path == "auto"  # short splits: dot-free, whatever the dtype
-  # B = 16, 4160 slots: one split, and with bf16 q the 'bits' dot path.
+  assert (cfg.num_splits, cfg.block_s, cfg.path) == (8, 128, "auto")
+  # bf16 q takes the 'bits' dot path at every batch (measured best on an
+  # H200): short splits with 2 stages, one long split with 3.
+  cfg = attn.default_kv4_decode_attention_config(
+      1, 32, 1088, 128, query_heads=32, dtype=jnp.bfloat16)
+  assert (cfg.num_splits, cfg.block_s, cfg.path, cfg.nibbles,
+          cfg.softmax_rows, cfg.num_stages) == (8, 128, "dot", "bits", "one",
+                                                2)
   cfg = attn.default_kv4_decode_attention_config(
       16, 32, 4160, 128, query_heads=32, dtype=jnp.bfloat16)
   assert (cfg.num_splits, cfg.block_s, cfg.path, cfg.nibbles,
-          cfg.softmax_rows) == (1, 256, "dot", "bits", "one")
+          cfg.softmax_rows, cfg.num_stages) == (1, 128, "dot", "bits", "one",
+                                                3)
   assert attn.default_kv4_decode_attention_config(
       16, 32, 4160, 128, query_heads=32, dtype=jnp.float32).path == "auto"
   if jax.default_backend() != "gpu":

@@ -8,6 +8,17 @@ perplexity within 0.5% and greedy tokens agreeing on >= 99% of positions.
 The control is the simulated model against itself with every kernel moved
 by one ulp (`agreement.ulp_perturbed`): how far rounding noise alone moves a
 4-bit model.
+Learned rotations (`--rotate_mode=learned`, issue #16's goal: packed within
+0.5% of simulated) come from --rotations_dir when `experiments.accuracy`
+saved them there with the same rotation flags, else they are learned here:
+
+  python -m experiments.accuracy --sweep=learned --learned_rows=w4a4kv4 \
+      --objectives=e2e --rotation_steps=900 --rotation_lr=1.5e-2 \
+      --learn_only --rotations_dir=DIR
+  python -m experiments.real_vs_simulated --rotate --rotate_mode=learned \
+      --rotation_objective=e2e --rotation_steps=900 --rotation_lr=1.5e-2 \
+      --rotations_dir=DIR --max_windows=32
+
 Appends a record to --out_dir/real_vs_simulated.jsonl.
 """
 
@@ -29,6 +40,7 @@ from quarot_jax import evaluate
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import qlinear
 from quarot_jax import quarot
+from quarot_jax import rotation_cache
 from quarot_jax import sweep
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint, HF dir or .gguf;"
@@ -41,6 +53,10 @@ _WINDOWS = flags.DEFINE_integer("max_windows", 40, "Eval windows.")
 _PROMPTS = flags.DEFINE_integer("prompts", 4, "Greedy prompts (eval text).")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Greedy tokens per prompt.")
 _OUT = flags.DEFINE_string("out_dir", "results", "Where JSONL goes.")
+_ROTATIONS_DIR = flags.DEFINE_string(
+    "rotations_dir", None, "With --rotate_mode=learned: load the rotations"
+    " saved here (experiments.accuracy --rotations_dir, same rotation flags),"
+    " or learn and save them; None: learn them, save nothing.")
 _PRECISION = flags.DEFINE_enum(
     "matmul_precision", "highest", ["default", "high", "highest"],
     "jax_default_matmul_precision. The simulated path multiplies floats: on a"
@@ -49,10 +65,11 @@ _PRECISION = flags.DEFINE_enum(
 
 
 def _record(case: str, ppl: dict, agree: dict, ctrl: dict, *,
-            eval_windows: int, seconds: float, command: str) -> dict:
+            eval_windows: int, seconds: float, command: str,
+            rotation: dict) -> dict:
   """The JSONL record: perplexities, agreement, and the control's."""
   return {
-      "benchmark": "real_vs_simulated", "case": case,
+      "benchmark": "real_vs_simulated", "case": case, **rotation,
       "ppl_simulated": round(ppl["simulated"], 4),
       "ppl_packed": round(ppl["packed"], 4),
       "ppl_rel_diff": round(ppl["packed"] / ppl["simulated"] - 1, 5),
@@ -73,15 +90,28 @@ def main(argv):
                        + sys.argv[1:])
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   kernels = kernels_lib.resolve(_KERNELS.value)
-  params, config, tokenizer, name = models.load_model(_MODEL.value)
   qconfig = cli_flags.quarot_config({k: h.value for k, h in _QUANT.items()})
+  if (_ROTATIONS_DIR.value is not None
+      and quarot.rotation_key(qconfig) is None):
+    raise app.UsageError("--rotations_dir needs learned rotations: --rotate"
+                         " --rotate_mode=learned")
+  params, config, tokenizer, name = models.load_model(_MODEL.value)
   nsamples = _QUANT["nsamples"].value if qconfig.w_method == "gptq" else 0
   evals, calib = sweep.windows(
       tokenizer, seqlen=_SEQLEN.value, max_windows=_WINDOWS.value,
       nsamples=nsamples)
   start = time.time()
+  rotations, rotation = None, {"rotate_mode": qconfig.rotate_mode
+                               if qconfig.rotate else None}
+  if quarot.rotation_key(qconfig) is not None:
+    rotations, rotation_s, loaded = rotation_cache.learn_or_load(
+        params, config, qconfig, calib, directory=_ROTATIONS_DIR.value,
+        model_name=name)
+    rotation.update(rotation_objective=qconfig.rotation_objective,
+                    rotation_steps=qconfig.rotation_steps,
+                    rotation_s=round(rotation_s, 1), rotation_loaded=loaded)
   packed, options = quarot.quantize(params, config, qconfig, calib,
-                                    packed=True)
+                                    packed=True, rotations=rotations)
   # The simulated twin holds exactly the packed codes, dequantized.
   simulated = qlinear.dequantize_params(packed)
   control = agreement.ulp_perturbed(simulated, jax.random.key(1))
@@ -98,7 +128,8 @@ def main(argv):
                                     max_new_tokens=_NEW.value)
   record = _record(f"{name} {qconfig.describe()}", ppl, agree, ctrl,
                    eval_windows=int(evals.shape[0]),
-                   seconds=time.time() - start, command=command)
+                   seconds=time.time() - start, command=command,
+                   rotation=rotation)
   print(record)
   benchmarking.append_jsonl(os.path.join(_OUT.value,
                                          "real_vs_simulated.jsonl"), [record])

@@ -367,8 +367,8 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
       out, k_cache, v_cache = _decode_qkv_attention(
           qkv, positions, inv_freq, k_cache, v_cache, write_at, start,
           n, options, kernels)
-      return _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh) + (
-          k_cache, v_cache, out.reshape(b, t, n * h))
+      o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh)
+      return o, k_cache, v_cache, o_in
     q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
   else:
     q, k, v = _linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], options,
@@ -419,20 +419,22 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
       if k_cache is not None:
         k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
       out = attend(q, k, v, mask)
-  out = out.reshape(b, t, n * h)
-  return _o_proj(out, p, options, kernels, mesh) + (k_cache, v_cache, out)
+  o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh)
+  return o, k_cache, v_cache, o_in
 
 
 def _o_proj(out, p, options: RunOptions, kernels: kernels_lib.Kernels,
-            mesh) -> tuple[jax.Array]:
-  """(o_proj of the attention output [B, T, N*H],), after the online
-  Hadamard (fused into a packed o_proj's quantizer)."""
+            mesh) -> tuple[jax.Array, jax.Array]:
+  """(o_proj of the attention output [B, T, N*H], o_proj's input): after
+  the online Hadamard, which a packed o_proj fuses into its quantizer (its
+  input is then the attention output itself). The input is GPTQ's tap, so
+  it must be what the linear multiplies."""
   packed = "qweight" in p["o_proj"]
   if options.online_had_o and not packed:
     out = _hadamard(out, options.had_blocks)
-  return (_row_linear(out, p["o_proj"], options, kernels=kernels,
-                      online_hadamard=options.online_had_o and packed,
-                      mesh=mesh),)
+  return _row_linear(out, p["o_proj"], options, kernels=kernels,
+                     online_hadamard=options.online_had_o and packed,
+                     mesh=mesh), out
 
 
 def _use_decode_qkv(qkv, k_cache, kernels: kernels_lib.Kernels, mesh,

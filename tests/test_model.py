@@ -267,3 +267,38 @@ def test_head_hadamard_is_the_fast_transform(dtype, rtol):
              ).sum(-1)
   np.testing.assert_allclose(rotated, dots, rtol=rtol * 10,
                              atol=rtol * 10 * np.abs(dots).max())
+
+
+# GPTQ builds each linear's Hessian from its tap, so a tap must be the input
+# the linear multiplies: after the online Hadamard when the linear is float
+# (a regression had handed back o_proj's input before it, and GPTQ W4A4KV4
+# on SmolLM2 lost 39.11 -> 41.30 ppl on the H200).
+@pytest.mark.parametrize("had_blocks", [1, 2])
+def test_taps_are_what_each_linear_multiplies(had_blocks):
+  config = hf.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8)
+  params = model.init_params(config, jax.random.key(0), scale=0.2)
+  lp = jax.tree.map(lambda a: a[0], params["layers"])
+  options = model.RunOptions(online_had_down=True, online_had_o=True,
+                             qk_had=True, had_blocks=had_blocks)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 32), jnp.float32)
+  zero = lambda p, name: {**p, name: {
+      "kernel": jnp.zeros_like(p[name]["kernel"])}}
+
+  def layer(lp):
+    return model.decoder_layer(x, lp, config=config, options=options)
+
+  # Without the MLP's output the layer adds o_proj(tap) to x; without the
+  # attention's, down_proj(tap).
+  out, _, _, taps = layer({**lp, "mlp": zero(lp["mlp"], "down_proj")})
+  o_kernel = lp["self_attn"]["o_proj"]["kernel"]
+  np.testing.assert_allclose(np.asarray(out - x),
+                             np.asarray(taps["o"] @ o_kernel),
+                             atol=1e-5, rtol=1e-5)
+  out, _, _, taps = layer({**lp, "self_attn": zero(lp["self_attn"],
+                                                    "o_proj")})
+  np.testing.assert_allclose(
+      np.asarray(out - x),
+      np.asarray(taps["down"] @ lp["mlp"]["down_proj"]["kernel"]),
+      atol=1e-5, rtol=1e-5)

@@ -39,7 +39,11 @@
 #                            9 heads): accuracy --w_bits=4 --a_bits=4
 #                            --k_bits=4 --v_bits=4 --w_method=gptq
 #                            --rotation_tp=1,2,3 --max_windows=32
-#   real-vs-simulated [ARGS] experiments.real_vs_simulated on SmolLM2.
+#   real-vs-simulated [ARGS] experiments.real_vs_simulated on SmolLM2;
+#                            learned rotations: after accuracy --learn_only
+#                            (above), --rotate --rotate_mode=learned and
+#                            the same rotation flags with
+#                            --rotations_dir=/root/stage/rotations.
 #   plot-activations [ARGS]  experiments.plot_activations on SmolLM2.
 #   py MODULE [ARGS]         python -m MODULE with the same environment.
 # TIMEOUT=SECONDS (default 570) bounds each python command; STAGE_DIR

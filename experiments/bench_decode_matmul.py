@@ -95,6 +95,20 @@ SWEEP = {
                                        num_stages=3, programs_per_sm=4),
     "mosaic_w4a4_int8_bk128_s3_p4": Cfg(w4a4_mma="int8", block_k=128,
                                         num_stages=3, programs_per_sm=4),
+    # Round 3 (#14): can one program per 64 weight rows (no split over K,
+    # so no partial sums for an epilogue kernel to add) keep HBM busy with
+    # a deep pipeline? Compare their kernel_ms with the default's ms.
+    "mosaic_w4a4_int8_split1_s4": Cfg(w4a4_mma="int8", block_n=64,
+                                      split_k=1, num_stages=4),
+    "mosaic_w4a4_int8_split1_s8": Cfg(w4a4_mma="int8", block_n=64,
+                                      split_k=1, num_stages=8),
+    "mosaic_w4a4_int8_split1_s12": Cfg(w4a4_mma="int8", block_n=64,
+                                       split_k=1, num_stages=12),
+    "mosaic_w4a4_int8_split1_bk512_s6": Cfg(w4a4_mma="int8", block_n=64,
+                                            block_k=512, split_k=1,
+                                            num_stages=6),
+    "mosaic_w4a4_int8_split2_s8": Cfg(w4a4_mma="int8", block_n=64,
+                                      split_k=2, num_stages=8),
 }
 # Configs of the table's implementations (--sweep replaces them with the
 # fastest variant of the sweep).

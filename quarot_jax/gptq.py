@@ -76,9 +76,12 @@ def gptq_quantize_params(params: Any, config: LlamaConfig,
   if calib_tokens.ndim != 2 or calib_tokens.shape[0] == 0:
     raise ValueError(f"calib_tokens must be int32[n>0, T], got"
                      f" {calib_tokens.shape}")
+  # The float forward of the rotated model: its online Hadamards (block-
+  # diagonal ones too) without the quantizers.
   float_options = model.RunOptions(
       online_had_down=options.online_had_down,
-      online_had_o=options.online_had_o, qk_had=options.qk_had)
+      online_had_o=options.online_had_o, qk_had=options.qk_had,
+      had_blocks=options.had_blocks)
   run = _layer_fn(config, float_options)
   params = jax.tree.map(lambda a: np.array(a, np.float32), params)
   emb = params["embed_tokens"]["embedding"]

@@ -83,6 +83,12 @@ def _record(case: str, ppl: dict, agree: dict, ctrl: dict, *,
       "date": datetime.date.today().isoformat(), "command": command}
 
 
+def _done(what: str, start: float) -> None:
+  """One line per finished phase, so a run stopped by a time limit still
+  says how far it got."""
+  print(f"{what}: done at {time.time() - start:.0f} s", flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -112,17 +118,21 @@ def main(argv):
                     rotation_s=round(rotation_s, 1), rotation_loaded=loaded)
   packed, options = quarot.quantize(params, config, qconfig, calib,
                                     packed=True, rotations=rotations)
+  _done(f"quantized ({qconfig.describe()})", start)
   # The simulated twin holds exactly the packed codes, dequantized.
   simulated = qlinear.dequantize_params(packed)
   control = agreement.ulp_perturbed(simulated, jax.random.key(1))
-  ppl = {label: evaluate.perplexity(p, config, evals, options=options,
-                                    kernels=kernels)["ppl"]
-         for label, p in (("simulated", simulated), ("packed", packed),
-                          ("control", control))}
+  ppl = {}
+  for label, p in (("simulated", simulated), ("packed", packed),
+                   ("control", control)):
+    ppl[label] = evaluate.perplexity(p, config, evals, options=options,
+                                     kernels=kernels)["ppl"]
+    _done(f"{label} perplexity {ppl[label]:.4f}", start)
   prompts = [list(w[:64]) for w in evals[:_PROMPTS.value]]
   agree = agreement.greedy_agreement(simulated, packed, config, prompts,
                                      options=options, kernels=kernels,
                                      max_new_tokens=_NEW.value)
+  _done("greedy packed vs simulated", start)
   ctrl = agreement.greedy_agreement(simulated, control, config, prompts,
                                     options=options, kernels=kernels,
                                     max_new_tokens=_NEW.value)

@@ -110,7 +110,10 @@ py() {
   setup_env
   timeout "${TIMEOUT:-570}" python3 -m "$@" 2>&1 | filter \
     | tee -a "$OUT/$log.log"
-  return "${PIPESTATUS[0]}"
+  local rc="${PIPESTATUS[0]}"
+  [ "$rc" = 124 ] && echo "run.sh: python -m $1 stopped by TIMEOUT=${TIMEOUT:-570} s" \
+    | tee -a "$OUT/$log.log" >&2
+  return "$rc"
 }
 
 # One benchmark module, its JSONL sent to $OUT.

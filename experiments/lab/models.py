@@ -3,6 +3,7 @@
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 from quarot_jax import checkpoint
@@ -23,6 +24,10 @@ def load_model(path: str | None) -> tuple[Any, Any, Any, str]:
   if path is None:
     path = gguf.find_smollm2_gguf()
   params, config = checkpoint.load(path)
+  # Device arrays once: jitted calls given the loader's numpy arrays copy
+  # them on every call (Qwen 1.5B on the CPU, one eval window: peak RSS
+  # 17.1 GB from numpy, 13.8 GB from device arrays).
+  params = jax.device_put(params)
   tokenizer = checkpoint.load_tokenizer(path)
   return params, config, tokenizer, os.path.basename(os.path.normpath(path))
 

@@ -151,7 +151,7 @@ def quantize_weights_rtn(params: Params, linears, spec: quant.QuantSpec
   Returns:
     `(block, name)` -> QArray with values int8[L, out, in].
   """
-  quantize = jax.jit(jax.vmap(lambda w: quant.quantize_weight(w, spec)))
+  quantize = jax.jit(lambda w: quant.quantize_layers(w, spec))
   return {(block, name): quantize(jnp.asarray(
       params["layers"][block][name]["kernel"], jnp.float32))
           for block, name in linears}

@@ -374,3 +374,27 @@ def unpack(q: QArray) -> QArray:
   return dataclasses.replace(
       q, values=unpack_int4(q.values, signed=q.symmetric), packed=False)
 
+
+
+def quantize_layers(kernels: jax.Array, spec: QuantSpec) -> QArray:
+  """`quantize_weight` of layer-stacked kernels, one layer at a time.
+
+  The MSE clip search holds ~20 copies of the tensor it quantizes, so all
+  layers at once would hold ~20 copies of the whole stack (31 GB for Qwen
+  1.5B's gate_proj); `lax.map` bounds it to one layer's.
+
+  Args:
+    kernels: float[L, in, out].
+    spec: as for `quantize_weight`.
+
+  Returns:
+    A `QArray` stacked over L: values int8[L, out, in], scales
+    f32[L, out, in // group].
+  """
+  return jax.lax.map(lambda k: quantize_weight(k, spec), kernels)
+
+
+def fake_quant_layers(kernels: jax.Array, spec: QuantSpec) -> jax.Array:
+  """`fake_quant_weight` of layer-stacked kernels float[L, in, out], one
+  layer at a time (see `quantize_layers`); same shape and dtype."""
+  return jax.lax.map(lambda k: fake_quant_weight(k, spec), kernels)

@@ -205,7 +205,7 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
 
 def rtn_quantize_params(params: Any, spec: quant.QuantSpec) -> Any:
   """Round-to-nearest fake quantization of every decoder linear's kernel."""
-  fq = jax.jit(jax.vmap(lambda w: quant.fake_quant_weight(w, spec)))
+  fq = jax.jit(lambda w: quant.fake_quant_layers(w, spec))
   params = jax.tree.map(lambda a: a, params)
   for block, name in LINEARS:
     node = params["layers"][block][name]

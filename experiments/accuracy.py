@@ -5,6 +5,9 @@ One config:
       --w_method=gptq --rotate
 The paper's table (each config with and without rotation):
   python -m experiments.accuracy --sweep=paper
+Some of its rows, e.g. the 4-bit RTN ones on another model:
+  python -m experiments.accuracy --sweep=paper --paper_rows=w4a16,w4a4kv4 \
+      --methods=rtn --model=M.gguf --out_jsonl=results/accuracy_M.jsonl
 Learned rotations (issue 16: W4A4KV4 and W4A16 GPTQ, each objective, then
 the Hadamard rows), e.g. on the first 32 windows of both texts (each config
 quantized and its rotations learned once, then scored on each text):
@@ -86,6 +89,11 @@ _OBJECTIVES = flags.DEFINE_list(
 _ROWS = flags.DEFINE_list(
     "learned_rows", ["w4a4kv4", "w4a16"],
     "With --sweep=learned: the GPTQ rows (w4a4kv4, w4a16), in this order.")
+_PAPER_ROWS = flags.DEFINE_list(
+    "paper_rows", None,
+    f"With --sweep=paper: keep only these rows (of {','.join(paper.PAPER_ROWS)};"
+    " each with and without rotation, in the table's order; the float"
+    " baseline always runs). Default: all.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Windows per forward.")
 _METHODS = flags.DEFINE_enum(
     "methods", "all", ["all", "rtn", "gptq"],
@@ -135,7 +143,8 @@ def _configs(config) -> list[QuaRotConfig]:
         {k: h.value for k, h in _QUANT.items()}), _OBJECTIVES.value,
         _ROWS.value)
   if _SWEEP.value == "paper":
-    configs = paper.paper_sweep(sweep.group_size_for(config))
+    configs = paper.paper_sweep(sweep.group_size_for(config),
+                                rows=_PAPER_ROWS.value)
     return [c for c in configs
             if _METHODS.value == "all" or c.w_bits == 16
             or c.w_method == _METHODS.value]

@@ -1,11 +1,17 @@
 """The accuracy table of the QuaRot paper as a list of `QuaRotConfig`s."""
 
 import dataclasses
+from typing import Sequence
 
 from quarot_jax.quarot import QuaRotConfig
 
 
-def paper_sweep(group_size: int = 128) -> list[QuaRotConfig]:
+PAPER_ROWS = ("w8a8kv8", "w6a6kv6", "w4a16", "w4a4kv4", "w4a4kv4g", "kv4",
+              "kv3", "kv2")
+
+
+def paper_sweep(group_size: int = 128,
+                rows: Sequence[str] | None = None) -> list[QuaRotConfig]:
   """The table of the accuracy issue, each config with and without rotation.
 
   fp; W8A8KV8; W6A6KV6; W4A16 (RTN, GPTQ); W4A4KV4 (RTN, GPTQ, GPTQ with
@@ -14,25 +20,39 @@ def paper_sweep(group_size: int = 128) -> list[QuaRotConfig]:
   Args:
     group_size: weight group size of the grouped GPTQ row (see
       `quarot_jax.sweep.group_size_for`).
+    rows: keep only these rows (names of `PAPER_ROWS`; 'w4a16' and
+      'w4a4kv4' hold both weight methods, 'w4a4kv4g' the grouped one), in
+      the table's order; None: all.
 
   Returns:
     The float config, then each row unrotated and rotated.
+
+  Raises:
+    ValueError: an unknown row name (the message names it and the choices).
   """
-  base = [
-      dict(w_bits=8, a_bits=8, k_bits=8, v_bits=8),
-      dict(w_bits=6, a_bits=6, k_bits=6, v_bits=6),
-      dict(w_bits=4, a_bits=16, w_method="rtn"),
-      dict(w_bits=4, a_bits=16, w_method="gptq"),
-      dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn"),
-      dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq"),
-      dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq",
-           w_groupsize=group_size),
-      dict(k_bits=4, v_bits=4),
-      dict(k_bits=3, v_bits=3),
-      dict(k_bits=2, v_bits=2),
+  named = [
+      ("w8a8kv8", dict(w_bits=8, a_bits=8, k_bits=8, v_bits=8)),
+      ("w6a6kv6", dict(w_bits=6, a_bits=6, k_bits=6, v_bits=6)),
+      ("w4a16", dict(w_bits=4, a_bits=16, w_method="rtn")),
+      ("w4a16", dict(w_bits=4, a_bits=16, w_method="gptq")),
+      ("w4a4kv4", dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
+                       w_method="rtn")),
+      ("w4a4kv4", dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
+                       w_method="gptq")),
+      ("w4a4kv4g", dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
+                        w_method="gptq", w_groupsize=group_size)),
+      ("kv4", dict(k_bits=4, v_bits=4)),
+      ("kv3", dict(k_bits=3, v_bits=3)),
+      ("kv2", dict(k_bits=2, v_bits=2)),
   ]
+  unknown = sorted(set(rows or ()) - set(PAPER_ROWS))
+  if unknown or (rows is not None and not rows):
+    raise ValueError(f"paper rows {','.join(unknown or ['(none)'])}: each"
+                     f" must be one of {','.join(PAPER_ROWS)}")
   configs = [QuaRotConfig(rotate=False)]
-  for kw in base:
+  for name, kw in named:
+    if rows is not None and name not in rows:
+      continue
     for rotate in (False, True):
       configs.append(QuaRotConfig(rotate=rotate, **kw))
   return configs

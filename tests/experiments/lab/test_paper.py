@@ -33,3 +33,21 @@ def test_learned_sweep_rows_objectives_then_hadamard():
 def test_learned_sweep_unknown_row_names_it():
   with pytest.raises(ValueError, match="w8a8"):
     paper.learned_sweep(QuaRotConfig(), ["qerror"], ["w8a8"])
+
+
+def test_paper_sweep_keeps_the_rows_named_in_paper_order():
+  configs = paper.paper_sweep(64, rows=["w4a4kv4", "w4a16"])
+  assert [c.describe() for c in configs] == [
+      "W16A16KV16 norot",
+      "W4A16KV16 rtn norot", "W4A16KV16 rtn rot-hadamard",
+      "W4A16KV16 gptq norot", "W4A16KV16 gptq rot-hadamard",
+      "W4A4KV4 rtn norot", "W4A4KV4 rtn rot-hadamard",
+      "W4A4KV4 gptq norot", "W4A4KV4 gptq rot-hadamard"]
+  kv = paper.paper_sweep(64, rows=["kv3"])
+  assert [c.describe() for c in kv] == [
+      "W16A16KV16 norot", "W16A16KV3 norot", "W16A16KV3 rot-hadamard"]
+
+
+def test_paper_sweep_unknown_row_names_it_and_the_choices():
+  with pytest.raises(ValueError, match=r"w3a3.*w4a4kv4g"):
+    paper.paper_sweep(64, rows=["w3a3"])

@@ -53,6 +53,10 @@ _HELP = {
     "percdamp": "GPTQ dampening, a fraction of the mean Hessian diagonal.",
     "act_order": "GPTQ column reordering by Hessian diagonal.",
     "seed": "Seeds the random rotation signs.",
+    "center_keys": "Subtract each layer's mean key (calibration windows)"
+                   " from the cached keys before KV quantization: exact in"
+                   " float; needed by models with a large k_proj bias"
+                   " (Qwen2).",
     "nsamples": "GPTQ (and learned-rotation) calibration windows"
                 " (enwiki-gensim).",
 }

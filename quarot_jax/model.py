@@ -18,6 +18,7 @@ stacked on a leading L axis and run with `lax.scan`):
   layers/self_attn/{q,k,v}_proj/kernel   [L, D, N*H] / [L, D, K*H]
   layers/self_attn/{q,k,v}_proj/bias     [L, N*H] / [L, K*H]   (Qwen2 only)
   layers/self_attn/o_proj/kernel         [L, N*H, D]
+  layers/self_attn/k_center              [L, K, H]  (optional, `key_center`)
   layers/post_attention_layernorm/scale  [L, D]
   layers/mlp/{gate,up}_proj/kernel       [L, D, F]
   layers/mlp/down_proj/kernel            [L, F, D]
@@ -363,7 +364,9 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   if "qkv_proj" in p:  # fused (run_layout): one matmul, split by width
     (qkv,) = _linears(x, [p["qkv_proj"]], options, kernels=kernels,
                       pre_norm=pre_norm)
-    if _use_decode_qkv(qkv, k_cache, kernels, mesh, n // kv, h):
+    # decode_qkv does not subtract a key center (`key_center`) yet.
+    if ("k_center" not in p
+        and _use_decode_qkv(qkv, k_cache, kernels, mesh, n // kv, h)):
       out, k_cache, v_cache = _decode_qkv_attention(
           qkv, positions, inv_freq, k_cache, v_cache, write_at, start,
           n, options, kernels)
@@ -375,13 +378,11 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
                        kernels=kernels, pre_norm=pre_norm, mesh=mesh)
   # q and k stay apart: joined on the head axis, tensor-parallel shards of
   # the two would interleave and GSPMD would move them between devices.
-  q = q.reshape(b, t, n, h)
-  k = k.reshape(b, t, kv, h)
+  q = _rope_heads(q.reshape(b, t, n, h), positions, inv_freq, options)
+  k = _rope_heads(k.reshape(b, t, kv, h), positions, inv_freq, options)
   v = v.reshape(b, t, kv, h)
-  q = layers.apply_rope(q, positions, inv_freq)
-  k = layers.apply_rope(k, positions, inv_freq)
-  if options.qk_had:
-    q, k = _head_hadamard(q), _head_hadamard(k)
+  if "k_center" in p:  # [K, H]: softmax ignores a shift shared by all keys
+    k = k - p["k_center"].astype(k.dtype)
   if isinstance(k_cache, kv4_lib.KV4):
     attend_packed = lambda q, k, v, kc, vc, write_at, start, mask: (
         _packed_cache_attention(q, k, v, kc, vc, write_at, start, mask,
@@ -421,6 +422,40 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
       out = attend(q, k, v, mask)
   o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh)
   return o, k_cache, v_cache, o_in
+
+
+def _rope_heads(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                options: RunOptions) -> jax.Array:
+  """Queries or keys [B, T, heads, H] as attention sees them: RoPE, then
+  the online head Hadamard when `options.qk_had`."""
+  x = layers.apply_rope(x, positions, inv_freq)
+  return _head_hadamard(x) if options.qk_had else x
+
+
+def cached_keys(x: jax.Array, p: Params, positions: jax.Array, *,
+                config: LlamaConfig, options: RunOptions) -> jax.Array:
+  """The keys a float layer caches for its normed input, before any key
+  center is subtracted and before quantization.
+
+  Args:
+    x: [B, T, D] the input of k_proj (the 'qkv' tap of `decoder_layer`).
+    p: one layer's float self_attn params (unfused k_proj).
+    positions: int32[B, T] RoPE positions.
+    config: the model config.
+    options: gives `qk_had` (the online head Hadamard after RoPE).
+
+  Returns:
+    f32[B, T, K, H].
+  """
+  k = jnp.einsum("btd,dk->btk", x.astype(jnp.float32),
+                 p["k_proj"]["kernel"].astype(jnp.float32))
+  if "bias" in p["k_proj"]:
+    k = k + p["k_proj"]["bias"].astype(jnp.float32)
+  b, t, _ = x.shape
+  inv_freq = layers.rope_inv_freq(config.head_dim, config.rope_theta,
+                                  config.rope_scaling_dict)
+  return _rope_heads(k.reshape(b, t, config.num_key_value_heads,
+                               config.head_dim), positions, inv_freq, options)
 
 
 def _o_proj(out, p, options: RunOptions, kernels: kernels_lib.Kernels,

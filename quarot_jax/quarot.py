@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quarot_jax import gptq
+from quarot_jax import key_center
 from quarot_jax import learned_rotation
 from quarot_jax import model
 from quarot_jax import qlinear
@@ -55,6 +56,10 @@ class QuaRotConfig:
     percdamp: GPTQ dampening.
     act_order: GPTQ column reordering.
     seed: seeds the rotation.
+    center_keys: subtract each layer's and kv head's mean key (measured on
+      the calibration windows) from the cached keys (`key_center`):
+      exactly invariant in float, and it keeps a large constant key offset
+      (Qwen2's k_proj bias) out of the KV quantizer's range.
   """
 
   w_bits: int = 16
@@ -75,6 +80,7 @@ class QuaRotConfig:
   percdamp: float = 0.01
   act_order: bool = True
   seed: int = 0
+  center_keys: bool = False
 
   def __post_init__(self):
     def is_int(x):
@@ -93,6 +99,8 @@ class QuaRotConfig:
       if (not isinstance(ratio, (int, float, np.number))
           or isinstance(ratio, bool) or not 0 < ratio <= 1):
         raise ValueError(f"{name}={ratio!r} must be a number in (0, 1]")
+    if not isinstance(self.center_keys, (bool, np.bool_)):
+      raise ValueError(f"center_keys={self.center_keys!r} must be a bool")
     if not is_int(self.seed):
       raise ValueError(f"seed={self.seed!r} must be an int")
     if self.w_method not in ("rtn", "gptq"):
@@ -141,7 +149,8 @@ class QuaRotConfig:
     rot = f" rot-{self.rotate_mode}" if self.rotate else " norot"
     if self.rotate and self.rotate_mode == "learned":
       rot += f"-{self.rotation_objective}{self.rotation_steps}"
-    return f"W{self.w_bits}A{self.a_bits}{kv}{method}{rot}"
+    kc = " kc" if self.center_keys else ""
+    return f"W{self.w_bits}A{self.a_bits}{kv}{method}{rot}{kc}"
 
 
 def _e2e_weight_spec(qconfig: QuaRotConfig) -> quant.QuantSpec | None:
@@ -282,7 +291,8 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     (params, options): run the model with `forward(..., options=options)`.
 
   Raises:
-    ValueError: GPTQ or learned rotations without calibration tokens, an
+    ValueError: GPTQ, learned rotations or center_keys without calibration
+      tokens, an
       unsupported size (a `rotation_tp` block included), or `rotation_tp`
       != 1 without rotation.
     NotImplementedError: `packed` with a config the kernels do not run,
@@ -310,6 +320,11 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
                              mode=qconfig.rotate_mode, tp=rotation_tp)
   else:
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  if qconfig.center_keys:
+    if calib_tokens is None:
+      raise ValueError("center_keys=True needs calib_tokens")
+    params = key_center.fold(params, key_center.calibrate(
+        params, config, calib_tokens, options=options))
   if qconfig.w_bits < 16:
     if qconfig.w_method == "gptq":
       if calib_tokens is None:

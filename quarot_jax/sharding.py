@@ -123,6 +123,8 @@ def _param_axis(path: tuple[str, ...]) -> int | None:
     return -2  # [V, D]
   if path[0] == "lm_head" and leaf == "kernel":
     return -1  # [D, V]
+  if leaf == "k_center":
+    return -2  # [K, H]: with the kv heads
   if parent in COLUMN_PARALLEL:
     return {"kernel": -1, "bias": -1, "qweight": -2, "wscale": -1}.get(leaf)
   if parent in ROW_PARALLEL:

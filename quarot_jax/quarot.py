@@ -180,13 +180,19 @@ def rotation_key(qconfig: QuaRotConfig) -> tuple[Any, ...] | None:
   elif qconfig.rotation_objective == "e2e":  # it sees all of them
     key += (qconfig.a_bits, qconfig.k_bits, qconfig.v_bits, qconfig.a_clip,
             qconfig.kv_clip, _e2e_weight_spec(qconfig))
+    if qconfig.center_keys:  # old keys (and saved rotations) stay valid
+      key += ("center_keys",)
   return key
 
 
 def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
                     calib_tokens: np.ndarray | None, *,
-                    progress: bool = True) -> learned_rotation.Rotations:
+                    progress: bool = True, return_losses: bool = False):
   """Learns the R1 and R2 of `rotate_mode='learned'` (see `quantize`).
+
+  With `center_keys` the 'e2e' objective runs the model with its key
+  centers (`key_center`; R1 and R2 leave the keys as they are, so the
+  centers of the unrotated model are the rotated model's too).
 
   Args:
     params: float params.
@@ -194,22 +200,28 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     qconfig: a config with rotate_mode='learned'.
     calib_tokens: int32[n, T] calibration windows.
     progress: show progress bars.
+    return_losses: also return the training losses.
 
   Returns:
-    The rotations, for `quantize(..., rotations=...)`.
+    The rotations, for `quantize(..., rotations=...)`; with
+    `return_losses`, (rotations, f32[steps] losses).
 
   Raises:
     ValueError: no calibration tokens.
   """
   if calib_tokens is None:
     raise ValueError("rotate_mode='learned' needs calib_tokens")
-  rotations, _ = learned_rotation.learn(
+  options = qconfig.run_options(config.head_dim)
+  if qconfig.center_keys and qconfig.rotation_objective == "e2e":
+    params, _ = model.unwrap(params)
+    params = key_center.fold(params, key_center.calibrate(
+        params, config, calib_tokens, options=options))
+  rotations, losses = learned_rotation.learn(
       params, config, calib_tokens, objective=qconfig.rotation_objective,
       steps=qconfig.rotation_steps, lr=qconfig.rotation_lr,
-      key=jax.random.key(qconfig.seed),
-      options=qconfig.run_options(config.head_dim),
+      key=jax.random.key(qconfig.seed), options=options,
       weight_spec=_e2e_weight_spec(qconfig), progress=progress)
-  return rotations
+  return (rotations, losses) if return_losses else rotations
 
 
 def rtn_quantize_params(params: Any, spec: quant.QuantSpec) -> Any:

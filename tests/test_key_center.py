@@ -159,3 +159,22 @@ def test_centers_are_labelled_and_recorded():
   config = quarot.QuaRotConfig(k_bits=4, v_bits=4, center_keys=True)
   assert config.describe().endswith(" kc")
   assert not quarot.QuaRotConfig(k_bits=4, v_bits=4).describe().endswith("kc")
+
+
+def test_e2e_rotation_learning_sees_centered_keys(biased):
+  """With center_keys the e2e objective quantizes centered keys (as the
+  model it learns for), so its loss starts lower on offset keys; the two
+  configs learn under different keys."""
+  params, config, tokens, _ = biased
+  calib = np.asarray(tokens)
+  base = quarot.QuaRotConfig(k_bits=4, v_bits=4, rotate_mode="learned",
+                             rotation_objective="e2e", rotation_steps=1)
+  losses = {}
+  for center in (False, True):
+    qconfig = dataclasses.replace(base, center_keys=center)
+    _, losses[center] = quarot.learn_rotations(params, config, qconfig,
+                                               calib, progress=False,
+                                               return_losses=True)
+  assert losses[True][0] < losses[False][0] - 0.01, losses
+  assert (quarot.rotation_key(base)
+          != quarot.rotation_key(dataclasses.replace(base, center_keys=True)))

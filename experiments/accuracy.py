@@ -143,8 +143,9 @@ def _configs(config) -> list[QuaRotConfig]:
         {k: h.value for k, h in _QUANT.items()}), _OBJECTIVES.value,
         _ROWS.value)
   if _SWEEP.value == "paper":
-    configs = paper.paper_sweep(sweep.group_size_for(config),
-                                rows=_PAPER_ROWS.value)
+    configs = paper.paper_sweep(
+        sweep.group_size_for(config), rows=_PAPER_ROWS.value,
+        base=cli_flags.quarot_config({k: h.value for k, h in _QUANT.items()}))
     return [c for c in configs
             if _METHODS.value == "all" or c.w_bits == 16
             or c.w_method == _METHODS.value]

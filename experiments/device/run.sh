@@ -61,8 +61,13 @@
 #     bash experiments/device/run.sh stage smollm2 1 &&
 #     bash experiments/device/run.sh join smollm2 &&
 #     bash experiments/device/run.sh accuracy --sweep=paper --methods=rtn
-# The Qwen GGUF goes the same way: stage qwen FIRST LAST per call (see
-# stage.sh), then join qwen.
+# The Qwen GGUF goes the same way: stage qwen K, one chunk a call (carry
+# .carry/qwen/chunkKK; ~5 s each when back to back, 2026-12-02), the last
+# with .carry/cache and .carry/wheels (the gguf reader), then join qwen and
+#   accuracy --model=/root/stage/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
+#     --sweep=paper --paper_rows=w4a16,w4a4kv4 --center_keys --max_windows=32
+#     --out_jsonl=$OUT/accuracy_qwen.jsonl --out_md=$OUT/accuracy_qwen.md
+# (--center_keys: Qwen2's keys need it for KV4, see README).
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 STAGE="${STAGE_DIR:-/root/stage}"

@@ -11,7 +11,8 @@ PAPER_ROWS = ("w8a8kv8", "w6a6kv6", "w4a16", "w4a4kv4", "w4a4kv4g", "kv4",
 
 
 def paper_sweep(group_size: int = 128,
-                rows: Sequence[str] | None = None) -> list[QuaRotConfig]:
+                rows: Sequence[str] | None = None,
+                base: QuaRotConfig | None = None) -> list[QuaRotConfig]:
   """The table of the accuracy issue, each config with and without rotation.
 
   fp; W8A8KV8; W6A6KV6; W4A16 (RTN, GPTQ); W4A4KV4 (RTN, GPTQ, GPTQ with
@@ -23,6 +24,9 @@ def paper_sweep(group_size: int = 128,
     rows: keep only these rows (names of `PAPER_ROWS`; 'w4a16' and
       'w4a4kv4' hold both weight methods, 'w4a4kv4g' the grouped one), in
       the table's order; None: all.
+    base: settings every config keeps (clips, seed, GPTQ's, center_keys:
+      the flags), except what a row sets (bits, weight method and groups,
+      rotation); center_keys only where keys are quantized. None: defaults.
 
   Returns:
     The float config, then each row unrotated and rotated.
@@ -49,12 +53,23 @@ def paper_sweep(group_size: int = 128,
   if unknown or (rows is not None and not rows):
     raise ValueError(f"paper rows {','.join(unknown or ['(none)'])}: each"
                      f" must be one of {','.join(PAPER_ROWS)}")
-  configs = [QuaRotConfig(rotate=False)]
+  base = base or QuaRotConfig()
+  row_defaults = dict(w_bits=16, a_bits=16, k_bits=16, v_bits=16,
+                      w_method="rtn", w_groupsize=None,
+                      rotate_mode="hadamard")
+
+  def config(rotate: bool, kw: dict) -> QuaRotConfig:
+    fields = {**row_defaults, **kw}
+    return dataclasses.replace(
+        base, rotate=rotate, **fields,
+        center_keys=base.center_keys and fields["k_bits"] < 16)
+
+  configs = [config(False, {})]
   for name, kw in named:
     if rows is not None and name not in rows:
       continue
     for rotate in (False, True):
-      configs.append(QuaRotConfig(rotate=rotate, **kw))
+      configs.append(config(rotate, kw))
   return configs
 
 

@@ -51,3 +51,15 @@ def test_paper_sweep_keeps_the_rows_named_in_paper_order():
 def test_paper_sweep_unknown_row_names_it_and_the_choices():
   with pytest.raises(ValueError, match=r"w3a3.*w4a4kv4g"):
     paper.paper_sweep(64, rows=["w3a3"])
+
+
+def test_paper_sweep_keeps_the_flagged_settings_but_not_their_bits():
+  base = QuaRotConfig(center_keys=True, kv_clip=0.8, seed=3, w_bits=4,
+                      w_method="gptq", rotate_mode="random")
+  configs = paper.paper_sweep(64, rows=["w8a8kv8", "w4a16"], base=base)
+  assert [c.describe() for c in configs] == [
+      "W16A16KV16 norot",
+      "W8A8KV8 rtn norot kc", "W8A8KV8 rtn rot-hadamard kc",
+      "W4A16KV16 rtn norot", "W4A16KV16 rtn rot-hadamard",
+      "W4A16KV16 gptq norot", "W4A16KV16 gptq rot-hadamard"]
+  assert all(c.kv_clip == 0.8 and c.seed == 3 for c in configs)

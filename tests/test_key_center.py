@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from quarot_jax import checkpoint
 from quarot_jax import generation
 from quarot_jax import hf
 from quarot_jax import key_center
@@ -178,3 +179,17 @@ def test_e2e_rotation_learning_sees_centered_keys(biased):
   assert losses[True][0] < losses[False][0] - 0.01, losses
   assert (quarot.rotation_key(base)
           != quarot.rotation_key(dataclasses.replace(base, center_keys=True)))
+
+
+def test_centers_survive_a_quantized_checkpoint(biased, tmp_path):
+  params, config, tokens, _ = biased
+  qconfig = quarot.QuaRotConfig(w_bits=4, k_bits=4, v_bits=4,
+                                center_keys=True)
+  real, _ = quarot.quantize(params, config, qconfig, np.asarray(tokens),
+                            packed=True, progress=False)
+  out = str(tmp_path / "ckpt")
+  checkpoint.save_quantized(real, out, config, qconfig)
+  loaded, _, got_qconfig, _ = checkpoint.load_quantized(out)
+  assert got_qconfig == qconfig
+  np.testing.assert_array_equal(loaded["layers"]["self_attn"]["k_center"],
+                                real["layers"]["self_attn"]["k_center"])

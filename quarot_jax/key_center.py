@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from quarot_jax import model
 from quarot_jax.config import LlamaConfig
@@ -37,7 +38,7 @@ Params = dict[str, Any]
 
 def calibrate(params: Params, config: LlamaConfig, calib_tokens: np.ndarray,
               *, options: model.RunOptions = model.FLOAT,
-              batch_size: int = 8) -> jax.Array:
+              batch_size: int = 8, progress: bool = False) -> jax.Array:
   """Mean cached key per layer and kv head over calibration windows.
 
   Args:
@@ -47,6 +48,7 @@ def calibrate(params: Params, config: LlamaConfig, calib_tokens: np.ndarray,
     options: the forward's rotation flags (`qk_had`, the online Hadamards);
       the layers run in float (activation and KV quantization off).
     batch_size: windows per forward.
+    progress: a progress bar over the layers.
 
   Returns:
     f32[L, K, H] means of the keys as `model.cached_keys` gives them.
@@ -79,7 +81,8 @@ def calibrate(params: Params, config: LlamaConfig, calib_tokens: np.ndarray,
         for i in range(0, len(tokens), batch_size)]
   layers_p = params["layers"]
   means = []
-  for layer in range(config.num_hidden_layers):
+  for layer in tqdm.trange(config.num_hidden_layers, desc="key centers",
+                           disable=not progress, leave=False):
     lp = jax.tree.map(lambda a, i=layer: a[i], layers_p)
     total = jnp.zeros((config.num_key_value_heads, config.head_dim),
                       jnp.float32)

@@ -215,7 +215,7 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
   if qconfig.center_keys and qconfig.rotation_objective == "e2e":
     params, _ = model.unwrap(params)
     params = key_center.fold(params, key_center.calibrate(
-        params, config, calib_tokens, options=options))
+        params, config, calib_tokens, options=options, progress=progress))
   rotations, losses = learned_rotation.learn(
       params, config, calib_tokens, objective=qconfig.rotation_objective,
       steps=qconfig.rotation_steps, lr=qconfig.rotation_lr,
@@ -336,7 +336,7 @@ def quantize(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     if calib_tokens is None:
       raise ValueError("center_keys=True needs calib_tokens")
     params = key_center.fold(params, key_center.calibrate(
-        params, config, calib_tokens, options=options))
+        params, config, calib_tokens, options=options, progress=progress))
   if qconfig.w_bits < 16:
     if qconfig.w_method == "gptq":
       if calib_tokens is None:

@@ -2,7 +2,8 @@
 
 For one new token per row, from the fused q/k/v projection's output
 qkv[B, (N + 2K) · H] (query heads first, then keys, then values):
-  q = T(rope(q)),  k = T(rope(k))      (T: the per-head transform, below)
+  q = T(rope(q)),  k = T(rope(k)) - c  (T: the per-head transform, below;
+                                       c: an optional key center [K, H])
   k_cache[b, j, at] <- quantize_kv4(k[b, j]),  v_cache likewise (v as is),
 and returns q [B, N, H] for the decode attention. T is QuaRot's online
 Hadamard on each head of q and k (`head_signs` = the ±1 matrix H_h, applied
@@ -25,6 +26,8 @@ Numerics, step for step those of the unfused path (`decode_qkv_reference`):
     order of the f32 sums can differ from XLA's GEMM), times f32(1 / √h),
     rounded to x's dtype. Without T the kernel multiplies by the identity
     and 1, which changes nothing.
+  * The key center (`quarot_jax.key_center`), in x's dtype, subtracted in
+    f32 and rounded to x's dtype, as XLA does `k - center.astype(k.dtype)`.
   * The KV4 quantizer of `kv4_append` (`kv4_append.quantize_halves`).
 
 Grid (B, K): program (b, j) loads kv head j's G query rows as one tile
@@ -76,16 +79,17 @@ def rope(x1, x2, c1, c2, s1, s2, mul):
 
 
 def decode_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, tk_ref,
-                      ek_ref, kc_in, ks_in, kz_in, vc_in, vs_in, vz_in, q_ref,
-                      kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *,
-                      n: int, norm: float, k_clip_ratio: float,
-                      v_clip_ratio: float, exact: bool):
+                      ek_ref, center_ref, kc_in, ks_in, kz_in, vc_in, vs_in,
+                      vz_in, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
+                      vz_ref, *, n: int, norm: float, k_clip_ratio: float,
+                      v_clip_ratio: float, exact: bool, centered: bool):
   """One row's tile of 16 heads: query heads (rotated, stored), key heads
   (rotated, quantized into the slot) or value heads (quantized)."""
   # at_ref: int32[] slot; qkv_ref: [N + 2K, H] the row's heads;
   # cos_ref, sin_ref: f32[1, H]; t_ref: [H, H] T (±1 or identity);
   # tk_ref: [H, H] T's even columns, then its odd ones; ek_ref: the same
-  # of the identity
+  # of the identity; center_ref: [K, H] the key center's even elements,
+  # then its odd ones (read only when `centered`)
   # q_ref: [N, H]; kc/vc: uint8[K, S, H // 2]; ks/vs: f32[K, S];
   # kz/vz: uint8[K, S]. The *_in refs alias the outputs: only written.
   del kc_in, ks_in, kz_in, vc_in, vs_in, vz_in
@@ -148,6 +152,13 @@ def decode_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, tk_ref,
   def _():
     first = (t - tiles[0]) * _TILE
     even, odd = even_odd(rotated(n + first, kv_heads - first), tk_ref)
+    if centered:
+      valid = (rows < kv_heads - first)[:, None]
+      center = [plgpu.load(center_ref.at[pl.ds(first, _TILE), half(i)],
+                           mask=valid, other=0).astype(jnp.float32)
+                for i in (0, 1)]
+      even, odd = [(x - c).astype(dtype).astype(jnp.float32)
+                   for x, c in zip((even, odd), center)]
     write(even, odd, first, kv_heads - first, kc_ref, ks_ref, kz_ref,
           k_clip_ratio)
 
@@ -163,8 +174,8 @@ def decode_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, tk_ref,
           v_clip_ratio)
 
 
-def _check(qkv, cos, sin, head_signs, k_cache, v_cache, at, num_heads
-           ) -> tuple[int, int, int, int, int]:
+def _check(qkv, cos, sin, head_signs, k_cache, v_cache, at, num_heads,
+           k_center=None) -> tuple[int, int, int, int, int]:
   """Shapes and dtypes; returns (B, N, K, S, H)."""
   b = qkv.shape[0]
   kv_heads, s, h = (k_cache.codes.shape[1], k_cache.codes.shape[2],
@@ -185,6 +196,9 @@ def _check(qkv, cos, sin, head_signs, k_cache, v_cache, at, num_heads
   if head_signs is not None and head_signs.shape != (h, h):
     raise ValueError(f"head_signs must be [H, H]={[h, h]}, got"
                      f" {head_signs.shape}")
+  if k_center is not None and k_center.shape != (kv_heads, h):
+    raise ValueError(f"k_center must be [K, H]={[kv_heads, h]}, got"
+                     f" {list(k_center.shape)}")
   zeros = jnp.zeros((b, kv_heads, h), qkv.dtype)
   append_lib.check_kv4_append_shapes(k_cache, v_cache, zeros, zeros, at)
   return b, num_heads, kv_heads, s, h
@@ -196,6 +210,7 @@ def _check(qkv, cos, sin, head_signs, k_cache, v_cache, at, num_heads
 def decode_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
                head_signs: jax.Array | None, k_cache: kv4_lib.KV4,
                v_cache: kv4_lib.KV4, at: jax.Array, *, num_heads: int,
+               k_center: jax.Array | None = None,
                k_clip_ratio: float = 0.95, v_clip_ratio: float = 0.95,
                num_warps: int = 4, interpret: bool = False,
                debug: bool = False,
@@ -217,6 +232,8 @@ def decode_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     at: int32[] slot shared by the batch (negative: from the end; then
       clamped, as in `lax.dynamic_update_slice`).
     num_heads: N.
+    k_center: [K, H] mean key of each kv head, subtracted from the rotated
+      keys before they are quantized (`quarot_jax.key_center`), or None.
     k_clip_ratio: range clip of the key quantizer (QuaRot: 0.95).
     v_clip_ratio: range clip of the value quantizer.
     num_warps: Triton warps a program.
@@ -234,7 +251,7 @@ def decode_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     ValueError: shapes or dtypes that do not fit together.
   """
   b, n, kv_heads, s, h = _check(qkv, cos, sin, head_signs, k_cache, v_cache,
-                                at, num_heads)
+                                at, num_heads, k_center)
   g = n // kv_heads
   if implementation is None:
     implementation = ("pallas" if interpret or can_use_decode_qkv(h, g)
@@ -246,7 +263,7 @@ def decode_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
                  " the reference", h, g)
   if implementation == "xla":
     return decode_qkv_reference(qkv, cos, sin, head_signs, k_cache, v_cache,
-                                at, num_heads=num_heads,
+                                at, num_heads=num_heads, k_center=k_center,
                                 k_clip_ratio=k_clip_ratio,
                                 v_clip_ratio=v_clip_ratio)
   dtype = qkv.dtype
@@ -257,13 +274,16 @@ def decode_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     t = head_signs.astype(dtype)
   kernel = functools.partial(
       decode_qkv_kernel, n=n, norm=norm, k_clip_ratio=k_clip_ratio,
-      v_clip_ratio=v_clip_ratio, exact=not interpret)
+      v_clip_ratio=v_clip_ratio, exact=not interpret,
+      centered=k_center is not None)
   h2 = h // 2
   tiles = pl.cdiv(n, _TILE) + 2 * pl.cdiv(kv_heads, _TILE)
   scalar = pl.BlockSpec((None,), lambda i, j: (0,))
   row = lambda *shape: pl.BlockSpec((None,) + shape,
                                     lambda i, j: (i,) + (0,) * len(shape))
   whole = pl.BlockSpec((h, h), lambda i, j: (0, 0))
+  center = (jnp.zeros((kv_heads, h), dtype) if k_center is None
+            else k_center.astype(dtype))
   caches = [row(kv_heads, s, h2), row(kv_heads, s), row(kv_heads, s)] * 2
   arrays = (k_cache.codes, k_cache.scale, k_cache.zero, v_cache.codes,
             v_cache.scale, v_cache.zero)
@@ -271,18 +291,19 @@ def decode_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
       kernel,
       grid=(b, tiles),
       in_specs=[scalar, row(n + 2 * kv_heads, h), row(1, h), row(1, h),
-                whole, whole, whole] + caches,
+                whole, whole, whole,
+                pl.BlockSpec((kv_heads, h), lambda i, j: (0, 0))] + caches,
       out_specs=[row(n, h)] + caches,
       out_shape=[jax.ShapeDtypeStruct((b, n, h), dtype)] + [
           jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays],
-      input_output_aliases={7 + i: 1 + i for i in range(6)},
+      input_output_aliases={8 + i: 1 + i for i in range(6)},
       compiler_params=compat.triton_params(num_warps=num_warps,
                                            num_stages=1),
       interpret=interpret, debug=debug, name="decode_qkv",
   )(jnp.asarray(at, jnp.int32).reshape(1),
     qkv.reshape(b, n + 2 * kv_heads, h), cos[:, None], sin[:, None], t,
     *[jnp.concatenate([m[:, 0::2], m[:, 1::2]], axis=1)
-      for m in (t, jnp.eye(h, dtype=dtype))], *arrays)
+      for m in (t, jnp.eye(h, dtype=dtype), center)], *arrays)
   return (out[0],
           kv4_lib.KV4(codes=out[1], scale=out[2], zero=out[3]),
           kv4_lib.KV4(codes=out[4], scale=out[5], zero=out[6]))
@@ -293,13 +314,14 @@ def decode_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
 def decode_qkv_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
                          head_signs: jax.Array | None, k_cache: kv4_lib.KV4,
                          v_cache: kv4_lib.KV4, at: jax.Array, *,
-                         num_heads: int, k_clip_ratio: float = 0.95,
+                         num_heads: int, k_center: jax.Array | None = None,
+                         k_clip_ratio: float = 0.95,
                          v_clip_ratio: float = 0.95
                          ) -> tuple[jax.Array, kv4_lib.KV4, kv4_lib.KV4]:
   """Plain-jnp `decode_qkv`: split, RoPE, head transform (einsum), then
   `kv4_append_reference`. Arguments and result as in `decode_qkv`."""
   b, n, kv_heads, _, h = _check(qkv, cos, sin, head_signs, k_cache, v_cache,
-                                at, num_heads)
+                                at, num_heads, k_center)
   dtype = qkv.dtype
   heads = qkv.reshape(b, n + 2 * kv_heads, h)
   q, k, v = jnp.split(heads, [n, n + kv_heads], axis=1)
@@ -327,6 +349,9 @@ def decode_qkv_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     return rounded(z * jnp.float32(1.0 / math.sqrt(h)))
 
   q, k = rotate(q), rotate(k)
+  if k_center is not None:
+    k = rounded(k.astype(jnp.float32)
+                - k_center.astype(dtype).astype(jnp.float32))
   k_cache, v_cache = append_lib.kv4_append_reference(
       k_cache, v_cache, k, v, at, k_clip_ratio=k_clip_ratio,
       v_clip_ratio=v_clip_ratio)

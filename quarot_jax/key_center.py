@@ -18,8 +18,8 @@ before quantization.
 `calibrate` measures the means on calibration windows (layer by layer, the
 float model); `fold` stores them as params `layers/self_attn/k_center`
 [L, K, H], which `model` subtracts wherever it writes keys to a cache or
-attends (float and packed KV4 caches; the fused `decode_qkv` kernel does not
-take a center yet, so a centered model decodes through the unfused path).
+attends (float and packed KV4 caches, and the fused `decode_qkv` kernel of
+a decode step).
 """
 
 import dataclasses

@@ -364,12 +364,10 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   if "qkv_proj" in p:  # fused (run_layout): one matmul, split by width
     (qkv,) = _linears(x, [p["qkv_proj"]], options, kernels=kernels,
                       pre_norm=pre_norm)
-    # decode_qkv does not subtract a key center (`key_center`) yet.
-    if ("k_center" not in p
-        and _use_decode_qkv(qkv, k_cache, kernels, mesh, n // kv, h)):
+    if _use_decode_qkv(qkv, k_cache, kernels, mesh, n // kv, h):
       out, k_cache, v_cache = _decode_qkv_attention(
           qkv, positions, inv_freq, k_cache, v_cache, write_at, start,
-          n, options, kernels)
+          n, options, kernels, k_center=p.get("k_center"))
       o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh)
       return o, k_cache, v_cache, o_in
     q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
@@ -485,11 +483,12 @@ def _use_decode_qkv(qkv, k_cache, kernels: kernels_lib.Kernels, mesh,
 def _decode_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,
                           write_at, start, num_heads: int,
                           options: RunOptions,
-                          kernels: kernels_lib.Kernels):
+                          kernels: kernels_lib.Kernels, k_center=None):
   """Decode attention over packed KV4 caches from the fused qkv [B, 1,
   (N + 2K) H]: `decode_qkv` then `kv4_decode_attention`, the same bits as
-  `apply_rope`, `_head_hadamard` and `_packed_cache_attention`'s decode
-  branch (up to the order of the head Hadamard's f32 sums on the GPU).
+  `apply_rope`, `_head_hadamard`, the key center's subtraction (`k_center`
+  [K, H] or None) and `_packed_cache_attention`'s decode branch (up to the
+  order of the head Hadamard's f32 sums on the GPU).
 
   Returns:
     (out [B, 1, N, H], k_cache, v_cache).
@@ -502,7 +501,8 @@ def _decode_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,
            if options.qk_had else None)
   q, k_cache, v_cache = decode_qkv_lib.decode_qkv(
       qkv[:, 0], cos, sin, signs, k_cache, v_cache, write_at,
-      num_heads=num_heads, k_clip_ratio=options.k_spec.clip_ratio,
+      num_heads=num_heads, k_center=k_center,
+      k_clip_ratio=options.k_spec.clip_ratio,
       v_clip_ratio=options.v_spec.clip_ratio, interpret=kernels.interpret,
       implementation="pallas")
   end = jnp.asarray(write_at + 1, jnp.int32)  # [] (shared by the rows)

@@ -106,6 +106,48 @@ def test_reference_equals_model_ops():
   _same_caches((k_ref, v_ref), (k_want, v_want))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernel_subtracts_the_key_center(dtype):
+  """A key center [K, H] (`quarot_jax.key_center`) is subtracted from each
+  rotated key before it is quantized, as the model's unfused path does
+  (k - center.astype(k.dtype)); queries and values do not see it."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("exact on the CPU only")
+  b, n, kv_heads, s, h = 2, 8, 2, 6, 64
+  qkv, cos, sin, positions, inv_freq, (kc, vc) = _case(
+      b, n, kv_heads, s, h, dtype, seed=5)
+  signs = jnp.asarray(hadamard.hadamard_matrix(h))
+  center = 4.0 * jax.random.normal(jax.random.key(9), (kv_heads, h))
+  args = (qkv, cos, sin, signs, kc, vc, jnp.int32(4))
+  q, k2, v2 = qkv_lib.decode_qkv(*args, num_heads=n, k_center=center,
+                                 interpret=True, implementation="pallas")
+  q_ref, k_ref, v_ref = qkv_lib.decode_qkv_reference(
+      *args, num_heads=n, k_center=center)
+  np.testing.assert_allclose(np.asarray(q.astype(jnp.float32)),
+                             np.asarray(q_ref.astype(jnp.float32)),
+                             rtol=0, atol=1e-5 if dtype == jnp.float32 else 0)
+  _same_caches((k2, v2), (k_ref, v_ref),
+               scale_rtol=2 ** -20 if dtype == jnp.float32 else 0.0)
+
+  # The reference is the model's order: rotate, transform, subtract, append.
+  heads = qkv.reshape(b, 1, n + 2 * kv_heads, h)
+  _, k, v = jnp.split(heads, [n, n + kv_heads], axis=2)
+  y = jnp.einsum("...i,ij->...j",
+                 layers.apply_rope(k, positions[:, None], inv_freq),
+                 signs.astype(dtype), preferred_element_type=jnp.float32,
+                 precision=jax.lax.Precision.HIGHEST)
+  k = (y * jnp.float32(1.0 / np.sqrt(h))).astype(dtype)
+  k = k - center.astype(dtype)
+  k_want, v_want = append_lib.kv4_append_reference(
+      kc, vc, k[:, 0], v[:, 0], jnp.int32(4), k_clip_ratio=0.95,
+      v_clip_ratio=0.95)
+  _same_caches((k_ref, v_ref), (k_want, v_want),
+               scale_rtol=2 ** -20 if dtype == jnp.float32 else 0.0)
+  # Not vacuous: without the center the key codes differ.
+  _, k_plain, _ = qkv_lib.decode_qkv_reference(*args, num_heads=n)
+  assert not np.array_equal(np.asarray(k_plain.codes), np.asarray(k2.codes))
+
+
 def test_kernel_takes():
   assert qkv_lib.kernel_takes(128, 1) and qkv_lib.kernel_takes(128, 16)
   assert not qkv_lib.kernel_takes(128, 17)
@@ -133,21 +175,25 @@ def test_rejects_bad_shapes(bad, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n, kv_heads", [(32, 32), (32, 8)])
-def test_gpu_matches_reference(n, kv_heads):
+@pytest.mark.parametrize("n, kv_heads, centered",
+                         [(32, 32, False), (32, 8, False), (32, 8, True)])
+def test_gpu_matches_reference(n, kv_heads, centered):
   """On the GPU: the Triton kernel against the XLA reference (the dot's
   f32 sums may be ordered differently: q within one bf16 step, codes equal
-  where the rotated key rounds the same)."""
+  where the rotated key rounds the same), with and without a key center."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   b, s, h = 4, 256, 128
   qkv, cos, sin, _, _, (kc, vc) = _case(b, n, kv_heads, s, h, jnp.bfloat16)
   signs = jnp.asarray(hadamard.hadamard_matrix(h))
+  center = (jax.random.normal(jax.random.key(2), (kv_heads, h))
+            if centered else None)
   args = (qkv, cos, sin, signs, kc, vc, jnp.int32(17))
-  q, k2, v2 = qkv_lib.decode_qkv(*args, num_heads=n, implementation="pallas")
-  q_ref, k_ref, v_ref = qkv_lib.decode_qkv_reference(*args, num_heads=n)
+  kw = dict(num_heads=n, k_center=center)
+  q, k2, v2 = qkv_lib.decode_qkv(*args, **kw, implementation="pallas")
+  q_ref, k_ref, v_ref = qkv_lib.decode_qkv_reference(*args, **kw)
   hlo = jax.jit(lambda *a: qkv_lib.decode_qkv(
-      *a, num_heads=n, implementation="pallas")).lower(*args).as_text()
+      *a, **kw, implementation="pallas")).lower(*args).as_text()
   assert "decode_qkv" in hlo
   qf, qr = (np.asarray(x.astype(jnp.float32)) for x in (q, q_ref))
   np.testing.assert_allclose(qf, qr, rtol=2 ** -7, atol=0)

@@ -56,7 +56,6 @@ from experiments.lab import results
 from quarot_jax import cli_flags
 from quarot_jax import data
 from quarot_jax import learned_rotation
-from quarot_jax import quarot
 from quarot_jax import sweep
 from quarot_jax.quarot import QuaRotConfig
 
@@ -195,8 +194,7 @@ def main(argv):
   evals, calib = sweep.text_windows(
       tokenizer, texts, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,
       nsamples=_QUANT["nsamples"].value if any(
-          (c.w_method == "gptq" and c.w_bits < 16) or c.center_keys
-          or quarot.rotation_key(c) is not None for c in configs) else 0)
+          c.needs_calibration for c in configs) else 0)
   records = sweep.run_sweep(
       params, config, configs, evals, calib_windows=calib, model_name=name,
       command=shlex.join(["python", "-m", "experiments.accuracy"]

@@ -125,8 +125,7 @@ def main(argv):
     raise app.UsageError("--rotations_dir needs learned rotations: --rotate"
                          " --rotate_mode=learned")
   params, config, tokenizer, name = models.load_model(_MODEL.value)
-  nsamples = (_QUANT["nsamples"].value
-              if qconfig.w_method == "gptq" or qconfig.center_keys else 0)
+  nsamples = _QUANT["nsamples"].value if qconfig.needs_calibration else 0
   evals, calib = sweep.windows(
       tokenizer, seqlen=_SEQLEN.value, max_windows=_WINDOWS.value,
       nsamples=nsamples)

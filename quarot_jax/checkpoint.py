@@ -397,11 +397,12 @@ def convert(source: str, out_dir: str, *, dtype: str = "float32",
     return save_params(params, out_dir, config, tokenizer=tokenizer,
                        overwrite=overwrite)
   calib = None
-  if qconfig.w_method == "gptq" or qconfig.center_keys:
+  if qconfig.needs_calibration:
     if tokenizer is None:
-      raise ValueError(f"GPTQ and center_keys need calibration text, but"
-                       f" {source!r} has no tokenizer; use w_method='rtn'"
-                       " without center_keys")
+      raise ValueError(f"GPTQ, learned rotations and center_keys need"
+                       f" calibration text, but {source!r} has no tokenizer;"
+                       " use w_method='rtn' and the Hadamard without"
+                       " center_keys")
     calib = data.calibration_windows(tokenizer, nsamples=calib_windows,
                                      seqlen=calib_seqlen)
   params, _ = quarot.quantize(params, config, qconfig, calib, packed=True,

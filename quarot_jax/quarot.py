@@ -140,6 +140,14 @@ class QuaRotConfig:
         k_spec=k if k.enabled else None,
         v_spec=v if v.enabled else None)
 
+  @property
+  def needs_calibration(self) -> bool:
+    """Whether `quantize` needs calibration windows: GPTQ weights, learned
+    rotations or key centers."""
+    return ((self.w_method == "gptq" and self.w_bits < 16)
+            or (self.rotate and self.rotate_mode == "learned")
+            or self.center_keys)
+
   def describe(self) -> str:
     """A short label such as 'W4A4KV4 gptq rot'."""
     kv = (f"KV{self.k_bits}" if self.k_bits == self.v_bits

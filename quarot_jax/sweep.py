@@ -229,8 +229,7 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
       "delta_ppl": result["ppl"] - fp_ppl,
       "eval_text": eval_text, "eval_windows": result["windows"],
       "eval_tokens": result["tokens"], "seqlen": seqlen,
-      "nsamples": (nsamples if qconfig.w_method == "gptq" or learned
-                   or qconfig.center_keys else 0),
+      "nsamples": nsamples if qconfig.needs_calibration else 0,
       "wall_s": round(wall_s, 1),
       "date": datetime.date.today().isoformat(), "command": command,
       # Perplexities agree across devices to float rounding (SmolLM2 float:

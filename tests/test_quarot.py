@@ -134,6 +134,20 @@ def test_gptq_needs_calibration(outlier_model):
         w_bits=4, w_method="gptq"))
 
 
+@pytest.mark.parametrize("kwargs, needs", [
+    (dict(), False),
+    (dict(w_bits=4), False),                        # RTN
+    (dict(w_bits=4, w_method="gptq"), True),
+    (dict(w_method="gptq"), False),                 # 16-bit: no GPTQ runs
+    (dict(rotate=True), False),                     # the Hadamard
+    (dict(rotate=True, rotate_mode="learned"), True),
+    (dict(k_bits=4, v_bits=4, center_keys=True), True),
+])
+def test_needs_calibration(kwargs, needs):
+  """One answer, used by every CLI, to whether `quantize` needs windows."""
+  assert quarot.QuaRotConfig(**kwargs).needs_calibration is needs
+
+
 def test_packing_problems_name_the_fields():
   qconfig = quarot.QuaRotConfig(w_bits=8, a_bits=8, k_bits=4, v_bits=16,
                                 w_groupsize=64)

@@ -163,7 +163,8 @@ print('flax', flax.__version__, 'transformers', transformers.__version__)"
   tests-gpu)
     [ $# -gt 0 ] || set -- tests/pallas_kernels tests/test_qlinear.py \
       tests/test_packed_model.py
-    py tests_gpu pytest -q --tb=short "$@" | tail -30
+    # No -q here: with an ARGS -q, -qq would drop the summary line.
+    py tests_gpu pytest --tb=short "$@" | tail -30
     ;;
   bench)
     [ $# -ge 1 ] || { echo "usage: run.sh bench NAME [ARGS]" >&2; exit 2; }
@@ -179,9 +180,12 @@ print('flax', flax.__version__, 'transformers', transformers.__version__)"
     py bench_model experiments.bench_model --out_dir="$OUT" "$@"
     ;;
   accuracy)
-    py accuracy experiments.accuracy \
-      --out_jsonl="$OUT/accuracy_smollm2.jsonl" \
-      --out_md="$OUT/accuracy_smollm2.md" "$@"
+    # Default outputs only where ARGS name none (records keep the command).
+    outs=()
+    [[ " $* " == *" --out_jsonl="* ]] \
+      || outs+=(--out_jsonl="$OUT/accuracy_smollm2.jsonl")
+    [[ " $* " == *" --out_md="* ]] || outs+=(--out_md="$OUT/accuracy_smollm2.md")
+    py accuracy experiments.accuracy "${outs[@]}" "$@"
     ;;
   real-vs-simulated)
     py real_vs_simulated experiments.real_vs_simulated --out_dir="$OUT" "$@"

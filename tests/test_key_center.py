@@ -16,6 +16,7 @@ from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import quarot
 from quarot_jax import run_layout
+from tests import decode_steps
 from tests import hf_models
 
 
@@ -165,30 +166,15 @@ def test_fused_decode_qkv_subtracts_the_centers(biased):
                                 center_keys=True)
   real, options = quarot.quantize(params, config, qconfig, np.asarray(tokens),
                                   packed=True, progress=False)
-  unfused = run_layout.unstack_layers(real)
-  fused = run_layout.unstack_layers(real, fuse=True)
-  cache = kv_cache.cache_for(config, 2, 32, packed=True, per_layer=True)
-  _, cache = model.forward(unfused, tokens[:, :23], config, cache=cache,
-                           options=options)
-  step = lambda p, k: model.forward(p, tokens[:, 23:], config, cache=cache,
-                                    options=options, kernels=k)
-  assert "decode_qkv" in str(jax.make_jaxpr(
-      lambda p: step(p, "interpret")[0])(fused))
-  want, want_cache = step(unfused, "xla")
-  got, got_cache = step(fused, "interpret")
+  (got, got_cache), (want, want_cache) = decode_steps.fused_and_unfused_decode(
+      real, config, options, tokens, slots=32)
   scale = float(jnp.abs(want).max())
   assert float(jnp.abs(got - want).max()) < 1e-4 * scale
-  for got_c, want_c in zip(jax.tree.leaves(got_cache),
-                           jax.tree.leaves(want_cache)):
-    got_c, want_c = np.asarray(got_c), np.asarray(want_c)
-    if got_c.dtype == np.float32:
-      # The head Hadamard's f32 sums run in another order (the kernel's
-      # dot): an error of ~2^-21 of the uncentered key (as without centers,
-      # test_packed_model), which the center then shrinks ~16x (offset 320,
-      # centered range ~20): seen 2^-17.1.
-      np.testing.assert_allclose(got_c, want_c, rtol=2 ** -16, atol=0)
-    else:  # codes and zero points exact
-      np.testing.assert_array_equal(got_c, want_c)
+  # The head Hadamard's f32 sums run in another order (the kernel's dot):
+  # an error of ~2^-21 of the uncentered key (as without centers), which
+  # the center then magnifies ~16x (offset 320, centered range ~20): seen
+  # 2^-17.1.
+  decode_steps.assert_same_caches(got_cache, want_cache, scale_rtol=2 ** -16)
 
 
 def test_centers_are_labelled_and_recorded():

@@ -17,7 +17,7 @@ from quarot_jax import hf
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import quarot
-from quarot_jax import run_layout
+from tests import decode_steps
 from tests import hf_models
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,28 +129,11 @@ def test_fused_decode_qkv_equals_the_unfused_decode(tiny):
   params, config, tokens = tiny
   real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
                                   progress=False)
-  unfused = run_layout.unstack_layers(real)
-  fused = run_layout.unstack_layers(real, fuse=True)
-  cache = kv_cache.cache_for(config, 2, 16, packed=True, per_layer=True)
-  _, cache = model.forward(unfused, tokens[:, :11], config, cache=cache,
-                           options=options)
-  step = lambda p, k: model.forward(p, tokens[:, 11:], config, cache=cache,
-                                    options=options, kernels=k)
-  assert "decode_qkv" in str(jax.make_jaxpr(
-      lambda p: step(p, "interpret")[0])(fused))
-  want, want_cache = step(unfused, "xla")
-  got, got_cache = step(fused, "interpret")
+  (got, got_cache), (want, want_cache) = decode_steps.fused_and_unfused_decode(
+      real, config, options, tokens, slots=16)
   assert _rel(got, want) < 1e-4
-  # Codes and zero points equal; an f32 scale may differ in its last bits
-  # (these tiny models are f32: the head Hadamard's f32 sums are ordered
-  # differently by the kernel's dot and the model's einsum).
-  for got_c, want_c in zip(jax.tree.leaves(got_cache),
-                           jax.tree.leaves(want_cache)):
-    got_c, want_c = np.asarray(got_c), np.asarray(want_c)
-    if got_c.dtype == np.float32:
-      np.testing.assert_allclose(got_c, want_c, rtol=2 ** -21, atol=0)
-    else:
-      np.testing.assert_array_equal(got_c, want_c)
+  # These tiny models are f32: an f32 scale may differ in its last bits.
+  decode_steps.assert_same_caches(got_cache, want_cache, scale_rtol=2 ** -21)
 
 
 @pytest.mark.gpu

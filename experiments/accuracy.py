@@ -24,7 +24,10 @@ flags and --rotations_dir) loads them instead of learning:
       --rotations_dir=/root/stage/rotations
 A rotation is found again for the same config key (objective, steps, lr,
 seed and the bits it sees), model and calibration windows; its records say
-rotation_loaded=true and keep the learning time in rotation_s.
+rotation_loaded=true and keep the learning time in rotation_s. Learning
+longer than one call: add --rotation_time_budget_s=S to the first command
+and repeat it until it exits 0 (75: paused, state saved in --rotations_dir;
+a killed run resumes from the state saved each minute).
 
 The block-diagonal rotation of tensor parallelism (#18: one online
 Hadamard per shard before o_proj and down_proj) against the full-width one,
@@ -130,6 +133,12 @@ _LEARN_ONLY = flags.DEFINE_bool(
     "learn_only", False,
     "Learn (or find) the rotations of the configs in --rotations_dir and"
     " stop before GPTQ and evaluation.")
+_TIME_BUDGET = flags.DEFINE_float(
+    "rotation_time_budget_s", None,
+    "With --learn_only: pause learning after this many seconds (all"
+    " configs together), its state saved beside the rotation in"
+    " --rotations_dir; the same command resumes it (e.g. learning longer"
+    " than one device call). Exit status 75 while paused.")
 _OUT_JSONL = flags.DEFINE_string("out_jsonl", "results/accuracy_smollm2.jsonl",
                                  "Append records here.")
 _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
@@ -167,9 +176,13 @@ def _learn_only(params, config, tokenizer, name, configs) -> None:
   try:
     rows = sweep.learn_rotations(params, config, configs, calib,
                                  rotations_dir=_ROTATIONS_DIR.value,
-                                 model_name=name)
+                                 model_name=name,
+                                 time_budget_s=_TIME_BUDGET.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  except learned_rotation.LearningPaused as e:
+    print(e, flush=True)
+    sys.exit(75)  # EX_TEMPFAIL: try again
   for row in rows:
     how = "loaded" if row["rotation_loaded"] else "learned"
     print(f"{row['label']:<32} {how} ({row['rotation_s']} s) {row['path']}")
@@ -180,6 +193,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _LEARN_ONLY.value and _ROTATIONS_DIR.value is None:
     raise app.UsageError("--learn_only needs --rotations_dir")
+  if _TIME_BUDGET.value is not None and not _LEARN_ONLY.value:
+    raise app.UsageError("--rotation_time_budget_s needs --learn_only")
   texts = _texts()
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)

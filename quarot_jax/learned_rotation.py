@@ -25,10 +25,19 @@ options exactly as `rotation.rotate`'s does. Objectives (the math is in
 
 Training runs at TF32 matmul precision (`jax.default_matmul_precision`);
 folding runs at the caller's precision.
+
+Long learning can run in parts (a device call is bounded): with `resume`
+(a file) and `time_budget_s`, `learn` saves its state (parameters, Adam's
+moments, losses, step) there and raises `LearningPaused` once the budget is
+spent; the same call again resumes from the file, takes the same batches
+and ends with the rotations and losses of one uninterrupted run; the file
+is removed when learning ends.
 """
 
 import functools
+import hashlib
 import math
+import os
 import time
 from typing import Any
 
@@ -174,13 +183,78 @@ def collect_inputs(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
   return core.rms_normalize(x1), core.rms_normalize(v)
 
 
+class LearningPaused(Exception):
+  """Learning stopped at its time budget; its state is saved in `path`.
+
+  Attributes:
+    path: the state file that the same call resumes from.
+    step: steps done.
+    steps: steps asked for.
+  """
+
+  def __init__(self, path: str, step: int, steps: int):
+    super().__init__(f"rotation learning paused at step {step} of {steps};"
+                     f" its state is in {path}: run the same command again"
+                     " to resume")
+    self.path, self.step, self.steps = path, step, steps
+
+
+def _fingerprint(r0: Rotations) -> str:
+  """sha256 of the start's bytes (a state resumes only its own start)."""
+  digest = hashlib.sha256()
+  for a in (r0.r1, r0.r2):
+    digest.update(np.asarray(a, np.float32).tobytes())
+  return digest.hexdigest()
+
+
+def _save_state(path: str, meta: dict[str, Any], theta, opt_state,
+                losses: list[float], step: int, seconds: float) -> None:
+  """Writes the learning state to `path` atomically (temp file, rename)."""
+  leaves = jax.tree.leaves((theta, opt_state))
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez(tmp, **{f"leaf{i}": np.asarray(a) for i, a in enumerate(leaves)},
+           losses=np.asarray(losses, np.float32), step=np.int64(step),
+           seconds=np.float64(seconds),
+           meta=np.asarray(repr(sorted(meta.items()))))
+  os.replace(tmp, path)
+
+
+def _load_state(path: str, meta: dict[str, Any], theta, opt_state):
+  """(theta, opt_state, losses, step, seconds) saved in `path` by a run
+  with the same `meta` and state shapes."""
+  with np.load(path) as f:
+    saved = {k: f[k] for k in f.files}
+  if str(saved["meta"]) != repr(sorted(meta.items())):
+    raise ValueError(f"{path!r} holds the learning state of another run"
+                     f" ({saved['meta']}), not of {sorted(meta.items())};"
+                     " delete it to start again")
+  leaves, treedef = jax.tree.flatten((theta, opt_state))
+  got = [saved[f"leaf{i}"] for i in range(len(leaves))]
+  if [(g.shape, g.dtype) for g in got] != [
+      (np.shape(a), np.asarray(a).dtype) for a in leaves]:
+    raise ValueError(f"{path!r} holds learning state of other shapes")
+  theta, opt_state = jax.tree.unflatten(treedef,
+                                        [jnp.asarray(g) for g in got])
+  return (theta, opt_state, [float(x) for x in saved["losses"]],
+          int(saved["step"]), float(saved["seconds"]))
+
+
+def resumed_seconds(path: str | None) -> float:
+  """Learning seconds of the runs before a saved state (0: none saved)."""
+  if path is None or not os.path.exists(path):
+    return 0.0
+  with np.load(path) as f:
+    return float(f["seconds"])
+
+
 def _adam(lr: float, steps: int) -> optax.GradientTransformation:
   return optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1)))
 
 
 def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
-           lr: float, steps: int, progress: bool, desc: str
-           ) -> tuple[Rotations, np.ndarray]:
+           lr: float, steps: int, progress: bool, desc: str,
+           resume: str | None = None, time_budget_s: float | None = None,
+           save_every_s: float = 60.0) -> tuple[Rotations, np.ndarray]:
   """Adam on the parameters of R = R0 @ P(W), one jitted step per batch.
 
   Args:
@@ -192,10 +266,21 @@ def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
     steps: optimizer steps.
     progress: show a tqdm bar with the loss.
     desc: the bar's label.
+    resume: a state file: resumed from when it exists, written every
+      `save_every_s` and when the budget is spent, removed at the end.
+    time_budget_s: with `resume`, stop after the first step that ends past
+      this many seconds of this run (the last step never stops).
+    save_every_s: seconds between state saves.
 
   Returns:
     (rotations, f32[steps] loss before each step).
+
+  Raises:
+    LearningPaused: the budget was spent (the state is in `resume`).
+    ValueError: `resume` holds another run's state.
   """
+  if time_budget_s is not None and resume is None:
+    raise ValueError("time_budget_s needs a resume file to save state to")
   optimizer = _adam(lr, steps)
 
   @jax.jit
@@ -208,14 +293,36 @@ def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
 
   theta = core.zero_theta(r0)
   opt_state = optimizer.init(theta)
-  losses = []
-  start = time.time()
-  bar = tqdm.trange(steps, desc=desc, disable=not progress, leave=False)
+  losses, first, before = [], 0, 0.0
+  meta = dict(desc=desc, steps=steps, lr=float(lr),
+              parameterization=parameterization, start=_fingerprint(r0))
+  if resume is not None and os.path.exists(resume):
+    theta, opt_state, losses, first, before = _load_state(
+        resume, meta, theta, opt_state)
+    if progress:
+      tqdm.tqdm.write(f"{desc}: resuming at step {first} of {steps} from"
+                      f" {resume}")
+  start = saved = time.time()
+  bar = tqdm.trange(first, steps, desc=desc, disable=not progress,
+                    leave=False, initial=first, total=steps)
   with jax.default_matmul_precision(_TRAIN_PRECISION):
     for i in bar:
       theta, opt_state, value = step(theta, opt_state, batches(i))
       losses.append(float(value))
       bar.set_postfix(loss=f"{losses[-1]:.4f}")
+      now, done = time.time(), i + 1
+      if resume is None or done == steps:
+        continue
+      spent = time_budget_s is not None and now - start >= time_budget_s
+      if spent or now - saved >= save_every_s:
+        _save_state(resume, meta, theta, opt_state, losses, done,
+                    before + now - start)
+        saved = now
+      if spent:
+        bar.close()
+        raise LearningPaused(resume, done, steps)
+  if resume is not None and os.path.exists(resume):
+    os.remove(resume)
   if progress and losses:
     # One batch's loss is noisy (each step sees other windows): compare the
     # means of the first and last tenth of the steps.
@@ -232,7 +339,9 @@ def learn_calibration(base: Params, config: LlamaConfig,
                       calib_tokens: np.ndarray, r0: Rotations, *,
                       objective: str, options: model.RunOptions, steps: int,
                       lr: float, key: jax.Array, tokens_per_window: int = 64,
-                      progress: bool = True) -> tuple[Rotations, np.ndarray]:
+                      progress: bool = True, resume: str | None = None,
+                      time_budget_s: float | None = None
+                      ) -> tuple[Rotations, np.ndarray]:
   """DartQuant-style calibration of R1 and every R2 on cached inputs.
 
   The loss is f(x1 @ R1) + mean over layers of f(v_l @ R2_l), f the Whip
@@ -252,6 +361,8 @@ def learn_calibration(base: Params, config: LlamaConfig,
     key: samples the cached token positions.
     tokens_per_window: cached positions per window.
     progress: show progress bars.
+    resume: the state file of a run in parts (module docstring), or None.
+    time_budget_s: with `resume`, pause after this many seconds.
 
   Returns:
     (rotations, f32[steps] losses).
@@ -271,7 +382,8 @@ def learn_calibration(base: Params, config: LlamaConfig,
 
   return _train(loss_fn, r0, lambda i: (x1, v), parameterization="qr",
                 lr=lr, steps=steps, progress=progress,
-                desc=f"learn R ({objective})")
+                desc=f"learn R ({objective})", resume=resume,
+                time_budget_s=time_budget_s)
 
 
 def _rtn_ste(params: Params, spec: quant.QuantSpec) -> Params:
@@ -287,7 +399,8 @@ def _rtn_ste(params: Params, spec: quant.QuantSpec) -> Params:
 def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
               r0: Rotations, *, options: model.RunOptions,
               weight_spec: quant.QuantSpec | None, steps: int, lr: float,
-              key: jax.Array, batch_size: int = 4, progress: bool = True
+              key: jax.Array, batch_size: int = 4, progress: bool = True,
+              resume: str | None = None, time_budget_s: float | None = None
               ) -> tuple[Rotations, np.ndarray]:
   """SpinQuant: R1 and R2 minimize the quantized network's next-token loss.
 
@@ -307,6 +420,8 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
     key: orders the windows.
     batch_size: windows per step.
     progress: show a progress bar.
+    resume: the state file of a run in parts (module docstring), or None.
+    time_budget_s: with `resume`, pause after this many seconds.
 
   Returns:
     (rotations, f32[steps] losses).
@@ -334,7 +449,7 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
   return _train(
       loss_fn, r0, lambda i: (base, calib[order[i * b:(i + 1) * b]]),
       parameterization="cayley", lr=lr, steps=steps, progress=progress,
-      desc="learn R (e2e)")
+      desc="learn R (e2e)", resume=resume, time_budget_s=time_budget_s)
 
 
 def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
@@ -342,7 +457,9 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
           key: jax.Array, options: model.RunOptions = rotation.ROTATED,
           weight_spec: quant.QuantSpec | None = None,
           batch_size: int = 4, start: Rotations | None = None,
-          progress: bool = True) -> tuple[Rotations, np.ndarray]:
+          progress: bool = True, resume: str | None = None,
+          time_budget_s: float | None = None
+          ) -> tuple[Rotations, np.ndarray]:
   """Learns R1 and R2 from QuaRot's randomized Hadamard start.
 
   Args:
@@ -360,13 +477,18 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
     start: the rotations to start from (default `initial_rotations(config,
       key)`, QuaRot's).
     progress: show progress bars.
+    resume: a state file, to learn in parts (module docstring): resumed
+      from when it exists, removed when learning ends.
+    time_budget_s: with `resume`, pause after this many seconds of
+      training (`LearningPaused`); None: no limit.
 
   Returns:
     (rotations to `fold`, f32[steps] training losses).
 
   Raises:
-    ValueError: unknown objective, negative steps, or no calibration
-      windows.
+    ValueError: unknown objective, negative steps, no calibration windows,
+      or a `resume` file of another run.
+    LearningPaused: the time budget was spent; the state is in `resume`.
   """
   if objective not in OBJECTIVES:
     raise ValueError(f"{objective=} must be one of {OBJECTIVES}")
@@ -387,7 +509,9 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
     return learn_calibration(base, config, calib_tokens, r0,
                              objective=objective, options=options,
                              steps=steps, lr=lr, key=data_key,
-                             progress=progress)
+                             progress=progress, resume=resume,
+                             time_budget_s=time_budget_s)
   return learn_e2e(base, config, calib_tokens, r0, options=options,
                    weight_spec=weight_spec, steps=steps, lr=lr,
-                   key=data_key, batch_size=batch_size, progress=progress)
+                   key=data_key, batch_size=batch_size, progress=progress,
+                   resume=resume, time_budget_s=time_budget_s)

@@ -195,7 +195,9 @@ def rotation_key(qconfig: QuaRotConfig) -> tuple[Any, ...] | None:
 
 def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
                     calib_tokens: np.ndarray | None, *,
-                    progress: bool = True, return_losses: bool = False):
+                    progress: bool = True, return_losses: bool = False,
+                    resume: str | None = None,
+                    time_budget_s: float | None = None):
   """Learns the R1 and R2 of `rotate_mode='learned'` (see `quantize`).
 
   With `center_keys` the 'e2e' objective runs the model with its key
@@ -209,6 +211,8 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     calib_tokens: int32[n, T] calibration windows.
     progress: show progress bars.
     return_losses: also return the training losses.
+    resume: learn in parts through this state file (`learned_rotation`).
+    time_budget_s: with `resume`, pause after this many training seconds.
 
   Returns:
     The rotations, for `quantize(..., rotations=...)`; with
@@ -216,6 +220,7 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
 
   Raises:
     ValueError: no calibration tokens.
+    learned_rotation.LearningPaused: the time budget was spent.
   """
   if calib_tokens is None:
     raise ValueError("rotate_mode='learned' needs calib_tokens")
@@ -228,7 +233,8 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       params, config, calib_tokens, objective=qconfig.rotation_objective,
       steps=qconfig.rotation_steps, lr=qconfig.rotation_lr,
       key=jax.random.key(qconfig.seed), options=options,
-      weight_spec=_e2e_weight_spec(qconfig), progress=progress)
+      weight_spec=_e2e_weight_spec(qconfig), progress=progress,
+      resume=resume, time_budget_s=time_budget_s)
   return (rotations, losses) if return_losses else rotations
 
 

@@ -71,6 +71,12 @@ def entry_path(directory: str, ident: dict[str, Any]) -> str:
       f"rot-{hashlib.sha256(text.encode()).hexdigest()[:16]}")
 
 
+def partial_path(path: str) -> str:
+  """The learning state of the entry at `path`, while it is being learned
+  (a sibling file, so the entry itself appears only when complete)."""
+  return path + ".partial.npz"
+
+
 def path_for(directory: str, qconfig: QuaRotConfig, *, model_name: str,
              calib_windows: np.ndarray | None) -> str:
   """Where the rotations of `qconfig` learned on these windows are saved."""
@@ -177,9 +183,13 @@ def load(path: str, config: LlamaConfig, *, ident: dict[str, Any]
 def learn_or_load(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
                   calib_windows: np.ndarray | None, *,
                   directory: str | None, model_name: str,
-                  progress: bool = True
+                  progress: bool = True, time_budget_s: float | None = None
                   ) -> tuple[learned_rotation.Rotations, float, bool]:
   """The rotations of a learned config, from `directory` or learned now.
+
+  With a `directory`, learning saves its state beside the entry
+  (`partial_path`, every minute), so a run that is killed or spends
+  `time_budget_s` resumes there on the next call.
 
   Args:
     params: float params.
@@ -189,15 +199,22 @@ def learn_or_load(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     directory: where rotations are saved (None: learn, save nothing).
     model_name: the model's name, part of the identity.
     progress: show progress bars.
+    time_budget_s: with a `directory`, pause learning after this many
+      seconds of training (`learned_rotation.LearningPaused`).
 
   Returns:
-    (rotations, seconds spent learning them (when loaded: as saved),
-    whether they were loaded).
+    (rotations, seconds spent learning them (when loaded: as saved; when
+    resumed: the earlier runs' training seconds included), whether they
+    were loaded).
 
   Raises:
-    ValueError: a saved entry is corrupt or does not fit (`load`), or the
-      config learns no rotations.
+    ValueError: a saved entry is corrupt or does not fit (`load`), the
+      config learns no rotations, or `time_budget_s` without a directory.
+    learned_rotation.LearningPaused: the time budget was spent.
   """
+  if time_budget_s is not None and directory is None:
+    raise ValueError("time_budget_s needs a directory to save the learning"
+                     " state in")
   key = quarot.rotation_key(qconfig)
   if key is None:
     raise ValueError(f"{qconfig.describe()!r} learns no rotations")
@@ -210,11 +227,14 @@ def learn_or_load(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
         print(f"rotations of {qconfig.describe()} loaded from {path}"
               f" (learned in {found[1]['rotation_s']:.1f} s)", flush=True)
       return found[0], float(found[1]["rotation_s"]), True
+  partial = None if path is None else partial_path(path)
+  before = learned_rotation.resumed_seconds(partial)
   start = time.time()
   rotations = quarot.learn_rotations(params, config, qconfig, calib_windows,
-                                     progress=progress)
+                                     progress=progress, resume=partial,
+                                     time_budget_s=time_budget_s)
   jax.block_until_ready(rotations)
-  rotation_s = time.time() - start
+  rotation_s = before + time.time() - start
   if path is not None:
     save(path, rotations, ident=ident, qconfig=qconfig,
          rotation_s=rotation_s)

@@ -357,7 +357,8 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
 def learn_rotations(params: Any, config: Any,
                     configs: Sequence[QuaRotConfig],
                     calib_windows: np.ndarray, *, rotations_dir: str,
-                    model_name: str = "", progress: bool = True
+                    model_name: str = "", progress: bool = True,
+                    time_budget_s: float | None = None
                     ) -> list[dict[str, Any]]:
   """Learns (or finds) the rotations of `configs` in `rotations_dir`.
 
@@ -373,6 +374,9 @@ def learn_rotations(params: Any, config: Any,
     rotations_dir: where the rotations are saved.
     model_name: the model's name (part of what identifies a rotation).
     progress: show progress bars.
+    time_budget_s: seconds of learning for all the configs together; when
+      spent, learning pauses with its state saved beside its entry
+      (`rotation_cache.learn_or_load`) and the same call resumes it.
 
   Returns:
     One row per key, in the order of `configs`: `label` (its first
@@ -380,7 +384,9 @@ def learn_rotations(params: Any, config: Any,
 
   Raises:
     ValueError: no config learns rotations, or a saved one does not fit.
+    learned_rotation.LearningPaused: the time budget was spent.
   """
+  deadline = None if time_budget_s is None else time.time() + time_budget_s
   rows, seen = [], set()
   for qconfig in configs:
     key = quarot.rotation_key(qconfig)
@@ -389,7 +395,9 @@ def learn_rotations(params: Any, config: Any,
     seen.add(key)
     _, rotation_s, loaded = rotation_cache.learn_or_load(
         params, config, qconfig, calib_windows, directory=rotations_dir,
-        model_name=model_name, progress=progress)
+        model_name=model_name, progress=progress,
+        time_budget_s=(None if deadline is None
+                       else max(0.0, deadline - time.time())))
     rows.append({"label": qconfig.describe(),
                  "path": rotation_cache.path_for(
                      rotations_dir, qconfig, model_name=model_name,

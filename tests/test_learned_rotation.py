@@ -1,6 +1,7 @@
 """Learned rotations: folding is invariant, training lowers its loss."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -138,3 +139,45 @@ def test_learn_needs_calibration_windows(tiny):
   with pytest.raises(ValueError, match=r"\(0, 16\)"):
     learned_rotation.learn(params, _CONFIG, np.zeros((0, 16), np.int32),
                            objective="whip", steps=1, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("objective", ["whip", "e2e"])
+def test_paused_learning_resumes_to_the_same_rotations(tiny, objective,
+                                                       tmp_path):
+  """A time budget stops learning after a step and saves its state; the
+  same call again resumes it, ending where one uninterrupted run ends."""
+  params, tokens = tiny
+  kw = dict(objective=objective, steps=3, lr=1e-2, key=jax.random.key(4),
+            batch_size=2, progress=False)
+  want, want_losses = learned_rotation.learn(params, _CONFIG, tokens, **kw)
+  state = str(tmp_path / "state.npz")
+  runs = 0
+  while True:
+    runs += 1
+    try:
+      got, losses = learned_rotation.learn(params, _CONFIG, tokens, **kw,
+                                           resume=state, time_budget_s=0.0)
+      break
+    except learned_rotation.LearningPaused as e:
+      assert (e.path, e.step, e.steps) == (state, runs, 3)
+      assert os.path.exists(state)
+  assert runs == 3  # a step a run: the budget is spent by the first
+  assert not os.path.exists(state)  # done: nothing left behind
+  np.testing.assert_array_equal(np.asarray(got.r1), np.asarray(want.r1))
+  np.testing.assert_array_equal(np.asarray(got.r2), np.asarray(want.r2))
+  np.testing.assert_array_equal(losses, want_losses)
+  assert np.abs(np.asarray(got.r1) - np.asarray(
+      learned_rotation.initial_rotations(_CONFIG, jax.random.key(4)).r1)
+                ).max() > 1e-4  # it learned something
+
+
+def test_resume_refuses_the_state_of_another_run(tiny, tmp_path):
+  params, tokens = tiny
+  kw = dict(objective="whip", lr=1e-2, key=jax.random.key(4), progress=False)
+  state = str(tmp_path / "state.npz")
+  with pytest.raises(learned_rotation.LearningPaused):
+    learned_rotation.learn(params, _CONFIG, tokens, steps=3, **kw,
+                           resume=state, time_budget_s=0.0)
+  with pytest.raises(ValueError, match="state.npz.*steps"):
+    learned_rotation.learn(params, _CONFIG, tokens, steps=4, **kw,
+                           resume=state)

@@ -1,5 +1,6 @@
 """Learned rotations saved and loaded across sweeps (`rotation_cache`)."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -172,3 +173,51 @@ def test_wrong_shapes_or_changed_file_name_the_file(tiny, tmp_path):
     rotation_cache.load(path, config, ident=ident)
   with pytest.raises(ValueError, match="was saved for"):
     rotation_cache.load(path, config, ident={**ident, "model": "other"})
+
+
+def test_paused_learning_resumes_beside_the_entry(tiny, tmp_path):
+  """With a time budget, learn_or_load saves the learning state beside the
+  entry it will write and resumes it on the next call; the entry appears
+  only when learning ends, and the state is then gone."""
+  params, config, windows = tiny
+  qconfig = dataclasses.replace(_WHIP, rotation_steps=3)
+  kw = dict(directory=str(tmp_path), model_name="tiny", progress=False,
+            time_budget_s=0.0)
+  path = rotation_cache.path_for(str(tmp_path), qconfig, model_name="tiny",
+                                 calib_windows=windows)
+  for step in (1, 2):
+    with pytest.raises(learned_rotation.LearningPaused) as paused:
+      rotation_cache.learn_or_load(params, config, qconfig, windows, **kw)
+    assert paused.value.step == step
+    assert os.path.exists(paused.value.path)
+    assert not os.path.exists(path)
+  rotations, seconds, loaded = rotation_cache.learn_or_load(
+      params, config, qconfig, windows, **kw)
+  assert not loaded and seconds > 0
+  assert os.listdir(tmp_path) == [os.path.basename(path)]
+  want = quarot.learn_rotations(params, config, qconfig, windows,
+                                progress=False)
+  np.testing.assert_array_equal(np.asarray(rotations.r1), np.asarray(want.r1))
+  np.testing.assert_array_equal(np.asarray(rotations.r2), np.asarray(want.r2))
+
+
+def test_learn_rotations_in_parts_until_done(tiny, tmp_path):
+  """sweep.learn_rotations with a spent budget pauses each config after a
+  step; repeating the call finishes them all (the --learn_only loop)."""
+  params, config, windows = tiny
+  configs = [dataclasses.replace(_WHIP, rotation_steps=2),
+             dataclasses.replace(_WHIP, rotation_steps=2, seed=4)]
+  calls = 0
+  while True:
+    calls += 1
+    try:
+      rows = sweep.learn_rotations(params, config, configs, windows,
+                                   rotations_dir=str(tmp_path),
+                                   model_name="tiny", progress=False,
+                                   time_budget_s=0.0)
+      break
+    except learned_rotation.LearningPaused:
+      assert calls < 10
+  assert calls == 3  # a pause per config, then both done (one loaded)
+  assert [r["rotation_loaded"] for r in rows] == [True, False]
+  assert not [n for n in os.listdir(tmp_path) if n.endswith(".npz")]

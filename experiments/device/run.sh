@@ -35,6 +35,10 @@
 #                            accuracy --sweep=learned ... --learn_only
 #                            --rotations_dir=/root/stage/rotations, then
 #                            the same flags without --learn_only.
+#                            Longer than a call: add
+#                            --rotation_time_budget_s=500 and repeat the
+#                            call back to back until it exits 0 (75:
+#                            paused, state in --rotations_dir).
 #                            Block-diagonal rotation (#18; tp=2 is skipped:
 #                            9 heads): accuracy --w_bits=4 --a_bits=4
 #                            --k_bits=4 --v_bits=4 --w_method=gptq

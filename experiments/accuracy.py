@@ -139,6 +139,9 @@ _TIME_BUDGET = flags.DEFINE_float(
     " configs together), its state saved beside the rotation in"
     " --rotations_dir; the same command resumes it (e.g. learning longer"
     " than one device call). Exit status 75 while paused.")
+flags.register_validator(
+    "rotation_time_budget_s", lambda s: s is None or s >= 0,
+    "--rotation_time_budget_s must be >= 0 (seconds)")
 _OUT_JSONL = flags.DEFINE_string("out_jsonl", "results/accuracy_smollm2.jsonl",
                                  "Append records here.")
 _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",

@@ -279,8 +279,6 @@ def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
     LearningPaused: the budget was spent (the state is in `resume`).
     ValueError: `resume` holds another run's state.
   """
-  if time_budget_s is not None and resume is None:
-    raise ValueError("time_budget_s needs a resume file to save state to")
   optimizer = _adam(lr, steps)
 
   @jax.jit
@@ -487,13 +485,20 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
 
   Raises:
     ValueError: unknown objective, negative steps, no calibration windows,
-      or a `resume` file of another run.
+      a `resume` file of another run, or a time budget that is negative
+      or has no `resume` file.
     LearningPaused: the time budget was spent; the state is in `resume`.
   """
   if objective not in OBJECTIVES:
     raise ValueError(f"{objective=} must be one of {OBJECTIVES}")
   if steps < 0:
     raise ValueError(f"{steps=} must be >= 0")
+  if time_budget_s is not None:
+    if resume is None:
+      raise ValueError(f"{time_budget_s=} needs a resume file to save the"
+                       " learning state to")
+    if time_budget_s < 0:
+      raise ValueError(f"{time_budget_s=} must be >= 0 (seconds)")
   calib_tokens = np.asarray(calib_tokens, np.int32)
   if calib_tokens.ndim != 2 or calib_tokens.shape[0] == 0:
     raise ValueError(f"calib_tokens must be int32[n>0, T], got"

@@ -126,6 +126,10 @@ def test_zero_steps_return_the_start(tiny):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(objective="spin", steps=1), "objective='spin'"),
     (dict(objective="whip", steps=-1), "steps=-1"),
+    (dict(objective="whip", steps=1, time_budget_s=10.0),
+     "time_budget_s=10.0 needs a resume file"),
+    (dict(objective="whip", steps=1, resume="x.npz", time_budget_s=-1.0),
+     "time_budget_s=-1.0 must be >= 0"),
 ])
 def test_learn_rejects_bad_arguments(tiny, kwargs, match):
   params, tokens = tiny

@@ -71,7 +71,16 @@
 #   accuracy --model=/root/stage/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
 #     --sweep=paper --paper_rows=w4a16,w4a4kv4 --center_keys --max_windows=32
 #     --out_jsonl=$OUT/accuracy_qwen.jsonl --out_md=$OUT/accuracy_qwen.md
-# (--center_keys: Qwen2's keys need it for KV4, see README).
+# (--center_keys: Qwen2's keys need it for KV4, see README). Learned e2e
+# rotations on Qwen (longer than a call): repeat, back to back, until it
+# exits 0 (75: paused, its state kept in /root/stage/rotations)
+#   TIMEOUT=590 accuracy --model=QWEN --w_bits=4 --a_bits=4 --k_bits=4
+#     --v_bits=4 --w_method=gptq --rotate --rotate_mode=learned
+#     --rotation_objective=e2e --rotation_steps=900 --rotation_lr=1.5e-2
+#     --center_keys --rotations_dir=/root/stage/rotations --learn_only
+#     --rotation_time_budget_s=480
+# then the same without --learn_only and the budget, plus --max_windows=32
+# --eval_texts=enwiki-gensim,code-sympy and the Qwen --out_jsonl/--out_md.
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 STAGE="${STAGE_DIR:-/root/stage}"

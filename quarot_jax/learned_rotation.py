@@ -209,14 +209,22 @@ def _fingerprint(r0: Rotations) -> str:
 
 def _save_state(path: str, meta: dict[str, Any], theta, opt_state,
                 losses: list[float], step: int, seconds: float) -> None:
-  """Writes the learning state to `path` atomically (temp file, rename)."""
+  """Writes the learning state to `path` atomically (temp file, rename;
+  a failed write leaves nothing), making its directory if needed."""
   leaves = jax.tree.leaves((theta, opt_state))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **{f"leaf{i}": np.asarray(a) for i, a in enumerate(leaves)},
-           losses=np.asarray(losses, np.float32), step=np.int64(step),
-           seconds=np.float64(seconds),
-           meta=np.asarray(repr(sorted(meta.items()))))
-  os.replace(tmp, path)
+  try:
+    np.savez(tmp, **{f"leaf{i}": np.asarray(a)
+                     for i, a in enumerate(leaves)},
+             losses=np.asarray(losses, np.float32), step=np.int64(step),
+             seconds=np.float64(seconds),
+             meta=np.asarray(repr(sorted(meta.items()))))
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def _load_state(path: str, meta: dict[str, Any], theta, opt_state):

@@ -181,9 +181,10 @@ def test_paused_learning_resumes_beside_the_entry(tiny, tmp_path):
   only when learning ends, and the state is then gone."""
   params, config, windows = tiny
   qconfig = dataclasses.replace(_WHIP, rotation_steps=3)
-  kw = dict(directory=str(tmp_path), model_name="tiny", progress=False,
+  directory = str(tmp_path / "new")  # made by the first save
+  kw = dict(directory=directory, model_name="tiny", progress=False,
             time_budget_s=0.0)
-  path = rotation_cache.path_for(str(tmp_path), qconfig, model_name="tiny",
+  path = rotation_cache.path_for(directory, qconfig, model_name="tiny",
                                  calib_windows=windows)
   for step in (1, 2):
     with pytest.raises(learned_rotation.LearningPaused) as paused:
@@ -194,7 +195,7 @@ def test_paused_learning_resumes_beside_the_entry(tiny, tmp_path):
   rotations, seconds, loaded = rotation_cache.learn_or_load(
       params, config, qconfig, windows, **kw)
   assert not loaded and seconds > 0
-  assert os.listdir(tmp_path) == [os.path.basename(path)]
+  assert os.listdir(directory) == [os.path.basename(path)]
   want = quarot.learn_rotations(params, config, qconfig, windows,
                                 progress=False)
   np.testing.assert_array_equal(np.asarray(rotations.r1), np.asarray(want.r1))

@@ -50,6 +50,9 @@ _HELP = {
                           " (SpinQuant's quantized next-token loss).",
     "rotation_steps": "With --rotate_mode=learned: optimizer steps.",
     "rotation_lr": "With --rotate_mode=learned: peak learning rate (Adam).",
+    "rotation_batch_size": "With --rotation_objective=e2e: calibration"
+                           " windows per step (lower it if the model does"
+                           " not fit in memory).",
     "percdamp": "GPTQ dampening, a fraction of the mean Hessian diagonal.",
     "act_order": "GPTQ column reordering by Hessian diagonal.",
     "seed": "Seeds the random rotation signs.",

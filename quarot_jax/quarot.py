@@ -53,6 +53,8 @@ class QuaRotConfig:
       'e2e' (SpinQuant's next-token loss of the quantized network).
     rotation_steps: optimizer steps of 'learned'.
     rotation_lr: peak learning rate of 'learned' (Adam, cosine decay).
+    rotation_batch_size: calibration windows per 'e2e' step (its memory
+      grows with it; the other objectives ignore it).
     percdamp: GPTQ dampening.
     act_order: GPTQ column reordering.
     seed: seeds the rotation.
@@ -77,6 +79,7 @@ class QuaRotConfig:
   rotation_objective: str = "whip"
   rotation_steps: int = 100
   rotation_lr: float = 1e-3
+  rotation_batch_size: int = 4
   percdamp: float = 0.01
   act_order: bool = True
   seed: int = 0
@@ -120,6 +123,9 @@ class QuaRotConfig:
         or not 0 < self.rotation_lr < float("inf")):
       raise ValueError(
           f"rotation_lr={self.rotation_lr!r} must be a positive number")
+    if not is_int(self.rotation_batch_size) or self.rotation_batch_size < 1:
+      raise ValueError(f"rotation_batch_size={self.rotation_batch_size!r}"
+                       " must be an int >= 1")
 
   @property
   def weight_spec(self) -> quant.QuantSpec:
@@ -157,6 +163,8 @@ class QuaRotConfig:
     rot = f" rot-{self.rotate_mode}" if self.rotate else " norot"
     if self.rotate and self.rotate_mode == "learned":
       rot += f"-{self.rotation_objective}{self.rotation_steps}"
+      if self.rotation_objective == "e2e" and self.rotation_batch_size != 4:
+        rot += f" b{self.rotation_batch_size}"
     kc = " kc" if self.center_keys else ""
     return f"W{self.w_bits}A{self.a_bits}{kv}{method}{rot}{kc}"
 
@@ -190,6 +198,8 @@ def rotation_key(qconfig: QuaRotConfig) -> tuple[Any, ...] | None:
             qconfig.kv_clip, _e2e_weight_spec(qconfig))
     if qconfig.center_keys:  # old keys (and saved rotations) stay valid
       key += ("center_keys",)
+    if qconfig.rotation_batch_size != 4:  # likewise
+      key += (("batch", qconfig.rotation_batch_size),)
   return key
 
 
@@ -233,7 +243,8 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       params, config, calib_tokens, objective=qconfig.rotation_objective,
       steps=qconfig.rotation_steps, lr=qconfig.rotation_lr,
       key=jax.random.key(qconfig.seed), options=options,
-      weight_spec=_e2e_weight_spec(qconfig), progress=progress,
+      weight_spec=_e2e_weight_spec(qconfig),
+      batch_size=qconfig.rotation_batch_size, progress=progress,
       resume=resume, time_budget_s=time_budget_s)
   return (rotations, losses) if return_losses else rotations
 

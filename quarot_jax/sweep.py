@@ -220,6 +220,10 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
       "row_groups": row_groups,
       "rotation_objective": qconfig.rotation_objective if learned else None,
       "rotation_steps": qconfig.rotation_steps if learned else None,
+      "rotation_batch_size": (qconfig.rotation_batch_size
+                              if learned
+                              and qconfig.rotation_objective == "e2e"
+                              else None),
       "rotation_lr": qconfig.rotation_lr if learned else None,
       "rotation_s": None if rotation_s is None else round(rotation_s, 1),
       "rotation_loaded": rotation_loaded if learned else None,
@@ -288,8 +292,9 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     tp in the order given, texts in the order given: its label (' tpN'
     appended for tp N > 1), bits, method, rotation, `rotation_tp` (1 for
     the full-width transform and for unrotated configs; learned ones with
-    `rotation_objective`, `rotation_steps`, `rotation_lr`, `rotation_s`,
-    the seconds spent learning them, and `rotation_loaded`, true when they
+    `rotation_objective`, `rotation_steps`, `rotation_lr`,
+    `rotation_batch_size` (e2e), `rotation_s`, the seconds spent learning
+    them, and `rotation_loaded`, true when they
     came from `rotations_dir`), `eval_text`, `ppl`, and `fp_ppl` and
     `delta_ppl` against the float model on the same text, window counts,
     `wall_s` (quantizing, learning included, plus this text's evaluation;

@@ -167,6 +167,8 @@ def test_packing_problems_name_the_fields():
     (dict(rotation_lr=0.0), r"rotation_lr=0\.0 must be a positive number"),
     (dict(rotation_lr=True), r"rotation_lr=True must be a positive number"),
     (dict(rotation_lr=float("inf")), r"rotation_lr=inf"),
+    (dict(rotation_batch_size=0),
+     r"rotation_batch_size=0 must be an int >= 1"),
 ])
 def test_learned_rotation_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -200,3 +202,28 @@ def test_rotation_key_shares_whip_rotations_across_bits():
   e2e = dataclasses.replace(whip, rotation_objective="e2e")
   assert quarot.rotation_key(e2e) != quarot.rotation_key(
       dataclasses.replace(e2e, a_bits=16, k_bits=16, v_bits=16))
+
+
+def test_e2e_batch_size_reaches_learning_and_its_key(monkeypatch):
+  """rotation_batch_size: the 'e2e' windows per step (a memory knob); the
+  default keeps the keys of rotations saved before it existed, another
+  value learns other rotations, and 'whip' ignores it."""
+  e2e = quarot.QuaRotConfig(rotate_mode="learned", rotation_objective="e2e",
+                            w_bits=4, a_bits=4, k_bits=4, v_bits=4,
+                            w_method="gptq")
+  assert e2e.rotation_batch_size == 4
+  assert "batch" not in str(quarot.rotation_key(e2e))
+  two = dataclasses.replace(e2e, rotation_batch_size=2)
+  assert quarot.rotation_key(two) != quarot.rotation_key(e2e)
+  assert two.describe() == e2e.describe() + " b2"
+  whip = dataclasses.replace(e2e, rotation_objective="whip")
+  assert quarot.rotation_key(whip) == quarot.rotation_key(
+      dataclasses.replace(whip, rotation_batch_size=2))
+  seen = []
+  monkeypatch.setattr(quarot.learned_rotation, "learn",
+                      lambda *a, **kw: seen.append(kw["batch_size"])
+                      or (None, None))
+  params, config = hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
+  quarot.learn_rotations(params, config, two, np.zeros((2, 8), np.int32),
+                         progress=False)
+  assert seen == [2]

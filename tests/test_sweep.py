@@ -165,6 +165,7 @@ def test_sweep_learns_once_per_rotation_key(tiny, monkeypatch):
   for r in learned:
     assert r["rotate_mode"] == "learned"
     assert r["rotation_objective"] == "whip" and r["rotation_steps"] == 2
+    assert r["rotation_batch_size"] is None  # whip has no batches
     assert r["rotation_s"] == learned[0]["rotation_s"] > 0
     assert r["nsamples"] == 2
   assert records[0]["rotation_objective"] is None

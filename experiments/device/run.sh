@@ -78,7 +78,7 @@
 #     --v_bits=4 --w_method=gptq --rotate --rotate_mode=learned
 #     --rotation_objective=e2e --rotation_steps=900 --rotation_lr=1.5e-2
 #     --center_keys --rotations_dir=/root/stage/rotations --learn_only
-#     --rotation_time_budget_s=480
+#     --rotation_time_budget_s=480   (out of memory: --rotation_batch_size=2)
 # then the same without --learn_only and the budget, plus --max_windows=32
 # --eval_texts=enwiki-gensim,code-sympy and the Qwen --out_jsonl/--out_md.
 set -uo pipefail

@@ -109,6 +109,16 @@ SWEEP = {
                                             num_stages=6),
     "mosaic_w4a4_int8_split2_s8": Cfg(w4a4_mma="int8", block_n=64,
                                       split_k=2, num_stages=8),
+    # Round 4 (#14): a producer warpgroup for the TMA copies.
+    "mosaic_w4a4_ws_s3_p4": Cfg(w4a4_mma="int8", block_n=64, num_stages=3,
+                                programs_per_sm=4, warp_specialized=True),
+    "mosaic_w4a4_ws_s4_p2": Cfg(w4a4_mma="int8", block_n=64, num_stages=4,
+                                programs_per_sm=2, warp_specialized=True),
+    "mosaic_w4a4_ws_bn128_s4_p2": Cfg(w4a4_mma="int8", block_n=128,
+                                      num_stages=4, programs_per_sm=2,
+                                      warp_specialized=True),
+    "mosaic_ws_s3_p4": Cfg(block_n=64, num_stages=3, programs_per_sm=4,
+                           warp_specialized=True),
 }
 # Configs of the table's implementations (--sweep replaces them with the
 # fastest variant of the sweep).

@@ -92,6 +92,12 @@ class DecodeMatmulConfig:
     w4a4_mma: Mosaic only, int8 codes x: 'bf16' (codes widened to bf16,
       the W4A16 kernel) or 'int8' (int8 wgmma, int32 accumulator: nibbles
       widened to int8 only, x read as int8).
+    warp_specialized: Mosaic only: a producer warpgroup issues the TMA
+      copies (`emit_pipeline_warp_specialized`) while the compute
+      warpgroup unpacks and multiplies; False: one warpgroup does both
+      (`emit_pipeline`). Bit-exact, but slower on the 7B shapes (H200,
+      2026-12-03: 0.30-0.38 of HBM against 0.45-0.48 at M = 1 and 16,
+      `results/decode_matmul.jsonl`): kept for the comparison.
   """
 
   block_n: int = 128
@@ -102,6 +108,7 @@ class DecodeMatmulConfig:
   num_warps: int = 4
   w_layout: Literal["upcast_4x", "wgmma"] = "upcast_4x"
   w4a4_mma: Literal["bf16", "int8"] = "bf16"
+  warp_specialized: bool = False
 
   def __post_init__(self):
     if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -168,8 +175,10 @@ def _plan(m: int, n: int, k: int, cfg: DecodeMatmulConfig,
   m_pad = padded_rows(m, implementation)
   if implementation == "mosaic":
     block_n = cfg.block_n if n % cfg.block_n == 0 else 64
-  else:
+  else:  # a tile that divides N, so no weight pad (`_partials_triton`)
     block_n = cfg.block_n
+    while n % block_n and block_n > 16:
+      block_n //= 2
   block_k = cfg.block_k
   while k % block_k:
     block_k //= 2
@@ -198,7 +207,7 @@ def _split_steps(split: jax.Array, plan: _Plan) -> jax.Array | int:
 
 def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
                                 plan: _Plan, num_stages: int,
-                                w_layout: str):
+                                w_layout: str, warp_specialized: bool):
   """One program: rows [n0, n0 + block_n) of w over split `s`'s K range."""
   # w_gmem: int4[N, K]; x_gmem: bf16[Mp, K]; o_gmem: f32[split_k, N, Mp]
   # o_smem: f32[block_n, Mp]
@@ -216,48 +225,66 @@ def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
   x_tf = (plgpu.TilingTransform((8, x_elems)),
           plgpu.SwizzleTransform(x_swizzle))
   n_sub = bk // x_elems
+  acc_type = plgpu.ACC((bn, mp), jnp.int32 if int8_mma else jnp.float32)
+
+  def step(w_smem, x_smem, acc_ref):
+    # w_smem: int4[bn, bk]; x_smem: bf16 (or int8)[mp, bk]
+    if int8_mma:
+      w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT)
+    elif w_layout == "upcast_4x":
+      w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+      w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
+    else:
+      w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA)
+    if n_sub == 1:
+      # The register operand of the previous step's wgmma must be dead
+      # before this step's conversion may reuse its registers.
+      plgpu.wgmma_wait(0)
+    for j in range(n_sub):
+      ks = slice(j * x_elems, (j + 1) * x_elems)
+      plgpu.wgmma(acc_ref, w[:, ks].astype(
+          jnp.int8 if int8_mma else jnp.bfloat16),
+                  plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
+      plgpu.wgmma_wait(1)
+
+  def store(acc_ref):  # the partial sums of this program, to o_gmem
+    plgpu.wgmma_wait(0)
+    o_smem[...] = acc_ref[...].astype(jnp.float32)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn)])
+    plgpu.wait_smem_to_gmem(0)
+
+  in_specs = [
+      plgpu.BlockSpec((bn, bk), lambda kk: (0, kk + si * q),
+                      transforms=w_tf, delay_release=1),
+      plgpu.BlockSpec((mp, bk), lambda kk: (0, kk + si * q),
+                      transforms=x_tf, delay_release=1),
+  ]
+  operands = (w_gmem.at[pl.ds(ni * bn, bn)], x_gmem)
+  if warp_specialized:
+    def body(_, w_smem, x_smem, acc_ref):
+      step(w_smem, x_smem, acc_ref)
+      return acc_ref
+
+    def compute_context(eval_pipeline):
+      pl.run_scoped(lambda acc_ref: store(eval_pipeline(acc_ref)), acc_type)
+
+    plgpu.emit_pipeline_warp_specialized(
+        body, grid=(_split_steps(si, plan),), memory_registers=40,
+        in_specs=in_specs, wg_axis="wg", num_compute_wgs=1,
+        max_concurrent_steps=num_stages, compute_context=compute_context,
+    )(*operands)
+    return
 
   def compute(acc_ref):
-    def body(_, w_smem, x_smem):
-      # w_smem: int4[bn, bk]; x_smem: bf16 (or int8)[mp, bk]
-      if int8_mma:
-        w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT)
-      elif w_layout == "upcast_4x":
-        w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-        w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
-      else:
-        w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA)
-      if n_sub == 1:
-        # The register operand of the previous step's wgmma must be dead
-        # before this step's conversion may reuse its registers.
-        plgpu.wgmma_wait(0)
-      for j in range(n_sub):
-        ks = slice(j * x_elems, (j + 1) * x_elems)
-        plgpu.wgmma(acc_ref, w[:, ks].astype(
-            jnp.int8 if int8_mma else jnp.bfloat16),
-                    plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
-        plgpu.wgmma_wait(1)
-
     plgpu.emit_pipeline(
-        body,
-        grid=(_split_steps(si, plan),),
-        in_specs=[
-            plgpu.BlockSpec((bn, bk), lambda kk: (0, kk + si * q),
-                            transforms=w_tf, delay_release=1),
-            plgpu.BlockSpec((mp, bk), lambda kk: (0, kk + si * q),
-                            transforms=x_tf, delay_release=1),
-        ],
+        lambda _, w_smem, x_smem: step(w_smem, x_smem, acc_ref),
+        grid=(_split_steps(si, plan),), in_specs=in_specs,
         max_concurrent_steps=num_stages,
-    )(w_gmem.at[pl.ds(ni * bn, bn)], x_gmem)
-    plgpu.wgmma_wait(0)
-    return acc_ref[...].astype(jnp.float32)
+    )(*operands)
+    store(acc_ref)
 
-  acc = pl.run_scoped(compute, plgpu.ACC(
-      (bn, mp), jnp.int32 if int8_mma else jnp.float32))
-  o_smem[...] = acc
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn)])
-  plgpu.wait_smem_to_gmem(0)
+  pl.run_scoped(compute, acc_type)
 
 
 def _partials_mosaic(x: jax.Array, w_q: jax.Array, plan: _Plan,
@@ -278,13 +305,16 @@ def _partials_mosaic(x: jax.Array, w_q: jax.Array, plan: _Plan,
                ((0, plan.m_pad - x.shape[0]), (0, 0)))
   call = plgpu.kernel(
       functools.partial(decode_matmul_mosaic_kernel, plan=plan,
-                        num_stages=cfg.num_stages, w_layout=cfg.w_layout),
+                        num_stages=cfg.num_stages, w_layout=cfg.w_layout,
+                        warp_specialized=cfg.warp_specialized),
       out_type=jax.ShapeDtypeStruct((plan.split_k, n, plan.m_pad),
                                     jnp.float32),
       scratch_types=dict(
           o_smem=plgpu.SMEM((plan.block_n, plan.m_pad), jnp.float32)),
       grid=(n // plan.block_n, plan.split_k),
       grid_names=("n", "s"),
+      **(dict(num_threads=2, thread_name="wg") if cfg.warp_specialized
+         else {}),
       kernel_name="decode_matmul",
   )
   return call(w4, xp)
@@ -326,6 +356,13 @@ def _partials_triton(x: jax.Array, w_q: jax.Array, plan: _Plan,
   xe, xo = xb[:, 0::2], xb[:, 1::2]
   wi = lax.bitcast_convert_type(w_q, jnp.int8)
   bn = plan.block_n
+  # Every block inside the arrays: natively, Pallas Triton does not mask
+  # the rows of a block past N, and the last tile's partial sums ran into
+  # the next split's first rows (H200, 2026-12-03; interpreted, they did
+  # not). Only N % 16 != 0 pads (`_plan` picks a tile that divides N).
+  n_pad = pl.cdiv(n, bn) * bn
+  if n_pad != n:
+    wi = jnp.pad(wi, ((0, n_pad - n), (0, 0)))
   return pl.pallas_call(
       functools.partial(decode_matmul_triton_kernel, plan=plan),
       grid=(pl.cdiv(n, bn), plan.split_k),
@@ -335,12 +372,12 @@ def _partials_triton(x: jax.Array, w_q: jax.Array, plan: _Plan,
           pl.BlockSpec((plan.m_pad, k2), lambda i, s: (0, 0)),
       ],
       out_specs=pl.BlockSpec((1, bn, plan.m_pad), lambda i, s: (s, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((plan.split_k, n, plan.m_pad),
+      out_shape=jax.ShapeDtypeStruct((plan.split_k, n_pad, plan.m_pad),
                                      jnp.float32),
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="decode_matmul",
-  )(wi, xe, xo)
+  )(wi, xe, xo)[:, :n]
 
 
 # ------------------------------------------------------------------ wrapper

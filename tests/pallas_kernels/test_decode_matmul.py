@@ -134,14 +134,30 @@ def test_errors():
       np.asarray(dm.decode_matmul_reference(xl, w_q, s_w)))
 
 
+def test_triton_tiles_lie_inside_n():
+  # Natively, Pallas Triton does not mask a block's rows past N: the last
+  # tile's partial sums overwrote the next split's first rows (H200). The
+  # tile divides N where a power of two >= 16 does; else N is padded.
+  for n, want in ((200, 16), (576, 64), (192, 64), (4096, 128)):
+    plan = dm._plan(1, n, 512, dm.DecodeMatmulConfig(), "triton")
+    assert plan.block_n == want and (n % plan.block_n == 0 or want == 16)
+  x, w_q, s_w, s_x = _operands(1, 200, 320, seed=3, codes=True)
+  jaxpr = str(jax.make_jaxpr(lambda *a: dm.decode_matmul(
+      *a, config=_CFG, implementation="triton", interpret=True))(
+          x, w_q, s_w, s_x))
+  assert "i8[208,160]" in jaxpr  # 200 rows = 12.5 tiles of 16: padded
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("warp_specialized", [False, True])
 @pytest.mark.parametrize("w4a4_mma", ["bf16", "int8"])
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_mosaic_on_gpu(m, w4a4_mma):
+def test_mosaic_on_gpu(m, w4a4_mma, warp_specialized):
   if not dm.is_hopper():
     pytest.skip("the Mosaic GPU kernel needs a Hopper GPU")
   cfg = dm.DecodeMatmulConfig(block_n=64, block_k=128, split_k=3,
-                              w4a4_mma=w4a4_mma)
+                              w4a4_mma=w4a4_mma,
+                              warp_specialized=warp_specialized)
   # K = 11 blocks of 128: splits of 4, 4 and 3 blocks (a dynamic grid).
   x, w_q, s_w, _ = _operands(m, 192, 1408, seed=m, codes=False)
   got = dm.decode_matmul(x, w_q, s_w, config=cfg, implementation="mosaic",

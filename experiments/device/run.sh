@@ -18,6 +18,8 @@
 #   tests-gpu [PYTEST ARGS]  the GPU kernels, not interpreted (default:
 #                            tests/pallas_kernels tests/test_qlinear.py
 #                            tests/test_packed_model.py); e.g. `-m gpu tests`.
+#                            The default set takes over 10 min: SHARD=0/4
+#                            ... SHARD=3/4 run it in four calls.
 #   bench NAME [ARGS]        python -m experiments.bench_NAME, JSONL to $OUT
 #                            (e.g. int4_matmul, decode_matmul, attention).
 #                            Tensor parallel (#18, kind nvidia-h200-x2):
@@ -176,6 +178,23 @@ print('flax', flax.__version__, 'transformers', transformers.__version__)"
   tests-gpu)
     [ $# -gt 0 ] || set -- tests/pallas_kernels tests/test_qlinear.py \
       tests/test_packed_model.py
+    if [ -n "${SHARD:-}" ]; then
+      # SHARD=K/N: the tests at K, K + N, K + 2N, ... (0-based) of those
+      # collected from ARGS (paths and flags without values), so the GPU
+      # suite (over 10 min) runs whole in N calls.
+      k="${SHARD%/*}"; n="${SHARD#*/}"
+      case "$k/$n" in
+        *[!0-9/]*|/*|*/) echo "run.sh: SHARD=$SHARD is not K/N" >&2; exit 2 ;;
+      esac
+      [ "$k" -lt "$n" ] || { echo "run.sh: SHARD=$SHARD needs K < N" >&2
+                             exit 2; }
+      flags=(); for a in "$@"; do [ "${a#-}" != "$a" ] && flags+=("$a"); done
+      setup_env
+      mapfile -t ids < <(python3 -m pytest --collect-only -q "$@" \
+        2>/dev/null | grep "::" | awk -v k="$k" -v n="$n" '(NR-1) % n == k')
+      echo "run.sh: SHARD=$SHARD: ${#ids[@]} tests"
+      set -- "${flags[@]}" "${ids[@]}"
+    fi
     # No -q here: with an ARGS -q, -qq would drop the summary line.
     py tests_gpu pytest --tb=short "$@" | tail -30
     ;;

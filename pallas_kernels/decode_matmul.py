@@ -96,7 +96,7 @@ class DecodeMatmulConfig:
       copies (`emit_pipeline_warp_specialized`) while the compute
       warpgroup unpacks and multiplies; False: one warpgroup does both
       (`emit_pipeline`). Bit-exact, but slower on the 7B shapes (H200,
-      2026-12-03: 0.30-0.38 of HBM against 0.45-0.48 at M = 1 and 16,
+      2026-12-03: 0.16-0.38 of HBM against 0.28-0.48 at M = 1 and 16,
       `results/decode_matmul.jsonl`): kept for the comparison.
   """
 

@@ -15,7 +15,8 @@
 #                            (.carry/cache/*.json) in /root/stage.
 #   join NAME                join the staged chunks into /root/stage/FILE,
 #                            checking the joined sha256 (NAME: smollm2, qwen).
-#   tests-gpu [PYTEST ARGS]  the GPU kernels, not interpreted (default:
+#   tests-gpu [PYTEST ARGS]  the GPU kernels, not interpreted (paths
+#                            default, also when ARGS are only flags:
 #                            tests/pallas_kernels tests/test_qlinear.py
 #                            tests/test_packed_model.py); e.g. `-m gpu tests`.
 #                            The default set takes over 10 min: SHARD=0/4
@@ -176,25 +177,35 @@ print('flax', flax.__version__, 'transformers', transformers.__version__)"
     fi
     ;;
   tests-gpu)
-    [ $# -gt 0 ] || set -- tests/pallas_kernels tests/test_qlinear.py \
-      tests/test_packed_model.py
+    flags=(); paths=(); value=0  # pytest flags (with values), test paths
+    for a in "$@"; do
+      if [ "$value" = 1 ]; then flags+=("$a"); value=0
+      elif [ "${a#-}" = "$a" ]; then paths+=("$a")
+      else
+        flags+=("$a")
+        case "$a" in -m|-k|-p|--deselect|--ignore) value=1 ;; esac
+      fi
+    done
+    [ "${#paths[@]}" -gt 0 ] || paths=(tests/pallas_kernels \
+      tests/test_qlinear.py tests/test_packed_model.py)
     if [ -n "${SHARD:-}" ]; then
       # SHARD=K/N: the tests at K, K + N, K + 2N, ... (0-based) of those
-      # collected from ARGS (paths and flags without values), so the GPU
-      # suite (over 10 min) runs whole in N calls.
+      # collected from the paths, so the GPU suite (over 10 min) runs whole
+      # in N calls.
       k="${SHARD%/*}"; n="${SHARD#*/}"
       case "$k/$n" in
         *[!0-9/]*|/*|*/) echo "run.sh: SHARD=$SHARD is not K/N" >&2; exit 2 ;;
       esac
       [ "$k" -lt "$n" ] || { echo "run.sh: SHARD=$SHARD needs K < N" >&2
                              exit 2; }
-      flags=(); for a in "$@"; do [ "${a#-}" != "$a" ] && flags+=("$a"); done
       setup_env
-      mapfile -t ids < <(python3 -m pytest --collect-only -q "$@" \
+      mapfile -t paths < <(python3 -m pytest --collect-only -q "${paths[@]}" \
         2>/dev/null | grep "::" | awk -v k="$k" -v n="$n" '(NR-1) % n == k')
-      echo "run.sh: SHARD=$SHARD: ${#ids[@]} tests"
-      set -- "${flags[@]}" "${ids[@]}"
+      echo "run.sh: SHARD=$SHARD: ${#paths[@]} tests"
+      # No paths would leave pytest its default: every test.
+      [ "${#paths[@]}" -gt 0 ] || exit 0
     fi
+    set -- "${flags[@]}" "${paths[@]}"
     # No -q here: with an ARGS -q, -qq would drop the summary line.
     py tests_gpu pytest --tb=short "$@" | tail -30
     ;;

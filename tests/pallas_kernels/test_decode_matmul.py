@@ -140,7 +140,7 @@ def test_triton_tiles_lie_inside_n():
   # tile divides N where a power of two >= 16 does; else N is padded.
   for n, want in ((200, 16), (576, 64), (192, 64), (4096, 128)):
     plan = dm._plan(1, n, 512, dm.DecodeMatmulConfig(), "triton")
-    assert plan.block_n == want and (n % plan.block_n == 0 or want == 16)
+    assert plan.block_n == want, (n, plan.block_n)
   x, w_q, s_w, s_x = _operands(1, 200, 320, seed=3, codes=True)
   jaxpr = str(jax.make_jaxpr(lambda *a: dm.decode_matmul(
       *a, config=_CFG, implementation="triton", interpret=True))(

@@ -53,6 +53,9 @@ _HELP = {
     "rotation_batch_size": "With --rotation_objective=e2e: calibration"
                            " windows per step (lower it if the model does"
                            " not fit in memory).",
+    "rotation_remat": "With --rotation_objective=e2e: recompute each layer"
+                      " in the backward pass (memory of one layer's"
+                      " intermediates, ~1/3 more compute).",
     "percdamp": "GPTQ dampening, a fraction of the mean Hessian diagonal.",
     "act_order": "GPTQ column reordering by Hessian diagonal.",
     "seed": "Seeds the random rotation signs.",

@@ -406,8 +406,8 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
               r0: Rotations, *, options: model.RunOptions,
               weight_spec: quant.QuantSpec | None, steps: int, lr: float,
               key: jax.Array, batch_size: int = 4, progress: bool = True,
-              resume: str | None = None, time_budget_s: float | None = None
-              ) -> tuple[Rotations, np.ndarray]:
+              resume: str | None = None, time_budget_s: float | None = None,
+              remat: bool = False) -> tuple[Rotations, np.ndarray]:
   """SpinQuant: R1 and R2 minimize the quantized network's next-token loss.
 
   Args:
@@ -428,6 +428,9 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
     progress: show a progress bar.
     resume: the state file of a run in parts (module docstring), or None.
     time_budget_s: with `resume`, pause after this many seconds.
+    remat: recompute each layer in the backward pass (`model.forward`):
+      the step's memory holds one layer's intermediates, not all of them
+      (Qwen2.5-1.5B at 4 windows of 2048 asked for 186 GiB without it).
 
   Returns:
     (rotations, f32[steps] losses).
@@ -449,7 +452,8 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
     if weight_spec is not None and weight_spec.enabled:
       params = _rtn_ste(params, weight_spec)
     logits, _ = model.forward(params, tokens, config, options=options,
-                              kernels="xla")  # f32 einsum attention
+                              kernels="xla",  # f32 einsum attention
+                              remat=remat)
     return core.next_token_loss(logits, tokens)
 
   return _train(
@@ -464,7 +468,7 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
           weight_spec: quant.QuantSpec | None = None,
           batch_size: int = 4, start: Rotations | None = None,
           progress: bool = True, resume: str | None = None,
-          time_budget_s: float | None = None
+          time_budget_s: float | None = None, remat: bool = False
           ) -> tuple[Rotations, np.ndarray]:
   """Learns R1 and R2 from QuaRot's randomized Hadamard start.
 
@@ -487,6 +491,7 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
       from when it exists, removed when learning ends.
     time_budget_s: with `resume`, pause after this many seconds of
       training (`LearningPaused`); None: no limit.
+    remat: 'e2e' recomputes each layer in the backward pass (`learn_e2e`).
 
   Returns:
     (rotations to `fold`, f32[steps] training losses).
@@ -527,4 +532,4 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
   return learn_e2e(base, config, calib_tokens, r0, options=options,
                    weight_spec=weight_spec, steps=steps, lr=lr,
                    key=data_key, batch_size=batch_size, progress=progress,
-                   resume=resume, time_budget_s=time_budget_s)
+                   resume=resume, time_budget_s=time_budget_s, remat=remat)

@@ -55,6 +55,9 @@ class QuaRotConfig:
     rotation_lr: peak learning rate of 'learned' (Adam, cosine decay).
     rotation_batch_size: calibration windows per 'e2e' step (its memory
       grows with it; the other objectives ignore it).
+    rotation_remat: 'e2e' recomputes each layer in the backward pass, so a
+      step holds one layer's intermediates instead of all of them (about
+      a third more compute; the same rotations, so not in `rotation_key`).
     percdamp: GPTQ dampening.
     act_order: GPTQ column reordering.
     seed: seeds the rotation.
@@ -80,6 +83,7 @@ class QuaRotConfig:
   rotation_steps: int = 100
   rotation_lr: float = 1e-3
   rotation_batch_size: int = 4
+  rotation_remat: bool = False
   percdamp: float = 0.01
   act_order: bool = True
   seed: int = 0
@@ -102,8 +106,9 @@ class QuaRotConfig:
       if (not isinstance(ratio, (int, float, np.number))
           or isinstance(ratio, bool) or not 0 < ratio <= 1):
         raise ValueError(f"{name}={ratio!r} must be a number in (0, 1]")
-    if not isinstance(self.center_keys, (bool, np.bool_)):
-      raise ValueError(f"center_keys={self.center_keys!r} must be a bool")
+    for name in ("center_keys", "rotation_remat"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
     if not is_int(self.seed):
       raise ValueError(f"seed={self.seed!r} must be an int")
     if self.w_method not in ("rtn", "gptq"):
@@ -245,7 +250,8 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       key=jax.random.key(qconfig.seed), options=options,
       weight_spec=_e2e_weight_spec(qconfig),
       batch_size=qconfig.rotation_batch_size, progress=progress,
-      resume=resume, time_budget_s=time_budget_s)
+      resume=resume, time_budget_s=time_budget_s,
+      remat=qconfig.rotation_remat)
   return (rotations, losses) if return_losses else rotations
 
 

@@ -169,6 +169,7 @@ def test_packing_problems_name_the_fields():
     (dict(rotation_lr=float("inf")), r"rotation_lr=inf"),
     (dict(rotation_batch_size=0),
      r"rotation_batch_size=0 must be an int >= 1"),
+    (dict(rotation_remat=1), r"rotation_remat=1 must be a bool"),
 ])
 def test_learned_rotation_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -227,3 +228,22 @@ def test_e2e_batch_size_reaches_learning_and_its_key(monkeypatch):
   quarot.learn_rotations(params, config, two, np.zeros((2, 8), np.int32),
                          progress=False)
   assert seen == [2]
+
+
+def test_e2e_remat_reaches_learning_and_keeps_the_key(monkeypatch):
+  """rotation_remat changes memory, not the rotations: same key and label,
+  and `learn` receives it."""
+  e2e = quarot.QuaRotConfig(rotate_mode="learned", rotation_objective="e2e",
+                            w_bits=4, a_bits=4, k_bits=4, v_bits=4)
+  remat = dataclasses.replace(e2e, rotation_remat=True)
+  assert quarot.rotation_key(remat) == quarot.rotation_key(e2e)
+  assert remat.describe() == e2e.describe()
+  seen = []
+  monkeypatch.setattr(quarot.learned_rotation, "learn",
+                      lambda *a, **kw: seen.append(kw["remat"])
+                      or (None, None))
+  params, config = hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
+  for qconfig in (e2e, remat):
+    quarot.learn_rotations(params, config, qconfig,
+                           np.zeros((2, 8), np.int32), progress=False)
+  assert seen == [False, True]

@@ -80,10 +80,14 @@
 #   TIMEOUT=590 accuracy --model=QWEN --w_bits=4 --a_bits=4 --k_bits=4
 #     --v_bits=4 --w_method=gptq --rotate --rotate_mode=learned
 #     --rotation_objective=e2e --rotation_steps=900 --rotation_lr=1.5e-2
-#     --center_keys --rotations_dir=/root/stage/rotations --learn_only
-#     --rotation_time_budget_s=480   (out of memory: --rotation_batch_size=2)
+#     --rotation_remat --center_keys --rotations_dir=/root/stage/rotations
+#     --learn_only --rotation_time_budget_s=480; cp -r
+#     /root/stage/rotations $OUT/   (a machine can be lost between calls)
 # then the same without --learn_only and the budget, plus --max_windows=32
-# --eval_texts=enwiki-gensim,code-sympy and the Qwen --out_jsonl/--out_md.
+# --eval_texts=enwiki-gensim,code-sympy and the Qwen --out_jsonl/--out_md
+# (GPTQ and both texts: ~440 s). Without --rotation_remat four windows a
+# step asked for 186 GiB (H200, 2026-12-03); --rotation_batch_size=1 fit
+# and ran 300 steps in 117 s (the run in README).
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 STAGE="${STAGE_DIR:-/root/stage}"

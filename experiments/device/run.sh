@@ -12,7 +12,9 @@
 #                            sha256 in experiments/device/NAME.sha256
 #                            (stage.sh put); also keeps carried wheels
 #                            (.carry/wheels/*.whl) and enwiki-gensim text
-#                            (.carry/cache/*.json) in /root/stage.
+#                            (.carry/cache/*.json) in /root/stage, and
+#                            learned rotations (.carry/rotations/rot-*)
+#                            in /root/stage/rotations.
 #   join NAME                join the staged chunks into /root/stage/FILE,
 #                            checking the joined sha256 (NAME: smollm2, qwen).
 #   tests-gpu [PYTEST ARGS]  the GPU kernels, not interpreted (paths
@@ -82,7 +84,8 @@
 #     --rotation_objective=e2e --rotation_steps=900 --rotation_lr=1.5e-2
 #     --rotation_remat --center_keys --rotations_dir=/root/stage/rotations
 #     --learn_only --rotation_time_budget_s=480; cp -r
-#     /root/stage/rotations $OUT/   (a machine can be lost between calls)
+#     /root/stage/rotations $OUT/   (a machine can be lost between calls:
+#     copy them to .carry/rotations and carry that with any stage call)
 # then the same without --learn_only and the budget, plus --max_windows=32
 # --eval_texts=enwiki-gensim,code-sympy and the Qwen --out_jsonl/--out_md
 # (GPTQ and both texts: ~440 s). Without --rotation_remat four windows a
@@ -169,6 +172,11 @@ print('flax', flax.__version__, 'transformers', transformers.__version__)"
         mkdir -p "$STAGE/$kind" && cp -n .carry/"$kind"/* "$STAGE/$kind/"
       fi
     done
+    # Learned rotations brought back from a lost machine's $OUT/rotations.
+    if compgen -G ".carry/rotations/rot-*" > /dev/null; then
+      mkdir -p "$STAGE/rotations" && cp -rn .carry/rotations/rot-* \
+        "$STAGE/rotations/" && ls "$STAGE/rotations"
+    fi
     bash "$HERE/stage.sh" have "$1"
     ;;
   join)

@@ -195,11 +195,10 @@ def _grad_of_loss(config, params, tokens, remat):
   return jax.jit(jax.grad(loss))
 
 
-def test_remat_forward_has_the_same_gradient_in_less_memory(tiny):
+def test_remat_forward_has_the_same_gradient_in_less_memory():
   """`remat` recomputes each layer in the backward pass: the same gradient,
   and the compiled step keeps fewer bytes alive (the reason it exists: the
   e2e step on Qwen2.5-1.5B at four windows asked for 186 GiB without it)."""
-  params, _ = tiny
   config = dataclasses.replace(_CONFIG, num_hidden_layers=6)
   params = model.init_params(config, jax.random.key(2), scale=0.2)
   tokens = jnp.asarray(jax.random.randint(jax.random.key(3), (4, 64), 0, 61),

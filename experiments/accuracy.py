@@ -186,6 +186,8 @@ def _learn_only(params, config, tokenizer, name, configs) -> None:
   except learned_rotation.LearningPaused as e:
     print(e, flush=True)
     sys.exit(75)  # EX_TEMPFAIL: try again
+  except learned_rotation.OutOfDeviceMemory as e:
+    sys.exit(f"error: {e}")
   for row in rows:
     how = "loaded" if row["rotation_loaded"] else "learned"
     print(f"{row['label']:<32} {how} ({row['rotation_s']} s) {row['path']}")
@@ -213,13 +215,16 @@ def main(argv):
       tokenizer, texts, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,
       nsamples=_QUANT["nsamples"].value if any(
           c.needs_calibration for c in configs) else 0)
-  records = sweep.run_sweep(
-      params, config, configs, evals, calib_windows=calib, model_name=name,
-      command=shlex.join(["python", "-m", "experiments.accuracy"]
-                         + sys.argv[1:]),
-      on_record=lambda r: benchmarking.append_jsonl(_OUT_JSONL.value, [r]),
-      batch_size=_BATCH.value, rotations_dir=_ROTATIONS_DIR.value,
-      rotation_tp=[int(t) for t in _ROTATION_TP.value])
+  try:
+    records = sweep.run_sweep(
+        params, config, configs, evals, calib_windows=calib, model_name=name,
+        command=shlex.join(["python", "-m", "experiments.accuracy"]
+                           + sys.argv[1:]),
+        on_record=lambda r: benchmarking.append_jsonl(_OUT_JSONL.value, [r]),
+        batch_size=_BATCH.value, rotations_dir=_ROTATIONS_DIR.value,
+        rotation_tp=[int(t) for t in _ROTATION_TP.value])
+  except learned_rotation.OutOfDeviceMemory as e:
+    sys.exit(f"error: {e}")  # the rows before it are in --out_jsonl
   results.write_tables(_OUT_MD.value, records)
   print(results.markdown_table(records))
 

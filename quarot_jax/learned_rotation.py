@@ -199,6 +199,29 @@ class LearningPaused(Exception):
     self.path, self.step, self.steps = path, step, steps
 
 
+class OutOfDeviceMemory(MemoryError):
+  """An 'e2e' step did not fit in device memory; the message names its size
+  (windows x tokens, remat) and what to lower."""
+
+
+def _out_of_memory(error: Exception, windows: int, tokens: int,
+                   remat: bool) -> OutOfDeviceMemory | None:
+  """The `OutOfDeviceMemory` for an XLA allocation failure, else None."""
+  if (not isinstance(error, jax.errors.JaxRuntimeError)
+      or "RESOURCE_EXHAUSTED" not in str(error)):
+    return None
+  if not remat:
+    hint = "rotation_remat=True (--rotation_remat)"
+  elif windows > 1:
+    hint = f"a smaller rotation_batch_size (now {windows})"
+  else:
+    hint = "a device with more memory"
+  first = str(error).splitlines()[0]
+  return OutOfDeviceMemory(
+      f"the e2e learning step ran out of device memory at {windows} windows"
+      f" of {tokens} tokens a step (remat={remat}): try {hint}. XLA: {first}")
+
+
 def _fingerprint(r0: Rotations) -> str:
   """sha256 of the start's bytes (a state resumes only its own start)."""
   digest = hashlib.sha256()
@@ -434,6 +457,9 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
 
   Returns:
     (rotations, f32[steps] losses).
+
+  Raises:
+    OutOfDeviceMemory: a step did not fit (the message says what to lower).
   """
   n = calib_tokens.shape[0]
   b = min(batch_size, n)
@@ -456,10 +482,16 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
                               remat=remat)
     return core.next_token_loss(logits, tokens)
 
-  return _train(
-      loss_fn, r0, lambda i: (base, calib[order[i * b:(i + 1) * b]]),
-      parameterization="cayley", lr=lr, steps=steps, progress=progress,
-      desc="learn R (e2e)", resume=resume, time_budget_s=time_budget_s)
+  try:
+    return _train(
+        loss_fn, r0, lambda i: (base, calib[order[i * b:(i + 1) * b]]),
+        parameterization="cayley", lr=lr, steps=steps, progress=progress,
+        desc="learn R (e2e)", resume=resume, time_budget_s=time_budget_s)
+  except jax.errors.JaxRuntimeError as e:
+    oom = _out_of_memory(e, b, calib.shape[1], remat)
+    if oom is None:
+      raise
+    raise oom from e
 
 
 def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
@@ -501,6 +533,7 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
       a `resume` file of another run, or a time budget that is negative
       or has no `resume` file.
     LearningPaused: the time budget was spent; the state is in `resume`.
+    OutOfDeviceMemory: an 'e2e' step did not fit in device memory.
   """
   if objective not in OBJECTIVES:
     raise ValueError(f"{objective=} must be one of {OBJECTIVES}")

@@ -230,3 +230,36 @@ def test_e2e_learning_with_remat_learns_the_same_rotations(tiny):
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
   np.testing.assert_allclose(got.r1, want.r1, atol=1e-5)
   np.testing.assert_allclose(got.r2, want.r2, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat, batch_size, hint", [
+    (False, 4, r"rotation_remat=True \(--rotation_remat\)"),
+    (True, 2, r"smaller rotation_batch_size \(now 2\)"),
+    (True, 1, r"device with more memory"),
+])
+def test_e2e_out_of_memory_is_one_line_that_says_what_to_lower(
+    tiny, monkeypatch, remat, batch_size, hint):
+  """The e2e step's OOM (Qwen2.5-1.5B: 'Out of memory while trying to
+  allocate 186.02GiB', a page of allocator state) becomes one error naming
+  the step's size and the knob to turn."""
+  params, tokens = tiny
+  def oom(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 186.02GiB"
+        " with allocator GPU_0_bfc")
+  monkeypatch.setattr(learned_rotation, "_train", oom)
+  with pytest.raises(learned_rotation.OutOfDeviceMemory,
+                     match=rf"{batch_size} windows of 16 tokens.*{hint}"):
+    learned_rotation.learn(params, _CONFIG, tokens, objective="e2e", steps=2,
+                           key=jax.random.key(0), batch_size=batch_size,
+                           remat=remat, progress=False)
+
+
+def test_e2e_other_runtime_errors_pass_through(tiny, monkeypatch):
+  params, tokens = tiny
+  def fail(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+  monkeypatch.setattr(learned_rotation, "_train", fail)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    learned_rotation.learn(params, _CONFIG, tokens, objective="e2e", steps=2,
+                           key=jax.random.key(0), progress=False)

@@ -204,11 +204,10 @@ class OutOfDeviceMemory(MemoryError):
   (windows x tokens, remat) and what to lower."""
 
 
-def _out_of_memory(error: Exception, windows: int, tokens: int,
-                   remat: bool) -> OutOfDeviceMemory | None:
+def _out_of_memory(error: jax.errors.JaxRuntimeError, windows: int,
+                   tokens: int, remat: bool) -> OutOfDeviceMemory | None:
   """The `OutOfDeviceMemory` for an XLA allocation failure, else None."""
-  if (not isinstance(error, jax.errors.JaxRuntimeError)
-      or "RESOURCE_EXHAUSTED" not in str(error)):
+  if "RESOURCE_EXHAUSTED" not in str(error):
     return None
   if not remat:
     hint = "rotation_remat=True (--rotation_remat)"

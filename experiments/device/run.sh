@@ -88,7 +88,8 @@
 #     copy them to .carry/rotations and carry that with any stage call)
 # then the same without --learn_only and the budget, plus --max_windows=32
 # --eval_texts=enwiki-gensim,code-sympy and the Qwen --out_jsonl/--out_md
-# (GPTQ and both texts: ~440 s). Without --rotation_remat four windows a
+# (GPTQ and both texts: just over 440 s, 2026-12-03: TIMEOUT=440 stopped
+# it after its table was written; give it 590). Without --rotation_remat four windows a
 # step asked for 186 GiB (H200, 2026-12-03); --rotation_batch_size=1 fit
 # and ran 300 steps in 117 s (the run in README).
 set -uo pipefail

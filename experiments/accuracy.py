@@ -46,6 +46,7 @@ The quantization flags come from `quarot_jax.cli_flags`.
 
 import shlex
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -135,9 +136,9 @@ _LEARN_ONLY = flags.DEFINE_bool(
     " stop before GPTQ and evaluation.")
 _TIME_BUDGET = flags.DEFINE_float(
     "rotation_time_budget_s", None,
-    "With --learn_only: pause learning after this many seconds (all"
-    " configs together), its state saved beside the rotation in"
-    " --rotations_dir; the same command resumes it (e.g. learning longer"
+    "With --learn_only: pause learning after this many seconds of this"
+    " command (loading the model counts; all configs together), its state"
+    " saved beside the rotation in --rotations_dir; the same command resumes it (e.g. learning longer"
     " than one device call). Exit status 75 while paused.")
 flags.register_validator(
     "rotation_time_budget_s", lambda s: s is None or s >= 0,
@@ -172,7 +173,8 @@ def _texts() -> list[str]:
   return _EVAL_TEXTS.value
 
 
-def _learn_only(params, config, tokenizer, name, configs) -> None:
+def _learn_only(params, config, tokenizer, name, configs,
+                started: float) -> None:
   calib = data.calibration_windows(
       tokenizer, nsamples=_QUANT["nsamples"].value, seqlen=_SEQLEN.value,
       text=data.EVAL_TEXT_NAME)  # as sweep.text_windows calibrates
@@ -180,7 +182,8 @@ def _learn_only(params, config, tokenizer, name, configs) -> None:
     rows = sweep.learn_rotations(params, config, configs, calib,
                                  rotations_dir=_ROTATIONS_DIR.value,
                                  model_name=name,
-                                 time_budget_s=_TIME_BUDGET.value)
+                                 time_budget_s=_TIME_BUDGET.value,
+                                 started=started)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   except learned_rotation.LearningPaused as e:
@@ -194,6 +197,7 @@ def _learn_only(params, config, tokenizer, name, configs) -> None:
 
 
 def main(argv):
+  started = time.time()  # --rotation_time_budget_s counts from here
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _LEARN_ONLY.value and _ROTATIONS_DIR.value is None:
@@ -209,7 +213,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   if _LEARN_ONLY.value:
-    _learn_only(params, config, tokenizer, name, configs)
+    _learn_only(params, config, tokenizer, name, configs, started)
     return
   evals, calib = sweep.text_windows(
       tokenizer, texts, seqlen=_SEQLEN.value, max_windows=_MAX_WINDOWS.value,

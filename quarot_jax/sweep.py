@@ -363,7 +363,8 @@ def learn_rotations(params: Any, config: Any,
                     configs: Sequence[QuaRotConfig],
                     calib_windows: np.ndarray, *, rotations_dir: str,
                     model_name: str = "", progress: bool = True,
-                    time_budget_s: float | None = None
+                    time_budget_s: float | None = None,
+                    started: float | None = None
                     ) -> list[dict[str, Any]]:
   """Learns (or finds) the rotations of `configs` in `rotations_dir`.
 
@@ -382,6 +383,9 @@ def learn_rotations(params: Any, config: Any,
     time_budget_s: seconds of learning for all the configs together; when
       spent, learning pauses with its state saved beside its entry
       (`rotation_cache.learn_or_load`) and the same call resumes it.
+    started: the `time.time()` the budget counts from (default: now). A
+      command bounded by a wall-clock limit passes its own start, so the
+      time it spent loading the model counts too.
 
   Returns:
     One row per key, in the order of `configs`: `label` (its first
@@ -391,7 +395,9 @@ def learn_rotations(params: Any, config: Any,
     ValueError: no config learns rotations, or a saved one does not fit.
     learned_rotation.LearningPaused: the time budget was spent.
   """
-  deadline = None if time_budget_s is None else time.time() + time_budget_s
+  if started is None:
+    started = time.time()
+  deadline = None if time_budget_s is None else started + time_budget_s
   rows, seen = [], set()
   for qconfig in configs:
     key = quarot.rotation_key(qconfig)

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -222,3 +223,19 @@ def test_learn_rotations_in_parts_until_done(tiny, tmp_path):
   assert calls == 3  # a pause per config, then both done (one loaded)
   assert [r["rotation_loaded"] for r in rows] == [True, False]
   assert not [n for n in os.listdir(tmp_path) if n.endswith(".npz")]
+
+
+def test_learn_rotations_budget_counts_from_started(tiny, tmp_path):
+  """The budget counts from `started` (the CLI passes its own start, so
+  loading the model counts): a budget already spent by then pauses after
+  the first step, where the same budget counted from the call would not."""
+  params, config, windows = tiny
+  configs = [dataclasses.replace(_WHIP, rotation_steps=2)]
+  kw = dict(rotations_dir=str(tmp_path), model_name="tiny", progress=False,
+            time_budget_s=60.0)
+  with pytest.raises(learned_rotation.LearningPaused) as paused:
+    sweep.learn_rotations(params, config, configs, windows,
+                          started=time.time() - 120.0, **kw)
+  assert paused.value.step == 1
+  rows = sweep.learn_rotations(params, config, configs, windows, **kw)
+  assert [r["rotation_loaded"] for r in rows] == [False]

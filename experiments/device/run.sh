@@ -81,7 +81,7 @@
 # exits 0 (75: paused, its state kept in /root/stage/rotations)
 #   TIMEOUT=590 accuracy --model=QWEN --w_bits=4 --a_bits=4 --k_bits=4
 #     --v_bits=4 --w_method=gptq --rotate --rotate_mode=learned
-#     --rotation_objective=e2e --rotation_steps=900 --rotation_lr=1.5e-2
+#     --rotation_objective=e2e --rotation_steps=600 --rotation_lr=1.5e-2
 #     --rotation_remat --center_keys --rotations_dir=/root/stage/rotations
 #     --learn_only --rotation_time_budget_s=480; cp -r
 #     /root/stage/rotations $OUT/   (a machine can be lost between calls:
@@ -90,8 +90,9 @@
 # --eval_texts=enwiki-gensim,code-sympy and the Qwen --out_jsonl/--out_md
 # (GPTQ and both texts: just over 440 s, 2026-12-03: TIMEOUT=440 stopped
 # it after its table was written; give it 590). Without --rotation_remat four windows a
-# step asked for 186 GiB (H200, 2026-12-03); --rotation_batch_size=1 fit
-# and ran 300 steps in 117 s (the run in README).
+# step asked for 186 GiB (H200, 2026-12-03); with it, four windows a step
+# ran at 1.08 steps/s (600 steps: two learning calls, 2026-12-03). The
+# budget counts from the command's start (loading Qwen takes ~90 s).
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 STAGE="${STAGE_DIR:-/root/stage}"

@@ -113,3 +113,46 @@ def test_zero_shot_scorer_on_hand_written_items(ours):
   got = evaluate.score_choices(params, config, tokenizer, items,
                                progress=False)
   assert got["items"] == 5 and got["acc"] >= 0.8
+
+
+def test_reader_is_parsed_once_per_file(tmp_path):
+  """Parsing a GGUF's metadata is slow (Qwen 1.5B: ~26 s a parse on this
+  CPU), so params and tokenizer share one reader; a file that changes (or
+  another file) is parsed again, never served stale."""
+  first = gguf.open_reader(_PATH)
+  assert gguf.open_reader(_PATH) is first
+  copy = tmp_path / "copy.gguf"
+  with open(_PATH, "rb") as f:
+    data = f.read()
+  copy.write_bytes(data)
+  other = gguf.open_reader(str(copy))
+  assert other is not first
+  copy.write_bytes(data[:50_000_000])  # the same path, now truncated
+  with pytest.raises(ValueError, match="is truncated"):
+    gguf.open_reader(str(copy))
+
+
+def test_tokenizer_is_cached_and_the_same(tmp_path, monkeypatch):
+  """The GGUF tokenizer is built once (transformers' conversion: ~35 s for
+  Qwen 1.5B) and saved under $QUAROT_JAX_CACHE; the next load reads the
+  saved one, which encodes exactly as the built one."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("QUAROT_JAX_CACHE", str(tmp_path))
+  from_gguf = []
+  real = transformers.AutoTokenizer.from_pretrained
+
+  def spy(*args, **kwargs):
+    from_gguf.append("gguf_file" in kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+  built = gguf.load_gguf_tokenizer(_PATH)
+  saved = gguf.load_gguf_tokenizer(_PATH)
+  assert from_gguf == [True, False]
+  assert os.listdir(tmp_path / "tokenizers")
+  text = ("def f(x):\n    return x ** 2  # Ünïcode, tabs\tand  spaces\n\n"
+          "The 1990s <|endoftext|> café")
+  assert saved(text)["input_ids"] == built(text)["input_ids"]
+  assert len(saved) == len(built)
+  for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+    assert getattr(saved, name) == getattr(built, name), name

@@ -194,7 +194,8 @@ def test_real_config():
 
 @needs_model
 @pytest.mark.slow
-def test_real_logits_match_transformers():
+def test_real_logits_match_transformers(tmp_path, monkeypatch):
+  monkeypatch.setenv("QUAROT_JAX_CACHE", str(tmp_path))  # the tokenizer's
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from quarot_jax import gguf  # pylint: disable=g-import-not-at-top

@@ -92,7 +92,9 @@
 # it after its table was written; give it 590). Without --rotation_remat four windows a
 # step asked for 186 GiB (H200, 2026-12-03); with it, four windows a step
 # ran at 1.08 steps/s (600 steps: two learning calls, 2026-12-03). The
-# budget counts from the command's start (loading Qwen takes ~90 s).
+# budget counts from the command's start: that call spent ~127 s before
+# its first step (imports, loading Qwen, calibration windows), before the
+# GGUF reader and tokenizer caches.
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 STAGE="${STAGE_DIR:-/root/stage}"

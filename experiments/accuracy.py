@@ -138,8 +138,9 @@ _TIME_BUDGET = flags.DEFINE_float(
     "rotation_time_budget_s", None,
     "With --learn_only: pause learning after this many seconds of this"
     " command (loading the model counts; all configs together), its state"
-    " saved beside the rotation in --rotations_dir; the same command resumes it (e.g. learning longer"
-    " than one device call). Exit status 75 while paused.")
+    " saved beside the rotation in --rotations_dir; the same command"
+    " resumes it (e.g. learning longer than one device call). Exit status"
+    " 75 while paused.")
 flags.register_validator(
     "rotation_time_budget_s", lambda s: s is None or s >= 0,
     "--rotation_time_budget_s must be >= 0 (seconds)")

@@ -204,6 +204,31 @@ def config_from_gguf(reader) -> LlamaConfig:
   )
 
 
+def copy_transposed(dst: np.ndarray, src: np.ndarray, *,
+                    block: int = 256) -> None:
+  """dst[...] = src.T, tile by tile.
+
+  Assigning `src.T` whole walks one of the two arrays with a stride of a
+  full row per element; 256 x 256 tiles stay in cache (an [8960, 1536] f32
+  matrix: 0.036 s instead of 0.21 s on this CPU; the transposes were 24 of
+  Qwen 1.5B's 77 s load).
+
+  Args:
+    dst: [C, R] destination, written in place (any dtype).
+    src: [R, C].
+
+  Raises:
+    ValueError: dst is not src's shape reversed.
+  """
+  rows, cols = src.shape
+  if dst.shape != (cols, rows):
+    raise ValueError(f"dst must be {(cols, rows)} for src {src.shape}, got"
+                     f" {dst.shape}")
+  for i in range(0, rows, block):
+    for j in range(0, cols, block):
+      dst[j:j + block, i:i + block] = src[i:i + block, j:j + block].T
+
+
 def load_gguf(path: str, *, dtype: Any = np.float32
               ) -> tuple[dict, LlamaConfig]:
   """Loads a LLaMA GGUF file as float params.
@@ -238,19 +263,26 @@ def load_gguf(path: str, *, dtype: Any = np.float32
         w = _unpermute(w, config.num_attention_heads)
       elif rest.startswith("attn_k."):
         w = _unpermute(w, config.num_key_value_heads)
-      value = w.T if transpose else w
       node = params.setdefault("layers", {})
       for key in sub[:-1]:
         node = node.setdefault(key, {})
+      shape = w.shape[::-1] if transpose else w.shape
       if sub[-1] not in node:
-        node[sub[-1]] = np.zeros((num_layers,) + value.shape, dtype)
-      node[sub[-1]][int(layer)] = value
+        node[sub[-1]] = np.zeros((num_layers,) + shape, dtype)
+      if transpose:
+        copy_transposed(node[sub[-1]][int(layer)], w)
+      else:
+        node[sub[-1]][int(layer)] = w
     elif name in _GLOBAL_TABLE:
       sub, transpose = _GLOBAL_TABLE[name]
       node = params
       for key in sub[:-1]:
         node = node.setdefault(key, {})
-      node[sub[-1]] = (w.T if transpose else w).astype(dtype)
+      if transpose:
+        node[sub[-1]] = np.empty(w.shape[::-1], dtype)
+        copy_transposed(node[sub[-1]], w)
+      else:
+        node[sub[-1]] = w.astype(dtype)
     elif name == "rope_freqs.weight":
       raise ValueError("GGUF rope_freqs (Llama-3.1 rope scaling) is not"
                        " supported; convert from the HF checkpoint instead")

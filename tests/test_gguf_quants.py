@@ -137,3 +137,16 @@ def test_hand_made_q6_k_block():
                         [256, 1])[0]
   want = [0.125 * sc[i // 16] * (q[i] - 32) for i in range(256)]
   np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (300, 7), (513, 1030)])
+def test_copy_transposed_equals_numpy_transpose(shape):
+  """The loader's blocked transpose (5x faster than assigning w.T) is a
+  plain copy: every element lands where w.T puts it, any shape, any
+  dtype conversion the destination asks for."""
+  w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  out = np.full(shape[::-1], np.nan, np.float64)
+  gguf.copy_transposed(out, w)
+  np.testing.assert_array_equal(out, w.T.astype(np.float64))
+  with pytest.raises(ValueError, match=r"\(7, 300\)"):
+    gguf.copy_transposed(np.zeros((300, 7)), np.zeros((300, 7)))

@@ -52,6 +52,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import numpy as np
 
 from experiments.lab import benchmarking
 from experiments.lab import models
@@ -144,6 +145,18 @@ _TIME_BUDGET = flags.DEFINE_float(
 flags.register_validator(
     "rotation_time_budget_s", lambda s: s is None or s >= 0,
     "--rotation_time_budget_s must be >= 0 (seconds)")
+_ROTATION_CALIB_TEXTS = flags.DEFINE_list(
+    "rotation_calib_texts", None,
+    f"Learn rotations on calibration windows of these texts (of {data.TEXTS};"
+    " --nsamples in all, split evenly, each text's calibration documents"
+    " only) while GPTQ keeps enwiki-gensim's; records name them. Default:"
+    " the GPTQ windows.")
+flags.register_validator(
+    "rotation_calib_texts",
+    lambda texts: texts is None or (
+        bool(texts) and set(texts) <= set(data.TEXTS)
+        and len(set(texts)) == len(texts)),
+    f"--rotation_calib_texts must list distinct names of {data.TEXTS}")
 _OUT_JSONL = flags.DEFINE_string("out_jsonl", "results/accuracy_smollm2.jsonl",
                                  "Append records here.")
 _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
@@ -174,11 +187,22 @@ def _texts() -> list[str]:
   return _EVAL_TEXTS.value
 
 
+def _rotation_calib(tokenizer) -> np.ndarray | None:
+  """The --rotation_calib_texts windows (None: the GPTQ windows)."""
+  if _ROTATION_CALIB_TEXTS.value is None:
+    return None
+  return data.mixed_calibration_windows(
+      tokenizer, _ROTATION_CALIB_TEXTS.value,
+      nsamples=_QUANT["nsamples"].value, seqlen=_SEQLEN.value)
+
+
 def _learn_only(params, config, tokenizer, name, configs,
                 started: float) -> None:
-  calib = data.calibration_windows(
-      tokenizer, nsamples=_QUANT["nsamples"].value, seqlen=_SEQLEN.value,
-      text=data.EVAL_TEXT_NAME)  # as sweep.text_windows calibrates
+  calib = _rotation_calib(tokenizer)
+  if calib is None:
+    calib = data.calibration_windows(
+        tokenizer, nsamples=_QUANT["nsamples"].value, seqlen=_SEQLEN.value,
+        text=data.EVAL_TEXT_NAME)  # as sweep.text_windows calibrates
   try:
     rows = sweep.learn_rotations(params, config, configs, calib,
                                  rotations_dir=_ROTATIONS_DIR.value,
@@ -206,6 +230,11 @@ def main(argv):
   if _TIME_BUDGET.value is not None and not _LEARN_ONLY.value:
     raise app.UsageError("--rotation_time_budget_s needs --learn_only")
   texts = _texts()
+  if (_ROTATION_CALIB_TEXTS.value
+      and _QUANT["nsamples"].value % len(_ROTATION_CALIB_TEXTS.value)):
+    raise app.UsageError(
+        f"--nsamples={_QUANT['nsamples'].value} must split evenly over"
+        f" --rotation_calib_texts={','.join(_ROTATION_CALIB_TEXTS.value)}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   params, config, tokenizer, name = models.load_model(_MODEL.value)
@@ -227,7 +256,9 @@ def main(argv):
                            + sys.argv[1:]),
         on_record=lambda r: benchmarking.append_jsonl(_OUT_JSONL.value, [r]),
         batch_size=_BATCH.value, rotations_dir=_ROTATIONS_DIR.value,
-        rotation_tp=[int(t) for t in _ROTATION_TP.value])
+        rotation_tp=[int(t) for t in _ROTATION_TP.value],
+        rotation_calib_windows=_rotation_calib(tokenizer),
+        rotation_calib_texts=_ROTATION_CALIB_TEXTS.value)
   except learned_rotation.OutOfDeviceMemory as e:
     sys.exit(f"error: {e}")  # the rows before it are in --out_jsonl
   results.write_tables(_OUT_MD.value, records)

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -272,3 +272,42 @@ def calibration_windows(tokenizer: Any, *, nsamples: int, seqlen: int,
   starts = np.random.default_rng(seed).integers(0, len(stream) - seqlen,
                                                 size=nsamples)
   return np.stack([stream[s:s + seqlen] for s in starts])
+
+
+def mixed_calibration_windows(tokenizer: Any, texts: Sequence[str], *,
+                              nsamples: int, seqlen: int,
+                              seed: int = 0) -> np.ndarray:
+  """Calibration windows drawn evenly from several texts.
+
+  One text gives exactly `calibration_windows` of it (so a rotation saved
+  under those windows keeps its key); k texts give nsamples / k windows of
+  each, drawn as `calibration_windows` draws them with the same seed.
+
+  Args:
+    tokenizer: an HF tokenizer.
+    texts: names in `TEXTS`, each at most once.
+    nsamples: windows in all; a multiple of len(texts).
+    seqlen: tokens per window.
+    seed: seeds each text's draw.
+
+  Returns:
+    int32[nsamples, seqlen], text-major in the order of `texts`.
+
+  Raises:
+    ValueError: no text, a repeated text, nsamples not a multiple of the
+      number of texts, or what `calibration_windows` raises.
+  """
+  texts = list(texts)
+  if not texts:
+    raise ValueError("no calibration text given")
+  for text in texts:
+    if texts.count(text) > 1:
+      raise ValueError(f"calibration texts {texts} name {text!r} more than"
+                       " once")
+  if nsamples % len(texts):
+    raise ValueError(f"{nsamples=} is not a multiple of {len(texts)}, the"
+                     f" number of calibration texts {texts}")
+  return np.concatenate([
+      calibration_windows(tokenizer, nsamples=nsamples // len(texts),
+                          seqlen=seqlen, seed=seed, text=text)
+      for text in texts])

@@ -203,7 +203,9 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
             model_name: str, command: str,
             rotation_s: float | None = None,
             rotation_loaded: bool | None = None,
-            rotation_tp: int = 1, row_groups: int = 1) -> dict[str, Any]:
+            rotation_tp: int = 1, row_groups: int = 1,
+            rotation_calib_texts: Sequence[str] | None = None
+            ) -> dict[str, Any]:
   learned = quarot.rotation_key(qconfig) is not None
   return {
       "model": model_name,
@@ -227,6 +229,9 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
       "rotation_lr": qconfig.rotation_lr if learned else None,
       "rotation_s": None if rotation_s is None else round(rotation_s, 1),
       "rotation_loaded": rotation_loaded if learned else None,
+      "rotation_calib_texts": (list(rotation_calib_texts)
+                               if learned and rotation_calib_texts
+                               else None),
       "a_clip": qconfig.a_clip, "kv_clip": qconfig.kv_clip,
       "center_keys": qconfig.center_keys,
       "ppl": result["ppl"], "fp_ppl": fp_ppl,
@@ -251,7 +256,10 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
               on_record: Callable[[dict[str, Any]], None] | None = None,
               batch_size: int = 4, progress: bool = True,
               rotations_dir: str | None = None,
-              rotation_tp: Sequence[int] = (1,)) -> list[dict]:
+              rotation_tp: Sequence[int] = (1,),
+              rotation_calib_windows: np.ndarray | None = None,
+              rotation_calib_texts: Sequence[str] | None = None
+              ) -> list[dict]:
   """Quantizes each config once (per `rotation_tp`) and evaluates it on
   each text.
 
@@ -286,6 +294,12 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
       model cannot take (`rotation_tp_problem`), and any degree but 1 for
       learned rotations, is skipped with one printed line saying why.
       Unrotated configs run once.
+    rotation_calib_windows: int32[r, seqlen] windows the learned rotations
+      learn on instead of `calib_windows` (GPTQ still calibrates on
+      `calib_windows`, so only the rotation differs from a Hadamard row).
+    rotation_calib_texts: the texts `rotation_calib_windows` come from,
+      stored in the learned configs' records as `rotation_calib_texts`
+      (None there: they learned on `calib_windows`).
 
   Returns:
     One record per (config, tp, text), config-major in the order run, then
@@ -302,9 +316,15 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
 
   Raises:
     ValueError: `eval_text` given with a mapping, an empty mapping, a
-      saved rotation that does not fit (`rotation_cache.load`), or
-      `rotation_tp` not distinct positive ints.
+      saved rotation that does not fit (`rotation_cache.load`),
+      `rotation_tp` not distinct positive ints, or `rotation_calib_texts`
+      without `rotation_calib_windows`.
   """
+  if rotation_calib_texts and rotation_calib_windows is None:
+    raise ValueError(f"{rotation_calib_texts=} names the texts of"
+                     " rotation_calib_windows, which is not given")
+  if rotation_calib_windows is None:
+    rotation_calib_windows = calib_windows
   if isinstance(eval_windows, Mapping):
     if eval_text is not None:
       raise ValueError(f"{eval_text=} must be None when eval_windows maps"
@@ -329,7 +349,8 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
     key = quarot.rotation_key(qconfig)
     if key is not None and key not in learned:
       learned[key] = rotation_cache.learn_or_load(
-          params, config, qconfig, calib_windows, directory=rotations_dir,
+          params, config, qconfig, rotation_calib_windows,
+          directory=rotations_dir,
           model_name=model_name, progress=progress)
     rotations, rotation_s, loaded = learned.get(key, (None, None, None))
     qparams, options = quarot.quantize(params, config, qconfig,
@@ -348,7 +369,8 @@ def run_sweep(params: Any, config: Any, configs: Sequence[QuaRotConfig],
           seqlen=windows_.shape[1], nsamples=nsamples, eval_text=text,
           model_name=model_name, command=command, rotation_s=rotation_s,
           rotation_loaded=loaded, rotation_tp=tp,
-          row_groups=options.row_groups)
+          row_groups=options.row_groups,
+          rotation_calib_texts=rotation_calib_texts)
       records.append(record)
       if progress:
         print(f"{record['label']:<32} {text:<14} ppl {record['ppl']:.3f}"

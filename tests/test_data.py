@@ -45,6 +45,31 @@ def test_calibration_windows_are_seeded_and_from_calibration_text():
   assert all(bytes(row.astype(np.uint8)) in calib for row in a)
 
 
+def test_mixed_calibration_windows_draw_evenly_from_each_text(monkeypatch):
+  docs = {"enwiki-gensim": (["a" * 3000], ["t"]),
+          "code-sympy": (["b" * 3000], ["u"])}
+  monkeypatch.setattr(data, "text_split", lambda text: docs[text])
+  tok = _ByteTokenizer()
+  mixed = data.mixed_calibration_windows(
+      tok, ["enwiki-gensim", "code-sympy"], nsamples=6, seqlen=64, seed=1)
+  assert mixed.shape == (6, 64) and mixed.dtype == np.int32
+  assert (mixed[:3] == ord("a")).all() and (mixed[3:] == ord("b")).all()
+  # One text is exactly calibration_windows (saved rotations keep their key).
+  np.testing.assert_array_equal(
+      data.mixed_calibration_windows(tok, ["code-sympy"], nsamples=4,
+                                     seqlen=64, seed=1),
+      data.calibration_windows(tok, nsamples=4, seqlen=64, seed=1,
+                               text="code-sympy"))
+  with pytest.raises(ValueError, match="nsamples=5 is not a multiple of 2"):
+    data.mixed_calibration_windows(tok, ["enwiki-gensim", "code-sympy"],
+                                   nsamples=5, seqlen=64)
+  with pytest.raises(ValueError, match="no calibration text"):
+    data.mixed_calibration_windows(tok, [], nsamples=4, seqlen=64)
+  with pytest.raises(ValueError, match="'code-sympy' more than once"):
+    data.mixed_calibration_windows(tok, ["code-sympy", "code-sympy"],
+                                   nsamples=4, seqlen=64)
+
+
 def test_errors():
   tok = _ByteTokenizer()
   with pytest.raises(ValueError, match="longer than the test text"):

@@ -215,6 +215,35 @@ def test_sweep_scores_each_config_on_each_text_learning_once(
     sweep.run_sweep(params, config, [], {}, progress=False)
 
 
+def test_sweep_learns_rotations_on_their_own_windows(tiny, monkeypatch):
+  """GPTQ keeps `calib_windows`; the rotation learns on the other set."""
+  params, config = tiny
+  gptq_windows = hf_models.random_tokens(config.vocab_size, 2, 16, seed=7)
+  rotation_windows = hf_models.random_tokens(config.vocab_size, 2, 16,
+                                             seed=9)
+  learned_on, quantized_on = [], []
+  learn, quantize = quarot.learn_rotations, quarot.quantize
+  monkeypatch.setattr(quarot, "learn_rotations", lambda *a, **k: (
+      learned_on.append(a[3]) or learn(*a, **k)))
+  monkeypatch.setattr(quarot, "quantize", lambda *a, **k: (
+      quantized_on.append(a[3]) or quantize(*a, **k)))
+  whip = quarot.QuaRotConfig(rotate_mode="learned", rotation_steps=2,
+                             w_bits=4, w_method="gptq", k_bits=8, v_bits=8)
+  hadamard = dataclasses.replace(whip, rotate_mode="hadamard")
+  records = sweep.run_sweep(
+      params, config, [hadamard, whip], gptq_windows,
+      calib_windows=gptq_windows, rotation_calib_windows=rotation_windows,
+      rotation_calib_texts=["enwiki-gensim", "code-sympy"], batch_size=2,
+      progress=False)
+  assert len(learned_on) == 1 and learned_on[0] is rotation_windows
+  assert all(w is gptq_windows for w in quantized_on[1:])  # after float
+  assert [r["rotation_calib_texts"] for r in records] == [
+      None, None, ["enwiki-gensim", "code-sympy"]]
+  with pytest.raises(ValueError, match="rotation_calib_texts"):
+    sweep.run_sweep(params, config, [], gptq_windows,
+                    rotation_calib_texts=["code-sympy"], progress=False)
+
+
 class _ByteTokenizer:
   """One token per byte."""
 

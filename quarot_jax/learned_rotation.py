@@ -283,7 +283,7 @@ def _adam(lr: float, steps: int) -> optax.GradientTransformation:
 
 def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
            lr: float, steps: int, progress: bool, desc: str,
-           resume: str | None = None, time_budget_s: float | None = None,
+           resume: str | None = None, deadline: float | None = None,
            save_every_s: float = 60.0) -> tuple[Rotations, np.ndarray]:
   """Adam on the parameters of R = R0 @ P(W), one jitted step per batch.
 
@@ -298,8 +298,8 @@ def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
     desc: the bar's label.
     resume: a state file: resumed from when it exists, written every
       `save_every_s` and when the budget is spent, removed at the end.
-    time_budget_s: with `resume`, stop after the first step that ends past
-      this many seconds of this run (the last step never stops).
+    deadline: with `resume`, stop after the first step that ends at or
+      past this `time.time()` (the last step never stops).
     save_every_s: seconds between state saves.
 
   Returns:
@@ -341,7 +341,7 @@ def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
       now, done = time.time(), i + 1
       if resume is None or done == steps:
         continue
-      spent = time_budget_s is not None and now - start >= time_budget_s
+      spent = deadline is not None and now >= deadline
       if spent or now - saved >= save_every_s:
         _save_state(resume, meta, theta, opt_state, losses, done,
                     before + now - start)
@@ -368,7 +368,7 @@ def learn_calibration(base: Params, config: LlamaConfig,
                       objective: str, options: model.RunOptions, steps: int,
                       lr: float, key: jax.Array, tokens_per_window: int = 64,
                       progress: bool = True, resume: str | None = None,
-                      time_budget_s: float | None = None
+                      deadline: float | None = None
                       ) -> tuple[Rotations, np.ndarray]:
   """DartQuant-style calibration of R1 and every R2 on cached inputs.
 
@@ -390,7 +390,8 @@ def learn_calibration(base: Params, config: LlamaConfig,
     tokens_per_window: cached positions per window.
     progress: show progress bars.
     resume: the state file of a run in parts (module docstring), or None.
-    time_budget_s: with `resume`, pause after this many seconds.
+    deadline: with `resume`, pause after the step that ends past this
+      `time.time()`.
 
   Returns:
     (rotations, f32[steps] losses).
@@ -411,7 +412,7 @@ def learn_calibration(base: Params, config: LlamaConfig,
   return _train(loss_fn, r0, lambda i: (x1, v), parameterization="qr",
                 lr=lr, steps=steps, progress=progress,
                 desc=f"learn R ({objective})", resume=resume,
-                time_budget_s=time_budget_s)
+                deadline=deadline)
 
 
 def _rtn_ste(params: Params, spec: quant.QuantSpec) -> Params:
@@ -428,7 +429,7 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
               r0: Rotations, *, options: model.RunOptions,
               weight_spec: quant.QuantSpec | None, steps: int, lr: float,
               key: jax.Array, batch_size: int = 4, progress: bool = True,
-              resume: str | None = None, time_budget_s: float | None = None,
+              resume: str | None = None, deadline: float | None = None,
               remat: bool = False) -> tuple[Rotations, np.ndarray]:
   """SpinQuant: R1 and R2 minimize the quantized network's next-token loss.
 
@@ -449,7 +450,8 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
     batch_size: windows per step.
     progress: show a progress bar.
     resume: the state file of a run in parts (module docstring), or None.
-    time_budget_s: with `resume`, pause after this many seconds.
+    deadline: with `resume`, pause after the step that ends past this
+      `time.time()`.
     remat: recompute each layer in the backward pass (`model.forward`):
       the step's memory holds one layer's intermediates, not all of them
       (Qwen2.5-1.5B at 4 windows of 2048 asked for 186 GiB without it).
@@ -485,7 +487,7 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
     return _train(
         loss_fn, r0, lambda i: (base, calib[order[i * b:(i + 1) * b]]),
         parameterization="cayley", lr=lr, steps=steps, progress=progress,
-        desc="learn R (e2e)", resume=resume, time_budget_s=time_budget_s)
+        desc="learn R (e2e)", resume=resume, deadline=deadline)
   except jax.errors.JaxRuntimeError as e:
     oom = _out_of_memory(e, b, calib.shape[1], remat)
     if oom is None:
@@ -520,8 +522,9 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
     progress: show progress bars.
     resume: a state file, to learn in parts (module docstring): resumed
       from when it exists, removed when learning ends.
-    time_budget_s: with `resume`, pause after this many seconds of
-      training (`LearningPaused`); None: no limit.
+    time_budget_s: with `resume`, pause after the first step that ends
+      this many seconds after this call (`LearningPaused`; preparing the
+      inputs counts); None: no limit.
     remat: 'e2e' recomputes each layer in the backward pass (`learn_e2e`).
 
   Returns:
@@ -534,6 +537,7 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
     LearningPaused: the time budget was spent; the state is in `resume`.
     OutOfDeviceMemory: an 'e2e' step did not fit in device memory.
   """
+  deadline = None if time_budget_s is None else time.time() + time_budget_s
   if objective not in OBJECTIVES:
     raise ValueError(f"{objective=} must be one of {OBJECTIVES}")
   if steps < 0:
@@ -560,8 +564,8 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
                              objective=objective, options=options,
                              steps=steps, lr=lr, key=data_key,
                              progress=progress, resume=resume,
-                             time_budget_s=time_budget_s)
+                             deadline=deadline)
   return learn_e2e(base, config, calib_tokens, r0, options=options,
                    weight_spec=weight_spec, steps=steps, lr=lr,
                    key=data_key, batch_size=batch_size, progress=progress,
-                   resume=resume, time_budget_s=time_budget_s, remat=remat)
+                   resume=resume, deadline=deadline, remat=remat)

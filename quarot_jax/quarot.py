@@ -7,6 +7,7 @@ Hadamards. lm_head and embeddings stay in float, as in the paper.
 """
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -227,7 +228,8 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     progress: show progress bars.
     return_losses: also return the training losses.
     resume: learn in parts through this state file (`learned_rotation`).
-    time_budget_s: with `resume`, pause after this many training seconds.
+    time_budget_s: with `resume`, pause after the first step that ends
+      this many seconds after this call (key centering counts).
 
   Returns:
     The rotations, for `quantize(..., rotations=...)`; with
@@ -237,6 +239,7 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
     ValueError: no calibration tokens.
     learned_rotation.LearningPaused: the time budget was spent.
   """
+  deadline = None if time_budget_s is None else time.time() + time_budget_s
   if calib_tokens is None:
     raise ValueError("rotate_mode='learned' needs calib_tokens")
   options = qconfig.run_options(config.head_dim)
@@ -250,8 +253,9 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       key=jax.random.key(qconfig.seed), options=options,
       weight_spec=_e2e_weight_spec(qconfig),
       batch_size=qconfig.rotation_batch_size, progress=progress,
-      resume=resume, time_budget_s=time_budget_s,
-      remat=qconfig.rotation_remat)
+      resume=resume, remat=qconfig.rotation_remat,
+      time_budget_s=(None if deadline is None
+                     else max(0.0, deadline - time.time())))
   return (rotations, losses) if return_losses else rotations
 
 

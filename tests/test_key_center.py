@@ -2,6 +2,7 @@
 whose keys carry a large constant offset (Qwen2's k_proj bias)."""
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from quarot_jax import generation
 from quarot_jax import hf
 from quarot_jax import key_center
 from quarot_jax import kv_cache
+from quarot_jax import learned_rotation
 from quarot_jax import model
 from quarot_jax import quarot
 from quarot_jax import run_layout
@@ -125,6 +127,32 @@ def test_center_keys_needs_calibration_windows(biased):
     quarot.quantize(params, config,
                     quarot.QuaRotConfig(k_bits=4, v_bits=4, center_keys=True),
                     None, progress=False)
+
+
+def test_learning_budget_counts_the_key_centering(biased, tmp_path,
+                                                  monkeypatch):
+  """`quarot.learn_rotations(time_budget_s=...)` counts from the call, so
+  a key centering longer than the budget pauses after the first step."""
+  params, config, tokens, _ = biased
+  clock = [0.0]
+  real_time = time.time
+  monkeypatch.setattr(time, "time", lambda: real_time() + clock[0])
+  calibrate = key_center.calibrate
+
+  def slow_calibrate(*a, **k):
+    clock[0] += 1000.0  # a centering longer than the budget
+    return calibrate(*a, **k)
+
+  monkeypatch.setattr(key_center, "calibrate", slow_calibrate)
+  qconfig = quarot.QuaRotConfig(
+      w_bits=16, a_bits=4, k_bits=4, v_bits=4, rotate_mode="learned",
+      rotation_objective="e2e", rotation_steps=3, rotation_batch_size=1,
+      center_keys=True)
+  with pytest.raises(learned_rotation.LearningPaused) as paused:
+    quarot.learn_rotations(params, config, qconfig, np.asarray(tokens),
+                           progress=False, resume=str(tmp_path / "s.npz"),
+                           time_budget_s=500.0)
+  assert paused.value.step == 1
 
 
 def test_packed_centered_model_matches_its_simulated_twin(biased):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +174,31 @@ def test_paused_learning_resumes_to_the_same_rotations(tiny, objective,
   assert np.abs(np.asarray(got.r1) - np.asarray(
       learned_rotation.initial_rotations(_CONFIG, jax.random.key(4)).r1)
                 ).max() > 1e-4  # it learned something
+
+
+def test_time_budget_counts_the_setup_before_the_first_step(
+    tiny, tmp_path, monkeypatch):
+  """A budget spent while preparing (key centering, `prepare`) pauses after
+  the first step: on the H200, Qwen's preparation overran the budget and
+  the run was killed by the call's wall-clock limit instead of pausing."""
+  params, tokens = tiny
+  clock = [0.0]
+  real_time = time.time
+  monkeypatch.setattr(time, "time", lambda: real_time() + clock[0])
+  prepare = learned_rotation.prepare
+
+  def slow_prepare(*a, **k):
+    clock[0] += 1000.0  # a preparation longer than the budget
+    return prepare(*a, **k)
+
+  monkeypatch.setattr(learned_rotation, "prepare", slow_prepare)
+  state = str(tmp_path / "state.npz")
+  with pytest.raises(learned_rotation.LearningPaused) as paused:
+    learned_rotation.learn(params, _CONFIG, tokens, objective="whip",
+                           steps=3, lr=1e-2, key=jax.random.key(4),
+                           progress=False, resume=state,
+                           time_budget_s=500.0)
+  assert paused.value.step == 1
 
 
 def test_resume_refuses_the_state_of_another_run(tiny, tmp_path):

@@ -116,8 +116,7 @@ def test_zero_shot_scorer_on_hand_written_items(ours):
 
 
 def test_reader_is_parsed_once_per_file(tmp_path):
-  """Parsing a GGUF's metadata is slow (Qwen 1.5B: ~26 s a parse on this
-  CPU), so params and tokenizer share one reader; a file that changes (or
+  """Params and tokenizer share one parsed header; a file that changes (or
   another file) is parsed again, never served stale."""
   first = gguf.open_reader(_PATH)
   assert gguf.open_reader(_PATH) is first

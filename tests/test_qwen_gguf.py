@@ -180,9 +180,8 @@ needs_model = pytest.mark.skipif(
 
 @needs_model
 def test_real_config():
-  import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
   from quarot_jax import gguf  # pylint: disable=g-import-not-at-top
-  config = gguf.config_from_gguf(gguf_lib.GGUFReader(_PATH))
+  config = gguf.config_from_gguf(gguf.open_reader(_PATH))
   assert (config.model_type, config.hidden_size, config.num_hidden_layers,
           config.num_attention_heads, config.num_key_value_heads,
           config.head_dim, config.intermediate_size,

@@ -105,6 +105,27 @@ def _atomic_kernel(x_gmem, o_gmem, slot, ready, stored, *, splits):
     o_gmem[gi] = plgpu.load(slot, (), layout=plgpu.Layout.WGMMA)
 
 
+def _scaled_smem_t_kernel(x_gmem, sw_gmem, sx_gmem, o_gmem, slots, barriers,
+                          o_smem, *, splits):
+  """'scaled' stored transposed through shared memory, then TMA."""
+  gi, si = lax.axis_index("g"), lax.axis_index("s")
+  total = _gather(_partial(x_gmem, gi, si), si, slots, barriers, splits)
+
+  @pl.when(si == 0)
+  def _():
+    acc = total()
+    sw = plgpu.load(sw_gmem.at[pl.ds(gi * _ROWS, _ROWS)], (),
+                    layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+    sx = plgpu.load(sx_gmem, (), layout=plgpu.Layout.WGMMA.reduce(0),
+                    optimized=False)
+    y = (acc * lax.broadcast_in_dim(sw, acc.shape, [0])
+         * lax.broadcast_in_dim(sx, acc.shape, [1])).astype(jnp.bfloat16)
+    plgpu.transpose_ref(o_smem, (1, 0))[...] = y
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, pl.ds(gi * _ROWS, _ROWS)])
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _scaled_kernel(x_gmem, sw_gmem, sx_gmem, o_gmem, slots, barriers, *,
                    splits, transposed):
   gi, si = lax.axis_index("g"), lax.axis_index("s")
@@ -157,9 +178,25 @@ def _variants(tiles, splits, mp):
       [plgpu.SMEM((_ROWS, mp), jnp.float32, transforms=tf),
        plgpu.ClusterBarrier(collective_axes=("s",)), peer_barriers],
       tiles, splits)
+  atomic_i32_call = _call(
+      functools.partial(_atomic_kernel, splits=splits),
+      jax.ShapeDtypeStruct((tiles, _ROWS, mp), jnp.int32),
+      [plgpu.SMEM((_ROWS, mp), jnp.int32, transforms=tf),
+       plgpu.ClusterBarrier(collective_axes=("s",)), peer_barriers],
+      tiles, splits)
+  smem_t_call = _call(
+      functools.partial(_scaled_smem_t_kernel, splits=splits),
+      jax.ShapeDtypeStruct((mp, n), jnp.bfloat16),
+      [slots, peer_barriers, plgpu.SMEM((mp, _ROWS), jnp.bfloat16)],
+      tiles, splits)
   out = {
       "slots": (lambda x, sw, sx: slots_call(x), ref_sum),
       "atomic": (lambda x, sw, sx: atomic_call(x), ref_sum),
+      # The int8 MMA's accumulators are int32.
+      "atomic_i32": (lambda x, sw, sx: atomic_i32_call(x.astype(jnp.int32)),
+                     lambda x, sw, sx: x.astype(jnp.int32).sum(axis=1)),
+      "scaled_smem_t": (smem_t_call,
+                        lambda x, sw, sx: ref_scaled(x, sw, sx, True)),
   }
   for name, transposed in (("scaled", False), ("scaled_t", True)):
     call = _call(

@@ -72,16 +72,18 @@ _SEQLEN = flags.DEFINE_integer("seqlen", 2048, "Window length.")
 _MAX_WINDOWS = flags.DEFINE_integer(
     "max_windows", None, "Evaluate the first N windows (default: all).")
 _EVAL_TEXT = cli_flags.define_eval_text_flag()
+def _distinct_texts(texts: list[str] | None) -> bool:
+  return texts is None or (bool(texts) and set(texts) <= set(data.TEXTS)
+                           and len(set(texts)) == len(texts))
+
+
 _EVAL_TEXTS = flags.DEFINE_list(
     "eval_texts", None,
     f"Score every quantized model on each of these texts (of {data.TEXTS}),"
     " quantizing (and learning rotations) once per config: one record per"
     " config and text. Default: --eval_text alone.")
 flags.register_validator(
-    "eval_texts",
-    lambda texts: texts is None or (
-        bool(texts) and set(texts) <= set(data.TEXTS)
-        and len(set(texts)) == len(texts)),
+    "eval_texts", _distinct_texts,
     f"--eval_texts must list distinct names of {data.TEXTS}")
 _SWEEP = flags.DEFINE_enum(
     "sweep", None, ["paper", "learned"],
@@ -152,10 +154,7 @@ _ROTATION_CALIB_TEXTS = flags.DEFINE_list(
     " only) while GPTQ keeps enwiki-gensim's; records name them. Default:"
     " the GPTQ windows.")
 flags.register_validator(
-    "rotation_calib_texts",
-    lambda texts: texts is None or (
-        bool(texts) and set(texts) <= set(data.TEXTS)
-        and len(set(texts)) == len(texts)),
+    "rotation_calib_texts", _distinct_texts,
     f"--rotation_calib_texts must list distinct names of {data.TEXTS}")
 _OUT_JSONL = flags.DEFINE_string("out_jsonl", "results/accuracy_smollm2.jsonl",
                                  "Append records here.")

@@ -105,6 +105,16 @@ def _atomic_kernel(x_gmem, o_gmem, slot, ready, stored, *, splits):
     o_gmem[gi] = plgpu.load(slot, (), layout=plgpu.Layout.WGMMA)
 
 
+def _scaled(acc, sw_gmem, sx_gmem, gi):
+  """bf16 acc * s_w[rows of tile gi] (per row) * s_x (per column)."""
+  sw = plgpu.load(sw_gmem.at[pl.ds(gi * _ROWS, _ROWS)], (),
+                  layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+  sx = plgpu.load(sx_gmem, (), layout=plgpu.Layout.WGMMA.reduce(0),
+                  optimized=False)
+  return (acc * lax.broadcast_in_dim(sw, acc.shape, [0])
+          * lax.broadcast_in_dim(sx, acc.shape, [1])).astype(jnp.bfloat16)
+
+
 def _scaled_smem_t_kernel(x_gmem, sw_gmem, sx_gmem, o_gmem, slots, barriers,
                           o_smem, *, splits):
   """'scaled' stored transposed through shared memory, then TMA."""
@@ -113,13 +123,7 @@ def _scaled_smem_t_kernel(x_gmem, sw_gmem, sx_gmem, o_gmem, slots, barriers,
 
   @pl.when(si == 0)
   def _():
-    acc = total()
-    sw = plgpu.load(sw_gmem.at[pl.ds(gi * _ROWS, _ROWS)], (),
-                    layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-    sx = plgpu.load(sx_gmem, (), layout=plgpu.Layout.WGMMA.reduce(0),
-                    optimized=False)
-    y = (acc * lax.broadcast_in_dim(sw, acc.shape, [0])
-         * lax.broadcast_in_dim(sx, acc.shape, [1])).astype(jnp.bfloat16)
+    y = _scaled(total(), sw_gmem, sx_gmem, gi)
     plgpu.transpose_ref(o_smem, (1, 0))[...] = y
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, pl.ds(gi * _ROWS, _ROWS)])
@@ -133,13 +137,7 @@ def _scaled_kernel(x_gmem, sw_gmem, sx_gmem, o_gmem, slots, barriers, *,
 
   @pl.when(si == 0)
   def _():
-    acc = total()
-    sw = plgpu.load(sw_gmem.at[pl.ds(gi * _ROWS, _ROWS)], (),
-                    layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-    sx = plgpu.load(sx_gmem, (), layout=plgpu.Layout.WGMMA.reduce(0),
-                    optimized=False)
-    y = (acc * lax.broadcast_in_dim(sw, acc.shape, [0])
-         * lax.broadcast_in_dim(sx, acc.shape, [1])).astype(jnp.bfloat16)
+    y = _scaled(total(), sw_gmem, sx_gmem, gi)
     if transposed:  # o_gmem: bf16[Mp, N]
       view = plgpu.transpose_ref(o_gmem.at[:, pl.ds(gi * _ROWS, _ROWS)],
                                  (1, 0))

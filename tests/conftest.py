@@ -1,6 +1,7 @@
-"""Shared pytest setup: markers and the `interpret` fixture."""
+"""Shared pytest setup: markers and the `interpret` and `clock` fixtures."""
 
 import gc
+import time
 
 import jax
 import pytest
@@ -33,6 +34,18 @@ def pytest_collection_modifyitems(config, items):
 def interpret() -> bool:
   """True when no GPU is present: Pallas kernels run in interpret mode."""
   return not _has_gpu()
+
+
+@pytest.fixture
+def clock(monkeypatch):
+  """`advance(seconds)`: moves `time.time()` forward (a slow step, faked)."""
+  offset = [0.0]
+  real_time = time.time
+  monkeypatch.setattr(time, "time", lambda: real_time() + offset[0])
+
+  def advance(seconds: float) -> None:
+    offset[0] += seconds
+  return advance
 
 
 @pytest.fixture(autouse=True, scope="module")

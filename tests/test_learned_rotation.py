@@ -2,7 +2,6 @@
 
 import dataclasses
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -177,18 +176,15 @@ def test_paused_learning_resumes_to_the_same_rotations(tiny, objective,
 
 
 def test_time_budget_counts_the_setup_before_the_first_step(
-    tiny, tmp_path, monkeypatch):
+    tiny, tmp_path, monkeypatch, clock):
   """A budget spent while preparing (key centering, `prepare`) pauses after
   the first step: on the H200, Qwen's preparation overran the budget and
   the run was killed by the call's wall-clock limit instead of pausing."""
   params, tokens = tiny
-  clock = [0.0]
-  real_time = time.time
-  monkeypatch.setattr(time, "time", lambda: real_time() + clock[0])
   prepare = learned_rotation.prepare
 
   def slow_prepare(*a, **k):
-    clock[0] += 1000.0  # a preparation longer than the budget
+    clock(1000.0)  # a preparation longer than the budget
     return prepare(*a, **k)
 
   monkeypatch.setattr(learned_rotation, "prepare", slow_prepare)

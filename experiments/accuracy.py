@@ -72,6 +72,8 @@ _SEQLEN = flags.DEFINE_integer("seqlen", 2048, "Window length.")
 _MAX_WINDOWS = flags.DEFINE_integer(
     "max_windows", None, "Evaluate the first N windows (default: all).")
 _EVAL_TEXT = cli_flags.define_eval_text_flag()
+
+
 def _distinct_texts(texts: list[str] | None) -> bool:
   return texts is None or (bool(texts) and set(texts) <= set(data.TEXTS)
                            and len(set(texts)) == len(texts))

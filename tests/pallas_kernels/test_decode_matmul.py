@@ -127,11 +127,24 @@ def test_errors():
     dm.decode_matmul(x, w_q, s_w, implementation="mosaic", interpret=True)
   with pytest.raises(ValueError, match="block_k=96"):
     dm.DecodeMatmulConfig(block_k=96)
+  with pytest.raises(ValueError, match="does not run warp_specialized"):
+    dm.DecodeMatmulConfig(cluster_reduce=True, warp_specialized=True)
+  with pytest.raises(ValueError, match="split_k=9: a cluster holds at most"):
+    dm.DecodeMatmulConfig(cluster_reduce=True, split_k=9)
   # M > 16 without an explicit backend falls back to the reference.
   xl = jnp.ones((17, 256), jnp.bfloat16)
   np.testing.assert_array_equal(
       np.asarray(dm.decode_matmul(xl, w_q, s_w, interpret=True)),
       np.asarray(dm.decode_matmul_reference(xl, w_q, s_w)))
+
+
+def test_cluster_plan_keeps_splits_in_one_cluster():
+  """Automatic splits fill the SMs, but a cluster holds at most 8."""
+  cfg = dm.DecodeMatmulConfig(block_n=64, programs_per_sm=4,
+                              cluster_reduce=True)
+  plan = dm._plan(1, 4096, 11008, cfg, "mosaic")  # pylint: disable=protected-access
+  assert plan.split_k == dm.MAX_CLUSTER
+  assert plan.blocks_per_split * plan.split_k >= plan.k_blocks
 
 
 def test_triton_tiles_lie_inside_n():
@@ -149,15 +162,17 @@ def test_triton_tiles_lie_inside_n():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warp_specialized", [False, True])
+@pytest.mark.parametrize("variant", ["pipeline", "warp_specialized",
+                                     "cluster_reduce"])
 @pytest.mark.parametrize("w4a4_mma", ["bf16", "int8"])
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_mosaic_on_gpu(m, w4a4_mma, warp_specialized):
+def test_mosaic_on_gpu(m, w4a4_mma, variant):
   if not dm.is_hopper():
     pytest.skip("the Mosaic GPU kernel needs a Hopper GPU")
-  cfg = dm.DecodeMatmulConfig(block_n=64, block_k=128, split_k=3,
-                              w4a4_mma=w4a4_mma,
-                              warp_specialized=warp_specialized)
+  cfg = dm.DecodeMatmulConfig(
+      block_n=64, block_k=128, split_k=3, w4a4_mma=w4a4_mma,
+      warp_specialized=variant == "warp_specialized",
+      cluster_reduce=variant == "cluster_reduce")
   # K = 11 blocks of 128: splits of 4, 4 and 3 blocks (a dynamic grid).
   x, w_q, s_w, _ = _operands(m, 192, 1408, seed=m, codes=False)
   got = dm.decode_matmul(x, w_q, s_w, config=cfg, implementation="mosaic",

@@ -105,7 +105,9 @@ class DecodeMatmulConfig:
       which adds them, applies the scales and writes y as [N, Mp] in the
       output dtype, so no XLA epilogue sums partials (the wrapper still
       transposes). False: f32[split_k, N, Mp] partials and the XLA
-      epilogue. Not with `warp_specialized`.
+      epilogue. Not with `warp_specialized`. Not yet run on a GPU (the
+      same reduction in `experiments.probe_cluster_reduce` was exact on an
+      H200, 2026-12-03); `test_mosaic_on_gpu` covers it there.
   """
 
   block_n: int = 128

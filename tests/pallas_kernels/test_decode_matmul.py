@@ -138,6 +138,29 @@ def test_errors():
       np.asarray(dm.decode_matmul_reference(xl, w_q, s_w)))
 
 
+@pytest.mark.parametrize("cluster_reduce", [False, True])
+@pytest.mark.parametrize("w4a4_mma", ["bf16", "int8"])
+def test_mosaic_kernels_trace_on_cpu(w4a4_mma, cluster_reduce):
+  """No CPU runs the Mosaic kernels, but tracing their bodies to a jaxpr
+  catches a wrong argument or scratch name before a GPU call does."""
+  m, n, k = 5, 256, 2048  # 8 blocks of 256: splits of 3, 3 and 2
+  x = jnp.zeros((m, k), jnp.int8)
+  w_q = jnp.zeros((n, k // 2), jnp.uint8)
+  s_w, s_x = jnp.ones((n,)), jnp.ones((m,))
+  cfg = dm.DecodeMatmulConfig(block_n=64, split_k=3, w4a4_mma=w4a4_mma,
+                              cluster_reduce=cluster_reduce)
+  plan = dm._plan(m, n, k, cfg, "mosaic")  # pylint: disable=protected-access
+  if cluster_reduce:
+    fn = lambda *a: dm._reduced_mosaic(  # pylint: disable=protected-access
+        *a, plan, cfg, jnp.bfloat16)
+    want = f"bf16[{n},8]"
+  else:
+    fn = lambda x, w, sw, sx: dm._partials_mosaic(  # pylint: disable=protected-access
+        x, w, plan, cfg)
+    want = f"f32[3,{n},8]"
+  assert want in str(jax.make_jaxpr(fn)(x, w_q, s_w, s_x))
+
+
 def test_cluster_plan_keeps_splits_in_one_cluster():
   """Automatic splits fill the SMs, but a cluster holds at most 8."""
   cfg = dm.DecodeMatmulConfig(block_n=64, programs_per_sm=4,

@@ -119,12 +119,6 @@ SWEEP = {
                                       warp_specialized=True),
     "mosaic_ws_s3_p4": Cfg(block_n=64, num_stages=3, programs_per_sm=4,
                            warp_specialized=True),
-    # Round 5 (#14): the splits of a tile as one cluster, summed and scaled
-    # in the kernel (no partials, no XLA epilogue but the transpose).
-    "mosaic_w4a4_cluster": Cfg(w4a4_mma="int8", block_n=64, num_stages=3,
-                               programs_per_sm=4, cluster_reduce=True),
-    "mosaic_cluster": Cfg(block_n=64, num_stages=3, programs_per_sm=4,
-                          cluster_reduce=True),
 }
 # Configs of the table's implementations (--sweep replaces them with the
 # fastest variant of the sweep).

@@ -66,7 +66,6 @@ from pallas_kernels import int4_layout
 Implementation = Literal["mosaic", "triton", "xla"]
 
 MAX_M = 16  # tokens a kernel call takes: the wgmma/dot's narrow side
-MAX_CLUSTER = 8  # thread blocks in a portable Hopper cluster
 _NT = (((1,), (1,)), ((), ()))  # contract the K axes of [A, K] and [B, K]
 
 
@@ -99,15 +98,6 @@ class DecodeMatmulConfig:
       (`emit_pipeline`). Bit-exact, but slower on the 7B shapes (H200,
       2026-12-03: 0.16-0.38 of HBM against 0.28-0.48 at M = 1 and 16,
       `results/decode_matmul.jsonl`): kept for the comparison.
-    cluster_reduce: Mosaic only: the K splits of one weight tile run as
-      one thread-block cluster (split_k <= 8); splits 1.. store their
-      accumulators into split 0's shared memory (`plgpu.async_store_smem`),
-      which adds them, applies the scales and writes y as [N, Mp] in the
-      output dtype, so no XLA epilogue sums partials (the wrapper still
-      transposes). False: f32[split_k, N, Mp] partials and the XLA
-      epilogue. Not with `warp_specialized`. Not yet run on a GPU (the
-      same reduction in `experiments.probe_cluster_reduce` was exact on an
-      H200, 2026-12-03); `test_mosaic_on_gpu` covers it there.
   """
 
   block_n: int = 128
@@ -119,7 +109,6 @@ class DecodeMatmulConfig:
   w_layout: Literal["upcast_4x", "wgmma"] = "upcast_4x"
   w4a4_mma: Literal["bf16", "int8"] = "bf16"
   warp_specialized: bool = False
-  cluster_reduce: bool = False
 
   def __post_init__(self):
     if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -136,11 +125,6 @@ class DecodeMatmulConfig:
       raise ValueError(f"{self.w_layout=} must be 'upcast_4x' or 'wgmma'")
     if self.w4a4_mma not in ("bf16", "int8"):
       raise ValueError(f"{self.w4a4_mma=} must be 'bf16' or 'int8'")
-    if self.cluster_reduce and self.warp_specialized:
-      raise ValueError("cluster_reduce does not run warp_specialized")
-    if self.cluster_reduce and (self.split_k or 0) > MAX_CLUSTER:
-      raise ValueError(f"{self.split_k=}: a cluster holds at most"
-                       f" {MAX_CLUSTER} splits")
 
 
 def default_decode_matmul_config(implementation: str) -> DecodeMatmulConfig:
@@ -203,8 +187,6 @@ def _plan(m: int, n: int, k: int, cfg: DecodeMatmulConfig,
   split = cfg.split_k
   if split is None:
     split = max(1, (cfg.programs_per_sm * _num_sms()) // n_tiles)
-  if cfg.cluster_reduce and implementation == "mosaic":
-    split = min(split, MAX_CLUSTER)
   # >= 2 blocks per split: a one-step pipeline gains nothing from stages.
   q = pl.cdiv(k_blocks, max(1, min(split, k_blocks // 2)))
   return _Plan(m_pad=m_pad, block_n=block_n, block_k=block_k,
@@ -223,19 +205,13 @@ def _split_steps(split: jax.Array, plan: _Plan) -> jax.Array | int:
 # --------------------------------------------------------------- Mosaic GPU
 
 
-def decode_matmul_mosaic_kernel(w_gmem, x_gmem, *refs, plan: _Plan,
-                                num_stages: int, w_layout: str,
-                                warp_specialized: bool,
-                                cluster_reduce: bool = False,
-                                has_sx: bool = False, **scratch):
+def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
+                                plan: _Plan, num_stages: int,
+                                w_layout: str, warp_specialized: bool):
   """One program: rows [n0, n0 + block_n) of w over split `s`'s K range."""
-  # w_gmem: int4[N, K]; x_gmem: bf16[Mp, K]
+  # w_gmem: int4[N, K]; x_gmem: bf16[Mp, K]; o_gmem: f32[split_k, N, Mp]
+  # o_smem: f32[block_n, Mp]
   # (int8 MMA: x_gmem int8[Mp, K] codes, and the operand A is int8.)
-  # Partials: refs = (o_gmem f32[split_k, N, Mp],), scratch o_smem
-  #   f32[block_n, Mp].
-  # cluster_reduce: refs = (sw_gmem f32[N], [sx_gmem f32[Mp],] o_gmem
-  #   [N, Mp] in y's dtype), scratch `slots` f32[split_k - 1, block_n, Mp]
-  #   and one `barriers` entry per slot (split_k > 1).
   ni, si = lax.axis_index("n"), lax.axis_index("s")
   bn, bk, mp = plan.block_n, plan.block_k, plan.m_pad
   q = plan.blocks_per_split
@@ -271,46 +247,12 @@ def decode_matmul_mosaic_kernel(w_gmem, x_gmem, *refs, plan: _Plan,
                   plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
       plgpu.wgmma_wait(1)
 
-  def store_partials(acc_ref):  # this program's partial sums, to o_gmem
-    o_gmem, = refs
-    o_smem = scratch["o_smem"]
+  def store(acc_ref):  # the partial sums of this program, to o_gmem
     plgpu.wgmma_wait(0)
     o_smem[...] = acc_ref[...].astype(jnp.float32)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn)])
     plgpu.wait_smem_to_gmem(0)
-
-  def store_reduced(acc_ref):  # split 0 adds the cluster's sums, scales
-    sw_gmem, o_gmem = refs[0], refs[-1]
-    plgpu.wgmma_wait(0)
-    # int32 sums of 4-bit products stay below 2^24: exact in f32.
-    acc = acc_ref[...].astype(jnp.float32)
-    splits = plan.split_k
-    if splits > 1:
-      slots, barriers = scratch["slots"], scratch["barriers"]
-
-      @pl.when(si != 0)
-      def _():
-        plgpu.async_store_smem(acc, slots.at[si - 1], barriers.at[si - 1],
-                               cluster_idx=0, cluster_dim="s")
-
-    @pl.when(si == 0)
-    def _():
-      total = acc
-      for j in range(splits - 1):
-        plgpu.barrier_wait(barriers.at[j])
-        total = total + plgpu.load(slots.at[j], (),
-                                   layout=plgpu.Layout.WGMMA)
-      if has_sx:  # (acc * s_x) * s_w, the reference's order
-        sx = plgpu.load(refs[1], (), layout=plgpu.Layout.WGMMA.reduce(0),
-                        optimized=False)
-        total = total * lax.broadcast_in_dim(sx, total.shape, [1])
-      sw = plgpu.load(sw_gmem.at[pl.ds(ni * bn, bn)], (),
-                      layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-      total = total * lax.broadcast_in_dim(sw, total.shape, [0])
-      o_gmem[pl.ds(ni * bn, bn)] = total.astype(o_gmem.dtype)
-
-  store = store_reduced if cluster_reduce else store_partials
 
   in_specs = [
       plgpu.BlockSpec((bn, bk), lambda kk: (0, kk + si * q),
@@ -345,9 +287,9 @@ def decode_matmul_mosaic_kernel(w_gmem, x_gmem, *refs, plan: _Plan,
   pl.run_scoped(compute, acc_type)
 
 
-def _mosaic_operands(x: jax.Array, w_q: jax.Array, plan: _Plan,
-                     cfg: DecodeMatmulConfig) -> tuple[jax.Array, jax.Array]:
-  """(int4[N, K] weights, x padded to Mp rows: int8 codes or bf16).
+def _partials_mosaic(x: jax.Array, w_q: jax.Array, plan: _Plan,
+                     cfg: DecodeMatmulConfig) -> jax.Array:
+  """f32[split_k, N, Mp] partial sums from the Mosaic GPU kernel.
 
   w_q is uint8[N, K // 2] packed, or the same bytes as int4[N, K].
   """
@@ -361,51 +303,6 @@ def _mosaic_operands(x: jax.Array, w_q: jax.Array, plan: _Plan,
   int8_mma = x.dtype == jnp.int8 and cfg.w4a4_mma == "int8"
   xp = jnp.pad(x if int8_mma else x.astype(jnp.bfloat16),
                ((0, plan.m_pad - x.shape[0]), (0, 0)))
-  return w4, xp
-
-
-def _reduced_mosaic(x: jax.Array, w_q: jax.Array, s_w: jax.Array,
-                    s_x: jax.Array | None, plan: _Plan,
-                    cfg: DecodeMatmulConfig, out_dtype) -> jax.Array:
-  """y as [N, Mp] in `out_dtype`: the splits summed in a cluster
-  (`DecodeMatmulConfig.cluster_reduce`)."""
-  w4, xp = _mosaic_operands(x, w_q, plan, cfg)
-  n, mp = w4.shape[0], plan.m_pad
-  scales = [s_w.astype(jnp.float32)]
-  if s_x is not None:
-    scales.append(jnp.pad(s_x.astype(jnp.float32), (0, mp - s_x.shape[0])))
-  scratch = {}
-  if plan.split_k > 1:
-    swizzle = plgpu.find_swizzle(32 * mp, "slots")
-    scratch = dict(
-        slots=plgpu.SMEM(
-            (plan.split_k - 1, plan.block_n, mp), jnp.float32,
-            transforms=(plgpu.TilingTransform((8, swizzle * 8 // 32)),
-                        plgpu.SwizzleTransform(swizzle))),
-        barriers=plgpu.Barrier(num_arrivals=1,
-                               num_barriers=plan.split_k - 1))
-  call = plgpu.kernel(
-      functools.partial(decode_matmul_mosaic_kernel, plan=plan,
-                        num_stages=cfg.num_stages, w_layout=cfg.w_layout,
-                        warp_specialized=False, cluster_reduce=True,
-                        has_sx=s_x is not None),
-      out_type=jax.ShapeDtypeStruct((n, mp), out_dtype),
-      scratch_types=scratch,
-      grid=(n // plan.block_n,), grid_names=("n",),
-      cluster=(plan.split_k,), cluster_names=("s",),
-      kernel_name="decode_matmul_cluster",
-  )
-  return call(w4, xp, *scales)
-
-
-def _partials_mosaic(x: jax.Array, w_q: jax.Array, plan: _Plan,
-                     cfg: DecodeMatmulConfig) -> jax.Array:
-  """f32[split_k, N, Mp] partial sums from the Mosaic GPU kernel.
-
-  w_q is uint8[N, K // 2] packed, or the same bytes as int4[N, K].
-  """
-  w4, xp = _mosaic_operands(x, w_q, plan, cfg)
-  n = w4.shape[0]
   call = plgpu.kernel(
       functools.partial(decode_matmul_mosaic_kernel, plan=plan,
                         num_stages=cfg.num_stages, w_layout=cfg.w_layout,
@@ -625,9 +522,6 @@ def decode_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array,
                                    out_dtype=out_dtype)[:out_rows]
   cfg = config or default_decode_matmul_config(impl)
   plan = _plan(m, n, k, cfg, impl)
-  if impl == "mosaic" and cfg.cluster_reduce:
-    y = _reduced_mosaic(x, w_q, s_w, s_x, plan, cfg, out_dtype)  # [N, Mp]
-    return y[:, :out_rows].T
   if impl == "mosaic":
     partials = _partials_mosaic(x, w_q, plan, cfg)
   else:

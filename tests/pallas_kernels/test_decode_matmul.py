@@ -127,10 +127,6 @@ def test_errors():
     dm.decode_matmul(x, w_q, s_w, implementation="mosaic", interpret=True)
   with pytest.raises(ValueError, match="block_k=96"):
     dm.DecodeMatmulConfig(block_k=96)
-  with pytest.raises(ValueError, match="does not run warp_specialized"):
-    dm.DecodeMatmulConfig(cluster_reduce=True, warp_specialized=True)
-  with pytest.raises(ValueError, match="split_k=9: a cluster holds at most"):
-    dm.DecodeMatmulConfig(cluster_reduce=True, split_k=9)
   # M > 16 without an explicit backend falls back to the reference.
   xl = jnp.ones((17, 256), jnp.bfloat16)
   np.testing.assert_array_equal(
@@ -138,36 +134,17 @@ def test_errors():
       np.asarray(dm.decode_matmul_reference(xl, w_q, s_w)))
 
 
-@pytest.mark.parametrize("cluster_reduce", [False, True])
 @pytest.mark.parametrize("w4a4_mma", ["bf16", "int8"])
-def test_mosaic_kernels_trace_on_cpu(w4a4_mma, cluster_reduce):
-  """No CPU runs the Mosaic kernels, but tracing their bodies to a jaxpr
+def test_mosaic_kernel_traces_on_cpu(w4a4_mma):
+  """No CPU runs the Mosaic kernel, but tracing its body to a jaxpr
   catches a wrong argument or scratch name before a GPU call does."""
   m, n, k = 5, 256, 2048  # 8 blocks of 256: splits of 3, 3 and 2
   x = jnp.zeros((m, k), jnp.int8)
   w_q = jnp.zeros((n, k // 2), jnp.uint8)
-  s_w, s_x = jnp.ones((n,)), jnp.ones((m,))
-  cfg = dm.DecodeMatmulConfig(block_n=64, split_k=3, w4a4_mma=w4a4_mma,
-                              cluster_reduce=cluster_reduce)
+  cfg = dm.DecodeMatmulConfig(block_n=64, split_k=3, w4a4_mma=w4a4_mma)
   plan = dm._plan(m, n, k, cfg, "mosaic")  # pylint: disable=protected-access
-  if cluster_reduce:
-    fn = lambda *a: dm._reduced_mosaic(  # pylint: disable=protected-access
-        *a, plan, cfg, jnp.bfloat16)
-    want = f"bf16[{n},8]"
-  else:
-    fn = lambda x, w, sw, sx: dm._partials_mosaic(  # pylint: disable=protected-access
-        x, w, plan, cfg)
-    want = f"f32[3,{n},8]"
-  assert want in str(jax.make_jaxpr(fn)(x, w_q, s_w, s_x))
-
-
-def test_cluster_plan_keeps_splits_in_one_cluster():
-  """Automatic splits fill the SMs, but a cluster holds at most 8."""
-  cfg = dm.DecodeMatmulConfig(block_n=64, programs_per_sm=4,
-                              cluster_reduce=True)
-  plan = dm._plan(1, 4096, 11008, cfg, "mosaic")  # pylint: disable=protected-access
-  assert plan.split_k == dm.MAX_CLUSTER
-  assert plan.blocks_per_split * plan.split_k >= plan.k_blocks
+  fn = lambda x, w: dm._partials_mosaic(x, w, plan, cfg)  # pylint: disable=protected-access
+  assert f"f32[3,{n},8]" in str(jax.make_jaxpr(fn)(x, w_q))
 
 
 def test_triton_tiles_lie_inside_n():
@@ -185,17 +162,15 @@ def test_triton_tiles_lie_inside_n():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["pipeline", "warp_specialized",
-                                     "cluster_reduce"])
+@pytest.mark.parametrize("warp_specialized", [False, True])
 @pytest.mark.parametrize("w4a4_mma", ["bf16", "int8"])
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_mosaic_on_gpu(m, w4a4_mma, variant):
+def test_mosaic_on_gpu(m, w4a4_mma, warp_specialized):
   if not dm.is_hopper():
     pytest.skip("the Mosaic GPU kernel needs a Hopper GPU")
-  cfg = dm.DecodeMatmulConfig(
-      block_n=64, block_k=128, split_k=3, w4a4_mma=w4a4_mma,
-      warp_specialized=variant == "warp_specialized",
-      cluster_reduce=variant == "cluster_reduce")
+  cfg = dm.DecodeMatmulConfig(block_n=64, block_k=128, split_k=3,
+                              w4a4_mma=w4a4_mma,
+                              warp_specialized=warp_specialized)
   # K = 11 blocks of 128: splits of 4, 4 and 3 blocks (a dynamic grid).
   x, w_q, s_w, _ = _operands(m, 192, 1408, seed=m, codes=False)
   got = dm.decode_matmul(x, w_q, s_w, config=cfg, implementation="mosaic",

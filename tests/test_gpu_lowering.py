@@ -12,11 +12,14 @@ import functools
 import re
 
 import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 import pytest
 
 from experiments.lab import speed
 from pallas_kernels import decode_matmul as dm
+from pallas_kernels import rms_norm_quant as rq
 from pallas_kernels.w4a4_matmul import mosaic_gpu
 from quarot_jax import hf
 from quarot_jax import kernels as kernels_lib
@@ -98,9 +101,6 @@ def test_a_kernel_the_lowering_refuses_fails_here(as_if_on_gpu, monkeypatch):
   # The check has teeth: a kernel body the Triton lowering cannot take
   # (here a nested ref indexer, which it refuses) fails at lowering.
   as_if_on_gpu(hopper=True)
-  from pallas_kernels import rms_norm_quant as rq  # pylint: disable=g-import-not-at-top
-  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   real = rq.rms_norm_quant_kernel
 
   def nested(x_ref, w_ref, q_ref, s_ref, **kw):

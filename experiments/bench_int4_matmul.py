@@ -10,7 +10,10 @@ weights, both widened to int8 inside the kernel); `mosaic_gpu_x_int8`
 (activations handed over as int8, fed to the wgmma from shared memory: what
 the model runs); `mosaic_gpu_w8` and `mosaic_gpu_w8_x_int8` (the diagnostic
 w4a4_matmul_mosaic_w8: weights widened to int8 once, at load, at twice the
-weight memory).
+weight memory). `--variants=mosaic_wt` times w4a4_matmul_mosaic_wt (the
+weights as the register operand, yᵀ out; `mosaic_gpu_wt`), then the
+model's use of each: `residual + y` (`mosaic_gpu_x_int8_add`) against
+`residual + yᵀ.T` (`mosaic_gpu_wt_add`, the transpose fused into the add).
 
 W4A16 (decode) runs each matmul over --decode_layers different weight
 matrices in one jitted call, as a decode step runs one per layer, and
@@ -57,7 +60,8 @@ _INTERPRET = flags.DEFINE_bool(
 # Not `--kernels`: that flag means one `kernels.resolve` setting elsewhere.
 _VARIANTS = flags.DEFINE_list(
     "variants", ["triton", "triton_g128", "mosaic", "w4a16"],
-    "Which of triton, triton_g128 (group-128 scales), mosaic, w4a16 to time.")
+    "Which of triton, triton_g128 (group-128 scales), mosaic, mosaic_wt"
+    " (weights as the register operand), w4a16 to time.")
 
 _W4A4_CONFIGS = (
     w4a4_triton.W4A4TritonConfig(block_m=128, block_n=128, block_k=64,
@@ -76,6 +80,13 @@ _MOSAIC_X_INT8_CONFIGS = (
     mgpu.W4A4MosaicConfig(wgmma_depth=1, max_concurrent_steps=2),
     mgpu.W4A4MosaicConfig(wg_dimension="m", grid_minor_dim="m",
                           wgmma_depth=1, max_concurrent_steps=3),
+)
+_MOSAIC_WT_CONFIGS = (  # tiles of yᵀ [N, M]: block_m along N.
+    None,
+    mgpu.W4A4MosaicConfig(wg_dimension="m", grid_minor_dim="m"),
+    mgpu.W4A4MosaicConfig(wg_dimension="m", grid_minor_dim="n"),
+    mgpu.W4A4MosaicConfig(wg_dimension="m", block_k=256,
+                          max_concurrent_steps=2),
 )
 _W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
@@ -142,7 +153,7 @@ def main(argv):
   records = []
   for kn in _KN.value:
     k, n = map(int, kn.split("x"))
-    if variants & {"triton", "triton_g128", "mosaic"}:
+    if variants & {"triton", "triton_g128", "mosaic", "mosaic_wt"}:
       for m in map(int, _MS.value):
         records += _w4a4_case(m, k, n, keys, variants, command)
     if "w4a16" in variants:
@@ -210,6 +221,8 @@ def _w4a4_case(m: int, k: int, n: int, keys, variants: set[str],
       candidates.append((name, _best(
           lambda c, op=op, args=args: _bind(op, (*args, sx, sw), c),
           configs, want)))
+  if "mosaic_wt" in variants:
+    candidates += _mosaic_wt(xq, wq, sx, sw, want)
   records = []
   for implementation, best in candidates:
     if best is None:
@@ -223,6 +236,36 @@ def _w4a4_case(m: int, k: int, n: int, keys, variants: set[str],
     print(f"  -> {implementation} {ms:.4f} ms ({tops:.0f} TOP/s) bf16"
           f" {base['xla_bf16']:.4f} int8 {base['xla_int8']:.4f}", flush=True)
   return records
+
+
+def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:
+  """w4a4_matmul_mosaic_wt alone (checked: yᵀ.T == y), then both Mosaic
+  kernels as the model uses them, a residual added to y (checked equal)."""
+  x8 = mgpu.unpack_weights(xq)  # int8 codes, what the model hands over
+  best_wt = _best(
+      lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, sx, sw), c),
+      _MOSAIC_WT_CONFIGS, want.T)
+  found = [("mosaic_gpu_wt", best_wt),  # and the model's kernel, as it runs
+            ("mosaic_gpu_x_int8_model", _best(
+                lambda c: _bind(mgpu.w4a4_matmul_mosaic, (x8, wq, sx, sw), c),
+                (None,), want))]
+  if best_wt is None:
+    return found
+  r = jax.random.normal(jax.random.key(7), want.shape, jnp.bfloat16)
+  add_y = jax.jit(lambda x8, wq, sx, sw, r: r + mgpu.w4a4_matmul_mosaic(
+      x8, wq, sx, sw))
+  add_yt = jax.jit(lambda x8, wq, sx, sw, r: r + mgpu.w4a4_matmul_mosaic_wt(
+      x8, wq, sx, sw, config=best_wt[1]).T)
+  args = (x8, wq, sx, sw, r)
+  same = bool(jnp.array_equal(add_y(*args), add_yt(*args)))
+  print(f"  residual + y == residual + yᵀ.T: {same}")
+  if same:
+    for name, fn in (("mosaic_gpu_x_int8_add", add_y),
+                     ("mosaic_gpu_wt_add", add_yt)):
+      ms = benchmarking.median_ms(fn, *args)
+      print(f"  {name}: {ms:.4f} ms")
+      found.append((name, (ms, best_wt[1] if "wt" in name else None)))
+  return found
 
 
 def _w4a16_case(m: int, k: int, n: int, keys, command: str) -> list[dict]:

@@ -83,7 +83,8 @@ def test_hopper_decode_step_lowers(as_if_on_gpu, kv_heads, batch):
 def test_hopper_prefill_lowers(as_if_on_gpu):
   as_if_on_gpu(hopper=True)
   text = _lowered(2, 1, 64, kernels_lib.resolve("auto"))
-  assert "mosaic_gpu" in text  # the W4A4 prefill matmuls
+  assert "mosaic_gpu" in text  # the W4A4 prefill matmuls, weights in
+  assert "w4a4_matmul_mosaic_wt" in text  # registers (`mosaic_gpu`)
   assert {"rms_norm_quant", "hadamard_quant"} <= _triton_kernels(text)
 
 

@@ -145,7 +145,7 @@ def test_packed_forward_on_gpu_uses_mosaic_matmul_and_matches_reference():
   fwd = jax.jit(lambda p, k: model.forward(p, tokens, config,
                                            options=options, kernels=k)[0],
                 static_argnames="k")
-  assert "w4a4_matmul_mosaic" in fwd.lower(real, "mosaic").as_text()
+  assert "w4a4_matmul_mosaic_wt" in fwd.lower(real, "mosaic").as_text()
   assert _rel(fwd(real, "mosaic"), fwd(real, "xla")) < 1e-4
 
 

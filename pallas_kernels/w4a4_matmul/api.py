@@ -3,9 +3,15 @@
   y[M, N] = (x_q[M, K] · w_q[N, K]ᵀ) * s_x[M, 1] * s_w[1, N]
 
 Backends (the `implementation` argument):
-  'mosaic'  `mosaic_gpu.w4a4_matmul_mosaic` (Hopper only): int8 codes
-            (what `hadamard_quant(..., packed=False)` writes) are fed to the
-            wgmma from shared memory; packed x is widened in registers.
+  'mosaic'  Mosaic GPU, Hopper only. int8 codes (what
+            `hadamard_quant(..., packed=False)` writes) run
+            `mosaic_gpu.w4a4_matmul_mosaic_wt`: the int4 weights are
+            wgmma's register operand, widened in registers, the codes come
+            from shared memory, and the kernel's yᵀ is transposed back here
+            (XLA fuses that into an elementwise consumer; 1.12-1.18x
+            `w4a4_matmul_mosaic` on the LLaMA-2-7B shapes, BENCHMARKS.md).
+            Packed x runs `mosaic_gpu.w4a4_matmul_mosaic` (x widened in
+            registers, the weights through shared memory).
   'triton'  `triton.w4a4_matmul_triton` (any GPU, or interpret mode): int8
             codes are packed first.
   'xla'     `reference.w4a4_matmul_reference`: int4 unpacked to int8 and
@@ -78,6 +84,9 @@ def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
     if interpret:
       raise ValueError("implementation='mosaic' has no interpret mode; use"
                        " 'triton'")
+    if x_q.dtype == jnp.int8:
+      return mosaic_gpu.w4a4_matmul_mosaic_wt(x_q, w_q, s_x, s_w,
+                                              out_dtype=out_dtype).T
     return mosaic_gpu.w4a4_matmul_mosaic(x_q, w_q, s_x, s_w,
                                          out_dtype=out_dtype)
   reference.check_operands(x_q, w_q, s_x, s_w)

@@ -26,6 +26,13 @@ Hopper has no int4 tensor-core MMA, so the kernel runs int8 wgmma:
     benchmark diagnostic outside the model path, takes weights widened once
     by `unpack_weights` (twice the weight memory) and feeds the TMA'd int8
     tile to the wgmma directly.
+`w4a4_matmul_mosaic_wt` (what the model runs on Hopper) swaps the roles:
+the int4 weights are operand A, widened in registers, and the int8
+activation codes operand B from shared memory, so nothing is widened
+through shared memory; it computes yᵀ = w · xᵀ (the caller transposes; XLA
+fuses that into the consumer). 1.12-1.18x `w4a4_matmul_mosaic` and
+0.85-0.97x XLA's int8 dot at the LLaMA-2-7B prefill shapes (H200,
+2026-12-04, BENCHMARKS.md).
 The grid is persistent (one CTA per SM, `planar_snake` tile order); each CTA
 has two compute warpgroups, each owning a [block_m, block_n] output tile,
 and one TMA warpgroup that streams K tiles through a `max_concurrent_steps`
@@ -153,6 +160,19 @@ def default_w4a4_mosaic_config(*, x_int4: bool, w_int4: bool,
   return cfg
 
 
+def default_w4a4_mosaic_wt_config() -> W4A4MosaicConfig:
+  """Tiles of `w4a4_matmul_mosaic_wt` (yᵀ: block_m runs along N).
+
+  The two compute warpgroups own 128 weight rows each (wg_dimension='m')
+  and share one 128-token tile of codes; 256-wide K steps, 2 deep. The
+  fastest of four configs at 6 of 8 LLaMA-2-7B prefill shapes (H200,
+  2026-12-04, `bench_int4_matmul --variants=mosaic_wt`; the other two within
+  3%; BENCHMARKS.md).
+  """
+  return W4A4MosaicConfig(wg_dimension="m", block_k=256,
+                          max_concurrent_steps=2)
+
+
 def _transforms(minor_elems: int, dtype) -> tuple[int, tuple]:
   """Swizzle (bytes) and tiling+swizzle transforms for a smem tile."""
   bits = jnp.iinfo(dtype).bits if jnp.issubdtype(
@@ -169,7 +189,8 @@ def _load(ref, layout) -> jax.Array:
 
 def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
                               o_smem, sx_smem, sw_smem, s_barrier,
-                              w8_smem=None, *, cfg: W4A4MosaicConfig):
+                              w8_smem=None, *, cfg: W4A4MosaicConfig,
+                              col_scale_first: bool = False):
   """Persistent warp-specialized kernel body (one CTA per SM).
 
   Args:
@@ -188,6 +209,9 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
     w8_smem: int8[2, 2, block_n, block_k] widened weight tiles (per
       warpgroup, two slots) when w_gmem is int4, else None.
     cfg: tiles; M, N, K must be multiples of the CTA tile and block_k.
+    col_scale_first: y = (acc * sw) * sx instead of (acc * sx) * sw, the
+      f32 order of the untransposed product when the kernel computes yᵀ
+      (`w4a4_matmul_mosaic_wt`: weights in x's place).
   """
   m, k = x_gmem.shape
   n = w_gmem.shape[0]
@@ -260,9 +284,10 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
           plgpu.barrier_wait(s_barrier.at[2 * wg + 1])
           sx = _load(sx_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
           sw = _load(sw_smem.at[wg], plgpu.Layout.WGMMA.reduce(0))
-          y = (acc_ref[...].astype(jnp.float32)
-               * lax.broadcast_in_dim(sx, (bm, bn), (0,))
-               * lax.broadcast_in_dim(sw, (bm, bn), (1,)))
+          rows = lax.broadcast_in_dim(sx, (bm, bn), (0,))
+          cols = lax.broadcast_in_dim(sw, (bm, bn), (1,))
+          acc = acc_ref[...].astype(jnp.float32)
+          y = (acc * cols * rows) if col_scale_first else (acc * rows * cols)
           y = y.astype(o_gmem.dtype)
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           em, en = cfg.epi_block_m, cfg.epi_block_n
@@ -368,7 +393,8 @@ def _check(x, w, s_x, s_w, w_dtype):
   return m, n, k
 
 
-def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
+def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
+                 col_scale_first=False, kernel_name="w4a4_matmul_mosaic"):
   """Pads to the tiles and runs the kernel.
 
   x is packed uint8[M, K // 2] or int8[M, K]; w is packed uint8[N, K // 2]
@@ -402,7 +428,8 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
   em, en = cfg.epi_block_m, cfg.epi_block_n
   _, o_tf = _transforms(en, out_dtype)
   call = plgpu.kernel(
-      functools.partial(w4a4_matmul_mosaic_kernel, cfg=cfg),
+      functools.partial(w4a4_matmul_mosaic_kernel, cfg=cfg,
+                        col_scale_first=col_scale_first),
       out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
       scratch_types=dict(
           o_smem=plgpu.SMEM((2, 2, em, en), out_dtype, transforms=o_tf),
@@ -415,7 +442,7 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug):
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
-      kernel_name="w4a4_matmul_mosaic",
+      kernel_name=kernel_name,
   )
   if debug:
     print(jax.make_jaxpr(call)(x, w, sx, sw))
@@ -492,3 +519,45 @@ def w4a4_matmul_mosaic_w8(x: jax.Array, w_i8: jax.Array, s_x: jax.Array,
   _check(x, w_i8, s_x, s_w, jnp.int8)
   return _mgpu_matmul(x, w_i8, s_x, s_w, x_operand=x_operand,
                       out_dtype=out_dtype, config=config, debug=debug)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "debug"))
+def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
+                          s_w: jax.Array, *, out_dtype=jnp.bfloat16,
+                          config: W4A4MosaicConfig | None = None,
+                          debug: bool = False) -> jax.Array:
+  """yᵀ = (w_q · xᵀ) * s_w * s_x: the weights as wgmma's register operand.
+
+  The same kernel with the operands' roles swapped: the int4 weight tile is
+  operand A, widened int4 -> int8 in registers (no shared-memory round trip,
+  the cost of `w4a4_matmul_mosaic`'s weight widening), and the int8
+  activation codes are operand B, straight from shared memory. The result
+  comes transposed; `.T` of it is `w4a4_matmul_mosaic`'s y bit for bit (the
+  scales are applied in the same f32 order), and XLA fuses that transpose
+  into an elementwise consumer (a residual add, SwiGLU, RoPE).
+
+  Args:
+    x: int8[M, K] activation codes in [-8, 7], or uint8[M, K // 2] packed
+      (widened to int8 by XLA first).
+    w_q: uint8[N, K // 2] packed int4 weights.
+    s_x: f32[M] per-token scales.
+    s_w: f32[N] per-output-channel scales.
+    out_dtype: dtype of yᵀ.
+    config: tiles of the [N, M] product (block_m along N, block_n along M);
+      `default_w4a4_mosaic_wt_config` when None.
+    debug: print the kernel's jaxpr.
+
+  Returns:
+    yᵀ: [N, M] in `out_dtype`.
+
+  Raises:
+    ValueError: shapes, dtypes or options that do not fit together.
+  """
+  _check(x, w_q, s_x, s_w, jnp.uint8)
+  if x.dtype == jnp.uint8:
+    x = int4_layout.unpack_int4(x, signed=True)
+  return _mgpu_matmul(w_q, x, s_w, s_x, x_operand="registers",
+                      out_dtype=out_dtype,
+                      config=config or default_w4a4_mosaic_wt_config(),
+                      debug=debug, col_scale_first=True,
+                      kernel_name="w4a4_matmul_mosaic_wt")

@@ -160,17 +160,27 @@ def default_w4a4_mosaic_config(*, x_int4: bool, w_int4: bool,
   return cfg
 
 
-def default_w4a4_mosaic_wt_config() -> W4A4MosaicConfig:
+def default_w4a4_mosaic_wt_config(out_dtype=jnp.bfloat16
+                                   ) -> W4A4MosaicConfig:
   """Tiles of `w4a4_matmul_mosaic_wt` (yᵀ: block_m runs along N).
 
-  The two compute warpgroups own 128 weight rows each (wg_dimension='m')
-  and share one 128-token tile of codes; 256-wide K steps, 2 deep. The
-  fastest of four configs at 6 of 8 LLaMA-2-7B prefill shapes (H200,
-  2026-12-04, `bench_int4_matmul --variants=mosaic_wt`; the other two within
-  3%; BENCHMARKS.md).
+  The two compute warpgroups own 64 weight rows each (wg_dimension='m') and
+  share one 256-token tile of codes, so each weight fragment widened in
+  registers feeds 256 tokens (128-token tiles were 4-20% slower); 256-wide
+  K steps, 2 deep (two 256 x 256 int8 code tiles already take 128 KB of
+  shared memory). Fastest or within 3% of the fastest of seven configs at
+  the 16 LLaMA-2-7B/13B prefill shapes (H200, 2026-12-04,
+  `bench_int4_matmul --variants=mosaic_wt`; BENCHMARKS.md). A 32-bit
+  `out_dtype` doubles the epilogue's staging and overflows shared memory
+  by 64 bytes there: 128-wide K steps, 3 deep, instead.
   """
-  return W4A4MosaicConfig(wg_dimension="m", block_k=256,
-                          max_concurrent_steps=2)
+  for block_k, steps in ((256, 2), (128, 3), (128, 2)):
+    cfg = W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=256,
+                           block_k=block_k, max_concurrent_steps=steps)
+    if smem_bytes(cfg, x_int4=True, w_int4=False,
+                  out_dtype=out_dtype) + 1024 <= _SMEM_BYTES:
+      return cfg
+  return cfg
 
 
 def _transforms(minor_elems: int, dtype) -> tuple[int, tuple]:
@@ -558,6 +568,6 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
     x = int4_layout.unpack_int4(x, signed=True)
   return _mgpu_matmul(w_q, x, s_w, s_x, x_operand="registers",
                       out_dtype=out_dtype,
-                      config=config or default_w4a4_mosaic_wt_config(),
+                      config=config or default_w4a4_mosaic_wt_config(out_dtype),
                       debug=debug, col_scale_first=True,
                       kernel_name="w4a4_matmul_mosaic_wt")

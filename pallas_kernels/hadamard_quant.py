@@ -272,63 +272,87 @@ def _round_half_even(v: jax.Array) -> jax.Array:
   return jnp.where(up, f + 1.0, f)
 
 
+def _pieces(n: int, most: int) -> tuple[tuple[int, int, int], ...]:
+  """(start, size, first) blocks that cover [0, n): n rounded up to a
+  multiple of 32, cut into powers of two of at most `most`, largest first.
+  Triton blocks are powers of two; pieces pad the order-172 base of
+  K = 11008 to 192 (128 + 64) instead of 256, 1.6x less padded work in its
+  dots. A last piece that would run past n starts earlier instead (at
+  n - size; Pallas rejects a slice that starts inside an axis and runs
+  past it), overlapping the one before: `first` is where its own columns
+  begin (a load masks those before; a store writes them twice, the same
+  values)."""
+  total, start, out = -(-n // 32) * 32, 0, []
+  while start < total:
+    size = min(most, 1 << ((total - start).bit_length() - 1))
+    out.append((max(0, min(start, n - size)), size, start))
+    start += size
+  return tuple(out)
+
+
 def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
                           use_left: bool, norm: float, clip_ratio: float,
-                          rows: int):
+                          rows: int, in_pieces, out_pieces):
   """A few rows: transform, absmax, codes, packed bytes (or int8 codes).
   Rows at or past `rows` (the padding up to `out_rows`) quantize zeros:
   codes 0, scale 1."""
-  # x_ref: [rows, a, r]; left_ref: [ap, ap]; r0_ref, r1_ref: [rp, rp // 2],
-  # the even and odd columns of R (packed) or its first and second halves;
-  # q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, 2, r // 2] (the
-  # halves; in memory the same as [a, r]); s_ref: f32[rows] (ap, rp: a, r
-  # rounded up to powers of two, as Triton needs; the padded rows and
-  # columns of the matrices are zero).
+  # x_ref: [rows, a, r]; left_ref: [ap, ap]; right_refs: [ri, ro] each, the
+  # even and odd columns of R (packed) or R itself, zero-padded to the
+  # pieces' extents (ri: r in `in_pieces`, ro: r // 2 or r in `out_pieces`);
+  # q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, r]; s_ref:
+  # f32[rows] (ap: a rounded up to a power of two, as Triton needs).
   *right_refs, q_ref, s_ref = refs
   n_rows, a, r = x_ref.shape
-  ap, rp = left_ref.shape[0], right_refs[0].shape[0]
+  ap = left_ref.shape[0]
+  r_out = q_ref.shape[2]
   dt = right_refs[0].dtype
   # The matrices are loaded once per program and reused for every row (one
   # row per program spent more L2 traffic on them than on x).
-  rights = [ref[...] for ref in right_refs]
+  blocks = [[[ref[pl.ds(i0, ni), pl.ds(j0, nj)]
+              for j0, nj, _ in out_pieces] for i0, ni, _ in in_pieces]
+            for ref in right_refs]
   left = left_ref[...] if use_left else None
   valid = jnp.arange(ap)[:, None] < a
-  mask = valid & (jnp.arange(rp // 2)[None, :] < r // 2)
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
   scales = jnp.zeros((n_rows,), jnp.float32)
   real = pl.program_id(0) * n_rows < rows  # a program's rows: all or none
   for i in range(n_rows):
     row = jnp.int32(i)  # interpret mode's load/store reject a Python int
-    x = plgpu.load(x_ref.at[row, pl.ds(0, ap), pl.ds(0, rp)],
-                   mask=valid & (jnp.arange(rp)[None, :] < r), other=0)
-    x = jnp.where(real, x, 0).astype(dt)
-    halves = [dot(x, right) for right in rights]  # f32 [ap, rp // 2]
+    xs = []
+    for i0, ni, first in in_pieces:
+      col = i0 + jnp.arange(ni)[None, :]
+      xs.append(jnp.where(real, plgpu.load(
+          x_ref.at[row, pl.ds(0, ap), pl.ds(i0, ni)],
+          mask=valid & (col >= first) & (col < r), other=0), 0).astype(dt))
+    # zs[p][j]: f32 [ap, nj], columns of piece j of right matrix p.
+    zs = [[functools.reduce(jnp.add, [dot(x, blk[i][j])
+                                      for i, x in enumerate(xs)])
+           for j in range(len(out_pieces))] for blk in blocks]
     if use_left:
       if dt == jnp.float32:
-        halves = [dot(left, z) for z in halves]
+        zs = [[dot(left, z) for z in zp] for zp in zs]
       else:  # 16-bit: split the f32 intermediate so the left dot stays exact
-        split = []
-        for z in halves:
+        def exact_left(z):
           z_hi = z.astype(dt)
           z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
-          split.append(dot(left, z_hi) + dot(left, z_lo))
-        halves = split
-    ys = [z * norm for z in halves]
-    absmax = functools.reduce(jnp.maximum,
-                              [jnp.max(jnp.abs(y)) for y in ys])
+          return dot(left, z_hi) + dot(left, z_lo)
+        zs = [[exact_left(z) for z in zp] for zp in zs]
+    ys = [[z * norm for z in zp] for zp in zs]
+    absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y))
+                                            for yp in ys for y in yp])
     scale = _row_scales(absmax, clip_ratio)
-    codes = [jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
-             for y in ys]
-    if packed:
-      out = ((codes[0] & 0xF) | ((codes[1] & 0xF) << 4)).astype(jnp.uint8)
-      plgpu.store(q_ref.at[row, pl.ds(0, ap), pl.ds(0, rp // 2)], out,
+    codes = [[jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
+              for y in yp] for yp in ys]
+    for j, (j0, nj, _) in enumerate(out_pieces):
+      mask = valid & (j0 + jnp.arange(nj)[None, :] < r_out)
+      if packed:
+        out = ((codes[0][j] & 0xF) | ((codes[1][j] & 0xF) << 4)
+               ).astype(jnp.uint8)
+      else:
+        out = codes[0][j].astype(jnp.int8)
+      plgpu.store(q_ref.at[row, pl.ds(0, ap), pl.ds(j0, nj)], out,
                   mask=mask)
-    else:  # Two half-width stores keep the dots the packed kernel's size.
-      for h, half in enumerate(codes):
-        plgpu.store(
-            q_ref.at[row, pl.ds(0, ap), pl.ds(h, 1), pl.ds(0, rp // 2)],
-            half.astype(jnp.int8)[:, None, :], mask=mask[:, None, :])
     scales = jnp.where(jnp.arange(n_rows) == i, scale, scales)
   s_ref[...] = scales
 
@@ -344,15 +368,19 @@ def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, max_ref, *,
   # zero); y_ref: f32[1, a, r], this program stores the real [a] rows of its
   # columns below r; max_ref: f32[1, 1], this program's partial absmax.
   _, a, r = x_ref.shape
-  ap, (rp, w) = left_ref.shape[0], right_ref.shape
+  ap, w = left_ref.shape[0], right_ref.shape[1]
   dt = right_ref.dtype
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
   valid = jnp.arange(ap)[:, None] < a
   row = jnp.int32(0)  # interpret mode's load/store reject a Python int
-  x = plgpu.load(x_ref.at[row, pl.ds(0, ap), pl.ds(0, rp)],
-                 mask=valid & (jnp.arange(rp)[None, :] < r), other=0)
-  z = dot(x.astype(dt), right_ref[...])  # f32 [ap, w]
+  # The fused kernel's pieces of R's rows, summed in its order.
+  z = 0.0  # f32 [ap, w]
+  for i0, ni, first in _pieces(r, 256):
+    col = i0 + jnp.arange(ni)[None, :]
+    x = plgpu.load(x_ref.at[row, pl.ds(0, ap), pl.ds(i0, ni)],
+                   mask=valid & (col >= first) & (col < r), other=0)
+    z = z + dot(x.astype(dt), right_ref[pl.ds(i0, ni), :])
   if use_left:
     left = left_ref[...]
     if dt == jnp.float32:
@@ -686,28 +714,32 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
     return _quantize_chunks(y, maxima, clip_ratio, packed, cfg, interpret,
                             debug, out_rows)
   per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)
-  rights = ((right[:, 0::2], right[:, 1::2]) if packed
-            else (right[:, :r // 2], right[:, r // 2:]))
-  q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else (
-      (a, 2, r // 2), jnp.int8)
+  # Packed: even and odd columns of R (byte j = columns 2j, 2j + 1 of the
+  # [a, r] view, as r is even); int8 codes: R whole.
+  rights = (right[:, 0::2], right[:, 1::2]) if packed else (right,)
+  r_out = r // 2 if packed else r
+  in_pieces, out_pieces = _pieces(r, 256), _pieces(r_out, 128)
+  extent = lambda pieces, n: max([n] + [i + size for i, size, _ in pieces])
+  q_dtype = jnp.uint8 if packed else jnp.int8
   kernel = functools.partial(
       hadamard_quant_kernel, packed=packed, use_left=a > 1, norm=norm,
-      clip_ratio=clip_ratio, rows=rows)
+      clip_ratio=clip_ratio, rows=rows, in_pieces=in_pieces,
+      out_pieces=out_pieces)
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+  right_shape = (extent(in_pieces, r), extent(out_pieces, r_out))
   x_q, s_x = pl.pallas_call(
       kernel,
       grid=(out_rows // per_program,),
       in_specs=[pl.BlockSpec((per_program, a, r),
                              lambda i: (jnp.minimum(i, last), 0, 0)),
-                full((ap, ap))] + [full((rp, rp // 2))] * 2,
-      out_specs=[pl.BlockSpec((per_program, *q_block),
-                              lambda i: (i,) + (0,) * len(q_block)),
+                full((ap, ap))] + [full(right_shape)] * len(rights),
+      out_specs=[pl.BlockSpec((per_program, a, r_out), lambda i: (i, 0, 0)),
                  pl.BlockSpec((per_program,), lambda i: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((out_rows, *q_block), q_dtype),
+      out_shape=[jax.ShapeDtypeStruct((out_rows, a, r_out), q_dtype),
                  jax.ShapeDtypeStruct((out_rows,), jnp.float32)],
       compiler_params=params, interpret=interpret, debug=debug,
       name="hadamard_quant",
-  )(x3, pad(left, (ap, ap)), *[pad(t, (rp, rp // 2)) for t in rights])
+  )(x3, pad(left, (ap, ap)), *[pad(t, right_shape) for t in rights])
   return _shaped(x_q, s_x, lead, rows, out_rows)
 
 

@@ -8,8 +8,9 @@ Backends (the `implementation` argument):
             `mosaic_gpu.w4a4_matmul_mosaic_wt`: the int4 weights are
             wgmma's register operand, widened in registers, the codes come
             from shared memory, and the kernel's yᵀ is transposed back here
-            (XLA fuses that into an elementwise consumer; 1.12-1.18x
-            `w4a4_matmul_mosaic` on the LLaMA-2-7B shapes, BENCHMARKS.md).
+            (XLA fuses that into an elementwise consumer; 1.22-1.31x
+            `w4a4_matmul_mosaic` and 0.82-1.08x XLA int8 on the LLaMA-2
+            7B/13B shapes, BENCHMARKS.md).
             Packed x runs `mosaic_gpu.w4a4_matmul_mosaic` (x widened in
             registers, the weights through shared memory).
   'triton'  `triton.w4a4_matmul_triton` (any GPU, or interpret mode): int8

@@ -30,9 +30,9 @@ Hopper has no int4 tensor-core MMA, so the kernel runs int8 wgmma:
 the int4 weights are operand A, widened in registers, and the int8
 activation codes operand B from shared memory, so nothing is widened
 through shared memory; it computes yᵀ = w · xᵀ (the caller transposes; XLA
-fuses that into the consumer). 1.12-1.18x `w4a4_matmul_mosaic` and
-0.85-0.97x XLA's int8 dot at the LLaMA-2-7B prefill shapes (H200,
-2026-12-04, BENCHMARKS.md).
+fuses that into the consumer). With 256-token tiles: 1.22-1.31x
+`w4a4_matmul_mosaic` and 0.82-1.08x XLA's int8 dot at the LLaMA-2 7B/13B
+prefill shapes (H200, 2026-12-04, BENCHMARKS.md).
 The grid is persistent (one CTA per SM, `planar_snake` tile order); each CTA
 has two compute warpgroups, each owning a [block_m, block_n] output tile,
 and one TMA warpgroup that streams K tiles through a `max_concurrent_steps`

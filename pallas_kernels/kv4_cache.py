@@ -94,6 +94,19 @@ def quantize_kv4(x: jax.Array, *, clip_ratio: float = 0.95,
     NotImplementedError: group_size is neither None nor H.
   """
   _check_x(x, group_size)
+  codes, scale, zero = _quantize_rows(x, clip_ratio)
+  codes = codes.astype(jnp.int8)
+  # [B, T, K, H // 2] -> [B, K, T, H // 2]
+  codes = jnp.swapaxes(int4_layout.pack_int4(codes), 1, 2)
+  # [B, T, K, 1] -> [B, K, T]
+  scale = jnp.swapaxes(scale[..., 0], 1, 2)
+  zero = jnp.swapaxes(zero[..., 0], 1, 2).astype(jnp.uint8)
+  return KV4(codes=codes, scale=scale, zero=zero)
+
+
+def _quantize_rows(x: jax.Array, clip_ratio: float):
+  """(codes, scale, zero) in f32 of x [B, T, K, H]: codes [B, T, K, H] in
+  0..15, scale and zero [B, T, K, 1] (zero an integer in 0..15)."""
   x = x.astype(jnp.float32)
   # [B, T, K, 1] ranges, 0 included.
   xmin = jnp.minimum(jnp.min(x, axis=-1, keepdims=True), 0) * clip_ratio
@@ -101,13 +114,31 @@ def quantize_kv4(x: jax.Array, *, clip_ratio: float = 0.95,
   scale = (xmax - xmin) / _MAXQ
   scale = jnp.where(scale > 0, scale, 1.0)
   zero = jnp.round(-xmin / scale)
-  codes = jnp.clip(jnp.round(x / scale) + zero, 0, _MAXQ).astype(jnp.int8)
-  # [B, T, K, H // 2] -> [B, K, T, H // 2]
-  codes = jnp.swapaxes(int4_layout.pack_int4(codes), 1, 2)
-  # [B, T, K, 1] -> [B, K, T]
-  scale = jnp.swapaxes(scale[..., 0], 1, 2)
-  zero = jnp.swapaxes(zero[..., 0], 1, 2).astype(jnp.uint8)
-  return KV4(codes=codes, scale=scale, zero=zero)
+  codes = jnp.clip(jnp.round(x / scale) + zero, 0, _MAXQ)
+  return codes, scale, zero
+
+
+@functools.partial(jax.jit, static_argnames=("clip_ratio",))
+def fake_quantize_kv4(x: jax.Array, *, clip_ratio: float = 0.95
+                      ) -> jax.Array:
+  """What the cache holds for x, in x's layout: `dequantize_kv4` of
+  `quantize_kv4(x)` transposed back, bit for bit (the same f32 codes, zero
+  and scale; uint8 and int8 hold them exactly), without packing, unpacking
+  or transposing (prefill attends over it while the codes go to the cache).
+
+  Args:
+    x: float[B, T, K, H] keys or values.
+    clip_ratio: range clip of the quantizer.
+
+  Returns:
+    f32[B, T, K, H].
+
+  Raises:
+    ValueError: x is not 4-D or H is odd.
+  """
+  _check_x(x, None)
+  codes, scale, zero = _quantize_rows(x, clip_ratio)
+  return (codes - zero) * scale
 
 
 @jax.jit

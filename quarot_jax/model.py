@@ -561,12 +561,15 @@ def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
     def dequantize(c):  # [B, K, S, H // 2] codes -> [B, S, K, H]
       return jnp.swapaxes(kv4_lib.dequantize_kv4(c), 1, 2).astype(q.dtype)
 
-    def chunk():  # The codes write_kv4 just wrote (XLA computes them once).
-      return tuple(
-          dequantize(kv4_lib.quantize_kv4(x, clip_ratio=spec.clip_ratio))
-          for x, spec in ((k, options.k_spec), (v, options.v_spec)))
-
-    out = _flash_prefill(q, chunk,
+    # What write_kv4 just wrote, dequantized, straight from k and v in their
+    # layout (bit for bit; no pack, unpack or transposes), and outside
+    # `_flash_prefill`'s switch, where XLA can share the quantizer's
+    # reductions with write_kv4's.
+    chunk = tuple(
+        kv4_lib.fake_quantize_kv4(x, clip_ratio=spec.clip_ratio
+                                  ).astype(q.dtype)
+        for x, spec in ((k, options.k_spec), (v, options.v_spec)))
+    out = _flash_prefill(q, lambda: chunk,
                          lambda: (dequantize(k_cache), dequantize(v_cache)),
                          write_at, start)
     return out, k_cache, v_cache

@@ -57,6 +57,25 @@ def test_dequantize_kv4_is_quant_dequantize_exactly():
                 + 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("clip_ratio", [0.95, 1.0])
+def test_fake_quantize_kv4_is_the_cache_round_trip_bit_for_bit(dtype,
+                                                              clip_ratio):
+  x = _x((2, 9, 3, 64), seed=5).astype(dtype)
+  x = x.at[1, 4, 2].set(0)  # an all-zero group: scale 1
+  got = kv4_lib.fake_quantize_kv4(x, clip_ratio=clip_ratio)
+  assert got.shape == x.shape and got.dtype == jnp.float32
+  want = kv4_lib.dequantize_kv4(kv4_lib.quantize_kv4(x,
+                                                     clip_ratio=clip_ratio))
+  np.testing.assert_array_equal(np.asarray(got),
+                                np.asarray(want).swapaxes(1, 2))
+  # and the simulated quantizer's values (quant.kv_spec), not just x again
+  q = quant.quantize(x, quant.kv_spec(4, clip_ratio=clip_ratio))
+  np.testing.assert_array_equal(np.asarray(got),
+                                np.asarray(quant.dequantize(q)))
+  assert not np.array_equal(np.asarray(got), np.asarray(x, np.float32))
+
+
 def test_dequantize_kv4_hand_worked():
   # Head [0.0, 1.5, -0.5, 3.0] with clip 1: min -0.5, max 3 -> scale 3.5/15,
   # zero round(0.5 / scale) = round(2.142..) = 2; codes round(x / scale) + 2

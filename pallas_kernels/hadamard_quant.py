@@ -300,9 +300,9 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
   """A few rows: transform, absmax, codes, packed bytes (or int8 codes).
   Rows at or past `rows` (the padding up to `out_rows`) quantize zeros:
   codes 0, scale 1."""
-  # x_ref: [rows, a, r]; left_ref: [ap, ap]; right_refs: [ri, ro] each, the
-  # even and odd columns of R (packed) or R itself, zero-padded to the
-  # pieces' extents (ri: r in `in_pieces`, ro: r // 2 or r in `out_pieces`);
+  # x_ref: [rows, a, r]; left_ref: [ap, ap]; right_refs: the even and odd
+  # columns of R (packed) or R itself, [r, r_out] (r_out: r // 2 or r),
+  # zero-padded only where a single piece is wider than r or r_out;
   # q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, r]; s_ref:
   # f32[rows] (ap: a rounded up to a power of two, as Triton needs).
   *right_refs, q_ref, s_ref = refs

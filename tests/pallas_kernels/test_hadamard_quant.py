@@ -146,6 +146,24 @@ def test_quantize_only_several_rows_per_program(m, block_elements, packed,
   assert len(np.unique(np.asarray(got_s))) > m // 2
 
 
+@pytest.mark.parametrize("n, most, want", [
+    (172, 256, ((0, 128, 0), (108, 64, 128))),  # K = 11008's r: 192, not 256
+    (86, 128, ((0, 64, 0), (54, 32, 64))),      # its even/odd halves
+    (256, 256, ((0, 256, 0),)),                 # a power of two: one piece
+    (256, 128, ((0, 128, 0), (128, 128, 128))),
+    (20, 256, ((0, 32, 0),)),                   # narrower than one piece
+])
+def test_pieces_cover_r_with_powers_of_two(n, most, want):
+  got = hq._pieces(n, most)  # pylint: disable=protected-access
+  assert got == want
+  covered = np.zeros(max(n, 32), int)
+  for start, size, first in got:
+    assert size & (size - 1) == 0 and size <= most and first >= start
+    assert start + size <= n or start == 0  # never starts inside and overruns
+    covered[first:start + size] += 1  # each column once, counting from first
+  assert (covered[:n] == 1).all()
+
+
 @pytest.mark.parametrize("field", ["rows_per_program", "block_elements",
                                    "chunk_elements"])
 def test_config_sizes_must_be_powers_of_two(field):

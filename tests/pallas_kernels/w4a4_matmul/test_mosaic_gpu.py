@@ -164,6 +164,19 @@ def test_weights_as_register_operand_give_y_transposed_on_gpu(
                                 np.asarray(want, np.float32))
 
 
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_weights_as_register_operand_default_tiles_fit_shared_memory(
+    out_dtype):
+  # The wt kernel's "x" is the int4 weights, its "w" the int8 codes. 256
+  # tokens a tile either way; f32 outputs overflowed by 64 bytes at
+  # 256-wide K steps on the H200 (2026-12-04), so they get 128-wide ones.
+  cfg = mgpu.default_w4a4_mosaic_wt_config(out_dtype)
+  assert (cfg.block_m, cfg.block_n, cfg.wg_dimension) == (64, 256, "m")
+  assert cfg.block_k == (256 if out_dtype == jnp.bfloat16 else 128)
+  assert mgpu.smem_bytes(cfg, x_int4=True, w_int4=False,
+                         out_dtype=out_dtype) + 1024 <= 232448
+
+
 def test_weights_as_register_operand_check_their_arguments():
   xq, wq, sx, sw = _operands(128, 256, 128)
   with pytest.raises(ValueError, match="scales must be"):

@@ -82,17 +82,14 @@ _MOSAIC_X_INT8_CONFIGS = (
                           wgmma_depth=1, max_concurrent_steps=3),
 )
 _MOSAIC_WT_CONFIGS = (  # tiles of yᵀ [N, M]: block_m along N.
-    None,
+    None,  # `default_w4a4_mosaic_wt_config`
     mgpu.W4A4MosaicConfig(wg_dimension="m", grid_minor_dim="m"),
     mgpu.W4A4MosaicConfig(wg_dimension="m", grid_minor_dim="n"),
     mgpu.W4A4MosaicConfig(wg_dimension="m", block_k=256,
                           max_concurrent_steps=2),
-    # Wider token tiles: each widened weight fragment feeds 256 tokens.
+    # 256-token tiles (None, the default, has them with 256-wide K steps;
+    # wg_dimension='n' at these tiles overflows shared memory: 314432 B).
     mgpu.W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=256),
-    mgpu.W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=256,
-                          block_k=256, max_concurrent_steps=2),
-    mgpu.W4A4MosaicConfig(wg_dimension="n", block_m=64, block_n=256,
-                          block_k=256, max_concurrent_steps=2),
 )
 _W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,

@@ -564,7 +564,8 @@ def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
     # What write_kv4 just wrote, dequantized, straight from k and v in their
     # layout (bit for bit; no pack, unpack or transposes), and outside
     # `_flash_prefill`'s switch, where XLA can share the quantizer's
-    # reductions with write_kv4's.
+    # reductions with write_kv4's (a traced write_at > 0, which reads the
+    # cache instead, pays one unused elementwise pass over this step's k, v).
     chunk = tuple(
         kv4_lib.fake_quantize_kv4(x, clip_ratio=spec.clip_ratio
                                   ).astype(q.dtype)

@@ -11,9 +11,11 @@ weights, both widened to int8 inside the kernel); `mosaic_gpu_x_int8`
 the model runs); `mosaic_gpu_w8` and `mosaic_gpu_w8_x_int8` (the diagnostic
 w4a4_matmul_mosaic_w8: weights widened to int8 once, at load, at twice the
 weight memory). `--variants=mosaic_wt` times w4a4_matmul_mosaic_wt (the
-weights as the register operand, yᵀ out; `mosaic_gpu_wt`), then the
-model's use of each: `residual + y` (`mosaic_gpu_x_int8_add`) against
-`residual + yᵀ.T` (`mosaic_gpu_wt_add`, the transpose fused into the add).
+weights as the register operand, y stored through an in-register
+transpose; `mosaic_gpu_wt`), the same storing yᵀ (`mosaic_gpu_wt_yt`), then
+the model's use of each: `residual + y` (`mosaic_gpu_x_int8_add`,
+`mosaic_gpu_wt_add`) against `residual + yᵀ.T` (`mosaic_gpu_wt_yt_add`, the
+transpose fused into the add).
 
 W4A16 (decode) runs each matmul over --decode_layers different weight
 matrices in one jitted call, as a decode step runs one per layer, and
@@ -242,32 +244,43 @@ def _w4a4_case(m: int, k: int, n: int, keys, variants: set[str],
 
 
 def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:
-  """w4a4_matmul_mosaic_wt alone (checked: yᵀ.T == y), then both Mosaic
-  kernels as the model uses them, a residual added to y (checked equal)."""
+  """w4a4_matmul_mosaic_wt alone (y, checked), the same with yᵀ stored as
+  computed (checked: yᵀ.T == y), then the Mosaic kernels as the model used
+  them, a residual added to y (all three checked equal)."""
   x8 = mgpu.unpack_weights(xq)  # int8 codes, what the model hands over
   best_wt = _best(
       lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, sx, sw), c),
-      _MOSAIC_WT_CONFIGS, want.T)
+      _MOSAIC_WT_CONFIGS, want)
   found = [("mosaic_gpu_wt", best_wt),  # and the model's kernel, as it runs
             ("mosaic_gpu_x_int8_model", _best(
                 lambda c: _bind(mgpu.w4a4_matmul_mosaic, (x8, wq, sx, sw), c),
                 (None,), want))]
   if best_wt is None:
     return found
+  cfg = best_wt[1]
+  found.append(("mosaic_gpu_wt_yt", _best(
+      lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, sx, sw), c,
+                      transposed=True), (cfg,), want.T)))
   r = jax.random.normal(jax.random.key(7), want.shape, jnp.bfloat16)
-  add_y = jax.jit(lambda x8, wq, sx, sw, r: r + mgpu.w4a4_matmul_mosaic(
-      x8, wq, sx, sw))
-  add_yt = jax.jit(lambda x8, wq, sx, sw, r: r + mgpu.w4a4_matmul_mosaic_wt(
-      x8, wq, sx, sw, config=best_wt[1]).T)
+  adds = {
+      "mosaic_gpu_x_int8_add": jax.jit(
+          lambda x8, wq, sx, sw, r: r + mgpu.w4a4_matmul_mosaic(
+              x8, wq, sx, sw)),
+      "mosaic_gpu_wt_yt_add": jax.jit(
+          lambda x8, wq, sx, sw, r: r + mgpu.w4a4_matmul_mosaic_wt(
+              x8, wq, sx, sw, config=cfg, transposed=True).T),
+      "mosaic_gpu_wt_add": jax.jit(
+          lambda x8, wq, sx, sw, r: r + mgpu.w4a4_matmul_mosaic_wt(
+              x8, wq, sx, sw, config=cfg))}
   args = (x8, wq, sx, sw, r)
-  same = bool(jnp.array_equal(add_y(*args), add_yt(*args)))
-  print(f"  residual + y == residual + yᵀ.T: {same}")
+  outs = [fn(*args) for fn in adds.values()]
+  same = all(bool(jnp.array_equal(outs[0], o)) for o in outs[1:])
+  print(f"  residual + y: the three ways equal: {same}")
   if same:
-    for name, fn in (("mosaic_gpu_x_int8_add", add_y),
-                     ("mosaic_gpu_wt_add", add_yt)):
+    for name, fn in adds.items():
       ms = benchmarking.median_ms(fn, *args)
       print(f"  {name}: {ms:.4f} ms")
-      found.append((name, (ms, best_wt[1] if "wt" in name else None)))
+      found.append((name, (ms, cfg if "wt" in name else None)))
   return found
 
 

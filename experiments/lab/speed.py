@@ -105,6 +105,50 @@ def _layer(params: Any) -> Any:
   return jax.tree.map(lambda a: a[0], params["layers"])
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerPrefillInputs:
+  """One decoder layer's prefill, bf16 and packed W4A4KV4, ready to time.
+
+  `run(params, x, cache, options, kernels)` (jitted; options and kernels
+  static) returns the layer's output bf16[B, T, D]; `fparams` / `fcache`
+  with `model.FLOAT` is the bf16 layer, `qparams` / `qcache` with
+  `options` the packed one.
+  """
+  run: Any
+  fparams: Any
+  qparams: Any
+  x: jax.Array
+  fcache: kv_cache.KVCache
+  qcache: kv_cache.KVCache
+  options: Any
+
+
+def layer_prefill_inputs(config: LlamaConfig, batch: int, seq: int,
+                         key: jax.Array) -> LayerPrefillInputs:
+  """Random one-layer params (bf16 and packed), input x bf16[B, T, D] and
+  empty caches of T slots for timing or profiling one layer's prefill."""
+  kf, kq, kx = jax.random.split(key, 3)
+  one = dataclasses.replace(config, num_hidden_layers=1)
+  fparams = model.init_params(one, kf, dtype=jnp.bfloat16)
+
+  def run(p, x, cache, opts, kern):
+    out, _, _, _ = model.decoder_layer(
+        x, _layer(p), config=config, options=opts, kernels=kern,
+        k_cache=jax.tree.map(lambda a: a[0], cache.k),
+        v_cache=jax.tree.map(lambda a: a[0], cache.v), write_at=0,
+        start=cache.start)
+    return out
+
+  return LayerPrefillInputs(
+      run=jax.jit(run, static_argnames=("opts", "kern")), fparams=fparams,
+      qparams=packed_like(fparams, kq),
+      x=jax.random.normal(kx, (batch, seq, config.hidden_size),
+                          jnp.bfloat16),
+      fcache=kv_cache.cache_for(one, batch, seq, dtype=jnp.bfloat16),
+      qcache=kv_cache.cache_for(one, batch, seq, packed=True),
+      options=W4A4KV4.run_options(config.head_dim))
+
+
 def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
                   command: str, key: jax.Array,
                   kernels: "str | kernels_lib.Kernels | None" = None
@@ -126,29 +170,15 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
     `stage_totals_ms`.
   """
   kernels = kernels_lib.resolve(kernels)
-  kf, kq, kx, ks = jax.random.split(key, 4)
-  one = dataclasses.replace(config, num_hidden_layers=1)
-  fparams = model.init_params(one, kf, dtype=jnp.bfloat16)
-  qparams = packed_like(fparams, kq)
-  options = W4A4KV4.run_options(config.head_dim)
-  x = jax.random.normal(kx, (batch, seq, config.hidden_size), jnp.bfloat16)
-
-  def run(p, x, cache, opts, kern):
-    out, _, _, _ = model.decoder_layer(
-        x, _layer(p), config=config, options=opts, kernels=kern,
-        k_cache=jax.tree.map(lambda a: a[0], cache.k),
-        v_cache=jax.tree.map(lambda a: a[0], cache.v), write_at=0,
-        start=cache.start)
-    return out
-
-  fcache = kv_cache.cache_for(one, batch, seq, dtype=jnp.bfloat16)
-  qcache = kv_cache.cache_for(one, batch, seq, packed=True)
+  key, ks = jax.random.split(key)
+  lp = layer_prefill_inputs(config, batch, seq, key)
+  run, fparams, qparams, x = lp.run, lp.fparams, lp.qparams, lp.x
+  fcache, qcache, options = lp.fcache, lp.qcache, lp.options
   # Built first, so that a B * T too small for a prefill fails before any
   # timing.
   stages = layer_stages.prefill_stages(
       config, _layer(fparams), _layer(qparams), batch, seq, options=options,
       kernels=kernels, caches=(fcache, qcache), key=ks)
-  run = jax.jit(run, static_argnames=("opts", "kern"))
   float_ms = benchmarking.median_ms(
       lambda: run(fparams, x, fcache, model.FLOAT, kernels))
   ours_ms = benchmarking.median_ms(

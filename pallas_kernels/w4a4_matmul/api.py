@@ -7,10 +7,10 @@ Backends (the `implementation` argument):
             `hadamard_quant(..., packed=False)` writes) run
             `mosaic_gpu.w4a4_matmul_mosaic_wt`: the int4 weights are
             wgmma's register operand, widened in registers, the codes come
-            from shared memory, and the kernel's yᵀ is transposed back here
-            (XLA fuses that into an elementwise consumer; 1.22-1.31x
-            `w4a4_matmul_mosaic` and 0.82-1.08x XLA int8 on the LLaMA-2
-            7B/13B shapes, BENCHMARKS.md).
+            from shared memory, and the kernel transposes its yᵀ tiles in
+            registers before storing y (1.22-1.31x `w4a4_matmul_mosaic`
+            and 0.82-1.08x XLA int8 on the LLaMA-2 7B/13B shapes,
+            BENCHMARKS.md).
             Packed x runs `mosaic_gpu.w4a4_matmul_mosaic` (x widened in
             registers, the weights through shared memory).
   'triton'  `triton.w4a4_matmul_triton` (any GPU, or interpret mode): int8
@@ -87,7 +87,7 @@ def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
                        " 'triton'")
     if x_q.dtype == jnp.int8:
       return mosaic_gpu.w4a4_matmul_mosaic_wt(x_q, w_q, s_x, s_w,
-                                              out_dtype=out_dtype).T
+                                              out_dtype=out_dtype)
     return mosaic_gpu.w4a4_matmul_mosaic(x_q, w_q, s_x, s_w,
                                          out_dtype=out_dtype)
   reference.check_operands(x_q, w_q, s_x, s_w)

@@ -200,7 +200,8 @@ def _load(ref, layout) -> jax.Array:
 def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
                               o_smem, sx_smem, sw_smem, s_barrier,
                               w8_smem=None, *, cfg: W4A4MosaicConfig,
-                              col_scale_first: bool = False):
+                              col_scale_first: bool = False,
+                              transpose_out: bool = False):
   """Persistent warp-specialized kernel body (one CTA per SM).
 
   Args:
@@ -210,9 +211,9 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
       int8[N, K] with values in [-8, 7]; operand B, K-major.
     sx_gmem: f32[M] per-token scales.
     sw_gmem: f32[N] per-channel scales.
-    o_gmem: [M, N] output.
+    o_gmem: [M, N] output ([N, M] with transpose_out).
     o_smem: [2, 2, epi_block_m, epi_block_n] epilogue staging (per warpgroup,
-      two slots).
+      two slots; [2, 2, epi_block_n, epi_block_m] with transpose_out).
     sx_smem: f32[2, block_m] scale tiles (per warpgroup).
     sw_smem: f32[2, block_n] scale tiles (per warpgroup).
     s_barrier: 4 barriers, the scale copies of (warpgroup, which).
@@ -222,6 +223,10 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
     col_scale_first: y = (acc * sw) * sx instead of (acc * sx) * sw, the
       f32 order of the untransposed product when the kernel computes yᵀ
       (`w4a4_matmul_mosaic_wt`: weights in x's place).
+    transpose_out: store yᵀ: each epilogue chunk is transposed in registers
+      (WGMMA -> WGMMA_TRANSPOSED, a lane shuffle) and written through a
+      transposed view of its staging tile, so the TMA store writes rows of
+      yᵀ (`w4a4_matmul_mosaic_wt` hands back y [tokens, N] this way).
   """
   m, k = x_gmem.shape
   n = w_gmem.shape[0]
@@ -305,12 +310,18 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
             for j in range(bn // en):
               slot = (i * (bn // en) + j) % 2
               plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              o_smem[wg, slot] = y[i * em:(i + 1) * em, j * en:(j + 1) * en]
+              chunk = y[i * em:(i + 1) * em, j * en:(j + 1) * en]
+              if transpose_out:
+                plgpu.transpose_ref(o_smem.at[wg, slot], (1, 0))[...] = (
+                    plgpu.layout_cast(chunk, plgpu.Layout.WGMMA_TRANSPOSED))
+                dst = o_gmem.at[cta_n, cta_m].at[wg_n, wg_m].at[
+                    pl.ds(j * en, en), pl.ds(i * em, em)]
+              else:
+                o_smem[wg, slot] = chunk
+                dst = o_gmem.at[cta_m, cta_n].at[wg_m, wg_n].at[
+                    pl.ds(i * em, em), pl.ds(j * en, en)]
               plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(
-                  o_smem.at[wg, slot],
-                  o_gmem.at[cta_m, cta_n].at[wg_m, wg_n].at[
-                      pl.ds(i * em, em), pl.ds(j * en, en)])
+              plgpu.copy_smem_to_gmem(o_smem.at[wg, slot], dst)
 
       def mma_body(idx, x_smem, w_smem, acc_ref):
         # x_smem: int4 or int8[cta_m, block_k]
@@ -404,11 +415,13 @@ def _check(x, w, s_x, s_w, w_dtype):
 
 
 def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
-                 col_scale_first=False, kernel_name="w4a4_matmul_mosaic"):
+                 col_scale_first=False, transpose_out=False,
+                 kernel_name="w4a4_matmul_mosaic"):
   """Pads to the tiles and runs the kernel.
 
   x is packed uint8[M, K // 2] or int8[M, K]; w is packed uint8[N, K // 2]
-  (handed to the kernel as int4 and widened there) or int8[N, K].
+  (handed to the kernel as int4 and widened there) or int8[N, K]. Returns
+  y [M, N], or yᵀ [N, M] with transpose_out.
   """
   m, n = x.shape[0], w.shape[0]
   if x_operand not in ("smem", "registers"):
@@ -436,13 +449,17 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
     scratch["w8_smem"] = plgpu.SMEM((2, 2, cfg.block_n, cfg.block_k),
                                     jnp.int8, transforms=w8_tf)
   em, en = cfg.epi_block_m, cfg.epi_block_n
-  _, o_tf = _transforms(en, out_dtype)
+  out_shape, epi_tile = (mp, np_), (em, en)
+  if transpose_out:
+    out_shape, epi_tile = (np_, mp), (en, em)
+  _, o_tf = _transforms(epi_tile[1], out_dtype)
   call = plgpu.kernel(
       functools.partial(w4a4_matmul_mosaic_kernel, cfg=cfg,
-                        col_scale_first=col_scale_first),
-      out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+                        col_scale_first=col_scale_first,
+                        transpose_out=transpose_out),
+      out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
       scratch_types=dict(
-          o_smem=plgpu.SMEM((2, 2, em, en), out_dtype, transforms=o_tf),
+          o_smem=plgpu.SMEM((2, 2, *epi_tile), out_dtype, transforms=o_tf),
           sx_smem=plgpu.SMEM((2, cfg.block_m), jnp.float32),
           sw_smem=plgpu.SMEM((2, cfg.block_n), jnp.float32),
           s_barrier=plgpu.Barrier(num_barriers=4),
@@ -456,7 +473,8 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
   )
   if debug:
     print(jax.make_jaxpr(call)(x, w, sx, sw))
-  return call(x, w, sx, sw)[:m, :n]
+  out = call(x, w, sx, sw)
+  return out[:n, :m] if transpose_out else out[:m, :n]
 
 
 _STATIC = ("x_operand", "out_dtype", "config", "debug")
@@ -531,20 +549,26 @@ def w4a4_matmul_mosaic_w8(x: jax.Array, w_i8: jax.Array, s_x: jax.Array,
                       out_dtype=out_dtype, config=config, debug=debug)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "debug"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config",
+                                             "transposed", "debug"))
 def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
                           s_w: jax.Array, *, out_dtype=jnp.bfloat16,
                           config: W4A4MosaicConfig | None = None,
+                          transposed: bool = False,
                           debug: bool = False) -> jax.Array:
-  """yᵀ = (w_q · xᵀ) * s_w * s_x: the weights as wgmma's register operand.
+  """y = (x · w_qᵀ) * s_x * s_w, the weights as wgmma's register operand.
 
-  The same kernel with the operands' roles swapped: the int4 weight tile is
-  operand A, widened int4 -> int8 in registers (no shared-memory round trip,
-  the cost of `w4a4_matmul_mosaic`'s weight widening), and the int8
-  activation codes are operand B, straight from shared memory. The result
-  comes transposed; `.T` of it is `w4a4_matmul_mosaic`'s y bit for bit (the
-  scales are applied in the same f32 order), and XLA fuses that transpose
-  into an elementwise consumer (a residual add, SwiGLU, RoPE).
+  The same kernel with the operands' roles swapped: it computes yᵀ = w_q ·
+  xᵀ, the int4 weight tile as operand A, widened int4 -> int8 in registers
+  (no shared-memory round trip, the cost of `w4a4_matmul_mosaic`'s weight
+  widening), and the int8 activation codes as operand B, straight from
+  shared memory. The epilogue transposes each tile in registers and stores
+  y [M, N] (`transposed=False`), `w4a4_matmul_mosaic`'s y bit for bit (the
+  scales are applied in the same f32 order). Storing yᵀ as computed and
+  leaving the transpose to XLA's consumers (RoPE, SwiGLU, the residual add)
+  cost a 7B layer 3.5 ms of transposing fusions at 32768 tokens (H200,
+  2026-12-04, `experiments/prefill_layer_kernels.py`); `transposed=True`
+  keeps that layout for the benchmark.
 
   Args:
     x: int8[M, K] activation codes in [-8, 7], or uint8[M, K // 2] packed
@@ -555,10 +579,11 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
     out_dtype: dtype of yᵀ.
     config: tiles of the [N, M] product (block_m along N, block_n along M);
       `default_w4a4_mosaic_wt_config` when None.
+    transposed: return yᵀ [N, M], the product's own layout.
     debug: print the kernel's jaxpr.
 
   Returns:
-    yᵀ: [N, M] in `out_dtype`.
+    y: [M, N] in `out_dtype` (yᵀ: [N, M] with `transposed`).
 
   Raises:
     ValueError: shapes, dtypes or options that do not fit together.
@@ -570,4 +595,5 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
                       out_dtype=out_dtype,
                       config=config or default_w4a4_mosaic_wt_config(out_dtype),
                       debug=debug, col_scale_first=True,
+                      transpose_out=not transposed,
                       kernel_name="w4a4_matmul_mosaic_wt")

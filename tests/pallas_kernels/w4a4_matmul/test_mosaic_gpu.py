@@ -150,18 +150,22 @@ def test_mgpu_configs_on_gpu(fields, x_operand, widen):
 @pytest.mark.parametrize("m, n, k", _GPU_SHAPES)
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("fields", [{}, dict(wg_dimension="m")], ids=str)
-def test_weights_as_register_operand_give_y_transposed_on_gpu(
-    m, n, k, out_dtype, fields):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weights_as_register_operand_give_y_on_gpu(
+    m, n, k, out_dtype, fields, transposed):
   xq, wq, sx, sw = _operands(m, n, k, seed=m * n + k)
   x8 = mgpu.unpack_weights(xq)  # int8 codes, as the model hands them over
-  got_t = mgpu.w4a4_matmul_mosaic_wt(x8, wq, sx, sw, out_dtype=out_dtype,
-                                     config=Config(**fields) if fields
-                                     else None)
-  assert got_t.shape == (n, m)
+  got = mgpu.w4a4_matmul_mosaic_wt(x8, wq, sx, sw, out_dtype=out_dtype,
+                                   config=Config(**fields) if fields
+                                   else None, transposed=transposed)
+  # The kernel computes yᵀ; by default its epilogue transposes each tile in
+  # registers and stores y.
+  assert got.shape == ((n, m) if transposed else (m, n))
   want = _reference(xq, wq, sx, sw, out_dtype=out_dtype)
   # Bit for bit: exact int32 sums, the scales in the reference's f32 order.
-  np.testing.assert_array_equal(np.asarray(got_t.T, np.float32),
-                                np.asarray(want, np.float32))
+  np.testing.assert_array_equal(
+      np.asarray(got.T if transposed else got, np.float32),
+      np.asarray(want, np.float32))
 
 
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])

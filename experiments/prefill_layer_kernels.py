@@ -39,8 +39,8 @@ def main(argv):
     lp = speed.layer_prefill_inputs(config, batch, _SEQ.value,
                                     jax.random.key(0))
     for label, args in (
-        ("bf16", (lp.fparams, lp.x, lp.fcache, model.FLOAT, kernels)),
-        ("w4a4kv4", (lp.qparams, lp.x, lp.qcache, lp.options, kernels))):
+        ("bf16", (lp.flayer, lp.x, lp.fcache, model.FLOAT, kernels)),
+        ("w4a4kv4", (lp.qlayer, lp.x, lp.qcache, lp.options, kernels))):
       fn = lambda *a: lp.run(*a)
       for _ in range(3):  # compile and warm up
         jax.block_until_ready(fn(*args))

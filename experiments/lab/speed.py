@@ -21,6 +21,7 @@ from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import quarot
+from quarot_jax import run_layout
 from quarot_jax.config import LlamaConfig
 
 PRESETS = {
@@ -109,14 +110,18 @@ def _layer(params: Any) -> Any:
 class LayerPrefillInputs:
   """One decoder layer's prefill, bf16 and packed W4A4KV4, ready to time.
 
-  `run(params, x, cache, options, kernels)` (jitted; options and kernels
-  static) returns the layer's output bf16[B, T, D]; `fparams` / `fcache`
-  with `model.FLOAT` is the bf16 layer, `qparams` / `qcache` with
-  `options` the packed one.
+  `run(layer, x, cache, options, kernels)` (jitted; options and kernels
+  static) returns the layer's output bf16[B, T, D]; `flayer` / `fcache`
+  with `model.FLOAT` is the bf16 layer, `qlayer` / `qcache` with `options`
+  the packed one. The layers are in the run layout `generate` uses on a
+  GPU (`run_layout.fuse_projections`: one q/k/v and one gate/up matmul);
+  `fparams` / `qparams` are the same weights stacked and unfused (L = 1).
   """
   run: Any
   fparams: Any
   qparams: Any
+  flayer: Any
+  qlayer: Any
   x: jax.Array
   fcache: kv_cache.KVCache
   qcache: kv_cache.KVCache
@@ -131,17 +136,19 @@ def layer_prefill_inputs(config: LlamaConfig, batch: int, seq: int,
   one = dataclasses.replace(config, num_hidden_layers=1)
   fparams = model.init_params(one, kf, dtype=jnp.bfloat16)
 
-  def run(p, x, cache, opts, kern):
+  def run(layer, x, cache, opts, kern):
     out, _, _, _ = model.decoder_layer(
-        x, _layer(p), config=config, options=opts, kernels=kern,
+        x, layer, config=config, options=opts, kernels=kern,
         k_cache=jax.tree.map(lambda a: a[0], cache.k),
         v_cache=jax.tree.map(lambda a: a[0], cache.v), write_at=0,
         start=cache.start)
     return out
 
+  qparams = packed_like(fparams, kq)
+  fused = lambda p: run_layout.fuse_projections(_layer(p))
   return LayerPrefillInputs(
       run=jax.jit(run, static_argnames=("opts", "kern")), fparams=fparams,
-      qparams=packed_like(fparams, kq),
+      qparams=qparams, flayer=fused(fparams), qlayer=fused(qparams),
       x=jax.random.normal(kx, (batch, seq, config.hidden_size),
                           jnp.bfloat16),
       fcache=kv_cache.cache_for(one, batch, seq, dtype=jnp.bfloat16),
@@ -173,6 +180,7 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   key, ks = jax.random.split(key)
   lp = layer_prefill_inputs(config, batch, seq, key)
   run, fparams, qparams, x = lp.run, lp.fparams, lp.qparams, lp.x
+  flayer, qlayer = lp.flayer, lp.qlayer
   fcache, qcache, options = lp.fcache, lp.qcache, lp.options
   # Built first, so that a B * T too small for a prefill fails before any
   # timing.
@@ -180,17 +188,17 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
       config, _layer(fparams), _layer(qparams), batch, seq, options=options,
       kernels=kernels, caches=(fcache, qcache), key=ks)
   float_ms = benchmarking.median_ms(
-      lambda: run(fparams, x, fcache, model.FLOAT, kernels))
+      lambda: run(flayer, x, fcache, model.FLOAT, kernels))
   ours_ms = benchmarking.median_ms(
-      lambda: run(qparams, x, qcache, options, kernels))
+      lambda: run(qlayer, x, qcache, options, kernels))
   xla_mm = dataclasses.replace(kernels, w4a4="xla")
   ours_xla_mm_ms = benchmarking.median_ms(
-      lambda: run(qparams, x, qcache, options, xla_mm))
+      lambda: run(qlayer, x, qcache, options, xla_mm))
   triton = {}
   if jax.default_backend() == "gpu":  # The Triton kernel has no CPU path.
     triton_mm = dataclasses.replace(kernels, w4a4="triton")
     ms = benchmarking.median_ms(
-        lambda: run(qparams, x, qcache, options, triton_mm))
+        lambda: run(qlayer, x, qcache, options, triton_mm))
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
                   speedup_triton_matmul=round(float_ms / ms, 3))
   # Each stage's inputs are passed as arguments (none is created inside
@@ -208,6 +216,7 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
       ours_xla_int8_matmul_ms=round(ours_xla_mm_ms, 4),
       speedup_xla_int8_matmul=round(float_ms / ours_xla_mm_ms, 3),
       **triton,
+      layout="fused q/k/v and gate/up (generate's run layout)",
       attention=layer_stages.attention_used(config, kernels),
       baseline_attention=layer_stages.attention_used(config, kernels),
       stages={table: {k: s.what for k, s in named.items()}
@@ -285,9 +294,16 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
   tokens = jax.random.randint(kt, (batch, seq), 0, config.vocab_size,
                               jnp.int32)
 
+  # As generate prefills: with layers unrolled (GPUs), per-layer weights
+  # with q/k/v and gate/up fused, and a per-layer cache.
+  unrolled = kernels.layer_loop == "unrolled"
+  if unrolled:
+    fparams = run_layout.unstack_layers(fparams, fuse=True)
+    qparams = run_layout.unstack_layers(qparams, fuse=True)
+
   def run(params, packed, opts, kern):
     cache = kv_cache.cache_for(config, batch, seq, dtype=jnp.bfloat16,
-                               packed=packed)
+                               packed=packed, per_layer=unrolled)
     return model.forward(params, tokens, config, cache=cache,
                          options=opts, kernels=kern)[0]
 
@@ -315,5 +331,7 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
       **triton,
       attention=layer_stages.attention_used(config, kernels),
       baseline_attention=layer_stages.attention_used(config, kernels),
+      layout=("fused q/k/v and gate/up, layers unrolled (generate's run"
+              " layout)" if unrolled else "stacked, lax.scan"),
       ours_weight_bytes=nbytes(qparams),
       baseline_weight_bytes=nbytes(fparams))]

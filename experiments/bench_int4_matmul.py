@@ -65,6 +65,13 @@ _VARIANTS = flags.DEFINE_list(
     "Which of triton, triton_g128 (group-128 scales), mosaic, mosaic_wt"
     " (weights as the register operand), w4a16 to time.")
 
+_WT_SWEEP = flags.DEFINE_bool(
+    "wt_sweep", True, "mosaic_wt: time every config in _MOSAIC_WT_CONFIGS"
+    " (false: the default tiles only).")
+_WT_EXTRAS = flags.DEFINE_bool(
+    "wt_extras", True, "mosaic_wt: also time the kernel the model ran"
+    " before, the yᵀ layout and the residual adds (false: the kernel alone).")
+
 _W4A4_CONFIGS = (
     w4a4_triton.W4A4TritonConfig(block_m=128, block_n=128, block_k=64,
                                  num_warps=4, num_stages=3),
@@ -250,7 +257,9 @@ def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:
   x8 = mgpu.unpack_weights(xq)  # int8 codes, what the model hands over
   best_wt = _best(
       lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, sx, sw), c),
-      _MOSAIC_WT_CONFIGS, want)
+      _MOSAIC_WT_CONFIGS if _WT_SWEEP.value else (None,), want)
+  if not _WT_EXTRAS.value:
+    return [("mosaic_gpu_wt", best_wt)]
   found = [("mosaic_gpu_wt", best_wt),  # and the model's kernel, as it runs
             ("mosaic_gpu_x_int8_model", _best(
                 lambda c: _bind(mgpu.w4a4_matmul_mosaic, (x8, wq, sx, sw), c),

@@ -174,24 +174,32 @@ def decode_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, tk_ref,
           v_clip_ratio)
 
 
-def _check(qkv, cos, sin, head_signs, k_cache, v_cache, at, num_heads,
-           k_center=None) -> tuple[int, int, int, int, int]:
-  """Shapes and dtypes; returns (B, N, K, S, H)."""
-  b = qkv.shape[0]
+def check_heads(qkv, cos, sin, head_signs, k_cache, num_heads, k_center,
+                *, lead: str) -> tuple[int, int, int]:
+  """The checks `decode_qkv` and `prefill_qkv` share: qkv [*lead, (N + 2K)
+  · H] against the cache's K and H, cos and sin f32[*lead, H], the head
+  transform and the key center. `lead` names qkv's leading axes ('B' or
+  'B, T'). Returns (K, S, H).
+
+  Raises:
+    ValueError: naming the first argument that does not fit.
+  """
   kv_heads, s, h = (k_cache.codes.shape[1], k_cache.codes.shape[2],
                     2 * k_cache.codes.shape[3])
   width = (num_heads + 2 * kv_heads) * h
-  if qkv.ndim != 2 or qkv.shape[1] != width:
+  ndim = len(lead.split(", ")) + 1
+  if qkv.ndim != ndim or qkv.shape[-1] != width:
     raise ValueError(
-        f"qkv must be [B, (N + 2K) * H] = [B, {width}] for N={num_heads}"
-        f" query heads and caches of K={kv_heads} heads of H={h}, got"
-        f" {qkv.shape}")
+        f"qkv must be [{lead}, (N + 2K) * H] = [{lead}, {width}] for"
+        f" N={num_heads} query heads and caches of K={kv_heads} heads of"
+        f" H={h}, got {qkv.shape}")
   if num_heads % kv_heads:
     raise ValueError(f"num_heads={num_heads} must be a multiple of the"
                      f" caches' kv heads K={kv_heads}")
+  want = [*qkv.shape[:-1], h]
   for name, t in (("cos", cos), ("sin", sin)):
-    if t.shape != (b, h) or t.dtype != jnp.float32:
-      raise ValueError(f"{name} must be f32[B, H]={[b, h]}, got"
+    if list(t.shape) != want or t.dtype != jnp.float32:
+      raise ValueError(f"{name} must be f32[{lead}, H]={want}, got"
                        f" {t.dtype}{list(t.shape)}")
   if head_signs is not None and head_signs.shape != (h, h):
     raise ValueError(f"head_signs must be [H, H]={[h, h]}, got"
@@ -199,6 +207,15 @@ def _check(qkv, cos, sin, head_signs, k_cache, v_cache, at, num_heads,
   if k_center is not None and k_center.shape != (kv_heads, h):
     raise ValueError(f"k_center must be [K, H]={[kv_heads, h]}, got"
                      f" {list(k_center.shape)}")
+  return kv_heads, s, h
+
+
+def _check(qkv, cos, sin, head_signs, k_cache, v_cache, at, num_heads,
+           k_center=None) -> tuple[int, int, int, int, int]:
+  """Shapes and dtypes; returns (B, N, K, S, H)."""
+  kv_heads, s, h = check_heads(qkv, cos, sin, head_signs, k_cache,
+                               num_heads, k_center, lead="B")
+  b = qkv.shape[0]
   zeros = jnp.zeros((b, kv_heads, h), qkv.dtype)
   append_lib.check_kv4_append_shapes(k_cache, v_cache, zeros, zeros, at)
   return b, num_heads, kv_heads, s, h
@@ -322,37 +339,45 @@ def decode_qkv_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   `kv4_append_reference`. Arguments and result as in `decode_qkv`."""
   b, n, kv_heads, _, h = _check(qkv, cos, sin, head_signs, k_cache, v_cache,
                                 at, num_heads, k_center)
-  dtype = qkv.dtype
   heads = qkv.reshape(b, n + 2 * kv_heads, h)
   q, k, v = jnp.split(heads, [n, n + kv_heads], axis=1)
-
-  # Each rounding to x's dtype stays (XLA:GPU would otherwise skip a
-  # convert to 16 bits and back inside one fusion), as in the kernel and
-  # in the model's unfused ops, whose roundings are kernel boundaries.
-  rounded = lambda y: (y.astype(dtype) if dtype == jnp.float32 else
-                       jax.lax.optimization_barrier(y.astype(dtype)))
-
-  def rotate(x):  # [B, heads, H]
-    x32 = x.astype(jnp.float32)
-    c, sn = cos[:, None, :], sin[:, None, :]
-    y = jnp.concatenate(rope(x32[..., :h // 2], x32[..., h // 2:],
-                             c[..., :h // 2], c[..., h // 2:],
-                             sn[..., :h // 2], sn[..., h // 2:],
-                             lambda a, b: a * b), axis=-1)
-    y = rounded(y)
-    if head_signs is None:
-      return y
-    z = jnp.einsum("...i,ij->...j", y, head_signs.astype(dtype),
-                   precision=(jax.lax.Precision.HIGHEST
-                              if dtype == jnp.float32 else None),
-                   preferred_element_type=jnp.float32)
-    return rounded(z * jnp.float32(1.0 / math.sqrt(h)))
-
-  q, k = rotate(q), rotate(k)
-  if k_center is not None:
-    k = rounded(k.astype(jnp.float32)
-                - k_center.astype(dtype).astype(jnp.float32))
+  q, k = (rotated_reference(x, cos[:, None, :], sin[:, None, :], head_signs,
+                            k_center=c) for x, c in ((q, None), (k, k_center)))
   k_cache, v_cache = append_lib.kv4_append_reference(
       k_cache, v_cache, k, v, at, k_clip_ratio=k_clip_ratio,
       v_clip_ratio=v_clip_ratio)
   return q, k_cache, v_cache
+
+
+def _rounded(y: jax.Array, dtype) -> jax.Array:
+  """y rounded to a 16-bit `dtype` in a way XLA keeps: XLA:GPU would skip a
+  convert to 16 bits and back inside one fusion, where the kernels and the
+  model's unfused ops round (at their kernel boundaries)."""
+  return (y.astype(dtype) if dtype == jnp.float32 else
+          jax.lax.optimization_barrier(y.astype(dtype)))
+
+
+def rotated_reference(x: jax.Array, cos: jax.Array, sin: jax.Array,
+                      head_signs: jax.Array | None, *,
+                      k_center: jax.Array | None = None) -> jax.Array:
+  """Plain-jnp RoPE, then the head transform, of heads x [..., heads, H]
+  (cos, sin f32 broadcastable to x), each rounding to x's dtype kept; then
+  `k_center` [heads, H] subtracted in f32 and rounded, if given. The
+  unfused path of `decode_qkv` and `prefill_qkv`."""
+  dtype, h = x.dtype, x.shape[-1]
+  x32 = x.astype(jnp.float32)
+  y = jnp.concatenate(rope(x32[..., :h // 2], x32[..., h // 2:],
+                           cos[..., :h // 2], cos[..., h // 2:],
+                           sin[..., :h // 2], sin[..., h // 2:],
+                           lambda a, b: a * b), axis=-1)
+  y = _rounded(y, dtype)
+  if head_signs is not None:
+    z = jnp.einsum("...i,ij->...j", y, head_signs.astype(dtype),
+                   precision=(jax.lax.Precision.HIGHEST
+                              if dtype == jnp.float32 else None),
+                   preferred_element_type=jnp.float32)
+    y = _rounded(z * jnp.float32(1.0 / math.sqrt(h)), dtype)
+  if k_center is not None:
+    y = _rounded(y.astype(jnp.float32)
+                 - k_center.astype(dtype).astype(jnp.float32), dtype)
+  return y

@@ -117,26 +117,38 @@ def quantize_halves(even: jax.Array, odd: jax.Array, clip_ratio: float,
   (bytes uint8[R, H // 2], scale f32[R], zero u8[R]) of `quantize_kv4`,
   one quantizer per row. `exact`: the GPU's `.rn` PTX products and
   rounding (see the module docstring); False in interpret mode."""
-  mul, rnd = f32_ops(exact)
-  r, h2 = even.shape
-  full = lambda v: jnp.full((r,), v, jnp.float32)
   # [R] ranges, 0 included (min/max are exact in any order).
   xmin = jnp.minimum(jnp.minimum(even.min(axis=1), odd.min(axis=1)), 0.0)
   xmax = jnp.maximum(jnp.maximum(even.max(axis=1), odd.max(axis=1)), 0.0)
+  scale, zero = row_scale_zero(xmin, xmax, clip_ratio, exact)
+  codes = lambda v: row_codes(v, scale, zero, exact)
+  packed = codes(even) | (codes(odd) << 4)  # low nibble = even h
+  return (packed.astype(jnp.uint8), scale,
+          zero.astype(jnp.int32).astype(jnp.uint8))
+
+
+def row_scale_zero(xmin: jax.Array, xmax: jax.Array, clip_ratio: float,
+                   exact: bool) -> tuple[jax.Array, jax.Array]:
+  """In a kernel: the KV4 quantizer's f32 scale and zero point [R] from
+  each row's min and max f32[R] (0 included), as `quantize_kv4`."""
+  mul, rnd = f32_ops(exact)
+  full = lambda v: jnp.full(xmin.shape, v, jnp.float32)
   lo = mul(xmin, full(clip_ratio))
   hi = mul(xmax, full(clip_ratio))
   scale = mul(hi - lo, full(_INV_MAXQ))
   scale = jnp.where(scale > 0, scale, 1.0)
-  zero = rnd(-lo / scale)  # [R], integers in 0..15
-  inv = jax.lax.broadcast_in_dim(1.0 / scale, (r, h2), (0,))
-  zero_row = jax.lax.broadcast_in_dim(zero, (r, h2), (0,))
+  return scale, rnd(-lo / scale)  # zero: integers in 0..15
 
-  def codes(v):  # [R, H // 2] -> int32 codes 0..15
-    return jnp.clip(rnd(mul(v, inv)) + zero_row, 0, _MAXQ).astype(jnp.int32)
 
-  packed = codes(even) | (codes(odd) << 4)  # low nibble = even h
-  return (packed.astype(jnp.uint8), scale,
-          zero.astype(jnp.int32).astype(jnp.uint8))
+def row_codes(v: jax.Array, scale: jax.Array, zero: jax.Array,
+              exact: bool) -> jax.Array:
+  """In a kernel: int32 codes 0..15 of v f32[R, W] with each row's scale
+  and zero point f32[R] (`row_scale_zero`)."""
+  mul, rnd = f32_ops(exact)
+  shape = v.shape
+  inv = jax.lax.broadcast_in_dim(1.0 / scale, shape, (0,))
+  zero_row = jax.lax.broadcast_in_dim(zero, shape, (0,))
+  return jnp.clip(rnd(mul(v, inv)) + zero_row, 0, _MAXQ).astype(jnp.int32)
 
 
 def kv4_append_kernel(at_ref, k_ref, v_ref, kc_in, ks_in, kz_in, vc_in, vs_in,

@@ -64,6 +64,12 @@ class Kernels:
       prefill (`pallas_kernels.rms_norm_quant`, one launch instead of
       three), 'xla' normalizes first. 'pallas' in every GPU setting and
       'interpret'.
+    prefill_qkv: 'pallas' runs a prefill's fused q/k/v output through
+      `pallas_kernels.prefill_qkv` (RoPE, the head Hadamard, the KV4 cache
+      write and the dequantized keys and values flash attention reads, in
+      one launch) when the cache is packed; 'xla' runs those as separate
+      ops. 'pallas' in 'interpret' only: the kernel is not yet timed on a
+      GPU, so the GPU settings keep the ops it would replace.
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -85,6 +91,7 @@ class Kernels:
   decode_matmul: W4A4 = "xla"
   attention: Attention = "xla"
   rms_norm_quant: PallasOrXla = "xla"
+  prefill_qkv: PallasOrXla = "xla"
   interpret: bool = False
   layer_loop: Literal["unrolled", "scan"] = "scan"
 
@@ -95,7 +102,7 @@ class Kernels:
         raise ValueError(f"{name}={value!r} must be 'mosaic', 'triton' or"
                          " 'xla'")
     for name in ("w4a16", "hadamard_quant", "kv4_attention",
-                 "decode_attention", "rms_norm_quant"):
+                 "decode_attention", "rms_norm_quant", "prefill_qkv"):
       value = getattr(self, name)
       if value not in ("pallas", "xla"):
         raise ValueError(f"{name}={value!r} must be 'pallas' or 'xla'")
@@ -178,7 +185,7 @@ def _resolve_ops(kernels: "str | None") -> Kernels:
     return Kernels(w4a4="triton", w4a16="pallas", hadamard_quant="pallas",
                    kv4_attention="pallas", decode_attention="pallas",
                    decode_matmul="triton", rms_norm_quant="pallas",
-                   interpret=True)
+                   prefill_qkv="pallas", interpret=True)
   if setting == "auto":
     if not gpu:
       choice = XLA

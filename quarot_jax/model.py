@@ -54,6 +54,7 @@ from pallas_kernels import decode_qkv as decode_qkv_lib
 from pallas_kernels import kv4_append as kv4_append_lib
 from pallas_kernels import kv4_cache as kv4_lib
 from pallas_kernels import kv4_decode_attention as kv4_attn_lib
+from pallas_kernels import prefill_qkv as prefill_qkv_lib
 from quarot_jax import attention as attention_lib
 from quarot_jax import hadamard
 from quarot_jax import kernels as kernels_lib
@@ -370,6 +371,12 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
           n, options, kernels, k_center=p.get("k_center"))
       o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh)
       return o, k_cache, v_cache, o_in
+    if _use_prefill_qkv(qkv, k_cache, kernels, mesh, h):
+      out, k_cache, v_cache = _prefill_qkv_attention(
+          qkv, positions, inv_freq, k_cache, v_cache, write_at, start, mask,
+          n, options, kernels, k_center=p.get("k_center"))
+      o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh)
+      return o, k_cache, v_cache, o_in
     q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
   else:
     q, k, v = _linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], options,
@@ -512,6 +519,57 @@ def _decode_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,
   return out[:, None].astype(q.dtype), k_cache, v_cache
 
 
+def _use_prefill_qkv(qkv, k_cache, kernels: kernels_lib.Kernels, mesh,
+                     head_dim: int) -> bool:
+  """Whether a prefill's fused qkv goes through `prefill_qkv` (RoPE, head
+  Hadamard, KV4 write and the dequantized k, v in one launch)."""
+  t = qkv.shape[1]
+  return (isinstance(k_cache, kv4_lib.KV4) and t > 1 and mesh is None
+          and kernels.prefill_qkv == "pallas"
+          and prefill_qkv_lib.kernel_takes(head_dim, t)
+          and (kernels.interpret or jax.default_backend() == "gpu"))
+
+
+def _prefill_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,
+                           write_at, start, mask, num_heads: int,
+                           options: RunOptions,
+                           kernels: kernels_lib.Kernels, k_center=None):
+  """Prefill attention over packed KV4 caches from the fused qkv [B, T,
+  (N + 2K) H]: `prefill_qkv`, then the attention of
+  `_packed_cache_attention`'s prefill branch over its q and dequantized k,
+  v (or the whole cache). The same bits as `_rope_heads`, the key center's
+  subtraction and `_packed_cache_attention` (up to the order of the head
+  Hadamard's f32 sums on the GPU).
+
+  Returns:
+    (out [B, T, N, H], k_cache, v_cache).
+  """
+  h = 2 * k_cache.codes.shape[-1]
+  for spec in (options.k_spec, options.v_spec):
+    _check_kv4_spec(spec, h)
+  cos, sin = layers.rope_cos_sin(positions, inv_freq)  # f32[B, T, H]
+  signs = (jnp.asarray(hadamard.hadamard_matrix(h), qkv.dtype)
+           if options.qk_had else None)
+  q, k, v, k_cache, v_cache = prefill_qkv_lib.prefill_qkv(
+      qkv, cos, sin, signs, k_cache, v_cache, write_at, num_heads=num_heads,
+      k_center=k_center, k_clip_ratio=options.k_spec.clip_ratio,
+      v_clip_ratio=options.v_spec.clip_ratio, interpret=kernels.interpret,
+      implementation="pallas")
+  if _use_flash(q, k.shape[2], kernels):
+    out = _flash_prefill(q, lambda: (k, v),
+                         lambda: (_cached_kv(k_cache, q.dtype),
+                                  _cached_kv(v_cache, q.dtype)),
+                         write_at, start)
+    return out, k_cache, v_cache
+  return attend_kv4(q, k_cache, v_cache, mask), k_cache, v_cache
+
+
+def _cached_kv(c: kv4_lib.KV4, dtype) -> jax.Array:
+  """A packed cache dequantized in the model's layout: codes [B, K, S,
+  H // 2] -> [B, S, K, H] in `dtype`."""
+  return jnp.swapaxes(kv4_lib.dequantize_kv4(c), 1, 2).astype(dtype)
+
+
 def _check_kv4_spec(spec, head_dim: int) -> None:
   """A packed KV4 cache stores QuaRot's 4-bit asymmetric per-head codes."""
   if (spec is None or spec.bits != 4 or spec.symmetric
@@ -558,9 +616,6 @@ def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
         implementation=kernels.kv4_attention, interpret=kernels.interpret)
     return out[:, None].astype(q.dtype), k_cache, v_cache
   if _use_flash(q, k.shape[2], kernels):
-    def dequantize(c):  # [B, K, S, H // 2] codes -> [B, S, K, H]
-      return jnp.swapaxes(kv4_lib.dequantize_kv4(c), 1, 2).astype(q.dtype)
-
     # What write_kv4 just wrote, dequantized, straight from k and v in their
     # layout (bit for bit; no pack, unpack or transposes), and outside
     # `_flash_prefill`'s switch, where XLA can share the quantizer's
@@ -571,7 +626,8 @@ def _packed_cache_attention(q, k, v, k_cache, v_cache, write_at, start,
                                   ).astype(q.dtype)
         for x, spec in ((k, options.k_spec), (v, options.v_spec)))
     out = _flash_prefill(q, lambda: chunk,
-                         lambda: (dequantize(k_cache), dequantize(v_cache)),
+                         lambda: (_cached_kv(k_cache, q.dtype),
+                                  _cached_kv(v_cache, q.dtype)),
                          write_at, start)
     return out, k_cache, v_cache
   return attend_kv4(q, k_cache, v_cache, mask), k_cache, v_cache

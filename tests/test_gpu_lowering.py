@@ -8,6 +8,7 @@ seconds, instead of in a scarce GPU call. Kernel *selection* reads the
 platform, so the tests pretend to be on a GPU (`as_if_on_gpu`).
 """
 
+import dataclasses
 import functools
 import re
 
@@ -86,6 +87,16 @@ def test_hopper_prefill_lowers(as_if_on_gpu):
   assert "mosaic_gpu" in text  # the W4A4 prefill matmuls, weights in
   assert "w4a4_matmul_mosaic_wt" in text  # registers (`mosaic_gpu`)
   assert {"rms_norm_quant", "hadamard_quant"} <= _triton_kernels(text)
+
+
+def test_hopper_prefill_lowers_with_prefill_qkv(as_if_on_gpu):
+  # Off in the GPU settings until timed; the lowering takes it already.
+  as_if_on_gpu(hopper=True)
+  kernels = dataclasses.replace(kernels_lib.resolve("auto"),
+                                prefill_qkv="pallas")
+  text = _lowered(2, 1, 64, kernels)
+  assert {"prefill_qkv", "rms_norm_quant",
+          "hadamard_quant"} <= _triton_kernels(text)
 
 
 def test_other_gpu_decode_step_lowers_with_triton_matmuls(as_if_on_gpu):

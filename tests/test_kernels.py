@@ -40,8 +40,10 @@ def test_cpu_settings_run_xla(monkeypatch, setting):
 def test_interpret_runs_every_triton_kernel_in_interpret_mode(monkeypatch):
   for gpu in (False, True):
     _pretend(monkeypatch, gpu=gpu, hopper=gpu)
-    assert kernels.resolve("interpret") == _pallas(
-        "triton", gpu=gpu, interpret=True)
+    # prefill_qkv: interpreted here; the GPU settings keep it off until it
+    # is timed there.
+    assert kernels.resolve("interpret") == dataclasses.replace(_pallas(
+        "triton", gpu=gpu, interpret=True), prefill_qkv="pallas")
 
 
 @pytest.mark.parametrize("setting", ["mosaic", "triton"])

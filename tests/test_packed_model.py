@@ -17,6 +17,7 @@ from quarot_jax import hf
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import quarot
+from quarot_jax import run_layout
 from tests import decode_steps
 from tests import hf_models
 
@@ -131,6 +132,31 @@ def test_fused_decode_qkv_equals_the_unfused_decode(tiny):
                                   progress=False)
   (got, got_cache), (want, want_cache) = decode_steps.fused_and_unfused_decode(
       real, config, options, tokens, slots=16)
+  assert _rel(got, want) < 1e-4
+  # These tiny models are f32: an f32 scale may differ in its last bits.
+  decode_steps.assert_same_caches(got_cache, want_cache, scale_rtol=2 ** -21)
+
+
+def test_fused_prefill_through_prefill_qkv_equals_the_unfused_ops(tiny):
+  """Run layout (fused qkv_proj) with interpreted kernels: a 16-token
+  prefill goes through `prefill_qkv` and gives the logits and KV4 cache
+  of the op-by-op prefill (apply_rope, head Hadamard, key center,
+  write_kv4)."""
+  params, config, _ = tiny
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 16, seed=4)
+  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
+                                  progress=False)
+  fused = run_layout.unstack_layers(real, fuse=True)
+  unfused = run_layout.unstack_layers(real)
+  cache = kv_cache.cache_for(config, 2, 24, packed=True, per_layer=True)
+  step = lambda p, k: model.forward(p, tokens, config, cache=cache,
+                                    options=options, kernels=k)
+  assert "prefill_qkv" in str(jax.make_jaxpr(
+      lambda p: step(p, "interpret")[0])(fused))
+  assert "prefill_qkv" not in str(jax.make_jaxpr(
+      lambda p: step(p, "interpret")[0])(unfused))
+  got, got_cache = step(fused, "interpret")
+  want, want_cache = step(unfused, "xla")
   assert _rel(got, want) < 1e-4
   # These tiny models are f32: an f32 scale may differ in its last bits.
   decode_steps.assert_same_caches(got_cache, want_cache, scale_rtol=2 ** -21)

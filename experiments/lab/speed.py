@@ -164,7 +164,8 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
 
   Both run with `kernels` (resolved here); the record also times the
   W4A4 layer with its matmuls as XLA int8 dots and (on a GPU) as the
-  Triton kernel. The stages (`layer_stages.prefill_stages`) are the pieces
+  Triton kernel, and with `prefill_qkv` on (`ours_prefill_qkv_ms`; off in
+  the GPU settings until it is timed). The stages (`layer_stages.prefill_stages`) are the pieces
   of each layer, each jitted on its own; B * T must exceed
   `kernels.DECODE_ROWS`.
 
@@ -195,12 +196,17 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   ours_xla_mm_ms = benchmarking.median_ms(
       lambda: run(qlayer, x, qcache, options, xla_mm))
   triton = {}
-  if jax.default_backend() == "gpu":  # The Triton kernel has no CPU path.
+  if jax.default_backend() == "gpu":  # The Triton kernels have no CPU path.
     triton_mm = dataclasses.replace(kernels, w4a4="triton")
     ms = benchmarking.median_ms(
         lambda: run(qlayer, x, qcache, options, triton_mm))
+    pq = dataclasses.replace(kernels, prefill_qkv="pallas")
+    pq_ms = benchmarking.median_ms(
+        lambda: run(qlayer, x, qcache, options, pq))
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
-                  speedup_triton_matmul=round(float_ms / ms, 3))
+                  speedup_triton_matmul=round(float_ms / ms, 3),
+                  ours_prefill_qkv_ms=round(pq_ms, 4),
+                  speedup_prefill_qkv=round(float_ms / pq_ms, 3))
   # Each stage's inputs are passed as arguments (none is created inside
   # the timed call), after three warm-up calls that compile it.
   ms = {table: {name: benchmarking.median_ms(stage.fn, *stage.args)
@@ -279,7 +285,8 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
                   ) -> list[dict]:
   """Whole-model prefill (writing the cache): bf16 vs W4A4KV4.
 
-  Both run with `kernels` (resolved here), as `layer_prefill`.
+  Both run with `kernels` (resolved here), as `layer_prefill` (also its
+  variants: XLA int8 and Triton matmuls, `prefill_qkv` on).
 
   Returns:
     A `model_prefill` record with tokens/s, the bytes of weights, and the
@@ -315,11 +322,15 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
   xla_mm_ms = timed(qparams, True, options,
                     dataclasses.replace(kernels, w4a4="xla"))
   triton = {}
-  if jax.default_backend() == "gpu":  # The Triton kernel has no CPU path.
+  if jax.default_backend() == "gpu":  # The Triton kernels have no CPU path.
     ms = timed(qparams, True, options,
                dataclasses.replace(kernels, w4a4="triton"))
+    pq_ms = timed(qparams, True, options,
+                  dataclasses.replace(kernels, prefill_qkv="pallas"))
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
-                  speedup_triton_matmul=round(float_ms / ms, 3))
+                  speedup_triton_matmul=round(float_ms / ms, 3),
+                  ours_prefill_qkv_ms=round(pq_ms, 4),
+                  speedup_prefill_qkv=round(float_ms / pq_ms, 3))
   tps = lambda ms: batch * seq / (ms / 1e3)
   return [benchmarking.record(
       "model_prefill", f"{_name(config)} b{batch} s{seq}", ours_ms,

@@ -14,6 +14,7 @@ import pytest
 from quarot_jax import checkpoint
 from quarot_jax import generation
 from quarot_jax import hf
+from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import quarot
@@ -173,6 +174,29 @@ def test_packed_forward_on_gpu_uses_mosaic_matmul_and_matches_reference():
                 static_argnames="k")
   assert "w4a4_matmul_mosaic_wt" in fwd.lower(real, "mosaic").as_text()
   assert _rel(fwd(real, "mosaic"), fwd(real, "xla")) < 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_qkv_gives_the_unfused_prefill():
+  """kernels.prefill_qkv='pallas' on the GPU (off in 'auto' until timed):
+  the same logits and caches as the XLA ops it replaces, up to the order
+  of the head Hadamard's f32 sums."""
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 32, seed=6)
+  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
+                                  progress=False)
+  fused = run_layout.unstack_layers(real, fuse=True)
+  auto = kernels_lib.resolve("auto")
+  on = dataclasses.replace(auto, prefill_qkv="pallas")
+  cache = kv_cache.cache_for(config, 2, 40, packed=True, per_layer=True)
+  fwd = jax.jit(lambda p, k: model.forward(p, tokens, config, cache=cache,
+                                           options=options, kernels=k),
+                static_argnames="k")
+  assert "prefill_qkv" in fwd.lower(fused, on).as_text()
+  (got, got_cache), (want, want_cache) = fwd(fused, on), fwd(fused, auto)
+  assert _rel(got, want) < 1e-3
+  for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    assert np.mean(np.asarray(g) != np.asarray(w)) < 1e-2
 
 
 def test_generate_on_packed_params_agrees_with_simulated():

@@ -29,11 +29,12 @@ key center subtracted in f32 and rounded; the KV4 quantizer of
 `kv4_append` (`row_scale_zero`, `row_codes`) on each token's head; the
 dequantized values (code - zero) * scale in f32.
 
-Grid (B, T / bt, N + 2K): program (b, i, j) takes tokens i·bt .. of row b
-and head j of qkv as one [bt, H] tile (a query, key or value head). The
-tile's halves give RoPE without a concatenate; rotate-half and T are dots
-(one exact product per output for the signed permutation, as in
-`decode_qkv`). Keys and values are quantized in their element order, and
+Grid (B, T / bt, (N + 2K) / hb): program (b, i, g) takes tokens i·bt .. of
+row b and heads g·hb .. (g + 1)·hb of qkv (`heads_per_program`: all
+queries, all keys or all values), each as a [bt, H] tile, with the
+tokens' cos and sin read once for its hb heads (one head a program read
+them N + K times per token). A tile's halves give RoPE without a
+concatenate; T is two half-width dots. Keys and values are quantized in their element order, and
 each byte packs elements 2e and 2e + 1 (a reshape and an unstack, as
 `hadamard_quant` packs).
 
@@ -87,21 +88,21 @@ def prefill_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, center_ref,
                        vz_ref, *, n: int, kv_heads: int, tokens: int,
                        norm: float, k_clip_ratio: float, v_clip_ratio: float,
                        exact: bool, centered: bool):
-  """Tokens i·bt .. (i + 1)·bt of row b, head j: a query head (rotated,
-  stored), a key head (rotated, quantized into the cache, dequantized into
-  kf) or a value head (quantized, dequantized into vf)."""
-  # at_ref: int32[] first slot; qkv_ref: [bt, H] head j of the tokens;
+  """Tokens i·bt .. (i + 1)·bt of row b, heads g·hb .. (g + 1)·hb: query
+  heads (rotated, stored), key heads (rotated, quantized into the cache,
+  dequantized into kf) or value heads (quantized, dequantized into vf)."""
+  # at_ref: int32[] first slot; qkv_ref: [bt, hb, H] heads of the tokens;
   # cos_ref, sin_ref: f32[bt, H]; t_ref: [H, H] T (±1 or identity);
   # center_ref: [K, H] (read only when `centered`).
-  # q_ref: [bt, H] (head j of q, j < N); kf_ref, vf_ref: [bt, H] (head
-  # j - N, j - N - K); kc/vc: uint8[S, H // 2]; ks/vs: f32[S];
-  # kz/vz: uint8[S] (those heads' caches). The *_in refs alias the caches.
+  # q_ref, kf_ref, vf_ref: [bt, hb, H] (q heads g·hb.., k and v heads
+  # g·hb - N.., g·hb - N - K..); kc/vc: uint8[hb, S, H // 2]; ks/vs, kz/vz:
+  # [hb, S] (those heads' caches). The *_in refs alias the caches.
   del kc_in, ks_in, kz_in, vc_in, vs_in, vz_in
-  bt, h = qkv_ref.shape
+  bt, hb, h = qkv_ref.shape
   h2 = h // 2
-  s_len = kc_ref.shape[0]
+  s_len = kc_ref.shape[1]
   dtype = qkv_ref.dtype
-  j = pl.program_id(2)
+  g = pl.program_id(2)
   mul, _ = append_lib.f32_ops(exact)
   dot = functools.partial(jax.lax.dot, preferred_element_type=jnp.float32,
                           precision=(jax.lax.Precision.HIGHEST
@@ -110,49 +111,67 @@ def prefill_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, center_ref,
   at = jnp.where(at < 0, at + s_len, at)  # as dynamic_update_slice: the T
   first = jnp.clip(at, 0, s_len - tokens) + pl.program_id(1) * bt  # fit
   half = lambda i: pl.ds(i * h2, h2)
+  slots = pl.ds(first, bt)
 
-  def rotated():  # this head's tile: RoPE, then T, in x's dtype (as f32)
-    x1, x2 = (qkv_ref[:, half(i)].astype(jnp.float32) for i in (0, 1))
-    y1, y2 = decode_qkv_lib.rope(
-        x1, x2, cos_ref[:, half(0)], cos_ref[:, half(1)],
-        sin_ref[:, half(0)], sin_ref[:, half(1)], mul)
-    y1, y2 = y1.astype(dtype), y2.astype(dtype)
-    z = dot(y1, t_ref[half(0), :]) + dot(y2, t_ref[half(1), :])
-    return (z * norm).astype(dtype).astype(jnp.float32)
+  def rotate_all():
+    """The program's heads: RoPE, then T, in x's dtype (as f32 [bt, H]);
+    cos and sin read once for all of them."""
+    cs = [ref[:, half(i)] for ref in (cos_ref, sin_ref) for i in (0, 1)]
+    out = []
+    for jj in range(hb):
+      x1, x2 = (qkv_ref[:, jj, half(i)].astype(jnp.float32) for i in (0, 1))
+      y1, y2 = decode_qkv_lib.rope(x1, x2, *cs, mul)
+      y1, y2 = y1.astype(dtype), y2.astype(dtype)
+      z = dot(y1, t_ref[half(0), :]) + dot(y2, t_ref[half(1), :])
+      out.append((z * norm).astype(dtype).astype(jnp.float32))
+    return out
 
-  def write(x, c_ref, s_ref, z_ref, f_ref, clip_ratio):
-    """Quantizes rows x f32[bt, H] into the cache slots and stores them
-    dequantized."""
+  def write(jj, x, c_ref, s_ref, z_ref, f_ref, clip_ratio):
+    """Quantizes the rows x f32[bt, H] of head jj into its cache slots and
+    stores them dequantized."""
     xmin = jnp.minimum(x.min(axis=1), 0.0)  # [bt], 0 included
     xmax = jnp.maximum(x.max(axis=1), 0.0)
     scale, zero = append_lib.row_scale_zero(xmin, xmax, clip_ratio, exact)
     codes = append_lib.row_codes(x, scale, zero, exact)  # [bt, H]
     rows = lambda v: jax.lax.broadcast_in_dim(v, (bt, h), (0,))
-    f_ref[...] = mul(codes.astype(jnp.float32) - rows(zero),
-                     rows(scale)).astype(f_ref.dtype)
+    f_ref[:, jj, :] = mul(codes.astype(jnp.float32) - rows(zero),
+                          rows(scale)).astype(f_ref.dtype)
     even, odd = jnp.unstack(codes.reshape(bt, h2, 2), axis=-1)
-    slots = pl.ds(first, bt)
-    c_ref[slots, :] = (even | (odd << 4)).astype(jnp.uint8)
-    s_ref[slots] = scale
-    z_ref[slots] = zero.astype(jnp.int32).astype(jnp.uint8)
+    c_ref[jj, slots, :] = (even | (odd << 4)).astype(jnp.uint8)
+    s_ref[jj, slots] = scale
+    z_ref[jj, slots] = zero.astype(jnp.int32).astype(jnp.uint8)
 
-  @pl.when(j < n)
-  def _():
-    q_ref[...] = rotated().astype(q_ref.dtype)
+  q_groups, kv_groups = n // hb, kv_heads // hb
 
-  @pl.when((j >= n) & (j < n + kv_heads))
+  @pl.when(g < q_groups)
   def _():
-    k = rotated()
-    if centered:
-      c = center_ref[pl.ds(j - n, 1), :].astype(jnp.float32)  # [1, H]
-      k = (k - jnp.broadcast_to(c, k.shape)).astype(dtype).astype(
-          jnp.float32)
-    write(k, kc_ref, ks_ref, kz_ref, kf_ref, k_clip_ratio)
+    for jj, q in enumerate(rotate_all()):
+      q_ref[:, jj, :] = q.astype(q_ref.dtype)
 
-  @pl.when(j >= n + kv_heads)
+  @pl.when((g >= q_groups) & (g < q_groups + kv_groups))
   def _():
-    write(qkv_ref[...].astype(jnp.float32), vc_ref, vs_ref, vz_ref, vf_ref,
-          v_clip_ratio)
+    for jj, k in enumerate(rotate_all()):
+      if centered:
+        row = (g - q_groups) * hb + jj
+        c = center_ref[pl.ds(row, 1), :].astype(jnp.float32)  # [1, H]
+        k = (k - jnp.broadcast_to(c, k.shape)).astype(dtype).astype(
+            jnp.float32)
+      write(jj, k, kc_ref, ks_ref, kz_ref, kf_ref, k_clip_ratio)
+
+  @pl.when(g >= q_groups + kv_groups)
+  def _():
+    for jj in range(hb):
+      write(jj, qkv_ref[:, jj, :].astype(jnp.float32), vc_ref, vs_ref,
+            vz_ref, vf_ref, v_clip_ratio)
+
+
+def heads_per_program(num_heads: int, kv_heads: int, most: int = 8) -> int:
+  """hb: the largest power of two <= `most` dividing N and K, so that a
+  program's heads are all queries, all keys or all values."""
+  hb = most
+  while num_heads % hb or kv_heads % hb:
+    hb //= 2
+  return hb
 
 
 def _check(qkv, cos, sin, head_signs, k_cache, v_cache, num_heads,
@@ -256,30 +275,32 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
       k_clip_ratio=k_clip_ratio, v_clip_ratio=v_clip_ratio,
       exact=not interpret, centered=k_center is not None)
   h2 = h // 2
-  clip = lambda j, lo: jnp.clip(j - lo, 0, kv_heads - 1)
-  tile = lambda head: pl.BlockSpec((None, bt, None, h),
-                                   lambda r, i, j: (r, i, head(j), 0))
-  whole = lambda *shape: pl.BlockSpec(shape, lambda r, i, j: (0,) * len(shape))
+  hb = heads_per_program(n, kv_heads)
+  q_groups, kv_groups = n // hb, kv_heads // hb
+  clip = lambda g, lo: jnp.clip(g - lo, 0, kv_groups - 1)
+  tile = lambda group: pl.BlockSpec((None, bt, hb, h),
+                                    lambda r, i, g: (r, i, group(g), 0))
+  whole = lambda *shape: pl.BlockSpec(shape, lambda r, i, g: (0,) * len(shape))
 
-  def cache(lo):  # one head's whole cache: [S, H // 2], [S], [S]
-    return [pl.BlockSpec((None, None, s, h2),
-                         lambda r, i, j: (r, clip(j, lo), 0, 0)),
-            pl.BlockSpec((None, None, s), lambda r, i, j: (r, clip(j, lo), 0)),
-            pl.BlockSpec((None, None, s), lambda r, i, j: (r, clip(j, lo), 0))]
+  def cache(lo):  # hb heads' whole caches: [hb, S, H // 2], [hb, S] x 2
+    return [pl.BlockSpec((None, hb, s, h2),
+                         lambda r, i, g: (r, clip(g, lo), 0, 0)),
+            pl.BlockSpec((None, hb, s), lambda r, i, g: (r, clip(g, lo), 0)),
+            pl.BlockSpec((None, hb, s), lambda r, i, g: (r, clip(g, lo), 0))]
 
-  caches = cache(n) + cache(n + kv_heads)
+  caches = cache(q_groups) + cache(q_groups + kv_groups)
   arrays = (k_cache.codes, k_cache.scale, k_cache.zero, v_cache.codes,
             v_cache.scale, v_cache.zero)
-  token_rows = pl.BlockSpec((None, bt, h), lambda r, i, j: (r, i, 0))
+  token_rows = pl.BlockSpec((None, bt, h), lambda r, i, g: (r, i, 0))
   out = pl.pallas_call(
       kernel,
-      grid=(b, t // bt, n + 2 * kv_heads),
-      in_specs=[pl.BlockSpec((None,), lambda r, i, j: (0,)),
-                tile(lambda j: j), token_rows, token_rows, whole(h, h),
+      grid=(b, t // bt, q_groups + 2 * kv_groups),
+      in_specs=[pl.BlockSpec((None,), lambda r, i, g: (0,)),
+                tile(lambda g: g), token_rows, token_rows, whole(h, h),
                 whole(kv_heads, h)] + caches,
-      out_specs=[tile(lambda j: jnp.minimum(j, n - 1)),
-                 tile(lambda j: clip(j, n)),
-                 tile(lambda j: clip(j, n + kv_heads))] + caches,
+      out_specs=[tile(lambda g: jnp.minimum(g, q_groups - 1)),
+                 tile(lambda g: clip(g, q_groups)),
+                 tile(lambda g: clip(g, q_groups + kv_groups))] + caches,
       out_shape=[jax.ShapeDtypeStruct((b, t, n, h), dtype),
                  jax.ShapeDtypeStruct((b, t, kv_heads, h), dtype),
                  jax.ShapeDtypeStruct((b, t, kv_heads, h), dtype)] + [

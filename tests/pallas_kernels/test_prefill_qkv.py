@@ -127,6 +127,13 @@ def test_reference_equals_model_ops():
   _assert_same(got, want, f32=False)
 
 
+def test_heads_per_program_keep_queries_keys_and_values_apart():
+  # LLaMA-2-7B (MHA), LLaMA-3-8B (G = 4), odd head counts.
+  assert [pq.heads_per_program(n, k) for n, k in
+          ((32, 32), (32, 8), (12, 2), (6, 2), (5, 5), (40, 40))] == [
+              8, 8, 2, 2, 1, 8]
+
+
 def test_default_block_tokens_and_what_the_kernel_takes():
   assert [pq.default_block_tokens(t) for t in (2048, 48, 16, 8, 100)] == [
       64, 16, 16, 0, 0]

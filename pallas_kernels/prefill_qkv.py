@@ -31,12 +31,12 @@ dequantized values (code - zero) * scale in f32.
 
 Grid (B, T / bt, (N + 2K) / hb): program (b, i, g) takes tokens i·bt .. of
 row b and heads g·hb .. (g + 1)·hb of qkv (`heads_per_program`: all
-queries, all keys or all values), each as a [bt, H] tile, with the
-tokens' cos and sin read once for its hb heads (one head a program read
-them N + K times per token). A tile's halves give RoPE without a
-concatenate; T is two half-width dots. Keys and values are quantized in their element order, and
-each byte packs elements 2e and 2e + 1 (a reshape and an unstack, as
-`hadamard_quant` packs).
+queries, all keys or all values), each as a [bt, H] tile. The tokens' cos
+and sin are read once for the hb heads (with one head a program, they were
+read N + K times per token). A tile's halves give RoPE without a
+concatenate; T is two half-width dots. Keys and values are quantized in
+their element order, and each byte packs elements 2e and 2e + 1 (a reshape
+and an unstack, as `hadamard_quant` packs).
 
 Backend: the Pallas Triton lowering (interpret mode on the CPU). Needs H / 2
 a power of two and T a multiple of 16 (`kernel_takes`); callers fall back to
@@ -52,7 +52,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import compat
 from pallas_kernels import decode_qkv as decode_qkv_lib
@@ -280,7 +279,8 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   clip = lambda g, lo: jnp.clip(g - lo, 0, kv_groups - 1)
   tile = lambda group: pl.BlockSpec((None, bt, hb, h),
                                     lambda r, i, g: (r, i, group(g), 0))
-  whole = lambda *shape: pl.BlockSpec(shape, lambda r, i, g: (0,) * len(shape))
+  whole = lambda *shape: pl.BlockSpec(shape,
+                                      lambda r, i, g: (0,) * len(shape))
 
   def cache(lo):  # hb heads' whole caches: [hb, S, H // 2], [hb, S] x 2
     return [pl.BlockSpec((None, hb, s, h2),

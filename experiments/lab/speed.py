@@ -165,9 +165,9 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   Both run with `kernels` (resolved here); the record also times the
   W4A4 layer with its matmuls as XLA int8 dots and (on a GPU) as the
   Triton kernel, and with `prefill_qkv` on (`ours_prefill_qkv_ms`; off in
-  the GPU settings until it is timed). The stages (`layer_stages.prefill_stages`) are the pieces
-  of each layer, each jitted on its own; B * T must exceed
-  `kernels.DECODE_ROWS`.
+  the GPU settings until it is timed). The stages
+  (`layer_stages.prefill_stages`) are the pieces of each layer, each jitted
+  on its own; B * T must exceed `kernels.DECODE_ROWS`.
 
   Returns:
     A `layer_prefill` record with `attention` / `baseline_attention` (the

@@ -526,8 +526,9 @@ def _use_prefill_qkv(qkv, k_cache, kernels: kernels_lib.Kernels, mesh,
   t = qkv.shape[1]
   return (isinstance(k_cache, kv4_lib.KV4) and t > 1 and mesh is None
           and kernels.prefill_qkv == "pallas"
-          and prefill_qkv_lib.kernel_takes(head_dim, t)
-          and (kernels.interpret or jax.default_backend() == "gpu"))
+          and (prefill_qkv_lib.can_use_prefill_qkv(head_dim, t)
+               or (kernels.interpret
+                   and prefill_qkv_lib.kernel_takes(head_dim, t))))
 
 
 def _prefill_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,

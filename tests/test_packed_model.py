@@ -195,8 +195,15 @@ def test_gpu_prefill_qkv_gives_the_unfused_prefill():
   assert "prefill_qkv" in fwd.lower(fused, on).as_text()
   (got, got_cache), (want, want_cache) = fwd(fused, on), fwd(fused, auto)
   assert _rel(got, want) < 1e-3
+  # This tiny model is f32: the head Hadamard's sums in another order move
+  # the rotated keys by an ulp or so, hence the f32 scales, and now and
+  # then a code at a rounding tie.
   for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
-    assert np.mean(np.asarray(g) != np.asarray(w)) < 1e-2
+    g, w = np.asarray(g), np.asarray(w)
+    if g.dtype == np.float32:
+      np.testing.assert_allclose(g, w, rtol=2 ** -18, atol=0)
+    else:
+      assert np.mean(g != w) < 1e-3
 
 
 def test_generate_on_packed_params_agrees_with_simulated():

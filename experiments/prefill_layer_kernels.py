@@ -14,6 +14,8 @@ Usage on the GPU:
       --model=llama2-7b --batches=1,16
 """
 
+import dataclasses
+
 from absl import app
 from absl import flags
 import jax
@@ -28,6 +30,9 @@ _MODEL = flags.DEFINE_enum("model", "llama2-7b", list(speed.PRESETS),
 _BATCHES = flags.DEFINE_list("batches", ["16"], "Batches traced.")
 _SEQ = flags.DEFINE_integer("seq", 2048, "Prefill length.")
 _KERNELS = flags.DEFINE_string("kernels", "auto", "kernels= setting.")
+_PREFILL_QKV = flags.DEFINE_bool(
+    "prefill_qkv", False, "Also trace the W4A4KV4 layer with"
+    " kernels.prefill_qkv='pallas' (the fused RoPE/Hadamard/KV4 launch).")
 _TOP = flags.DEFINE_integer("top", 30, "Kernel names printed per table.")
 
 
@@ -38,9 +43,13 @@ def main(argv):
   for batch in (int(b) for b in _BATCHES.value):
     lp = speed.layer_prefill_inputs(config, batch, _SEQ.value,
                                     jax.random.key(0))
-    for label, args in (
-        ("bf16", (lp.flayer, lp.x, lp.fcache, model.FLOAT, kernels)),
-        ("w4a4kv4", (lp.qlayer, lp.x, lp.qcache, lp.options, kernels))):
+    runs = [("bf16", (lp.flayer, lp.x, lp.fcache, model.FLOAT, kernels)),
+            ("w4a4kv4", (lp.qlayer, lp.x, lp.qcache, lp.options, kernels))]
+    if _PREFILL_QKV.value:
+      runs.append(("w4a4kv4 with prefill_qkv",
+                   (lp.qlayer, lp.x, lp.qcache, lp.options,
+                    dataclasses.replace(kernels, prefill_qkv="pallas"))))
+    for label, args in runs:
       fn = lambda *a: lp.run(*a)
       for _ in range(3):  # compile and warm up
         jax.block_until_ready(fn(*args))

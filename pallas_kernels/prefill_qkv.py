@@ -18,9 +18,10 @@ Why: XLA runs this as RoPE fusions for q and k, two head-Hadamard GEMMs,
 and the KV4 quantize, pack and transpose fusions of `write_kv4` and
 `fake_quantize_kv4`: ~1.5 ms of a LLaMA-2-7B layer at 32768 tokens on an
 H200, where the bytes (qkv read once; q, the dequantized k and v and the
-cache written once) take ~0.36 ms (BENCHMARKS.md, 2026-12-04). Not yet
-timed on the GPU; `quarot_jax.kernels` keeps it off in the GPU settings
-until it is.
+cache written once) take ~0.36 ms (BENCHMARKS.md, 2026-12-04). Timed
+alone: 1.16x / 1.90x its XLA reference at 7B heads, B = 16 / 1 (H200,
+2026-12-04); `quarot_jax.kernels` keeps it off in the GPU settings, as the
+7B layer with it was slower than with XLA's ops.
 
 Numerics, step for step those of `decode_qkv` (and of the unfused ops,
 `prefill_qkv_reference`): RoPE from f32 cos/sin of each token, rounded to
@@ -112,18 +113,19 @@ def prefill_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, center_ref,
   half = lambda i: pl.ds(i * h2, h2)
   slots = pl.ds(first, bt)
 
-  def rotate_all():
-    """The program's heads: RoPE, then T, in x's dtype (as f32 [bt, H]);
-    cos and sin read once for all of them."""
-    cs = [ref[:, half(i)] for ref in (cos_ref, sin_ref) for i in (0, 1)]
-    out = []
-    for jj in range(hb):
-      x1, x2 = (qkv_ref[:, jj, half(i)].astype(jnp.float32) for i in (0, 1))
-      y1, y2 = decode_qkv_lib.rope(x1, x2, *cs, mul)
-      y1, y2 = y1.astype(dtype), y2.astype(dtype)
-      z = dot(y1, t_ref[half(0), :]) + dot(y2, t_ref[half(1), :])
-      out.append((z * norm).astype(dtype).astype(jnp.float32))
-    return out
+  def rotated(jj, cs):
+    """Head jj of the program: RoPE, then T, in x's dtype (as f32 [bt, H]).
+    Each head is stored before the next is formed, so that one head's
+    tiles are live at a time (a list of all hb heads spilled)."""
+    x1, x2 = (qkv_ref[:, jj, half(i)].astype(jnp.float32) for i in (0, 1))
+    y1, y2 = decode_qkv_lib.rope(x1, x2, *cs, mul)
+    y1, y2 = y1.astype(dtype), y2.astype(dtype)
+    z = dot(y1, t_ref[half(0), :]) + dot(y2, t_ref[half(1), :])
+    return (z * norm).astype(dtype).astype(jnp.float32)
+
+  # The tokens' cos and sin, read once for the program's hb heads.
+  cos_sin = lambda: [ref[:, half(i)] for ref in (cos_ref, sin_ref)
+                     for i in (0, 1)]
 
   def write(jj, x, c_ref, s_ref, z_ref, f_ref, clip_ratio):
     """Quantizes the rows x f32[bt, H] of head jj into its cache slots and
@@ -144,12 +146,15 @@ def prefill_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, center_ref,
 
   @pl.when(g < q_groups)
   def _():
-    for jj, q in enumerate(rotate_all()):
-      q_ref[:, jj, :] = q.astype(q_ref.dtype)
+    cs = cos_sin()
+    for jj in range(hb):
+      q_ref[:, jj, :] = rotated(jj, cs).astype(q_ref.dtype)
 
   @pl.when((g >= q_groups) & (g < q_groups + kv_groups))
   def _():
-    for jj, k in enumerate(rotate_all()):
+    cs = cos_sin()
+    for jj in range(hb):
+      k = rotated(jj, cs)
       if centered:
         row = (g - q_groups) * hb + jj
         c = center_ref[pl.ds(row, 1), :].astype(jnp.float32)  # [1, H]
@@ -164,9 +169,11 @@ def prefill_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, center_ref,
             vz_ref, vf_ref, v_clip_ratio)
 
 
-def heads_per_program(num_heads: int, kv_heads: int, most: int = 8) -> int:
+def heads_per_program(num_heads: int, kv_heads: int, most: int = 2) -> int:
   """hb: the largest power of two <= `most` dividing N and K, so that a
-  program's heads are all queries, all keys or all values."""
+  program's heads are all queries, all keys or all values. 2 was fastest
+  of 1/2/4/8 at 7B heads on an H200, B = 1 and 16 (more programs, each
+  shorter; `experiments/bench_prefill_qkv.py`, BENCHMARKS.md)."""
   hb = most
   while num_heads % hb or kv_heads % hb:
     hb //= 2
@@ -191,7 +198,7 @@ def _check(qkv, cos, sin, head_signs, k_cache, v_cache, num_heads,
 
 
 _STATIC = ("num_heads", "k_clip_ratio", "v_clip_ratio", "block_tokens",
-           "num_warps", "interpret", "debug", "implementation")
+           "block_heads", "num_warps", "interpret", "debug", "implementation")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -200,7 +207,8 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
                 v_cache: kv4_lib.KV4, at: jax.Array, *, num_heads: int,
                 k_center: jax.Array | None = None,
                 k_clip_ratio: float = 0.95, v_clip_ratio: float = 0.95,
-                block_tokens: int | None = None, num_warps: int = 4,
+                block_tokens: int | None = None,
+                block_heads: int | None = None, num_warps: int = 4,
                 interpret: bool = False, debug: bool = False,
                 implementation: Literal["pallas", "xla"] | None = None):
   """RoPE and the head transform of T tokens' q and k, with k and v
@@ -225,6 +233,8 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     v_clip_ratio: range clip of the value quantizer.
     block_tokens: tokens a program (a power of two dividing T, >= 16; None:
       `default_block_tokens(T)`).
+    block_heads: heads a program (hb: dividing N and K; None:
+      `heads_per_program(N, K)`).
     num_warps: Triton warps a program.
     interpret: run the kernel in interpret mode (CPU tests).
     debug: print the kernel's jaxpr.
@@ -239,8 +249,9 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     caches' buffers updated in place where XLA can donate them.
 
   Raises:
-    ValueError: shapes or dtypes that do not fit together, or a
-      block_tokens that does not divide T.
+    ValueError: shapes or dtypes that do not fit together, a
+      block_tokens that does not divide T or a block_heads that does not
+      divide N and K.
   """
   b, t, n, kv_heads, s, h = _check(qkv, cos, sin, head_signs, k_cache,
                                    v_cache, num_heads, k_center)
@@ -274,7 +285,9 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
       k_clip_ratio=k_clip_ratio, v_clip_ratio=v_clip_ratio,
       exact=not interpret, centered=k_center is not None)
   h2 = h // 2
-  hb = heads_per_program(n, kv_heads)
+  hb = block_heads or heads_per_program(n, kv_heads)
+  if hb < 1 or n % hb or kv_heads % hb:
+    raise ValueError(f"block_heads={hb} must divide N={n} and K={kv_heads}")
   q_groups, kv_groups = n // hb, kv_heads // hb
   clip = lambda g, lo: jnp.clip(g - lo, 0, kv_groups - 1)
   tile = lambda group: pl.BlockSpec((None, bt, hb, h),

@@ -68,8 +68,8 @@ class Kernels:
       `pallas_kernels.prefill_qkv` (RoPE, the head Hadamard, the KV4 cache
       write and the dequantized keys and values flash attention reads, in
       one launch) when the cache is packed; 'xla' runs those as separate
-      ops. 'pallas' in 'interpret' only: the kernel is not yet timed on a
-      GPU, so the GPU settings keep the ops it would replace.
+      ops. 'pallas' in every GPU setting and 'interpret': a 7B layer's
+      prefill ran 1-2% faster with it at B = 1, 4, 16 (H200, BENCHMARKS.md).
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -194,7 +194,7 @@ def _resolve_ops(kernels: "str | None") -> Kernels:
                        w4a16="pallas", hadamard_quant="pallas",
                        kv4_attention="pallas", decode_attention="pallas",
                        decode_matmul="mosaic" if hopper else "triton",
-                       rms_norm_quant="pallas",
+                       rms_norm_quant="pallas", prefill_qkv="pallas",
                        attention="cudnn" if _cuda() else "xla")
     logging.info("kernels='auto' resolved to %s", choice)
     return choice
@@ -206,4 +206,4 @@ def _resolve_ops(kernels: "str | None") -> Kernels:
   return Kernels(w4a4=setting, w4a16="pallas", hadamard_quant="pallas",
                  kv4_attention="pallas", decode_attention="pallas",
                  decode_matmul=setting, rms_norm_quant="pallas",
-                 attention="cudnn" if _cuda() else "xla")
+                 prefill_qkv="pallas", attention="cudnn" if _cuda() else "xla")

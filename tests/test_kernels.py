@@ -26,6 +26,7 @@ def _pallas(w4a4, *, gpu=True, **kw):
   return kernels.Kernels(w4a4=w4a4, w4a16="pallas", hadamard_quant="pallas",
                          kv4_attention="pallas", decode_attention="pallas",
                          decode_matmul=w4a4, rms_norm_quant="pallas",
+                         prefill_qkv="pallas",
                          layer_loop="unrolled" if gpu else "scan", **kw)
 
 
@@ -40,10 +41,8 @@ def test_cpu_settings_run_xla(monkeypatch, setting):
 def test_interpret_runs_every_triton_kernel_in_interpret_mode(monkeypatch):
   for gpu in (False, True):
     _pretend(monkeypatch, gpu=gpu, hopper=gpu)
-    # prefill_qkv: interpreted here; the GPU settings keep it off until it
-    # is timed there.
-    assert kernels.resolve("interpret") == dataclasses.replace(_pallas(
-        "triton", gpu=gpu, interpret=True), prefill_qkv="pallas")
+    assert kernels.resolve("interpret") == _pallas("triton", gpu=gpu,
+                                                   interpret=True)
 
 
 @pytest.mark.parametrize("setting", ["mosaic", "triton"])

@@ -82,6 +82,21 @@ def test_kernel_equals_reference(b, t, n, kv_heads, s, h, dtype, had, at,
                                 np.asarray(kc.codes)[:, :, keep])
 
 
+@pytest.mark.parametrize("block_heads", [1, 2])
+def test_fewer_heads_a_program_give_the_same_result(block_heads):
+  if jax.default_backend() == "gpu":
+    pytest.skip("exact on the CPU only")
+  b, t, n, kv_heads, s, h = 1, 32, 8, 4, 40, 64
+  qkv, cos, sin, _, _, (kc, vc) = _case(b, t, n, kv_heads, s, h,
+                                        jnp.bfloat16, seed=2)
+  signs = jnp.asarray(hadamard.hadamard_matrix(h))
+  args = (qkv, cos, sin, signs, kc, vc, jnp.int32(4))
+  got = pq.prefill_qkv(*args, num_heads=n, block_heads=block_heads,
+                       block_tokens=16, interpret=True,
+                       implementation="pallas")
+  _assert_same(got, pq.prefill_qkv_reference(*args, num_heads=n), f32=False)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernel_subtracts_the_key_center(dtype):
   if jax.default_backend() == "gpu":
@@ -131,7 +146,8 @@ def test_heads_per_program_keep_queries_keys_and_values_apart():
   # LLaMA-2-7B (MHA), LLaMA-3-8B (G = 4), odd head counts.
   assert [pq.heads_per_program(n, k) for n, k in
           ((32, 32), (32, 8), (12, 2), (6, 2), (5, 5), (40, 40))] == [
-              8, 8, 2, 2, 1, 8]
+              2, 2, 2, 2, 1, 2]
+  assert pq.heads_per_program(32, 8, most=8) == 8
 
 
 def test_default_block_tokens_and_what_the_kernel_takes():
@@ -151,6 +167,8 @@ def test_errors():
   with pytest.raises(ValueError, match="block_tokens=24 must be a power"):
     pq.prefill_qkv(qkv, *args, num_heads=2, block_tokens=24,
                    interpret=True)
+  with pytest.raises(ValueError, match="block_heads=3 must divide N=2"):
+    pq.prefill_qkv(qkv, *args, num_heads=2, block_heads=3, interpret=True)
   small = kv4_lib.empty_kv4(1, 2, 8, 64)
   with pytest.raises(ValueError, match="T=16 new tokens do not fit"):
     pq.prefill_qkv(qkv, cos, sin, None, small, small, 0, num_heads=2)

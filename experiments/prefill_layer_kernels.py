@@ -31,8 +31,9 @@ _BATCHES = flags.DEFINE_list("batches", ["16"], "Batches traced.")
 _SEQ = flags.DEFINE_integer("seq", 2048, "Prefill length.")
 _KERNELS = flags.DEFINE_string("kernels", "auto", "kernels= setting.")
 _PREFILL_QKV = flags.DEFINE_bool(
-    "prefill_qkv", False, "Also trace the W4A4KV4 layer with"
-    " kernels.prefill_qkv='pallas' (the fused RoPE/Hadamard/KV4 launch).")
+    "prefill_qkv", False, "Also trace the W4A4KV4 layer with the other"
+    " kernels.prefill_qkv setting (the fused RoPE/Hadamard/KV4 launch on"
+    " or off).")
 _TOP = flags.DEFINE_integer("top", 30, "Kernel names printed per table.")
 
 
@@ -46,9 +47,10 @@ def main(argv):
     runs = [("bf16", (lp.flayer, lp.x, lp.fcache, model.FLOAT, kernels)),
             ("w4a4kv4", (lp.qlayer, lp.x, lp.qcache, lp.options, kernels))]
     if _PREFILL_QKV.value:
-      runs.append(("w4a4kv4 with prefill_qkv",
+      other = "xla" if kernels.prefill_qkv == "pallas" else "pallas"
+      runs.append((f"w4a4kv4 with prefill_qkv={other}",
                    (lp.qlayer, lp.x, lp.qcache, lp.options,
-                    dataclasses.replace(kernels, prefill_qkv="pallas"))))
+                    dataclasses.replace(kernels, prefill_qkv=other))))
     for label, args in runs:
       fn = lambda *a: lp.run(*a)
       for _ in range(3):  # compile and warm up

@@ -20,8 +20,8 @@ and the KV4 quantize, pack and transpose fusions of `write_kv4` and
 H200, where the bytes (qkv read once; q, the dequantized k and v and the
 cache written once) take ~0.36 ms (BENCHMARKS.md, 2026-12-04). Timed
 alone: 1.16x / 1.90x its XLA reference at 7B heads, B = 16 / 1 (H200,
-2026-12-04); `quarot_jax.kernels` keeps it off in the GPU settings, as the
-7B layer with it was slower than with XLA's ops.
+2026-12-04), and a 7B layer 1-2% faster with it at B = 1, 4, 16: on in
+`quarot_jax.kernels`' GPU settings.
 
 Numerics, step for step those of `decode_qkv` (and of the unfused ops,
 `prefill_qkv_reference`): RoPE from f32 cos/sin of each token, rounded to

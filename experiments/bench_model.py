@@ -40,6 +40,11 @@ _PREFILLS = flags.DEFINE_list("prefills", ["1024", "4096"],
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Decode steps timed.")
 _MODEL_BATCHES = flags.DEFINE_list("model_batches", ["1", "4"],
                                    "Batches for model_prefill.")
+_MODEL_VARIANTS = flags.DEFINE_list(
+    "model_variants", list(speed.MODEL_PREFILL_VARIANTS),
+    "model_prefill's extra runs of the W4A4KV4 model (each compiles the"
+    f" whole model again): a subset of {list(speed.MODEL_PREFILL_VARIANTS)},"
+    " or empty.")
 
 
 def _cases():
@@ -65,8 +70,9 @@ def _cases():
                 new_tokens=_NEW.value)
       elif bench == "model_prefill":
         for b in ints(_MODEL_BATCHES.value):
-          yield bench, speed.model_prefill, dict(config=config, batch=b,
-                                                 seq=_SEQ.value)
+          yield bench, speed.model_prefill, dict(
+              config=config, batch=b, seq=_SEQ.value,
+              variants=tuple(_MODEL_VARIANTS.value))
       else:
         raise app.UsageError(f"unknown benchmark {bench!r}")
 

@@ -130,7 +130,8 @@ def _generate_core(params, tokens, start, key, temperature, top_k, top_p,
         c, sharding.cache_shardings(c, mesh))
   cache = keep_sharded(cache)
   logits, cache = model.forward(params, tokens, config, cache=cache,
-                                options=options, kernels=kernels, mesh=mesh)
+                                options=options, kernels=kernels, mesh=mesh,
+                                last_only=True)
   cache = keep_sharded(cache)
   key, sub = jax.random.split(key)
   first = sample_next(logits[:, -1], sub, temperature, top_k, top_p)

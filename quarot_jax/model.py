@@ -734,6 +734,7 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
             options: RunOptions = FLOAT,
             kernels: "str | kernels_lib.Kernels | None" = None,
             return_hidden: bool = False,
+            last_only: bool = False,
             mesh: jax.sharding.Mesh | None = None,
             remat: bool = False):
   """Runs the decoder.
@@ -751,6 +752,9 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     kernels: which kernels run: a `kernels.SETTINGS` word, None ('auto'),
       or a resolved `kernels.Kernels`; resolved here, once.
     return_hidden: return the final hidden state [B, T, D] instead of logits.
+    last_only: project only the last position to the vocabulary (logits
+      f32[B, 1, V]): what sampling reads after a prefill, without the
+      f32[B, T, V] logits and the lm_head GEMM over every token.
     mesh: the 1-D mesh (axis 'tp') the params and cache are placed on
       (`sharding.py`), or None. Only packed linears and the packed KV4
       cache attention read it: they run per shard inside `shard_map`
@@ -763,7 +767,8 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
       more compute. The values are the same.
 
   Returns:
-    (logits f32[B, T, V], new cache or None).
+    (logits f32[B, T, V] (f32[B, 1, V] with `last_only`), new cache or
+    None).
 
   Raises:
     ValueError: an unknown `kernels` setting, or one this platform cannot
@@ -813,6 +818,8 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
   x = _norm(x, params.get("norm"), config.rms_norm_eps)
   if return_hidden:
     return x, None
+  if last_only:
+    x = x[:, -1:]
   logits = logits_from_hidden(params, x)
   new_cache = None
   if cache is not None:

@@ -11,6 +11,7 @@ import torch
 from quarot_jax import generation
 from quarot_jax import hf
 from quarot_jax import kernels
+from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import quant
 from quarot_jax import quarot
@@ -214,3 +215,34 @@ def test_flash_decoding_kernel_generates_the_einsum_tokens(monkeypatch,
   assert calls  # traced into the decode step
   assert got[flash] == got[kernels.XLA]
   assert len(set(map(tuple, got[flash]))) == 2
+
+
+def test_prefill_projects_only_the_last_position_to_the_vocabulary():
+  """Sampling reads the last position's logits only: the prefill must not
+  form f32[B, T, V] (at B = 16, T = 2048 and a 128K vocabulary, 16 GB and
+  a GEMM as large as a layer's)."""
+  path, _ = hf_models.tiny_hf_model("llama2")
+  params, config = hf.load_hf(path)
+  tokens = jnp.full((2, 24), 5, jnp.int32)
+  lowered = generation._generate_core.lower(
+      params, tokens, jnp.zeros((2,), jnp.int32), jax.random.key(0),
+      jnp.float32(0), jnp.int32(0), jnp.float32(1),
+      jnp.zeros((1,), jnp.int32), jnp.int32(0), config=config,
+      max_new_tokens=3, options=model.FLOAT, kernels=kernels.XLA,
+      cache_dtype=jnp.float32)
+  text = lowered.as_text()
+  assert f"2x24x{config.vocab_size}xf32" not in text
+  assert f"2x1x{config.vocab_size}xf32" in text
+
+
+def test_forward_last_only_is_the_last_row_of_all_logits():
+  path, _ = hf_models.tiny_hf_model("llama2")
+  params, config = hf.load_hf(path)
+  tokens = jnp.asarray(hf_models.random_tokens(config.vocab_size, 2, 7))
+  cache = kv_cache.cache_for(config, 2, 10)
+  full, full_cache = model.forward(params, tokens, config, cache=cache)
+  last, last_cache = model.forward(params, tokens, config, cache=cache,
+                                   last_only=True)
+  assert last.shape == (2, 1, config.vocab_size)
+  np.testing.assert_array_equal(np.asarray(last), np.asarray(full[:, -1:]))
+  jax.tree.map(np.testing.assert_array_equal, last_cache, full_cache)

@@ -280,20 +280,33 @@ def decode_memory(config: LlamaConfig, batch: int, prefill: int,
   }]
 
 
+MODEL_PREFILL_VARIANTS = ("xla_int8", "triton", "xla_qkv")
+
+
 def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
                   command: str, key: jax.Array,
-                  kernels: "str | kernels_lib.Kernels | None" = None
+                  kernels: "str | kernels_lib.Kernels | None" = None,
+                  variants: tuple[str, ...] = MODEL_PREFILL_VARIANTS
                   ) -> list[dict]:
   """Whole-model prefill (writing the cache): bf16 vs W4A4KV4.
 
-  Both run with `kernels` (resolved here), as `layer_prefill` (also its
-  variants: XLA int8 and Triton matmuls, `prefill_qkv` off).
+  Both run with `kernels` (resolved here) as `generate` prefills: layers
+  unrolled on GPUs, and only the last position projected to the
+  vocabulary (`forward(..., last_only=True)`; records before 2026-12-05
+  formed all T positions' logits, f32[B, T, V], in both models). Also
+  timed, each compiling the whole model once more (`variants`, a subset of
+  `MODEL_PREFILL_VARIANTS`): 'xla_int8' and 'triton' matmuls (Triton on a
+  GPU only), 'xla_qkv' (`prefill_qkv` off; GPU only).
 
   Returns:
     A `model_prefill` record with tokens/s, the bytes of weights, and the
     prefill attention each model ran (`attention`, `baseline_attention`:
     'cudnn' or 'xla').
   """
+  unknown = set(variants) - set(MODEL_PREFILL_VARIANTS)
+  if unknown:
+    raise ValueError(f"unknown model_prefill variants {sorted(unknown)};"
+                     f" known: {MODEL_PREFILL_VARIANTS}")
   kernels = kernels_lib.resolve(kernels)
   kf, kq, kt = jax.random.split(key, 3)
   fparams = model.init_params(config, kf, dtype=jnp.bfloat16)
@@ -313,37 +326,34 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
     cache = kv_cache.cache_for(config, batch, seq, dtype=jnp.bfloat16,
                                packed=packed, per_layer=unrolled)
     return model.forward(params, tokens, config, cache=cache,
-                         options=opts, kernels=kern)[0]
+                         options=opts, kernels=kern, last_only=True)[0]
 
   run = jax.jit(run, static_argnames=("packed", "opts", "kern"))
   timed = lambda *args: benchmarking.median_ms(
       lambda: run(*args), warmup=1, runs=5, inner=1)
   float_ms = timed(fparams, False, model.FLOAT, kernels)
   ours_ms = timed(qparams, True, options, kernels)
-  xla_mm_ms = timed(qparams, True, options,
-                    dataclasses.replace(kernels, w4a4="xla"))
-  triton = {}
-  if jax.default_backend() == "gpu":  # The Triton kernels have no CPU path.
-    ms = timed(qparams, True, options,
-               dataclasses.replace(kernels, w4a4="triton"))
-    qkv_ms = timed(qparams, True, options,
-                   dataclasses.replace(kernels, prefill_qkv="xla"))
-    triton = dict(ours_triton_matmul_ms=round(ms, 4),
-                  speedup_triton_matmul=round(float_ms / ms, 3),
-                  ours_xla_qkv_ms=round(qkv_ms, 4),
-                  speedup_xla_qkv=round(float_ms / qkv_ms, 3))
+  extra = {}
+  gpu = jax.default_backend() == "gpu"  # Triton kernels: no CPU path.
+  for name, field, kern in (
+      ("xla_int8", "xla_int8_matmul", dict(w4a4="xla")),
+      ("triton", "triton_matmul", dict(w4a4="triton")),
+      ("xla_qkv", "xla_qkv", dict(prefill_qkv="xla"))):
+    if name in variants and (gpu or name == "xla_int8"):
+      ms = timed(qparams, True, options, dataclasses.replace(kernels, **kern))
+      extra[f"ours_{field}_ms"] = round(ms, 4)
+      extra[f"speedup_{field}"] = round(float_ms / ms, 3)
   tps = lambda ms: batch * seq / (ms / 1e3)
   return [benchmarking.record(
       "model_prefill", f"{_name(config)} b{batch} s{seq}", ours_ms,
       {"xla_bf16_model": float_ms}, command=command,
       ours_tokens_per_s=round(tps(ours_ms), 1),
       baseline_tokens_per_s=round(tps(float_ms), 1),
-      ours_xla_int8_matmul_ms=round(xla_mm_ms, 4),
-      speedup_xla_int8_matmul=round(float_ms / xla_mm_ms, 3),
-      **triton,
+      **extra,
       attention=layer_stages.attention_used(config, kernels),
       baseline_attention=layer_stages.attention_used(config, kernels),
       layout=("fused q/k/v and gate/up, layers unrolled (generate's run"
               " layout)" if unrolled else "stacked, lax.scan"),
+      logits="last position",
       ours_weight_bytes=nbytes(qparams),
       baseline_weight_bytes=nbytes(fparams))]

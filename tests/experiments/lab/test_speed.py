@@ -99,6 +99,18 @@ def test_model_prefill_record_and_weight_bytes():
       i * o * 2 - (i * o // 2 + 4 * o) for i, o in widths.values())
   assert r["baseline_weight_bytes"] - r["ours_weight_bytes"] == saved
   assert (r["attention"], r["baseline_attention"]) == ("xla", "xla")
+  assert r["logits"] == "last position"
+  assert "ours_xla_int8_matmul_ms" in r
+
+
+def test_model_prefill_variants_are_chosen_and_checked():
+  (r,) = speed.model_prefill(_TINY, 1, 8, command="t", key=jax.random.key(0),
+                             variants=())
+  assert not any(k.startswith("ours_") and k.endswith("_ms") for k in r
+                 if k != "ours_ms")
+  with pytest.raises(ValueError, match="'cublas'"):
+    speed.model_prefill(_TINY, 1, 8, command="t", key=jax.random.key(0),
+                        variants=("cublas",))
 
 
 def test_preset_names():

@@ -64,8 +64,6 @@ _TRANSFORM = flags.DEFINE_list("transform", ["hadamard", "quant_only"],
 _LEFT = flags.DEFINE_list(
     "left_rows", ["none", "16"], "left_rows sweep (Hadamard only): 'none'"
     " is the whole left product as one dot (as 64 at K = 4096 and 11008).")
-_GRAIN = flags.DEFINE_list("piece_grain", ["32"],
-                           "piece_grain sweep (Hadamard only): 16 or 32.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
 
 
@@ -94,11 +92,9 @@ def main(argv):
         best = None
         sizes = ([dict(rows_per_program=int(r), column_splits=g,
                        chunk_elements=int(c),
-                       left_rows=None if lr == "none" else int(lr),
-                       piece_grain=int(gr))
+                       left_rows=None if lr == "none" else int(lr))
                   for r in _ROWS.value for g in splits
-                  for c in _CHUNK.value for lr in _LEFT.value
-                  for gr in _GRAIN.value]
+                  for c in _CHUNK.value for lr in _LEFT.value]
                  if use_had else
                  [dict(block_elements=int(b)) for b in _BLOCK.value])
         seen = set()
@@ -111,7 +107,7 @@ def main(argv):
             launch = (warps, g, math.gcd(m, cfg.rows_per_program)
                       if g == 1 else None,
                       cfg.chunk_elements if g > 1 else None,
-                      f"l{cfg.left_rows}", f"p{cfg.piece_grain}")
+                      f"l{cfg.left_rows}")
             if launch in seen:
               continue
             seen.add(launch)

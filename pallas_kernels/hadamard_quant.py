@@ -130,10 +130,6 @@ class HadamardQuantConfig:
       S_a = S_(a / left_rows) ⊗ S_left_rows runs as dots by S_left_rows on
       each block of that many rows, then butterflies (adds) across the
       blocks. None (or a or more): one dense dot by S_a.
-    piece_grain: r (the right dots' K and N) is padded to a multiple of
-      this (16 or 32, a power of two) and cut into power-of-two pieces
-      (`_pieces`): at r = 172 (K = 11008) 16 gives 128 + 32 + 16, 32 gives
-      128 + 64.
   """
 
   num_warps: int = 4
@@ -143,19 +139,15 @@ class HadamardQuantConfig:
   column_splits: int | None = None
   chunk_elements: int = 2048
   left_rows: int | None = None
-  piece_grain: int = 32
 
   def __post_init__(self):
     for name in ("rows_per_program", "block_elements", "chunk_elements",
-                 "left_rows", "piece_grain"):
+                 "left_rows"):
       n = getattr(self, name)
       if n is None and name == "left_rows":
         continue
       if n < 1 or n & (n - 1):
         raise ValueError(f"{name}={n} must be a power of two")
-    if self.piece_grain < 16:
-      raise ValueError(f"piece_grain={self.piece_grain} must be at least 16"
-                       " (Triton's smallest dot)")
     if self.left_rows is not None and self.left_rows < 16:
       raise ValueError(f"left_rows={self.left_rows} must be at least 16"
                        " (Triton's smallest dot)")
@@ -303,11 +295,9 @@ def _round_half_even(v: jax.Array) -> jax.Array:
   return jnp.where(up, f + 1.0, f)
 
 
-def _pieces(n: int, most: int, grain: int = 32
-            ) -> tuple[tuple[int, int, int], ...]:
+def _pieces(n: int, most: int) -> tuple[tuple[int, int, int], ...]:
   """(start, size, first) blocks that cover [0, n): n rounded up to a
-  multiple of `grain`, cut into powers of two of at most `most`, largest
-  first (grain 16: 172 -> 128 + 32 + 16, 3% padded instead of 12%).
+  multiple of 32, cut into powers of two of at most `most`, largest first.
   Triton blocks are powers of two; pieces pad the order-172 base of
   K = 11008 to 192 (128 + 64) instead of 256, 1.6x less padded work in its
   dots. A last piece that would run past n starts earlier instead (at
@@ -315,7 +305,7 @@ def _pieces(n: int, most: int, grain: int = 32
   past it), overlapping the one before: `first` is where its own columns
   begin (a load masks those before; a store writes them twice, the same
   values)."""
-  total, start, out = -(-n // grain) * grain, 0, []
+  total, start, out = -(-n // 32) * 32, 0, []
   while start < total:
     size = min(most, 1 << ((total - start).bit_length() - 1))
     out.append((max(0, min(start, n - size)), size, start))
@@ -425,7 +415,7 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
 
 
 def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, max_ref, *,
-                          use_left: bool, norm: float, grain: int = 32):
+                          use_left: bool, norm: float):
   """One row and one slice of R's columns: y[:, slice] = S_aᵀ · X ·
   R[:, slice] / √K in f32, each element computed as in
   `hadamard_quant_kernel` (same dots, same hi/lo split), and max |y| over
@@ -446,7 +436,7 @@ def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, max_ref, *,
   for q in range(a // lb):
     # The fused kernel's pieces of R's rows, summed in its order.
     z = 0.0
-    for i0, ni, first in _pieces(r, 256, grain):
+    for i0, ni, first in _pieces(r, 256):
       cols = i0 + jnp.arange(ni)[None, :]
       x = plgpu.load(x_ref.at[row, pl.ds(q * lb, lb), pl.ds(i0, ni)],
                      mask=jnp.broadcast_to((cols >= first) & (cols < r),
@@ -763,8 +753,7 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   if splits > 1:  # Few rows: the transform on M x G programs, then quantize.
     w = rp // splits
     y, maxima = pl.pallas_call(
-        functools.partial(hadamard_split_kernel, use_left=a > 1, norm=norm,
-                          grain=cfg.piece_grain),
+        functools.partial(hadamard_split_kernel, use_left=a > 1, norm=norm),
         grid=(rows, splits),
         in_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
                   pl.BlockSpec((lb, lb), lambda i, g: (0, 0)),
@@ -787,8 +776,7 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   # [a, r] view, as r is even); int8 codes: R whole.
   rights = (right[:, 0::2], right[:, 1::2]) if packed else (right,)
   r_out = r // 2 if packed else r
-  in_pieces = _pieces(r, 256, cfg.piece_grain)
-  out_pieces = _pieces(r_out, 128, cfg.piece_grain)
+  in_pieces, out_pieces = _pieces(r, 256), _pieces(r_out, 128)
   extent = lambda pieces, n: max([n] + [i + size for i, size, _ in pieces])
   q_dtype = jnp.uint8 if packed else jnp.int8
   kernel = functools.partial(

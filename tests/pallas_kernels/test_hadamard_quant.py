@@ -91,12 +91,10 @@ def test_16_bit_inputs_and_leading_dims(dtype, splits, interpret):
 # blocks of 16 or 32 rows plus butterflies, or as one dense dot (64).
 @pytest.mark.parametrize("k", [4096, 11008, 1280])
 @pytest.mark.parametrize("left_rows", [16, 32, 64, None])
-@pytest.mark.parametrize("grain", [16, 32])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_left_product_by_blocks(k, left_rows, grain, dtype, interpret):
+def test_left_product_by_blocks(k, left_rows, dtype, interpret):
   x = 3.0 * _x(4, k, dtype, seed=left_rows or 1) - 0.5
-  cfg = hq.HadamardQuantConfig(column_splits=1, left_rows=left_rows,
-                               piece_grain=grain)
+  cfg = hq.HadamardQuantConfig(column_splits=1, left_rows=left_rows)
   got = hq.hadamard_quant(x, _base(k), packed=False, config=cfg,
                           interpret=interpret)
   want = hq.hadamard_quant_reference(x, _base(k), packed=False)
@@ -163,17 +161,15 @@ def test_quantize_only_several_rows_per_program(m, block_elements, packed,
   assert len(np.unique(np.asarray(got_s))) > m // 2
 
 
-@pytest.mark.parametrize("n, most, want, grain", [
-    (172, 256, ((0, 128, 0), (108, 64, 128)), 32),  # K = 11008's r: 192
-    (86, 128, ((0, 64, 0), (54, 32, 64)), 32),      # its even/odd halves
-    (256, 256, ((0, 256, 0),), 32),                 # a power of two
-    (256, 128, ((0, 128, 0), (128, 128, 128)), 32),
-    (20, 256, ((0, 32, 0),), 32),                   # narrower than a piece
-    (172, 256, ((0, 128, 0), (128, 32, 128), (156, 16, 160)), 16),  # 176
-    (80, 128, ((0, 64, 0), (64, 16, 64)), 16),      # 80: 96 at grain 32
+@pytest.mark.parametrize("n, most, want", [
+    (172, 256, ((0, 128, 0), (108, 64, 128))),  # K = 11008's r: 192, not 256
+    (86, 128, ((0, 64, 0), (54, 32, 64))),      # its even/odd halves
+    (256, 256, ((0, 256, 0),)),                 # a power of two: one piece
+    (256, 128, ((0, 128, 0), (128, 128, 128))),
+    (20, 256, ((0, 32, 0),)),                   # narrower than one piece
 ])
-def test_pieces_cover_r_with_powers_of_two(n, most, want, grain):
-  got = hq._pieces(n, most, grain)  # pylint: disable=protected-access
+def test_pieces_cover_r_with_powers_of_two(n, most, want):
+  got = hq._pieces(n, most)  # pylint: disable=protected-access
   assert got == want
   covered = np.zeros(max(n, 32), int)
   for start, size, first in got:
@@ -184,8 +180,7 @@ def test_pieces_cover_r_with_powers_of_two(n, most, want, grain):
 
 
 @pytest.mark.parametrize("field", ["rows_per_program", "block_elements",
-                                   "chunk_elements", "left_rows",
-                                   "piece_grain"])
+                                   "chunk_elements", "left_rows"])
 def test_config_sizes_must_be_powers_of_two(field):
   with pytest.raises(ValueError, match=f"{field}=3"):
     hq.HadamardQuantConfig(**{field: 3})

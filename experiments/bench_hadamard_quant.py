@@ -61,9 +61,6 @@ _PACKED = flags.DEFINE_list("packed", ["true", "false"],
                             "Output formats: packed int4, int8 codes.")
 _TRANSFORM = flags.DEFINE_list("transform", ["hadamard", "quant_only"],
                                "Variants: with the Hadamard, quantize only.")
-_LEFT = flags.DEFINE_list(
-    "left_rows", ["none", "16"], "left_rows sweep (Hadamard only): 'none'"
-    " is the whole left product as one dot (as 64 at K = 4096 and 11008).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
 
 
@@ -91,10 +88,9 @@ def main(argv):
                 + ("" if packed else "_int8"))
         best = None
         sizes = ([dict(rows_per_program=int(r), column_splits=g,
-                       chunk_elements=int(c),
-                       left_rows=None if lr == "none" else int(lr))
+                       chunk_elements=int(c))
                   for r in _ROWS.value for g in splits
-                  for c in _CHUNK.value for lr in _LEFT.value]
+                  for c in _CHUNK.value]
                  if use_had else
                  [dict(block_elements=int(b)) for b in _BLOCK.value])
         seen = set()
@@ -106,8 +102,7 @@ def main(argv):
             g = hq.column_splits(k, order, m, cfg)
             launch = (warps, g, math.gcd(m, cfg.rows_per_program)
                       if g == 1 else None,
-                      cfg.chunk_elements if g > 1 else None,
-                      f"l{cfg.left_rows}")
+                      cfg.chunk_elements if g > 1 else None)
             if launch in seen:
               continue
             seen.add(launch)

@@ -33,13 +33,6 @@ Triton blocks are powers of two, and r need not be one (r = 172 at K =
 R's rows, column pieces of at most 128), summed in a fixed order, rather
 than over r padded to 256, which did 2.2x the work (K = 11008 int8 codes,
 H200, 2026-12-04: M = 8192 0.688 -> 0.326 ms, M = 32768 2.714 -> 1.264).
-The left product can run by blocks (`left_rows`, e.g. 16): S_a =
-S_(a/16) ⊗ S_16, so each block of 16 rows of X goes through the right dots
-and one left dot by S_16 (hi/lo, below), and log2(a / 16) butterfly stages
-of f32 adds across the blocks finish S_a (the order of the reference's own
-butterflies). At a = 64 (K = 4096 and 11008) the left dots do 1/4 of the
-work of one dense S_64 dot, which was 2/3 of all dot work at K = 4096 and
-2/5 at 11008.
 
 Few rows (decode, M <= 16): one program per row leaves most SMs idle (at
 M = 1 one SM runs all of the row's dots, once per layer). There the split
@@ -125,11 +118,6 @@ class HadamardQuantConfig:
     chunk_elements: split path at M <= 16: elements of a row each quantize
       program takes (a power of two; whole rows of the [a, r] view, at
       least one).
-    left_rows: rows of the [a, r] view one left dot takes (a power of two,
-      at least 16, Triton's smallest dot; capped at a): the left product
-      S_a = S_(a / left_rows) ⊗ S_left_rows runs as dots by S_left_rows on
-      each block of that many rows, then butterflies (adds) across the
-      blocks. None (or a or more): one dense dot by S_a.
   """
 
   num_warps: int = 4
@@ -138,19 +126,12 @@ class HadamardQuantConfig:
   block_elements: int = 8192
   column_splits: int | None = None
   chunk_elements: int = 2048
-  left_rows: int | None = None
 
   def __post_init__(self):
-    for name in ("rows_per_program", "block_elements", "chunk_elements",
-                 "left_rows"):
+    for name in ("rows_per_program", "block_elements", "chunk_elements"):
       n = getattr(self, name)
-      if n is None and name == "left_rows":
-        continue
       if n < 1 or n & (n - 1):
         raise ValueError(f"{name}={n} must be a power of two")
-    if self.left_rows is not None and self.left_rows < 16:
-      raise ValueError(f"left_rows={self.left_rows} must be at least 16"
-                       " (Triton's smallest dot)")
     n = self.column_splits
     if n is not None and (not isinstance(n, int) or n < 1 or n & (n - 1)):
       raise ValueError(f"column_splits={n!r} must be None or a power of two")
@@ -313,57 +294,20 @@ def _pieces(n: int, most: int) -> tuple[tuple[int, int, int], ...]:
   return tuple(out)
 
 
-def _left_block(a: int, cfg: "HadamardQuantConfig") -> int:
-  """Rows of the [a, r] view one left dot takes (`left_rows`, at most a and
-  at least 16, or a itself when a < 16: no left product then)."""
-  return a if a < 16 or cfg.left_rows is None else min(cfg.left_rows, a)
-
-
-def _butterflies(blocks: list) -> list:
-  """[Σ_q S_n[j, q] · blocks[q] for j < n]: Sylvester's S_n (n = len(blocks),
-  a power of two) across equal pytrees of arrays, as log2(n) butterfly
-  stages of adds (the order of `_hadamard_transform`'s). With the blocks
-  S_b · (rows qb .. qb + b of Z), this is S_(nb) · Z by rows, since
-  S_(nb) = S_n ⊗ S_b."""
-  blocks, h = list(blocks), 1
-  while h < len(blocks):
-    for i in range(0, len(blocks), 2 * h):
-      for j in range(i, i + h):
-        lo, hi = blocks[j], blocks[j + h]
-        blocks[j] = jax.tree.map(jnp.add, lo, hi)
-        blocks[j + h] = jax.tree.map(jnp.subtract, lo, hi)
-    h *= 2
-  return blocks
-
-
-def _left_dot(left: jax.Array, z: jax.Array, dt) -> jax.Array:
-  """S · z for the ±1 matrix S [b, b] and f32 z [b, n]: one f32 dot
-  (HIGHEST), or for 16-bit dt two, of z's dt-rounded high and low parts
-  (~16 bits of z kept; S is exact in dt)."""
-  dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32)
-  if dt == jnp.float32:
-    return dot(left, z)
-  z_hi = z.astype(dt)
-  z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
-  return dot(left, z_hi) + dot(left, z_lo)
-
-
 def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
                           use_left: bool, norm: float, clip_ratio: float,
                           rows: int, in_pieces, out_pieces):
   """A few rows: transform, absmax, codes, packed bytes (or int8 codes).
   Rows at or past `rows` (the padding up to `out_rows`) quantize zeros:
   codes 0, scale 1."""
-  # x_ref: [rows, a, r]; left_ref: [lb, lb], S_lb for the left product
-  # by blocks of lb rows of the [a, r] view (`_left_block`); right_refs:
-  # the even and odd columns of R (packed) or R itself, [r, r_out] (r_out:
-  # r // 2 or r), zero-padded only where a single piece is wider than r or
-  # r_out; q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, r];
-  # s_ref: f32[rows].
+  # x_ref: [rows, a, r]; left_ref: [ap, ap]; right_refs: the even and odd
+  # columns of R (packed) or R itself, [r, r_out] (r_out: r // 2 or r),
+  # zero-padded only where a single piece is wider than r or r_out;
+  # q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, r]; s_ref:
+  # f32[rows] (ap: a rounded up to a power of two, as Triton needs).
   *right_refs, q_ref, s_ref = refs
   n_rows, a, r = x_ref.shape
-  lb = left_ref.shape[0]
+  ap = left_ref.shape[0]
   r_out = q_ref.shape[2]
   dt = right_refs[0].dtype
   # The matrices are loaded once per program and reused for every row (one
@@ -372,44 +316,47 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
               for j0, nj, _ in out_pieces] for i0, ni, _ in in_pieces]
             for ref in right_refs]
   left = left_ref[...] if use_left else None
+  valid = jnp.arange(ap)[:, None] < a
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
   scales = jnp.zeros((n_rows,), jnp.float32)
   real = pl.program_id(0) * n_rows < rows  # a program's rows: all or none
   for i in range(n_rows):
     row = jnp.int32(i)  # interpret mode's load/store reject a Python int
-    ys = []  # ys[q][p][j]: f32 [lb, nj], rows q * lb.. of right matrix p's
-    for q in range(a // lb):  # columns of piece j
-      xs = []
-      for i0, ni, first in in_pieces:
-        col = i0 + jnp.arange(ni)[None, :]
-        xs.append(jnp.where(real, plgpu.load(
-            x_ref.at[row, pl.ds(q * lb, lb), pl.ds(i0, ni)],
-            mask=jnp.broadcast_to((col >= first) & (col < r), (lb, ni)),
-            other=0), 0).astype(dt))
-      zs = [[functools.reduce(jnp.add, [dot(x, blk[i][j])
-                                        for i, x in enumerate(xs)])
-             for j in range(len(out_pieces))] for blk in blocks]
-      if use_left:
-        zs = [[_left_dot(left, z, dt) for z in zp] for zp in zs]
-      ys.append(zs)
-    ys = [[[z * norm for z in zp] for zp in zs] for zs in _butterflies(ys)]
-    absmax = functools.reduce(jnp.maximum, [
-        jnp.max(jnp.abs(y)) for zs in ys for yp in zs for y in yp])
+    xs = []
+    for i0, ni, first in in_pieces:
+      col = i0 + jnp.arange(ni)[None, :]
+      xs.append(jnp.where(real, plgpu.load(
+          x_ref.at[row, pl.ds(0, ap), pl.ds(i0, ni)],
+          mask=valid & (col >= first) & (col < r), other=0), 0).astype(dt))
+    # zs[p][j]: f32 [ap, nj], columns of piece j of right matrix p.
+    zs = [[functools.reduce(jnp.add, [dot(x, blk[i][j])
+                                      for i, x in enumerate(xs)])
+           for j in range(len(out_pieces))] for blk in blocks]
+    if use_left:
+      if dt == jnp.float32:
+        zs = [[dot(left, z) for z in zp] for zp in zs]
+      else:  # 16-bit: split the f32 intermediate so the left dot stays exact
+        def exact_left(z):
+          z_hi = z.astype(dt)
+          z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
+          return dot(left, z_hi) + dot(left, z_lo)
+        zs = [[exact_left(z) for z in zp] for zp in zs]
+    ys = [[z * norm for z in zp] for zp in zs]
+    absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y))
+                                            for yp in ys for y in yp])
     scale = _row_scales(absmax, clip_ratio)
-    for q, zs in enumerate(ys):
-      codes = [[jnp.clip(_round_half_even(y / scale), -8, 7
-                         ).astype(jnp.int32) for y in yp] for yp in zs]
-      for j, (j0, nj, _) in enumerate(out_pieces):
-        mask = jnp.broadcast_to(j0 + jnp.arange(nj)[None, :] < r_out,
-                                (lb, nj))
-        if packed:
-          out = ((codes[0][j] & 0xF) | ((codes[1][j] & 0xF) << 4)
-                 ).astype(jnp.uint8)
-        else:
-          out = codes[0][j].astype(jnp.int8)
-        plgpu.store(q_ref.at[row, pl.ds(q * lb, lb), pl.ds(j0, nj)], out,
-                    mask=mask)
+    codes = [[jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
+              for y in yp] for yp in ys]
+    for j, (j0, nj, _) in enumerate(out_pieces):
+      mask = valid & (j0 + jnp.arange(nj)[None, :] < r_out)
+      if packed:
+        out = ((codes[0][j] & 0xF) | ((codes[1][j] & 0xF) << 4)
+               ).astype(jnp.uint8)
+      else:
+        out = codes[0][j].astype(jnp.int8)
+      plgpu.store(q_ref.at[row, pl.ds(0, ap), pl.ds(j0, nj)], out,
+                  mask=mask)
     scales = jnp.where(jnp.arange(n_rows) == i, scale, scales)
   s_ref[...] = scales
 
@@ -420,40 +367,40 @@ def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, max_ref, *,
   R[:, slice] / √K in f32, each element computed as in
   `hadamard_quant_kernel` (same dots, same hi/lo split), and max |y| over
   the slice; no quantization."""
-  # x_ref: [1, a, r]; left_ref: [lb, lb] (as the fused kernel's);
-  # right_ref: [rp, w], columns g * w .. (g + 1) * w of R padded to [rp,
-  # rp] (padded rows and columns zero); y_ref: f32[1, a, r], this program
-  # stores its columns below r; max_ref: f32[1, 1], this program's partial
-  # absmax.
+  # x_ref: [1, a, r]; left_ref: [ap, ap]; right_ref: [rp, w], columns
+  # g * w .. (g + 1) * w of R padded to [rp, rp] (padded rows and columns
+  # zero); y_ref: f32[1, a, r], this program stores the real [a] rows of its
+  # columns below r; max_ref: f32[1, 1], this program's partial absmax.
   _, a, r = x_ref.shape
-  lb, w = left_ref.shape[0], right_ref.shape[1]
+  ap, w = left_ref.shape[0], right_ref.shape[1]
   dt = right_ref.dtype
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
+  valid = jnp.arange(ap)[:, None] < a
   row = jnp.int32(0)  # interpret mode's load/store reject a Python int
+  # The fused kernel's pieces of R's rows, summed in its order.
+  z = 0.0  # f32 [ap, w]
+  for i0, ni, first in _pieces(r, 256):
+    col = i0 + jnp.arange(ni)[None, :]
+    x = plgpu.load(x_ref.at[row, pl.ds(0, ap), pl.ds(i0, ni)],
+                   mask=valid & (col >= first) & (col < r), other=0)
+    z = z + dot(x.astype(dt), right_ref[pl.ds(i0, ni), :])
+  if use_left:
+    left = left_ref[...]
+    if dt == jnp.float32:
+      z = dot(left, z)
+    else:  # 16-bit: split the f32 intermediate so the left dot stays exact
+      z_hi = z.astype(dt)
+      z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
+      z = dot(left, z_hi) + dot(left, z_lo)
+  y = z * norm
   col = pl.program_id(1) * w
-  zs = []  # f32 [lb, w] per block of lb rows of the [a, r] view
-  for q in range(a // lb):
-    # The fused kernel's pieces of R's rows, summed in its order.
-    z = 0.0
-    for i0, ni, first in _pieces(r, 256):
-      cols = i0 + jnp.arange(ni)[None, :]
-      x = plgpu.load(x_ref.at[row, pl.ds(q * lb, lb), pl.ds(i0, ni)],
-                     mask=jnp.broadcast_to((cols >= first) & (cols < r),
-                                           (lb, ni)), other=0)
-      z = z + dot(x.astype(dt), right_ref[pl.ds(i0, ni), :])
-    zs.append(_left_dot(left_ref[...], z, dt) if use_left else z)
-  absmax = 0.0
-  for q, z in enumerate(_butterflies(zs)):
-    y = z * norm
-    plgpu.store(y_ref.at[row, pl.ds(q * lb, lb), pl.ds(col, w)], y,
-                mask=jnp.broadcast_to(col + jnp.arange(w)[None, :] < r,
-                                      (lb, w)))
-    # The padding of y is exactly zero (zero-padded x and matrices), as in
-    # the fused kernel's absmax, so no mask; two one-axis reductions, as
-    # `store_quantized_rows`.
-    absmax = jnp.maximum(absmax, jnp.max(jnp.max(jnp.abs(y), axis=1),
-                                         axis=0))
+  plgpu.store(y_ref.at[row, pl.ds(0, ap), pl.ds(col, w)], y,
+              mask=valid & (col + jnp.arange(w)[None, :] < r))
+  # The padding of y is exactly zero (zero-padded x and matrices), as in
+  # the fused kernel's absmax, so no mask; two one-axis reductions, as
+  # `store_quantized_rows`.
+  absmax = jnp.max(jnp.max(jnp.abs(y), axis=1), axis=0)
   max_ref[...] = jnp.broadcast_to(absmax, max_ref.shape)
 
 
@@ -736,12 +683,11 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   lead = x.shape[:-1]
   a, b = _split(k, m)
   r = b * m
-  rp = _pow2(r)
-  lb = _left_block(a, cfg)  # a is a power of two (K / m is)
+  ap, rp = _pow2(a), _pow2(r)
   x3 = x.reshape(-1, a, r)  # [M, a, r]: row element k = i * r + j
   # ±1 and 0/1 are exact in every float dtype; 16-bit inputs keep theirs.
   dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-  left = jnp.asarray(sylvester(lb))  # symmetric: S_aᵀ = S_a
+  left = jnp.asarray(sylvester(a).T)
   right = jnp.kron(jnp.asarray(sylvester(b)),
                    hadamard_base.astype(jnp.float32))
   pad = lambda t, shape: jnp.pad(
@@ -756,7 +702,7 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
         functools.partial(hadamard_split_kernel, use_left=a > 1, norm=norm),
         grid=(rows, splits),
         in_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
-                  pl.BlockSpec((lb, lb), lambda i, g: (0, 0)),
+                  pl.BlockSpec((ap, ap), lambda i, g: (0, 0)),
                   pl.BlockSpec((rp, w), lambda i, g: (0, g))],
         out_specs=[pl.BlockSpec((1, a, r), lambda i, g: (i, 0, 0)),
                    pl.BlockSpec((1, 1), lambda i, g: (i, g))],
@@ -764,7 +710,7 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                    jax.ShapeDtypeStruct((rows, splits), jnp.float32)],
         compiler_params=params, interpret=interpret, debug=debug,
         name="hadamard_split",
-    )(x3, left.astype(dt), pad(right, (rp, rp)))
+    )(x3, pad(left, (ap, ap)), pad(right, (rp, rp)))
     y = y.reshape(*lead, k)
     if rows > _SPLIT_MAX_ROWS:  # forced G at many rows: a program per row
       return _quantize_only(y, clip_ratio, packed, cfg, interpret, debug,
@@ -790,14 +736,14 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
       grid=(out_rows // per_program,),
       in_specs=[pl.BlockSpec((per_program, a, r),
                              lambda i: (jnp.minimum(i, last), 0, 0)),
-                full((lb, lb))] + [full(right_shape)] * len(rights),
+                full((ap, ap))] + [full(right_shape)] * len(rights),
       out_specs=[pl.BlockSpec((per_program, a, r_out), lambda i: (i, 0, 0)),
                  pl.BlockSpec((per_program,), lambda i: (i,))],
       out_shape=[jax.ShapeDtypeStruct((out_rows, a, r_out), q_dtype),
                  jax.ShapeDtypeStruct((out_rows,), jnp.float32)],
       compiler_params=params, interpret=interpret, debug=debug,
       name="hadamard_quant",
-  )(x3, left.astype(dt), *[pad(t, right_shape) for t in rights])
+  )(x3, pad(left, (ap, ap)), *[pad(t, right_shape) for t in rights])
   return _shaped(x_q, s_x, lead, rows, out_rows)
 
 

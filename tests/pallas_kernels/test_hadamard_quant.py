@@ -87,21 +87,6 @@ def test_16_bit_inputs_and_leading_dims(dtype, splits, interpret):
   np.testing.assert_array_equal(np.asarray(got_q), np.asarray(want_q))
 
 
-# The left product S_a (a = 64 at K = 4096 and 11008, 32 at 1280) by
-# blocks of 16 or 32 rows plus butterflies, or as one dense dot (64).
-@pytest.mark.parametrize("k", [4096, 11008, 1280])
-@pytest.mark.parametrize("left_rows", [16, 32, 64, None])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_left_product_by_blocks(k, left_rows, dtype, interpret):
-  x = 3.0 * _x(4, k, dtype, seed=left_rows or 1) - 0.5
-  cfg = hq.HadamardQuantConfig(column_splits=1, left_rows=left_rows)
-  got = hq.hadamard_quant(x, _base(k), packed=False, config=cfg,
-                          interpret=interpret)
-  want = hq.hadamard_quant_reference(x, _base(k), packed=False)
-  _assert_quantized_like(got, want, False, interpret,
-                         scale_rtol=1.2e-7 * np.sqrt(k))
-
-
 @pytest.mark.parametrize("k", [64, 576, 688, 4096])
 @pytest.mark.parametrize("use_hadamard", [True, False])
 def test_unpacked_output_is_the_packed_codes(k, use_hadamard, interpret):
@@ -180,15 +165,10 @@ def test_pieces_cover_r_with_powers_of_two(n, most, want):
 
 
 @pytest.mark.parametrize("field", ["rows_per_program", "block_elements",
-                                   "chunk_elements", "left_rows"])
+                                   "chunk_elements"])
 def test_config_sizes_must_be_powers_of_two(field):
   with pytest.raises(ValueError, match=f"{field}=3"):
     hq.HadamardQuantConfig(**{field: 3})
-
-
-def test_config_left_rows_at_least_16():
-  with pytest.raises(ValueError, match="left_rows=8 must be at least 16"):
-    hq.HadamardQuantConfig(left_rows=8)
 
 
 @pytest.mark.parametrize("splits", [0, 3, 12, -4])

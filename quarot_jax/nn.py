@@ -61,7 +61,7 @@ class Llama(linen.Module):
 
   @linen.compact
   def __call__(self, tokens: jax.Array, cache: Any = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, last_only: bool = False):
     """Runs `model.forward` on this module's params.
 
     Args:
@@ -69,6 +69,7 @@ class Llama(linen.Module):
       cache: a `kv_cache.KVCache` (float or packed KV4), or None.
       return_hidden: return the final hidden state [B, T, D] instead of
         logits.
+      last_only: logits of the last position only (f32[B, 1, V]).
 
     Returns:
       (logits f32[B, T, V] (or hidden [B, T, D]), new cache or None), as
@@ -86,7 +87,7 @@ class Llama(linen.Module):
     kwargs = {} if self.kernels is None else {"kernels": self.kernels}
     return model.forward(params, tokens, self.config, cache=cache,
                          options=self.options, return_hidden=return_hidden,
-                         **kwargs)
+                         last_only=last_only, **kwargs)
 
 
 def _leaf_rows(variables: Any) -> list[tuple[str, tuple[int, ...], str, int]]:

@@ -116,6 +116,8 @@ def test_apply_equals_forward_bit_for_bit(variables):
   cache = kv_cache.cache_for(TINY, 2, 8)
   _assert_same_program(llama, variables, params, tokens[:, :4], cache=cache)
   _assert_same_program(llama, variables, params, tokens[:, 4:5], cache=cache)
+  _assert_same_program(llama, variables, params, tokens[:, :4], cache=cache,
+                       last_only=True)
 
 
 @pytest.mark.skipif(

@@ -280,7 +280,7 @@ def decode_memory(config: LlamaConfig, batch: int, prefill: int,
   }]
 
 
-MODEL_PREFILL_VARIANTS = ("xla_int8", "triton", "xla_qkv")
+MODEL_PREFILL_VARIANTS = ("xla_int8", "triton", "xla_qkv", "all_logits")
 
 
 def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
@@ -296,7 +296,8 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
   formed all T positions' logits, f32[B, T, V], in both models). Also
   timed, each compiling the whole model once more (`variants`, a subset of
   `MODEL_PREFILL_VARIANTS`): 'xla_int8' and 'triton' matmuls (Triton on a
-  GPU only), 'xla_qkv' (`prefill_qkv` off; GPU only).
+  GPU only), 'xla_qkv' (`prefill_qkv` off; GPU only), 'all_logits' (both
+  models again with every position's logits, as before 2026-12-05).
 
   Returns:
     A `model_prefill` record with tokens/s, the bytes of weights, and the
@@ -322,15 +323,15 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
     fparams = run_layout.unstack_layers(fparams, fuse=True)
     qparams = run_layout.unstack_layers(qparams, fuse=True)
 
-  def run(params, packed, opts, kern):
+  def run(params, packed, opts, kern, last_only=True):
     cache = kv_cache.cache_for(config, batch, seq, dtype=jnp.bfloat16,
                                packed=packed, per_layer=unrolled)
     return model.forward(params, tokens, config, cache=cache,
-                         options=opts, kernels=kern, last_only=True)[0]
+                         options=opts, kernels=kern, last_only=last_only)[0]
 
-  run = jax.jit(run, static_argnames=("packed", "opts", "kern"))
-  timed = lambda *args: benchmarking.median_ms(
-      lambda: run(*args), warmup=1, runs=5, inner=1)
+  run = jax.jit(run, static_argnames=("packed", "opts", "kern", "last_only"))
+  timed = lambda *args, **kw: benchmarking.median_ms(
+      lambda: run(*args, **kw), warmup=1, runs=5, inner=1)
   float_ms = timed(fparams, False, model.FLOAT, kernels)
   ours_ms = timed(qparams, True, options, kernels)
   extra = {}
@@ -343,6 +344,12 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
       ms = timed(qparams, True, options, dataclasses.replace(kernels, **kern))
       extra[f"ours_{field}_ms"] = round(ms, 4)
       extra[f"speedup_{field}"] = round(float_ms / ms, 3)
+  if "all_logits" in variants:
+    all_float = timed(fparams, False, model.FLOAT, kernels, last_only=False)
+    all_ours = timed(qparams, True, options, kernels, last_only=False)
+    extra.update(ours_all_logits_ms=round(all_ours, 4),
+                 baseline_all_logits_ms=round(all_float, 4),
+                 speedup_all_logits=round(all_float / all_ours, 3))
   tps = lambda ms: batch * seq / (ms / 1e3)
   return [benchmarking.record(
       "model_prefill", f"{_name(config)} b{batch} s{seq}", ours_ms,

@@ -89,6 +89,8 @@ def test_decode_memory_counts_bytes():
 def test_model_prefill_record_and_weight_bytes():
   (r,) = speed.model_prefill(_TINY, 1, 8, command="t", key=jax.random.key(0))
   _check_ratios(r)
+  assert r["speedup_all_logits"] == round(
+      r["baseline_all_logits_ms"] / r["ours_all_logits_ms"], 3)
   # Each packed linear [in, out] keeps in * out / 2 bytes of codes and an
   # f32 scale per output instead of in * out bf16 weights.
   widths = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32),

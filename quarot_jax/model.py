@@ -752,9 +752,10 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     kernels: which kernels run: a `kernels.SETTINGS` word, None ('auto'),
       or a resolved `kernels.Kernels`; resolved here, once.
     return_hidden: return the final hidden state [B, T, D] instead of logits.
-    last_only: project only the last position to the vocabulary (logits
-      f32[B, 1, V]): what sampling reads after a prefill, without the
-      f32[B, T, V] logits and the lm_head GEMM over every token.
+    last_only: norm and project only the last position (logits f32[B, 1,
+      V], or hidden [B, 1, D]): what sampling reads after a prefill,
+      without the f32[B, T, V] logits and the lm_head GEMM over every
+      token.
     mesh: the 1-D mesh (axis 'tp') the params and cache are placed on
       (`sharding.py`), or None. Only packed linears and the packed KV4
       cache attention read it: they run per shard inside `shard_map`
@@ -815,11 +816,11 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     _check_cache_matches(params, cache)
     x, (new_k, new_v) = jax.lax.scan(layer, x,
                                      (params["layers"], cache_k, cache_v))
+  if last_only:  # the final norm is per position: norm only the last
+    x = x[:, -1:]
   x = _norm(x, params.get("norm"), config.rms_norm_eps)
   if return_hidden:
     return x, None
-  if last_only:
-    x = x[:, -1:]
   logits = logits_from_hidden(params, x)
   new_cache = None
   if cache is not None:

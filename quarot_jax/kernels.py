@@ -70,6 +70,11 @@ class Kernels:
       one launch) when the cache is packed; 'xla' runs those as separate
       ops. 'pallas' in every GPU setting and 'interpret': a 7B layer's
       prefill ran 1-2% faster with it at B = 1, 4, 16 (H200, BENCHMARKS.md).
+    residual_in_matmul: o_proj's and down_proj's W4A4 prefill matmul
+      adds the decoder's residual stream in its epilogue
+      (`w4a4_matmul(..., residual=)`; no add pass of its own with
+      'mosaic'); False adds it after, in XLA (the same numbers; a
+      benchmark's A/B).
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -92,6 +97,7 @@ class Kernels:
   attention: Attention = "xla"
   rms_norm_quant: PallasOrXla = "xla"
   prefill_qkv: PallasOrXla = "xla"
+  residual_in_matmul: bool = True
   interpret: bool = False
   layer_loop: Literal["unrolled", "scan"] = "scan"
 

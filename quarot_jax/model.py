@@ -143,8 +143,9 @@ def _head_hadamard(x: jax.Array) -> jax.Array:
 
 def _linear(x: jax.Array, p: Params, options: RunOptions, *,
             kernels: kernels_lib.Kernels,
-            online_hadamard: bool = False) -> jax.Array:
-  """`x @ kernel + bias`, or the packed int4 linear of `qlinear`.
+            online_hadamard: bool = False, residual=None) -> jax.Array:
+  """`x @ kernel + bias` (+ `residual`), or the packed int4 linear of
+  `qlinear` (which may add the residual in its matmul's epilogue).
 
   Float kernels see the input fake-quantized by `options.a_spec`, after
   the online Hadamard if `online_hadamard`; packed linears quantize for
@@ -153,23 +154,41 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
   if "qweight" in p:
     if online_hadamard and options.had_blocks > 1:  # not the fused one
       x, online_hadamard = _hadamard(x, options.had_blocks), False
-    return qlinear.linear(x, p, a_spec=options.a_spec,
-                          online_hadamard=online_hadamard, kernels=kernels)
+    fuse = residual is not None and residual.dtype == x.dtype
+    y = qlinear.linear(x, p, a_spec=options.a_spec,
+                       online_hadamard=online_hadamard, kernels=kernels,
+                       residual=residual if fuse else None)
+    return y if fuse or residual is None else residual + y
   if online_hadamard:
     x = _hadamard(x)
   x = _fake_quant(x, options.a_spec)
   y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
   if "bias" in p:
     y = y + p["bias"].astype(y.dtype)
-  return y
+  return y if residual is None else residual + y
 
 
 def _row_linear(x: jax.Array, p: Params, options: RunOptions, *,
                 kernels: kernels_lib.Kernels, online_hadamard: bool,
-                mesh=None) -> jax.Array:
+                mesh=None, residual=None) -> jax.Array:
   """o_proj or down_proj: `_linear` with the input quantized in
   `options.row_groups` groups per token; with a `mesh`, a packed one runs
-  row parallel per shard (`shard_kernels.linears`)."""
+  row parallel per shard (`shard_kernels.linears`). With `residual`
+  [..., out], returns residual + the linear's output (the decoder's
+  residual add, which one packed linear fuses into its matmul)."""
+  groups = options.row_groups
+  if groups == 1 and mesh is None:
+    return _linear(x, p, options, kernels=kernels,
+                   online_hadamard=online_hadamard, residual=residual)
+  y = _row_linear_parts(x, p, options, kernels=kernels,
+                        online_hadamard=online_hadamard, mesh=mesh)
+  return y if residual is None else residual + y
+
+
+def _row_linear_parts(x: jax.Array, p: Params, options: RunOptions, *,
+                      kernels: kernels_lib.Kernels, online_hadamard: bool,
+                      mesh) -> jax.Array:
+  """`_row_linear` over several row groups or shards (no residual)."""
   groups = options.row_groups
   packed = "qweight" in p
   if mesh is not None and packed and groups != shard_kernels.tp_size(mesh):
@@ -177,9 +196,6 @@ def _row_linear(x: jax.Array, p: Params, options: RunOptions, *,
         f"packed o_proj/down_proj on a mesh quantize their input per shard:"
         f" RunOptions(row_groups={groups}) must equal the mesh's"
         f" tp={shard_kernels.tp_size(mesh)}")
-  if groups == 1 and mesh is None:
-    return _linear(x, p, options, kernels=kernels,
-                   online_hadamard=online_hadamard)
   if not packed:
     spec = options.a_spec
     if spec is not None and spec.group_size is None:
@@ -340,8 +356,10 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
                      config: LlamaConfig, options: RunOptions, inv_freq,
                      start=None,
                      kernels: kernels_lib.Kernels = kernels_lib.XLA,
-                     pre_norm=None, mesh=None):
-  """One attention sub-block (`pre_norm` and `mesh` as in `_linears`).
+                     pre_norm=None, mesh=None, residual=None):
+  """One attention sub-block (`pre_norm` and `mesh` as in `_linears`;
+  `residual` [B, T, D] is added to its output, in o_proj's epilogue where
+  o_proj can).
 
   A float cache ([B, S, K, H]) stores keys and values fake-quantized by
   `options.k_spec`/`v_spec`; a packed `kv4_cache.KV4` cache quantizes them
@@ -355,8 +373,8 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   cache attention runs per shard of kv heads (`shard_kernels`).
 
   Returns:
-    (output [B, T, D], new k cache, new v cache, o_proj input [B, T, N*H]
-    (before the online Hadamard when o_proj is packed)).
+    (output [B, T, D] (+ residual), new k cache, new v cache, o_proj input
+    [B, T, N*H] (before the online Hadamard when o_proj is packed)).
   """
   b, t, _ = x.shape
   n, kv, h = (config.num_attention_heads, config.num_key_value_heads,
@@ -369,13 +387,15 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
       out, k_cache, v_cache = _decode_qkv_attention(
           qkv, positions, inv_freq, k_cache, v_cache, write_at, start,
           n, options, kernels, k_center=p.get("k_center"))
-      o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh)
+      o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh,
+                        residual)
       return o, k_cache, v_cache, o_in
     if _use_prefill_qkv(qkv, k_cache, kernels, mesh, h):
       out, k_cache, v_cache = _prefill_qkv_attention(
           qkv, positions, inv_freq, k_cache, v_cache, write_at, start, mask,
           n, options, kernels, k_center=p.get("k_center"))
-      o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh)
+      o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh,
+                        residual)
       return o, k_cache, v_cache, o_in
     q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
   else:
@@ -425,7 +445,8 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
       if k_cache is not None:
         k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
       out = attend(q, k, v, mask)
-  o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh)
+  o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh,
+                    residual)
   return o, k_cache, v_cache, o_in
 
 
@@ -464,17 +485,17 @@ def cached_keys(x: jax.Array, p: Params, positions: jax.Array, *,
 
 
 def _o_proj(out, p, options: RunOptions, kernels: kernels_lib.Kernels,
-            mesh) -> tuple[jax.Array, jax.Array]:
-  """(o_proj of the attention output [B, T, N*H], o_proj's input): after
-  the online Hadamard, which a packed o_proj fuses into its quantizer (its
-  input is then the attention output itself). The input is GPTQ's tap, so
-  it must be what the linear multiplies."""
+            mesh, residual=None) -> tuple[jax.Array, jax.Array]:
+  """(o_proj of the attention output [B, T, N*H] (+ `residual`), o_proj's
+  input): after the online Hadamard, which a packed o_proj fuses into its
+  quantizer (its input is then the attention output itself). The input is
+  GPTQ's tap, so it must be what the linear multiplies."""
   packed = "qweight" in p["o_proj"]
   if options.online_had_o and not packed:
     out = _hadamard(out, options.had_blocks)
   return _row_linear(out, p["o_proj"], options, kernels=kernels,
                      online_hadamard=options.online_had_o and packed,
-                     mesh=mesh), out
+                     mesh=mesh, residual=residual), out
 
 
 def _use_decode_qkv(qkv, k_cache, kernels: kernels_lib.Kernels, mesh,
@@ -656,10 +677,11 @@ def attend_kv4(q: jax.Array, k_cache, v_cache, mask: jax.Array
 
 
 def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
-               pre_norm=None, mesh=None):
+               pre_norm=None, mesh=None, residual=None):
   """One FFN sub-block (gate/up_proj, or their fused gate_up_proj from
-  `run_layout`, unsplit on a mesh; `pre_norm` and `mesh` as in `_linears`).
-  Returns (output [B, T, D],
+  `run_layout`, unsplit on a mesh; `pre_norm` and `mesh` as in `_linears`;
+  `residual` as in `_attention_block`).
+  Returns (output [B, T, D] (+ residual),
   down_proj input (before the online Hadamard when down_proj is packed))."""
   if "gate_up_proj" in p:  # fused (run_layout): [B, T, 2F], gate, up
     (gate_up,) = _linears(x, [p["gate_up_proj"]], options, kernels=kernels,
@@ -674,7 +696,7 @@ def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
     hidden = _hadamard(hidden, options.had_blocks)
   return _row_linear(hidden, p["down_proj"], options, kernels=kernels,
                      online_hadamard=options.online_had_down and packed,
-                     mesh=mesh), hidden
+                     mesh=mesh, residual=residual), hidden
 
 
 def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
@@ -715,18 +737,20 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
   # (`pre_norm`) to fuse it into their quantizer; an unused tap is dropped.
   quantized = options.a_spec is not None and options.a_spec.enabled
   attn_in = _norm(x, p["input_layernorm"], eps, quantized=quantized)
-  h, k_cache, v_cache, o_in = _attention_block(
+  # The residual adds ride in o_proj's and down_proj's matmul epilogues
+  # where those can (the packed prefill matmul on Hopper); else `x + h`.
+  x, k_cache, v_cache, o_in = _attention_block(
       attn_in, p["self_attn"], positions, mask, k_cache, v_cache, write_at,
       config=config, options=options, inv_freq=inv_freq, start=start,
       kernels=kernels, mesh=mesh,
-      pre_norm=(x, _norm_weight(x, p["input_layernorm"]), eps))
-  x = x + h
+      pre_norm=(x, _norm_weight(x, p["input_layernorm"]), eps), residual=x)
   mlp_in = _norm(x, p["post_attention_layernorm"], eps, quantized=quantized)
-  h, down_in = _mlp_block(
+  x, down_in = _mlp_block(
       mlp_in, p["mlp"], options=options, kernels=kernels, mesh=mesh,
-      pre_norm=(x, _norm_weight(x, p["post_attention_layernorm"]), eps))
+      pre_norm=(x, _norm_weight(x, p["post_attention_layernorm"]), eps),
+      residual=x)
   taps = {"qkv": attn_in, "o": o_in, "gate_up": mlp_in, "down": down_in}
-  return x + h, k_cache, v_cache, taps
+  return x, k_cache, v_cache, taps
 
 
 def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,

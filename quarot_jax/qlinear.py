@@ -158,8 +158,9 @@ def quantize_weights_rtn(params: Params, linears, spec: quant.QuantSpec
 
 
 def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
-           kernels: kernels_lib.Kernels = kernels_lib.XLA) -> jax.Array:
-  """y = Q(H x) · W_qᵀ (+ bias) for a packed linear.
+           kernels: kernels_lib.Kernels = kernels_lib.XLA,
+           residual: jax.Array | None = None) -> jax.Array:
+  """y = Q(H x) · W_qᵀ (+ bias) (+ residual) for a packed linear.
 
   Args:
     x: float[..., in] input (not yet rotated by the online Hadamard).
@@ -170,23 +171,29 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
       o_proj inputs after QuaRot).
     kernels: the resolved kernel choice (`kernels.resolve`); each op runs
       the backend it names. Default: the XLA references.
+    residual: [..., out] in the dtype of x, added to y (a decoder layer's
+      residual stream), or None. The prefill W4A4 matmul adds it in its
+      epilogue (`w4a4_matmul`'s `residual`), so the add is no pass of its
+      own; elsewhere, and after a bias, it is `y + residual` in XLA: the
+      same numbers either way.
 
   Returns:
     [..., out] in the dtype of x.
 
   Raises:
     NotImplementedError: an activation spec the kernels do not run.
+    ValueError: a residual of another shape or dtype than the output.
   """
   (y,) = linears(x, (p,), a_spec=a_spec, online_hadamard=online_hadamard,
-                 kernels=kernels)
+                 kernels=kernels, residual=residual)
   return y
 
 
 def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
             online_hadamard: bool,
             kernels: kernels_lib.Kernels = kernels_lib.XLA,
-            norm: tuple[jax.Array, float] | None = None
-            ) -> list[jax.Array]:
+            norm: tuple[jax.Array, float] | None = None,
+            residual: jax.Array | None = None) -> list[jax.Array]:
   """`linear` of one input through several packed linears (q/k/v, gate/up).
 
   The input is rotated and quantized once for all of them. Up to
@@ -208,6 +215,7 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     kernels: as in `linear`.
     norm: (weight [in], eps) of an RMS norm to apply to x first (the
       decoder's pre-norm), or None.
+    residual: as in `linear`; only with one linear.
 
   Returns:
     One [..., out_i] array per linear, in the dtype of x.
@@ -218,6 +226,13 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
   lead, k = x.shape[:-1], x.shape[-1]
   x2 = x.reshape(-1, k)  # [M, in]
   m = x2.shape[0]
+  if residual is not None:
+    want = (*lead, ps[0]["qweight"].shape[-2]) if len(ps) == 1 else None
+    if residual.shape != want or residual.dtype != x.dtype:
+      raise ValueError(
+          f"residual must be {x.dtype.name}{list(want or ())} (one linear's"
+          f" output), got {residual.dtype.name}{list(residual.shape)} for"
+          f" {len(ps)} linears")
 
   def decode(p):  # decode_matmul's shape limits are the kernel's own
     return (m <= kernels_lib.DECODE_ROWS and kernels.decode_matmul != "xla"
@@ -276,17 +291,23 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
           x2, hadamard_base(k) if online_hadamard else None,
           clip_ratio=a_spec.clip_ratio, packed=packed, out_rows=out_rows,
           implementation=kernels.hadamard_quant, interpret=kernels.interpret)
+    # The residual rides in the prefill matmul's epilogue (none has a bias).
+    fused = (residual is not None and kernels.residual_in_matmul
+             and not decode(ps[0]) and "bias" not in ps[0])
     ys = [run_decode(x_q, p["qweight"], p["wscale"], s_x) if decode(p)
-          else w4a4_lib.w4a4_matmul(x_q, p["qweight"], s_x, p["wscale"],
-                                    out_dtype=x.dtype,
-                                    implementation=kernels.w4a4,
-                                    interpret=kernels.interpret)
+          else w4a4_lib.w4a4_matmul(
+              x_q, p["qweight"], s_x, p["wscale"], out_dtype=x.dtype,
+              implementation=kernels.w4a4, interpret=kernels.interpret,
+              residual=residual.reshape(m, -1) if fused else None)
           for p in ps]
+    if fused:
+      residual = None
   out = []
   for p, y in zip(ps, ys):
     if "bias" in p:
       y = y + p["bias"].astype(y.dtype)
-    out.append(y.astype(x.dtype).reshape(*lead, y.shape[-1]))
+    y = y.astype(x.dtype).reshape(*lead, y.shape[-1])
+    out.append(y if residual is None else y + residual)
   return out
 
 

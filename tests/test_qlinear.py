@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_matmul
+from pallas_kernels.w4a4_matmul import api as w4a4_api
 from quarot_jax import hadamard
 from quarot_jax import kernels
 from quarot_jax import layers
@@ -116,6 +117,50 @@ def test_linear_runs_the_kernels_it_is_given(a_bits, m, dtype, names):
   np.testing.assert_allclose(np.asarray(got, np.float32),
                              np.asarray(want, np.float32), rtol=tol,
                              atol=tol * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("a_bits, m", [(4, 3), (4, 20), (16, 3), (16, 20)])
+@pytest.mark.parametrize("setting", ["xla", "interpret"])
+def test_a_residual_is_the_linear_plus_the_residual(a_bits, m, setting,
+                                                    monkeypatch):
+  # o_proj/down_proj take the decoder's residual stream: the result is
+  # `linear + residual` bit for bit (bf16, as the model runs), at decode
+  # and prefill; `w4a4_matmul` (prefill, or decode without decode_matmul)
+  # is handed the residual to add in its epilogue, the rest add it after.
+  kernel, x = _weight_and_input(k=256, n=40, m=m, seed=3)
+  p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
+  x = x.reshape(1, m, 256).astype(jnp.bfloat16)
+  r = (jax.random.normal(jax.random.key(4), (1, m, 40)) * 8).astype(
+      jnp.bfloat16)
+  a_spec = _A_SPEC if a_bits == 4 else None
+  k = kernels.resolve(setting)
+  handed, real = [], w4a4_api.w4a4_matmul
+  def spy(*args, residual=None, **kw):
+    handed.append(residual is not None)
+    return real(*args, residual=residual, **kw)
+  monkeypatch.setattr(w4a4_api, "w4a4_matmul", spy)
+  run = lambda **kw: qlinear.linear(x, p, a_spec=a_spec,
+                                    online_hadamard=True, kernels=k, **kw)
+  y = run()
+  handed.clear()
+  got = run(residual=r)
+  w4a4 = a_bits == 4 and (m > kernels.DECODE_ROWS
+                          or k.decode_matmul == "xla")
+  assert handed == ([True] if w4a4 else []), handed
+  assert got.shape == (1, m, 40) and got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(y + r, np.float32))
+
+
+def test_a_residual_must_match_the_output():
+  kernel, x = _weight_and_input(k=64, n=48, m=5)
+  p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
+  with pytest.raises(ValueError, match=r"residual must be float32\[5, 48\]"):
+    qlinear.linear(x, p, a_spec=_A_SPEC, online_hadamard=False,
+                   residual=jnp.zeros((5, 40)))
+  with pytest.raises(ValueError, match="for 2 linears"):
+    qlinear.linears(x, [p, p], a_spec=_A_SPEC, online_hadamard=False,
+                    residual=jnp.zeros((5, 48)))
 
 
 def test_linears_quantize_the_input_once(monkeypatch):

@@ -111,9 +111,10 @@ class LayerPrefillInputs:
   """One decoder layer's prefill, bf16 and packed W4A4KV4, ready to time.
 
   `run(layer, x, cache, options, kernels)` (jitted; options and kernels
-  static) returns the layer's output bf16[B, T, D]; `flayer` / `fcache`
-  with `model.FLOAT` is the bf16 layer, `qlayer` / `qcache` with `options`
-  the packed one. The layers are in the run layout `generate` uses on a
+  static) returns the layer's output bf16[B, T, D], writing into an
+  empty cache shaped like `cache` (all zeros, made inside the jit);
+  `flayer` / `fcache` with `model.FLOAT` is the bf16 layer, `qlayer` /
+  `qcache` with `options` the packed one. The layers are in the run layout `generate` uses on a
   GPU (`run_layout.fuse_projections`: one q/k/v and one gate/up matmul);
   `fparams` / `qparams` are the same weights stacked and unfused (L = 1).
   """
@@ -137,6 +138,10 @@ def layer_prefill_inputs(config: LlamaConfig, batch: int, seq: int,
   fparams = model.init_params(one, kf, dtype=jnp.bfloat16)
 
   def run(layer, x, cache, opts, kern):
+    # An empty cache made inside the jit, as `generate`'s prefill makes it:
+    # one passed in (not donated) would be copied before the in-place write
+    # (13 us of memcpy at B = 1, H200, 2026-12-05).
+    cache = jax.tree.map(jnp.zeros_like, cache)
     out, _, _, _ = model.decoder_layer(
         x, layer, config=config, options=opts, kernels=kern,
         k_cache=jax.tree.map(lambda a: a[0], cache.k),
@@ -164,9 +169,11 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
 
   Both run with `kernels` (resolved here); the record also times the
   W4A4 layer with its matmuls as XLA int8 dots and (on a GPU) as the
-  Triton kernel, and with `prefill_qkv` off (`ours_xla_qkv_ms`: RoPE, the
+  Triton kernel, with `prefill_qkv` off (`ours_xla_qkv_ms`: RoPE, the
   head Hadamard and the KV4 write as XLA ops; records before 2026-12-04's
-  third session hold `ours_prefill_qkv_ms`, it on). The stages
+  third session hold `ours_prefill_qkv_ms`, it on), and with the residual
+  adds outside the matmuls (`ours_xla_residual_add_ms`,
+  `Kernels.residual_in_matmul` off; GPU only, as the two before). The stages
   (`layer_stages.prefill_stages`) are the pieces of each layer, each jitted
   on its own; B * T must exceed `kernels.DECODE_ROWS`.
 
@@ -204,10 +211,15 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
     xla_qkv = dataclasses.replace(kernels, prefill_qkv="xla")
     qkv_ms = benchmarking.median_ms(
         lambda: run(qlayer, x, qcache, options, xla_qkv))
+    xla_add = dataclasses.replace(kernels, residual_in_matmul=False)
+    add_ms = benchmarking.median_ms(
+        lambda: run(qlayer, x, qcache, options, xla_add))
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
                   speedup_triton_matmul=round(float_ms / ms, 3),
                   ours_xla_qkv_ms=round(qkv_ms, 4),
-                  speedup_xla_qkv=round(float_ms / qkv_ms, 3))
+                  speedup_xla_qkv=round(float_ms / qkv_ms, 3),
+                  ours_xla_residual_add_ms=round(add_ms, 4),
+                  speedup_xla_residual_add=round(float_ms / add_ms, 3))
   # Each stage's inputs are passed as arguments (none is created inside
   # the timed call), after three warm-up calls that compile it.
   ms = {table: {name: benchmarking.median_ms(stage.fn, *stage.args)
@@ -280,7 +292,8 @@ def decode_memory(config: LlamaConfig, batch: int, prefill: int,
   }]
 
 
-MODEL_PREFILL_VARIANTS = ("xla_int8", "triton", "xla_qkv", "all_logits")
+MODEL_PREFILL_VARIANTS = ("xla_int8", "triton", "xla_qkv", "xla_residual_add",
+                          "all_logits")
 
 
 def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
@@ -296,7 +309,8 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
   formed all T positions' logits, f32[B, T, V], in both models). Also
   timed, each compiling the whole model once more (`variants`, a subset of
   `MODEL_PREFILL_VARIANTS`): 'xla_int8' and 'triton' matmuls (Triton on a
-  GPU only), 'xla_qkv' (`prefill_qkv` off; GPU only), 'all_logits' (both
+  GPU only), 'xla_qkv' (`prefill_qkv` off; GPU only), 'xla_residual_add'
+  (`Kernels.residual_in_matmul` off; GPU only), 'all_logits' (both
   models again with every position's logits, as before 2026-12-05).
 
   Returns:
@@ -339,7 +353,9 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
   for name, field, kern in (
       ("xla_int8", "xla_int8_matmul", dict(w4a4="xla")),
       ("triton", "triton_matmul", dict(w4a4="triton")),
-      ("xla_qkv", "xla_qkv", dict(prefill_qkv="xla"))):
+      ("xla_qkv", "xla_qkv", dict(prefill_qkv="xla")),
+      ("xla_residual_add", "xla_residual_add",
+       dict(residual_in_matmul=False))):
     if name in variants and (gpu or name == "xla_int8"):
       ms = timed(qparams, True, options, dataclasses.replace(kernels, **kern))
       extra[f"ours_{field}_ms"] = round(ms, 4)

@@ -52,8 +52,9 @@ def default_implementation(*, interpret: bool = False) -> Implementation:
 def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
                 s_w: jax.Array, *, out_dtype=jnp.bfloat16,
                 implementation: Implementation | None = None,
-                interpret: bool = False) -> jax.Array:
-  """y = (x_q · w_qᵀ) * s_x * s_w with the given backend.
+                interpret: bool = False,
+                residual: jax.Array | None = None) -> jax.Array:
+  """y = (x_q · w_qᵀ) * s_x * s_w (+ residual) with the given backend.
 
   Args:
     x_q: uint8[M, K // 2] packed int4 activations (`int4_layout`), or
@@ -67,9 +68,14 @@ def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
     implementation: 'mosaic', 'triton', 'xla', or None (see the module
       docstring).
     interpret: run the Triton kernel in interpret mode (CPU tests).
+    residual: `out_dtype`[M, N] to add to y (a decoder layer's residual
+      stream), or None. 'mosaic' with int8 codes adds it in the epilogue
+      (no pass of its own); the others add it after, as XLA's `y +
+      residual`: the same numbers for 16-bit outputs (for f32 ones XLA may
+      contract the last scale product and the add into an FMA).
 
   Returns:
-    y: [M, N] in `out_dtype`.
+    y: [M, N] in `out_dtype` (plus the residual).
 
   Raises:
     ValueError: an unknown implementation, 'mosaic' with `interpret`, or
@@ -81,20 +87,30 @@ def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r} must be one of"
                      f" {IMPLEMENTATIONS} or None")
+  if residual is not None and (
+      residual.shape != (x_q.shape[0], w_q.shape[0])
+      or residual.dtype != jnp.dtype(out_dtype)):
+    raise ValueError(f"residual must be {jnp.dtype(out_dtype).name}"
+                     f"{[x_q.shape[0], w_q.shape[0]]} (y's shape and dtype),"
+                     f" got {residual.dtype.name}{list(residual.shape)}")
   if implementation == "mosaic":
     if interpret:
       raise ValueError("implementation='mosaic' has no interpret mode; use"
                        " 'triton'")
     if x_q.dtype == jnp.int8:
       return mosaic_gpu.w4a4_matmul_mosaic_wt(x_q, w_q, s_x, s_w,
-                                              out_dtype=out_dtype)
-    return mosaic_gpu.w4a4_matmul_mosaic(x_q, w_q, s_x, s_w,
-                                         out_dtype=out_dtype)
-  reference.check_operands(x_q, w_q, s_x, s_w)
-  if implementation == "xla":
-    return reference.w4a4_matmul_reference(x_q, w_q, s_x, s_w,
-                                           out_dtype=out_dtype)
-  if x_q.dtype == jnp.int8:
-    x_q = int4_layout.pack_int4(x_q)
-  return triton.w4a4_matmul_triton(x_q, w_q, s_x, s_w, out_dtype=out_dtype,
-                                   interpret=interpret)
+                                              out_dtype=out_dtype,
+                                              residual=residual)
+    y = mosaic_gpu.w4a4_matmul_mosaic(x_q, w_q, s_x, s_w,
+                                      out_dtype=out_dtype)
+  else:
+    reference.check_operands(x_q, w_q, s_x, s_w)
+    if implementation == "xla":
+      y = reference.w4a4_matmul_reference(x_q, w_q, s_x, s_w,
+                                          out_dtype=out_dtype)
+    else:
+      if x_q.dtype == jnp.int8:
+        x_q = int4_layout.pack_int4(x_q)
+      y = triton.w4a4_matmul_triton(x_q, w_q, s_x, s_w, out_dtype=out_dtype,
+                                    interpret=interpret)
+  return y if residual is None else y + residual

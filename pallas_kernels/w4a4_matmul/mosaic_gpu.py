@@ -132,13 +132,15 @@ _SMEM_BYTES = 232448  # Per-block shared memory on an H100 (sm_90).
 
 
 def smem_bytes(cfg: W4A4MosaicConfig, *, x_int4: bool, w_int4: bool,
-               out_dtype) -> int:
-  """Shared memory the kernel allocates for `cfg` (barriers excluded)."""
+               out_dtype, residual: bool = False) -> int:
+  """Shared memory the kernel allocates for `cfg` (barriers excluded);
+  `residual`: with a residual's staging (one epilogue chunk per
+  warpgroup)."""
   x_b, w_b = (0.5 if x_int4 else 1), (0.5 if w_int4 else 1)
   stage = cfg.cta_m * cfg.block_k * x_b + cfg.cta_n * cfg.block_k * w_b
   widened = 4 * cfg.block_n * cfg.block_k if w_int4 else 0  # 2 slots per wg
-  epilogue = 4 * cfg.epi_block_m * cfg.epi_block_n * jnp.dtype(
-      out_dtype).itemsize
+  chunk = cfg.epi_block_m * cfg.epi_block_n * jnp.dtype(out_dtype).itemsize
+  epilogue = (4 + (2 if residual else 0)) * chunk
   scales = 4 * 2 * (cfg.block_m + cfg.block_n)
   return int(cfg.max_concurrent_steps * stage + widened + epilogue + scales)
 
@@ -160,7 +162,8 @@ def default_w4a4_mosaic_config(*, x_int4: bool, w_int4: bool,
   return cfg
 
 
-def default_w4a4_mosaic_wt_config(out_dtype=jnp.bfloat16
+def default_w4a4_mosaic_wt_config(out_dtype=jnp.bfloat16, *,
+                                   residual: bool = False
                                    ) -> W4A4MosaicConfig:
   """Tiles of `w4a4_matmul_mosaic_wt` (yᵀ: block_m runs along N).
 
@@ -172,13 +175,14 @@ def default_w4a4_mosaic_wt_config(out_dtype=jnp.bfloat16
   the 16 LLaMA-2-7B/13B prefill shapes (H200, 2026-12-04,
   `bench_int4_matmul --variants=mosaic_wt`; BENCHMARKS.md). A 32-bit
   `out_dtype` doubles the epilogue's staging and overflows shared memory
-  by 64 bytes there: 128-wide K steps, 3 deep, instead.
+  by 64 bytes there: 128-wide K steps, 3 deep, instead. `residual`: the
+  epilogue also stages a residual (16 KB more in bf16).
   """
   for block_k, steps in ((256, 2), (128, 3), (128, 2)):
     cfg = W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=256,
                            block_k=block_k, max_concurrent_steps=steps)
-    if smem_bytes(cfg, x_int4=True, w_int4=False,
-                  out_dtype=out_dtype) + 1024 <= _SMEM_BYTES:
+    if smem_bytes(cfg, x_int4=True, w_int4=False, out_dtype=out_dtype,
+                  residual=residual) + 1024 <= _SMEM_BYTES:
       return cfg
   return cfg
 
@@ -199,7 +203,8 @@ def _load(ref, layout) -> jax.Array:
 
 def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
                               o_smem, sx_smem, sw_smem, s_barrier,
-                              w8_smem=None, *, cfg: W4A4MosaicConfig,
+                              w8_smem=None, r_gmem=None, r_smem=None,
+                              r_barrier=None, *, cfg: W4A4MosaicConfig,
                               col_scale_first: bool = False,
                               transpose_out: bool = False):
   """Persistent warp-specialized kernel body (one CTA per SM).
@@ -219,6 +224,12 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
     s_barrier: 4 barriers, the scale copies of (warpgroup, which).
     w8_smem: int8[2, 2, block_n, block_k] widened weight tiles (per
       warpgroup, two slots) when w_gmem is int4, else None.
+    r_gmem: a residual shaped like o_gmem, added to y in the epilogue
+      (`out_dtype(f32(out_dtype(y)) + f32(r))`: XLA's `y + r`), or None.
+      Only with transpose_out.
+    r_smem: [2, epi_block_n, epi_block_m] residual staging (one chunk per
+      warpgroup, loaded one chunk ahead of its use) with r_gmem.
+    r_barrier: 2 barriers, the residual copies of each warpgroup.
     cfg: tiles; M, N, K must be multiples of the CTA tile and block_k.
     col_scale_first: y = (acc * sw) * sx instead of (acc * sx) * sw, the
       f32 order of the untransposed product when the kernel computes yᵀ
@@ -283,12 +294,28 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
         wg_m, wg_n = slice(None), pl.ds(wg * bn, bn)
         m0, n0 = mi * cfg.cta_m, ni * cfg.cta_n + wg * bn
 
+      em, en = cfg.epi_block_m, cfg.epi_block_n
+      chunks = [(i, j) for i in range(bm // em) for j in range(bn // en)]
+
+      def out_chunk(ref, i, j):  # chunk (i, j) of this warpgroup's tile
+        if transpose_out:
+          return ref.at[cta_n, cta_m].at[wg_n, wg_m].at[
+              pl.ds(j * en, en), pl.ds(i * em, em)]
+        return ref.at[cta_m, cta_n].at[wg_m, wg_n].at[
+            pl.ds(i * em, em), pl.ds(j * en, en)]
+
+      def fetch_residual(c):  # chunk c of the residual, TMA into r_smem
+        plgpu.copy_gmem_to_smem(out_chunk(r_gmem, *chunks[c]),
+                                r_smem.at[wg], r_barrier.at[wg])
+
       def compute_context(eval_pipeline):
         # Scales of this tile: TMA now, used after the K loop.
         plgpu.copy_gmem_to_smem(sx_gmem.at[pl.ds(m0, bm)], sx_smem.at[wg],
                                 s_barrier.at[2 * wg])
         plgpu.copy_gmem_to_smem(sw_gmem.at[pl.ds(n0, bn)], sw_smem.at[wg],
                                 s_barrier.at[2 * wg + 1])
+        if r_gmem is not None:  # the first residual chunk, under the K loop
+          fetch_residual(0)
 
         @functools.partial(pl.run_scoped,
                            acc_ref=plgpu.ACC((bm, bn), jnp.int32))
@@ -305,23 +332,26 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
           y = (acc * cols * rows) if col_scale_first else (acc * rows * cols)
           y = y.astype(o_gmem.dtype)
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          em, en = cfg.epi_block_m, cfg.epi_block_n
-          for i in range(bm // em):
-            for j in range(bn // en):
-              slot = (i * (bn // en) + j) % 2
-              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              chunk = y[i * em:(i + 1) * em, j * en:(j + 1) * en]
-              if transpose_out:
-                plgpu.transpose_ref(o_smem.at[wg, slot], (1, 0))[...] = (
-                    plgpu.layout_cast(chunk, plgpu.Layout.WGMMA_TRANSPOSED))
-                dst = o_gmem.at[cta_n, cta_m].at[wg_n, wg_m].at[
-                    pl.ds(j * en, en), pl.ds(i * em, em)]
-              else:
-                o_smem[wg, slot] = chunk
-                dst = o_gmem.at[cta_m, cta_n].at[wg_m, wg_n].at[
-                    pl.ds(i * em, em), pl.ds(j * en, en)]
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(o_smem.at[wg, slot], dst)
+          for c, (i, j) in enumerate(chunks):
+            slot = c % 2
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            chunk = y[i * em:(i + 1) * em, j * en:(j + 1) * en]
+            if transpose_out:
+              chunk = plgpu.layout_cast(chunk, plgpu.Layout.WGMMA_TRANSPOSED)
+              if r_gmem is not None:
+                plgpu.barrier_wait(r_barrier.at[wg])
+                r = plgpu.load(plgpu.transpose_ref(r_smem.at[wg], (1, 0)), (),
+                               layout=plgpu.Layout.WGMMA_TRANSPOSED)
+                chunk = (chunk.astype(jnp.float32)
+                         + r.astype(jnp.float32)).astype(o_gmem.dtype)
+              plgpu.transpose_ref(o_smem.at[wg, slot], (1, 0))[...] = chunk
+            else:
+              o_smem[wg, slot] = chunk
+            plgpu.commit_smem()  # also a warpgroup barrier: r_smem is read
+            if r_gmem is not None and c + 1 < len(chunks):
+              fetch_residual(c + 1)
+            plgpu.copy_smem_to_gmem(o_smem.at[wg, slot],
+                                    out_chunk(o_gmem, i, j))
 
       def mma_body(idx, x_smem, w_smem, acc_ref):
         # x_smem: int4 or int8[cta_m, block_k]
@@ -416,13 +446,16 @@ def _check(x, w, s_x, s_w, w_dtype):
 
 def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
                  col_scale_first=False, transpose_out=False,
-                 kernel_name="w4a4_matmul_mosaic"):
+                 kernel_name="w4a4_matmul_mosaic", residual=None):
   """Pads to the tiles and runs the kernel.
 
   x is packed uint8[M, K // 2] or int8[M, K]; w is packed uint8[N, K // 2]
   (handed to the kernel as int4 and widened there) or int8[N, K]. Returns
-  y [M, N], or yᵀ [N, M] with transpose_out.
+  y [M, N], or yᵀ [N, M] with transpose_out; `residual` (with
+  transpose_out only) is shaped like what is returned and added to it.
   """
+  if residual is not None and not transpose_out:
+    raise NotImplementedError("a residual needs transpose_out")
   m, n = x.shape[0], w.shape[0]
   if x_operand not in ("smem", "registers"):
     raise ValueError(f"{x_operand=} must be 'smem' or 'registers'")
@@ -453,10 +486,26 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
   if transpose_out:
     out_shape, epi_tile = (np_, mp), (en, em)
   _, o_tf = _transforms(epi_tile[1], out_dtype)
+  body = functools.partial(w4a4_matmul_mosaic_kernel, cfg=cfg,
+                           col_scale_first=col_scale_first,
+                           transpose_out=transpose_out)
+  operands = [x, w, sx, sw]
+  if residual is not None:
+    if residual.shape != (n, m) or residual.dtype != out_dtype:
+      raise ValueError(f"residual must be {jnp.dtype(out_dtype).name}"
+                       f"{[n, m]}, got {residual.dtype.name}"
+                       f"{list(residual.shape)}")
+    operands.append(pad(pad(residual, 0, cfg.cta_n), 1, cfg.cta_m))
+    scratch["r_smem"] = plgpu.SMEM((2, *epi_tile), out_dtype,
+                                   transforms=o_tf)
+    scratch["r_barrier"] = plgpu.Barrier(num_barriers=2)
+    unfused = body
+
+    def body(x_gmem, w_gmem, sx_gmem, sw_gmem, r_gmem, o_gmem, **refs):
+      unfused(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem, r_gmem=r_gmem,
+              **refs)
   call = plgpu.kernel(
-      functools.partial(w4a4_matmul_mosaic_kernel, cfg=cfg,
-                        col_scale_first=col_scale_first,
-                        transpose_out=transpose_out),
+      body,
       out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
       scratch_types=dict(
           o_smem=plgpu.SMEM((2, 2, *epi_tile), out_dtype, transforms=o_tf),
@@ -472,8 +521,8 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
       kernel_name=kernel_name,
   )
   if debug:
-    print(jax.make_jaxpr(call)(x, w, sx, sw))
-  out = call(x, w, sx, sw)
+    print(jax.make_jaxpr(call)(*operands))
+  out = call(*operands)
   return out[:n, :m] if transpose_out else out[:m, :n]
 
 
@@ -555,6 +604,7 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
                           s_w: jax.Array, *, out_dtype=jnp.bfloat16,
                           config: W4A4MosaicConfig | None = None,
                           transposed: bool = False,
+                          residual: jax.Array | None = None,
                           debug: bool = False) -> jax.Array:
   """y = (x · w_qᵀ) * s_x * s_w, the weights as wgmma's register operand.
 
@@ -580,20 +630,29 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
     config: tiles of the [N, M] product (block_m along N, block_n along M);
       `default_w4a4_mosaic_wt_config` when None.
     transposed: return yᵀ [N, M], the product's own layout.
+    residual: `out_dtype`[M, N] added to y in the epilogue, rounded as
+      XLA's `y + residual` (y rounded to `out_dtype` first, the sum in f32,
+      rounded again), or None. Each warpgroup loads its residual chunks by
+      TMA one chunk ahead, so the layer's residual add is no separate pass
+      over [M, N]. Not with `transposed`.
     debug: print the kernel's jaxpr.
 
   Returns:
-    y: [M, N] in `out_dtype` (yᵀ: [N, M] with `transposed`).
+    y: [M, N] in `out_dtype` (yᵀ: [N, M] with `transposed`), plus the
+    residual if one is given.
 
   Raises:
     ValueError: shapes, dtypes or options that do not fit together.
   """
   _check(x, w_q, s_x, s_w, jnp.uint8)
+  if residual is not None and transposed:
+    raise ValueError("residual is added to y [M, N]: not with transposed")
   if x.dtype == jnp.uint8:
     x = int4_layout.unpack_int4(x, signed=True)
+  config = config or default_w4a4_mosaic_wt_config(
+      out_dtype, residual=residual is not None)
   return _mgpu_matmul(w_q, x, s_w, s_x, x_operand="registers",
-                      out_dtype=out_dtype,
-                      config=config or default_w4a4_mosaic_wt_config(out_dtype),
-                      debug=debug, col_scale_first=True,
-                      transpose_out=not transposed,
-                      kernel_name="w4a4_matmul_mosaic_wt")
+                      out_dtype=out_dtype, config=config, debug=debug,
+                      col_scale_first=True, transpose_out=not transposed,
+                      kernel_name="w4a4_matmul_mosaic_wt",
+                      residual=residual)

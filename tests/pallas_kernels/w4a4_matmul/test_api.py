@@ -70,3 +70,36 @@ def test_errors():
     api.w4a4_matmul(*args, implementation="mosaic", interpret=True)
   with pytest.raises(ValueError, match="K differs"):
     api.w4a4_matmul(args[0][:, :8], *args[1:], implementation="xla")
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
+def test_a_residual_is_added_as_xla_adds_it(out_dtype):
+  # Every backend's y + residual equals its own y, then XLA's add, bit for
+  # bit ('mosaic' adds it in the epilogue; the others after). 16-bit
+  # outputs, as the model's: y is rounded before the add (in f32 XLA may
+  # fuse the last scale product and the add into one FMA).
+  x, w, sx, sw = operands.codes(12, 40, 256, seed=5)
+  r = jax.random.normal(jax.random.key(5), (12, 40), jnp.float32)
+  r = (r * 30).astype(out_dtype)
+  for implementation in _implementations():
+    run = lambda **kw: api.w4a4_matmul(
+        x, pack(w), sx, sw, out_dtype=out_dtype,
+        implementation=implementation,
+        interpret=implementation == "triton" and not _on_gpu(), **kw)
+    y = run()
+    got = run(residual=r)
+    assert got.dtype == jnp.dtype(out_dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(y + r, np.float32),
+                                  err_msg=implementation)
+
+
+def test_a_residual_of_another_shape_or_dtype_is_refused():
+  x, w, sx, sw = operands.codes(8, 16, 64)
+  args = (pack(x), pack(w), sx, sw)
+  with pytest.raises(ValueError, match=r"residual must be bfloat16\[8, 16\]"):
+    api.w4a4_matmul(*args, implementation="xla",
+                    residual=jnp.zeros((16, 8), jnp.bfloat16))
+  with pytest.raises(ValueError, match="got float32"):
+    api.w4a4_matmul(*args, implementation="xla",
+                    residual=jnp.zeros((8, 16), jnp.float32))

@@ -168,6 +168,31 @@ def test_weights_as_register_operand_give_y_on_gpu(
       np.asarray(want, np.float32))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", _GPU_SHAPES)
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_weights_as_register_operand_add_a_residual_on_gpu(m, n, k,
+                                                           out_dtype):
+  # The residual add in the epilogue (chunks loaded by TMA one ahead) is
+  # XLA's `y + r` bit for bit, at shapes that are not tile multiples.
+  xq, wq, sx, sw = _operands(m, n, k, seed=m + 2 * n + k)
+  x8 = mgpu.unpack_weights(xq)
+  r = (jax.random.normal(jax.random.key(m), (m, n)) * 50).astype(out_dtype)
+  got = mgpu.w4a4_matmul_mosaic_wt(x8, wq, sx, sw, out_dtype=out_dtype,
+                                   residual=r)
+  want = _reference(xq, wq, sx, sw, out_dtype=out_dtype) + r
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+
+
+def test_weights_as_register_operand_check_the_residual():
+  xq, wq, sx, sw = _operands(128, 256, 128)
+  x8 = mgpu.unpack_weights(xq)
+  with pytest.raises(ValueError, match="not with transposed"):
+    mgpu.w4a4_matmul_mosaic_wt(x8, wq, sx, sw, transposed=True,
+                               residual=jnp.zeros((128, 256), jnp.bfloat16))
+
+
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
 def test_weights_as_register_operand_default_tiles_fit_shared_memory(
     out_dtype):
@@ -179,6 +204,13 @@ def test_weights_as_register_operand_default_tiles_fit_shared_memory(
   assert cfg.block_k == (256 if out_dtype == jnp.bfloat16 else 128)
   assert mgpu.smem_bytes(cfg, x_int4=True, w_int4=False,
                          out_dtype=out_dtype) + 1024 <= 232448
+  # A residual's staging (one epilogue chunk per warpgroup) fits the same
+  # bf16 tiles.
+  with_r = mgpu.default_w4a4_mosaic_wt_config(out_dtype, residual=True)
+  if out_dtype == jnp.bfloat16:
+    assert with_r == cfg
+  assert mgpu.smem_bytes(with_r, x_int4=True, w_int4=False,
+                         out_dtype=out_dtype, residual=True) + 1024 <= 232448
 
 
 def test_weights_as_register_operand_check_their_arguments():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.w4a4_matmul import api as w4a4_api
 from quarot_jax import checkpoint
 from quarot_jax import generation
 from quarot_jax import hf
@@ -122,6 +123,35 @@ def test_packed_forward_runs_every_kernel_in_interpret_mode():
     assert name in jaxpr, name
   assert _rel(prefill, want[0]) < 1e-4
   assert _rel(decode, want[1]) < 1e-4
+
+
+def test_prefill_hands_o_and_down_proj_the_residual_stream(monkeypatch):
+  # At prefill each layer's two residual adds go to o_proj's and
+  # down_proj's W4A4 matmul (the Mosaic kernel adds them in its epilogue);
+  # `residual_in_matmul=False` adds them in XLA: the same logits.
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
+  tokens = hf_models.random_tokens(config.vocab_size, 1, 20, seed=2)
+  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
+                                  progress=False)
+  handed, matmul = [], w4a4_api.w4a4_matmul
+  def spy(*args, residual=None, **kw):
+    handed.append(residual is not None)
+    return matmul(*args, residual=residual, **kw)
+  monkeypatch.setattr(w4a4_api, "w4a4_matmul", spy)
+  logits = {}
+  for fused in (True, False):
+    handed.clear()
+    kern = dataclasses.replace(kernels_lib.resolve("interpret"),
+                               residual_in_matmul=fused)
+    cache = kv_cache.cache_for(config, 1, 20, packed=True)
+    logits[fused], _ = model.forward(real, tokens, config, cache=cache,
+                                     options=options, kernels=kern)
+    # Each traced layer (once under the layer scan): q, k, v, o, gate, up,
+    # down; only o and down take the residual.
+    one_layer = [False] * 3 + [fused] + [False] * 2 + [fused]
+    assert handed and handed == one_layer * (len(handed) // 7), handed
+  np.testing.assert_array_equal(np.asarray(logits[True]),
+                                np.asarray(logits[False]))
 
 
 def test_fused_decode_qkv_equals_the_unfused_decode(tiny):

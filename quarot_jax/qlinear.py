@@ -291,7 +291,8 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
           x2, hadamard_base(k) if online_hadamard else None,
           clip_ratio=a_spec.clip_ratio, packed=packed, out_rows=out_rows,
           implementation=kernels.hadamard_quant, interpret=kernels.interpret)
-    # The residual rides in the prefill matmul's epilogue (none has a bias).
+    # The residual rides in the prefill matmul's epilogue; after a bias
+    # (no LLaMA/Qwen o_proj or down_proj has one) it is added in XLA.
     fused = (residual is not None and kernels.residual_in_matmul
              and not decode(ps[0]) and "bias" not in ps[0])
     ys = [run_decode(x_q, p["qweight"], p["wscale"], s_x) if decode(p)

@@ -114,8 +114,9 @@ class LayerPrefillInputs:
   static) returns the layer's output bf16[B, T, D], writing into an
   empty cache shaped like `cache` (all zeros, made inside the jit);
   `flayer` / `fcache` with `model.FLOAT` is the bf16 layer, `qlayer` /
-  `qcache` with `options` the packed one. The layers are in the run layout `generate` uses on a
-  GPU (`run_layout.fuse_projections`: one q/k/v and one gate/up matmul);
+  `qcache` with `options` the packed one. The layers are in the run
+  layout `generate` uses on a GPU (`run_layout.fuse_projections`: one
+  q/k/v and one gate/up matmul);
   `fparams` / `qparams` are the same weights stacked and unfused (L = 1).
   """
   run: Any

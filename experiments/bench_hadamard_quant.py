@@ -6,6 +6,10 @@ For each M x K: ours (one Pallas kernel) vs `xla_unfused` (the jitted jnp
 reference: fast Hadamard transform, quantize, pack; XLA fuses what it can),
 both with and without the Hadamard, writing packed int4 and (case suffix
 `_int8`) one int8 code per element, the format the Mosaic GPU matmul takes.
+`--transform=swiglu_hadamard` times a prefill's down_proj input: gate | up
+[M, 2K] in, the kernel forming the SwiGLU as it loads
+(`hadamard_quant(..., gate_up=True)`), against `swiglu_then_kernel` (XLA's
+SwiGLU pass, then the same kernel: the model before) and the reference.
 `hbm_fraction` = (bytes read + written) / time / --peak_gbps. Times are GPU
 kernel time where CUPTI gives it (`benchmarking.timed_ms`; records say
 `timing`), else wall-clock medians. `matmul_share`
@@ -59,8 +63,10 @@ _BLOCK = flags.DEFINE_list("block_elements", ["8192", "16384", "32768"],
                            "block_elements sweep (quantize-only kernel).")
 _PACKED = flags.DEFINE_list("packed", ["true", "false"],
                             "Output formats: packed int4, int8 codes.")
-_TRANSFORM = flags.DEFINE_list("transform", ["hadamard", "quant_only"],
-                               "Variants: with the Hadamard, quantize only.")
+_TRANSFORM = flags.DEFINE_list(
+    "transform", ["hadamard", "quant_only"],
+    "Variants: 'hadamard' (with the Hadamard), 'quant_only', and"
+    " 'swiglu_hadamard' (gate | up in, SwiGLU formed in the kernel).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
 
 
@@ -79,13 +85,14 @@ def main(argv):
     base_k = qlinear.hadamard_base(k)  # closed over: a constant under jit
     order = base_k.shape[0]
     for m in map(int, _MS.value):
-      x = jax.random.normal(next(key), (m, k), jnp.bfloat16)
       records = []
-      for use_had, packed in [(t == "hadamard", p == "true")
-                              for t in _TRANSFORM.value
-                              for p in _PACKED.value]:
-        case = (f"M{m}_K{k}_{'hadamard' if use_had else 'quant_only'}"
-                + ("" if packed else "_int8"))
+      for transform, packed in [(t, p == "true") for t in _TRANSFORM.value
+                                for p in _PACKED.value]:
+        use_had = transform != "quant_only"
+        gate_up = transform == "swiglu_hadamard"
+        x = jax.random.normal(next(key), (m, 2 * k if gate_up else k),
+                              jnp.bfloat16)
+        case = f"M{m}_K{k}_{transform}" + ("" if packed else "_int8")
         best = None
         sizes = ([dict(rows_per_program=int(r), column_splits=g,
                        chunk_elements=int(c))
@@ -108,9 +115,9 @@ def main(argv):
             seen.add(launch)
           name = f"w{warps}_" + ("_".join(map(str, launch[1:])) if use_had
                                  else f"b{cfg.block_elements}")
-          fn = jax.jit(lambda x, cfg=cfg, h=use_had, p=packed:
+          fn = jax.jit(lambda x, cfg=cfg, h=use_had, p=packed, g=gate_up:
                        hq.hadamard_quant(x, base_k if h else None, packed=p,
-                                         config=cfg, **impl))
+                                         config=cfg, gate_up=g, **impl))
           try:
             ms, how = benchmarking.timed_ms(fn, x)
           except Exception as e:  # pylint: disable=broad-except
@@ -124,20 +131,25 @@ def main(argv):
         if best is None:
           continue
         ms, cfg, how = best
-        xla = jax.jit(lambda x, h=use_had, p=packed:
+        xla = jax.jit(lambda x, h=use_had, p=packed, g=gate_up:
                       hq.hadamard_quant_reference(
-                          x, base_k if h else None, packed=p))
+                          x, base_k if h else None, packed=p, gate_up=g))
         base = {"xla_unfused": benchmarking.timed_ms(xla, x)[0]}
+        if gate_up:
+          before = jax.jit(lambda x, p=packed, cfg=cfg: hq.hadamard_quant(
+              hq.swiglu(*jnp.split(x, 2, axis=-1)), base_k, packed=p,
+              config=cfg, **impl))
+          base["swiglu_then_kernel"] = benchmarking.timed_ms(before, x)[0]
         wq = jax.random.randint(next(key), (k, k // 2), 0, 256, jnp.int32
                                 ).astype(jnp.uint8)
         xq, sx = hq.hadamard_quant(x, base_k if use_had else None,
-                                   packed=packed, **impl)
+                                   packed=packed, gate_up=gate_up, **impl)
         mm = jax.jit(lambda a, b, s, t: w4a4.w4a4_matmul(
             a, b, s, t, **matmul_impl))
         matmul_ms, _ = benchmarking.timed_ms(mm, xq, wq, sx,
                                              jnp.ones((k,), jnp.float32))
         # Read bf16; write the codes (int4 or int8) and the scales.
-        moved = m * k * 2 + m * k // (2 if packed else 1) + m * 4
+        moved = x.size * 2 + m * k // (2 if packed else 1) + m * 4
         records.append(benchmarking.record(
             "hadamard_quant", case, ms, base, command=command,
             hbm_fraction=round(moved / (ms * 1e-3) / (_PEAK.value * 1e9), 3),

@@ -137,6 +137,21 @@ class HadamardQuantConfig:
       raise ValueError(f"column_splits={n!r} must be None or a power of two")
 
 
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """`silu(gate) * up` in f32, rounded to gate's dtype: the LLaMA FFN
+  activation ([..., F], [..., F] -> [..., F]). The model's
+  `quarot_jax.layers.swiglu` is this function, and `hadamard_quant(...,
+  gate_up=True)` applies it inside its kernel, so both round alike."""
+  g32 = gate.astype(jnp.float32)
+  return (jax.nn.silu(g32) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _swiglu_halves(x: jax.Array) -> jax.Array:
+  """swiglu of x [..., 2F] = gate | up (the fused gate/up linear's output)."""
+  gate, up = jnp.split(x, 2, axis=-1)
+  return swiglu(gate, up)
+
+
 def sylvester(n: int) -> np.ndarray:
   """Sylvester's Hadamard matrix S_n = S_2 ⊗ S_{n/2}, S_1 = [[1]].
 
@@ -296,17 +311,20 @@ def _pieces(n: int, most: int) -> tuple[tuple[int, int, int], ...]:
 
 def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
                           use_left: bool, norm: float, clip_ratio: float,
-                          rows: int, in_pieces, out_pieces):
+                          rows: int, in_pieces, out_pieces,
+                          gate_up: bool = False):
   """A few rows: transform, absmax, codes, packed bytes (or int8 codes).
   Rows at or past `rows` (the padding up to `out_rows`) quantize zeros:
-  codes 0, scale 1."""
-  # x_ref: [rows, a, r]; left_ref: [ap, ap]; right_refs: the even and odd
+  codes 0, scale 1. With `gate_up` each row is `swiglu` of its two halves,
+  formed piece by piece as it is loaded."""
+  # x_ref: [rows, a, r], or [rows, 2, a, r] (gate, up) with gate_up;
+  # left_ref: [ap, ap]; right_refs: the even and odd
   # columns of R (packed) or R itself, [r, r_out] (r_out: r // 2 or r),
   # zero-padded only where a single piece is wider than r or r_out;
   # q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, r]; s_ref:
   # f32[rows] (ap: a rounded up to a power of two, as Triton needs).
   *right_refs, q_ref, s_ref = refs
-  n_rows, a, r = x_ref.shape
+  n_rows, a, r = x_ref.shape[0], *x_ref.shape[-2:]
   ap = left_ref.shape[0]
   r_out = q_ref.shape[2]
   dt = right_refs[0].dtype
@@ -326,9 +344,13 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
     xs = []
     for i0, ni, first in in_pieces:
       col = i0 + jnp.arange(ni)[None, :]
-      xs.append(jnp.where(real, plgpu.load(
-          x_ref.at[row, pl.ds(0, ap), pl.ds(i0, ni)],
-          mask=valid & (col >= first) & (col < r), other=0), 0).astype(dt))
+      load = lambda *half: jnp.where(real, plgpu.load(
+          x_ref.at[(row, *half, pl.ds(0, ap), pl.ds(i0, ni))],
+          mask=valid & (col >= first) & (col < r), other=0), 0)
+      # Masked elements are 0 in both halves, and swiglu(0, 0) = 0.
+      piece = (swiglu(load(jnp.int32(0)), load(jnp.int32(1))) if gate_up
+               else load())
+      xs.append(piece.astype(dt))
     # zs[p][j]: f32 [ap, nj], columns of piece j of right matrix p.
     zs = [[functools.reduce(jnp.add, [dot(x, blk[i][j])
                                       for i, x in enumerate(xs)])
@@ -595,9 +617,15 @@ def _shaped(x_q: jax.Array, s_x: jax.Array, lead: tuple[int, ...],
 
 
 def _check(x: jax.Array, hadamard_base: jax.Array | None, clip_ratio: float,
-           bits: int, out_rows: int | None = None) -> int | None:
+           bits: int, out_rows: int | None = None,
+           gate_up: bool = False) -> int | None:
   """Argument checks; returns the base order m (None: no Hadamard)."""
   k = x.shape[-1]
+  if gate_up:
+    if k % 2:
+      raise ValueError(f"gate_up=True takes gate | up rows [..., 2K], got"
+                       f" an odd width {k}")
+    k //= 2
   if out_rows is not None and (x.ndim != 2 or out_rows < x.shape[0]):
     raise ValueError(f"{out_rows=} needs x of shape [M, K] with M <="
                      f" out_rows, got {x.shape}")
@@ -619,18 +647,20 @@ def _check(x: jax.Array, hadamard_base: jax.Array | None, clip_ratio: float,
 
 @functools.partial(jax.jit, static_argnames=(
     "clip_ratio", "bits", "packed", "out_rows", "config", "interpret",
-    "debug", "implementation"))
+    "debug", "implementation", "gate_up"))
 def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                    clip_ratio: float = 0.9, bits: int = 4,
                    packed: bool = True, out_rows: int | None = None,
                    config: HadamardQuantConfig | None = None,
                    interpret: bool = False, debug: bool = False,
-                   implementation: Literal["pallas", "xla"] | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+                   implementation: Literal["pallas", "xla"] | None = None,
+                   gate_up: bool = False) -> tuple[jax.Array, jax.Array]:
   """Online Hadamard (optional) and per-token symmetric int4 quantization.
 
   Args:
-    x: float[..., K] activations (bf16, f16 or f32); K even.
+    x: float[..., K] activations (bf16, f16 or f32); K even. With
+      `gate_up`, float[..., 2K]: a fused gate/up linear's output (gate
+      first), whose rows `swiglu(gate, up)` are transformed and quantized.
     hadamard_base: f32[m, m], the ±1 base B_m of H_K = kron(S_{K/m}, B_m)
       (K / m a power of two; `quarot_jax.hadamard.hadamard_matrix(m)` with
       m from `quarot_jax.hadamard.factorize(K)`), applied as x @ H_K / √K
@@ -649,6 +679,10 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
       the reference for rows it does not take, such as short ones), 'xla'
       (the reference), or None (pallas where `can_use_hadamard_quant` or
       `interpret`, else the reference; logged).
+    gate_up: x holds gate | up; the fused kernel forms the SwiGLU as it
+      loads each row (a prefill's FFN then needs no SwiGLU pass of its
+      own); the split path (few rows) and the kernel without a Hadamard
+      take `swiglu` computed before them, the same numbers.
 
   Returns:
     (x_q uint8[..., K // 2] packed int4 (int8[..., K] codes when not
@@ -657,12 +691,12 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
 
   Raises:
     ValueError: K odd, a base that is not square or whose order m leaves
-      K / m not a power of two, clip_ratio outside (0, 1], or out_rows
-      with x not [M, K] or below M.
+      K / m not a power of two, clip_ratio outside (0, 1], out_rows with
+      x not [M, K] or below M, or gate_up with an odd width.
     NotImplementedError: bits != 4.
   """
-  k = x.shape[-1]
-  m = _check(x, hadamard_base, clip_ratio, bits, out_rows)
+  m = _check(x, hadamard_base, clip_ratio, bits, out_rows, gate_up)
+  k = x.shape[-1] // 2 if gate_up else x.shape[-1]
   if implementation is None:
     implementation = ("pallas" if interpret or can_use_hadamard_quant(k, m)
                       else "xla")
@@ -673,10 +707,15 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                  " using the reference", k, m)
   if implementation == "xla":
     return hadamard_quant_reference(x, hadamard_base, clip_ratio=clip_ratio,
-                                    packed=packed, out_rows=out_rows)
+                                    packed=packed, out_rows=out_rows,
+                                    gate_up=gate_up)
   cfg = config or HadamardQuantConfig()
   rows = math.prod(x.shape[:-1])
   out_rows = rows if out_rows is None else out_rows
+  fused = (hadamard_base is not None
+           and column_splits(k, m, rows, cfg, dtype=x.dtype) == 1)
+  if gate_up and not fused:  # the other kernels take the SwiGLU's output
+    x, gate_up = _swiglu_halves(x), False
   if hadamard_base is None:
     return _quantize_only(x, clip_ratio, packed, cfg, interpret, debug,
                           out_rows)
@@ -684,7 +723,8 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   a, b = _split(k, m)
   r = b * m
   ap, rp = _pow2(a), _pow2(r)
-  x3 = x.reshape(-1, a, r)  # [M, a, r]: row element k = i * r + j
+  # [M, a, r]: row element k = i * r + j ([M, 2, a, r]: gate, up).
+  x3 = x.reshape(-1, *((2,) if gate_up else ()), a, r)
   # ±1 and 0/1 are exact in every float dtype; 16-bit inputs keep theirs.
   dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
   left = jnp.asarray(sylvester(a).T)
@@ -728,14 +768,15 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   kernel = functools.partial(
       hadamard_quant_kernel, packed=packed, use_left=a > 1, norm=norm,
       clip_ratio=clip_ratio, rows=rows, in_pieces=in_pieces,
-      out_pieces=out_pieces)
+      out_pieces=out_pieces, gate_up=gate_up)
+  x_block = (per_program, *x3.shape[1:])
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   right_shape = (extent(in_pieces, r), extent(out_pieces, r_out))
   x_q, s_x = pl.pallas_call(
       kernel,
       grid=(out_rows // per_program,),
-      in_specs=[pl.BlockSpec((per_program, a, r),
-                             lambda i: (jnp.minimum(i, last), 0, 0)),
+      in_specs=[pl.BlockSpec(x_block, lambda i: (
+          jnp.minimum(i, last),) + (0,) * (len(x_block) - 1)),
                 full((ap, ap))] + [full(right_shape)] * len(rights),
       out_specs=[pl.BlockSpec((per_program, a, r_out), lambda i: (i, 0, 0)),
                  pl.BlockSpec((per_program,), lambda i: (i,))],
@@ -768,11 +809,12 @@ def _hadamard_transform(y: jax.Array, base: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("clip_ratio", "packed",
-                                             "out_rows"))
+                                             "out_rows", "gate_up"))
 def hadamard_quant_reference(x: jax.Array,
                              hadamard_base: jax.Array | None = None, *,
                              clip_ratio: float = 0.9, packed: bool = True,
-                             out_rows: int | None = None
+                             out_rows: int | None = None,
+                             gate_up: bool = False
                              ) -> tuple[jax.Array, jax.Array]:
   """Plain-jnp `hadamard_quant`: transform in f32, quantize, pack (or keep
   int8 codes when not `packed`).
@@ -787,6 +829,7 @@ def hadamard_quant_reference(x: jax.Array,
     packed: pack the codes (else int8 codes).
     out_rows: as in `hadamard_quant` (zero rows appended to x: zero codes,
       scale 1).
+    gate_up: x is gate | up [..., 2K]; `swiglu(gate, up)` is quantized.
 
   Returns:
     (x_q uint8[..., K // 2] or int8[..., K], s_x f32[...]).
@@ -794,7 +837,9 @@ def hadamard_quant_reference(x: jax.Array,
   Raises:
     ValueError: as `hadamard_quant`.
   """
-  _check(x, hadamard_base, clip_ratio, 4, out_rows)
+  _check(x, hadamard_base, clip_ratio, 4, out_rows, gate_up)
+  if gate_up:
+    x = _swiglu_halves(x)
   y = x.astype(jnp.float32)
   if out_rows is not None:
     y = jnp.pad(y, ((0, out_rows - x.shape[0]), (0, 0)))

@@ -75,6 +75,11 @@ class Kernels:
       (`w4a4_matmul(..., residual=)`; no add pass of its own with
       'mosaic'); False adds it after, in XLA (the same numbers; a
       benchmark's A/B).
+    swiglu_in_quant: a packed down_proj's prefill quantizer (the fused
+      Hadamard + quantize kernel) reads the fused gate/up output and forms
+      the SwiGLU as it loads each row (`hadamard_quant(..., gate_up=True)`),
+      so the SwiGLU is no pass of its own; False runs it in XLA first (the
+      same numbers; a benchmark's A/B).
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -98,6 +103,7 @@ class Kernels:
   rms_norm_quant: PallasOrXla = "xla"
   prefill_qkv: PallasOrXla = "xla"
   residual_in_matmul: bool = True
+  swiglu_in_quant: bool = True
   interpret: bool = False
   layer_loop: Literal["unrolled", "scan"] = "scan"
 

@@ -10,6 +10,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import hadamard_quant as hq_lib
+
 
 def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float,
              keep_roundings: bool = False) -> jax.Array:
@@ -106,6 +108,7 @@ def apply_rope(x: jax.Array, positions: jax.Array,
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-  """`silu(gate) * up`, the LLaMA FFN activation ([..., F] -> [..., F])."""
-  g32 = gate.astype(jnp.float32)
-  return (jax.nn.silu(g32) * up.astype(jnp.float32)).astype(gate.dtype)
+  """`silu(gate) * up`, the LLaMA FFN activation ([..., F] -> [..., F]),
+  in f32 and rounded to gate's dtype: `hadamard_quant.swiglu`, the one
+  definition, which the packed down_proj's quantize kernel also runs."""
+  return hq_lib.swiglu(gate, up)

@@ -143,21 +143,28 @@ def _head_hadamard(x: jax.Array) -> jax.Array:
 
 def _linear(x: jax.Array, p: Params, options: RunOptions, *,
             kernels: kernels_lib.Kernels,
-            online_hadamard: bool = False, residual=None) -> jax.Array:
+            online_hadamard: bool = False, residual=None,
+            gate_up: bool = False) -> jax.Array:
   """`x @ kernel + bias` (+ `residual`), or the packed int4 linear of
   `qlinear` (which may add the residual in its matmul's epilogue).
 
   Float kernels see the input fake-quantized by `options.a_spec`, after
   the online Hadamard if `online_hadamard`; packed linears quantize for
-  real (the Hadamard fused into their quantize kernel).
+  real (the Hadamard fused into their quantize kernel). `gate_up` (packed
+  only, one Hadamard block): x is gate | up and the input is their SwiGLU,
+  formed by the quantizer (`qlinear.linear`).
   """
+  if gate_up and ("qweight" not in p or (online_hadamard
+                                         and options.had_blocks > 1)):
+    raise ValueError("gate_up=True needs a packed linear and one Hadamard"
+                     " block")
   if "qweight" in p:
     if online_hadamard and options.had_blocks > 1:  # not the fused one
       x, online_hadamard = _hadamard(x, options.had_blocks), False
     fuse = residual is not None and residual.dtype == x.dtype
     y = qlinear.linear(x, p, a_spec=options.a_spec,
                        online_hadamard=online_hadamard, kernels=kernels,
-                       residual=residual if fuse else None)
+                       residual=residual if fuse else None, gate_up=gate_up)
     return y if fuse or residual is None else residual + y
   if online_hadamard:
     x = _hadamard(x)
@@ -683,15 +690,24 @@ def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
   `residual` as in `_attention_block`).
   Returns (output [B, T, D] (+ residual),
   down_proj input (before the online Hadamard when down_proj is packed))."""
+  packed = "qweight" in p["down_proj"]
   if "gate_up_proj" in p:  # fused (run_layout): [B, T, 2F], gate, up
     (gate_up,) = _linears(x, [p["gate_up_proj"]], options, kernels=kernels,
                           pre_norm=pre_norm)
     gate, up = jnp.split(gate_up, 2, axis=-1)
+    if (packed and kernels.swiglu_in_quant and options.row_groups == 1
+        and mesh is None and (options.had_blocks == 1
+                              or not options.online_had_down)):
+      # down_proj's quantizer forms the SwiGLU as it loads gate | up; the
+      # tap (GPTQ's) is computed only where a caller uses it.
+      y = _linear(gate_up, p["down_proj"], options, kernels=kernels,
+                  online_hadamard=options.online_had_down,
+                  residual=residual, gate_up=True)
+      return y, layers.swiglu(gate, up)
   else:
     gate, up = _linears(x, [p["gate_proj"], p["up_proj"]], options,
                         kernels=kernels, pre_norm=pre_norm, mesh=mesh)
   hidden = layers.swiglu(gate, up)
-  packed = "qweight" in p["down_proj"]
   if options.online_had_down and not packed:
     hidden = _hadamard(hidden, options.had_blocks)
   return _row_linear(hidden, p["down_proj"], options, kernels=kernels,

@@ -159,7 +159,8 @@ def quantize_weights_rtn(params: Params, linears, spec: quant.QuantSpec
 
 def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
            kernels: kernels_lib.Kernels = kernels_lib.XLA,
-           residual: jax.Array | None = None) -> jax.Array:
+           residual: jax.Array | None = None,
+           gate_up: bool = False) -> jax.Array:
   """y = Q(H x) · W_qᵀ (+ bias) (+ residual) for a packed linear.
 
   Args:
@@ -176,6 +177,10 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
       epilogue (`w4a4_matmul`'s `residual`), so the add is no pass of its
       own; elsewhere, and after a bias, it is `y + residual` in XLA: the
       same numbers either way.
+    gate_up: x is a fused gate/up output [..., 2 * in] (gate first) and
+      the linear's input is `swiglu(gate, up)` (down_proj): with 4-bit
+      activations the quantizer forms it as it loads x (`hadamard_quant`'s
+      `gate_up`), so a prefill runs no SwiGLU pass of its own.
 
   Returns:
     [..., out] in the dtype of x.
@@ -185,7 +190,7 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
     ValueError: a residual of another shape or dtype than the output.
   """
   (y,) = linears(x, (p,), a_spec=a_spec, online_hadamard=online_hadamard,
-                 kernels=kernels, residual=residual)
+                 kernels=kernels, residual=residual, gate_up=gate_up)
   return y
 
 
@@ -193,7 +198,8 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
             online_hadamard: bool,
             kernels: kernels_lib.Kernels = kernels_lib.XLA,
             norm: tuple[jax.Array, float] | None = None,
-            residual: jax.Array | None = None) -> list[jax.Array]:
+            residual: jax.Array | None = None,
+            gate_up: bool = False) -> list[jax.Array]:
   """`linear` of one input through several packed linears (q/k/v, gate/up).
 
   The input is rotated and quantized once for all of them. Up to
@@ -216,15 +222,21 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     norm: (weight [in], eps) of an RMS norm to apply to x first (the
       decoder's pre-norm), or None.
     residual: as in `linear`; only with one linear.
+    gate_up: as in `linear` (not with `norm`).
 
   Returns:
     One [..., out_i] array per linear, in the dtype of x.
 
   Raises:
     NotImplementedError: an activation spec the kernels do not run.
+    ValueError: gate_up with a norm, or a residual as in `linear`.
   """
-  lead, k = x.shape[:-1], x.shape[-1]
-  x2 = x.reshape(-1, k)  # [M, in]
+  if gate_up and norm is not None:
+    raise ValueError("gate_up=True (x is gate | up) takes no pre-norm")
+  if gate_up and (a_spec is None or not a_spec.enabled):
+    x, gate_up = hq_lib.swiglu(*jnp.split(x, 2, axis=-1)), False  # W4A16
+  lead, k = x.shape[:-1], x.shape[-1] // (2 if gate_up else 1)
+  x2 = x.reshape(-1, x.shape[-1])  # [M, in] ([M, 2 * in] with gate_up)
   m = x2.shape[0]
   if residual is not None:
     want = (*lead, ps[0]["qweight"].shape[-2]) if len(ps) == 1 else None
@@ -290,7 +302,8 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
       x_q, s_x = hq_lib.hadamard_quant(
           x2, hadamard_base(k) if online_hadamard else None,
           clip_ratio=a_spec.clip_ratio, packed=packed, out_rows=out_rows,
-          implementation=kernels.hadamard_quant, interpret=kernels.interpret)
+          implementation=kernels.hadamard_quant, interpret=kernels.interpret,
+          gate_up=gate_up)
     # The residual rides in the prefill matmul's epilogue; after a bias
     # (no LLaMA/Qwen o_proj or down_proj has one) it is added in XLA.
     fused = (residual is not None and kernels.residual_in_matmul

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import hadamard_quant as hq_lib
 from pallas_kernels.w4a4_matmul import api as w4a4_api
 from quarot_jax import checkpoint
 from quarot_jax import generation
@@ -152,6 +153,35 @@ def test_prefill_hands_o_and_down_proj_the_residual_stream(monkeypatch):
     assert handed and handed == one_layer * (len(handed) // 7), handed
   np.testing.assert_array_equal(np.asarray(logits[True]),
                                 np.asarray(logits[False]))
+
+
+def test_prefill_down_proj_quantizer_forms_the_swiglu(monkeypatch):
+  # Run layout (fused gate_up_proj): each layer's down_proj quantizer gets
+  # gate | up and forms the SwiGLU itself; `swiglu_in_quant=False` runs
+  # the SwiGLU in XLA first: the same logits and caches.
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
+  tokens = hf_models.random_tokens(config.vocab_size, 1, 20, seed=7)
+  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
+                                  progress=False)
+  fused = run_layout.unstack_layers(real, fuse=True)
+  handed, quantize = [], hq_lib.hadamard_quant
+  def spy(*args, gate_up=False, **kw):
+    handed.append(gate_up)
+    return quantize(*args, gate_up=gate_up, **kw)
+  monkeypatch.setattr(hq_lib, "hadamard_quant", spy)
+  out = {}
+  for in_quant in (True, False):
+    handed.clear()
+    kern = dataclasses.replace(kernels_lib.resolve("interpret"),
+                               swiglu_in_quant=in_quant)
+    cache = kv_cache.cache_for(config, 1, 20, packed=True, per_layer=True)
+    out[in_quant] = model.forward(fused, tokens, config, cache=cache,
+                                  options=options, kernels=kern)
+    # Per layer (unrolled): o's quantizer, then down's.
+    assert handed == [False, in_quant] * config.num_hidden_layers, handed
+  np.testing.assert_array_equal(np.asarray(out[True][0]),
+                                np.asarray(out[False][0]))
+  decode_steps.assert_same_caches(out[True][1], out[False][1], scale_rtol=0)
 
 
 def test_fused_decode_qkv_equals_the_unfused_decode(tiny):

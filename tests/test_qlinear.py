@@ -152,6 +152,29 @@ def test_a_residual_is_the_linear_plus_the_residual(a_bits, m, setting,
                                 np.asarray(y + r, np.float32))
 
 
+@pytest.mark.parametrize("a_bits, m", [(4, 3), (4, 20), (16, 20)])
+@pytest.mark.parametrize("setting", ["xla", "interpret"])
+def test_gate_up_input_is_the_linear_of_its_swiglu(a_bits, m, setting):
+  # down_proj handed the fused gate/up output: the linear of the model's
+  # SwiGLU of it, bit for bit, at decode and prefill, W4A4 and W4A16.
+  kernel, x = _weight_and_input(k=256, n=40, m=m, seed=5)
+  p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
+  gate_up = (3 * jax.random.normal(jax.random.key(6), (1, m, 512))).astype(
+      jnp.bfloat16)
+  a_spec = _A_SPEC if a_bits == 4 else None
+  run = lambda v, **kw: qlinear.linear(
+      v, p, a_spec=a_spec, online_hadamard=True,
+      kernels=kernels.resolve(setting), **kw)
+  got = run(gate_up, gate_up=True)
+  want = run(layers.swiglu(gate_up[..., :256], gate_up[..., 256:]))
+  assert got.shape == (1, m, 40)
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+  with pytest.raises(ValueError, match="takes no pre-norm"):
+    qlinear.linears(gate_up, [p], a_spec=a_spec, online_hadamard=False,
+                    norm=(jnp.ones(512), 1e-5), gate_up=True)
+
+
 def test_a_residual_must_match_the_output():
   kernel, x = _weight_and_input(k=64, n=48, m=5)
   p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))

@@ -174,7 +174,9 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   head Hadamard and the KV4 write as XLA ops; records before 2026-12-04's
   third session hold `ours_prefill_qkv_ms`, it on), and with the residual
   adds outside the matmuls (`ours_xla_residual_add_ms`,
-  `Kernels.residual_in_matmul` off; GPU only, as the two before). The stages
+  `Kernels.residual_in_matmul` off; GPU only, as the two before), and with
+  the SwiGLU as an XLA pass before down_proj's quantizer
+  (`ours_xla_swiglu_ms`, `Kernels.swiglu_in_quant` off; GPU only). The stages
   (`layer_stages.prefill_stages`) are the pieces of each layer, each jitted
   on its own; B * T must exceed `kernels.DECODE_ROWS`.
 
@@ -215,12 +217,17 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
     xla_add = dataclasses.replace(kernels, residual_in_matmul=False)
     add_ms = benchmarking.median_ms(
         lambda: run(qlayer, x, qcache, options, xla_add))
+    xla_swiglu = dataclasses.replace(kernels, swiglu_in_quant=False)
+    swiglu_ms = benchmarking.median_ms(
+        lambda: run(qlayer, x, qcache, options, xla_swiglu))
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
                   speedup_triton_matmul=round(float_ms / ms, 3),
                   ours_xla_qkv_ms=round(qkv_ms, 4),
                   speedup_xla_qkv=round(float_ms / qkv_ms, 3),
                   ours_xla_residual_add_ms=round(add_ms, 4),
-                  speedup_xla_residual_add=round(float_ms / add_ms, 3))
+                  speedup_xla_residual_add=round(float_ms / add_ms, 3),
+                  ours_xla_swiglu_ms=round(swiglu_ms, 4),
+                  speedup_xla_swiglu=round(float_ms / swiglu_ms, 3))
   # Each stage's inputs are passed as arguments (none is created inside
   # the timed call), after three warm-up calls that compile it.
   ms = {table: {name: benchmarking.median_ms(stage.fn, *stage.args)
@@ -294,7 +301,7 @@ def decode_memory(config: LlamaConfig, batch: int, prefill: int,
 
 
 MODEL_PREFILL_VARIANTS = ("xla_int8", "triton", "xla_qkv", "xla_residual_add",
-                          "all_logits")
+                          "xla_swiglu", "all_logits")
 
 
 def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
@@ -311,7 +318,8 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
   timed, each compiling the whole model once more (`variants`, a subset of
   `MODEL_PREFILL_VARIANTS`): 'xla_int8' and 'triton' matmuls (Triton on a
   GPU only), 'xla_qkv' (`prefill_qkv` off; GPU only), 'xla_residual_add'
-  (`Kernels.residual_in_matmul` off; GPU only), 'all_logits' (both
+  (`Kernels.residual_in_matmul` off; GPU only), 'xla_swiglu'
+  (`Kernels.swiglu_in_quant` off; GPU only), 'all_logits' (both
   models again with every position's logits, as before 2026-12-05).
 
   Returns:
@@ -356,7 +364,8 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
       ("triton", "triton_matmul", dict(w4a4="triton")),
       ("xla_qkv", "xla_qkv", dict(prefill_qkv="xla")),
       ("xla_residual_add", "xla_residual_add",
-       dict(residual_in_matmul=False))):
+       dict(residual_in_matmul=False)),
+      ("xla_swiglu", "xla_swiglu", dict(swiglu_in_quant=False))):
     if name in variants and (gpu or name == "xla_int8"):
       ms = timed(qparams, True, options, dataclasses.replace(kernels, **kern))
       extra[f"ours_{field}_ms"] = round(ms, 4)

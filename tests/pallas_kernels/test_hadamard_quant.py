@@ -10,6 +10,7 @@ import pytest
 
 from pallas_kernels import hadamard_quant as hq
 from quarot_jax import hadamard
+from quarot_jax import layers
 from quarot_jax import quant
 
 
@@ -377,6 +378,57 @@ def test_pallas_call_is_in_the_jaxpr():
                           "hadamard_quant_no_transform"}
 
 
+# (K, M, config, Hadamard): the fused kernel (two bases), the split path
+# (an explicit G) and the kernel without a Hadamard.
+@pytest.mark.parametrize("k, m, splits, use_hadamard", [
+    (576, 5, 1, True), (688, 4, 1, True), (576, 3, 4, True),
+    (576, 5, 1, False)])
+@pytest.mark.parametrize("packed", [True, False])
+def test_gate_up_quantizes_the_swiglu_of_its_halves(k, m, splits,
+                                                    use_hadamard, packed,
+                                                    interpret):
+  # gate | up in, and out the codes and scales of the model's SwiGLU of
+  # them, as the kernel gives for that SwiGLU: the same bits.
+  x = (3 * _x(m, 2 * k, seed=k + m)).astype(jnp.bfloat16)
+  base = _base(k) if use_hadamard else None
+  cfg = hq.HadamardQuantConfig(column_splits=splits)
+  hidden = layers.swiglu(x[:, :k], x[:, k:])
+  run = lambda v, **kw: hq.hadamard_quant(v, base, packed=packed, config=cfg,
+                                          interpret=interpret, **kw)
+  got, want = run(x, gate_up=True), run(hidden)
+  assert got[0].shape == (m, k // 2 if packed else k)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  got_ref = hq.hadamard_quant_reference(x, base, packed=packed, gate_up=True)
+  want_ref = hq.hadamard_quant_reference(hidden, base, packed=packed)
+  for a, b in zip(got_ref, want_ref):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fused_kernel_forms_the_swiglu_itself():
+  # The fused kernel reads gate | up as it is: no logistic (SwiGLU) and no
+  # split outside the pallas_call.
+  x = _x(4, 2 * 576).astype(jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(lambda x: hq.hadamard_quant(
+      x, _base(576), config=_FUSED, interpret=True, gate_up=True))(x)
+
+  def outside(jaxpr):  # primitive names, not descending into pallas_call
+    for eqn in jaxpr.eqns:
+      yield eqn.primitive.name
+      if eqn.primitive.name == "pallas_call":
+        continue
+      for v in eqn.params.values():  # (closed) jaxprs of jit, cond, ...
+        sub = getattr(v, "jaxpr", v)
+        if hasattr(sub, "eqns"):
+          yield from outside(sub)
+  names = set(outside(jaxpr.jaxpr))
+  assert "pallas_call" in names and "logistic" not in names, names
+  unfused = set(outside(jax.make_jaxpr(lambda x: hq.hadamard_quant(
+      x, _base(576), config=hq.HadamardQuantConfig(column_splits=2),
+      interpret=True, gate_up=True))(x).jaxpr))
+  assert "logistic" in unfused  # the split path takes the SwiGLU's output
+
+
 def test_rows_the_kernel_does_not_take_run_the_reference():
   # K = 64 is too short for the two-factor split (a = 1 < 16), so 'pallas'
   # (outside interpret mode) runs the reference, with no kernel.
@@ -442,6 +494,9 @@ def test_errors():
   with pytest.raises(ValueError, match=r"square \[m, m\] matrix, got"
                      r" \(4, 2\)"):
     hq.hadamard_quant(_x(2, 64), jnp.ones((4, 2)))
+  with pytest.raises(ValueError, match="gate_up=True takes gate | up rows"
+                     r" \[..., 2K\], got an odd width 65"):
+    hq.hadamard_quant(_x(2, 65), gate_up=True)
 
 
 @pytest.mark.gpu
@@ -460,6 +515,28 @@ def test_gpu_lowers_to_the_named_kernel_and_matches():
   # a value within ~1e-5 of a rounding tie may round the other way: allow
   # off-by-one codes on at most 0.1% of elements, nothing larger.
   assert diff.max() <= 1 and diff.mean() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [True, False])
+def test_gpu_gate_up_is_the_kernel_on_xla_swiglu(packed):
+  # A prefill's down_proj input (LLaMA-2-7B's FFN): the kernel forming the
+  # SwiGLU from gate | up against the same kernel fed XLA's SwiGLU. Triton
+  # computes silu as 1 / (1 + exp(-g)) and XLA its own way, so a bf16
+  # rounding of the hidden may differ (then a code near a tie).
+  k = 11008
+  x = (3 * _x(300, 2 * k, seed=7)).astype(jnp.bfloat16)
+  base = _base(k)
+  hlo = jax.jit(lambda x: hq.hadamard_quant(
+      x, base, gate_up=True, packed=packed)).lower(x).as_text()
+  assert "hadamard_quant" in hlo and "logistic" not in hlo
+  got = hq.hadamard_quant(x, base, gate_up=True, packed=packed)
+  want = hq.hadamard_quant(layers.swiglu(x[:, :k], x[:, k:]), base,
+                           packed=packed)
+  hidden_bits_equal = np.mean(np.asarray(got[1]) == np.asarray(want[1]))
+  print(f"scales equal bit for bit: {hidden_bits_equal:.4f}")
+  _assert_quantized_like(got, want, packed=packed, interpret=False,
+                         scale_rtol=2e-3)
 
 
 @pytest.mark.gpu

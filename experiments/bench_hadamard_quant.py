@@ -22,9 +22,8 @@ Decode (few rows): `--column_splits` sweeps the split path's G ("auto" is
 the kernel's own choice, 1 the fused one-program-per-row kernel); configs
 that run the same launch (G > 1 ignores rows_per_program; an explicit G is
 capped) are timed once; each record's `sweep` holds every launch's ms (None:
-failed), keyed w<num_warps>_<G>_<rows per program>_<chunk_elements>_<stack
-rows> (None where G > 1, resp. G = 1; records before 2026-12-05's third
-session have no stack rows) or w<num_warps>_b<block_elements>. For example
+failed), keyed w<num_warps>_<G>_<rows per program>_<chunk_elements> (None
+where G > 1, resp. G = 1) or w<num_warps>_b<block_elements>. For example
 
   python -m experiments.bench_hadamard_quant --m=1,16 --k=11008,14336 \
       --transform=hadamard --packed=true,false --num_warps=2,4,8 \
@@ -60,8 +59,6 @@ _SPLITS = flags.DEFINE_list(
 _CHUNK = flags.DEFINE_list(
     "chunk_elements", ["2048"],
     "chunk_elements sweep (the split path's quantize at M <= 16).")
-_STACK = flags.DEFINE_list(
-    "stack_rows", ["1"], "stack_rows sweep (the fused kernel's rows a dot).")
 _BLOCK = flags.DEFINE_list("block_elements", ["8192", "16384", "32768"],
                            "block_elements sweep (quantize-only kernel).")
 _PACKED = flags.DEFINE_list("packed", ["true", "false"],
@@ -98,9 +95,9 @@ def main(argv):
         case = f"M{m}_K{k}_{transform}" + ("" if packed else "_int8")
         best = None
         sizes = ([dict(rows_per_program=int(r), column_splits=g,
-                       chunk_elements=int(c), stack_rows=int(n))
+                       chunk_elements=int(c))
                   for r in _ROWS.value for g in splits
-                  for c in _CHUNK.value for n in _STACK.value]
+                  for c in _CHUNK.value]
                  if use_had else
                  [dict(block_elements=int(b)) for b in _BLOCK.value])
         seen = set()
@@ -112,8 +109,7 @@ def main(argv):
             g = hq.column_splits(k, order, m, cfg)
             launch = (warps, g, math.gcd(m, cfg.rows_per_program)
                       if g == 1 else None,
-                      cfg.chunk_elements if g > 1 else None,
-                      cfg.stack_rows if g == 1 else None)
+                      cfg.chunk_elements if g > 1 else None)
             if launch in seen:
               continue
             seen.add(launch)

@@ -118,11 +118,6 @@ class HadamardQuantConfig:
     chunk_elements: split path at M <= 16: elements of a row each quantize
       program takes (a power of two; whole rows of the [a, r] view, at
       least one).
-    stack_rows: n, rows the fused kernel's dots take at once (a power of
-      two; 1 where n does not divide M): their [a, r] views stacked into
-      one [n * a, r] operand, so the right product is one dot of n * a
-      rows and the left one a dot by kron(I_n, S_aᵀ) (n times its work,
-      in fewer, larger dots).
   """
 
   num_warps: int = 4
@@ -131,11 +126,9 @@ class HadamardQuantConfig:
   block_elements: int = 8192
   column_splits: int | None = None
   chunk_elements: int = 2048
-  stack_rows: int = 1
 
   def __post_init__(self):
-    for name in ("rows_per_program", "block_elements", "chunk_elements",
-                 "stack_rows"):
+    for name in ("rows_per_program", "block_elements", "chunk_elements"):
       n = getattr(self, name)
       if n < 1 or n & (n - 1):
         raise ValueError(f"{name}={n} must be a power of two")
@@ -319,26 +312,21 @@ def _pieces(n: int, most: int) -> tuple[tuple[int, int, int], ...]:
 def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
                           use_left: bool, norm: float, clip_ratio: float,
                           rows: int, in_pieces, out_pieces,
-                          gate_up: bool = False, stack: int = 1):
+                          gate_up: bool = False):
   """A few rows: transform, absmax, codes, packed bytes (or int8 codes).
   Rows at or past `rows` (the padding up to `out_rows`) quantize zeros:
   codes 0, scale 1. With `gate_up` each row is `swiglu` of its two halves,
-  formed piece by piece as it is loaded. With `stack` n > 1 the dots run
-  on n rows at once: their [ap, r] views stacked to [n * ap, r] (one dot
-  of n * ap rows for the right product; the left one by kron(I_n, S_aᵀ)),
-  each of the n with its own absmax and scale."""
+  formed piece by piece as it is loaded."""
   # x_ref: [rows, a, r], or [rows, 2, a, r] (gate, up) with gate_up;
-  # with stack n > 1 a [n] axis after the first ([blocks, n, (2,) a, r]),
-  # and `rows` counts blocks. left_ref: [n * ap, n * ap]; right_refs: the
-  # even and odd columns of R (packed) or R itself, [r, r_out] (r_out:
-  # r // 2 or r), zero-padded only where a single piece is wider than r or
-  # r_out; q_ref: uint8[rows, (n,) a, r // 2] (packed) or int8[rows, (n,)
-  # a, r]; s_ref: f32[rows] ([rows, n]) (ap: a rounded up to a power of
-  # two, as Triton needs).
+  # left_ref: [ap, ap]; right_refs: the even and odd
+  # columns of R (packed) or R itself, [r, r_out] (r_out: r // 2 or r),
+  # zero-padded only where a single piece is wider than r or r_out;
+  # q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, r]; s_ref:
+  # f32[rows] (ap: a rounded up to a power of two, as Triton needs).
   *right_refs, q_ref, s_ref = refs
   n_rows, a, r = x_ref.shape[0], *x_ref.shape[-2:]
-  ap = left_ref.shape[0] // stack
-  r_out = q_ref.shape[-1]
+  ap = left_ref.shape[0]
+  r_out = q_ref.shape[2]
   dt = right_refs[0].dtype
   # The matrices are loaded once per program and reused for every row (one
   # row per program spent more L2 traffic on them than on x).
@@ -346,29 +334,24 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
               for j0, nj, _ in out_pieces] for i0, ni, _ in in_pieces]
             for ref in right_refs]
   left = left_ref[...] if use_left else None
-  lead = () if stack == 1 else (stack,)  # the stacked rows' axis
-  valid = (jnp.arange(ap) < a).reshape((1,) * len(lead) + (ap, 1))
-  segment = jnp.arange(stack * ap)[:, None] // ap  # stacked row of a view row
+  valid = jnp.arange(ap)[:, None] < a
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
-  scales = jnp.zeros((n_rows, *lead), jnp.float32)
+  scales = jnp.zeros((n_rows,), jnp.float32)
   real = pl.program_id(0) * n_rows < rows  # a program's rows: all or none
   for i in range(n_rows):
     row = jnp.int32(i)  # interpret mode's load/store reject a Python int
-    at = (row,) + tuple(pl.ds(0, n) for n in lead)
     xs = []
     for i0, ni, first in in_pieces:
-      col = i0 + jnp.arange(ni)
-      mask = jnp.broadcast_to(valid & (col >= first) & (col < r),
-                              (*lead, ap, ni))
+      col = i0 + jnp.arange(ni)[None, :]
       load = lambda *half: jnp.where(real, plgpu.load(
-          x_ref.at[(*at, *half, pl.ds(0, ap), pl.ds(i0, ni))],
-          mask=mask, other=0), 0)
+          x_ref.at[(row, *half, pl.ds(0, ap), pl.ds(i0, ni))],
+          mask=valid & (col >= first) & (col < r), other=0), 0)
       # Masked elements are 0 in both halves, and swiglu(0, 0) = 0.
       piece = (swiglu(load(jnp.int32(0)), load(jnp.int32(1))) if gate_up
                else load())
-      xs.append(piece.astype(dt).reshape(stack * ap, ni))
-    # zs[p][j]: f32 [n * ap, nj], columns of piece j of right matrix p.
+      xs.append(piece.astype(dt))
+    # zs[p][j]: f32 [ap, nj], columns of piece j of right matrix p.
     zs = [[functools.reduce(jnp.add, [dot(x, blk[i][j])
                                       for i, x in enumerate(xs)])
            for j in range(len(out_pieces))] for blk in blocks]
@@ -382,35 +365,21 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
           return dot(left, z_hi) + dot(left, z_lo)
         zs = [[exact_left(z) for z in zp] for zp in zs]
     ys = [[z * norm for z in zp] for zp in zs]
-    if stack == 1:
-      absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y))
-                                              for yp in ys for y in yp])
-      scale = _row_scales(absmax, clip_ratio)
-      row_scale = scale
-    else:  # each stacked row's own absmax; its scale on its view rows
-      scale = jnp.zeros((stack,), jnp.float32)
-      row_scale = jnp.ones((stack * ap, 1), jnp.float32)
-      for n in range(stack):
-        absmax = functools.reduce(jnp.maximum, [
-            jnp.max(jnp.where(segment == n, jnp.abs(y), 0.0))
-            for yp in ys for y in yp])
-        one = _row_scales(absmax, clip_ratio)
-        scale = jnp.where(jnp.arange(stack) == n, one, scale)
-        row_scale = jnp.where(segment == n, one, row_scale)
-    codes = [[jnp.clip(_round_half_even(y / row_scale), -8, 7
-                       ).astype(jnp.int32) for y in yp] for yp in ys]
+    absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y))
+                                            for yp in ys for y in yp])
+    scale = _row_scales(absmax, clip_ratio)
+    codes = [[jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
+              for y in yp] for yp in ys]
     for j, (j0, nj, _) in enumerate(out_pieces):
-      mask = jnp.broadcast_to(valid & (j0 + jnp.arange(nj) < r_out),
-                              (*lead, ap, nj))
+      mask = valid & (j0 + jnp.arange(nj)[None, :] < r_out)
       if packed:
         out = ((codes[0][j] & 0xF) | ((codes[1][j] & 0xF) << 4)
                ).astype(jnp.uint8)
       else:
         out = codes[0][j].astype(jnp.int8)
-      plgpu.store(q_ref.at[(*at, pl.ds(0, ap), pl.ds(j0, nj))],
-                  out.reshape(*lead, ap, nj), mask=mask)
-    scales = jnp.where((jnp.arange(n_rows) == i).reshape(
-        (n_rows,) + (1,) * len(lead)), scale, scales)
+      plgpu.store(q_ref.at[row, pl.ds(0, ap), pl.ds(j0, nj)], out,
+                  mask=mask)
+    scales = jnp.where(jnp.arange(n_rows) == i, scale, scales)
   s_ref[...] = scales
 
 
@@ -788,15 +757,7 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                             out_rows)
     return _quantize_chunks(y, maxima, clip_ratio, packed, cfg, interpret,
                             debug, out_rows)
-  # Stacked rows (`stack_rows`): n rows a dot, where n divides M and
-  # out_rows (else one); the grid then counts blocks of n rows.
-  n = cfg.stack_rows
-  n = n if rows % n == 0 and out_rows % n == 0 else 1
-  per_program, last = _grid_rows(rows // n, out_rows // n,
-                                 cfg.rows_per_program)
-  stacked = () if n == 1 else (n,)
-  x3 = x3.reshape(-1, *stacked, *x3.shape[1:])
-  left = jnp.kron(jnp.eye(n, dtype=jnp.float32), pad(left, (ap, ap)))
+  per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)
   # Packed: even and odd columns of R (byte j = columns 2j, 2j + 1 of the
   # [a, r] view, as r is even); int8 codes: R whole.
   rights = (right[:, 0::2], right[:, 1::2]) if packed else (right,)
@@ -806,29 +767,25 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   q_dtype = jnp.uint8 if packed else jnp.int8
   kernel = functools.partial(
       hadamard_quant_kernel, packed=packed, use_left=a > 1, norm=norm,
-      clip_ratio=clip_ratio, rows=rows // n, in_pieces=in_pieces,
-      out_pieces=out_pieces, gate_up=gate_up, stack=n)
-  first = lambda i: (jnp.minimum(i, last),)
-  block = lambda shape, index: pl.BlockSpec(
-      (per_program, *shape), lambda i: index(i) + (0,) * len(shape))
+      clip_ratio=clip_ratio, rows=rows, in_pieces=in_pieces,
+      out_pieces=out_pieces, gate_up=gate_up)
+  x_block = (per_program, *x3.shape[1:])
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   right_shape = (extent(in_pieces, r), extent(out_pieces, r_out))
   x_q, s_x = pl.pallas_call(
       kernel,
-      grid=(out_rows // n // per_program,),
-      in_specs=[block(x3.shape[1:], first), full(left.shape)]
-      + [full(right_shape)] * len(rights),
-      out_specs=[block((*stacked, a, r_out), lambda i: (i,)),
-                 block(stacked, lambda i: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((out_rows // n, *stacked, a, r_out),
-                                      q_dtype),
-                 jax.ShapeDtypeStruct((out_rows // n, *stacked),
-                                      jnp.float32)],
+      grid=(out_rows // per_program,),
+      in_specs=[pl.BlockSpec(x_block, lambda i: (
+          jnp.minimum(i, last),) + (0,) * (len(x_block) - 1)),
+                full((ap, ap))] + [full(right_shape)] * len(rights),
+      out_specs=[pl.BlockSpec((per_program, a, r_out), lambda i: (i, 0, 0)),
+                 pl.BlockSpec((per_program,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((out_rows, a, r_out), q_dtype),
+                 jax.ShapeDtypeStruct((out_rows,), jnp.float32)],
       compiler_params=params, interpret=interpret, debug=debug,
       name="hadamard_quant",
-  )(x3, left.astype(dt), *[pad(t, right_shape) for t in rights])
-  return _shaped(x_q.reshape(out_rows, a, r_out), s_x.reshape(out_rows),
-                 lead, rows, out_rows)
+  )(x3, pad(left, (ap, ap)), *[pad(t, right_shape) for t in rights])
+  return _shaped(x_q, s_x, lead, rows, out_rows)
 
 
 def _hadamard_transform(y: jax.Array, base: jax.Array) -> jax.Array:

@@ -126,32 +126,6 @@ def test_several_rows_per_program(m, per_program, packed, interpret):
   np.testing.assert_array_equal(np.asarray(got_q), np.asarray(want_q))
 
 
-@pytest.mark.parametrize("m, stack, per_program, out_rows", [
-    (8, 2, 1, None), (8, 4, 2, None), (6, 2, 1, 10), (6, 4, 1, None)])
-@pytest.mark.parametrize("gate_up", [False, True])
-def test_stacked_rows_give_the_same_bits(m, stack, per_program, out_rows,
-                                         gate_up, interpret):
-  # n rows a dot (their views stacked, the left product by kron(I_n, S))
-  # are the one-row kernel's codes and scales; M = 6 with 4 asked (4 does
-  # not divide it) runs one a dot.
-  k = 688
-  x = (3 * _x(m, 2 * k if gate_up else k, seed=m + stack)).astype(
-      jnp.bfloat16)
-  run = lambda **kw: hq.hadamard_quant(
-      x, _base(k), config=hq.HadamardQuantConfig(column_splits=1, **kw),
-      out_rows=out_rows, gate_up=gate_up, interpret=interpret)
-  got = run(stack_rows=stack, rows_per_program=per_program)
-  want = run()
-  assert got[0].shape == ((out_rows or m), k // 2)
-  for a, b in zip(got, want):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  ref = hq.hadamard_quant_reference(x, _base(k), out_rows=out_rows,
-                                    gate_up=gate_up)
-  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(ref[1]),
-                             rtol=1.2e-7 * np.sqrt(k))
-  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
-
-
 @pytest.mark.parametrize("m, block_elements", [(8, 4096), (12, 8192),
                                                (7, 8192), (16, 1024)])
 @pytest.mark.parametrize("packed", [True, False])
@@ -388,7 +362,7 @@ def test_pallas_call_is_in_the_jaxpr():
   jaxpr = lambda cfg: str(jax.make_jaxpr(lambda x: hq.hadamard_quant(
       x, _base(576), implementation="pallas", config=cfg,
       interpret=True))(x))
-  names = lambda text: set(re.findall(r"hadamard_[a-z_]+", text))
+  names = lambda text: set(re.findall(r"hadamard_\w+", text))
   fused = jaxpr(_FUSED)
   assert "pallas_call" in fused and names(fused) == {"hadamard_quant"}
   assert names(jaxpr(None)) == {"hadamard_quant"}  # automatic: K < 8192
@@ -541,19 +515,6 @@ def test_gpu_lowers_to_the_named_kernel_and_matches():
   # a value within ~1e-5 of a rounding tie may round the other way: allow
   # off-by-one codes on at most 0.1% of elements, nothing larger.
   assert diff.max() <= 1 and diff.mean() < 1e-3
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("stack", [2, 4])
-def test_gpu_stacked_rows_give_the_same_bits(stack):
-  k = 11008
-  x = _x(256, k, jnp.bfloat16, seed=stack)
-  cfg = lambda n: hq.HadamardQuantConfig(column_splits=1, stack_rows=n,
-                                         num_warps=8 if n > 1 else 4)
-  got = hq.hadamard_quant(x, _base(k), packed=False, config=cfg(stack))
-  want = hq.hadamard_quant(x, _base(k), packed=False, config=cfg(1))
-  for a, b in zip(got, want):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.gpu

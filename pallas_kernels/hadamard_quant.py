@@ -66,6 +66,13 @@ splits only K >= 8192 and 16-bit inputs: on the GPU the f32 split cases
 failed their test (two; a third ran past the time limit; not diagnosed),
 while the bf16/f16 cases at r = 172 (as at 11008) passed.
 
+SwiGLU (`gate_up=True`, a prefill's down_proj input): x is the fused
+gate/up output [M, 2K] and the fused kernel loads each piece of gate and
+of up and forms `swiglu` there, so the model runs no SwiGLU pass of its
+own (1.08-1.10x the pass + this kernel at K = 11008, M = 2048-8192, H100,
+2026-12-05, BENCHMARKS.md); the split path and the quantize-only kernel
+take the SwiGLU computed before them.
+
 Without the Hadamard a separate kernel (`quantize_kernel`) has no dots: it
 quantizes a block of rows (`block_elements`) and splits the codes into even
 and odd elements in registers for the pack (an identity "transform" ran two

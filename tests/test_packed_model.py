@@ -126,6 +126,31 @@ def test_packed_forward_runs_every_kernel_in_interpret_mode():
   assert _rel(decode, want[1]) < 1e-4
 
 
+def _forward_on_and_off(monkeypatch, params, tokens, config, options, *,
+                        field, spied, arg, per_layer=False):
+  """model.forward of a 20-slot packed cache with the interpreted kernels'
+  `field` on and off, recording `arg` of each call of `spied` (a (module,
+  function name) pair): {on: ((logits, cache), [arg is set, per call])}."""
+  module, name = spied
+  handed, real = [], getattr(module, name)
+  def spy(*args, **kw):
+    value = kw.get(arg)  # an array (residual) or a flag (gate_up)
+    handed.append(value is not None and value is not False)
+    return real(*args, **kw)
+  monkeypatch.setattr(module, name, spy)
+  runs = {}
+  for on in (True, False):
+    handed.clear()
+    kern = dataclasses.replace(kernels_lib.resolve("interpret"),
+                               **{field: on})
+    cache = kv_cache.cache_for(config, 1, 20, packed=True,
+                               per_layer=per_layer)
+    out = model.forward(params, tokens, config, cache=cache, options=options,
+                        kernels=kern)
+    runs[on] = (out, list(handed))
+  return runs
+
+
 def test_prefill_hands_o_and_down_proj_the_residual_stream(monkeypatch):
   # At prefill each layer's two residual adds go to o_proj's and
   # down_proj's W4A4 matmul (the Mosaic kernel adds them in its epilogue);
@@ -134,25 +159,16 @@ def test_prefill_hands_o_and_down_proj_the_residual_stream(monkeypatch):
   tokens = hf_models.random_tokens(config.vocab_size, 1, 20, seed=2)
   real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
                                   progress=False)
-  handed, matmul = [], w4a4_api.w4a4_matmul
-  def spy(*args, residual=None, **kw):
-    handed.append(residual is not None)
-    return matmul(*args, residual=residual, **kw)
-  monkeypatch.setattr(w4a4_api, "w4a4_matmul", spy)
-  logits = {}
-  for fused in (True, False):
-    handed.clear()
-    kern = dataclasses.replace(kernels_lib.resolve("interpret"),
-                               residual_in_matmul=fused)
-    cache = kv_cache.cache_for(config, 1, 20, packed=True)
-    logits[fused], _ = model.forward(real, tokens, config, cache=cache,
-                                     options=options, kernels=kern)
+  runs = _forward_on_and_off(
+      monkeypatch, real, tokens, config, options, field="residual_in_matmul",
+      spied=(w4a4_api, "w4a4_matmul"), arg="residual")
+  for fused, (_, handed) in runs.items():
     # Each traced layer (once under the layer scan): q, k, v, o, gate, up,
     # down; only o and down take the residual.
     one_layer = [False] * 3 + [fused] + [False] * 2 + [fused]
     assert handed and handed == one_layer * (len(handed) // 7), handed
-  np.testing.assert_array_equal(np.asarray(logits[True]),
-                                np.asarray(logits[False]))
+  np.testing.assert_array_equal(np.asarray(runs[True][0][0]),
+                                np.asarray(runs[False][0][0]))
 
 
 def test_prefill_down_proj_quantizer_forms_the_swiglu(monkeypatch):
@@ -163,25 +179,16 @@ def test_prefill_down_proj_quantizer_forms_the_swiglu(monkeypatch):
   tokens = hf_models.random_tokens(config.vocab_size, 1, 20, seed=7)
   real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
                                   progress=False)
-  fused = run_layout.unstack_layers(real, fuse=True)
-  handed, quantize = [], hq_lib.hadamard_quant
-  def spy(*args, gate_up=False, **kw):
-    handed.append(gate_up)
-    return quantize(*args, gate_up=gate_up, **kw)
-  monkeypatch.setattr(hq_lib, "hadamard_quant", spy)
-  out = {}
-  for in_quant in (True, False):
-    handed.clear()
-    kern = dataclasses.replace(kernels_lib.resolve("interpret"),
-                               swiglu_in_quant=in_quant)
-    cache = kv_cache.cache_for(config, 1, 20, packed=True, per_layer=True)
-    out[in_quant] = model.forward(fused, tokens, config, cache=cache,
-                                  options=options, kernels=kern)
+  runs = _forward_on_and_off(
+      monkeypatch, run_layout.unstack_layers(real, fuse=True), tokens,
+      config, options, field="swiglu_in_quant",
+      spied=(hq_lib, "hadamard_quant"), arg="gate_up", per_layer=True)
+  for in_quant, (_, handed) in runs.items():
     # Per layer (unrolled): o's quantizer, then down's.
     assert handed == [False, in_quant] * config.num_hidden_layers, handed
-  np.testing.assert_array_equal(np.asarray(out[True][0]),
-                                np.asarray(out[False][0]))
-  decode_steps.assert_same_caches(out[True][1], out[False][1], scale_rtol=0)
+  (got, got_cache), (want, want_cache) = runs[True][0], runs[False][0]
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  decode_steps.assert_same_caches(got_cache, want_cache, scale_rtol=0)
 
 
 def test_fused_decode_qkv_equals_the_unfused_decode(tiny):

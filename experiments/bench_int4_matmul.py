@@ -15,7 +15,9 @@ weights as the register operand, y stored through an in-register
 transpose; `mosaic_gpu_wt`), the same storing yᵀ (`mosaic_gpu_wt_yt`), then
 the model's use of each: `residual + y` (`mosaic_gpu_x_int8_add`,
 `mosaic_gpu_wt_add`) against `residual + yᵀ.T` (`mosaic_gpu_wt_yt_add`, the
-transpose fused into the add).
+transpose fused into the add) and the residual added in the kernel's
+epilogue (`mosaic_gpu_wt_epilogue_add`, what o_proj and down_proj run at
+prefill; all four checked equal).
 
 W4A16 (decode) runs each matmul over --decode_layers different weight
 matrices in one jitted call, as a decode step runs one per layer, and
@@ -253,7 +255,7 @@ def _w4a4_case(m: int, k: int, n: int, keys, variants: set[str],
 def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:
   """w4a4_matmul_mosaic_wt alone (y, checked), the same with yᵀ stored as
   computed (checked: yᵀ.T == y), then the Mosaic kernels as the model used
-  them, a residual added to y (all three checked equal)."""
+  them, a residual added to y (all four ways checked equal)."""
   x8 = mgpu.unpack_weights(xq)  # int8 codes, what the model hands over
   best_wt = _best(
       lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, sx, sw), c),
@@ -280,11 +282,16 @@ def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:
               x8, wq, sx, sw, config=cfg, transposed=True).T),
       "mosaic_gpu_wt_add": jax.jit(
           lambda x8, wq, sx, sw, r: r + mgpu.w4a4_matmul_mosaic_wt(
-              x8, wq, sx, sw, config=cfg))}
+              x8, wq, sx, sw, config=cfg)),
+      # The model's since 2026-12-05: the add in the kernel's epilogue
+      # (its default config for a residual).
+      "mosaic_gpu_wt_epilogue_add": jax.jit(
+          lambda x8, wq, sx, sw, r: mgpu.w4a4_matmul_mosaic_wt(
+              x8, wq, sx, sw, residual=r))}
   args = (x8, wq, sx, sw, r)
   outs = [fn(*args) for fn in adds.values()]
   same = all(bool(jnp.array_equal(outs[0], o)) for o in outs[1:])
-  print(f"  residual + y: the three ways equal: {same}")
+  print(f"  residual + y: the four ways equal: {same}")
   if same:
     for name, fn in adds.items():
       ms = benchmarking.median_ms(fn, *args)

@@ -17,7 +17,9 @@ the model's use of each: `residual + y` (`mosaic_gpu_x_int8_add`,
 `mosaic_gpu_wt_add`) against `residual + yᵀ.T` (`mosaic_gpu_wt_yt_add`, the
 transpose fused into the add) and the residual added in the kernel's
 epilogue (`mosaic_gpu_wt_epilogue_add`, what o_proj and down_proj run at
-prefill; all four checked equal).
+prefill; all four checked equal). `--variants=mosaic_wt_g128` times the wt
+kernel with group-128 scales on both sides (`mosaic_gpu_wt_g128`, the 128G
+mode; each config checked against the reference first).
 
 W4A16 (decode) runs each matmul over --decode_layers different weight
 matrices in one jitted call, as a decode step runs one per layer, and
@@ -34,6 +36,7 @@ Each case is timed side by side in one process (median of 20 runs after
 warm-up, fresh random inputs). Appends JSONL to --out_dir.
 """
 
+import functools
 import shlex
 import sys
 
@@ -65,7 +68,8 @@ _INTERPRET = flags.DEFINE_bool(
 _VARIANTS = flags.DEFINE_list(
     "variants", ["triton", "triton_g128", "mosaic", "w4a16"],
     "Which of triton, triton_g128 (group-128 scales), mosaic, mosaic_wt"
-    " (weights as the register operand), w4a16 to time.")
+    " (weights as the register operand), mosaic_wt_g128 (the same with"
+    " group-128 scales), w4a16 to time.")
 
 _WT_SWEEP = flags.DEFINE_bool(
     "wt_sweep", True, "mosaic_wt: time every config in _MOSAIC_WT_CONFIGS"
@@ -101,6 +105,15 @@ _MOSAIC_WT_CONFIGS = (  # tiles of yᵀ [N, M]: block_m along N.
     # 256-token tiles (None, the default, has them with 256-wide K steps;
     # wg_dimension='n' at these tiles overflows shared memory: 314432 B).
     mgpu.W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=256),
+)
+_G128 = functools.partial(mgpu.W4A4MosaicConfig, wg_dimension="m",
+                          block_m=64, block_n=128, max_concurrent_steps=4)
+_MOSAIC_WT_G128_CONFIGS = (  # one 128-wide K group per pipeline step
+    None,  # `default_w4a4_mosaic_wt_grouped_config`: 128 tokens, 4 deep,
+    # each group added under the next one's wgmma, converted by bits
+    _G128(group_convert="cvt"),  # the quarter-rate I2F conversion
+    _G128(group_overlap=False),  # each group added after its wgmma
+    _G128(group_overlap=True, grid_minor_dim="m"),
 )
 _W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
@@ -167,7 +180,8 @@ def main(argv):
   records = []
   for kn in _KN.value:
     k, n = map(int, kn.split("x"))
-    if variants & {"triton", "triton_g128", "mosaic", "mosaic_wt"}:
+    if variants & {"triton", "triton_g128", "mosaic", "mosaic_wt",
+                   "mosaic_wt_g128"}:
       for m in map(int, _MS.value):
         records += _w4a4_case(m, k, n, keys, variants, command)
     if "w4a16" in variants:
@@ -222,6 +236,8 @@ def _w4a4_case(m: int, k: int, n: int, keys, variants: set[str],
           lambda c: _bind(w4a4_triton.w4a4_matmul_triton, (xq, wq, gx, gw),
                           c),
           _W4A4_CONFIGS)))
+  if "mosaic_wt_g128" in variants:
+    candidates.append(("mosaic_gpu_wt_g128", _mosaic_wt_g128(xq, wq, keys)))
   if "mosaic" in variants:
     w8, x8 = mgpu.unpack_weights(wq), mgpu.unpack_weights(xq)
     for name, op, args, configs in (
@@ -250,6 +266,27 @@ def _w4a4_case(m: int, k: int, n: int, keys, variants: set[str],
     print(f"  -> {implementation} {ms:.4f} ms ({tops:.0f} TOP/s) bf16"
           f" {base['xla_bf16']:.4f} int8 {base['xla_int8']:.4f}", flush=True)
   return records
+
+
+def _mosaic_wt_g128(xq, wq, keys) -> tuple | None:
+  """The wt kernel with group-128 scales on both sides: checked in f32
+  against the reference (up to FMA contraction), then each config timed
+  with bf16 out (checked `_bf16_close`)."""
+  m, k = xq.shape[0], 2 * xq.shape[1]
+  gx, gw = _scales(keys, (m, k // 128)), _scales(keys, (wq.shape[0],
+                                                        k // 128))
+  x8 = mgpu.unpack_weights(xq)
+  got = mgpu.w4a4_matmul_mosaic_wt(x8, wq, gx, gw, out_dtype=jnp.float32)
+  ref = w4a4_reference.w4a4_matmul_reference(xq, wq, gx, gw,
+                                             out_dtype=jnp.float32)
+  if not bool(jnp.allclose(got, ref, rtol=1e-5,
+                           atol=1e-5 * float(jnp.abs(ref).max()))):
+    print("  mosaic_wt_g128: WRONG RESULT, not timed")
+    return None
+  return _best(
+      lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, gx, gw), c),
+      _MOSAIC_WT_G128_CONFIGS if _WT_SWEEP.value else (None,),
+      close_to=ref.astype(jnp.bfloat16))
 
 
 def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:

@@ -11,8 +11,11 @@ Backends (the `implementation` argument):
             registers before storing y (1.22-1.31x `w4a4_matmul_mosaic`
             and 0.82-1.08x XLA int8 on the LLaMA-2 7B/13B shapes,
             BENCHMARKS.md).
-            Packed x runs `mosaic_gpu.w4a4_matmul_mosaic` (x widened in
-            registers, the weights through shared memory).
+            Group scales (128G) run the same kernel, one K group per
+            pipeline step (packed x is widened to int8 codes by XLA
+            first). Packed x with per-token scales runs
+            `mosaic_gpu.w4a4_matmul_mosaic` (x widened in registers, the
+            weights through shared memory).
   'triton'  `triton.w4a4_matmul_triton` (any GPU, or interpret mode): int8
             codes are packed first.
   'xla'     `reference.w4a4_matmul_reference`: int4 unpacked to int8 and
@@ -61,9 +64,9 @@ def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
       int8[M, K] codes in [-8, 7] (what the Mosaic kernel reads fastest;
       packed here for Triton).
     w_q: uint8[N, K // 2] packed int4 weights.
-    s_x: f32[M] per-token scales (or f32[M, G], not with 'mosaic').
-    s_w: f32[N] per-output-channel scales (or f32[N, G], not with
-      'mosaic').
+    s_x: f32[M] per-token scales, or f32[M, G] group scales (one per
+      K / G consecutive K values; 'mosaic' needs K / G a multiple of 128).
+    s_w: f32[N] per-output-channel scales, or f32[N, G].
     out_dtype: dtype of y.
     implementation: 'mosaic', 'triton', 'xla', or None (see the module
       docstring).
@@ -97,7 +100,7 @@ def w4a4_matmul(x_q: jax.Array, w_q: jax.Array, s_x: jax.Array,
     if interpret:
       raise ValueError("implementation='mosaic' has no interpret mode; use"
                        " 'triton'")
-    if x_q.dtype == jnp.int8:
+    if x_q.dtype == jnp.int8 or s_x.ndim == 2 or s_w.ndim == 2:
       return mosaic_gpu.w4a4_matmul_mosaic_wt(x_q, w_q, s_x, s_w,
                                               out_dtype=out_dtype,
                                               residual=residual)

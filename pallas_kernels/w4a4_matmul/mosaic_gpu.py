@@ -39,8 +39,9 @@ and one TMA warpgroup that streams K tiles through a `max_concurrent_steps`
 deep shared-memory pipeline (`plgpu.emit_pipeline_warp_specialized`).
 
 Shapes are padded to the tiles by the wrapper. The wrappers always run the
-kernel (`api.w4a4_matmul` picks between backends). Not supported: group
-scales along K (per-channel only), bits other than 4, GPUs before Hopper,
+kernel (`api.w4a4_matmul` picks between backends). Group scales along K
+(the 128G mode) run in `w4a4_matmul_mosaic_wt` only, one K group per
+pipeline step. Not supported: bits other than 4, GPUs before Hopper,
 interpret mode (Mosaic GPU's interpreter, jax 0.10.2, fails on this
 kernel's warp-specialized pipeline; the Triton kernel, tested in interpret
 mode, runs the same arithmetic).
@@ -58,6 +59,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import int4_layout
 from pallas_kernels import padding
+from pallas_kernels.w4a4_matmul import reference
 
 _LANE = 128  # int8 elements per 128-byte swizzle row: one wgmma K group
 
@@ -80,6 +82,16 @@ class W4A4MosaicConfig:
     wgmma_depth: wgmma groups left in flight at the end of a step (0 or 1;
       1 needs int8 activations in shared memory, x_operand='smem').
     num_sms: persistent CTAs; None = the device's SM count.
+    group_convert: with group scales, how each group's int32 sum becomes
+      f32: 'magic' adds 0x4B400000 and reinterprets the bits (2**23 +
+      2**22 + sum, exact for |sum| < 2**22), then subtracts 12582912.0
+      (exact): an integer add and an f32 add at full rate; 'cvt' is the
+      plain conversion (I2F, a quarter-rate instruction on Hopper). The
+      same f32 values either way.
+    group_overlap: with group scales, add each group's scaled sum to y
+      while the next group's wgmma runs (the sum and its scales carried
+      one step: 64 more registers a thread at 128 tokens), instead of
+      after it.
   """
 
   block_m: int = 128
@@ -93,6 +105,8 @@ class W4A4MosaicConfig:
   epi_block_n: int = 64
   wgmma_depth: int = 0
   num_sms: int | None = None
+  group_convert: Literal["magic", "cvt"] = "magic"
+  group_overlap: bool = False
 
   def __post_init__(self):
     if self.block_m % 64 or self.block_m <= 0:
@@ -118,6 +132,8 @@ class W4A4MosaicConfig:
       raise ValueError(f"{self.wgmma_depth=} must be 0 or 1")
     if self.num_sms is not None and self.num_sms < 1:
       raise ValueError(f"{self.num_sms=} must be >= 1")
+    if self.group_convert not in ("magic", "cvt"):
+      raise ValueError(f"{self.group_convert=} must be 'magic' or 'cvt'")
 
   @property
   def cta_m(self) -> int:
@@ -129,15 +145,20 @@ class W4A4MosaicConfig:
 
 
 _SMEM_BYTES = 232448  # Per-block shared memory on an H100 (sm_90).
+# int32 -> f32 by bits: f32 with bits 0x4B400000 + s is 2**23 + 2**22 + s.
+_MAGIC_INT, _MAGIC_FLOAT = 0x4B400000, 12582912.0
 
 
 def smem_bytes(cfg: W4A4MosaicConfig, *, x_int4: bool, w_int4: bool,
-               out_dtype, residual: bool = False) -> int:
+               out_dtype, residual: bool = False,
+               grouped: bool = False) -> int:
   """Shared memory the kernel allocates for `cfg` (barriers excluded);
   `residual`: with a residual's staging (one epilogue chunk per
-  warpgroup)."""
+  warpgroup); `grouped`: with each step's group scales in the pipeline."""
   x_b, w_b = (0.5 if x_int4 else 1), (0.5 if w_int4 else 1)
   stage = cfg.cta_m * cfg.block_k * x_b + cfg.cta_n * cfg.block_k * w_b
+  if grouped:
+    stage += 4 * (cfg.cta_m + cfg.cta_n)
   widened = 4 * cfg.block_n * cfg.block_k if w_int4 else 0  # 2 slots per wg
   chunk = cfg.epi_block_m * cfg.epi_block_n * jnp.dtype(out_dtype).itemsize
   epilogue = (4 + (2 if residual else 0)) * chunk
@@ -187,6 +208,32 @@ def default_w4a4_mosaic_wt_config(out_dtype=jnp.bfloat16, *,
   return cfg
 
 
+def default_w4a4_mosaic_wt_grouped_config(group_size: int,
+                                           out_dtype=jnp.bfloat16, *,
+                                           residual: bool = False
+                                           ) -> W4A4MosaicConfig:
+  """Tiles of `w4a4_matmul_mosaic_wt` with group scales along K.
+
+  One pipeline step is one K group (block_k = group_size), so each step's
+  int32 wgmma sum is scaled and added to an f32 accumulator carried in
+  registers. That carry doubles the accumulator registers, so the token
+  tile is 128 (a 64 x 256 int32 accumulator plus its f32 twin would take
+  every register a thread has: 256 tokens ran 1.3-1.5x slower, 192 and
+  64 1.1-1.4x); the pipeline is as deep (<= 4) as fits; each group is
+  added under the next group's wgmma (2-5% faster than after it) and
+  converted by bits (5-8% faster than I2F). H100, 2026-12-05,
+  `bench_int4_matmul --variants=mosaic_wt_g128`; BENCHMARKS.md.
+  """
+  for steps in (4, 3, 2):
+    cfg = W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=128,
+                           block_k=group_size, max_concurrent_steps=steps,
+                           group_overlap=True)
+    if smem_bytes(cfg, x_int4=True, w_int4=False, out_dtype=out_dtype,
+                  residual=residual, grouped=True) + 1024 <= _SMEM_BYTES:
+      return cfg
+  return cfg
+
+
 def _transforms(minor_elems: int, dtype) -> tuple[int, tuple]:
   """Swizzle (bytes) and tiling+swizzle transforms for a smem tile."""
   bits = jnp.iinfo(dtype).bits if jnp.issubdtype(
@@ -214,14 +261,17 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
       int8[M, K] (operand A straight from shared memory).
     w_gmem: int4[N, K] weights (widened to int8 in the kernel), or
       int8[N, K] with values in [-8, 7]; operand B, K-major.
-    sx_gmem: f32[M] per-token scales.
-    sw_gmem: f32[N] per-channel scales.
+    sx_gmem: f32[M] per-token scales, or f32[G, M] group scales (one
+      row per K group of block_k values: each pipeline step is one group).
+    sw_gmem: f32[N] per-channel scales, or f32[G, N] group scales.
     o_gmem: [M, N] output ([N, M] with transpose_out).
     o_smem: [2, 2, epi_block_m, epi_block_n] epilogue staging (per warpgroup,
       two slots; [2, 2, epi_block_n, epi_block_m] with transpose_out).
     sx_smem: f32[2, block_m] scale tiles (per warpgroup).
     sw_smem: f32[2, block_n] scale tiles (per warpgroup).
     s_barrier: 4 barriers, the scale copies of (warpgroup, which).
+    (sx_smem, sw_smem and s_barrier go unused with group scales, which
+    travel through the pipeline with their K step.)
     w8_smem: int8[2, 2, block_n, block_k] widened weight tiles (per
       warpgroup, two slots) when w_gmem is int4, else None.
     r_gmem: a residual shaped like o_gmem, added to y in the epilogue
@@ -249,6 +299,16 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
   if delay and x_gmem.dtype == jnp.int4:
     raise ValueError("wgmma_depth=1 needs int8 activations in smem; int4"
                      " activations are a register operand (depth 0)")
+  grouped = sx_gmem.ndim == 2
+  if grouped and (delay or x_gmem.dtype != jnp.int4
+                  or sx_gmem.shape[0] != k_iters):
+    raise ValueError("group scales need int4 operand A at wgmma depth 0 and"
+                     f" one group per K step; got {sx_gmem.shape[0]} groups"
+                     f" for {k_iters} steps")
+  # Group scales: row kk of [G, rows] is step kk's, [1, cta rows] a step.
+  scale_specs = [plgpu.BlockSpec((1, cfg.cta_m), lambda kk: (kk, 0)),
+                 plgpu.BlockSpec((1, cfg.cta_n), lambda kk: (kk, 0))
+                 ] if grouped else []
 
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -263,6 +323,7 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
             plgpu.BlockSpec((cfg.cta_n, bk), lambda kk: (0, kk),
                             transforms=w_tf, memory_space=plgpu.SMEM,
                             delay_release=delay),
+            *scale_specs,
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -274,7 +335,8 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
 
   @functools.partial(
       pl.run_scoped,
-      allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+      allocs=get_pipeline(ignore, ignore).get_allocations(
+          x_gmem, w_gmem, *((sx_gmem, sw_gmem) if grouped else ())),
       collective_axes="wg")
   def _scope(allocs):
     wg = lax.axis_index("wg")
@@ -308,7 +370,54 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
         plgpu.copy_gmem_to_smem(out_chunk(r_gmem, *chunks[c]),
                                 r_smem.at[wg], r_barrier.at[wg])
 
+      def scale(acc, sx, sw):  # f32 acc [bm, bn]; sx [bm], sw [bn]
+        rows = lax.broadcast_in_dim(sx, (bm, bn), (0,))
+        cols = lax.broadcast_in_dim(sw, (bm, bn), (1,))
+        return (acc * cols * rows) if col_scale_first else (acc * rows * cols)
+
+      def store(y):  # y: f32[bm, bn] (WGMMA layout), scaled
+        y = y.astype(o_gmem.dtype)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        for c, (i, j) in enumerate(chunks):
+          slot = c % 2
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+          chunk = y[i * em:(i + 1) * em, j * en:(j + 1) * en]
+          if transpose_out:
+            chunk = plgpu.layout_cast(chunk, plgpu.Layout.WGMMA_TRANSPOSED)
+            if r_gmem is not None:
+              plgpu.barrier_wait(r_barrier.at[wg])
+              r = plgpu.load(plgpu.transpose_ref(r_smem.at[wg], (1, 0)), (),
+                             layout=plgpu.Layout.WGMMA_TRANSPOSED)
+              chunk = (chunk.astype(jnp.float32)
+                       + r.astype(jnp.float32)).astype(o_gmem.dtype)
+            plgpu.transpose_ref(o_smem.at[wg, slot], (1, 0))[...] = chunk
+          else:
+            o_smem[wg, slot] = chunk
+          plgpu.commit_smem()  # also a warpgroup barrier: r_smem is read
+          if r_gmem is not None and c + 1 < len(chunks):
+            fetch_residual(c + 1)
+          plgpu.copy_smem_to_gmem(o_smem.at[wg, slot],
+                                  out_chunk(o_gmem, i, j))
+
       def compute_context(eval_pipeline):
+        if grouped:  # The pipeline carries y in f32; scales come per step.
+          if r_gmem is not None:  # the first residual chunk, under K
+            fetch_residual(0)
+          zeros = lambda shape, dtype, layout: plgpu.layout_cast(
+              jnp.zeros(shape, dtype), layout)
+          y = zeros((bm, bn), jnp.float32, plgpu.Layout.WGMMA)
+          if not cfg.group_overlap:
+            store(eval_pipeline(y))
+            return
+          # The carry holds the previous group's sum and scales, added to
+          # y while the next group's wgmma runs; the first "previous" group
+          # is zeros (y + 0 * 0 = y), the last is added here.
+          y, prev = eval_pipeline((
+              y, (zeros((bm, bn), jnp.int32, plgpu.Layout.WGMMA),
+                  zeros((bm,), jnp.float32, plgpu.Layout.WGMMA.reduce(1)),
+                  zeros((bn,), jnp.float32, plgpu.Layout.WGMMA.reduce(0)))))
+          store(add_group(y, *prev))
+          return
         # Scales of this tile: TMA now, used after the K loop.
         plgpu.copy_gmem_to_smem(sx_gmem.at[pl.ds(m0, bm)], sx_smem.at[wg],
                                 s_barrier.at[2 * wg])
@@ -326,32 +435,38 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
           plgpu.barrier_wait(s_barrier.at[2 * wg + 1])
           sx = _load(sx_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
           sw = _load(sw_smem.at[wg], plgpu.Layout.WGMMA.reduce(0))
-          rows = lax.broadcast_in_dim(sx, (bm, bn), (0,))
-          cols = lax.broadcast_in_dim(sw, (bm, bn), (1,))
-          acc = acc_ref[...].astype(jnp.float32)
-          y = (acc * cols * rows) if col_scale_first else (acc * rows * cols)
-          y = y.astype(o_gmem.dtype)
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          for c, (i, j) in enumerate(chunks):
-            slot = c % 2
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-            chunk = y[i * em:(i + 1) * em, j * en:(j + 1) * en]
-            if transpose_out:
-              chunk = plgpu.layout_cast(chunk, plgpu.Layout.WGMMA_TRANSPOSED)
-              if r_gmem is not None:
-                plgpu.barrier_wait(r_barrier.at[wg])
-                r = plgpu.load(plgpu.transpose_ref(r_smem.at[wg], (1, 0)), (),
-                               layout=plgpu.Layout.WGMMA_TRANSPOSED)
-                chunk = (chunk.astype(jnp.float32)
-                         + r.astype(jnp.float32)).astype(o_gmem.dtype)
-              plgpu.transpose_ref(o_smem.at[wg, slot], (1, 0))[...] = chunk
-            else:
-              o_smem[wg, slot] = chunk
-            plgpu.commit_smem()  # also a warpgroup barrier: r_smem is read
-            if r_gmem is not None and c + 1 < len(chunks):
-              fetch_residual(c + 1)
-            plgpu.copy_smem_to_gmem(o_smem.at[wg, slot],
-                                    out_chunk(o_gmem, i, j))
+          store(scale(acc_ref[...].astype(jnp.float32), sx, sw))
+
+      def add_group(y, acc, sx, sw):  # y + scale(f32(acc), sx, sw)
+        if cfg.group_convert == "magic":  # |acc| <= 64 * block_k < 2**22
+          acc = lax.bitcast_convert_type(acc + _MAGIC_INT, jnp.float32)
+          acc = acc - _MAGIC_FLOAT
+        else:
+          acc = acc.astype(jnp.float32)
+        return y + scale(acc, sx, sw)
+
+      def grouped_body(idx, x_smem, w_smem, sxg_smem, swg_smem, carry):
+        # One K group: its exact int32 sum in a fresh accumulator, then
+        # y += (sum * one scale) * the other, in the reference's f32 order.
+        del idx
+        a = _load(x_smem.at[wg_m], plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
+        sx = _load(sxg_smem.at[0, wg_m], plgpu.Layout.WGMMA.reduce(1))
+        sw = _load(swg_smem.at[0, wg_n], plgpu.Layout.WGMMA.reduce(0))
+
+        def dot(acc_ref):
+          plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(w_smem.at[wg_n], (1, 0)))
+          y = None
+          if cfg.group_overlap:  # the previous group, under this wgmma
+            # The barrier keeps the compiler from sinking the adds below
+            # the wait (attention_mgpu does the same with its softmax).
+            y = lax.optimization_barrier(add_group(carry[0], *carry[1]))
+          plgpu.wgmma_wait(0)
+          return acc_ref[...], y
+
+        acc, y = pl.run_scoped(dot, plgpu.ACC((bm, bn), jnp.int32))
+        if cfg.group_overlap:
+          return y, (acc, sx, sw)
+        return add_group(carry, acc, sx, sw)
 
       def mma_body(idx, x_smem, w_smem, acc_ref):
         # x_smem: int4 or int8[cta_m, block_k]
@@ -380,8 +495,11 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
         plgpu.wgmma_wait(delay)
         return acc_ref
 
-      get_pipeline(mma_body, compute_context)(
-          x_gmem.at[cta_m, :], w_gmem.at[cta_n, :], allocations=allocs)
+      operands = [x_gmem.at[cta_m, :], w_gmem.at[cta_n, :]]
+      if grouped:
+        operands += [sx_gmem.at[:, cta_m], sw_gmem.at[:, cta_n]]
+      get_pipeline(grouped_body if grouped else mma_body, compute_context)(
+          *operands, allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -473,8 +591,12 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
     w = packed_to_int4(pad(pad(w, 0, cfg.cta_n), 1, cfg.block_k // 2))
   else:
     w = pad(pad(w, 0, cfg.cta_n), 1, cfg.block_k)
-  sx = pad(s_x.astype(jnp.float32), 0, cfg.cta_m)
-  sw = pad(s_w.astype(jnp.float32), 0, cfg.cta_n)
+  if s_x.ndim == 2:  # group scales [rows, G] -> [G, rows]: a row a K step
+    sx = pad(s_x.astype(jnp.float32).T, 1, cfg.cta_m)
+    sw = pad(s_w.astype(jnp.float32).T, 1, cfg.cta_n)
+  else:
+    sx = pad(s_x.astype(jnp.float32), 0, cfg.cta_m)
+    sw = pad(s_w.astype(jnp.float32), 0, cfg.cta_n)
   mp, np_ = x.shape[0], w.shape[0]
   scratch = {}
   if w.dtype == jnp.int4:
@@ -608,6 +730,13 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
                           debug: bool = False) -> jax.Array:
   """y = (x · w_qᵀ) * s_x * s_w, the weights as wgmma's register operand.
 
+  With group scales (QuaRot's 128G mode: s_x [M, G] and/or s_w [N, G], one
+  scale per K group of K / G values) each pipeline step is one group: its
+  exact int32 sum, in a fresh accumulator, is scaled and added to an f32
+  accumulator the pipeline carries, in the reference's order (groups in
+  order, (sum * s_x) * s_w), so y matches `reference.w4a4_matmul_reference`
+  up to f32 contraction (FMA) of those few terms.
+
   The same kernel with the operands' roles swapped: it computes yᵀ = w_q ·
   xᵀ, the int4 weight tile as operand A, widened int4 -> int8 in registers
   (no shared-memory round trip, the cost of `w4a4_matmul_mosaic`'s weight
@@ -624,11 +753,13 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
     x: int8[M, K] activation codes in [-8, 7], or uint8[M, K // 2] packed
       (widened to int8 by XLA first).
     w_q: uint8[N, K // 2] packed int4 weights.
-    s_x: f32[M] per-token scales.
-    s_w: f32[N] per-output-channel scales.
+    s_x: f32[M] per-token scales, or f32[M, G] group scales.
+    s_w: f32[N] per-output-channel scales, or f32[N, G]. With either
+      grouped, K / G must be a multiple of 128 (the wgmma K step).
     out_dtype: dtype of yᵀ.
-    config: tiles of the [N, M] product (block_m along N, block_n along M);
-      `default_w4a4_mosaic_wt_config` when None.
+    config: tiles of the [N, M] product (block_m along N, block_n along M;
+      block_k = K / G when grouped); `default_w4a4_mosaic_wt_config` (or
+      `default_w4a4_mosaic_wt_grouped_config`) when None.
     transposed: return yᵀ [N, M], the product's own layout.
     residual: `out_dtype`[M, N] added to y in the epilogue, rounded as
       XLA's `y + residual` (y rounded to `out_dtype` first, the sum in f32,
@@ -644,7 +775,21 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
   Raises:
     ValueError: shapes, dtypes or options that do not fit together.
   """
-  _check(x, w_q, s_x, s_w, jnp.uint8)
+  grouped = s_x.ndim == 2 or s_w.ndim == 2
+  if grouped:
+    reference.check_operands(x, w_q, s_x, s_w)
+    s_x, s_w, group_size = reference.group_scales(s_x, s_w,
+                                                  2 * w_q.shape[1])
+    if group_size % _LANE or 64 * group_size >= 2**22:
+      raise ValueError(f"group size K / G = {group_size} must be a multiple"
+                       f" of {_LANE} (one wgmma K step) below 65536")
+    config = config or default_w4a4_mosaic_wt_grouped_config(
+        group_size, out_dtype, residual=residual is not None)
+    if config.block_k != group_size:
+      raise ValueError(f"{config.block_k=} must equal the group size"
+                       f" {group_size}: one pipeline step per group")
+  else:
+    _check(x, w_q, s_x, s_w, jnp.uint8)
   if residual is not None and transposed:
     raise ValueError("residual is added to y [M, N]: not with transposed")
   if x.dtype == jnp.uint8:
@@ -654,5 +799,6 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
   return _mgpu_matmul(w_q, x, s_w, s_x, x_operand="registers",
                       out_dtype=out_dtype, config=config, debug=debug,
                       col_scale_first=True, transpose_out=not transposed,
-                      kernel_name="w4a4_matmul_mosaic_wt",
+                      kernel_name="w4a4_matmul_mosaic_wt"
+                      + ("_grouped" if grouped else ""),
                       residual=residual)

@@ -231,3 +231,119 @@ def test_mgpu_lowers_to_mosaic_gpu():
   xq, wq, sx, sw = _operands(512, 768, 2048, seed=7)
   hlo = jax.jit(mgpu.w4a4_matmul_mosaic).lower(xq, wq, sx, sw).as_text()
   assert "mosaic_gpu" in hlo
+
+
+# The 128G mode: group scales along K, one group per pipeline step.
+def _grouped(m, n, k, group, which, seed):
+  """Packed x, w and scales with `which` side(s) grouped along K."""
+  xq, wq, sx, sw = _operands(m, n, k, seed=seed)
+  if which in ("both", "x"):
+    sx = operands.group_scales(m, k // group, seed + 1)
+  if which in ("both", "w"):
+    sw = operands.group_scales(n, k // group, seed + 2)
+  return xq, wq, sx, sw
+
+
+def _assert_grouped_close(got, want):
+  # Exact int32 group sums, scaled and summed over G in the reference's
+  # order; only the f32 rounding of those few terms may differ (FMA).
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", _GPU_SHAPES[1:] + [(200, 328, 512)])
+@pytest.mark.parametrize("which", ["both", "x", "w"])
+@pytest.mark.parametrize("group", [128, 256])
+def test_group_scales_match_reference_on_gpu(m, n, k, which, group):
+  xq, wq, sx, sw = _grouped(m, n, k, group, which, seed=m + n + group)
+  got = mgpu.w4a4_matmul_mosaic_wt(mgpu.unpack_weights(xq), wq, sx, sw,
+                                   out_dtype=jnp.float32)
+  want = _reference(xq, wq, sx, sw)
+  _assert_grouped_close(got, want)
+  # The per-channel result is far away: the group scales were applied.
+  if which == "both":
+    flat = _reference(xq, wq, sx[:, 0], sw[:, 0])
+    assert float(jnp.abs(flat - want).max()) > 0.1 * float(
+        jnp.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fields", [
+    dict(group_convert="cvt"), dict(group_overlap=False),
+    dict(grid_minor_dim="m", max_concurrent_steps=2)],
+                         ids=str)
+def test_group_scale_configs_give_the_same_y_on_gpu(fields):
+  # The magic-number conversion is exact, and adding each group under the
+  # next group's wgmma keeps the order: all bit-equal to the default.
+  args = _grouped(384, 640, 1024, 128, "both", seed=9)
+  x8, rest = mgpu.unpack_weights(args[0]), args[1:]
+  base = dict(wg_dimension="m", block_m=64, block_n=128, block_k=128,
+              group_overlap=True)
+  got = mgpu.w4a4_matmul_mosaic_wt(x8, *rest, out_dtype=jnp.float32,
+                                   config=Config(**{**base, **fields}))
+  want = mgpu.w4a4_matmul_mosaic_wt(x8, *rest, out_dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  _assert_grouped_close(got, _reference(*args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", [(200, 328, 512), (2048, 1024, 4096)])
+def test_group_scales_with_a_residual_in_bf16_on_gpu(m, n, k):
+  xq, wq, sx, sw = _grouped(m, n, k, 128, "both", seed=k)
+  r = (jax.random.normal(jax.random.key(m), (m, n)) * 50).astype(
+      jnp.bfloat16)
+  got = mgpu.w4a4_matmul_mosaic_wt(mgpu.unpack_weights(xq), wq, sx, sw,
+                                   residual=r)
+  want = _reference(xq, wq, sx, sw, out_dtype=jnp.bfloat16) + r
+  # y is rounded to bf16 before the add, as XLA's `y + r`: a one-ulp
+  # difference in y (FMA) may survive, nothing more.
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), rtol=2 ** -7,
+                             atol=2 ** -7 * float(jnp.abs(want).max()))
+  assert float(jnp.mean((got == want).astype(jnp.float32))) > 0.99
+
+
+def test_group_scales_default_tiles_fit_shared_memory():
+  for group in (128, 256):
+    for residual in (False, True):
+      cfg = mgpu.default_w4a4_mosaic_wt_grouped_config(
+          group, jnp.bfloat16, residual=residual)
+      assert (cfg.block_k, cfg.block_n, cfg.block_m) == (group, 128, 64)
+      assert cfg.group_overlap and cfg.group_convert == "magic"
+      assert mgpu.smem_bytes(cfg, x_int4=True, w_int4=False,
+                             out_dtype=jnp.bfloat16, residual=residual,
+                             grouped=True) + 1024 <= 232448
+  # The scale rows travel with each pipeline step.
+  cfg = mgpu.default_w4a4_mosaic_wt_grouped_config(128)
+  assert mgpu.smem_bytes(cfg, x_int4=True, w_int4=False,
+                         out_dtype=jnp.bfloat16, grouped=True) == (
+                             mgpu.smem_bytes(cfg, x_int4=True, w_int4=False,
+                                             out_dtype=jnp.bfloat16)
+                             + cfg.max_concurrent_steps * 4 * 256)
+
+
+def test_group_convert_by_bits_is_exact():
+  # The 'magic' conversion: the bits 0x4B400000 + s are 2**23 + 2**22 + s
+  # as f32 for |s| < 2**22; subtracting 12582912 is exact.
+  s = jnp.arange(-2**21, 2**21, 97, dtype=jnp.int32)
+  f = jax.lax.bitcast_convert_type(s + mgpu._MAGIC_INT, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(f - mgpu._MAGIC_FLOAT),
+                                np.asarray(s, np.float32))
+  with pytest.raises(ValueError, match="group_convert"):
+    Config(group_convert="fast")
+
+
+def test_group_scales_check_their_arguments():
+  xq, wq, sx, sw = _grouped(128, 256, 512, 64, "both", seed=0)
+  x8 = mgpu.unpack_weights(xq)
+  with pytest.raises(ValueError, match="group size K / G = 64 must be"):
+    mgpu.w4a4_matmul_mosaic_wt(x8, wq, sx, sw)
+  xq, wq, sx, sw = _grouped(128, 256, 512, 128, "both", seed=0)
+  with pytest.raises(ValueError, match="must equal the group size 128"):
+    mgpu.w4a4_matmul_mosaic_wt(mgpu.unpack_weights(xq), wq, sx, sw,
+                               config=Config(block_k=256, block_m=64,
+                                             wg_dimension="m"))
+  with pytest.raises(ValueError, match="group scales must share G"):
+    mgpu.w4a4_matmul_mosaic_wt(mgpu.unpack_weights(xq), wq, sx[:, :2], sw)

@@ -221,10 +221,12 @@ def _row_linear_parts(x: jax.Array, p: Params, options: RunOptions, *,
   # pairs adjacent `in` elements), summed as the shards' psum sums.
   xs = jnp.split(x, groups, axis=-1)
   ws = jnp.split(p["qweight"], groups, axis=-1)
-  y = sum(qlinear.linear(xi, {"qweight": wi, "wscale": p["wscale"]},
+  ss = (jnp.split(p["wscale"], groups, axis=-1) if qlinear.is_grouped(p)
+        else [p["wscale"]] * groups)  # group scales split with `in`
+  y = sum(qlinear.linear(xi, {"qweight": wi, "wscale": si},
                          a_spec=options.a_spec,
                          online_hadamard=online_hadamard, kernels=kernels)
-          for xi, wi in zip(xs, ws))
+          for xi, wi, si in zip(xs, ws, ss))
   return y + p["bias"].astype(y.dtype) if "bias" in p else y
 
 

@@ -5,7 +5,9 @@ A decoder linear quantized for real holds, instead of a float
 
   qweight  uint8[out, in // 2]  int4 codes (`pallas_kernels/int4_layout.py`,
                                 K-major)
-  wscale   f32[out]             symmetric per-output-channel scales
+  wscale   f32[out]             symmetric per-output-channel scales, or
+           f32[out, G]          one per group of in / G inputs (the 128G
+                                mode, `QuaRotConfig(w_groupsize=...)`)
   bias     [out]                (Qwen2 only, kept in float)
 
 stacked on the leading L axis like every layer param. `linear` runs one:
@@ -20,15 +22,20 @@ once for several linears (q/k/v, gate/up). Which backend each op runs
 comes resolved in `kernels` (`quarot_jax.kernels`): on a CPU the plain-jnp references run the
 same code path, and CI tests the kernels in interpret mode.
 
-Supported: 4-bit symmetric per-channel weights; activations 4-bit symmetric
-per token, or unquantized (16). Weight groups, asymmetric weights and other
-bit-widths raise NotImplementedError (the simulated path covers them).
+Supported: 4-bit symmetric weights, per channel or in groups along `in`;
+activations 4-bit symmetric per token, or unquantized (16). Asymmetric
+weights and other bit-widths raise NotImplementedError (the simulated path
+covers them). Group scales run the prefill W4A4 kernels at every token
+count (`decode_matmul` takes per-channel scales only): Mosaic's grouped wt
+kernel for groups of a multiple of 128, Triton otherwise; with float
+activations the weights are dequantized and multiplied by XLA.
 """
 
 import functools
 from typing import Any, Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from pallas_kernels import decode_matmul as decode_lib
@@ -54,11 +61,17 @@ def is_packed(p: Params) -> bool:
   return bool(layers) and "qweight" in layers["mlp"]["down_proj"]
 
 
+def is_grouped(p: Params) -> bool:
+  """Whether a packed linear has group scales (wscale [..., out, G])."""
+  return p["wscale"].ndim == p["qweight"].ndim
+
+
 def check_weight_qarray(q: quant.QArray, name: str = "weight") -> None:
   """Raises if `q` is not what the int4 kernels take.
 
   Raises:
-    NotImplementedError: bits != 4, asymmetric, or grouped along `in`.
+    NotImplementedError: bits != 4, asymmetric, or an odd group size
+      (groups must not split a packed byte).
   """
   if q.bits != 4:
     raise NotImplementedError(
@@ -66,29 +79,41 @@ def check_weight_qarray(q: quant.QArray, name: str = "weight") -> None:
   if not q.symmetric:
     raise NotImplementedError(
         f"{name}: packed linears need symmetric weights (w_asym=False)")
-  in_features = q.values.shape[-1] * (2 if q.packed else 1)
-  if q.group_size != in_features:
+  if q.group_size % 2:
     raise NotImplementedError(
-        f"{name}: packed linears need per-channel weight scales, got"
-        f" group_size={q.group_size} for in={in_features}")
+        f"{name}: packed linears need an even weight group size (two int4"
+        f" values a byte), got group_size={q.group_size}")
+
+
+def dequantize_weight(p: Params) -> jax.Array:
+  """f32[..., out, in]: a packed linear's int4 values times their scales."""
+  w = quant.unpack_int4(p["qweight"], signed=True).astype(jnp.float32)
+  if not is_grouped(p):
+    return w * p["wscale"][..., None]
+  groups = p["wscale"].shape[-1]
+  wg = w.reshape(*w.shape[:-1], groups, -1) * p["wscale"][..., None]
+  return wg.reshape(w.shape)
 
 
 def pack_weight(q: quant.QArray) -> Params:
   """A linear's packed params from its weight `QArray`.
 
   Args:
-    q: values int8[..., out, in] (or packed), scale f32[..., out, 1].
+    q: values int8[..., out, in] (or packed), scale f32[..., out, G]
+      (G = 1: per channel).
 
   Returns:
-    {"qweight": uint8[..., out, in // 2], "wscale": f32[..., out]}.
+    {"qweight": uint8[..., out, in // 2], "wscale": f32[..., out]} per
+    channel, or wscale f32[..., out, G] with groups.
 
   Raises:
     NotImplementedError: see `check_weight_qarray`.
   """
   check_weight_qarray(q)
   q = quant.pack(q)
+  scale = q.scale[..., 0] if q.scale.shape[-1] == 1 else q.scale
   return {"qweight": jnp.asarray(q.values, jnp.uint8),
-          "wscale": jnp.asarray(q.scale[..., 0], jnp.float32)}
+          "wscale": jnp.asarray(scale, jnp.float32)}
 
 
 def pack_params(params: Params, qarrays: dict[tuple[str, str],
@@ -130,8 +155,7 @@ def dequantize_params(params: Params) -> Params:
     for name, node in linears.items():
       if not isinstance(node, dict) or "qweight" not in node:
         continue
-      w = quant.unpack_int4(node["qweight"], signed=True).astype(jnp.float32)
-      kernel = jnp.swapaxes(w * node["wscale"][..., None], -1, -2)
+      kernel = jnp.swapaxes(dequantize_weight(node), -1, -2)
       layers[block] = dict(layers[block])
       layers[block][name] = {
           **{k: v for k, v in node.items() if k not in ("qweight", "wscale")},
@@ -248,6 +272,7 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
 
   def decode(p):  # decode_matmul's shape limits are the kernel's own
     return (m <= kernels_lib.DECODE_ROWS and kernels.decode_matmul != "xla"
+            and not is_grouped(p)  # it takes per-channel scales only
             and decode_lib.can_use_decode_matmul(
                 m, p["qweight"].shape[-2], k, kernels.decode_matmul))
 
@@ -278,6 +303,7 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
           x2.astype(jnp.float32)).astype(x.dtype)
     ys = [run_decode(x2, p["qweight"], p["wscale"])
           if decode(p) and x2.dtype == jnp.bfloat16  # it rounds x to bf16
+          else _dequantized_matmul(x2, p) if is_grouped(p)
           else w4a16_lib.w4a16_matmul(x2, p["qweight"], p["wscale"],
                                       implementation=kernels.w4a16,
                                       interpret=kernels.interpret)
@@ -311,7 +337,8 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     ys = [run_decode(x_q, p["qweight"], p["wscale"], s_x) if decode(p)
           else w4a4_lib.w4a4_matmul(
               x_q, p["qweight"], s_x, p["wscale"], out_dtype=x.dtype,
-              implementation=kernels.w4a4, interpret=kernels.interpret,
+              implementation=_w4a4_backend(p, kernels),
+              interpret=kernels.interpret,
               residual=residual.reshape(m, -1) if fused else None)
           for p in ps]
     if fused:
@@ -323,6 +350,24 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     y = y.astype(x.dtype).reshape(*lead, y.shape[-1])
     out.append(y if residual is None else y + residual)
   return out
+
+
+def _w4a4_backend(p: Params, kernels: kernels_lib.Kernels) -> str:
+  """The prefill W4A4 backend for `p`: Mosaic's grouped kernel needs groups
+  of a multiple of 128 (one wgmma K step each); smaller ones run Triton."""
+  if kernels.w4a4 == "mosaic" and is_grouped(p):
+    group = 2 * p["qweight"].shape[-1] // p["wscale"].shape[-1]
+    if group % 128:
+      return "triton"
+  return kernels.w4a4
+
+
+def _dequantized_matmul(x: jax.Array, p: Params) -> jax.Array:
+  """W4A16 with group scales: x [M, in] times the dequantized weights, in
+  f32 (no kernel takes group scales with float activations)."""
+  w = dequantize_weight(p)  # f32[out, in]
+  return lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def hadamard_base(k: int) -> jax.Array:

@@ -295,9 +295,9 @@ def packing_problems(qconfig: QuaRotConfig) -> list[tuple[str, Any, str]]:
     problems.append(("w_bits", qconfig.w_bits, "needs 4"))
   if qconfig.w_asym:
     problems.append(("w_asym", True, "needs symmetric weights"))
-  if qconfig.w_groupsize is not None:
+  if qconfig.w_groupsize is not None and qconfig.w_groupsize % 2:
     problems.append(("w_groupsize", qconfig.w_groupsize,
-                     "needs per-channel"))
+                     "needs per-channel or an even group size"))
   for name in ("a_bits", "k_bits", "v_bits"):
     if getattr(qconfig, name) not in (4, 16):
       problems.append((name, getattr(qconfig, name), "needs 4 or 16"))

@@ -86,7 +86,8 @@ def fuse_projections(layer: Params) -> Params:
     float:  kernel [D, N*H] | [D, K*H] | [D, K*H] -> qkv_proj kernel
             [D, (N + 2K)*H]; gate/up [D, F] each -> gate_up_proj [D, 2F].
     packed: qweight uint8[out_i, D // 2] -> uint8[sum out_i, D // 2],
-            wscale f32[out_i] -> f32[sum out_i].
+            wscale f32[out_i] -> f32[sum out_i] (f32[out_i, G] ->
+            f32[sum out_i, G] with group scales).
     bias:   concatenated likewise; a linear without one adds zeros.
 
   Only for the per-layer run layout (`unstack_layers(..., fuse=True)`):
@@ -116,7 +117,11 @@ def fuse_projections(layer: Params) -> Params:
       axis, key = -2, "qweight"  # [.., out, in // 2]
       fused_p = {
           "qweight": jnp.concatenate([p["qweight"] for p in ps], axis=-2),
-          "wscale": jnp.concatenate([p["wscale"] for p in ps], axis=-1)}
+          # [.., out] per channel, [.., out, G] with group scales
+          "wscale": jnp.concatenate(
+              [p["wscale"] for p in ps],
+              axis=-2 if ps[0]["wscale"].ndim == ps[0]["qweight"].ndim
+              else -1)}
     else:
       continue  # packed and float mixed
     if any("bias" in p for p in ps):

@@ -79,6 +79,10 @@ def linears(x: jax.Array, ps: Sequence[Params], *, mesh: jax.sharding.Mesh,
       or a mesh without axis 'tp'.
   """
   tp_size(mesh)
+  if any("wscale" in p and qlinear.is_grouped(p) for p in ps):
+    raise NotImplementedError(
+        "tensor parallel packed linears need per-channel weight scales;"
+        " group scales (w_groupsize) run on one device")
   lead = [None] * (x.ndim - 1)
   eps = None if norm is None else norm[1]
 

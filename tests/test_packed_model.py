@@ -21,6 +21,7 @@ from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import quarot
 from quarot_jax import run_layout
+from quarot_jax.config import LlamaConfig
 from tests import decode_steps
 from tests import hf_models
 
@@ -57,6 +58,64 @@ def test_packed_forward_equals_simulated(tiny):
   got, _ = model.forward(real, tokens, config, options=options)
   # Identical integer codes and scales; only f32 summation order differs.
   assert _rel(got, want) < 1e-4
+
+
+# The 128G mode: weight scales per group of `in` (32 here: the tiny widths
+# 64 and 96 have no group of 128).
+W4A4KV4_G32 = dataclasses.replace(W4A4KV4, w_groupsize=32)
+
+
+@pytest.mark.parametrize("a_bits", [4, 16])
+def test_packed_group_scales_equal_simulated(tiny, a_bits):
+  params, config, tokens = tiny
+  qconfig = dataclasses.replace(W4A4KV4_G32, a_bits=a_bits)
+  (sim, options), (real, _) = _both(params, config, qconfig)
+  down = real["layers"]["mlp"]["down_proj"]
+  # [L, out, in / 32]: one scale per group, not per channel.
+  assert down["wscale"].shape == (config.num_hidden_layers,
+                                  config.hidden_size,
+                                  config.intermediate_size // 32)
+  want, _ = model.forward(sim, tokens, config, options=options)
+  got, _ = model.forward(real, tokens, config, options=options)
+  assert _rel(got, want) < 1e-4
+  # Not vacuous: the per-channel model gives other logits.
+  per_channel, _ = quarot.quantize(params, config,
+                                   dataclasses.replace(qconfig,
+                                                       w_groupsize=None),
+                                   progress=False)
+  other, _ = model.forward(per_channel, tokens, config, options=options)
+  assert _rel(other, want) > 1e-3
+
+
+def test_packed_group_scales_prefill_and_decode_in_interpret_mode():
+  # Prefill and decode (no decode_matmul: it takes per-channel scales) run
+  # the grouped Triton kernel and give the XLA references' logits, in the
+  # fused per-layer run layout too.
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
+  tokens = hf_models.random_tokens(config.vocab_size, 1, 5, seed=4)
+  real, options = quarot.quantize(params, config, W4A4KV4_G32, packed=True,
+                                  progress=False)
+  out = {}
+  for setting in ("xla", "interpret"):
+    for layout in ("stacked", "fused"):
+      p = real if layout == "stacked" else run_layout.unstack_layers(
+          real, fuse=True)
+      cache = kv_cache.cache_for(config, 1, 8, packed=True,
+                                 per_layer=layout == "fused")
+      prefill, cache = model.forward(p, tokens[:, :3], config, cache=cache,
+                                     options=options, kernels=setting)
+      decode, _ = model.forward(p, tokens[:, 3:], config, cache=cache,
+                                options=options, kernels=setting)
+      out[setting, layout] = (prefill, decode)
+  cache = kv_cache.cache_for(config, 1, 8, packed=True)
+  want = out["xla", "stacked"]
+  for key, (prefill, decode) in out.items():
+    assert _rel(prefill, want[0]) < 1e-4, key
+    assert _rel(decode, want[1]) < 1e-4, key
+  jaxpr = str(jax.make_jaxpr(lambda p: model.forward(
+      p, tokens[:, 3:], config, cache=cache, options=options,
+      kernels="interpret")[0])(real))
+  assert "w4a4_matmul_triton" in jaxpr and "decode_matmul" not in jaxpr
 
 
 def _max_kl(p_logits, q_logits):
@@ -244,6 +303,28 @@ def test_packed_forward_on_gpu_uses_mosaic_matmul_and_matches_reference():
 
 
 @pytest.mark.gpu
+def test_packed_group_scales_of_128_run_mosaic_on_gpu():
+  # Widths with groups of 128: the Mosaic grouped kernel, at prefill and at
+  # decode (no decode_matmul with group scales), gives the XLA logits.
+  config = LlamaConfig(vocab_size=128, hidden_size=256,
+                       intermediate_size=512, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=64)
+  params = model.init_params(config, jax.random.key(0))
+  qconfig = dataclasses.replace(W4A4KV4, w_groupsize=128)
+  real, options = quarot.quantize(params, config, qconfig, packed=True,
+                                  progress=False)
+  for t in (40, 3):  # prefill, then a decode-sized step
+    tokens = hf_models.random_tokens(config.vocab_size, 2, t, seed=t)
+    fwd = jax.jit(lambda p, k, tokens=tokens: model.forward(
+        p, tokens, config, options=options, kernels=k)[0],
+                  static_argnames="k")
+    assert "w4a4_matmul_mosaic_wt_grouped" in fwd.lower(
+        real, "mosaic").as_text()
+    assert _rel(fwd(real, "mosaic"), fwd(real, "xla")) < 1e-4
+
+
+@pytest.mark.gpu
 def test_gpu_prefill_qkv_gives_the_unfused_prefill():
   """kernels.prefill_qkv='pallas' on the GPU (off in 'auto' until timed):
   the same logits and caches as the XLA ops it replaces, up to the order
@@ -301,9 +382,9 @@ def test_gptq_packed_weights_are_the_simulated_gptq_weights():
 def test_unpackable_configs_name_every_problem():
   params, config = hf.load_hf(hf_models.tiny_hf_model("llama2")[0])
   bad = quarot.QuaRotConfig(w_bits=8, a_bits=8, k_bits=4, v_bits=3,
-                            w_groupsize=16)
+                            w_groupsize=15)
   with pytest.raises(NotImplementedError,
-                     match=r"w_bits=8 .*w_groupsize=16 .*a_bits=8 .*v_bits=3"):
+                     match=r"w_bits=8 .*w_groupsize=15 .*a_bits=8 .*v_bits=3"):
     quarot.quantize(params, config, bad, packed=True, progress=False)
 
 
@@ -333,6 +414,22 @@ def test_quantized_checkpoint_round_trip_and_mismatch(tmp_path):
   float_path = checkpoint.save_params(params, str(tmp_path / "f"), config)
   with pytest.raises(ValueError, match="holds a float model"):
     checkpoint.load_quantized(float_path)
+
+
+def test_group_scaled_checkpoint_round_trip(tmp_path):
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama2")[0])
+  real, options = quarot.quantize(params, config, W4A4KV4_G32, packed=True,
+                                  progress=False)
+  path = checkpoint.save_quantized(real, str(tmp_path / "g"), config,
+                                   W4A4KV4_G32)
+  restored, _, qconfig, _ = checkpoint.load_quantized(path)
+  assert qconfig == W4A4KV4_G32
+  scales = restored["layers"]["self_attn"]["q_proj"]["wscale"]
+  assert scales.dtype == np.float32 and scales.ndim == 3
+  tokens = hf_models.random_tokens(config.vocab_size, 1, 6)
+  np.testing.assert_array_equal(
+      np.asarray(model.forward(restored, tokens, config, options=options)[0]),
+      np.asarray(model.forward(real, tokens, config, options=options)[0]))
 
 
 def test_convert_cli_writes_a_packed_checkpoint(tmp_path):

@@ -25,13 +25,13 @@ def _weight_and_input(k=64, n=48, m=5, seed=0):
   return kernel, x
 
 
-def _simulated(x, kernel, a_spec, online_hadamard):
+def _simulated(x, kernel, a_spec, online_hadamard, w_spec=_W_SPEC):
   """What the float model computes with fake quantization."""
   if online_hadamard:
     x = hadamard.fast_hadamard_transform(x)
   if a_spec is not None:
     x = quant.fake_quant(x, a_spec)
-  w = quant.fake_quant_weight(kernel, _W_SPEC)
+  w = quant.fake_quant_weight(kernel, w_spec)
   return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -59,6 +59,31 @@ def test_linear_matches_simulated_quantization(online_hadamard, a_bits):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want),
                              rtol=1e-5, atol=1e-5 * float(
                                  jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("setting", ["xla", "interpret"])
+@pytest.mark.parametrize("a_bits", [4, 16])
+@pytest.mark.parametrize("m", [3, 40])  # decode-sized and prefill-sized
+def test_group_scaled_linear_matches_simulated_quantization(setting, a_bits,
+                                                            m):
+  # Weight scales per group of 16 inputs: packed as wscale [out, in / 16];
+  # W4A4 runs the grouped prefill kernel at every m (no decode_matmul),
+  # W4A16 the dequantized weights.
+  kernel, x = _weight_and_input(m=m)
+  w_spec = quant.QuantSpec(bits=4, group_size=16, mse_clip=False)
+  p = qlinear.pack_weight(quant.quantize_weight(kernel, w_spec))
+  assert p["wscale"].shape == (48, 4) and qlinear.is_grouped(p)
+  a_spec = _A_SPEC if a_bits == 4 else None
+  want = _simulated(x, kernel, a_spec, True, w_spec)
+  got = qlinear.linear(x, p, a_spec=a_spec, online_hadamard=True,
+                       kernels=kernels.resolve(setting))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                             rtol=1e-5, atol=1e-5 * float(
+                                 jnp.abs(want).max()))
+  # The simulated twin holds the same weights.
+  back = qlinear.dequantize_weight(p)
+  np.testing.assert_array_equal(
+      np.asarray(back), np.asarray(quant.fake_quant_weight(kernel, w_spec).T))
 
 
 @pytest.mark.parametrize("online_hadamard", [False, True])
@@ -267,9 +292,9 @@ def test_unsupported_weights_and_activations_raise():
   with pytest.raises(NotImplementedError, match="symmetric weights"):
     qlinear.pack_weight(quant.quantize_weight(
         kernel, quant.QuantSpec(bits=4, symmetric=False)))
-  with pytest.raises(NotImplementedError, match="group_size=16 for in=64"):
+  with pytest.raises(NotImplementedError, match="even weight group size"):
     qlinear.pack_weight(quant.quantize_weight(
-        kernel, quant.QuantSpec(bits=4, group_size=16)))
+        kernel, quant.QuantSpec(bits=4, group_size=1)))
   p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
   with pytest.raises(NotImplementedError, match="4-bit symmetric per token"):
     qlinear.linear(x, p, a_spec=quant.activation_spec(8),

@@ -150,14 +150,19 @@ def test_needs_calibration(kwargs, needs):
 
 def test_packing_problems_name_the_fields():
   qconfig = quarot.QuaRotConfig(w_bits=8, a_bits=8, k_bits=4, v_bits=16,
-                                w_groupsize=64)
+                                w_groupsize=63)
   assert quarot.packing_problems(qconfig) == [
-      ("w_bits", 8, "needs 4"), ("w_groupsize", 64, "needs per-channel"),
+      ("w_bits", 8, "needs 4"),
+      ("w_groupsize", 63, "needs per-channel or an even group size"),
       ("a_bits", 8, "needs 4 or 16")]
   with pytest.raises(NotImplementedError, match=r"w_bits=8 \(needs 4\)"):
     quarot.check_packable(qconfig)
   assert not quarot.packing_problems(
       quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4))
+  # Group scales run packed (the 128G mode).
+  assert not quarot.packing_problems(
+      quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
+                          w_groupsize=128))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -204,6 +204,17 @@ def test_row_groups_packed_equals_simulated():
   assert _rel(run(qlinear.dequantize_params(packed), per_token), want) > 1e-3
 
 
+def test_packed_group_scales_do_not_shard():
+  params = _params()
+  qconfig = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
+                                w_groupsize=32)
+  packed, options = quarot.quantize(params, CONFIG, qconfig, packed=True,
+                                    progress=False)
+  with pytest.raises(NotImplementedError, match="group scales"):
+    model.forward(packed, _tokens(), CONFIG, options=options, kernels="xla",
+                  mesh=sharding.make_mesh(1))
+
+
 def test_packed_on_mesh_needs_row_groups_equal_to_tp():
   packed, options = _w4a4kv4(_params(), 1, packed=True)
   options = dataclasses.replace(options, row_groups=2)

@@ -23,11 +23,9 @@ def _implementations():
       ["mosaic"] if mosaic_gpu.can_use_w4a4_mosaic() else [])
 
 
-@pytest.mark.parametrize("codes", ["packed", "int8"])
-def test_every_backend_is_the_float_computation(codes):
-  # M, N, K not tile multiples; int8 codes are what hadamard_quant writes
-  # for the Mosaic kernel.
-  x, w, sx, sw = operands.codes(12, 40, 256, seed=4)
+def _assert_every_backend_computes(x, w, sx, sw, codes, *, rtol, atol):
+  """Each implementation's f32 y against the dequantized product; atol is a
+  fraction of its largest magnitude."""
   want = operands.dequantized_product(x, w, sx, sw)
   x_in = pack(x) if codes == "packed" else x
   for implementation in _implementations():
@@ -35,30 +33,28 @@ def test_every_backend_is_the_float_computation(codes):
                           implementation=implementation,
                           interpret=implementation == "triton"
                           and not _on_gpu())
-    # Exact int32 dots; only the two f32 scale products round.
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6,
-                               atol=1e-7 * np.abs(want).max(),
+    np.testing.assert_allclose(np.asarray(got), want, rtol=rtol,
+                               atol=atol * np.abs(want).max(),
                                err_msg=implementation)
+
+
+@pytest.mark.parametrize("codes", ["packed", "int8"])
+def test_every_backend_is_the_float_computation(codes):
+  # M, N, K not tile multiples; int8 codes are what hadamard_quant writes
+  # for the Mosaic kernel. Exact int32 dots; only the two f32 scale
+  # products round.
+  x, w, sx, sw = operands.codes(12, 40, 256, seed=4)
+  _assert_every_backend_computes(x, w, sx, sw, codes, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("codes", ["packed", "int8"])
 def test_every_backend_takes_group_scales(codes):
   # The 128G mode: K 512 in 4 groups, both sides grouped; 'mosaic' runs
   # one group per pipeline step of the wt kernel (packed x widened first).
+  # Exact int32 group dots; the f32 scale products and the 4-term sum round.
   x, w, _, _ = operands.codes(12, 40, 512, seed=5)
   sx, sw = operands.group_scales(12, 4, 1), operands.group_scales(40, 4, 2)
-  want = operands.dequantized_product(x, w, sx, sw)
-  x_in = pack(x) if codes == "packed" else x
-  for implementation in _implementations():
-    got = api.w4a4_matmul(x_in, pack(w), sx, sw, out_dtype=jnp.float32,
-                          implementation=implementation,
-                          interpret=implementation == "triton"
-                          and not _on_gpu())
-    # Exact int32 group dots; the f32 scale products and the 4-term sum
-    # round.
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5,
-                               atol=1e-6 * np.abs(want).max(),
-                               err_msg=implementation)
+  _assert_every_backend_computes(x, w, sx, sw, codes, rtol=1e-5, atol=1e-6)
 
 
 def test_none_picks_by_platform():

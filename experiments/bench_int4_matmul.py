@@ -36,6 +36,7 @@ Each case is timed side by side in one process (median of 20 runs after
 warm-up, fresh random inputs). Appends JSONL to --out_dir.
 """
 
+import dataclasses
 import functools
 import shlex
 import sys
@@ -74,6 +75,10 @@ _VARIANTS = flags.DEFINE_list(
 _WT_SWEEP = flags.DEFINE_bool(
     "wt_sweep", True, "mosaic_wt: time every config in _MOSAIC_WT_CONFIGS"
     " (false: the default tiles only).")
+_PINGPONG_AB = flags.DEFINE_bool(
+    "pingpong_ab", False, "mosaic_wt and mosaic_wt_g128: time the default"
+    " tiles with and without the ping-pong wgmma schedule, nothing else"
+    " (overrides --wt_sweep).")
 _WT_EXTRAS = flags.DEFINE_bool(
     "wt_extras", True, "mosaic_wt: also time the kernel the model ran"
     " before, the yᵀ layout and the residual adds (false: the kernel alone).")
@@ -105,6 +110,9 @@ _MOSAIC_WT_CONFIGS = (  # tiles of yᵀ [N, M]: block_m along N.
     # 256-token tiles (None, the default, has them with 256-wide K steps;
     # wg_dimension='n' at these tiles overflows shared memory: 314432 B).
     mgpu.W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=256),
+    mgpu.W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=256,
+                          block_k=256, max_concurrent_steps=2,
+                          pingpong=True),  # the default, ping-pong
 )
 _G128 = functools.partial(mgpu.W4A4MosaicConfig, wg_dimension="m",
                           block_m=64, block_n=128, max_concurrent_steps=4)
@@ -114,6 +122,8 @@ _MOSAIC_WT_G128_CONFIGS = (  # one 128-wide K group per pipeline step
     _G128(group_convert="cvt"),  # the quarter-rate I2F conversion
     _G128(group_overlap=False),  # each group added after its wgmma
     _G128(group_overlap=True, grid_minor_dim="m"),
+    _G128(pingpong=True),  # the two warpgroups' wgmmas alternate
+    _G128(pingpong=True, group_overlap=False),
 )
 _W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
@@ -283,10 +293,23 @@ def _mosaic_wt_g128(xq, wq, keys) -> tuple | None:
                            atol=1e-5 * float(jnp.abs(ref).max()))):
     print("  mosaic_wt_g128: WRONG RESULT, not timed")
     return None
+  default = mgpu.default_w4a4_mosaic_wt_grouped_config(128)
   return _best(
       lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, gx, gw), c),
-      _MOSAIC_WT_G128_CONFIGS if _WT_SWEEP.value else (None,),
+      _configs(_MOSAIC_WT_G128_CONFIGS, default),
       close_to=ref.astype(jnp.bfloat16))
+
+
+def _configs(sweep: tuple, default) -> tuple:
+  """The configs a wt variant times: --pingpong_ab's pair, the sweep, or
+  the default alone."""
+  if _PINGPONG_AB.value:  # with group scales also without the overlap
+    pair = (default, dataclasses.replace(default, pingpong=True))
+    if default.group_overlap:
+      pair += (dataclasses.replace(default, pingpong=True,
+                                   group_overlap=False),)
+    return pair
+  return sweep if _WT_SWEEP.value else (None,)
 
 
 def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:
@@ -296,7 +319,8 @@ def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:
   x8 = mgpu.unpack_weights(xq)  # int8 codes, what the model hands over
   best_wt = _best(
       lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, sx, sw), c),
-      _MOSAIC_WT_CONFIGS if _WT_SWEEP.value else (None,), want)
+      _configs(_MOSAIC_WT_CONFIGS, mgpu.default_w4a4_mosaic_wt_config()),
+      want)
   if not _WT_EXTRAS.value:
     return [("mosaic_gpu_wt", best_wt)]
   found = [("mosaic_gpu_wt", best_wt),  # and the model's kernel, as it runs

@@ -92,6 +92,12 @@ class W4A4MosaicConfig:
       while the next group's wgmma runs (the sum and its scales carried
       one step: 64 more registers a thread at 128 tokens), instead of
       after it.
+    pingpong: order the two compute warpgroups' wgmmas by a shared
+      barrier, warpgroup 1 one issue behind warpgroup 0 (the schedule
+      barrier of jax's `attention_mgpu`, FlashAttention-3's ping-pong), so
+      one warpgroup's register work (the int4 widening; with group scales
+      the per-group scaling) runs while the other's wgmma has the tensor
+      cores, instead of both at once.
   """
 
   block_m: int = 128
@@ -107,6 +113,7 @@ class W4A4MosaicConfig:
   num_sms: int | None = None
   group_convert: Literal["magic", "cvt"] = "magic"
   group_overlap: bool = False
+  pingpong: bool = False
 
   def __post_init__(self):
     if self.block_m % 64 or self.block_m <= 0:
@@ -251,7 +258,8 @@ def _load(ref, layout) -> jax.Array:
 def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
                               o_smem, sx_smem, sw_smem, s_barrier,
                               w8_smem=None, r_gmem=None, r_smem=None,
-                              r_barrier=None, *, cfg: W4A4MosaicConfig,
+                              r_barrier=None, sched_barrier=None, *,
+                              cfg: W4A4MosaicConfig,
                               col_scale_first: bool = False,
                               transpose_out: bool = False):
   """Persistent warp-specialized kernel body (one CTA per SM).
@@ -280,6 +288,8 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
     r_smem: [2, epi_block_n, epi_block_m] residual staging (one chunk per
       warpgroup, loaded one chunk ahead of its use) with r_gmem.
     r_barrier: 2 barriers, the residual copies of each warpgroup.
+    sched_barrier: with `cfg.pingpong`, one barrier both compute
+      warpgroups arrive at after issuing each wgmma.
     cfg: tiles; M, N, K must be multiples of the CTA tile and block_k.
     col_scale_first: y = (acc * sw) * sx instead of (acc * sx) * sw, the
       f32 order of the untransposed product when the kernel computes yᵀ
@@ -309,6 +319,11 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
   scale_specs = [plgpu.BlockSpec((1, cfg.cta_m), lambda kk: (kk, 0)),
                  plgpu.BlockSpec((1, cfg.cta_n), lambda kk: (kk, 0))
                  ] if grouped else []
+
+  def schedule():  # both warpgroups arrive; each waits for the other
+    if cfg.pingpong:
+      plgpu.barrier_arrive(sched_barrier)
+      plgpu.barrier_wait(sched_barrier)
 
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -400,6 +415,15 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
                                   out_chunk(o_gmem, i, j))
 
       def compute_context(eval_pipeline):
+        # Ping-pong: warpgroup 1 issues each wgmma after warpgroup 0's;
+        # warpgroup 0's last arrival pairs with warpgroup 1's first.
+        if cfg.pingpong:
+          pl.when(wg == 1)(schedule)
+        tile_context(eval_pipeline)
+        if cfg.pingpong:
+          pl.when(wg == 0)(schedule)
+
+      def tile_context(eval_pipeline):
         if grouped:  # The pipeline carries y in f32; scales come per step.
           if r_gmem is not None:  # the first residual chunk, under K
             fetch_residual(0)
@@ -455,6 +479,7 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
 
         def dot(acc_ref):
           plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(w_smem.at[wg_n], (1, 0)))
+          schedule()
           y = None
           if cfg.group_overlap:  # the previous group, under this wgmma
             # The barrier keeps the compiler from sinking the adds below
@@ -487,6 +512,7 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
                          plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
           plgpu.commit_smem()  # Generic-proxy stores -> wgmma's async reads.
         plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+        schedule()
         # depth 1 (smem operands only): this step's wgmma overlaps the next
         # step's weight widening; the pipeline holds each smem slot one step
         # longer (delay_release). A register operand must not be overwritten
@@ -603,6 +629,8 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
     _, w8_tf = _transforms(cfg.block_k, jnp.int8)
     scratch["w8_smem"] = plgpu.SMEM((2, 2, cfg.block_n, cfg.block_k),
                                     jnp.int8, transforms=w8_tf)
+  if cfg.pingpong:
+    scratch["sched_barrier"] = plgpu.Barrier(num_arrivals=2)
   em, en = cfg.epi_block_m, cfg.epi_block_n
   out_shape, epi_tile = (mp, np_), (em, en)
   if transpose_out:

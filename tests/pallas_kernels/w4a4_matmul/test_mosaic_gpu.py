@@ -122,6 +122,7 @@ _CONFIGS = [
     dict(max_concurrent_steps=2),
     dict(grid_tile_width=1),
     dict(wgmma_depth=1),
+    dict(pingpong=True),
 ]
 
 
@@ -149,7 +150,8 @@ def test_mgpu_configs_on_gpu(fields, x_operand, widen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, n, k", _GPU_SHAPES)
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("fields", [{}, dict(wg_dimension="m")], ids=str)
+@pytest.mark.parametrize("fields", [{}, dict(wg_dimension="m"),
+                                    dict(pingpong=True)], ids=str)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_weights_as_register_operand_give_y_on_gpu(
     m, n, k, out_dtype, fields, transposed):
@@ -272,7 +274,8 @@ def test_group_scales_match_reference_on_gpu(m, n, k, which, group):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fields", [
     dict(group_convert="cvt"), dict(group_overlap=False),
-    dict(grid_minor_dim="m", max_concurrent_steps=2)],
+    dict(grid_minor_dim="m", max_concurrent_steps=2), dict(pingpong=True),
+    dict(pingpong=True, group_overlap=False)],
                          ids=str)
 def test_group_scale_configs_give_the_same_y_on_gpu(fields):
   # The magic-number conversion is exact, and adding each group under the

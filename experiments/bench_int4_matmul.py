@@ -18,8 +18,10 @@ the model's use of each: `residual + y` (`mosaic_gpu_x_int8_add`,
 transpose fused into the add) and the residual added in the kernel's
 epilogue (`mosaic_gpu_wt_epilogue_add`, what o_proj and down_proj run at
 prefill; all four checked equal). `--variants=mosaic_wt_g128` times the wt
-kernel with group-128 scales on both sides (`mosaic_gpu_wt_g128`, the 128G
-mode; each config checked against the reference first).
+kernel with group-128 scales on both sides (`mosaic_gpu_wt_g128`; each
+config checked against the reference first), `mosaic_wt_g128w` with
+group-128 weight scales and per-token activation scales (`mosaic_gpu_wt_g128w`,
+the model's 128G mode: `QuaRotConfig(w_groupsize=128)`).
 
 W4A16 (decode) runs each matmul over --decode_layers different weight
 matrices in one jitted call, as a decode step runs one per layer, and
@@ -36,7 +38,6 @@ Each case is timed side by side in one process (median of 20 runs after
 warm-up, fresh random inputs). Appends JSONL to --out_dir.
 """
 
-import dataclasses
 import functools
 import shlex
 import sys
@@ -70,15 +71,13 @@ _VARIANTS = flags.DEFINE_list(
     "variants", ["triton", "triton_g128", "mosaic", "w4a16"],
     "Which of triton, triton_g128 (group-128 scales), mosaic, mosaic_wt"
     " (weights as the register operand), mosaic_wt_g128 (the same with"
-    " group-128 scales), w4a16 to time.")
+    " group-128 scales on both sides), mosaic_wt_g128w (group-128 weight"
+    " scales, per-token activation scales: the model's 128G mode), w4a16"
+    " to time.")
 
 _WT_SWEEP = flags.DEFINE_bool(
     "wt_sweep", True, "mosaic_wt: time every config in _MOSAIC_WT_CONFIGS"
     " (false: the default tiles only).")
-_PINGPONG_AB = flags.DEFINE_bool(
-    "pingpong_ab", False, "mosaic_wt and mosaic_wt_g128: time the default"
-    " tiles with and without the ping-pong wgmma schedule, nothing else"
-    " (overrides --wt_sweep).")
 _WT_EXTRAS = flags.DEFINE_bool(
     "wt_extras", True, "mosaic_wt: also time the kernel the model ran"
     " before, the yᵀ layout and the residual adds (false: the kernel alone).")
@@ -110,9 +109,6 @@ _MOSAIC_WT_CONFIGS = (  # tiles of yᵀ [N, M]: block_m along N.
     # 256-token tiles (None, the default, has them with 256-wide K steps;
     # wg_dimension='n' at these tiles overflows shared memory: 314432 B).
     mgpu.W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=256),
-    mgpu.W4A4MosaicConfig(wg_dimension="m", block_m=64, block_n=256,
-                          block_k=256, max_concurrent_steps=2,
-                          pingpong=True),  # the default, ping-pong
 )
 _G128 = functools.partial(mgpu.W4A4MosaicConfig, wg_dimension="m",
                           block_m=64, block_n=128, max_concurrent_steps=4)
@@ -122,8 +118,6 @@ _MOSAIC_WT_G128_CONFIGS = (  # one 128-wide K group per pipeline step
     _G128(group_convert="cvt"),  # the quarter-rate I2F conversion
     _G128(group_overlap=False),  # each group added after its wgmma
     _G128(group_overlap=True, grid_minor_dim="m"),
-    _G128(pingpong=True),  # the two warpgroups' wgmmas alternate
-    _G128(pingpong=True, group_overlap=False),
 )
 _W4A16_CONFIGS = (
     w4a16.W4A16MatmulConfig(block_m=16, block_n=64, block_k=256,
@@ -191,7 +185,7 @@ def main(argv):
   for kn in _KN.value:
     k, n = map(int, kn.split("x"))
     if variants & {"triton", "triton_g128", "mosaic", "mosaic_wt",
-                   "mosaic_wt_g128"}:
+                   "mosaic_wt_g128", "mosaic_wt_g128w"}:
       for m in map(int, _MS.value):
         records += _w4a4_case(m, k, n, keys, variants, command)
     if "w4a16" in variants:
@@ -248,6 +242,9 @@ def _w4a4_case(m: int, k: int, n: int, keys, variants: set[str],
           _W4A4_CONFIGS)))
   if "mosaic_wt_g128" in variants:
     candidates.append(("mosaic_gpu_wt_g128", _mosaic_wt_g128(xq, wq, keys)))
+  if "mosaic_wt_g128w" in variants:
+    candidates.append(("mosaic_gpu_wt_g128w",
+                       _mosaic_wt_g128(xq, wq, keys, per_token_x=True)))
   if "mosaic" in variants:
     w8, x8 = mgpu.unpack_weights(wq), mgpu.unpack_weights(xq)
     for name, op, args, configs in (
@@ -278,13 +275,15 @@ def _w4a4_case(m: int, k: int, n: int, keys, variants: set[str],
   return records
 
 
-def _mosaic_wt_g128(xq, wq, keys) -> tuple | None:
-  """The wt kernel with group-128 scales on both sides: checked in f32
-  against the reference (up to FMA contraction), then each config timed
-  with bf16 out (checked `_bf16_close`)."""
+def _mosaic_wt_g128(xq, wq, keys, per_token_x: bool = False
+                    ) -> tuple | None:
+  """The wt kernel with group-128 scales on both sides (`per_token_x`:
+  on the weights only): checked in f32 against the reference (up to f32
+  rounding), then each config timed with bf16 out (checked
+  `_bf16_close`)."""
   m, k = xq.shape[0], 2 * xq.shape[1]
-  gx, gw = _scales(keys, (m, k // 128)), _scales(keys, (wq.shape[0],
-                                                        k // 128))
+  gx = _scales(keys, (m,) if per_token_x else (m, k // 128))
+  gw = _scales(keys, (wq.shape[0], k // 128))
   x8 = mgpu.unpack_weights(xq)
   got = mgpu.w4a4_matmul_mosaic_wt(x8, wq, gx, gw, out_dtype=jnp.float32)
   ref = w4a4_reference.w4a4_matmul_reference(xq, wq, gx, gw,
@@ -293,23 +292,10 @@ def _mosaic_wt_g128(xq, wq, keys) -> tuple | None:
                            atol=1e-5 * float(jnp.abs(ref).max()))):
     print("  mosaic_wt_g128: WRONG RESULT, not timed")
     return None
-  default = mgpu.default_w4a4_mosaic_wt_grouped_config(128)
   return _best(
       lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, gx, gw), c),
-      _configs(_MOSAIC_WT_G128_CONFIGS, default),
+      _MOSAIC_WT_G128_CONFIGS if _WT_SWEEP.value else (None,),
       close_to=ref.astype(jnp.bfloat16))
-
-
-def _configs(sweep: tuple, default) -> tuple:
-  """The configs a wt variant times: --pingpong_ab's pair, the sweep, or
-  the default alone."""
-  if _PINGPONG_AB.value:  # with group scales also without the overlap
-    pair = (default, dataclasses.replace(default, pingpong=True))
-    if default.group_overlap:
-      pair += (dataclasses.replace(default, pingpong=True,
-                                   group_overlap=False),)
-    return pair
-  return sweep if _WT_SWEEP.value else (None,)
 
 
 def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:
@@ -319,8 +305,7 @@ def _mosaic_wt(xq, wq, sx, sw, want) -> list[tuple[str, tuple | None]]:
   x8 = mgpu.unpack_weights(xq)  # int8 codes, what the model hands over
   best_wt = _best(
       lambda c: _bind(mgpu.w4a4_matmul_mosaic_wt, (x8, wq, sx, sw), c),
-      _configs(_MOSAIC_WT_CONFIGS, mgpu.default_w4a4_mosaic_wt_config()),
-      want)
+      _MOSAIC_WT_CONFIGS if _WT_SWEEP.value else (None,), want)
   if not _WT_EXTRAS.value:
     return [("mosaic_gpu_wt", best_wt)]
   found = [("mosaic_gpu_wt", best_wt),  # and the model's kernel, as it runs

@@ -1,6 +1,11 @@
 """Compiles the Mosaic W4A4 wt kernel per-channel and grouped (overlap on/off)
-so MOSAIC_GPU_DUMP_PTXAS / _SASS show what ptxas made of each (wgmma
-serialization warnings, registers, spills). Lab probe for issue 15."""
+so MOSAIC_GPU_DUMP_PTXAS / _PTX show what ptxas made of each (wgmma
+serialization warnings, registers, spills, instructions per K step). Lab
+probe for issue 15:
+
+  MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO=DIR \
+    bash experiments/device/run.sh py experiments.lab.probe_grouped_sass
+"""
 
 import dataclasses
 
@@ -20,9 +25,7 @@ def main():
   base = mg.default_w4a4_mosaic_wt_grouped_config(g)
   for name, cfg in [("grouped_overlap", base),
                     ("grouped_serial",
-                     dataclasses.replace(base, group_overlap=False)),
-                    ("grouped_pingpong",
-                     dataclasses.replace(base, pingpong=True))]:
+                     dataclasses.replace(base, group_overlap=False))]:
     print("=====", name, cfg, flush=True)
     y = jax.jit(lambda *a, cfg=cfg: mg.w4a4_matmul_mosaic_wt(*a, config=cfg))(
         x, wq, sx, sw)

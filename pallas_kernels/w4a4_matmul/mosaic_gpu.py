@@ -92,12 +92,6 @@ class W4A4MosaicConfig:
       while the next group's wgmma runs (the sum and its scales carried
       one step: 64 more registers a thread at 128 tokens), instead of
       after it.
-    pingpong: order the two compute warpgroups' wgmmas by a shared
-      barrier, warpgroup 1 one issue behind warpgroup 0 (the schedule
-      barrier of jax's `attention_mgpu`, FlashAttention-3's ping-pong), so
-      one warpgroup's register work (the int4 widening; with group scales
-      the per-group scaling) runs while the other's wgmma has the tensor
-      cores, instead of both at once.
   """
 
   block_m: int = 128
@@ -113,7 +107,6 @@ class W4A4MosaicConfig:
   num_sms: int | None = None
   group_convert: Literal["magic", "cvt"] = "magic"
   group_overlap: bool = False
-  pingpong: bool = False
 
   def __post_init__(self):
     if self.block_m % 64 or self.block_m <= 0:
@@ -258,8 +251,7 @@ def _load(ref, layout) -> jax.Array:
 def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
                               o_smem, sx_smem, sw_smem, s_barrier,
                               w8_smem=None, r_gmem=None, r_smem=None,
-                              r_barrier=None, sched_barrier=None, *,
-                              cfg: W4A4MosaicConfig,
+                              r_barrier=None, *, cfg: W4A4MosaicConfig,
                               col_scale_first: bool = False,
                               transpose_out: bool = False):
   """Persistent warp-specialized kernel body (one CTA per SM).
@@ -271,7 +263,10 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
       int8[N, K] with values in [-8, 7]; operand B, K-major.
     sx_gmem: f32[M] per-token scales, or f32[G, M] group scales (one
       row per K group of block_k values: each pipeline step is one group).
-    sw_gmem: f32[N] per-channel scales, or f32[G, N] group scales.
+    sw_gmem: f32[N] per-channel scales, or f32[G, N] group scales (only
+      with sx_gmem grouped). With sx_gmem grouped and sw_gmem 1-D, y =
+      (sum over groups of acc * sx) * sw: one multiply-add an element and
+      group, sw once at the end.
     o_gmem: [M, N] output ([N, M] with transpose_out).
     o_smem: [2, 2, epi_block_m, epi_block_n] epilogue staging (per warpgroup,
       two slots; [2, 2, epi_block_n, epi_block_m] with transpose_out).
@@ -288,8 +283,6 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
     r_smem: [2, epi_block_n, epi_block_m] residual staging (one chunk per
       warpgroup, loaded one chunk ahead of its use) with r_gmem.
     r_barrier: 2 barriers, the residual copies of each warpgroup.
-    sched_barrier: with `cfg.pingpong`, one barrier both compute
-      warpgroups arrive at after issuing each wgmma.
     cfg: tiles; M, N, K must be multiples of the CTA tile and block_k.
     col_scale_first: y = (acc * sw) * sx instead of (acc * sx) * sw, the
       f32 order of the untransposed product when the kernel computes yᵀ
@@ -310,20 +303,21 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
     raise ValueError("wgmma_depth=1 needs int8 activations in smem; int4"
                      " activations are a register operand (depth 0)")
   grouped = sx_gmem.ndim == 2
+  cols_grouped = sw_gmem.ndim == 2  # else sw scales the f32 sum at the end
+  if cols_grouped and not grouped:
+    raise ValueError("grouped sw_gmem needs grouped sx_gmem")
   if grouped and (delay or x_gmem.dtype != jnp.int4
                   or sx_gmem.shape[0] != k_iters):
     raise ValueError("group scales need int4 operand A at wgmma depth 0 and"
                      f" one group per K step; got {sx_gmem.shape[0]} groups"
                      f" for {k_iters} steps")
   # Group scales: row kk of [G, rows] is step kk's, [1, cta rows] a step.
-  scale_specs = [plgpu.BlockSpec((1, cfg.cta_m), lambda kk: (kk, 0)),
-                 plgpu.BlockSpec((1, cfg.cta_n), lambda kk: (kk, 0))
+  scale_specs = [plgpu.BlockSpec((1, cfg.cta_m), lambda kk: (kk, 0))
                  ] if grouped else []
-
-  def schedule():  # both warpgroups arrive; each waits for the other
-    if cfg.pingpong:
-      plgpu.barrier_arrive(sched_barrier)
-      plgpu.barrier_wait(sched_barrier)
+  if cols_grouped:
+    scale_specs.append(plgpu.BlockSpec((1, cfg.cta_n), lambda kk: (kk, 0)))
+  grouped_operands = ((sx_gmem, sw_gmem) if cols_grouped
+                      else (sx_gmem,) if grouped else ())
 
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -351,7 +345,7 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
   @functools.partial(
       pl.run_scoped,
       allocs=get_pipeline(ignore, ignore).get_allocations(
-          x_gmem, w_gmem, *((sx_gmem, sw_gmem) if grouped else ())),
+          x_gmem, w_gmem, *grouped_operands),
       collective_axes="wg")
   def _scope(allocs):
     wg = lax.axis_index("wg")
@@ -415,32 +409,34 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
                                   out_chunk(o_gmem, i, j))
 
       def compute_context(eval_pipeline):
-        # Ping-pong: warpgroup 1 issues each wgmma after warpgroup 0's;
-        # warpgroup 0's last arrival pairs with warpgroup 1's first.
-        if cfg.pingpong:
-          pl.when(wg == 1)(schedule)
-        tile_context(eval_pipeline)
-        if cfg.pingpong:
-          pl.when(wg == 0)(schedule)
-
-      def tile_context(eval_pipeline):
         if grouped:  # The pipeline carries y in f32; scales come per step.
+          if not cols_grouped:  # sw of this tile: TMA now, used at the end
+            plgpu.copy_gmem_to_smem(sw_gmem.at[pl.ds(n0, bn)],
+                                    sw_smem.at[wg], s_barrier.at[2 * wg + 1])
           if r_gmem is not None:  # the first residual chunk, under K
             fetch_residual(0)
           zeros = lambda shape, dtype, layout: plgpu.layout_cast(
               jnp.zeros(shape, dtype), layout)
           y = zeros((bm, bn), jnp.float32, plgpu.Layout.WGMMA)
-          if not cfg.group_overlap:
-            store(eval_pipeline(y))
-            return
-          # The carry holds the previous group's sum and scales, added to
-          # y while the next group's wgmma runs; the first "previous" group
-          # is zeros (y + 0 * 0 = y), the last is added here.
-          y, prev = eval_pipeline((
-              y, (zeros((bm, bn), jnp.int32, plgpu.Layout.WGMMA),
-                  zeros((bm,), jnp.float32, plgpu.Layout.WGMMA.reduce(1)),
-                  zeros((bn,), jnp.float32, plgpu.Layout.WGMMA.reduce(0)))))
-          store(add_group(y, *prev))
+          if cfg.group_overlap:
+            # The carry holds the previous group's sum and scales, added to
+            # y while the next group's wgmma runs; the first "previous"
+            # group is zeros (y + 0 * 0 = y), the last is added here.
+            prev = (zeros((bm, bn), jnp.int32, plgpu.Layout.WGMMA),
+                    zeros((bm,), jnp.float32, plgpu.Layout.WGMMA.reduce(1)))
+            if cols_grouped:
+              prev += (zeros((bn,), jnp.float32,
+                             plgpu.Layout.WGMMA.reduce(0)),)
+            y, prev = eval_pipeline((y, prev))
+            y = add_group(y, *prev)
+          else:
+            y = eval_pipeline(y)
+          if not cols_grouped:
+            plgpu.barrier_wait(s_barrier.at[2 * wg + 1])
+            y = y * lax.broadcast_in_dim(
+                _load(sw_smem.at[wg], plgpu.Layout.WGMMA.reduce(0)),
+                (bm, bn), (1,))
+          store(y)
           return
         # Scales of this tile: TMA now, used after the K loop.
         plgpu.copy_gmem_to_smem(sx_gmem.at[pl.ds(m0, bm)], sx_smem.at[wg],
@@ -461,25 +457,30 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
           sw = _load(sw_smem.at[wg], plgpu.Layout.WGMMA.reduce(0))
           store(scale(acc_ref[...].astype(jnp.float32), sx, sw))
 
-      def add_group(y, acc, sx, sw):  # y + scale(f32(acc), sx, sw)
+      def add_group(y, acc, sx, sw=None):  # y + scale(f32(acc), sx, sw)
         if cfg.group_convert == "magic":  # |acc| <= 64 * block_k < 2**22
           acc = lax.bitcast_convert_type(acc + _MAGIC_INT, jnp.float32)
           acc = acc - _MAGIC_FLOAT
         else:
           acc = acc.astype(jnp.float32)
+        if sw is None:  # rows only: one multiply-add (sw after the sum)
+          return y + acc * lax.broadcast_in_dim(sx, (bm, bn), (0,))
         return y + scale(acc, sx, sw)
 
-      def grouped_body(idx, x_smem, w_smem, sxg_smem, swg_smem, carry):
+      def grouped_body(idx, x_smem, w_smem, sxg_smem, *rest):
         # One K group: its exact int32 sum in a fresh accumulator, then
-        # y += (sum * one scale) * the other, in the reference's f32 order.
+        # y += (sum * one scale) * the other, in the reference's f32 order
+        # (with 1-D sw: y += sum * sx, sw applied after the last group).
         del idx
+        *swg_smem, carry = rest
         a = _load(x_smem.at[wg_m], plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
-        sx = _load(sxg_smem.at[0, wg_m], plgpu.Layout.WGMMA.reduce(1))
-        sw = _load(swg_smem.at[0, wg_n], plgpu.Layout.WGMMA.reduce(0))
+        scales = (_load(sxg_smem.at[0, wg_m], plgpu.Layout.WGMMA.reduce(1)),)
+        if swg_smem:
+          scales += (_load(swg_smem[0].at[0, wg_n],
+                           plgpu.Layout.WGMMA.reduce(0)),)
 
         def dot(acc_ref):
           plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(w_smem.at[wg_n], (1, 0)))
-          schedule()
           y = None
           if cfg.group_overlap:  # the previous group, under this wgmma
             # The barrier keeps the compiler from sinking the adds below
@@ -490,8 +491,8 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
 
         acc, y = pl.run_scoped(dot, plgpu.ACC((bm, bn), jnp.int32))
         if cfg.group_overlap:
-          return y, (acc, sx, sw)
-        return add_group(carry, acc, sx, sw)
+          return y, (acc, *scales)
+        return add_group(carry, acc, *scales)
 
       def mma_body(idx, x_smem, w_smem, acc_ref):
         # x_smem: int4 or int8[cta_m, block_k]
@@ -512,7 +513,6 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
                          plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
           plgpu.commit_smem()  # Generic-proxy stores -> wgmma's async reads.
         plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
-        schedule()
         # depth 1 (smem operands only): this step's wgmma overlaps the next
         # step's weight widening; the pipeline holds each smem slot one step
         # longer (delay_release). A register operand must not be overwritten
@@ -523,7 +523,9 @@ def w4a4_matmul_mosaic_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem,
 
       operands = [x_gmem.at[cta_m, :], w_gmem.at[cta_n, :]]
       if grouped:
-        operands += [sx_gmem.at[:, cta_m], sw_gmem.at[:, cta_n]]
+        operands.append(sx_gmem.at[:, cta_m])
+      if cols_grouped:
+        operands.append(sw_gmem.at[:, cta_n])
       get_pipeline(grouped_body if grouped else mma_body, compute_context)(
           *operands, allocations=allocs)
 
@@ -617,20 +619,16 @@ def _mgpu_matmul(x, w, s_x, s_w, *, x_operand, out_dtype, config, debug,
     w = packed_to_int4(pad(pad(w, 0, cfg.cta_n), 1, cfg.block_k // 2))
   else:
     w = pad(pad(w, 0, cfg.cta_n), 1, cfg.block_k)
-  if s_x.ndim == 2:  # group scales [rows, G] -> [G, rows]: a row a K step
-    sx = pad(s_x.astype(jnp.float32).T, 1, cfg.cta_m)
-    sw = pad(s_w.astype(jnp.float32).T, 1, cfg.cta_n)
-  else:
-    sx = pad(s_x.astype(jnp.float32), 0, cfg.cta_m)
-    sw = pad(s_w.astype(jnp.float32), 0, cfg.cta_n)
+  # Group scales [rows, G] -> [G, rows]: a row a K step.
+  sx, sw = s_x.astype(jnp.float32), s_w.astype(jnp.float32)
+  sx = pad(sx.T, 1, cfg.cta_m) if sx.ndim == 2 else pad(sx, 0, cfg.cta_m)
+  sw = pad(sw.T, 1, cfg.cta_n) if sw.ndim == 2 else pad(sw, 0, cfg.cta_n)
   mp, np_ = x.shape[0], w.shape[0]
   scratch = {}
   if w.dtype == jnp.int4:
     _, w8_tf = _transforms(cfg.block_k, jnp.int8)
     scratch["w8_smem"] = plgpu.SMEM((2, 2, cfg.block_n, cfg.block_k),
                                     jnp.int8, transforms=w8_tf)
-  if cfg.pingpong:
-    scratch["sched_barrier"] = plgpu.Barrier(num_arrivals=2)
   em, en = cfg.epi_block_m, cfg.epi_block_n
   out_shape, epi_tile = (mp, np_), (em, en)
   if transpose_out:
@@ -763,7 +761,10 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
   exact int32 sum, in a fresh accumulator, is scaled and added to an f32
   accumulator the pipeline carries, in the reference's order (groups in
   order, (sum * s_x) * s_w), so y matches `reference.w4a4_matmul_reference`
-  up to f32 contraction (FMA) of those few terms.
+  up to f32 contraction (FMA) of those few terms. With s_w grouped and s_x
+  per token (the model's mode) y = (sum over groups of sum * s_w) * s_x:
+  one multiply-add an element and group instead of two products and an
+  add, equal to the reference up to f32 rounding.
 
   The same kernel with the operands' roles swapped: it computes yᵀ = w_q ·
   xᵀ, the int4 weight tile as operand A, widened int4 -> int8 in registers
@@ -806,8 +807,11 @@ def w4a4_matmul_mosaic_wt(x: jax.Array, w_q: jax.Array, s_x: jax.Array,
   grouped = s_x.ndim == 2 or s_w.ndim == 2
   if grouped:
     reference.check_operands(x, w_q, s_x, s_w)
-    s_x, s_w, group_size = reference.group_scales(s_x, s_w,
-                                                  2 * w_q.shape[1])
+    gx, s_w, group_size = reference.group_scales(s_x, s_w,
+                                                 2 * w_q.shape[1])
+    # Per-token s_x stays 1-D (the model's 128G mode: weights grouped):
+    # the kernel applies it once, after the group sum.
+    s_x = s_x if s_x.ndim == 1 else gx
     if group_size % _LANE or 64 * group_size >= 2**22:
       raise ValueError(f"group size K / G = {group_size} must be a multiple"
                        f" of {_LANE} (one wgmma K step) below 65536")

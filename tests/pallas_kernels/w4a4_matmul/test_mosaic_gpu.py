@@ -4,6 +4,8 @@ The kernel has no interpret mode: on the CPU only its layout helpers,
 configs and argument checks are tested; the `gpu` tests run it.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,7 +124,6 @@ _CONFIGS = [
     dict(max_concurrent_steps=2),
     dict(grid_tile_width=1),
     dict(wgmma_depth=1),
-    dict(pingpong=True),
 ]
 
 
@@ -150,8 +151,7 @@ def test_mgpu_configs_on_gpu(fields, x_operand, widen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, n, k", _GPU_SHAPES)
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("fields", [{}, dict(wg_dimension="m"),
-                                    dict(pingpong=True)], ids=str)
+@pytest.mark.parametrize("fields", [{}, dict(wg_dimension="m")], ids=str)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_weights_as_register_operand_give_y_on_gpu(
     m, n, k, out_dtype, fields, transposed):
@@ -274,8 +274,7 @@ def test_group_scales_match_reference_on_gpu(m, n, k, which, group):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fields", [
     dict(group_convert="cvt"), dict(group_overlap=False),
-    dict(grid_minor_dim="m", max_concurrent_steps=2), dict(pingpong=True),
-    dict(pingpong=True, group_overlap=False)],
+    dict(grid_minor_dim="m", max_concurrent_steps=2)],
                          ids=str)
 def test_group_scale_configs_give_the_same_y_on_gpu(fields):
   # The magic-number conversion is exact, and adding each group under the
@@ -286,6 +285,24 @@ def test_group_scale_configs_give_the_same_y_on_gpu(fields):
               group_overlap=True)
   got = mgpu.w4a4_matmul_mosaic_wt(x8, *rest, out_dtype=jnp.float32,
                                    config=Config(**{**base, **fields}))
+  want = mgpu.w4a4_matmul_mosaic_wt(x8, *rest, out_dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  _assert_grouped_close(got, _reference(*args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fields", [dict(group_overlap=False),
+                                    dict(group_convert="cvt")], ids=str)
+def test_grouped_weights_per_token_x_configs_give_the_same_y_on_gpu(fields):
+  # The model's 128G mode (s_w grouped, s_x per token): one multiply-add a
+  # group, s_x after the sum; the options keep the order, so bit-equal.
+  args = _grouped(384, 640, 1024, 128, "w", seed=11)
+  x8, rest = mgpu.unpack_weights(args[0]), args[1:]
+  assert rest[1].ndim == 1 and rest[2].ndim == 2
+  base = mgpu.default_w4a4_mosaic_wt_grouped_config(128, jnp.float32)
+  got = mgpu.w4a4_matmul_mosaic_wt(
+      x8, *rest, out_dtype=jnp.float32,
+      config=dataclasses.replace(base, **fields))
   want = mgpu.w4a4_matmul_mosaic_wt(x8, *rest, out_dtype=jnp.float32)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   _assert_grouped_close(got, _reference(*args))

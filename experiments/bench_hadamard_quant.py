@@ -10,6 +10,9 @@ both with and without the Hadamard, writing packed int4 and (case suffix
 [M, 2K] in, the kernel forming the SwiGLU as it loads
 (`hadamard_quant(..., gate_up=True)`), against `swiglu_then_kernel` (XLA's
 SwiGLU pass, then the same kernel: the model before) and the reference.
+`--transform=rms_norm` times `rms_norm_quant` (a pre-norm's RMS norm and
+quantize in one launch, the model's q/k/v and gate/up input) over the
+`--block_elements` x `--num_warps` sweep against its reference.
 `hbm_fraction` = (bytes read + written) / time / --peak_gbps. Times are GPU
 kernel time where CUPTI gives it (`benchmarking.timed_ms`; records say
 `timing`), else wall-clock medians. `matmul_share`
@@ -43,6 +46,7 @@ import jax.numpy as jnp
 
 from experiments.lab import benchmarking
 from pallas_kernels import hadamard_quant as hq
+from pallas_kernels import rms_norm_quant as rq
 from pallas_kernels.w4a4_matmul import api as w4a4
 from quarot_jax import qlinear
 
@@ -65,8 +69,9 @@ _PACKED = flags.DEFINE_list("packed", ["true", "false"],
                             "Output formats: packed int4, int8 codes.")
 _TRANSFORM = flags.DEFINE_list(
     "transform", ["hadamard", "quant_only"],
-    "Variants: 'hadamard' (with the Hadamard), 'quant_only', and"
-    " 'swiglu_hadamard' (gate | up in, SwiGLU formed in the kernel).")
+    "Variants: 'hadamard' (with the Hadamard), 'quant_only',"
+    " 'swiglu_hadamard' (gate | up in, SwiGLU formed in the kernel) and"
+    " 'rms_norm' (rms_norm_quant: the pre-norm and quantize).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
 
 
@@ -88,8 +93,10 @@ def main(argv):
       records = []
       for transform, packed in [(t, p == "true") for t in _TRANSFORM.value
                                 for p in _PACKED.value]:
-        use_had = transform != "quant_only"
+        use_had = transform in ("hadamard", "swiglu_hadamard")
         gate_up = transform == "swiglu_hadamard"
+        rms = transform == "rms_norm"
+        norm_w = jax.random.uniform(next(key), (k,), jnp.bfloat16, 0.5, 1.5)
         x = jax.random.normal(next(key), (m, 2 * k if gate_up else k),
                               jnp.bfloat16)
         case = f"M{m}_K{k}_{transform}" + ("" if packed else "_int8")
@@ -115,9 +122,12 @@ def main(argv):
             seen.add(launch)
           name = f"w{warps}_" + ("_".join(map(str, launch[1:])) if use_had
                                  else f"b{cfg.block_elements}")
-          fn = jax.jit(lambda x, cfg=cfg, h=use_had, p=packed, g=gate_up:
-                       hq.hadamard_quant(x, base_k if h else None, packed=p,
-                                         config=cfg, gate_up=g, **impl))
+          fn = jax.jit(
+              (lambda x, cfg=cfg, p=packed: rq.rms_norm_quant(
+                  x, norm_w, eps=1e-5, packed=p, config=cfg, **impl)) if rms
+              else (lambda x, cfg=cfg, h=use_had, p=packed, g=gate_up:
+                    hq.hadamard_quant(x, base_k if h else None, packed=p,
+                                      config=cfg, gate_up=g, **impl)))
           try:
             ms, how = benchmarking.timed_ms(fn, x)
           except Exception as e:  # pylint: disable=broad-except
@@ -131,9 +141,12 @@ def main(argv):
         if best is None:
           continue
         ms, cfg, how = best
-        xla = jax.jit(lambda x, h=use_had, p=packed, g=gate_up:
-                      hq.hadamard_quant_reference(
-                          x, base_k if h else None, packed=p, gate_up=g))
+        xla = jax.jit(
+            (lambda x, p=packed: rq.rms_norm_quant_reference(
+                x, norm_w, eps=1e-5, packed=p)) if rms
+            else (lambda x, h=use_had, p=packed, g=gate_up:
+                  hq.hadamard_quant_reference(
+                      x, base_k if h else None, packed=p, gate_up=g)))
         base = {"xla_unfused": benchmarking.timed_ms(xla, x)[0]}
         if gate_up:
           before = jax.jit(lambda x, p=packed, cfg=cfg: hq.hadamard_quant(
@@ -142,8 +155,11 @@ def main(argv):
           base["swiglu_then_kernel"] = benchmarking.timed_ms(before, x)[0]
         wq = jax.random.randint(next(key), (k, k // 2), 0, 256, jnp.int32
                                 ).astype(jnp.uint8)
-        xq, sx = hq.hadamard_quant(x, base_k if use_had else None,
-                                   packed=packed, gate_up=gate_up, **impl)
+        xq, sx = (rq.rms_norm_quant(x, norm_w, eps=1e-5, packed=packed,
+                                    config=cfg, **impl) if rms
+                  else hq.hadamard_quant(x, base_k if use_had else None,
+                                         packed=packed, gate_up=gate_up,
+                                         **impl))
         mm = jax.jit(lambda a, b, s, t: w4a4.w4a4_matmul(
             a, b, s, t, **matmul_impl))
         matmul_ms, _ = benchmarking.timed_ms(mm, xq, wq, sx,

@@ -15,6 +15,10 @@ times, side by side:
                XLA's own int4 handling reads 4-bit weights at bandwidth
                (W4A4, bit-exact like ours)
   xla_int4_bf16  the same int4 w against bf16 x, f32 accumulation (W4A16)
+  xla_g128     W4A16 with group-128 scales as the packed model runs it
+               (`qlinear.linear`: one XLA dot per group on the int4 values)
+  xla_g128_f32 the same product as the model ran it before 2026-12-06
+               (the weights dequantized to f32[N, K], then one f32 dot)
 Each jitted call runs the op on --buffers different weight matrices (as a
 decode step runs one per layer), so no matrix is in the 50 MB L2 when its
 turn comes. Two times per op call: `ms` is device time, the sum of the
@@ -50,6 +54,7 @@ import jax.numpy as jnp
 from experiments.lab import benchmarking
 from pallas_kernels import decode_matmul as dm
 from pallas_kernels import int4_layout
+from quarot_jax import qlinear
 
 SHAPES = {  # case -> (K, N)
     "7b_qkv": (4096, 12288), "7b_o": (4096, 4096), "7b_up": (4096, 11008),
@@ -175,6 +180,19 @@ def op_fn(impl: str, cfg: dm.DecodeMatmulConfig | None, interpret: bool
       return (acc.astype(jnp.float32) * sx[:, None] * sw[None, :]
               ).astype(jnp.bfloat16)
     return int8
+  if impl in ("xla_g128", "xla_g128_f32"):
+    # Group-128 scales [N, K / 128], each group the channel's scale, so the
+    # per-channel reference checks them.
+    def grouped(x, xc, sx, w, sw):
+      sw = jnp.broadcast_to(sw[:, None], (w.shape[0], 2 * w.shape[1] // 128))
+      p = {"qweight": w, "wscale": sw}
+      if impl == "xla_g128":
+        return qlinear.linear(x, p, a_spec=None, online_hadamard=False)
+      wf = qlinear.dequantize_weight(p)  # f32[N, K]
+      return jax.lax.dot_general(
+          x.astype(jnp.float32), wf, (((1,), (1,)), ((), ())),
+          preferred_element_type=jnp.float32).astype(x.dtype)
+    return grouped
   if impl == "xla_int4_bf16":
     def int4_bf16(x, xc, sx, w, sw):
       acc = jax.lax.dot_general(x, w.astype(jnp.bfloat16),

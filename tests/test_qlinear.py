@@ -68,7 +68,7 @@ def test_group_scaled_linear_matches_simulated_quantization(setting, a_bits,
                                                             m):
   # Weight scales per group of 16 inputs: packed as wscale [out, in / 16];
   # W4A4 runs the grouped prefill kernel at every m (no decode_matmul),
-  # W4A16 the dequantized weights.
+  # W4A16 one XLA dot per group on the int4 values.
   kernel, x = _weight_and_input(m=m)
   w_spec = quant.QuantSpec(bits=4, group_size=16, mse_clip=False)
   p = qlinear.pack_weight(quant.quantize_weight(kernel, w_spec))

@@ -60,8 +60,9 @@ def linears(x: jax.Array, ps: Sequence[Params], *, mesh: jax.sharding.Mesh,
   Args:
     x: float[..., in] (replicated for 'column'; split on `in` for 'row',
       resharded by XLA otherwise).
-    ps: packed linears {"qweight": uint8[out, in // 2], "wscale": f32[out],
-      "bias"?}, one layer's; 'row' takes one.
+    ps: packed linears {"qweight": uint8[out, in // 2], "wscale": f32[out]
+      or f32[out, G] (group scales), "bias"?}, one layer's; 'row' takes
+      one.
     mesh: a mesh with axis 'tp'.
     parallel: 'column' or 'row' (see the module docstring).
     a_spec: as for `qlinear.linears`.
@@ -76,13 +77,11 @@ def linears(x: jax.Array, ps: Sequence[Params], *, mesh: jax.sharding.Mesh,
 
   Raises:
     ValueError: an unknown `parallel`, several linears or a norm for 'row',
-      or a mesh without axis 'tp'.
+      row parallel group scales whose G does not divide by tp, or a mesh
+      without axis 'tp'.
   """
-  tp_size(mesh)
-  if any("wscale" in p and qlinear.is_grouped(p) for p in ps):
-    raise NotImplementedError(
-        "tensor parallel packed linears need per-channel weight scales;"
-        " group scales (w_groupsize) run on one device")
+  tp = tp_size(mesh)
+  grouped = ["wscale" in p and qlinear.is_grouped(p) for p in ps]
   lead = [None] * (x.ndim - 1)
   eps = None if norm is None else norm[1]
 
@@ -92,13 +91,20 @@ def linears(x: jax.Array, ps: Sequence[Params], *, mesh: jax.sharding.Mesh,
         kernels=kernels, norm=None if weight is None else (weight, eps))
 
   if parallel == "column":
-    specs = {"qweight": P(AXIS, None), "wscale": P(AXIS), "bias": P(AXIS)}
+    specs = {"qweight": P(AXIS, None), "wscale": P(AXIS), "bias": P(AXIS),
+             "group_wscale": P(AXIS, None)}
     x_spec, y_spec, body = P(), P(*lead, AXIS), run
   elif parallel == "row":
     if len(ps) != 1 or norm is not None:
       raise ValueError(f"row parallel takes one linear and no norm, got"
                        f" {len(ps)} linears and norm={norm is not None}")
-    specs = {"qweight": P(None, AXIS), "wscale": P(), "bias": P()}
+    if grouped[0] and ps[0]["wscale"].shape[-1] % tp:
+      raise ValueError(
+          f"row parallel group scales split with `in`: G="
+          f"{ps[0]['wscale'].shape[-1]} groups must be divisible by {tp=}")
+    # Group scales [out, G] split on G: each shard's groups are its `in`.
+    specs = {"qweight": P(None, AXIS), "wscale": P(), "bias": P(),
+             "group_wscale": P(None, AXIS)}
     x_spec, y_spec = P(*lead, AXIS), P()
 
     def body(x, ps, weight):
@@ -108,7 +114,8 @@ def linears(x: jax.Array, ps: Sequence[Params], *, mesh: jax.sharding.Mesh,
       return [y + p["bias"].astype(y.dtype) if "bias" in p else y]
   else:
     raise ValueError(f"{parallel=} must be one of {PARALLEL}")
-  p_specs = [{k: specs[k] for k in p} for p in ps]
+  p_specs = [{k: specs["group_wscale" if k == "wscale" and g else k]
+              for k in p} for p, g in zip(ps, grouped)]
   args, in_specs = (x, list(ps)), (x_spec, p_specs)
   if norm is not None:  # the norm weight [in], replicated
     args, in_specs = args + (norm[0],), in_specs + (P(),)

@@ -19,7 +19,9 @@ cache placements under `jax.jit`:
                      (qweight axis -2, wscale), row parallel shards `in`
                      (qweight axis -1; packing pairs adjacent `in` elements,
                      so a contiguous half of the bytes is a contiguous half
-                     of `in`) and replicates `wscale`.
+                     of `in`) and replicates `wscale`. Group scales
+                     `wscale f32[.., out, G]` shard on `out` (column) or
+                     on G with `in` (row).
   KV caches          by kv heads: float [.., B, S, K, H] on K, KV4 codes
                      [.., B, K, S, H // 2] and scale/zero [.., B, K, S] on K.
 
@@ -115,8 +117,11 @@ def check_config(config: LlamaConfig, tp: int) -> None:
       raise ValueError(f"{name}={value} must be divisible by {tp=}")
 
 
-def _param_axis(path: tuple[str, ...]) -> int | None:
-  """The sharded axis (from the end) of the param at `path`, or None."""
+def _param_axis(path: tuple[str, ...], grouped: bool = False) -> int | None:
+  """The sharded axis (from the end) of the param at `path`, or None.
+  `grouped`: the path's linear is packed with group scales (wscale [..,
+  out, G]), which column parallel shards on `out` and row parallel on G
+  (each shard's groups are its slice of `in`)."""
   leaf = path[-1]
   parent = path[-2] if len(path) > 1 else ""
   if path[0] == "embed_tokens" and leaf == "embedding":
@@ -126,9 +131,11 @@ def _param_axis(path: tuple[str, ...]) -> int | None:
   if leaf == "k_center":
     return -2  # [K, H]: with the kv heads
   if parent in COLUMN_PARALLEL:
-    return {"kernel": -1, "bias": -1, "qweight": -2, "wscale": -1}.get(leaf)
-  if parent in ROW_PARALLEL:
-    return {"kernel": -2, "qweight": -1}.get(leaf)  # bias, wscale: [D]
+    return {"kernel": -1, "bias": -1, "qweight": -2,
+            "wscale": -2 if grouped else -1}.get(leaf)
+  if parent in ROW_PARALLEL:  # bias [D]; per-channel wscale [D] replicated
+    return {"kernel": -2, "qweight": -1,
+            "wscale": -1 if grouped else None}.get(leaf)
   return None
 
 
@@ -154,16 +161,28 @@ def param_specs(params: Params, tp: int) -> Params:
   """
   params, wrap = model.unwrap(params)
 
-  def spec(path, x):
+  def spec(path, x, grouped=False):
     names = _path_names(path)
-    axis = _param_axis(names)
+    axis = _param_axis(names, grouped)
     if axis is not None and x.shape[axis] % tp:
       raise ValueError(
           f"{'/'.join(names)} has shape {x.shape}: axis {axis} of size"
           f" {x.shape[axis]} must be divisible by {tp=}")
     return _spec(len(x.shape), axis)
 
-  return wrap(jax.tree_util.tree_map_with_path(spec, params))
+  def node(path, x):  # a packed linear's leaves see its scales' kind
+    if _is_packed_linear(x):
+      grouped = len(x["wscale"].shape) == len(x["qweight"].shape)
+      return {k: spec(path + (jax.tree_util.DictKey(k),), v, grouped)
+              for k, v in x.items()}
+    return spec(path, x)
+
+  return wrap(jax.tree_util.tree_map_with_path(
+      node, params, is_leaf=_is_packed_linear))
+
+
+def _is_packed_linear(x: Any) -> bool:
+  return isinstance(x, dict) and "qweight" in x and "wscale" in x
 
 
 def param_shardings(params: Params, mesh: jax.sharding.Mesh, *,

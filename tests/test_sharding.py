@@ -72,17 +72,19 @@ def _rotated(params, tp):
   return p, dataclasses.replace(rotation.ROTATED, had_blocks=tp)
 
 
-def _w4a4kv4(params, tp, *, packed):
+def _w4a4kv4(params, tp, *, packed, w_groupsize=None):
   """W4A4KV4 (RTN) params after the block-diagonal rotation, and options
-  (packed: o_proj/down_proj quantize per shard, `row_groups=tp`)."""
+  (packed: o_proj/down_proj quantize per shard, `row_groups=tp`);
+  `w_groupsize`: weight scales per group of that many inputs."""
   p, _ = _rotated(params, tp)
-  options = dataclasses.replace(W4A4KV4.run_options(CONFIG.head_dim),
+  qconfig = dataclasses.replace(W4A4KV4, w_groupsize=w_groupsize)
+  options = dataclasses.replace(qconfig.run_options(CONFIG.head_dim),
                                 had_blocks=tp, row_groups=tp if packed else 1)
   if packed:
     qarrays = qlinear.quantize_weights_rtn(p, quarot.LINEARS,
-                                           W4A4KV4.weight_spec)
+                                           qconfig.weight_spec)
     return qlinear.pack_params(p, qarrays), options
-  return quarot.rtn_quantize_params(p, W4A4KV4.weight_spec), options
+  return quarot.rtn_quantize_params(p, qconfig.weight_spec), options
 
 
 def _rel(a, b) -> float:
@@ -129,6 +131,31 @@ def test_param_specs_packed():
   assert mlp["down_proj"]["qweight"] == P(None, None, "tp")
   assert mlp["down_proj"]["wscale"] == P()
   assert attn["o_proj"]["qweight"] == P(None, None, "tp")
+
+
+def test_param_specs_packed_group_scales():
+  packed = jax.eval_shape(lambda: _w4a4kv4(_params(), 1, packed=True,
+                                           w_groupsize=16)[0])
+  specs = sharding.param_specs(packed, 2)
+  attn, mlp = specs["layers"]["self_attn"], specs["layers"]["mlp"]
+  # wscale [L, out, G]: column parallel on out, row parallel on G (with in).
+  assert packed["layers"]["self_attn"]["q_proj"]["wscale"].shape == (1, 96, 4)
+  assert attn["q_proj"]["wscale"] == P(None, "tp", None)
+  assert mlp["gate_proj"]["wscale"] == P(None, "tp", None)
+  assert mlp["down_proj"]["wscale"] == P(None, None, "tp")
+  assert attn["o_proj"]["wscale"] == P(None, None, "tp")
+  assert mlp["down_proj"]["qweight"] == P(None, None, "tp")
+  # Per layer (unstacked): the same axes, counted from the end.
+  per_layer = sharding.param_specs(
+      jax.eval_shape(run_layout.unstack_layers, packed), 2)
+  assert per_layer["layers"][0]["mlp"]["down_proj"]["wscale"] == P(None, "tp")
+  assert per_layer["layers"][0]["self_attn"]["k_proj"]["wscale"] == P(
+      "tp", None)
+  # down_proj's G = 96 / 16 = 6 groups do not split in 4 (its bytes do).
+  with pytest.raises(ValueError, match=r"down_proj/wscale has shape"
+                     r" \(1, 64, 6\): axis -1 of size 6 must be divisible"
+                     r" by tp=4"):
+    sharding.param_specs(packed, 4)
 
 
 def test_cache_specs_float_and_kv4():
@@ -204,15 +231,20 @@ def test_row_groups_packed_equals_simulated():
   assert _rel(run(qlinear.dequantize_params(packed), per_token), want) > 1e-3
 
 
-def test_packed_group_scales_do_not_shard():
+def test_packed_group_scales_on_a_one_device_mesh():
+  # The shard_map path with group scales (one shard) equals the model
+  # without a mesh; the sharded runs (tp = 2) are `_sharded_checks`'.
   params = _params()
   qconfig = quarot.QuaRotConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4,
                                 w_groupsize=32)
   packed, options = quarot.quantize(params, CONFIG, qconfig, packed=True,
                                     progress=False)
-  with pytest.raises(NotImplementedError, match="group scales"):
-    model.forward(packed, _tokens(), CONFIG, options=options, kernels="xla",
-                  mesh=sharding.make_mesh(1))
+  assert qlinear.is_grouped(packed["layers"]["mlp"]["down_proj"])
+  want, _ = model.forward(packed, _tokens(), CONFIG, options=options,
+                          kernels="xla")
+  got, _ = model.forward(packed, _tokens(), CONFIG, options=options,
+                         kernels="xla", mesh=sharding.make_mesh(1))
+  assert _rel(got, want) < 1e-6
 
 
 def test_packed_on_mesh_needs_row_groups_equal_to_tp():
@@ -258,11 +290,13 @@ def _sharded_checks() -> dict:
   # run per shard in shard_map: the XLA references, and the Pallas ones in
   # interpret mode (prefill + 1 decode step: interpreting is slow).
   mesh = sharding.make_mesh(2)
-  for name, packed, kernels, steps in (("sim", False, "xla", 3),
-                                       ("packed", True, "xla", 3),
-                                       ("interpret", True, "interpret", 2)):
+  for name, packed, kernels, steps, groups in (
+      ("sim", False, "xla", 3, None), ("packed", True, "xla", 3, None),
+      ("grouped", True, "xla", 3, 16), ("interpret", True, "interpret", 2,
+                                        None)):
     kernels = kernels_lib.resolve(kernels)
-    p, options = _w4a4kv4(params, 2, packed=packed)
+    p, options = _w4a4kv4(params, 2, packed=packed, w_groupsize=groups)
+    assert not groups or qlinear.is_grouped(p["layers"]["mlp"]["down_proj"])
     if packed:
       p = run_layout.unstack_layers(p)
     cache = kv_cache.cache_for(CONFIG, 2, 9, packed=packed, per_layer=packed)
@@ -454,8 +488,10 @@ def test_sharded_float_logits(sharded, tp):
   assert sharded[f"float_tp{tp}"] <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["sim", "packed", "interpret"])
+@pytest.mark.parametrize("name", ["sim", "packed", "grouped", "interpret"])
 def test_sharded_w4a4kv4_prefill_and_decode(sharded, name):
+  # grouped: packed with weight scales per 16 inputs, split with their
+  # linears (column: on out; row: on the groups, with `in`).
   assert all(r <= 1e-5 for r in sharded[f"{name}_steps"]), sharded
   assert len(sharded[f"{name}_steps"]) == (2 if name == "interpret" else 3)
   # The new cache stays split by kv heads: 6 heads, 3 per device.

@@ -37,7 +37,6 @@ W4A4 variants (each record carries its `config`). Appends one JSONL record
 per (case, M, implementation).
 """
 
-import dataclasses
 import datetime
 import json
 import os
@@ -125,13 +124,6 @@ SWEEP = {
                                       warp_specialized=True),
     "mosaic_ws_s3_p4": Cfg(block_n=64, num_stages=3, programs_per_sm=4,
                            warp_specialized=True),
-    # Round 5 (#14): the default config, each program waiting only for its
-    # partial sums' shared memory to be read by the TMA store before it
-    # exits, not for the store to finish writing (a shorter tail).
-    "mosaic_w4a4_store_wait_read": dataclasses.replace(
-        dm.default_decode_matmul_config("mosaic"), store_wait="read"),
-    "mosaic_store_wait_read": dataclasses.replace(
-        dm.default_decode_matmul_config("mosaic"), store_wait="read"),
 }
 # Configs of the table's implementations (--sweep replaces them with the
 # fastest variant of the sweep).

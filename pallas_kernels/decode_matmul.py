@@ -98,10 +98,6 @@ class DecodeMatmulConfig:
       (`emit_pipeline`). Bit-exact, but slower on the 7B shapes (H200,
       2026-12-03: 0.16-0.38 of HBM against 0.28-0.48 at M = 1 and 16,
       `results/decode_matmul.jsonl`): kept for the comparison.
-    store_wait: Mosaic only: what a program waits for after the TMA store
-      of its partial sums before it exits: 'write' (the store done) or
-      'read' (its shared memory read out; the grid's end still completes
-      the write, the convention of CUTLASS's epilogue tail).
   """
 
   block_n: int = 128
@@ -113,7 +109,6 @@ class DecodeMatmulConfig:
   w_layout: Literal["upcast_4x", "wgmma"] = "upcast_4x"
   w4a4_mma: Literal["bf16", "int8"] = "bf16"
   warp_specialized: bool = False
-  store_wait: Literal["read", "write"] = "write"
 
   def __post_init__(self):
     if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -130,8 +125,6 @@ class DecodeMatmulConfig:
       raise ValueError(f"{self.w_layout=} must be 'upcast_4x' or 'wgmma'")
     if self.w4a4_mma not in ("bf16", "int8"):
       raise ValueError(f"{self.w4a4_mma=} must be 'bf16' or 'int8'")
-    if self.store_wait not in ("read", "write"):
-      raise ValueError(f"{self.store_wait=} must be 'read' or 'write'")
 
 
 def default_decode_matmul_config(implementation: str) -> DecodeMatmulConfig:
@@ -214,8 +207,7 @@ def _split_steps(split: jax.Array, plan: _Plan) -> jax.Array | int:
 
 def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
                                 plan: _Plan, num_stages: int,
-                                w_layout: str, warp_specialized: bool,
-                                store_wait: str = "write"):
+                                w_layout: str, warp_specialized: bool):
   """One program: rows [n0, n0 + block_n) of w over split `s`'s K range."""
   # w_gmem: int4[N, K]; x_gmem: bf16[Mp, K]; o_gmem: f32[split_k, N, Mp]
   # o_smem: f32[block_n, Mp]
@@ -260,7 +252,7 @@ def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
     o_smem[...] = acc_ref[...].astype(jnp.float32)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn)])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=store_wait == "read")
+    plgpu.wait_smem_to_gmem(0)
 
   in_specs = [
       plgpu.BlockSpec((bn, bk), lambda kk: (0, kk + si * q),
@@ -314,8 +306,7 @@ def _partials_mosaic(x: jax.Array, w_q: jax.Array, plan: _Plan,
   call = plgpu.kernel(
       functools.partial(decode_matmul_mosaic_kernel, plan=plan,
                         num_stages=cfg.num_stages, w_layout=cfg.w_layout,
-                        warp_specialized=cfg.warp_specialized,
-                        store_wait=cfg.store_wait),
+                        warp_specialized=cfg.warp_specialized),
       out_type=jax.ShapeDtypeStruct((plan.split_k, n, plan.m_pad),
                                     jnp.float32),
       scratch_types=dict(

@@ -127,8 +127,6 @@ def test_errors():
     dm.decode_matmul(x, w_q, s_w, implementation="mosaic", interpret=True)
   with pytest.raises(ValueError, match="block_k=96"):
     dm.DecodeMatmulConfig(block_k=96)
-  with pytest.raises(ValueError, match="store_wait='all' must be"):
-    dm.DecodeMatmulConfig(store_wait="all")
   # M > 16 without an explicit backend falls back to the reference.
   xl = jnp.ones((17, 256), jnp.bfloat16)
   np.testing.assert_array_equal(
@@ -136,16 +134,14 @@ def test_errors():
       np.asarray(dm.decode_matmul_reference(xl, w_q, s_w)))
 
 
-@pytest.mark.parametrize("store_wait", ["read", "write"])
 @pytest.mark.parametrize("w4a4_mma", ["bf16", "int8"])
-def test_mosaic_kernel_traces_on_cpu(w4a4_mma, store_wait):
+def test_mosaic_kernel_traces_on_cpu(w4a4_mma):
   """No CPU runs the Mosaic kernel, but tracing its body to a jaxpr
   catches a wrong argument or scratch name before a GPU call does."""
   m, n, k = 5, 256, 2048  # 8 blocks of 256: splits of 3, 3 and 2
   x = jnp.zeros((m, k), jnp.int8)
   w_q = jnp.zeros((n, k // 2), jnp.uint8)
-  cfg = dm.DecodeMatmulConfig(block_n=64, split_k=3, w4a4_mma=w4a4_mma,
-                              store_wait=store_wait)
+  cfg = dm.DecodeMatmulConfig(block_n=64, split_k=3, w4a4_mma=w4a4_mma)
   plan = dm._plan(m, n, k, cfg, "mosaic")  # pylint: disable=protected-access
   fn = lambda x, w: dm._partials_mosaic(x, w, plan, cfg)  # pylint: disable=protected-access
   assert f"f32[3,{n},8]" in str(jax.make_jaxpr(fn)(x, w_q))
@@ -166,17 +162,15 @@ def test_triton_tiles_lie_inside_n():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warp_specialized,store_wait",
-                         [(False, "read"), (True, "read"), (False, "write")])
+@pytest.mark.parametrize("warp_specialized", [False, True])
 @pytest.mark.parametrize("w4a4_mma", ["bf16", "int8"])
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_mosaic_on_gpu(m, w4a4_mma, warp_specialized, store_wait):
+def test_mosaic_on_gpu(m, w4a4_mma, warp_specialized):
   if not dm.is_hopper():
     pytest.skip("the Mosaic GPU kernel needs a Hopper GPU")
   cfg = dm.DecodeMatmulConfig(block_n=64, block_k=128, split_k=3,
                               w4a4_mma=w4a4_mma,
-                              warp_specialized=warp_specialized,
-                              store_wait=store_wait)
+                              warp_specialized=warp_specialized)
   # K = 11 blocks of 128: splits of 4, 4 and 3 blocks (a dynamic grid).
   x, w_q, s_w, _ = _operands(m, 192, 1408, seed=m, codes=False)
   got = dm.decode_matmul(x, w_q, s_w, config=cfg, implementation="mosaic",

@@ -166,9 +166,12 @@ _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
 
 def _configs(config) -> list[QuaRotConfig]:
   if _SWEEP.value == "learned":
-    return paper.learned_sweep(cli_flags.quarot_config(
-        {k: h.value for k, h in _QUANT.items()}), _OBJECTIVES.value,
-        _ROWS.value)
+    # --learn_scales goes to the learned e2e rows only (not the Hadamard).
+    flagged = {k: h.value for k, h in _QUANT.items()}
+    learn_scales = flagged.pop("learn_scales")
+    return paper.learned_sweep(cli_flags.quarot_config(flagged),
+                               _OBJECTIVES.value, _ROWS.value,
+                               learn_scales=learn_scales)
   if _SWEEP.value == "paper":
     configs = paper.paper_sweep(
         sweep.group_size_for(config), rows=_PAPER_ROWS.value,

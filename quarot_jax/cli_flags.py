@@ -53,6 +53,9 @@ _HELP = {
     "rotation_batch_size": "With --rotation_objective=e2e: calibration"
                            " windows per step (lower it if the model does"
                            " not fit in memory).",
+    "learn_scales": "With --rotation_objective=e2e: also learn a scale per"
+                    " channel of each norm -> linear path (OSTQuant's"
+                    " learnable scaling, folded into the norm and linears).",
     "rotation_remat": "With --rotation_objective=e2e: recompute each layer"
                       " in the backward pass (memory of one layer's"
                       " intermediates, ~1/3 more compute).",

@@ -67,21 +67,24 @@ _LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"),
             ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
-def initial_rotations(config: LlamaConfig, key: jax.Array) -> Rotations:
+def initial_rotations(config: LlamaConfig, key: jax.Array, *,
+                      scales: bool = False) -> Rotations:
   """QuaRot's rotations: randomized Hadamard R1 and H_H in every layer.
 
   Args:
     config: the model config.
     key: seeds R1 (the same key gives `rotation.rotate`'s Q).
+    scales: also learn channel scales (`Rotations.scales`), starting at 1.
 
   Returns:
     `Rotations`; folding them equals `rotation.rotate(params, config, key)`.
   """
-  h = config.head_dim
+  h, d, n = config.head_dim, config.hidden_size, config.num_hidden_layers
   r2 = hadamard.fast_hadamard_transform(jnp.eye(h, dtype=jnp.float32))
   return Rotations(
-      r1=hadamard.random_hadamard_matrix(config.hidden_size, key),
-      r2=jnp.broadcast_to(r2, (config.num_hidden_layers, h, h)))
+      r1=hadamard.random_hadamard_matrix(d, key),
+      r2=jnp.broadcast_to(r2, (n, h, h)),
+      scales=jnp.ones((n, 2, d), jnp.float32) if scales else None)
 
 
 @jax.jit
@@ -96,12 +99,16 @@ def prepare(params: Params) -> Params:
 
 def fold_into(base: Params, config: LlamaConfig,
               rotations: Rotations) -> Params:
-  """Folds R2 (and H_(N·H)) and then R1 into params from `prepare`.
+  """Folds R2 (and H_(N·H)), then R1, then any scales into params from
+  `prepare`.
 
   Differentiable in `rotations`. The result runs with `rotation.ROTATED`.
   """
   p = rotation.rotate_values_and_o(base, config, r2=rotations.r2)
-  return rotation.rotate_residual(p, rotations.r1)
+  p = rotation.rotate_residual(p, rotations.r1)
+  if rotations.scales is not None:
+    p = rotation.scale_norm_outputs(p, rotations.scales)
+  return p
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -112,7 +119,8 @@ def fold(params: Params, config: LlamaConfig,
   Args:
     params: float params.
     config: the model config.
-    rotations: orthogonal R1 f32[D, D] and R2 f32[L, H, H].
+    rotations: orthogonal R1 f32[D, D] and R2 f32[L, H, H], and any
+      channel scales f32[L, 2, D].
 
   Returns:
     f32 params to run with `rotation.ROTATED` options (plus quantization);
@@ -224,7 +232,7 @@ def _out_of_memory(error: jax.errors.JaxRuntimeError, windows: int,
 def _fingerprint(r0: Rotations) -> str:
   """sha256 of the start's bytes (a state resumes only its own start)."""
   digest = hashlib.sha256()
-  for a in (r0.r1, r0.r2):
+  for a in jax.tree.leaves(r0):
     digest.update(np.asarray(a, np.float32).tobytes())
   return digest.hexdigest()
 
@@ -500,6 +508,7 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
           key: jax.Array, options: model.RunOptions = rotation.ROTATED,
           weight_spec: quant.QuantSpec | None = None,
           batch_size: int = 4, start: Rotations | None = None,
+          scales: bool = False,
           progress: bool = True, resume: str | None = None,
           time_budget_s: float | None = None, remat: bool = False
           ) -> tuple[Rotations, np.ndarray]:
@@ -518,7 +527,9 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
     weight_spec: RTN weights in the 'e2e' loss, or None (float weights).
     batch_size: windows per 'e2e' step.
     start: the rotations to start from (default `initial_rotations(config,
-      key)`, QuaRot's).
+      key, scales=scales)`, QuaRot's).
+    scales: 'e2e' also learns channel scales on the norm -> linear paths
+      (`Rotations.scales`, OSTQuant's), starting at 1.
     progress: show progress bars.
     resume: a state file, to learn in parts (module docstring): resumed
       from when it exists, removed when learning ends.
@@ -531,9 +542,10 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
     (rotations to `fold`, f32[steps] training losses).
 
   Raises:
-    ValueError: unknown objective, negative steps, no calibration windows,
-      a `resume` file of another run, or a time budget that is negative
-      or has no `resume` file.
+    ValueError: unknown objective, scales with an objective other than
+      'e2e', negative steps, no calibration windows, a `resume` file of
+      another run, or a time budget that is negative or has no `resume`
+      file.
     LearningPaused: the time budget was spent; the state is in `resume`.
     OutOfDeviceMemory: an 'e2e' step did not fit in device memory.
   """
@@ -554,7 +566,12 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
                      f" {calib_tokens.shape}")
   lr = DEFAULT_LR if lr is None else lr
   # R1 starts from `key` itself, as in `rotation.rotate`.
-  r0 = initial_rotations(config, key) if start is None else start
+  r0 = (initial_rotations(config, key, scales=scales) if start is None
+        else start)
+  if r0.scales is not None and objective != "e2e":
+    raise ValueError(f"learned scales need objective='e2e', got {objective=}"
+                     " (the calibration objectives see one rotation's"
+                     " inputs, not the linears a scale moves into)")
   data_key = jax.random.fold_in(key, 1)
   if steps == 0:
     return r0, np.zeros((0,), np.float32)

@@ -47,10 +47,16 @@ class Rotations:
     r1: f32[D, D], the residual rotation (x -> x @ r1).
     r2: f32[L, H, H], each layer's rotation of every value head
       (v_h -> v_h @ r2[l]); its transpose is folded into o_proj.
+    scales: f32[L, 2, D] positive channel scales of each layer's attention
+      input (0) and MLP input (1), in the rotated basis (OSTQuant's
+      learnable scaling): the norm's output is divided by them and the
+      rows of q/k/v (0) or gate/up (1) multiplied
+      (`rotation.scale_norm_outputs`); None: no scaling.
   """
 
   r1: jax.Array
   r2: jax.Array
+  scales: jax.Array | None = None
 
 
 def skew(w: jax.Array) -> jax.Array:
@@ -100,25 +106,34 @@ def orthogonal(w: jax.Array, parameterization: str) -> jax.Array:
 
 def rotations(theta: dict[str, jax.Array], r0: Rotations,
               parameterization: str) -> Rotations:
-  """R0 @ P(W / sqrt(n)) for parameters theta = {'r1': W1, 'r2': W2}.
+  """R0 @ P(W / sqrt(n)) for theta = {'r1': W1, 'r2': W2}, and with r0's
+  scales, scales0 * exp(theta['log_scales']).
 
   Args:
-    theta: {'r1': f32[D, D], 'r2': f32[L, H, H]}.
+    theta: {'r1': f32[D, D], 'r2': f32[L, H, H]} (`zero_theta`), plus
+      'log_scales' f32[L, 2, D] when r0 has scales.
     r0: the starting rotations.
     parameterization: see `orthogonal`.
 
   Returns:
     `Rotations`, equal to r0 when theta is zero.
   """
-  p = {name: orthogonal(w / math.sqrt(w.shape[-1]), parameterization)
-       for name, w in theta.items()}
+  p = {name: orthogonal(theta[name] / math.sqrt(theta[name].shape[-1]),
+                        parameterization) for name in ("r1", "r2")}
+  scales = (None if r0.scales is None
+            else r0.scales * jnp.exp(theta["log_scales"]))
   return Rotations(r1=r0.r1 @ p["r1"],
-                   r2=jnp.einsum("LHI,LIJ->LHJ", r0.r2, p["r2"]))
+                   r2=jnp.einsum("LHI,LIJ->LHJ", r0.r2, p["r2"]),
+                   scales=scales)
 
 
 def zero_theta(r0: Rotations) -> dict[str, jax.Array]:
-  """Parameters that give back `r0` (all zeros)."""
-  return {"r1": jnp.zeros_like(r0.r1), "r2": jnp.zeros_like(r0.r2)}
+  """Parameters that give back `r0` (all zeros; 'log_scales' when r0 has
+  scales)."""
+  theta = {"r1": jnp.zeros_like(r0.r1), "r2": jnp.zeros_like(r0.r2)}
+  if r0.scales is not None:
+    theta["log_scales"] = jnp.zeros_like(r0.scales)
+  return theta
 
 
 def orthogonality_error(q: jax.Array) -> jax.Array:

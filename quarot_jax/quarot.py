@@ -56,6 +56,9 @@ class QuaRotConfig:
     rotation_lr: peak learning rate of 'learned' (Adam, cosine decay).
     rotation_batch_size: calibration windows per 'e2e' step (its memory
       grows with it; the other objectives ignore it).
+    learn_scales: 'e2e' also learns a positive scale per channel of every
+      norm -> linear path (OSTQuant's learnable scaling, folded into the
+      norm's weight and the linears' rows; `rotation.scale_norm_outputs`).
     rotation_remat: 'e2e' recomputes each layer in the backward pass, so a
       step holds one layer's intermediates instead of all of them (about
       a third more compute; the same rotations, so not in `rotation_key`).
@@ -84,6 +87,7 @@ class QuaRotConfig:
   rotation_steps: int = 100
   rotation_lr: float = 1e-3
   rotation_batch_size: int = 4
+  learn_scales: bool = False
   rotation_remat: bool = False
   percdamp: float = 0.01
   act_order: bool = True
@@ -107,7 +111,7 @@ class QuaRotConfig:
       if (not isinstance(ratio, (int, float, np.number))
           or isinstance(ratio, bool) or not 0 < ratio <= 1):
         raise ValueError(f"{name}={ratio!r} must be a number in (0, 1]")
-    for name in ("center_keys", "rotation_remat"):
+    for name in ("center_keys", "rotation_remat", "learn_scales"):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
     if not is_int(self.seed):
@@ -132,6 +136,14 @@ class QuaRotConfig:
     if not is_int(self.rotation_batch_size) or self.rotation_batch_size < 1:
       raise ValueError(f"rotation_batch_size={self.rotation_batch_size!r}"
                        " must be an int >= 1")
+    if self.learn_scales and not (self.rotate
+                                  and self.rotate_mode == "learned"
+                                  and self.rotation_objective == "e2e"):
+      raise ValueError(
+          "learn_scales=True needs rotate=True, rotate_mode='learned' and"
+          f" rotation_objective='e2e', got rotate={self.rotate},"
+          f" rotate_mode={self.rotate_mode!r},"
+          f" rotation_objective={self.rotation_objective!r}")
 
   @property
   def weight_spec(self) -> quant.QuantSpec:
@@ -171,6 +183,8 @@ class QuaRotConfig:
       rot += f"-{self.rotation_objective}{self.rotation_steps}"
       if self.rotation_objective == "e2e" and self.rotation_batch_size != 4:
         rot += f" b{self.rotation_batch_size}"
+      if self.learn_scales:
+        rot += "+s"
     kc = " kc" if self.center_keys else ""
     return f"W{self.w_bits}A{self.a_bits}{kv}{method}{rot}{kc}"
 
@@ -206,6 +220,8 @@ def rotation_key(qconfig: QuaRotConfig) -> tuple[Any, ...] | None:
       key += ("center_keys",)
     if qconfig.rotation_batch_size != 4:  # likewise
       key += (("batch", qconfig.rotation_batch_size),)
+    if qconfig.learn_scales:  # likewise
+      key += ("scales",)
   return key
 
 
@@ -252,8 +268,8 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       steps=qconfig.rotation_steps, lr=qconfig.rotation_lr,
       key=jax.random.key(qconfig.seed), options=options,
       weight_spec=_e2e_weight_spec(qconfig),
-      batch_size=qconfig.rotation_batch_size, progress=progress,
-      resume=resume, remat=qconfig.rotation_remat,
+      batch_size=qconfig.rotation_batch_size, scales=qconfig.learn_scales,
+      progress=progress, resume=resume, remat=qconfig.rotation_remat,
       time_budget_s=(None if deadline is None
                      else max(0.0, deadline - time.time())))
   return (rotations, losses) if return_losses else rotations

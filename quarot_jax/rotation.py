@@ -120,6 +120,40 @@ def rotate_residual(params: Params, q: jax.Array) -> Params:
   return wrap(p)
 
 
+def scale_norm_outputs(params: Params, scales: jax.Array) -> Params:
+  """Divides each pre-norm's output by `scales`, multiplies the linears
+  after it by them (exactly invariant in float).
+
+  OSTQuant's learnable scaling on the two norm -> linear paths of a layer:
+  the norm gets the weight 1 / s (times any it has), and the rows of
+  q/k/v (for s[:, 0]) or gate/up (s[:, 1]) are multiplied by s, so the
+  linears' outputs are unchanged while their quantized input and weights
+  see the scaled channels.
+
+  Args:
+    params: params after `fuse_norms` (rotated or not).
+    scales: f32[L, 2, D], positive.
+
+  Returns:
+    The scaled params.
+  """
+  params, wrap = model.unwrap(params)
+  p = _copy(params)
+  layers = p["layers"]
+  attn, mlp = layers["self_attn"], layers["mlp"]
+  for j, norm, linears in ((0, "input_layernorm",
+                            ((attn, "q_proj"), (attn, "k_proj"),
+                             (attn, "v_proj"))),
+                           (1, "post_attention_layernorm",
+                            ((mlp, "gate_proj"), (mlp, "up_proj")))):
+    s = scales[:, j]  # [L, D]
+    weight = layers[norm].get("scale")
+    layers[norm] = {"scale": (1 / s if weight is None else weight / s)}
+    for block, name in linears:
+      block[name]["kernel"] = block[name]["kernel"] * s[:, :, None]
+  return wrap(p)
+
+
 def rotate_down_input(params: Params, *, tp: int = 1) -> Params:
   """Folds H_Fᵀ into down_proj (run with `online_had_down=True`); with
   `tp` > 1, H_F is block-diagonal, one H_(F/tp) per shard (run with

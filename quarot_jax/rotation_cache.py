@@ -90,7 +90,7 @@ def _key_fields(qconfig: QuaRotConfig) -> dict[str, Any]:
           "rotation_steps": qconfig.rotation_steps,
           "rotation_lr": qconfig.rotation_lr,
           "rotation_batch_size": qconfig.rotation_batch_size,
-          "seed": qconfig.seed,
+          "seed": qconfig.seed, "learn_scales": qconfig.learn_scales,
           "w_bits": qconfig.w_bits, "w_method": qconfig.w_method,
           "a_bits": qconfig.a_bits, "k_bits": qconfig.k_bits,
           "v_bits": qconfig.v_bits, "a_clip": qconfig.a_clip,
@@ -104,7 +104,8 @@ def save(path: str, rotations: learned_rotation.Rotations, *,
 
   Args:
     path: the entry directory; an existing one is replaced.
-    rotations: the learned R1 f32[D, D] and R2 f32[L, H, H].
+    rotations: the learned R1 f32[D, D] and R2 f32[L, H, H] (and any
+      scales f32[L, 2, D]).
     ident: `identity(...)` of the rotation.
     qconfig: a config it was learned for (its key's fields are recorded).
     rotation_s: seconds spent learning it.
@@ -115,6 +116,8 @@ def save(path: str, rotations: learned_rotation.Rotations, *,
   """
   arrays = {"r1": np.asarray(rotations.r1, np.float32),
             "r2": np.asarray(rotations.r2, np.float32)}
+  if rotations.scales is not None:
+    arrays["scales"] = np.asarray(rotations.scales, np.float32)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   atomic.check_out_dir(path, overwrite=True, what="rotation entry")
   tmp = atomic.make_temp_dir(path)
@@ -135,10 +138,15 @@ def save(path: str, rotations: learned_rotation.Rotations, *,
     raise
 
 
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-  """The shapes of R1 [D, D] and R2 [L, H, H] for `config`."""
-  d, h = config.hidden_size, config.head_dim
-  return {"r1": (d, d), "r2": (config.num_hidden_layers, h, h)}
+def expected_shapes(config: LlamaConfig, *, scales: bool = False
+                    ) -> dict[str, tuple[int, ...]]:
+  """The shapes of R1 [D, D], R2 [L, H, H] and, with `scales`, the
+  scales [L, 2, D] for `config`."""
+  d, h, n = config.hidden_size, config.head_dim, config.num_hidden_layers
+  shapes = {"r1": (d, d), "r2": (n, h, h)}
+  if scales:
+    shapes["scales"] = (n, 2, d)
+  return shapes
 
 
 def load(path: str, config: LlamaConfig, *, ident: dict[str, Any]
@@ -173,13 +181,15 @@ def load(path: str, config: LlamaConfig, *, ident: dict[str, Any]
                      " learn it again")
   with np.load(npz, allow_pickle=False) as z:
     arrays = {k: z[k] for k in z.files}
-  want = expected_shapes(config)
+  want = expected_shapes(config, scales="scales" in arrays)
   got = {k: tuple(a.shape) for k, a in arrays.items()}
   if got != want:
     raise ValueError(f"{npz!r} holds rotations of shapes {got}, but the"
                      f" model needs {want}")
-  return (learned_rotation.Rotations(r1=jnp.asarray(arrays["r1"]),
-                                     r2=jnp.asarray(arrays["r2"])), meta)
+  scales = arrays.get("scales")
+  return (learned_rotation.Rotations(
+      r1=jnp.asarray(arrays["r1"]), r2=jnp.asarray(arrays["r2"]),
+      scales=None if scales is None else jnp.asarray(scales)), meta)
 
 
 def learn_or_load(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,

@@ -227,6 +227,7 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
                               and qconfig.rotation_objective == "e2e"
                               else None),
       "rotation_lr": qconfig.rotation_lr if learned else None,
+      "learn_scales": qconfig.learn_scales if learned else None,
       "rotation_s": None if rotation_s is None else round(rotation_s, 1),
       "rotation_loaded": rotation_loaded if learned else None,
       "rotation_calib_texts": (list(rotation_calib_texts)

@@ -113,6 +113,62 @@ def test_e2e_training_lowers_the_quantized_loss():
   assert float(core.orthogonality_error(rot.r2)) < 1e-5
 
 
+def test_fold_with_scales_is_invariant_and_ones_change_nothing(tiny):
+  params, tokens = tiny
+  want = _logits(params, tokens)
+  rot = _random_rotations(jax.random.key(2))
+  n, d = _CONFIG.num_hidden_layers, _CONFIG.hidden_size
+  s = jnp.exp(jax.random.normal(jax.random.key(3), (n, 2, d)))
+  scaled = learned_rotation.fold(params, _CONFIG,
+                                 dataclasses.replace(rot, scales=s))
+  got = _logits(scaled, tokens[:2], rotation.ROTATED)
+  assert np.abs(got - want[:2]).max() / np.abs(want).max() <= 1e-4
+  # Scales of one are the rotation alone, bit for bit.
+  plain = _logits(learned_rotation.fold(params, _CONFIG, rot), tokens[:2],
+                  rotation.ROTATED)
+  ones = learned_rotation.fold(params, _CONFIG, dataclasses.replace(
+      rot, scales=jnp.ones((n, 2, d))))
+  np.testing.assert_array_equal(
+      _logits(ones, tokens[:2], rotation.ROTATED), plain)
+
+
+def test_e2e_scales_shrink_the_outlier_channel():
+  """The outlier setup of the test above (channel 5 of the residual ten
+  times larger, 4-bit activations, from the identity): the learned scale
+  of channel 5 at the attention input grows the most (the norm output is
+  divided by it, so its quantization range shrinks), and the loss falls."""
+  config = dataclasses.replace(_CONFIG, num_hidden_layers=1)
+  params = model.init_params(config, jax.random.key(0), scale=0.5)
+  emb = params["embed_tokens"]["embedding"]
+  params["embed_tokens"]["embedding"] = emb.at[:, 5].multiply(10.0)
+  tokens = np.array(jax.random.randint(jax.random.key(1), (4, 32), 0, 61),
+                    np.int32)
+  logits = jax.jit(lambda t: model.forward(params, t, config)[0])
+  for t in range(8, 31):
+    tokens[:, t + 1] = np.argmax(logits(tokens)[:, t], axis=-1)
+  options = dataclasses.replace(
+      rotation.ROTATED, a_spec=quant.QuantSpec(bits=4, clip_ratio=0.9))
+  eye = core.Rotations(r1=jnp.eye(24), r2=jnp.eye(8)[None],
+                       scales=jnp.ones((1, 2, 24)))
+  rot, losses = learned_rotation.learn(
+      params, config, tokens, objective="e2e", steps=10, lr=0.05,
+      key=jax.random.key(0), options=options, batch_size=4, start=eye,
+      progress=False)
+  assert losses[-3:].mean() < losses[0] - 0.2, losses
+  attn_in = np.asarray(rot.scales[0, 0])
+  assert int(np.argmax(attn_in)) == 5, attn_in
+  assert attn_in[5] > 1.1 and bool(np.all(attn_in > 0)), attn_in
+  assert float(core.orthogonality_error(rot.r1)) < 1e-5
+
+
+def test_scales_need_the_e2e_objective(tiny):
+  params, tokens = tiny
+  with pytest.raises(ValueError, match="learned scales need"
+                     " objective='e2e', got objective='whip'"):
+    learned_rotation.learn(params, _CONFIG, tokens, objective="whip",
+                           steps=1, key=jax.random.key(0), scales=True)
+
+
 def test_zero_steps_return_the_start(tiny):
   params, tokens = tiny
   rot, losses = learned_rotation.learn(params, _CONFIG, tokens,

@@ -60,6 +60,26 @@ def test_packed_forward_equals_simulated(tiny):
   assert _rel(got, want) < 1e-4
 
 
+def test_packed_learned_scales_equal_simulated(tiny):
+  """Learned rotations with channel scales (a norm weight 1 / s in front of
+  the packed linears): the packed forward gives the simulated one."""
+  params, config, tokens = tiny
+  qconfig = dataclasses.replace(
+      W4A4KV4, rotate_mode="learned", rotation_objective="e2e",
+      rotation_steps=2, rotation_lr=0.05, learn_scales=True)
+  rotations = quarot.learn_rotations(params, config, qconfig, tokens,
+                                     progress=False)
+  assert float(jnp.abs(rotations.scales - 1).max()) > 1e-3
+  sim, options = quarot.quantize(params, config, qconfig, tokens,
+                                 rotations=rotations, progress=False)
+  real, _ = quarot.quantize(params, config, qconfig, tokens, packed=True,
+                            rotations=rotations, progress=False)
+  assert "qweight" in real["layers"]["mlp"]["up_proj"]
+  want, _ = model.forward(sim, tokens, config, options=options)
+  got, _ = model.forward(real, tokens, config, options=options)
+  assert _rel(got, want) < 1e-4
+
+
 # The 128G mode: weight scales per group of `in` (32 here: the tiny widths
 # 64 and 96 have no group of 128).
 W4A4KV4_G32 = dataclasses.replace(W4A4KV4, w_groupsize=32)

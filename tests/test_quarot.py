@@ -4,6 +4,7 @@ error with and without rotation."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -252,3 +253,48 @@ def test_e2e_remat_reaches_learning_and_keeps_the_key(monkeypatch):
     quarot.learn_rotations(params, config, qconfig,
                            np.zeros((2, 8), np.int32), progress=False)
   assert seen == [False, True]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(rotate_mode="hadamard"),
+    dict(rotate_mode="learned", rotation_objective="whip"),
+    dict(rotate_mode="learned", rotation_objective="e2e", rotate=False),
+])
+def test_learn_scales_needs_learned_e2e_rotations(kwargs):
+  with pytest.raises(ValueError, match="learn_scales=True needs rotate=True,"
+                     " rotate_mode='learned' and rotation_objective='e2e'"):
+    quarot.QuaRotConfig(learn_scales=True, **kwargs)
+
+
+def test_learn_scales_reaches_learning_its_key_and_label(monkeypatch):
+  e2e = quarot.QuaRotConfig(rotate_mode="learned", rotation_objective="e2e",
+                            w_bits=4, w_method="gptq", rotation_steps=3)
+  scaled = dataclasses.replace(e2e, learn_scales=True)
+  assert scaled.describe() == "W4A16KV16 gptq rot-learned-e2e3+s"
+  assert quarot.rotation_key(scaled) != quarot.rotation_key(e2e)
+  seen = []
+  monkeypatch.setattr(quarot.learned_rotation, "learn",
+                      lambda *a, **kw: seen.append(kw["scales"])
+                      or (None, None))
+  params, config = hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
+  for qconfig in (e2e, scaled):
+    quarot.learn_rotations(params, config, qconfig,
+                           np.zeros((2, 8), np.int32), progress=False)
+  assert seen == [False, True]
+
+
+def test_learned_scales_fold_invariantly_through_quantize(outlier_model):
+  """16 bits, 2 e2e steps with scales: the quantized params carry a norm
+  weight (1 / s) and give the float model's logits."""
+  params, config, tokens, _ = outlier_model
+  qconfig = quarot.QuaRotConfig(rotate_mode="learned",
+                                rotation_objective="e2e", rotation_steps=2,
+                                rotation_lr=0.05, learn_scales=True)
+  got, options = quarot.quantize(params, config, qconfig, tokens,
+                                 progress=False)
+  scale = np.asarray(got["layers"]["input_layernorm"]["scale"])
+  assert scale.shape == (config.num_hidden_layers, config.hidden_size)
+  assert np.abs(scale - 1).max() > 1e-3
+  want = model.forward(params, tokens, config)[0]
+  out = model.forward(got, tokens, config, options=options)[0]
+  assert float(jnp.abs(out - want).max() / jnp.abs(want).max()) < 1e-4

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,6 +42,30 @@ def test_rotate_residual_is_invariant(tiny):
   q = hadamard.random_hadamard_matrix(config.hidden_size, jax.random.key(1))
   rotated = rotation.rotate_residual(rotation.fuse_norms(params, config), q)
   _assert_same(_logits(rotated, config, tokens), want)
+
+
+def test_scale_norm_outputs_is_invariant(tiny):
+  """Channel scales folded into the norm (1 / s) and the linears after it
+  (rows times s) leave the float model's logits unchanged, whether the
+  norm had a weight or not, and they do move the weights."""
+  params, config, tokens, want = tiny
+  n, d = config.num_hidden_layers, config.hidden_size
+  s = jnp.exp(jax.random.uniform(jax.random.key(5), (n, 2, d),
+                                 minval=-1.0, maxval=1.0))
+  fused = rotation.fuse_norms(params, config)
+  scaled = rotation.scale_norm_outputs(fused, s)
+  _assert_same(_logits(scaled, config, tokens), want)
+  np.testing.assert_allclose(
+      scaled["layers"]["input_layernorm"]["scale"], 1 / s[:, 0])
+  q_in = fused["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert np.abs(scaled["layers"]["self_attn"]["q_proj"]["kernel"]
+                - q_in).max() > 1e-3
+  twice = rotation.scale_norm_outputs(scaled, s)  # a norm with a weight
+  _assert_same(_logits(twice, config, tokens), want)
+  np.testing.assert_allclose(
+      twice["layers"]["post_attention_layernorm"]["scale"],
+      1 / s[:, 1] ** 2, rtol=1e-6)
+  assert "scale" not in fused["layers"]["input_layernorm"]  # not mutated
 
 
 def test_online_hadamards_are_invariant(tiny):

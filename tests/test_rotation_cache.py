@@ -239,3 +239,25 @@ def test_learn_rotations_budget_counts_from_started(tiny, tmp_path):
   assert paused.value.step == 1
   rows = sweep.learn_rotations(params, config, configs, windows, **kw)
   assert [r["rotation_loaded"] for r in rows] == [False]
+
+
+def test_learned_scales_are_saved_and_loaded(tiny, tmp_path):
+  params, config, windows = tiny
+  qconfig = quarot.QuaRotConfig(rotate_mode="learned",
+                                rotation_objective="e2e", rotation_steps=1,
+                                rotation_lr=0.05, learn_scales=True)
+  learned, _, loaded = rotation_cache.learn_or_load(
+      params, config, qconfig, windows, directory=str(tmp_path),
+      model_name="tiny", progress=False)
+  assert not loaded and learned.scales.shape == (
+      config.num_hidden_layers, 2, config.hidden_size)
+  again, _, loaded = rotation_cache.learn_or_load(
+      params, config, qconfig, windows, directory=str(tmp_path),
+      model_name="tiny", progress=False)
+  assert loaded
+  np.testing.assert_array_equal(again.scales, learned.scales)
+  np.testing.assert_array_equal(again.r1, learned.r1)
+  path = rotation_cache.path_for(str(tmp_path), qconfig, model_name="tiny",
+                                 calib_windows=windows)
+  with open(os.path.join(path, rotation_cache.META)) as f:
+    assert json.load(f)["learn_scales"] is True

@@ -80,7 +80,8 @@ LEARNED_ROWS = {
 
 
 def learned_sweep(flagged: QuaRotConfig, objectives: list[str],
-                  row_names: list[str]) -> list[QuaRotConfig]:
+                  row_names: list[str], *, learn_scales: bool = False
+                  ) -> list[QuaRotConfig]:
   """Issue #16's sweep: the GPTQ rows named (keys of `LEARNED_ROWS`) with
   each learned objective, then with the Hadamard.
 
@@ -88,20 +89,27 @@ def learned_sweep(flagged: QuaRotConfig, objectives: list[str],
     flagged: the config the flags give (rotation steps, lr, ...).
     objectives: `learned_rotation.OBJECTIVES` to run, in order.
     row_names: e.g. ['w4a4kv4', 'w4a16'].
+    learn_scales: the 'e2e' rows also learn channel scales.
 
   Returns:
     One config per (row, objective), then one Hadamard config per row.
 
   Raises:
-    ValueError: an unknown or empty row list (the message names it).
+    ValueError: an unknown or empty row list (the message names it), or
+      learn_scales without 'e2e' among the objectives.
   """
+  if learn_scales and "e2e" not in objectives:
+    raise ValueError(f"--learn_scales needs e2e among --objectives, got"
+                     f" {','.join(objectives)}")
   unknown = sorted(set(row_names) - set(LEARNED_ROWS))
   if unknown or not row_names:
     raise ValueError(f"--learned_rows={','.join(row_names)}: each must be"
                      f" one of {sorted(LEARNED_ROWS)}")
   rows = [LEARNED_ROWS[name] for name in row_names]
-  learned = [dataclasses.replace(flagged, rotate=True, rotate_mode="learned",
-                                 rotation_objective=objective, **row)
+  learned = [dataclasses.replace(
+      flagged, rotate=True, rotate_mode="learned",
+      rotation_objective=objective,
+      learn_scales=learn_scales and objective == "e2e", **row)
              for row in rows for objective in objectives]
   return learned + [dataclasses.replace(flagged, rotate=True,
                                         rotate_mode="hadamard", **row)

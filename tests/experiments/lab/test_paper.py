@@ -30,6 +30,18 @@ def test_learned_sweep_rows_objectives_then_hadamard():
   assert [c.a_bits for c in both] == [16, 4, 16, 4]
 
 
+def test_learned_sweep_scales_only_the_e2e_rows():
+  configs = paper.learned_sweep(QuaRotConfig(), ["whip", "e2e"], ["w4a16"],
+                                learn_scales=True)
+  assert [c.describe() for c in configs] == [
+      "W4A16KV16 gptq rot-learned-whip100",
+      "W4A16KV16 gptq rot-learned-e2e100+s", "W4A16KV16 gptq rot-hadamard"]
+  with pytest.raises(ValueError, match="--learn_scales needs e2e among"
+                     " --objectives, got whip"):
+    paper.learned_sweep(QuaRotConfig(), ["whip"], ["w4a16"],
+                        learn_scales=True)
+
+
 def test_learned_sweep_unknown_row_names_it():
   with pytest.raises(ValueError, match="w8a8"):
     paper.learned_sweep(QuaRotConfig(), ["qerror"], ["w8a8"])

@@ -70,6 +70,11 @@
 #     bash experiments/device/run.sh stage smollm2 1 &&
 #     bash experiments/device/run.sh join smollm2 &&
 #     bash experiments/device/run.sh accuracy --sweep=paper --methods=rtn
+#   .carry/wheels holds the gguf reader's wheel (the device has no `gguf`
+#   module: cp /opt/pypi/files/gguf-*.whl .carry/wheels/), .carry/cache the
+#   enwiki-gensim text (cp ~/.cache/quarot_jax/enwiki_gensim_v1.json). On an
+#   H100 (80 GB) the e2e rotation learning needs --rotation_remat (four
+#   windows a step asked for 64 GiB more, 2026-12-06).
 # The Qwen GGUF goes the same way: stage qwen K, one chunk a call (carry
 # .carry/qwen/chunkKK; ~5 s each when back to back, 2026-12-02), the last
 # with .carry/cache and .carry/wheels (the gguf reader), then join qwen and

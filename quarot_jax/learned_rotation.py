@@ -21,7 +21,10 @@ options exactly as `rotation.rotate`'s does. Objectives (the math is in
 * 'e2e' (SpinQuant): both rotations minimize the next-token loss of the
   quantized network (activations, KV cache and, when asked, RTN weights
   fake-quantized with a straight-through estimator; `quant.fake_quant`),
-  through the whole model (Cayley parameterization, Adam).
+  through the whole model (Cayley parameterization, Adam). With
+  `scales=True` it also learns a positive scale per channel of each
+  layer's two norm -> linear paths (OSTQuant's learnable scaling; log-scales
+  under the same Adam), folded after R1 by `rotation.scale_norm_outputs`.
 
 Training runs at TF32 matmul precision (`jax.default_matmul_precision`);
 folding runs at the caller's precision.

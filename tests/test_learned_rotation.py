@@ -87,11 +87,10 @@ def test_calibration_lowers_its_loss_and_folds_invariantly(tiny, objective):
   assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
 
 
-def test_e2e_training_lowers_the_quantized_loss():
-  # One layer with an outlier channel in its residual stream, 4-bit
-  # activations, learned from the identity, on windows the float model
-  # predicts well (greedy continuations): the quantized next-token loss has
-  # much to gain, and the straight-through gradient must find it.
+def _outlier_problem():
+  """One layer with an outlier channel (5) in its residual stream, 4-bit
+  activations, on windows the float model predicts well (greedy
+  continuations): (params, config, tokens, options)."""
   config = dataclasses.replace(_CONFIG, num_hidden_layers=1)
   params = model.init_params(config, jax.random.key(0), scale=0.5)
   emb = params["embed_tokens"]["embedding"]
@@ -103,6 +102,14 @@ def test_e2e_training_lowers_the_quantized_loss():
     tokens[:, t + 1] = np.argmax(logits(tokens)[:, t], axis=-1)
   options = dataclasses.replace(
       rotation.ROTATED, a_spec=quant.QuantSpec(bits=4, clip_ratio=0.9))
+  return params, config, tokens, options
+
+
+def test_e2e_training_lowers_the_quantized_loss():
+  # `_outlier_problem`, learned from the identity: the quantized
+  # next-token loss has much to gain, and the straight-through gradient
+  # must find it.
+  params, config, tokens, options = _outlier_problem()
   eye = core.Rotations(r1=jnp.eye(24), r2=jnp.eye(8)[None])
   rot, losses = learned_rotation.learn(
       params, config, tokens, objective="e2e", steps=10, lr=0.1,
@@ -133,21 +140,11 @@ def test_fold_with_scales_is_invariant_and_ones_change_nothing(tiny):
 
 
 def test_e2e_scales_shrink_the_outlier_channel():
-  """The outlier setup of the test above (channel 5 of the residual ten
-  times larger, 4-bit activations, from the identity): the learned scale
+  """`_outlier_problem` (channel 5 of the residual ten times larger),
+  from the identity: the learned scale
   of channel 5 at the attention input grows the most (the norm output is
   divided by it, so its quantization range shrinks), and the loss falls."""
-  config = dataclasses.replace(_CONFIG, num_hidden_layers=1)
-  params = model.init_params(config, jax.random.key(0), scale=0.5)
-  emb = params["embed_tokens"]["embedding"]
-  params["embed_tokens"]["embedding"] = emb.at[:, 5].multiply(10.0)
-  tokens = np.array(jax.random.randint(jax.random.key(1), (4, 32), 0, 61),
-                    np.int32)
-  logits = jax.jit(lambda t: model.forward(params, t, config)[0])
-  for t in range(8, 31):
-    tokens[:, t + 1] = np.argmax(logits(tokens)[:, t], axis=-1)
-  options = dataclasses.replace(
-      rotation.ROTATED, a_spec=quant.QuantSpec(bits=4, clip_ratio=0.9))
+  params, config, tokens, options = _outlier_problem()
   eye = core.Rotations(r1=jnp.eye(24), r2=jnp.eye(8)[None],
                        scales=jnp.ones((1, 2, 24)))
   rot, losses = learned_rotation.learn(

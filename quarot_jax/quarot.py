@@ -195,9 +195,14 @@ def _e2e_weight_spec(qconfig: QuaRotConfig) -> quant.QuantSpec | None:
   As SpinQuant: weights are fake-quantized while learning only when RTN
   quantizes them afterwards, or when nothing else is quantized (W4A16);
   before GPTQ the rotations see float weights and quantized activations.
+  Learned channel scales always see RTN weights: against float weights a
+  weight column absorbs any scale for free, and the scales ran off to 552
+  on SmolLM2 W4A4KV4, which GPTQ's per-row grids then could not hold
+  (perplexity 212; H100, 2026-12-06).
   """
   nothing_else = qconfig.a_bits == qconfig.k_bits == qconfig.v_bits == 16
-  if qconfig.w_bits < 16 and (qconfig.w_method == "rtn" or nothing_else):
+  if qconfig.w_bits < 16 and (qconfig.w_method == "rtn" or nothing_else
+                              or qconfig.learn_scales):
     return qconfig.weight_spec
   return None
 

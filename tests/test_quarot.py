@@ -298,3 +298,25 @@ def test_learned_scales_fold_invariantly_through_quantize(outlier_model):
   want = model.forward(params, tokens, config)[0]
   out = model.forward(got, tokens, config, options=options)[0]
   assert float(jnp.abs(out - want).max() / jnp.abs(want).max()) < 1e-4
+
+
+def test_learned_scales_see_rtn_weights_before_gptq(monkeypatch):
+  """With float weights in the loss the scales are free (a weight column
+  absorbs any s), so e2e + scales before GPTQ learned s up to 552 on
+  SmolLM2 W4A4KV4 and GPTQ then gave perplexity 212 (H100, 2026-12-06).
+  Scales learn against RTN weights; rotations alone keep SpinQuant's float
+  weights before GPTQ."""
+  w4a4 = dict(rotate_mode="learned", rotation_objective="e2e", w_bits=4,
+              a_bits=4, k_bits=4, v_bits=4, w_method="gptq")
+  plain = quarot.QuaRotConfig(**w4a4)
+  scaled = quarot.QuaRotConfig(learn_scales=True, **w4a4)
+  seen = []
+  monkeypatch.setattr(quarot.learned_rotation, "learn",
+                      lambda *a, **kw: seen.append(kw["weight_spec"])
+                      or (None, None))
+  params, config = hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
+  for qconfig in (plain, scaled):
+    quarot.learn_rotations(params, config, qconfig,
+                           np.zeros((2, 8), np.int32), progress=False)
+  assert seen[0] is None
+  assert seen[1] is not None and seen[1].bits == 4

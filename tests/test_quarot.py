@@ -226,14 +226,20 @@ def test_e2e_batch_size_reaches_learning_and_its_key(monkeypatch):
   whip = dataclasses.replace(e2e, rotation_objective="whip")
   assert quarot.rotation_key(whip) == quarot.rotation_key(
       dataclasses.replace(whip, rotation_batch_size=2))
+  assert _learn_kwarg(monkeypatch, "batch_size", two) == [2]
+
+
+def _learn_kwarg(monkeypatch, name, *qconfigs):
+  """The keyword `name` that `learn_rotations` passes to
+  `learned_rotation.learn`, once per config (learning itself stubbed)."""
   seen = []
   monkeypatch.setattr(quarot.learned_rotation, "learn",
-                      lambda *a, **kw: seen.append(kw["batch_size"])
-                      or (None, None))
+                      lambda *a, **kw: seen.append(kw[name]) or (None, None))
   params, config = hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
-  quarot.learn_rotations(params, config, two, np.zeros((2, 8), np.int32),
-                         progress=False)
-  assert seen == [2]
+  for qconfig in qconfigs:
+    quarot.learn_rotations(params, config, qconfig,
+                           np.zeros((2, 8), np.int32), progress=False)
+  return seen
 
 
 def test_e2e_remat_reaches_learning_and_keeps_the_key(monkeypatch):
@@ -244,15 +250,7 @@ def test_e2e_remat_reaches_learning_and_keeps_the_key(monkeypatch):
   remat = dataclasses.replace(e2e, rotation_remat=True)
   assert quarot.rotation_key(remat) == quarot.rotation_key(e2e)
   assert remat.describe() == e2e.describe()
-  seen = []
-  monkeypatch.setattr(quarot.learned_rotation, "learn",
-                      lambda *a, **kw: seen.append(kw["remat"])
-                      or (None, None))
-  params, config = hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
-  for qconfig in (e2e, remat):
-    quarot.learn_rotations(params, config, qconfig,
-                           np.zeros((2, 8), np.int32), progress=False)
-  assert seen == [False, True]
+  assert _learn_kwarg(monkeypatch, "remat", e2e, remat) == [False, True]
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -272,15 +270,7 @@ def test_learn_scales_reaches_learning_its_key_and_label(monkeypatch):
   scaled = dataclasses.replace(e2e, learn_scales=True)
   assert scaled.describe() == "W4A16KV16 gptq rot-learned-e2e3+s"
   assert quarot.rotation_key(scaled) != quarot.rotation_key(e2e)
-  seen = []
-  monkeypatch.setattr(quarot.learned_rotation, "learn",
-                      lambda *a, **kw: seen.append(kw["scales"])
-                      or (None, None))
-  params, config = hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
-  for qconfig in (e2e, scaled):
-    quarot.learn_rotations(params, config, qconfig,
-                           np.zeros((2, 8), np.int32), progress=False)
-  assert seen == [False, True]
+  assert _learn_kwarg(monkeypatch, "scales", e2e, scaled) == [False, True]
 
 
 def test_learned_scales_fold_invariantly_through_quantize(outlier_model):
@@ -310,13 +300,6 @@ def test_learned_scales_see_rtn_weights_before_gptq(monkeypatch):
               a_bits=4, k_bits=4, v_bits=4, w_method="gptq")
   plain = quarot.QuaRotConfig(**w4a4)
   scaled = quarot.QuaRotConfig(learn_scales=True, **w4a4)
-  seen = []
-  monkeypatch.setattr(quarot.learned_rotation, "learn",
-                      lambda *a, **kw: seen.append(kw["weight_spec"])
-                      or (None, None))
-  params, config = hf.load_hf(hf_models.tiny_hf_model("smollm")[0])
-  for qconfig in (plain, scaled):
-    quarot.learn_rotations(params, config, qconfig,
-                           np.zeros((2, 8), np.int32), progress=False)
+  seen = _learn_kwarg(monkeypatch, "weight_spec", plain, scaled)
   assert seen[0] is None
   assert seen[1] is not None and seen[1].bits == 4

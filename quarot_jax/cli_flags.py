@@ -55,7 +55,8 @@ _HELP = {
                            " not fit in memory).",
     "learn_scales": "With --rotation_objective=e2e: also learn a scale per"
                     " channel of each norm -> linear path (OSTQuant's"
-                    " learnable scaling, folded into the norm and linears).",
+                    " learnable scaling, folded into the norm and linears),"
+                    " learned against RTN weights even before GPTQ.",
     "rotation_remat": "With --rotation_objective=e2e: recompute each layer"
                       " in the backward pass (memory of one layer's"
                       " intermediates, ~1/3 more compute).",

@@ -166,12 +166,12 @@ _OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
 
 def _configs(config) -> list[QuaRotConfig]:
   if _SWEEP.value == "learned":
-    # --learn_scales goes to the learned e2e rows only (not the Hadamard).
+    # The e2e options go to the learned e2e rows only (not the Hadamard).
     flagged = {k: h.value for k, h in _QUANT.items()}
-    learn_scales = flagged.pop("learn_scales")
+    e2e = {k: flagged.pop(k)
+           for k in ("learn_scales", "rotation_loss", "scale_lr_ratio")}
     return paper.learned_sweep(cli_flags.quarot_config(flagged),
-                               _OBJECTIVES.value, _ROWS.value,
-                               learn_scales=learn_scales)
+                               _OBJECTIVES.value, _ROWS.value, **e2e)
   if _SWEEP.value == "paper":
     configs = paper.paper_sweep(
         sweep.group_size_for(config), rows=_PAPER_ROWS.value,

@@ -57,6 +57,12 @@ _HELP = {
                     " channel of each norm -> linear path (OSTQuant's"
                     " learnable scaling, folded into the norm and linears),"
                     " learned against RTN weights even before GPTQ.",
+    "scale_lr_ratio": "With --learn_scales: the scales' peak learning rate"
+                      " as a multiple of --rotation_lr.",
+    "rotation_loss": "With --rotation_objective=e2e: ce (next-token"
+                     " cross-entropy, SpinQuant's) or kl (KL divergence"
+                     " from the float model's next-token distributions,"
+                     " OSTQuant's; one more forward a step).",
     "rotation_remat": "With --rotation_objective=e2e: recompute each layer"
                       " in the backward pass (memory of one layer's"
                       " intermediates, ~1/3 more compute).",
@@ -71,7 +77,8 @@ _HELP = {
                 " (enwiki-gensim).",
 }
 _ENUMS = {"w_method": ("rtn", "gptq"), "rotate_mode": quarot.ROTATE_MODES,
-          "rotation_objective": learned_rotation.OBJECTIVES}
+          "rotation_objective": learned_rotation.OBJECTIVES,
+          "rotation_loss": learned_rotation.LOSSES}
 _CALIBRATION_DEFAULTS = {"nsamples": 128}
 QUANT_FLAGS = tuple(_HELP)
 

@@ -24,7 +24,11 @@ options exactly as `rotation.rotate`'s does. Objectives (the math is in
   through the whole model (Cayley parameterization, Adam). With
   `scales=True` it also learns a positive scale per channel of each
   layer's two norm -> linear paths (OSTQuant's learnable scaling; log-scales
-  under the same Adam), folded after R1 by `rotation.scale_norm_outputs`.
+  under the same Adam, at their own peak rate with `scale_lr`), folded
+  after R1 by `rotation.scale_norm_outputs`. `loss='kl'` minimizes instead
+  the KL divergence from the float network's next-token distributions
+  (OSTQuant's choice: every position's whole distribution, not one sampled
+  token), at the cost of one more (gradient-free) forward a step.
 
 Training runs at TF32 matmul precision (`jax.default_matmul_precision`);
 folding runs at the caller's precision.
@@ -61,6 +65,7 @@ from quarot_jax.learned_rotation_core import Rotations
 Params = dict[str, Any]
 
 OBJECTIVES = ("whip", "qerror", "e2e")
+LOSSES = ("ce", "kl")  # the 'e2e' loss: next-token cross-entropy, or KL
 DEFAULT_LR = 1e-3
 _TRAIN_PRECISION = "tensorfloat32"
 # The base params (norms fused, H_Fᵀ folded) run with the down Hadamard only.
@@ -292,10 +297,24 @@ def _adam(lr: float, steps: int) -> optax.GradientTransformation:
   return optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1)))
 
 
+def _optimizer(lr: float, steps: int, scale_lr: float | None
+               ) -> optax.GradientTransformation:
+  """Adam with cosine decay; the log-scales at peak `scale_lr` when it is
+  given and differs from `lr` (one Adam over everything otherwise, so the
+  one-rate run and its saved states stay as they were)."""
+  if scale_lr is None or scale_lr == lr:
+    return _adam(lr, steps)
+  return optax.multi_transform(
+      {"rotations": _adam(lr, steps), "scales": _adam(scale_lr, steps)},
+      lambda theta: {k: "scales" if k == "log_scales" else "rotations"
+                     for k in theta})
+
+
 def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
            lr: float, steps: int, progress: bool, desc: str,
            resume: str | None = None, deadline: float | None = None,
-           save_every_s: float = 60.0) -> tuple[Rotations, np.ndarray]:
+           save_every_s: float = 60.0, scale_lr: float | None = None
+           ) -> tuple[Rotations, np.ndarray]:
   """Adam on the parameters of R = R0 @ P(W), one jitted step per batch.
 
   Args:
@@ -312,6 +331,7 @@ def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
     deadline: with `resume`, stop after the first step that ends at or
       past this `time.time()` (the last step never stops).
     save_every_s: seconds between state saves.
+    scale_lr: peak learning rate of the log-scales (None: `lr`).
 
   Returns:
     (rotations, f32[steps] loss before each step).
@@ -320,7 +340,7 @@ def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
     LearningPaused: the budget was spent (the state is in `resume`).
     ValueError: `resume` holds another run's state.
   """
-  optimizer = _adam(lr, steps)
+  optimizer = _optimizer(lr, steps, scale_lr)
 
   @jax.jit
   def step(theta, opt_state, batch):
@@ -335,6 +355,8 @@ def _train(loss_fn, r0: Rotations, batches, *, parameterization: str,
   losses, first, before = [], 0, 0.0
   meta = dict(desc=desc, steps=steps, lr=float(lr),
               parameterization=parameterization, start=_fingerprint(r0))
+  if scale_lr is not None and scale_lr != lr:  # old states stay resumable
+    meta["scale_lr"] = float(scale_lr)
   if resume is not None and os.path.exists(resume):
     theta, opt_state, losses, first, before = _load_state(
         resume, meta, theta, opt_state)
@@ -441,7 +463,8 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
               weight_spec: quant.QuantSpec | None, steps: int, lr: float,
               key: jax.Array, batch_size: int = 4, progress: bool = True,
               resume: str | None = None, deadline: float | None = None,
-              remat: bool = False) -> tuple[Rotations, np.ndarray]:
+              remat: bool = False, loss: str = "ce",
+              scale_lr: float | None = None) -> tuple[Rotations, np.ndarray]:
   """SpinQuant: R1 and R2 minimize the quantized network's next-token loss.
 
   Args:
@@ -466,6 +489,10 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
     remat: recompute each layer in the backward pass (`model.forward`):
       the step's memory holds one layer's intermediates, not all of them
       (Qwen2.5-1.5B at 4 windows of 2048 asked for 186 GiB without it).
+    loss: 'ce' (next-token cross-entropy) or 'kl' (KL divergence from the
+      float network's next-token distributions, computed in the same step;
+      `core.kl_loss`).
+    scale_lr: the log-scales' peak learning rate (None: `lr`).
 
   Returns:
     (rotations, f32[steps] losses).
@@ -492,13 +519,18 @@ def learn_e2e(base: Params, config: LlamaConfig, calib_tokens: np.ndarray,
     logits, _ = model.forward(params, tokens, config, options=options,
                               kernels="xla",  # f32 einsum attention
                               remat=remat)
-    return core.next_token_loss(logits, tokens)
+    if loss == "ce":
+      return core.next_token_loss(logits, tokens)
+    teacher, _ = model.forward(base, tokens, config, options=_BASE,
+                               kernels="xla", remat=remat)
+    return core.kl_loss(logits, teacher)
 
   try:
     return _train(
         loss_fn, r0, lambda i: (base, calib[order[i * b:(i + 1) * b]]),
         parameterization="cayley", lr=lr, steps=steps, progress=progress,
-        desc="learn R (e2e)", resume=resume, deadline=deadline)
+        desc=f"learn R (e2e{'' if loss == 'ce' else ', ' + loss})",
+        resume=resume, deadline=deadline, scale_lr=scale_lr)
   except jax.errors.JaxRuntimeError as e:
     oom = _out_of_memory(e, b, calib.shape[1], remat)
     if oom is None:
@@ -513,7 +545,8 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
           batch_size: int = 4, start: Rotations | None = None,
           scales: bool = False,
           progress: bool = True, resume: str | None = None,
-          time_budget_s: float | None = None, remat: bool = False
+          time_budget_s: float | None = None, remat: bool = False,
+          loss: str = "ce", scale_lr: float | None = None
           ) -> tuple[Rotations, np.ndarray]:
   """Learns R1 and R2 from QuaRot's randomized Hadamard start.
 
@@ -540,13 +573,16 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
       this many seconds after this call (`LearningPaused`; preparing the
       inputs counts); None: no limit.
     remat: 'e2e' recomputes each layer in the backward pass (`learn_e2e`).
+    loss: what 'e2e' minimizes, one of `LOSSES` (`learn_e2e`).
+    scale_lr: the learned scales' own peak learning rate (None: `lr`).
 
   Returns:
     (rotations to `fold`, f32[steps] training losses).
 
   Raises:
-    ValueError: unknown objective, scales with an objective other than
-      'e2e', negative steps, no calibration windows, a `resume` file of
+    ValueError: unknown objective or loss, scales or a 'kl' loss with an
+      objective other than 'e2e', a scale_lr without scales or not
+      positive, negative steps, no calibration windows, a `resume` file of
       another run, or a time budget that is negative or has no `resume`
       file.
     LearningPaused: the time budget was spent; the state is in `resume`.
@@ -555,6 +591,10 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
   deadline = None if time_budget_s is None else time.time() + time_budget_s
   if objective not in OBJECTIVES:
     raise ValueError(f"{objective=} must be one of {OBJECTIVES}")
+  if loss not in LOSSES:
+    raise ValueError(f"{loss=} must be one of {LOSSES}")
+  if loss != "ce" and objective != "e2e":
+    raise ValueError(f"{loss=} needs objective='e2e', got {objective=}")
   if steps < 0:
     raise ValueError(f"{steps=} must be >= 0")
   if time_budget_s is not None:
@@ -575,6 +615,11 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
     raise ValueError(f"learned scales need objective='e2e', got {objective=}"
                      " (the calibration objectives see one rotation's"
                      " inputs, not the linears a scale moves into)")
+  if scale_lr is not None:
+    if r0.scales is None:
+      raise ValueError(f"{scale_lr=} needs learned scales (scales=True)")
+    if not 0 < scale_lr < float("inf"):
+      raise ValueError(f"{scale_lr=} must be a positive number")
   data_key = jax.random.fold_in(key, 1)
   if steps == 0:
     return r0, np.zeros((0,), np.float32)
@@ -588,4 +633,5 @@ def learn(params: Params, config: LlamaConfig, calib_tokens: np.ndarray, *,
   return learn_e2e(base, config, calib_tokens, r0, options=options,
                    weight_spec=weight_spec, steps=steps, lr=lr,
                    key=data_key, batch_size=batch_size, progress=progress,
-                   resume=resume, deadline=deadline, remat=remat)
+                   resume=resume, deadline=deadline, remat=remat, loss=loss,
+                   scale_lr=scale_lr)

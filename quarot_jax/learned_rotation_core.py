@@ -194,3 +194,24 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
   return jnp.mean(nll)
+
+
+def kl_loss(logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """Mean KL(teacher ‖ model) of the next-token distributions.
+
+  The e2e objective's alternative to `next_token_loss` (OSTQuant's choice):
+  the quantized network matches the float network's whole distribution at
+  every position instead of one sampled next token, a denser signal from
+  few calibration windows. No gradient flows into the teacher.
+
+  Args:
+    logits: f32[B, T, V] of the network being learned.
+    teacher_logits: f32[B, T, V] of the float network on the same tokens.
+
+  Returns:
+    f32 scalar: sum over V of p (log p - log q), mean over B and T.
+  """
+  log_p = jax.nn.log_softmax(
+      jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))

@@ -59,6 +59,11 @@ class QuaRotConfig:
     learn_scales: 'e2e' also learns a positive scale per channel of every
       norm -> linear path (OSTQuant's learnable scaling, folded into the
       norm's weight and the linears' rows; `rotation.scale_norm_outputs`).
+    scale_lr_ratio: with learn_scales, the scales' peak learning rate as a
+      multiple of rotation_lr (1: one rate for all).
+    rotation_loss: what 'e2e' minimizes: 'ce' (SpinQuant's next-token
+      cross-entropy) or 'kl' (KL divergence from the float network's
+      next-token distributions, OSTQuant's; one more forward a step).
     rotation_remat: 'e2e' recomputes each layer in the backward pass, so a
       step holds one layer's intermediates instead of all of them (about
       a third more compute; the same rotations, so not in `rotation_key`).
@@ -88,6 +93,8 @@ class QuaRotConfig:
   rotation_lr: float = 1e-3
   rotation_batch_size: int = 4
   learn_scales: bool = False
+  scale_lr_ratio: float = 1.0
+  rotation_loss: str = "ce"
   rotation_remat: bool = False
   percdamp: float = 0.01
   act_order: bool = True
@@ -136,13 +143,30 @@ class QuaRotConfig:
     if not is_int(self.rotation_batch_size) or self.rotation_batch_size < 1:
       raise ValueError(f"rotation_batch_size={self.rotation_batch_size!r}"
                        " must be an int >= 1")
-    if self.learn_scales and not (self.rotate
-                                  and self.rotate_mode == "learned"
-                                  and self.rotation_objective == "e2e"):
+    learned_e2e = (self.rotate and self.rotate_mode == "learned"
+                   and self.rotation_objective == "e2e")
+    if self.learn_scales and not learned_e2e:
       raise ValueError(
           "learn_scales=True needs rotate=True, rotate_mode='learned' and"
           f" rotation_objective='e2e', got rotate={self.rotate},"
           f" rotate_mode={self.rotate_mode!r},"
+          f" rotation_objective={self.rotation_objective!r}")
+    if (not isinstance(self.scale_lr_ratio, (int, float, np.number))
+        or isinstance(self.scale_lr_ratio, bool)
+        or not 0 < self.scale_lr_ratio < float("inf")):
+      raise ValueError(f"scale_lr_ratio={self.scale_lr_ratio!r} must be a"
+                       " positive number")
+    if self.scale_lr_ratio != 1 and not self.learn_scales:
+      raise ValueError(f"scale_lr_ratio={self.scale_lr_ratio!r} needs"
+                       " learn_scales=True (it sets the scales' rate)")
+    if self.rotation_loss not in learned_rotation.LOSSES:
+      raise ValueError(f"rotation_loss={self.rotation_loss!r} must be one of"
+                       f" {learned_rotation.LOSSES}")
+    if self.rotation_loss != "ce" and not learned_e2e:
+      raise ValueError(
+          f"rotation_loss={self.rotation_loss!r} needs rotate=True,"
+          " rotate_mode='learned' and rotation_objective='e2e', got"
+          f" rotate={self.rotate}, rotate_mode={self.rotate_mode!r},"
           f" rotation_objective={self.rotation_objective!r}")
 
   @property
@@ -183,8 +207,11 @@ class QuaRotConfig:
       rot += f"-{self.rotation_objective}{self.rotation_steps}"
       if self.rotation_objective == "e2e" and self.rotation_batch_size != 4:
         rot += f" b{self.rotation_batch_size}"
+      if self.rotation_loss != "ce":
+        rot += f"-{self.rotation_loss}"
       if self.learn_scales:
-        rot += "+s"
+        rot += "+s" + ("" if self.scale_lr_ratio == 1
+                       else f"{self.scale_lr_ratio:g}")
     kc = " kc" if self.center_keys else ""
     return f"W{self.w_bits}A{self.a_bits}{kv}{method}{rot}{kc}"
 
@@ -227,6 +254,10 @@ def rotation_key(qconfig: QuaRotConfig) -> tuple[Any, ...] | None:
       key += (("batch", qconfig.rotation_batch_size),)
     if qconfig.learn_scales:  # likewise
       key += ("scales",)
+      if qconfig.scale_lr_ratio != 1:
+        key += (("scale_lr_ratio", qconfig.scale_lr_ratio),)
+    if qconfig.rotation_loss != "ce":
+      key += (("loss", qconfig.rotation_loss),)
   return key
 
 
@@ -275,6 +306,10 @@ def learn_rotations(params: Any, config: LlamaConfig, qconfig: QuaRotConfig,
       weight_spec=_e2e_weight_spec(qconfig),
       batch_size=qconfig.rotation_batch_size, scales=qconfig.learn_scales,
       progress=progress, resume=resume, remat=qconfig.rotation_remat,
+      loss=qconfig.rotation_loss,
+      scale_lr=(qconfig.rotation_lr * qconfig.scale_lr_ratio
+                if qconfig.learn_scales and qconfig.scale_lr_ratio != 1
+                else None),
       time_budget_s=(None if deadline is None
                      else max(0.0, deadline - time.time())))
   return (rotations, losses) if return_losses else rotations

@@ -91,6 +91,8 @@ def _key_fields(qconfig: QuaRotConfig) -> dict[str, Any]:
           "rotation_lr": qconfig.rotation_lr,
           "rotation_batch_size": qconfig.rotation_batch_size,
           "seed": qconfig.seed, "learn_scales": qconfig.learn_scales,
+          "scale_lr_ratio": qconfig.scale_lr_ratio,
+          "rotation_loss": qconfig.rotation_loss,
           "w_bits": qconfig.w_bits, "w_method": qconfig.w_method,
           "a_bits": qconfig.a_bits, "k_bits": qconfig.k_bits,
           "v_bits": qconfig.v_bits, "a_clip": qconfig.a_clip,

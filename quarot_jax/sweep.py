@@ -228,6 +228,10 @@ def _record(qconfig: QuaRotConfig, result: dict, fp_ppl: float, *,
                               else None),
       "rotation_lr": qconfig.rotation_lr if learned else None,
       "learn_scales": qconfig.learn_scales if learned else None,
+      "scale_lr_ratio": (qconfig.scale_lr_ratio
+                         if learned and qconfig.learn_scales else None),
+      "rotation_loss": (qconfig.rotation_loss if learned
+                        and qconfig.rotation_objective == "e2e" else None),
       "rotation_s": None if rotation_s is None else round(rotation_s, 1),
       "rotation_loaded": rotation_loaded if learned else None,
       "rotation_calib_texts": (list(rotation_calib_texts)

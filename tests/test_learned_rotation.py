@@ -158,6 +158,47 @@ def test_e2e_scales_shrink_the_outlier_channel():
   assert float(core.orthogonality_error(rot.r1)) < 1e-5
 
 
+def test_e2e_kl_loss_starts_at_the_float_models_distribution_and_falls():
+  """loss='kl': the first step's loss is KL(float ‖ quantized start),
+  computed here independently, and learning lowers it."""
+  params, config, tokens, options = _outlier_problem()
+  eye = core.Rotations(r1=jnp.eye(24), r2=jnp.eye(8)[None])
+  rot, losses = learned_rotation.learn(
+      params, config, tokens, objective="e2e", steps=10, lr=0.1,
+      key=jax.random.key(0), options=options, batch_size=4, start=eye,
+      progress=False, loss="kl")
+  teacher = model.forward(params, tokens, config)[0]
+  student = model.forward(learned_rotation.fold(params, config, eye), tokens,
+                          config, options=options)[0]
+  # batch_size = all 4 windows: the first step sees all of them.
+  np.testing.assert_allclose(losses[0], core.kl_loss(student, teacher),
+                             rtol=2e-3)
+  assert losses[0] > 0.05, losses
+  assert losses[-3:].mean() < 0.7 * losses[0], losses
+  assert float(core.orthogonality_error(rot.r1)) < 1e-5
+
+
+def test_scale_lr_sets_the_scales_own_rate():
+  """scale_lr = lr is the one-rate run bit for bit; a vanishing scale_lr
+  leaves the scales at 1 while the rotations still learn."""
+  params, config, tokens, options = _outlier_problem()
+  eye = core.Rotations(r1=jnp.eye(24), r2=jnp.eye(8)[None],
+                       scales=jnp.ones((1, 2, 24)))
+  kw = dict(objective="e2e", steps=4, lr=0.05, key=jax.random.key(0),
+            options=options, batch_size=4, start=eye, progress=False)
+  one, one_losses = learned_rotation.learn(params, config, tokens, **kw)
+  same, same_losses = learned_rotation.learn(params, config, tokens,
+                                             scale_lr=0.05, **kw)
+  np.testing.assert_array_equal(same_losses, one_losses)
+  np.testing.assert_array_equal(same.scales, one.scales)
+  np.testing.assert_array_equal(same.r1, one.r1)
+  slow, _ = learned_rotation.learn(params, config, tokens, scale_lr=1e-9,
+                                   **kw)
+  np.testing.assert_allclose(slow.scales, 1.0, atol=1e-7)
+  assert np.abs(np.asarray(one.scales) - 1).max() > 1e-3
+  assert np.abs(np.asarray(slow.r1) - np.eye(24)).max() > 1e-3
+
+
 def test_scales_need_the_e2e_objective(tiny):
   params, tokens = tiny
   with pytest.raises(ValueError, match="learned scales need"
@@ -183,6 +224,13 @@ def test_zero_steps_return_the_start(tiny):
      "time_budget_s=10.0 needs a resume file"),
     (dict(objective="whip", steps=1, resume="x.npz", time_budget_s=-1.0),
      "time_budget_s=-1.0 must be >= 0"),
+    (dict(objective="e2e", steps=1, loss="mse"), "loss='mse' must be one of"),
+    (dict(objective="whip", steps=1, loss="kl"),
+     "loss='kl' needs objective='e2e', got objective='whip'"),
+    (dict(objective="e2e", steps=1, scale_lr=1e-3),
+     "scale_lr=0.001 needs learned scales"),
+    (dict(objective="e2e", steps=1, scales=True, scale_lr=0.0),
+     "scale_lr=0.0 must be a positive number"),
 ])
 def test_learn_rejects_bad_arguments(tiny, kwargs, match):
   params, tokens = tiny

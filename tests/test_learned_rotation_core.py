@@ -109,3 +109,28 @@ def test_next_token_loss_hand_worked():
   tokens = jnp.array([[0, 1, 2, 3, 0], [3, 2, 1, 0, 1]], jnp.int32)
   np.testing.assert_allclose(core.next_token_loss(logits, tokens),
                              np.log(4), rtol=1e-6)
+
+
+def test_kl_loss_hand_worked():
+  # Teacher one-hot-ish over V = 2 ([ln 3, 0]: p = [3/4, 1/4]), student
+  # uniform: KL = 3/4 ln(3/2) + 1/4 ln(1/2) at every position.
+  teacher = jnp.tile(jnp.array([np.log(3.0), 0.0], jnp.float32), (2, 3, 1))
+  student = jnp.zeros((2, 3, 2), jnp.float32)
+  want = 0.75 * np.log(1.5) + 0.25 * np.log(0.5)
+  np.testing.assert_allclose(core.kl_loss(student, teacher), want, rtol=1e-6)
+  assert float(core.kl_loss(teacher, teacher)) == 0.0
+
+
+def test_kl_loss_matches_numpy_and_sends_no_gradient_to_the_teacher():
+  rng = np.random.default_rng(0)
+  student = rng.normal(size=(2, 7, 11)).astype(np.float32)
+  teacher = (3 * rng.normal(size=(2, 7, 11))).astype(np.float32)
+  log_p = teacher - np.log(np.exp(teacher).sum(-1, keepdims=True))
+  log_q = student - np.log(np.exp(student).sum(-1, keepdims=True))
+  want = np.mean((np.exp(log_p) * (log_p - log_q)).sum(-1))
+  got = core.kl_loss(jnp.asarray(student), jnp.asarray(teacher))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(got) > 0
+  grad_teacher = jax.grad(core.kl_loss, argnums=1)(jnp.asarray(student),
+                                                   jnp.asarray(teacher))
+  assert not np.any(np.asarray(grad_teacher))

@@ -273,6 +273,38 @@ def test_learn_scales_reaches_learning_its_key_and_label(monkeypatch):
   assert _learn_kwarg(monkeypatch, "scales", e2e, scaled) == [False, True]
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rotation_loss="mse"), "rotation_loss='mse' must be one of"),
+    (dict(rotate_mode="learned", rotation_objective="whip",
+          rotation_loss="kl"),
+     "rotation_loss='kl' needs rotate=True, rotate_mode='learned' and"
+     " rotation_objective='e2e'"),
+    (dict(scale_lr_ratio=0.0), "scale_lr_ratio=0.0 must be a positive"),
+    (dict(scale_lr_ratio="x"), "scale_lr_ratio='x' must be a positive"),
+    (dict(rotate_mode="learned", rotation_objective="e2e",
+          scale_lr_ratio=0.1), "scale_lr_ratio=0.1 needs learn_scales=True"),
+])
+def test_rotation_loss_and_scale_lr_ratio_are_checked(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    quarot.QuaRotConfig(**kwargs)
+
+
+def test_kl_loss_and_scale_lr_reach_learning_their_key_and_label(
+    monkeypatch):
+  e2e = quarot.QuaRotConfig(rotate_mode="learned", rotation_objective="e2e",
+                            w_bits=4, w_method="gptq", rotation_steps=3,
+                            rotation_lr=0.02, learn_scales=True)
+  kl = dataclasses.replace(e2e, rotation_loss="kl")
+  slow = dataclasses.replace(e2e, scale_lr_ratio=0.1)
+  assert kl.describe() == "W4A16KV16 gptq rot-learned-e2e3-kl+s"
+  assert slow.describe() == "W4A16KV16 gptq rot-learned-e2e3+s0.1"
+  keys = {quarot.rotation_key(c) for c in (e2e, kl, slow)}
+  assert len(keys) == 3
+  assert _learn_kwarg(monkeypatch, "loss", e2e, kl) == ["ce", "kl"]
+  got = _learn_kwarg(monkeypatch, "scale_lr", e2e, slow)
+  assert got[0] is None and got[1] == pytest.approx(0.002)
+
+
 def test_learned_scales_fold_invariantly_through_quantize(outlier_model):
   """16 bits, 2 e2e steps with scales: the quantized params carry a norm
   weight (1 / s) and give the float model's logits."""

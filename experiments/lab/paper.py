@@ -80,7 +80,8 @@ LEARNED_ROWS = {
 
 
 def learned_sweep(flagged: QuaRotConfig, objectives: list[str],
-                  row_names: list[str], *, learn_scales: bool = False
+                  row_names: list[str], *, learn_scales: bool = False,
+                  rotation_loss: str = "ce", scale_lr_ratio: float = 1.0
                   ) -> list[QuaRotConfig]:
   """Issue #16's sweep: the GPTQ rows named (keys of `LEARNED_ROWS`) with
   each learned objective, then with the Hadamard.
@@ -90,6 +91,9 @@ def learned_sweep(flagged: QuaRotConfig, objectives: list[str],
     objectives: `learned_rotation.OBJECTIVES` to run, in order.
     row_names: e.g. ['w4a4kv4', 'w4a16'].
     learn_scales: the 'e2e' rows also learn channel scales.
+    rotation_loss: the 'e2e' rows' loss ('ce' or 'kl').
+    scale_lr_ratio: the 'e2e' rows' scales' learning rate over the
+      rotations' (with learn_scales).
 
   Returns:
     One config per (row, objective), then one Hadamard config per row.
@@ -109,7 +113,10 @@ def learned_sweep(flagged: QuaRotConfig, objectives: list[str],
   learned = [dataclasses.replace(
       flagged, rotate=True, rotate_mode="learned",
       rotation_objective=objective,
-      learn_scales=learn_scales and objective == "e2e", **row)
+      learn_scales=learn_scales and objective == "e2e",
+      scale_lr_ratio=(scale_lr_ratio if learn_scales and objective == "e2e"
+                      else 1.0),
+      rotation_loss=rotation_loss if objective == "e2e" else "ce", **row)
              for row in rows for objective in objectives]
   return learned + [dataclasses.replace(flagged, rotate=True,
                                         rotate_mode="hadamard", **row)

@@ -42,6 +42,17 @@ def test_learned_sweep_scales_only_the_e2e_rows():
                         learn_scales=True)
 
 
+def test_learned_sweep_gives_loss_and_scale_lr_to_the_e2e_rows_only():
+  flagged = QuaRotConfig()
+  configs = paper.learned_sweep(flagged, ["whip", "e2e"], ["w4a16"],
+                                learn_scales=True, rotation_loss="kl",
+                                scale_lr_ratio=0.1)
+  assert [c.describe() for c in configs] == [
+      "W4A16KV16 gptq rot-learned-whip100",
+      "W4A16KV16 gptq rot-learned-e2e100-kl+s0.1",
+      "W4A16KV16 gptq rot-hadamard"]
+
+
 def test_learned_sweep_unknown_row_names_it():
   with pytest.raises(ValueError, match="w8a8"):
     paper.learned_sweep(QuaRotConfig(), ["qerror"], ["w8a8"])

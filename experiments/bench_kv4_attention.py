@@ -13,28 +13,14 @@ bandwidth (cache bytes read / time / --hbm_gbps, default the H200's 4800 GB/s)
 of ours and XLA's; appends
 one JSONL line per case to --out_dir/kv4_decode_attention.jsonl.
 
---merge=kernel,in_kernel also sweeps the one-launch kernel (config.merge =
-'in_kernel', num_splits > 1) beside the two-launch one, and writes two more
-lines per case: "semaphores": "carried" (`kv4_decode_attention_fused`
-jitted with its semaphores donated and fed back call after call, as a
-decode loop carries them: no memset) and "memset" (`kv4_decode_attention`
-with merge='in_kernel', fresh zeros each call). Their baselines add the
-best two-launch time (`kv4_two_launch`). On the GPU both take their device
-time from one CUPTI run of the memset form: "carried" sums the
-kv4_decode_attention kernel only, "memset" every kernel (`kernels` lists
-them; a memset that XLA issues as cuMemset, not as a kernel, shows only in
-the wall times, `wall_ms`).
-
 CPU smoke test (interpret mode, tiny shapes):
   python -m experiments.bench_kv4_attention --batch=1 --seq=64 \
-      --heads=4x2x64 --block_s=16 --num_splits=1,2 --merge=kernel,in_kernel \
-      --interpret --out_dir=/tmp/kv4_bench
+      --heads=4x2x64 --block_s=16 --num_splits=1,2 --interpret \
+      --out_dir=/tmp/kv4_bench
 """
 
-import functools
 import itertools
 import shlex
-import statistics
 import sys
 
 from absl import app
@@ -69,11 +55,6 @@ _SOFTMAX_ROWS = flags.DEFINE_list(
     "softmax_rows", ["all"],
     "KV4DecodeAttentionConfig.softmax_rows sweep: all, one (one only"
     " changes the dot path at G = 1).")
-_MERGE = flags.DEFINE_list(
-    "merge", ["kernel"],
-    "KV4DecodeAttentionConfig.merge sweep: kernel (two launches), in_kernel"
-    " (one launch; only with num_splits > 1), each written as its own"
-    " record.")
 _FLASH = flags.DEFINE_list(
     "flash_configs", ["default"],
     "bf16 flash-decoding baseline configs, the fastest kept: 'default' or"
@@ -90,8 +71,7 @@ _INTERPRET = flags.DEFINE_bool("interpret", False,
 
 
 def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
-  """The sweep: every block_s with every num_splits choice, path and
-  merge."""
+  """The sweep: every block_s with every num_splits choice and path."""
   default = attn.default_kv4_decode_attention_config(b, kv_heads, s, h,
                                                       query_heads=n)
   named = {"default": default.num_splits, "2x": 2 * default.num_splits}
@@ -103,12 +83,10 @@ def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
   stages = pick(_STAGES.value, default.num_stages)
   configs = [attn.KV4DecodeAttentionConfig(
       block_s=bs, num_splits=ns, num_warps=nw, num_stages=st, path=path,
-      nibbles=nib, softmax_rows=rows, merge=merge)
-             for bs, ns, path, nw, st, nib, rows, merge in itertools.product(
+      nibbles=nib, softmax_rows=rows)
+             for bs, ns, path, nw, st, nib, rows in itertools.product(
                  block_sizes, counts, paths, warps, stages, _NIBBLES.value,
-                 _SOFTMAX_ROWS.value, _MERGE.value)
-             # One split has nothing to merge: the same kernel either way.
-             if merge == "kernel" or ns > 1]
+                 _SOFTMAX_ROWS.value)]
   # 'bits' on the dot-free path is the 'convert' kernel again.
   dot_free = lambda c: c.path == "dot_free" or (
       c.path == "auto" and attn.uses_dot_free_path(n, kv_heads))
@@ -151,17 +129,18 @@ def _inputs(key, b, s, n, kv_heads, h):
   return q, k, v, kf, vf
 
 
-def _fastest(time_config, configs, *, label):
-  """Times each config with `time_config(c) -> (ms, details)`, printing
-  each.
+def _fastest(op, configs, args, runs, interpret, *, label):
+  """Times `op(*args, config=c)` (Pallas) for each config, printing each.
 
   Returns:
-    (ms, config, details) of the fastest that ran, or None.
+    (ms, config, timing info) of the fastest that ran, or None.
   """
   best = None
   for cfg in configs:
+    fn = jax.jit(lambda *a, c=cfg: op(*a, config=c, interpret=interpret,
+                                      implementation="pallas"))
     try:
-      ms, how = time_config(cfg)
+      ms, how = benchmarking.timed_ms(fn, *args, **runs)
     except Exception as e:  # pylint: disable=broad-except
       print(f"  {label}{cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
       continue
@@ -172,121 +151,45 @@ def _fastest(time_config, configs, *, label):
   return best
 
 
-def _timer(op, args, runs, interpret):
-  """time_config for `_fastest`: the jitted Pallas `op(*args, config=c)`."""
-  def time_config(cfg):
-    fn = jax.jit(lambda *a: op(*a, config=cfg, interpret=interpret,
-                               implementation="pallas"))
-    return benchmarking.timed_ms(fn, *args, **runs)
-  return time_config
-
-
-class _Carried:
-  """`kv4_decode_attention_fused` fed its previous call's semaphores
-  (donated), as a decode loop carries them: no memset between calls."""
-
-  def __init__(self, cfg, count, interpret):
-    self._fn = jax.jit(functools.partial(
-        attn.kv4_decode_attention_fused, config=cfg, interpret=interpret,
-        implementation="pallas"), donate_argnums=5)
-    self._semaphores = jnp.zeros((count,), jnp.int32)
-
-  def __call__(self, *args):
-    out, self._semaphores = self._fn(*args, self._semaphores)
-    return out
-
-
-def _in_kernel_timer(args, count, runs, interpret):
-  """time_config for merge='in_kernel' configs: ms with the semaphores
-  carried; the memset form's in the details (memset_ms, memset_wall_ms).
-
-  Wall times call each form. Device times come from one CUPTI run of the
-  memset form (`profiler.measure` jits what it times, so it cannot carry
-  state): the kv4_decode_attention kernel alone for "carried", every
-  kernel for "memset".
-  """
-  def time_config(cfg):
-    memset = jax.jit(lambda *a: attn.kv4_decode_attention(
-        *a, config=cfg, interpret=interpret, implementation="pallas"))
-    wall = benchmarking.median_ms(_Carried(cfg, count, interpret), *args,
-                                  **runs)
-    memset_wall = benchmarking.median_ms(memset, *args, **runs)
-    how = {"timing": "wall", "wall_ms": round(wall, 4),
-           "memset_wall_ms": round(memset_wall, 4)}
-    timings = benchmarking.kernel_timings(memset, *args)
-    if timings is None:
-      return wall, dict(how, memset_ms=memset_wall)
-    ours = lambda it: [t for name, t in it
-                       if name.startswith("kv4_decode_attention")]
-    if not ours(timings[0]):
-      raise RuntimeError(f"no kv4_decode_attention kernel in {timings[0]}")
-    total = statistics.median(sum(t for _, t in it) for it in timings)
-    return statistics.median(sum(ours(it)) for it in timings), dict(
-        how, timing="device", memset_ms=total,
-        kernels=[name for name, _ in timings[0]])
-  return time_config
-
-
 def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
                interpret, command):
-  """Times one case: the kernel's sweep (best kept per merge) and the XLA
-  baseline.
+  """Times one case: the kernel's sweep (best kept) and the XLA baseline.
 
   Returns:
-    `benchmarking.record` dicts: the two-launch kernel's, then the
-    in-kernel merge's with carried and with fresh (memset) semaphores,
-    for those swept that ran.
+    A `benchmarking.record` dict, or None if no config ran.
   """
   q, k, v, kf, vf = _inputs(key, b, s, n, kv_heads, h)
   start = jnp.zeros((b,), jnp.int32)
   end = jnp.full((b,), s, jnp.int32)
-  args = (q, k, v, start, end)
   runs = dict(runs=3, inner=1, warmup=1) if interpret else {}
-  configs = _configs(b, n, kv_heads, s, h, block_sizes, splits, paths)
-  two = _fastest(_timer(attn.kv4_decode_attention, args, runs, interpret),
-                 [c for c in configs if c.merge == "kernel"], label="")
-  fused = _fastest(_in_kernel_timer(args, b * kv_heads, runs, interpret),
-                   [c for c in configs if c.merge == "in_kernel"],
-                   label="in_kernel ")
+  best = _fastest(
+      attn.kv4_decode_attention,
+      _configs(b, n, kv_heads, s, h, block_sizes, splits, paths),
+      (q, k, v, start, end), runs, interpret, label="")
   base, base_how = benchmarking.timed_ms(attn.bf16_decode_attention, q, kf,
                                          vf, start, end, **runs)
   # The strongest bf16 baseline we have: our flash decoding over the same
   # bf16 cache (what our bf16 model runs), its fastest config.
   flash, flash_cfg, _ = _fastest(
-      _timer(float_attn.decode_attention, (q, kf, vf, start, end), runs,
-             interpret), _flash_configs(), label="flash ") or (
-                 None, None, None)
+      float_attn.decode_attention, _flash_configs(),
+      (q, kf, vf, start, end), runs, interpret, label="flash ") or (
+          None, None, None)
+  if best is None:
+    return None
+  ms, cfg, how = best
   ours_bytes, base_bytes = k.nbytes + v.nbytes, kf.nbytes + vf.nbytes
   peak = _HBM_GBPS.value * 1e9
-  baselines = {"xla_bf16_attention": base,
-               **({"pallas_bf16_flash_decoding": flash} if flash else {})}
-
-  def record(ms, cfg, how, **extra):
-    return benchmarking.record(
-        "kv4_decode_attention", f"B{b}_S{s}_N{n}_K{kv_heads}_H{h}", ms,
-        baselines, command=command, config=str(cfg),
-        flash_config=str(flash_cfg), timing=how["timing"],
-        baseline_wall_ms=base_how["wall_ms"],
-        memory_ratio=round(ours_bytes / base_bytes, 4),
-        ours_bytes=ours_bytes, baseline_bytes=base_bytes,
-        hbm_fraction=round(ours_bytes / (ms * 1e-3) / peak, 3),
-        baseline_hbm_fraction=round(base_bytes / (base * 1e-3) / peak, 3),
-        **extra)
-
-  records = []
-  if two is not None:
-    ms, cfg, how = two
-    records.append(record(ms, cfg, how, wall_ms=how["wall_ms"]))
-    baselines["kv4_two_launch"] = ms
-  if fused is not None:
-    ms, cfg, how = fused
-    records.append(record(ms, cfg, how, semaphores="carried",
-                          wall_ms=how["wall_ms"]))
-    records.append(record(how["memset_ms"], cfg, how, semaphores="memset",
-                          wall_ms=how["memset_wall_ms"],
-                          **({"kernels": how["kernels"]}
-                             if "kernels" in how else {})))
-  return records
+  return benchmarking.record(
+      "kv4_decode_attention", f"B{b}_S{s}_N{n}_K{kv_heads}_H{h}", ms,
+      {"xla_bf16_attention": base,
+       **({"pallas_bf16_flash_decoding": flash} if flash else {})},
+      command=command, config=str(cfg), flash_config=str(flash_cfg),
+      timing=how["timing"], wall_ms=how["wall_ms"],
+      baseline_wall_ms=base_how["wall_ms"],
+      memory_ratio=round(ours_bytes / base_bytes, 4),
+      ours_bytes=ours_bytes, baseline_bytes=base_bytes,
+      hbm_fraction=round(ours_bytes / (ms * 1e-3) / peak, 3),
+      baseline_hbm_fraction=round(base_bytes / (base * 1e-3) / peak, 3))
 
 
 def main(argv):
@@ -301,15 +204,14 @@ def main(argv):
     for b, s in itertools.product(map(int, _BATCH.value),
                                   map(int, _SEQ.value)):
       print(f"B{b} S{s} N{n} K{kv_heads} H{h}", flush=True)
-      records = bench_case(next(key), b, s, n, kv_heads, h,
-                           block_sizes=[int(x) for x in _BLOCK_S.value],
-                           splits=_SPLITS.value, paths=_PATHS.value,
-                           interpret=_INTERPRET.value, command=command)
-      # Appended per case: a timeout keeps what ran.
-      benchmarking.append_jsonl(path, records)
-      for r in records:
-        print(f"  -> {r.get('semaphores', 'two launches')}: "
-              + benchmarking.summary_line(r)
+      r = bench_case(next(key), b, s, n, kv_heads, h,
+                     block_sizes=[int(x) for x in _BLOCK_S.value],
+                     splits=_SPLITS.value, paths=_PATHS.value,
+                     interpret=_INTERPRET.value,
+                     command=command)
+      if r is not None:  # appended per case: a timeout keeps what ran
+        benchmarking.append_jsonl(path, [r])
+        print("  -> " + benchmarking.summary_line(r)
               + f"  hbm {r['hbm_fraction']:.2f}"
               f" (xla {r['baseline_hbm_fraction']:.2f})", flush=True)
 

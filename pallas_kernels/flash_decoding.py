@@ -92,23 +92,16 @@ def padded_splits(num_splits: int) -> int:
   return 1 << max(num_splits - 1, 0).bit_length()
 
 
-def merge_row(o_refs, m_ref, l_ref, *, num_splits: int, row=None,
-              volatile: bool = False) -> list[jax.Array]:
+def merge_row(o_refs, m_ref, l_ref, *, num_splits: int) -> list[jax.Array]:
   """Inside a merge kernel: one query row's splits, combined (log-sum-exp)
   and normalized with vector ops over the split axis.
 
   Args:
     o_refs: refs f32[NSp, X], the row's unnormalized partial outputs (one,
-      or the KV4 kernel's even and odd halves); f32[NSp, Gp, X] with `row`.
-    m_ref, l_ref: f32[NSp] the splits' running max and sum; f32[NSp, Gp]
-      with `row`.
+      or the KV4 kernel's even and odd halves).
+    m_ref, l_ref: f32[NSp] the splits' running max and sum.
     num_splits: NS; splits NS..NSp were never written and are loaded
       masked (m = -inf, l = 0, o = 0), never read.
-    row: None (the refs hold one row, as the merge kernel's blocks do) or
-      the row (int) to merge out of refs that hold all Gp rows (the
-      in-kernel merge of `kv4_decode_attention`).
-    volatile: load with ld.volatile, which never hits a stale L1 line: for
-      partials that other programs of the same launch wrote.
 
   Returns:
     f32[X] per o_ref: Σ_t w_t o_t / Σ_t w_t l_t with w_t =
@@ -119,15 +112,11 @@ def merge_row(o_refs, m_ref, l_ref, *, num_splits: int, row=None,
   real = jnp.arange(nsp, dtype=jnp.int32) < num_splits  # [NSp]
 
   def load(ref, other):  # f32[NSp] or f32[NSp, X]
-    if row is None and not volatile and nsp == num_splits:
-      return ref[...]
-    # One indexer: the Triton lowering takes no more.
-    view = ref.at[...] if row is None else ref.at[:, jnp.int32(row)]
     if nsp == num_splits:
-      return plgpu.load(view, volatile=volatile)
-    shape = (nsp,) + ref.shape[1 if row is None else 2:]
-    mask = real if len(shape) == 1 else jnp.broadcast_to(real[:, None], shape)
-    return plgpu.load(view, mask=mask, other=other, volatile=volatile)
+      return ref[...]
+    mask = real if ref.ndim == 1 else jnp.broadcast_to(real[:, None],
+                                                       ref.shape)
+    return plgpu.load(ref.at[...], mask=mask, other=other)
 
   m = load(m_ref, -jnp.inf)
   l = load(l_ref, 0.0)

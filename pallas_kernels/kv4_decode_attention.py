@@ -23,23 +23,6 @@ time: `flash_decoding`). No XLA op runs around them
 but free reshapes: q is read as [B, K, G, H], the output written as
 [B, K, G, H], and start/end are clamped in the kernel.
 
-merge='in_kernel' (opt-in; `kv4_decode_attention_fused`) does the merge in
-the same launch, since at decode each launch costs a fixed ~2-3 us: every
-program stores its partial into the f32[NSp, Gp, ..] slab of its (b, kv
-head), which all NS programs of that (b, kv head) address (a block over all
-splits, not one program's block), then bar.sync, then adds 1 to an int32
-semaphore of that (b, kv head) (Triton's atomic: acq_rel at GPU scope). The
-program that reads NS - 1 (the last to finish) loads the NS partials with
-volatile loads (the other programs wrote them; no stale L1 line),
-merges them with `flash_decoding.merge_row` (the merge kernel's math;
-interpreted, the same bits) and writes [G, H], then sets the semaphore back
-to 0.
-So a semaphore buffer int32[B * K] that starts at 0 is 0 after every call,
-and a caller that carries it from call to call (aliased input -> output)
-needs no memset; `kv4_decode_attention` with merge='in_kernel' zeroes a
-fresh one each call instead. Nothing waits on another program, so
-the programs may run in any order and need not be resident together.
-
 Two paths, chosen by G (`uses_dot_free_path`):
   * dot path (G > 1): the G heads are loaded as Gp >= 16 rows (the
     smallest Triton dot; rows past G repeat head G - 1 and are never
@@ -133,10 +116,6 @@ class KV4DecodeAttentionConfig:
       all 16 padded rows of the dot (equal rows), 'one' on the one real
       row (a max over the dot's equal rows picks it), broadcast back to 16
       rows for the p · v dot.
-    merge: with num_splits > 1: 'kernel' (a second launch,
-      `flash_decoding.merge`) or 'in_kernel' (the last program of each
-      (row, kv head) to finish merges, counted on a semaphore: one launch;
-      `kv4_decode_attention_fused` carries the semaphores across calls).
   """
 
   block_s: int = 64
@@ -146,7 +125,6 @@ class KV4DecodeAttentionConfig:
   path: Literal["auto", "dot", "dot_free"] = "auto"
   nibbles: Literal["convert", "bits"] = "convert"
   softmax_rows: Literal["all", "one"] = "all"
-  merge: Literal["kernel", "in_kernel"] = "kernel"
 
   def __post_init__(self):
     if not _is_pow2(self.block_s) or self.block_s < _MIN_DOT:
@@ -167,9 +145,6 @@ class KV4DecodeAttentionConfig:
     if self.nibbles not in ("convert", "bits"):
       raise ValueError(f"nibbles={self.nibbles!r} must be 'convert' or"
                        " 'bits'")
-    if self.merge not in ("kernel", "in_kernel"):
-      raise ValueError(f"merge={self.merge!r} must be 'kernel' or"
-                       " 'in_kernel'")
 
 
 def uses_dot_free_path(query_heads: int, kv_heads: int) -> bool:
@@ -348,28 +323,24 @@ def _normalize(o_e, o_o, l):
 def kv4_decode_attention_kernel(
     q_ref, start_ref, end_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
     vz_ref, *out_refs, block_s: int, num_splits: int, sm_scale: float,
-    dot_free: bool, seq_len: int, gp: int, bits: bool, gpu: bool,
-    one_row: bool, in_kernel_merge: bool):
+    dot_free: bool, seq_len: int, gp: int, bits: bool, use_asm: bool,
+    one_row: bool):
   """One (row, kv head, split): online softmax over its run of blocks.
 
   With num_splits = 1 it normalizes and writes the output; otherwise an
-  unnormalized partial (o_even, o_odd, m, l) for `flash_decoding.merge`,
-  or, with in_kernel_merge, for the last program of its (row, kv head)
-  (`_merge_in_kernel`).
+  unnormalized partial (o_even, o_odd, m, l) for `flash_decoding.merge`.
   """
   # q_ref: [G, H] the query heads of this kv head (dtype of q)
   # start_ref, end_ref: int32[1] (this row's, or a shared end)
   # kc_ref, vc_ref: uint8[S', H // 2];  ks/vs_ref: f32[S']; kz/vz_ref:
   #   uint8[S'] (S' >= seq_len = S: padded to one block when S < 16)
   # out_refs, num_splits = 1: o_ref [G, H] (dtype of q)
-  #   in_kernel_merge: the semaphores' input and outputs, `_merge_in_kernel`
   #   else: oe_ref, oo_ref f32[Gp, H // 2]; m_ref, l_ref f32[Gp] (this
   #   split's slice of the NSp-long split axis)
   # Gp = 1 (G = 1, no padding) when dot_free, else >= 16 rows, of which
   # rows past G repeat row G - 1. bits (dot path, bf16 q): codes read as
   # 128 + c, the 128 moved into the zero points. one_row (dot path, G = 1):
-  # the softmax state (m, l) has one row, the dots' 16 equal rows. gpu:
-  # compiled, not interpreted (inline asm, barriers).
+  # the softmax state (m, l) has one row, the dots' 16 equal rows.
   split = pl.program_id(2)
   g, h = q_ref.shape
   h2 = h // 2
@@ -413,7 +384,7 @@ def kv4_decode_attention_kernel(
       return dot(pv, codes, nn)
 
   if bits:
-    nibbles = lambda c: _nibbles_bits(c, gpu)
+    nibbles = lambda c: _nibbles_bits(c, use_asm)
     offset = _BITS_OFFSET
   else:
     nibbles = lambda c: _nibbles(c, code_dt)
@@ -459,9 +430,6 @@ def kv4_decode_attention_kernel(
   if num_splits == 1:
     (o_ref,) = out_refs
     _store_heads(o_ref, *_normalize(o_e, o_o, l), g)
-  elif in_kernel_merge:
-    _merge_in_kernel(o_e, o_o, m, l, *out_refs, split=split,
-                     num_splits=num_splits, barriers=gpu)
   else:
     oe_ref, oo_ref, m_ref, l_ref = out_refs
     oe_ref[...] = o_e
@@ -470,62 +438,12 @@ def kv4_decode_attention_kernel(
     l_ref[...] = l
 
 
-def _merge_in_kernel(o_e, o_o, m, l, sem_in_ref, o_ref, oe_ref, oo_ref,
-                     m_ref, l_ref, sem_ref, *, split, num_splits: int,
-                     barriers: bool):
-  """merge='in_kernel': stores this split's partial, counts the program on
-  its (row, kv head)'s semaphore, and the last of the NS to arrive merges
-  all splits (`flash_decoding.merge_row`, as the merge kernel does) into
-  the output and resets the semaphore to 0.
-
-  barriers: bar.sync around the atomic (on the GPU; interpreted, programs
-  run one after another and there is no barrier to lower).
-  """
-  # sem_in_ref: int32[1], aliased to sem_ref (never read)
-  # o_ref: [G, H] (dtype of q), written by the last program only
-  # oe_ref, oo_ref: f32[NSp, Gp, H // 2]; m_ref, l_ref: f32[NSp, Gp]: all
-  #   splits of this (row, kv head), one memory for its NS programs
-  # sem_ref: int32[1] this (row, kv head)'s count of arrived programs
-  del sem_in_ref
-  oe_ref[split] = o_e
-  oo_ref[split] = o_o
-  m_ref[split] = m
-  l_ref[split] = l
-  # bar.sync: every thread's stores happen before the atomic, which the
-  # Triton lowering emits as one thread's atom.add.acq_rel.gpu; the release
-  # (cumulative over what the barrier ordered) publishes the partial to
-  # the program whose atomic reads this count.
-  if barriers:
-    plgpu.debug_barrier()
-  arrived = plgpu.atomic_add(sem_ref, (jnp.int32(0),), jnp.int32(1))
-
-  @pl.when(arrived == num_splits - 1)
-  def _merge():
-    # The acquire was one thread's; bar.sync orders it before every
-    # thread's loads (Triton's broadcast of the old count has one too).
-    if barriers:
-      plgpu.debug_barrier()
-    for r in range(o_ref.shape[0]):  # the G real rows
-      # Volatile loads (ld.volatile: never from a stale L1 line) of the
-      # other programs' partials. `.cg` would do as well, but
-      # cache_modifier='.cg' fails in jax 0.10.2's lowering (KeyError: its
-      # table is keyed 'cg').
-      halves = flash_decoding.merge_row(
-          (oe_ref, oo_ref), m_ref, l_ref, num_splits=num_splits, row=r,
-          volatile=True)
-      _store_row(o_ref, *halves, row=r)
-    # All NS programs have counted: 0 again for the next call.
-    sem_ref[0] = jnp.int32(0)
-
-
-def _store_row(o_ref, o_e, o_o, *, row=None):
-  """Writes one head's f32[H // 2] even / odd halves into o_ref [H] (the
-  merge kernel's) or row `row` of o_ref [G, H], interleaved back to
-  h = 2c, 2c + 1."""
+def _store_row(o_ref, o_e, o_o):
+  """Writes one head's f32[H // 2] even / odd halves into o_ref [H],
+  interleaved back to h = 2c, 2c + 1 (the merge's store)."""
   cols = 2 * jnp.arange(o_e.shape[0], dtype=jnp.int32)
   for c, o in ((cols, o_e), (cols + 1, o_o)):
-    plgpu.store(o_ref.at[c] if row is None else o_ref.at[jnp.int32(row), c],
-                o.astype(o_ref.dtype))
+    plgpu.store(o_ref.at[c], o.astype(o_ref.dtype))
 
 
 def _check(q, k, v, start, end):
@@ -557,28 +475,6 @@ def _check(q, k, v, start, end):
   return (b, n, kv_heads, s, h), start, end
 
 
-def _check_semaphores(semaphores, count: int) -> None:
-  """int32[B * K]; raises ValueError naming what came."""
-  shape = ", ".join(map(str, semaphores.shape))
-  if semaphores.shape != (count,) or semaphores.dtype != jnp.int32:
-    raise ValueError(f"semaphores must be int32[B * K]=int32[{count}], got"
-                     f" {semaphores.dtype}[{shape}]")
-
-
-def _implementation(implementation: Literal["pallas", "xla"] | None,
-                    interpret: bool, h: int) -> Literal["pallas", "xla"]:
-  """The path the public ops take (logged where chosen)."""
-  if implementation is None:
-    implementation = ("pallas" if interpret
-                      or can_use_kv4_decode_attention(h) else "xla")
-    logging.info("kv4_decode_attention: using %s", implementation)
-  elif implementation == "pallas" and not (interpret or kernel_takes(h)):
-    implementation = "xla"
-    logging.info("kv4_decode_attention: the kernel does not take H=%d;"
-                 " using the reference", h)
-  return implementation
-
-
 @functools.partial(jax.jit, static_argnames=(
     "config", "interpret", "debug", "implementation"))
 def kv4_decode_attention(
@@ -589,9 +485,7 @@ def kv4_decode_attention(
   """Decode attention of one query token per row over packed KV4 caches.
 
   With num_splits = 1 the Pallas path is one kernel launch (the q and output
-  reshapes are free); with more splits, two (attention, then the merge), or
-  with config.merge = 'in_kernel' one, after a memset of its semaphores
-  (`kv4_decode_attention_fused` carries them instead).
+  reshapes are free); with more splits, two (attention, then the merge).
 
   Args:
     q: bf16[B, N, H] queries (f16/f32 also work; the dots take this dtype).
@@ -616,86 +510,18 @@ def kv4_decode_attention(
       of K, H odd, k/v/start/end shapes).
   """
   (b, n, kv_heads, s, h), start, end = _check(q, k, v, start, end)
-  if _implementation(implementation, interpret, h) == "xla":
+  if implementation is None:
+    implementation = ("pallas" if interpret
+                      or can_use_kv4_decode_attention(h) else "xla")
+    logging.info("kv4_decode_attention: using %s", implementation)
+  elif implementation == "pallas" and not (interpret or kernel_takes(h)):
+    implementation = "xla"
+    logging.info("kv4_decode_attention: the kernel does not take H=%d;"
+                 " using the reference", h)
+  if implementation == "xla":
     return kv4_decode_attention_reference(q, k, v, start, end)
   cfg = config or default_kv4_decode_attention_config(
       b, kv_heads, s, h, query_heads=n, dtype=q.dtype)
-  semaphores = None
-  if cfg.merge == "in_kernel" and cfg.num_splits > 1:
-    semaphores = jnp.zeros((b * kv_heads,), jnp.int32)
-  return _attend(q, k, v, start, end, semaphores, cfg=cfg,
-                 interpret=interpret, debug=debug)[0]
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "config", "interpret", "debug", "implementation"))
-def kv4_decode_attention_fused(
-    q: jax.Array, k: kv4_lib.KV4, v: kv4_lib.KV4, start: jax.Array,
-    end: jax.Array, semaphores: jax.Array, *,
-    config: KV4DecodeAttentionConfig | None = None, interpret: bool = False,
-    debug: bool = False,
-    implementation: Literal["pallas", "xla"] | None = None
-) -> tuple[jax.Array, jax.Array]:
-  """`kv4_decode_attention` in one launch, carrying its merge semaphores.
-
-  The splits are merged in the kernel (config.merge = 'in_kernel'): per
-  (row, kv head) an int32 counts the programs done, and the last merges
-  and sets it back to 0. So semaphores that start at 0 are 0 after every
-  call, and a caller that keeps the returned buffer for the next call
-  needs no memset: pass zeros once (e.g. kept beside the KV cache), then
-  the previous call's result. The buffer is aliased input -> output; donate
-  it (`jax.jit(..., donate_argnums=...)`) at the outermost jit, or XLA
-  copies it. With one split the semaphores are not used and come back
-  as given; the reference path ('xla') returns them as given too.
-
-  Args:
-    q: bf16[B, N, H] queries (f16/f32 also work).
-    k: `KV4` keys, codes uint8[B, K, S, H // 2], scale f32[B, K, S],
-      zero uint8[B, K, S].
-    v: `KV4` values, same shapes.
-    start: int32[B], first valid slot of each row.
-    end: int32[B] or int32[] (shared), one past the last valid slot.
-    semaphores: int32[B * K] (index b * K + kv head), all 0 (as returned by
-      the previous call).
-    config: tiling with merge = 'in_kernel'; None: the default config with
-      merge = 'in_kernel'.
-    interpret: run the Pallas kernel in interpret mode (CPU tests).
-    debug: print the kernel's jaxpr.
-    implementation: as for `kv4_decode_attention`.
-
-  Returns:
-    (out [B, N, H] in the dtype of q, 0 for rows with start >= end;
-     semaphores int32[B * K], all 0 again).
-
-  Raises:
-    ValueError: as `kv4_decode_attention`; semaphores not int32[B * K];
-      config.merge not 'in_kernel'.
-  """
-  (b, n, kv_heads, s, h), start, end = _check(q, k, v, start, end)
-  _check_semaphores(semaphores, b * kv_heads)
-  if config is not None and config.merge != "in_kernel":
-    raise ValueError(f"kv4_decode_attention_fused merges in the kernel, got"
-                     f" config.merge={config.merge!r}")
-  if _implementation(implementation, interpret, h) == "xla":
-    return kv4_decode_attention_reference(q, k, v, start, end), semaphores
-  cfg = config or dataclasses.replace(default_kv4_decode_attention_config(
-      b, kv_heads, s, h, query_heads=n, dtype=q.dtype), merge="in_kernel")
-  if cfg.num_splits == 1:
-    return _attend(q, k, v, start, end, None, cfg=cfg, interpret=interpret,
-                   debug=debug)[0], semaphores
-  return _attend(q, k, v, start, end, semaphores, cfg=cfg,
-                 interpret=interpret, debug=debug)
-
-
-def _attend(q, k, v, start, end, semaphores, *,
-            cfg: KV4DecodeAttentionConfig, interpret: bool, debug: bool):
-  """The Pallas path on checked inputs: (out [B, N, H], semaphores).
-
-  semaphores: None (one split, or the merge kernel), else int32[B * K]
-  for the in-kernel merge, returned after the call (None when not given).
-  """
-  b, n, h = q.shape
-  _, kv_heads, s, _ = k.codes.shape
   g, h2 = n // kv_heads, h // 2
   dot_free = (uses_dot_free_path(n, kv_heads) if cfg.path == "auto"
               else cfg.path == "dot_free")
@@ -712,12 +538,10 @@ def _attend(q, k, v, start, end, semaphores, *,
     k, v = jax.tree.map(pad, k), jax.tree.map(pad, v)
   sp = k.codes.shape[2]
   ns = cfg.num_splits
-  in_kernel = semaphores is not None
   kernel = functools.partial(
       kv4_decode_attention_kernel, block_s=block_s, num_splits=ns,
       sm_scale=1.0 / math.sqrt(h), dot_free=dot_free, seq_len=s, gp=gp,
-      bits=bits, gpu=not interpret, one_row=one_row,
-      in_kernel_merge=in_kernel)
+      bits=bits, use_asm=not interpret, one_row=one_row)
   per_head = lambda *blk: pl.BlockSpec((None, None) + blk,
                                        lambda i, j, t: (i, j) + (0,) * len(
                                            blk))
@@ -732,40 +556,25 @@ def _attend(q, k, v, start, end, semaphores, *,
   f32 = lambda *shape: jax.ShapeDtypeStruct((b, kv_heads, nsp) + shape,
                                             jnp.float32)
   out = jax.ShapeDtypeStruct((b, kv_heads, g, h), q.dtype)
-  in_specs = [per_head(g, h), per_row, per_row if end.ndim else shared,
-              per_head(sp, h2), per_head(sp), per_head(sp),
-              per_head(sp, h2), per_head(sp), per_head(sp)]
-  # [B, N, H] -> [B, K, G, H]; end [] -> [1], read by every row
-  args = [q.reshape(b, kv_heads, g, h), start, end.reshape(-1), k.codes,
-          k.scale, k.zero, v.codes, v.scale, v.zero]
-  aliases = {}
   if ns == 1:
     out_specs, out_shape = per_head(g, h), out
-  elif not in_kernel:
+  else:
     out_specs = [part(gp, h2), part(gp, h2), part(gp), part(gp)]
     out_shape = [f32(gp, h2), f32(gp, h2), f32(gp), f32(gp)]
-  else:
-    # Each program sees all splits of its (b, kv head) (the last one reads
-    # them) and its semaphore int32[1] at b * K + kv head.
-    sem = pl.BlockSpec((1,), lambda i, j, t: (i * kv_heads + j,))
-    out_specs = [per_head(g, h), per_head(nsp, gp, h2),
-                 per_head(nsp, gp, h2), per_head(nsp, gp),
-                 per_head(nsp, gp), sem]
-    out_shape = [out, f32(gp, h2), f32(gp, h2), f32(gp), f32(gp),
-                 jax.ShapeDtypeStruct(semaphores.shape, jnp.int32)]
-    in_specs.append(sem)
-    args.append(semaphores)
-    aliases = {len(args) - 1: len(out_shape) - 1}
   params = compat.triton_params(num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages)
+  # [B, N, H] -> [B, K, G, H]; end [] -> [1], read by every row
   res = pl.pallas_call(
-      kernel, grid=(b, kv_heads, ns), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, input_output_aliases=aliases,
-      compiler_params=params, interpret=interpret, debug=debug,
-      name="kv4_decode_attention")(*args)
-  if in_kernel:
-    res, *_, semaphores = res
-  elif ns > 1:
+      kernel,
+      grid=(b, kv_heads, ns),
+      in_specs=[per_head(g, h), per_row, per_row if end.ndim else shared,
+                per_head(sp, h2), per_head(sp), per_head(sp),
+                per_head(sp, h2), per_head(sp), per_head(sp)],
+      out_specs=out_specs, out_shape=out_shape, compiler_params=params,
+      interpret=interpret, debug=debug, name="kv4_decode_attention",
+  )(q.reshape(b, kv_heads, g, h), start, end.reshape(-1), k.codes, k.scale,
+    k.zero, v.codes, v.scale, v.zero)
+  if ns > 1:
     # Merge the splits: [B, K, NSp, Gp, H // 2] x2 -> [B, K, G, H]
     o_e, o_o, m, l = res
     res = flash_decoding.merge(
@@ -773,7 +582,7 @@ def _attend(q, k, v, start, end, semaphores, *,
         compiler_params=params, interpret=interpret, debug=debug,
         name="kv4_decode_attention_merge")
   # [B, K, G, H] -> [B, N, H]
-  return res.reshape(b, n, h), semaphores
+  return res.reshape(b, n, h)
 
 
 @jax.jit

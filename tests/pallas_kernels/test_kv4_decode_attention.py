@@ -200,82 +200,6 @@ def test_merge_of_splits_not_a_power_of_two(b, s, kv_heads, g, path, splits,
   np.testing.assert_allclose(got, want, rtol=0,
                              atol=2e-6 * float(np.abs(want).max()))
 
-# The in-kernel merge (merge='in_kernel', one launch): MHA through the 'dot'
-# path with 'bits' nibbles and the one-row softmax, and the dot-free path;
-# GQA (G = 4) in bf16 and f32; 2, 3 (not a power of two) and 4 splits; rows
-# with different ranges, each case with an empty row (start >= end).
-_FUSED_CASES = [
-    # b, s, kv_heads, g, dtype, splits, other config fields, start, end
-    (3, 150, 2, 1, jnp.bfloat16, 2,
-     dict(path="dot", nibbles="bits", softmax_rows="one"),
-     [0, 37, 90], [150, 120, 90]),
-    (3, 150, 2, 1, jnp.bfloat16, 3, dict(path="dot_free"),
-     [0, 140, 60], [150, 150, 20]),
-    (3, 90, 2, 4, jnp.bfloat16, 4, dict(nibbles="bits"),
-     [3, 40, 70], [90, 44, 70]),
-    (2, 100, 1, 4, jnp.float32, 3, {}, [9, 100], [100, 100]),
-    (3, 90, 2, 1, jnp.float32, 4, dict(path="dot_free"),
-     [0, 88, 50], [90, 90, 50]),
-]
-
-
-def _assert_merges_agree(fused, two, interpret, scale):
-  """The in-kernel merge against the merge kernel's output (f32 numpy).
-
-  Interpreted, both run `flash_decoding.merge_row` on the same partials:
-  bit for bit. Compiled, the merge sits in another Triton kernel whose
-  layouts may sum the splits in another order (f32, ~1e-7 relative), which
-  can move a bf16 output by one rounding step (2^-7 relative).
-  """
-  if interpret:
-    np.testing.assert_array_equal(fused, two)
-  else:
-    np.testing.assert_allclose(fused, two, rtol=2.0**-7, atol=1e-6 * scale)
-
-
-@pytest.mark.parametrize(
-    "b, s, kv_heads, g, dtype, splits, fields, start, end", _FUSED_CASES,
-    ids=["g1_dot_bits_one_row", "g1_dot_free", "g4_bits", "g4_f32",
-         "g1_dot_free_f32"])
-def test_in_kernel_merge_is_the_two_launch_merge(b, s, kv_heads, g, dtype,
-                                                 splits, fields, start, end,
-                                                 interpret):
-  q, k, v = _case(b, s, kv_heads, g, 64, seed=s + g + splits, dtype=dtype)
-  start, end = jnp.array(start, jnp.int32), jnp.array(end, jnp.int32)
-  cfg = Config(block_s=16, num_splits=splits, **fields)
-  fused_cfg = dataclasses.replace(cfg, merge="in_kernel")
-  run = lambda c: np.asarray(attn.kv4_decode_attention(
-      q, k, v, start, end, config=c, interpret=interpret,
-      implementation="pallas"), np.float32)
-  two = run(cfg)
-  want = np.asarray(attn.kv4_decode_attention_reference(
-      q.astype(jnp.float32), k, v, start, end))
-  scale = float(np.abs(want).max())
-  # Twice, carrying the semaphores: each call leaves them at zero, so the
-  # second merges too (a semaphore left at NS would never be seen at NS - 1
-  # again and the output would never be written).
-  sems = jnp.zeros((b * kv_heads,), jnp.int32)
-  outs = []
-  for _ in range(2):
-    out, sems = attn.kv4_decode_attention_fused(
-        q, k, v, start, end, sems, config=fused_cfg, interpret=interpret,
-        implementation="pallas")
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert sems.shape == (b * kv_heads,) and sems.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(sems), 0)
-    outs.append(np.asarray(out, np.float32))
-  np.testing.assert_array_equal(outs[1], outs[0])
-  fused = outs[0]
-  assert not np.any(np.isnan(fused))
-  np.testing.assert_array_equal(fused[np.asarray(start >= end)], 0.0)
-  _assert_merges_agree(fused, two, interpret, scale)
-  # The wrapper with merge='in_kernel' (its own zeroed semaphores).
-  _assert_merges_agree(run(fused_cfg), two, interpret, scale)
-  # As the two-launch path against the reference: bf16 q, see
-  # test_kernel_matches_reference; f32 q, test_f32_kernel_is_the_reference.
-  tol = 1e-2 if dtype == jnp.bfloat16 else 2e-6
-  np.testing.assert_allclose(fused, want, rtol=0, atol=tol * scale)
-
 
 def test_empty_and_scalar_end_and_tiny_cache(interpret):
   # S = 12 < 16 (the cache is padded to one block of 16); row 1 is empty
@@ -455,50 +379,6 @@ def test_one_split_is_one_launch(g):
       assert [x for x in names if x != "reshape"] == calls, names
 
 
-def _pallas_call_eqns(jaxpr):
-  """The pallas_call equations of a jaxpr, looking into jit calls."""
-  eqns = []
-  for eqn in jaxpr.eqns:
-    inner = eqn.params.get("jaxpr")
-    if eqn.primitive.name == "pallas_call":
-      eqns.append(eqn)
-    elif inner is not None:
-      eqns += _pallas_call_eqns(getattr(inner, "jaxpr", inner))
-  return eqns
-
-
-@pytest.mark.parametrize("g", [1, 4])
-def test_in_kernel_merge_is_one_launch(g):
-  # merge='in_kernel' with 3 splits: one pallas_call and free reshapes, the
-  # semaphores int32[B * K] aliased from input to output (a carried buffer
-  # is updated in place); the wrapper adds only their zeros (a memset).
-  # One split: no semaphores used, the same one launch as before.
-  q, k, v = _case(2, 48, 2, g, 64)
-  start, end = jnp.array([0, 5], jnp.int32), jnp.array([48, 30], jnp.int32)
-  sems = jnp.zeros((4,), jnp.int32)
-  for splits in (3, 1):
-    cfg = Config(block_s=16, num_splits=splits, merge="in_kernel")
-    fused = lambda *a, c=cfg: attn.kv4_decode_attention_fused(
-        *a, config=c, interpret=True)
-    names = _primitives_outside_pallas(fused, q, k, v, start, end, sems)
-    assert [x for x in names if x != "reshape"] == ["pallas_call"], names
-    (eqn,) = _pallas_call_eqns(
-        jax.make_jaxpr(fused)(q, k, v, start, end, sems).jaxpr)
-    aliases = eqn.params["input_output_aliases"]
-    if splits == 1:
-      assert not aliases
-      continue
-    ((i, o),) = aliases
-    assert eqn.invars[i].aval.shape == (4,)
-    assert eqn.invars[i].aval.dtype == jnp.int32
-    assert eqn.outvars[o].aval.shape == (4,)
-    run = lambda *a, c=cfg: attn.kv4_decode_attention(*a, config=c,
-                                                       interpret=True)
-    names = _primitives_outside_pallas(run, q, k, v, start, end)
-    assert [x for x in names if x != "reshape"] == ["broadcast_in_dim",
-                                                     "pallas_call"], names
-
-
 def test_implementation_choice_off_the_kernel():
   # 'xla', and 'pallas' outside interpret mode for a head dim the kernel
   # does not take (H / 2 = 48 is no power of two), run the jnp reference:
@@ -513,18 +393,6 @@ def test_implementation_choice_off_the_kernel():
     np.testing.assert_allclose(np.asarray(run(q, k, v, start, end)), want,
                                rtol=0, atol=1e-5 * np.abs(want).max())
   assert attn.kernel_takes(64) and not attn.kernel_takes(96)
-  # The one-launch op falls back the same way, semaphores untouched.
-  q, k, v = _case(2, 20, 2, 2, 64, seed=3, dtype=jnp.float32)
-  start, end = jnp.array([0, 4], jnp.int32), jnp.int32(20)
-  sems = jnp.zeros((4,), jnp.int32)
-  fused = lambda *a: attn.kv4_decode_attention_fused(*a, implementation="xla")
-  assert "pallas_call" not in str(jax.make_jaxpr(fused)(q, k, v, start, end,
-                                                        sems))
-  out, sems_out = fused(q, k, v, start, end, sems)
-  np.testing.assert_array_equal(
-      np.asarray(out),
-      np.asarray(attn.kv4_decode_attention_reference(q, k, v, start, end)))
-  np.testing.assert_array_equal(np.asarray(sems_out), 0)
 
 
 def test_bf16_baseline_is_attention_over_the_float_cache():
@@ -662,21 +530,6 @@ def test_errors():
     Config(num_stages=0)
   with pytest.raises(ValueError, match="path='mma' must be"):
     Config(path="mma")
-  with pytest.raises(ValueError, match="merge='fused' must be 'kernel' or"
-                     " 'in_kernel'"):
-    Config(merge="fused")
-  fused = attn.kv4_decode_attention_fused
-  sems = jnp.zeros((4,), jnp.int32)  # B * K = 4
-  in_kernel = Config(num_splits=2, merge="in_kernel")
-  with pytest.raises(ValueError, match="semaphores must be int32\\[B \\* K\\]"
-                     "=int32\\[4\\], got int32\\[3\\]"):
-    fused(q, k, v, s, e, sems[:3], config=in_kernel)
-  with pytest.raises(ValueError, match="semaphores must be int32\\[B \\* K\\]"
-                     "=int32\\[4\\], got float32\\[4\\]"):
-    fused(q, k, v, s, e, sems.astype(jnp.float32), config=in_kernel)
-  with pytest.raises(ValueError, match="kv4_decode_attention_fused merges in"
-                     " the kernel, got config.merge='kernel'"):
-    fused(q, k, v, s, e, sems, config=Config(num_splits=2))
 
 
 @pytest.mark.gpu
@@ -737,54 +590,3 @@ def test_gpu_bits_nibbles_match_convert(g):
                         Config(block_s=64, num_splits=4, path="dot"),
                         [0, 100, 1000, 1100], [1100, 900, 1010, 1100],
                         False)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("b, splits", [(1, 8), (16, 2)])
-def test_gpu_in_kernel_merge_matches_two_launches(b, splits):
-  # LLaMA-2-7B heads (32 x 128, MHA), 1088 slots: B = 1 with 8 splits (the
-  # default there), B = 16 with 2 (rows of different ranges, one empty).
-  # The default bf16 config (the 'bits' dot path, one-row softmax) and the
-  # dot-free path. 20 calls carry the semaphores (donated): a race in the
-  # last-arrival merge (a partial read before it landed, or two programs
-  # merging) would make a call differ from the others or from the two
-  # launches; the semaphores must be zero after every call.
-  s, heads = 1088, 32
-  q, k, v = _case(b, s, heads, 1, 128)
-  if b == 1:
-    start, end = jnp.array([0], jnp.int32), jnp.array([s], jnp.int32)
-  else:
-    start = jnp.asarray(np.arange(b) * 61 % 700, jnp.int32)
-    end = jnp.asarray(s - np.arange(b) * 37 % 300, jnp.int32).at[3].set(
-        start[3])
-  want = np.asarray(attn.kv4_decode_attention_reference(
-      q.astype(jnp.float32), k, v, start, end))
-  scale = float(np.abs(want).max())
-  base = dataclasses.replace(attn.default_kv4_decode_attention_config(
-      b, heads, s, 128, query_heads=heads, dtype=q.dtype), num_splits=splits)
-  for cfg in (base, dataclasses.replace(base, path="dot_free",
-                                        nibbles="convert",
-                                        softmax_rows="all")):
-    two = np.asarray(attn.kv4_decode_attention(
-        q, k, v, start, end, config=cfg, implementation="pallas"),
-                     np.float32)
-    fn = jax.jit(functools.partial(
-        attn.kv4_decode_attention_fused, implementation="pallas",
-        config=dataclasses.replace(cfg, merge="in_kernel")),
-                 donate_argnums=5)
-    sems = jnp.zeros((b * heads,), jnp.int32)
-    hlo = fn.lower(q, k, v, start, end, sems).as_text()
-    assert "kv4_decode_attention" in hlo
-    assert "kv4_decode_attention_merge" not in hlo
-    first = None
-    for _ in range(20):
-      out, sems = fn(q, k, v, start, end, sems)
-      out = np.asarray(out, np.float32)
-      np.testing.assert_array_equal(np.asarray(sems), 0)
-      if first is None:
-        first = out
-      np.testing.assert_array_equal(out, first)
-    assert not np.any(np.isnan(first))
-    np.testing.assert_array_equal(first[np.asarray(start >= end)], 0.0)
-    _assert_merges_agree(first, two, False, scale)
-    np.testing.assert_allclose(first, want, rtol=0, atol=1e-2 * scale)

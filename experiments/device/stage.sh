@@ -16,8 +16,8 @@
 #   export QUAROT_QWEN_GGUF=/root/stage/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
 # Status (which chunks arrived): bash experiments/device/stage.sh have qwen
 #
-# Qwen2.5-Coder-1.5B (1,117,320,768 bytes): 18 chunks of 60 MiB in the
-# committed manifest (chunk00..chunk17); re-split at 56 MiB it is 20 chunks.
+# Qwen2.5-Coder-1.5B (1,117,320,768 bytes): 20 chunks of 56 MiB in the
+# committed manifest (chunk00..chunk19, re-split 2026-12-06).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 STAGE="${STAGE_DIR:-/root/stage}"

@@ -99,12 +99,18 @@ def learned_sweep(flagged: QuaRotConfig, objectives: list[str],
     One config per (row, objective), then one Hadamard config per row.
 
   Raises:
-    ValueError: an unknown or empty row list (the message names it), or
-      learn_scales without 'e2e' among the objectives.
+    ValueError: an unknown or empty row list (the message names it),
+      learn_scales or a loss other than 'ce' without 'e2e' among the
+      objectives, or a scale_lr_ratio without learn_scales.
   """
-  if learn_scales and "e2e" not in objectives:
-    raise ValueError(f"--learn_scales needs e2e among --objectives, got"
-                     f" {','.join(objectives)}")
+  for flag, given in (("--learn_scales", learn_scales),
+                      ("--rotation_loss", rotation_loss != "ce")):
+    if given and "e2e" not in objectives:
+      raise ValueError(f"{flag} needs e2e among --objectives, got"
+                       f" {','.join(objectives)}")
+  if scale_lr_ratio != 1 and not learn_scales:
+    raise ValueError(f"--scale_lr_ratio={scale_lr_ratio:g} needs"
+                     " --learn_scales (it sets the scales' rate)")
   unknown = sorted(set(row_names) - set(LEARNED_ROWS))
   if unknown or not row_names:
     raise ValueError(f"--learned_rows={','.join(row_names)}: each must be"

@@ -51,6 +51,12 @@ def test_learned_sweep_gives_loss_and_scale_lr_to_the_e2e_rows_only():
       "W4A16KV16 gptq rot-learned-whip100",
       "W4A16KV16 gptq rot-learned-e2e100-kl+s0.1",
       "W4A16KV16 gptq rot-hadamard"]
+  with pytest.raises(ValueError, match="--rotation_loss needs e2e among"
+                     " --objectives, got whip"):
+    paper.learned_sweep(flagged, ["whip"], ["w4a16"], rotation_loss="kl")
+  with pytest.raises(ValueError, match="--scale_lr_ratio=0.1 needs"
+                     " --learn_scales"):
+    paper.learned_sweep(flagged, ["e2e"], ["w4a16"], scale_lr_ratio=0.1)
 
 
 def test_learned_sweep_unknown_row_names_it():

@@ -61,6 +61,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import compat
+from pallas_kernels import device_info
 from pallas_kernels import int4_layout
 
 Implementation = Literal["mosaic", "triton", "xla"]
@@ -166,13 +167,6 @@ class _Plan:
   split_k: int
 
 
-def _num_sms() -> int:
-  try:
-    return int(jax.devices()[0].core_count)
-  except (AttributeError, TypeError):
-    return 132  # an H100/H200 SXM
-
-
 def padded_rows(m: int, implementation: str) -> int:
   """Mp: the rows the kernel computes for M tokens (x is zero-padded to
   them); M itself for 'xla'. A caller that hands `decode_matmul` x with Mp
@@ -199,7 +193,7 @@ def _plan(m: int, n: int, k: int, cfg: DecodeMatmulConfig,
   n_tiles = pl.cdiv(n, block_n)
   split = cfg.split_k
   if split is None:
-    split = max(1, (cfg.programs_per_sm * _num_sms()) // n_tiles)
+    split = max(1, (cfg.programs_per_sm * device_info.num_sms()) // n_tiles)
   # >= 2 blocks per split: a one-step pipeline gains nothing from stages.
   q = pl.cdiv(k_blocks, max(1, min(split, k_blocks // 2)))
   return _Plan(m_pad=m_pad, block_n=block_n, block_k=block_k,

@@ -57,6 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import device_info
 from pallas_kernels import int4_layout
 from pallas_kernels import padding
 from pallas_kernels.w4a4_matmul import reference
@@ -570,7 +571,7 @@ def can_use_w4a4_mosaic() -> bool:
 def _num_sms(cfg: W4A4MosaicConfig) -> int:
   if cfg.num_sms is not None:
     return cfg.num_sms
-  return jax.devices()[0].core_count
+  return device_info.num_sms()
 
 
 def _check(x, w, s_x, s_w, w_dtype):

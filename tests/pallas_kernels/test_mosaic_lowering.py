@@ -5,6 +5,8 @@ operands), so the CPU cannot run them; but lowering (Pallas -> Mosaic GPU
 -> its MLIR) runs on any machine, and it is where wrong layouts, transforms,
 scratch shapes and API drift fail. These tests catch that before a GPU call
 does; the `gpu` tests in the kernels' own files check the numbers.
+`tests/test_gpu_lowering.py` lowers the whole model with its default
+kernels; this file lowers each kernel's other configurations too.
 """
 
 import dataclasses

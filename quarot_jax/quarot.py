@@ -201,7 +201,8 @@ class QuaRotConfig:
     kv = (f"KV{self.k_bits}" if self.k_bits == self.v_bits
           else f"K{self.k_bits}V{self.v_bits}")
     g = f" g{self.w_groupsize}" if self.w_groupsize else ""
-    method = f" {self.w_method}{g}" if self.w_bits < 16 else ""
+    asym = " asym" if self.w_asym else ""
+    method = f" {self.w_method}{g}{asym}" if self.w_bits < 16 else ""
     rot = f" rot-{self.rotate_mode}" if self.rotate else " norot"
     if self.rotate and self.rotate_mode == "learned":
       rot += f"-{self.rotation_objective}{self.rotation_steps}"

@@ -335,3 +335,16 @@ def test_learned_scales_see_rtn_weights_before_gptq(monkeypatch):
   seen = _learn_kwarg(monkeypatch, "weight_spec", plain, scaled)
   assert seen[0] is None
   assert seen[1] is not None and seen[1].bits == 4
+
+
+def test_asymmetric_weights_have_their_own_label_and_learned_key():
+  # The paper's weight-only tables use asymmetric per-column weights; a run
+  # of them must not share a label (or learned rotations) with symmetric.
+  sym = quarot.QuaRotConfig(w_bits=4, w_method="gptq")
+  asym = dataclasses.replace(sym, w_asym=True)
+  assert sym.describe() == "W4A16KV16 gptq rot-hadamard"
+  assert asym.describe() == "W4A16KV16 gptq asym rot-hadamard"
+  e2e = dataclasses.replace(sym, rotate_mode="learned",
+                            rotation_objective="e2e", rotation_steps=3)
+  assert (quarot.rotation_key(e2e)
+          != quarot.rotation_key(dataclasses.replace(e2e, w_asym=True)))

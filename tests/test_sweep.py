@@ -45,7 +45,7 @@ def test_sweep_runs_float_first_and_reports_each_record(tiny):
                                            "W8A8KV8 rtn rot-hadamard"]
   assert seen == records
   for key in ("w_bits", "a_bits", "k_bits", "v_bits", "w_method",
-              "groupsize", "rotate", "ppl", "fp_ppl", "eval_text",
+              "w_asym", "groupsize", "rotate", "ppl", "fp_ppl", "eval_text",
               "eval_tokens", "seqlen", "date", "command", "device",
               "jax_version"):
     assert key in records[1]

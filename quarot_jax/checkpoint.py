@@ -333,11 +333,12 @@ def load_tokenizer(path: str) -> Any:
 
 
 def _cast_floats(params: Any, dtype: Any) -> Any:
-  """Casts float leaves to `dtype`, except the int4 weight scales (f32)."""
+  """Casts float leaves to `dtype`, except the int4 weights' scales and
+  zero points (f32)."""
   def cast(path, a):
     a = np.asarray(a)
     if (np.issubdtype(a.dtype, np.floating)
-        and getattr(path[-1], "key", None) != "wscale"):
+        and getattr(path[-1], "key", None) not in ("wscale", "wzero")):
       return a.astype(dtype)
     return a
   return jax.tree_util.tree_map_with_path(cast, params)

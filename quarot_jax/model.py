@@ -220,13 +220,16 @@ def _row_linear_parts(x: jax.Array, p: Params, options: RunOptions, *,
   # One device: each group of `in` with its bytes of qweight (packing
   # pairs adjacent `in` elements), summed as the shards' psum sums.
   xs = jnp.split(x, groups, axis=-1)
-  ws = jnp.split(p["qweight"], groups, axis=-1)
-  ss = (jnp.split(p["wscale"], groups, axis=-1) if qlinear.is_grouped(p)
-        else [p["wscale"]] * groups)  # group scales split with `in`
-  y = sum(qlinear.linear(xi, {"qweight": wi, "wscale": si},
-                         a_spec=options.a_spec,
+  parts = [{"qweight": w} for w in jnp.split(p["qweight"], groups, axis=-1)]
+  for name in ("wscale", "wzero"):  # group scales split with `in`
+    if name in p:
+      vs = (jnp.split(p[name], groups, axis=-1) if qlinear.is_grouped(p)
+            else [p[name]] * groups)
+      for part, v in zip(parts, vs):
+        part[name] = v
+  y = sum(qlinear.linear(xi, part, a_spec=options.a_spec,
                          online_hadamard=online_hadamard, kernels=kernels)
-          for xi, wi, si in zip(xs, ws, ss))
+          for xi, part in zip(xs, parts))
   return y + p["bias"].astype(y.dtype) if "bias" in p else y
 
 

@@ -72,15 +72,12 @@ def check_weight_qarray(q: quant.QArray, name: str = "weight") -> None:
   """Raises if `q` is not what the int4 kernels take.
 
   Raises:
-    NotImplementedError: bits != 4, asymmetric, or an odd group size
-      (groups must not split a packed byte).
+    NotImplementedError: bits != 4 or an odd group size (groups must not
+      split a packed byte).
   """
   if q.bits != 4:
     raise NotImplementedError(
         f"{name}: packed linears need 4-bit weights, got bits={q.bits}")
-  if not q.symmetric:
-    raise NotImplementedError(
-        f"{name}: packed linears need symmetric weights (w_asym=False)")
   if q.group_size % 2:
     raise NotImplementedError(
         f"{name}: packed linears need an even weight group size (two int4"
@@ -88,13 +85,18 @@ def check_weight_qarray(q: quant.QArray, name: str = "weight") -> None:
 
 
 def dequantize_weight(p: Params) -> jax.Array:
-  """f32[..., out, in]: a packed linear's int4 values times their scales."""
+  """f32[..., out, in]: a packed linear's int4 values (less the zero points
+  of asymmetric weights) times their scales."""
   w = quant.unpack_int4(p["qweight"], signed=True).astype(jnp.float32)
+  zero = p.get("wzero")
   if not is_grouped(p):
+    w = w if zero is None else w - zero[..., None]
     return w * p["wscale"][..., None]
   groups = p["wscale"].shape[-1]
-  wg = w.reshape(*w.shape[:-1], groups, -1) * p["wscale"][..., None]
-  return wg.reshape(w.shape)
+  wg = w.reshape(*w.shape[:-1], groups, -1)
+  if zero is not None:
+    wg = wg - zero[..., None]
+  return (wg * p["wscale"][..., None]).reshape(w.shape)
 
 
 def pack_weight(q: quant.QArray) -> Params:
@@ -106,16 +108,33 @@ def pack_weight(q: quant.QArray) -> Params:
 
   Returns:
     {"qweight": uint8[..., out, in // 2], "wscale": f32[..., out]} per
-    channel, or wscale f32[..., out, G] with groups.
+    channel, or wscale f32[..., out, G] with groups. Asymmetric weights
+    w = s (q - z), q in [0, 15], are stored as the signed codes c = q - 8
+    and "wzero" = z - 8 (f32 integers, wscale's shape): w = s (c - wzero),
+    so a linear is s (x . c) - s wzero (sum of x), and the int4 kernels run
+    unchanged.
 
   Raises:
     NotImplementedError: see `check_weight_qarray`.
   """
   check_weight_qarray(q)
+  squeeze = (lambda a: a[..., 0]) if q.scale.shape[-1] == 1 else (
+      lambda a: a)
+  zero = None
+  if not q.symmetric:
+    if q.packed:
+      raise NotImplementedError("pack_weight takes asymmetric weights"
+                                " unpacked")
+    zero = squeeze(q.zero - 8)
+    q = dataclasses.replace(
+        q, values=(q.values.astype(jnp.int32) - 8).astype(jnp.int8),
+        zero=None, symmetric=True)
   q = quant.pack(q)
-  scale = q.scale[..., 0] if q.scale.shape[-1] == 1 else q.scale
-  return {"qweight": jnp.asarray(q.values, jnp.uint8),
-          "wscale": jnp.asarray(scale, jnp.float32)}
+  out = {"qweight": jnp.asarray(q.values, jnp.uint8),
+         "wscale": jnp.asarray(squeeze(q.scale), jnp.float32)}
+  if zero is not None:
+    out["wzero"] = jnp.asarray(zero, jnp.float32)
+  return out
 
 
 def pack_params(params: Params, qarrays: dict[tuple[str, str],
@@ -285,6 +304,10 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     x2 = layers.rms_norm(x2, norm[0], eps=norm[1],
                          keep_roundings=a_spec is not None and a_spec.enabled)
   float_x = a_spec is None or not a_spec.enabled  # W4A16
+  if not float_x and any("wzero" in p for p in ps):
+    raise NotImplementedError(
+        "packed linears with asymmetric weights (wzero) run with float"
+        f" activations (W4A16) only; got {a_spec}")
   rows = None
   mp = m
   if ps and all(map(decode, ps)):
@@ -316,6 +339,9 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
                                       implementation=kernels.w4a16,
                                       interpret=kernels.interpret)
           for p in ps]
+    if any("wzero" in p for p in ps):
+      ys = [_less_zeros(y, x2[:m], p) if "wzero" in p else y
+            for y, p in zip(ys, ps)]
   else:
     if (a_spec.bits != 4 or not a_spec.symmetric
         or a_spec.group_size is not None):
@@ -358,6 +384,23 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     y = y.astype(x.dtype).reshape(*lead, y.shape[-1])
     out.append(y if residual is None else y + residual)
   return out
+
+
+def _less_zeros(y: jax.Array, x: jax.Array, p: Params) -> jax.Array:
+  """y - s wzero (sum of x): asymmetric weights' zero points.
+
+  y [M, out] the codes' product (scaled), x [M, in] what they multiplied;
+  per channel the row sums of x times s wzero [out], with groups each
+  group's sums [M, G] times s wzero [out, G]; in f32.
+  """
+  xf = x.astype(jnp.float32)
+  shift = p["wscale"] * p["wzero"]
+  if is_grouped(p):
+    sums = xf.reshape(x.shape[0], shift.shape[-1], -1).sum(-1)  # [M, G]
+    extra = jnp.dot(sums, shift.T, precision=lax.Precision.HIGHEST)
+  else:
+    extra = xf.sum(-1, keepdims=True) * shift
+  return (y.astype(jnp.float32) - extra).astype(y.dtype)
 
 
 def _w4a4_backend(p: Params, kernels: kernels_lib.Kernels) -> str:

@@ -330,8 +330,9 @@ def check_packable(qconfig: QuaRotConfig) -> None:
   """Raises unless `quantize(..., packed=True)` can run this config.
 
   Raises:
-    NotImplementedError: the int4 kernels need 4-bit symmetric per-channel
-      weights and 4- or 16-bit activations; KV bits must be 4 or 16.
+    NotImplementedError: the int4 kernels need 4-bit weights (asymmetric
+      only with 16-bit activations) and 4- or 16-bit activations; KV bits
+      must be 4 or 16.
   """
   problems = [f"{name}={value!r} ({need})"
               for name, value, need in packing_problems(qconfig)]
@@ -350,8 +351,9 @@ def packing_problems(qconfig: QuaRotConfig) -> list[tuple[str, Any, str]]:
   problems = []
   if qconfig.w_bits != 4:
     problems.append(("w_bits", qconfig.w_bits, "needs 4"))
-  if qconfig.w_asym:
-    problems.append(("w_asym", True, "needs symmetric weights"))
+  if qconfig.w_asym and qconfig.a_bits != 16:
+    problems.append(("w_asym", True,
+                     "needs symmetric weights with 4-bit activations"))
   if qconfig.w_groupsize is not None and qconfig.w_groupsize % 2:
     problems.append(("w_groupsize", qconfig.w_groupsize,
                      "needs per-channel or an even group size"))

@@ -87,7 +87,7 @@ def fuse_projections(layer: Params) -> Params:
             [D, (N + 2K)*H]; gate/up [D, F] each -> gate_up_proj [D, 2F].
     packed: qweight uint8[out_i, D // 2] -> uint8[sum out_i, D // 2],
             wscale f32[out_i] -> f32[sum out_i] (f32[out_i, G] ->
-            f32[sum out_i, G] with group scales).
+            f32[sum out_i, G] with group scales); wzero likewise.
     bias:   concatenated likewise; a linear without one adds zeros.
 
   Only for the per-layer run layout (`unstack_layers(..., fuse=True)`):
@@ -113,15 +113,17 @@ def fuse_projections(layer: Params) -> Params:
     if weights == {frozenset({"kernel"})}:
       axis, key = -1, "kernel"  # [.., in, out]
       fused_p = {"kernel": jnp.concatenate([p["kernel"] for p in ps], axis=-1)}
-    elif weights == {frozenset({"qweight", "wscale"})}:
+    elif weights in ({frozenset({"qweight", "wscale"})},
+                     {frozenset({"qweight", "wscale", "wzero"})}):
       axis, key = -2, "qweight"  # [.., out, in // 2]
       fused_p = {
-          "qweight": jnp.concatenate([p["qweight"] for p in ps], axis=-2),
-          # [.., out] per channel, [.., out, G] with group scales
-          "wscale": jnp.concatenate(
-              [p["wscale"] for p in ps],
-              axis=-2 if ps[0]["wscale"].ndim == ps[0]["qweight"].ndim
-              else -1)}
+          "qweight": jnp.concatenate([p["qweight"] for p in ps], axis=-2)}
+      # [.., out] per channel, [.., out, G] with group scales (and zero
+      # points of asymmetric weights likewise)
+      for name in sorted(next(iter(weights)) - {"qweight"}):
+        fused_p[name] = jnp.concatenate(
+            [p[name] for p in ps],
+            axis=-2 if ps[0][name].ndim == ps[0]["qweight"].ndim else -1)
     else:
       continue  # packed and float mixed
     if any("bias" in p for p in ps):

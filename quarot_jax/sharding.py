@@ -130,6 +130,8 @@ def _param_axis(path: tuple[str, ...], grouped: bool = False) -> int | None:
     return -1  # [D, V]
   if leaf == "k_center":
     return -2  # [K, H]: with the kv heads
+  if leaf == "wzero":  # asymmetric weights' zero points: as their scales
+    leaf = "wscale"
   if parent in COLUMN_PARALLEL:
     return {"kernel": -1, "bias": -1, "qweight": -2,
             "wscale": -2 if grouped else -1}.get(leaf)

@@ -475,3 +475,58 @@ def test_convert_cli_writes_a_packed_checkpoint(tmp_path):
   assert proc.returncode == 1
   assert "w_bits=8 (needs 4)" in proc.stderr
   assert not (tmp_path / "w8").exists()
+
+
+# The paper's weight-only setting: asymmetric per-column 4-bit weights.
+W4A16_ASYM = quarot.QuaRotConfig(w_bits=4, w_asym=True)
+
+
+@pytest.mark.parametrize("w_groupsize", [None, 32])
+def test_packed_asymmetric_w4a16_equals_simulated(tiny, w_groupsize):
+  params, config, tokens = tiny
+  qconfig = dataclasses.replace(W4A16_ASYM, w_groupsize=w_groupsize)
+  (sim, options), (real, _) = _both(params, config, qconfig)
+  down = real["layers"]["mlp"]["down_proj"]
+  assert down["wzero"].shape == down["wscale"].shape
+  assert float(jnp.abs(down["wzero"]).max()) > 0  # not all zero points 8
+  want, _ = model.forward(sim, tokens, config, options=options)
+  got, _ = model.forward(real, tokens, config, options=options)
+  assert _rel(got, want) < 1e-4
+  # The generate layout (fused q/k/v and gate/up) and the interpreted
+  # kernels give the same.
+  fused = run_layout.unstack_layers(real, fuse=True)
+  assert "wzero" in fused["layers"][0]["self_attn"]["qkv_proj"]
+  got_fused, _ = model.forward(fused, tokens, config, options=options,
+                               kernels="interpret")
+  assert _rel(got_fused, want) < 1e-4
+  # Not vacuous: symmetric weights give other logits.
+  sym, _ = quarot.quantize(params, config,
+                           dataclasses.replace(qconfig, w_asym=False),
+                           progress=False)
+  other, _ = model.forward(sym, tokens, config, options=options)
+  assert _rel(other, want) > 1e-3
+
+
+def test_asymmetric_weights_pack_only_with_float_activations():
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama2")[0])
+  with pytest.raises(NotImplementedError,
+                     match="w_asym=True .needs symmetric weights with 4-bit"
+                     " activations"):
+    quarot.quantize(params, config, dataclasses.replace(W4A4KV4, w_asym=True),
+                    packed=True, progress=False)
+
+
+def test_asymmetric_checkpoint_round_trip(tmp_path):
+  params, config = hf.load_hf(hf_models.tiny_hf_model("llama2")[0])
+  real, options = quarot.quantize(params, config, W4A16_ASYM, packed=True,
+                                  progress=False)
+  path = checkpoint.save_quantized(real, str(tmp_path / "a"), config,
+                                   W4A16_ASYM)
+  restored, _, qconfig, _ = checkpoint.load_quantized(path)
+  assert qconfig == W4A16_ASYM
+  zero = restored["layers"]["mlp"]["down_proj"]["wzero"]
+  assert zero.dtype == np.float32
+  tokens = hf_models.random_tokens(config.vocab_size, 1, 6)
+  np.testing.assert_array_equal(
+      np.asarray(model.forward(restored, tokens, config, options=options)[0]),
+      np.asarray(model.forward(real, tokens, config, options=options)[0]))

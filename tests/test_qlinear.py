@@ -289,9 +289,6 @@ def test_unsupported_weights_and_activations_raise():
   with pytest.raises(NotImplementedError, match="4-bit weights, got bits=8"):
     qlinear.pack_weight(quant.quantize_weight(
         kernel, quant.QuantSpec(bits=8)))
-  with pytest.raises(NotImplementedError, match="symmetric weights"):
-    qlinear.pack_weight(quant.quantize_weight(
-        kernel, quant.QuantSpec(bits=4, symmetric=False)))
   with pytest.raises(NotImplementedError, match="even weight group size"):
     qlinear.pack_weight(quant.quantize_weight(
         kernel, quant.QuantSpec(bits=4, group_size=1)))
@@ -299,6 +296,13 @@ def test_unsupported_weights_and_activations_raise():
   with pytest.raises(NotImplementedError, match="4-bit symmetric per token"):
     qlinear.linear(x, p, a_spec=quant.activation_spec(8),
                    online_hadamard=False)
+  # Asymmetric weights carry zero points that only the float-activation
+  # (W4A16) path applies.
+  asym = qlinear.pack_weight(quant.quantize_weight(
+      kernel, quant.QuantSpec(bits=4, symmetric=False)))
+  with pytest.raises(NotImplementedError,
+                     match="asymmetric weights .*float activations"):
+    qlinear.linear(x, asym, a_spec=_A_SPEC, online_hadamard=False)
 
 
 def test_dequantize_params_is_the_simulated_model():
@@ -313,3 +317,40 @@ def test_dequantize_params_is_the_simulated_model():
   node = back["layers"]["mlp"]["down_proj"]
   assert set(node) == {"kernel", "bias"}
   np.testing.assert_array_equal(np.asarray(node["kernel"]), np.asarray(want))
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+@pytest.mark.parametrize("setting", ["xla", "interpret"])
+@pytest.mark.parametrize("m, dtype", [(3, jnp.bfloat16), (3, jnp.float32),
+                                      (40, jnp.float32)])
+def test_asymmetric_w4a16_linear_matches_simulated(group_size, setting, m,
+                                                   dtype):
+  # The paper's weight-only setting: w = s (q - z), q in [0, 15]. Packed as
+  # signed codes c = q - 8 and zero points z - 8 per channel (or group), so
+  # y = s (x . c) - s (z - 8) (sum of x).
+  kernel, x = _weight_and_input(m=m, seed=3)
+  kernel = kernel + 0.05  # a skewed range, so zero points are not 8
+  w_spec = quant.QuantSpec(bits=4, symmetric=False, group_size=group_size,
+                           mse_clip=False)
+  q = quant.quantize_weight(kernel, w_spec)
+  assert not np.all(np.asarray(q.zero) == 8)
+  p = qlinear.pack_weight(q)
+  assert set(p) == {"qweight", "wscale", "wzero"}
+  assert p["wzero"].shape == p["wscale"].shape
+  np.testing.assert_array_equal(  # the twin holds the same weights
+      np.asarray(qlinear.dequantize_weight(p)),
+      np.asarray(quant.fake_quant_weight(kernel, w_spec).T))
+  x = x.astype(dtype)
+  want = _simulated(x.astype(jnp.float32), kernel, None, True, w_spec)
+  got = qlinear.linear(x, p, a_spec=None, online_hadamard=True,
+                       kernels=kernels.resolve(setting))
+  assert got.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want),
+                             rtol=tol, atol=tol * float(jnp.abs(want).max()))
+  # Not vacuous: without its zero points the packed linear is far off.
+  p_no = {k: v for k, v in p.items() if k != "wzero"}
+  off = qlinear.linear(x, p_no, a_spec=None, online_hadamard=True,
+                       kernels=kernels.resolve(setting))
+  assert float(jnp.abs(off.astype(jnp.float32) - want).max()) > 0.1 * float(
+      jnp.abs(want).max())

@@ -247,6 +247,26 @@ def test_packed_group_scales_on_a_one_device_mesh():
   assert _rel(got, want) < 1e-6
 
 
+def test_packed_asymmetric_w4a16_on_a_one_device_mesh():
+  # Zero points of asymmetric weights go through shard_map as their scales.
+  params = _params()
+  qconfig = quarot.QuaRotConfig(w_bits=4, w_asym=True)
+  packed, options = quarot.quantize(params, CONFIG, qconfig, packed=True,
+                                    progress=False)
+  assert "wzero" in packed["layers"]["mlp"]["down_proj"]
+  specs = sharding.param_specs(packed, 2)["layers"]
+  for block, name in (("mlp", "down_proj"), ("self_attn", "q_proj")):
+    assert specs[block][name]["wzero"] == specs[block][name]["wscale"]
+  want, _ = model.forward(packed, _tokens(), CONFIG, options=options,
+                          kernels="xla")
+  got, _ = model.forward(packed, _tokens(), CONFIG, options=options,
+                         kernels="xla", mesh=sharding.make_mesh(1))
+  assert _rel(got, want) < 1e-6
+  sim, _ = model.forward(qlinear.dequantize_params(packed), _tokens(),
+                         CONFIG, options=options, kernels="xla")
+  assert _rel(got, sim) < 1e-4
+
+
 def test_packed_on_mesh_needs_row_groups_equal_to_tp():
   packed, options = _w4a4kv4(_params(), 1, packed=True)
   options = dataclasses.replace(options, row_groups=2)

@@ -72,12 +72,14 @@ def _rotated(params, tp):
   return p, dataclasses.replace(rotation.ROTATED, had_blocks=tp)
 
 
-def _w4a4kv4(params, tp, *, packed, w_groupsize=None):
+def _w4a4kv4(params, tp, *, packed, w_groupsize=None, w_asym=False):
   """W4A4KV4 (RTN) params after the block-diagonal rotation, and options
   (packed: o_proj/down_proj quantize per shard, `row_groups=tp`);
-  `w_groupsize`: weight scales per group of that many inputs."""
+  `w_groupsize`: weight scales per group of that many inputs; `w_asym`:
+  asymmetric weights and float activations (W4A16KV4)."""
   p, _ = _rotated(params, tp)
-  qconfig = dataclasses.replace(W4A4KV4, w_groupsize=w_groupsize)
+  qconfig = dataclasses.replace(W4A4KV4, w_groupsize=w_groupsize,
+                                w_asym=w_asym, a_bits=16 if w_asym else 4)
   options = dataclasses.replace(qconfig.run_options(CONFIG.head_dim),
                                 had_blocks=tp, row_groups=tp if packed else 1)
   if packed:
@@ -312,10 +314,12 @@ def _sharded_checks() -> dict:
   mesh = sharding.make_mesh(2)
   for name, packed, kernels, steps, groups in (
       ("sim", False, "xla", 3, None), ("packed", True, "xla", 3, None),
-      ("grouped", True, "xla", 3, 16), ("interpret", True, "interpret", 2,
-                                        None)):
+      ("grouped", True, "xla", 3, 16), ("asym", True, "xla", 3, None),
+      ("interpret", True, "interpret", 2, None)):
     kernels = kernels_lib.resolve(kernels)
-    p, options = _w4a4kv4(params, 2, packed=packed, w_groupsize=groups)
+    p, options = _w4a4kv4(params, 2, packed=packed, w_groupsize=groups,
+                          w_asym=name == "asym")
+    assert (name == "asym") == ("wzero" in p["layers"]["mlp"]["down_proj"])
     assert not groups or qlinear.is_grouped(p["layers"]["mlp"]["down_proj"])
     if packed:
       p = run_layout.unstack_layers(p)
@@ -508,10 +512,13 @@ def test_sharded_float_logits(sharded, tp):
   assert sharded[f"float_tp{tp}"] <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["sim", "packed", "grouped", "interpret"])
+@pytest.mark.parametrize("name", ["sim", "packed", "grouped", "asym",
+                                  "interpret"])
 def test_sharded_w4a4kv4_prefill_and_decode(sharded, name):
   # grouped: packed with weight scales per 16 inputs, split with their
-  # linears (column: on out; row: on the groups, with `in`).
+  # linears (column: on out; row: on the groups, with `in`). asym: W4A16KV4
+  # with asymmetric weights, whose zero points shard as the scales (row
+  # parallel: each shard subtracts its part, the psum adds them).
   assert all(r <= 1e-5 for r in sharded[f"{name}_steps"]), sharded
   assert len(sharded[f"{name}_steps"]) == (2 if name == "interpret" else 3)
   # The new cache stays split by kv heads: 6 heads, 3 per device.

@@ -388,10 +388,12 @@ def test_generate_on_packed_params_agrees_with_simulated():
   assert not model.uses_kv4_cache(sim, options)
 
 
-def test_gptq_packed_weights_are_the_simulated_gptq_weights():
+@pytest.mark.parametrize("w_asym", [False, True])
+def test_gptq_packed_weights_are_the_simulated_gptq_weights(w_asym):
   params, config = hf.load_hf(hf_models.tiny_hf_model("llama2")[0])
   calib = hf_models.random_tokens(config.vocab_size, 4, 16, seed=7)
-  qconfig = dataclasses.replace(W4A4KV4, w_method="gptq")
+  qconfig = dataclasses.replace(W4A4KV4, w_method="gptq", w_asym=w_asym,
+                                a_bits=16 if w_asym else 4)
   (sim, options), (real, _) = _both(params, config, qconfig, calib)
   tokens = hf_models.random_tokens(config.vocab_size, 2, 8, seed=2)
   want, _ = model.forward(sim, tokens, config, options=options)

@@ -83,6 +83,8 @@ def test_packed_learned_scales_equal_simulated(tiny):
 # The 128G mode: weight scales per group of `in` (32 here: the tiny widths
 # 64 and 96 have no group of 128).
 W4A4KV4_G32 = dataclasses.replace(W4A4KV4, w_groupsize=32)
+# The paper's weight-only setting: asymmetric per-column 4-bit weights.
+W4A16_ASYM = quarot.QuaRotConfig(w_bits=4, w_asym=True)
 
 
 @pytest.mark.parametrize("a_bits", [4, 16])
@@ -438,16 +440,21 @@ def test_quantized_checkpoint_round_trip_and_mismatch(tmp_path):
     checkpoint.load_quantized(float_path)
 
 
-def test_group_scaled_checkpoint_round_trip(tmp_path):
+@pytest.mark.parametrize("leaf, ndim", [("wscale", 3), ("wzero", 2)])
+def test_group_scaled_and_asymmetric_checkpoint_round_trip(tmp_path, leaf,
+                                                           ndim):
+  # Group scales [L, out, G]; asymmetric weights' zero points [L, out]:
+  # both stay f32 in the checkpoint (other floats take its dtype).
+  qconfig = W4A4KV4_G32 if leaf == "wscale" else W4A16_ASYM
   params, config = hf.load_hf(hf_models.tiny_hf_model("llama2")[0])
-  real, options = quarot.quantize(params, config, W4A4KV4_G32, packed=True,
+  real, options = quarot.quantize(params, config, qconfig, packed=True,
                                   progress=False)
   path = checkpoint.save_quantized(real, str(tmp_path / "g"), config,
-                                   W4A4KV4_G32)
-  restored, _, qconfig, _ = checkpoint.load_quantized(path)
-  assert qconfig == W4A4KV4_G32
-  scales = restored["layers"]["self_attn"]["q_proj"]["wscale"]
-  assert scales.dtype == np.float32 and scales.ndim == 3
+                                   qconfig)
+  restored, _, got_qconfig, _ = checkpoint.load_quantized(path)
+  assert got_qconfig == qconfig
+  kept = restored["layers"]["self_attn"]["q_proj"][leaf]
+  assert kept.dtype == np.float32 and kept.ndim == ndim
   tokens = hf_models.random_tokens(config.vocab_size, 1, 6)
   np.testing.assert_array_equal(
       np.asarray(model.forward(restored, tokens, config, options=options)[0]),
@@ -478,9 +485,6 @@ def test_convert_cli_writes_a_packed_checkpoint(tmp_path):
   assert "w_bits=8 (needs 4)" in proc.stderr
   assert not (tmp_path / "w8").exists()
 
-
-# The paper's weight-only setting: asymmetric per-column 4-bit weights.
-W4A16_ASYM = quarot.QuaRotConfig(w_bits=4, w_asym=True)
 
 
 @pytest.mark.parametrize("w_groupsize", [None, 32])
@@ -516,19 +520,3 @@ def test_asymmetric_weights_pack_only_with_float_activations():
                      " activations"):
     quarot.quantize(params, config, dataclasses.replace(W4A4KV4, w_asym=True),
                     packed=True, progress=False)
-
-
-def test_asymmetric_checkpoint_round_trip(tmp_path):
-  params, config = hf.load_hf(hf_models.tiny_hf_model("llama2")[0])
-  real, options = quarot.quantize(params, config, W4A16_ASYM, packed=True,
-                                  progress=False)
-  path = checkpoint.save_quantized(real, str(tmp_path / "a"), config,
-                                   W4A16_ASYM)
-  restored, _, qconfig, _ = checkpoint.load_quantized(path)
-  assert qconfig == W4A16_ASYM
-  zero = restored["layers"]["mlp"]["down_proj"]["wzero"]
-  assert zero.dtype == np.float32
-  tokens = hf_models.random_tokens(config.vocab_size, 1, 6)
-  np.testing.assert_array_equal(
-      np.asarray(model.forward(restored, tokens, config, options=options)[0]),
-      np.asarray(model.forward(real, tokens, config, options=options)[0]))

@@ -99,14 +99,6 @@ class DecodeMatmulConfig:
       (`emit_pipeline`). Bit-exact, but slower on the 7B shapes (H200,
       2026-12-03: 0.16-0.38 of HBM against 0.28-0.48 at M = 1 and 16,
       `results/decode_matmul.jsonl`): kept for the comparison.
-    pdl: Mosaic only: the kernel calls `griddepcontrol.wait` first, so jax
-      launches it with programmatic dependent launch: it may start while
-      the kernel before it runs, if that kernel triggers its dependents
-      (`pallas_kernels.pdl`; our quantizers with `launch_dependents`), and
-      waits there until that kernel's writes are visible.
-    pdl_prefetch: with pdl, each program first asks TMA to prefetch this
-      many of its weight tiles into L2 (they do not depend on the kernel
-      before), so they stream while that kernel runs; 0: none.
   """
 
   block_n: int = 128
@@ -118,8 +110,6 @@ class DecodeMatmulConfig:
   w_layout: Literal["upcast_4x", "wgmma"] = "upcast_4x"
   w4a4_mma: Literal["bf16", "int8"] = "bf16"
   warp_specialized: bool = False
-  pdl: bool = False
-  pdl_prefetch: int = 0
 
   def __post_init__(self):
     if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -136,9 +126,6 @@ class DecodeMatmulConfig:
       raise ValueError(f"{self.w_layout=} must be 'upcast_4x' or 'wgmma'")
     if self.w4a4_mma not in ("bf16", "int8"):
       raise ValueError(f"{self.w4a4_mma=} must be 'bf16' or 'int8'")
-    if self.pdl_prefetch < 0 or (self.pdl_prefetch and not self.pdl):
-      raise ValueError(f"{self.pdl_prefetch=} must be >= 0, and 0 without"
-                       " pdl")
 
 
 def default_decode_matmul_config(implementation: str) -> DecodeMatmulConfig:
@@ -214,8 +201,7 @@ def _split_steps(split: jax.Array, plan: _Plan) -> jax.Array | int:
 
 def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
                                 plan: _Plan, num_stages: int,
-                                w_layout: str, warp_specialized: bool,
-                                pdl: bool = False, pdl_prefetch: int = 0):
+                                w_layout: str, warp_specialized: bool):
   """One program: rows [n0, n0 + block_n) of w over split `s`'s K range."""
   # w_gmem: int4[N, K]; x_gmem: bf16[Mp, K]; o_gmem: f32[split_k, N, Mp]
   # o_smem: f32[block_n, Mp]
@@ -223,13 +209,6 @@ def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
   ni, si = lax.axis_index("n"), lax.axis_index("s")
   bn, bk, mp = plan.block_n, plan.block_k, plan.m_pad
   q = plan.blocks_per_split
-  if pdl:
-    # The weights do not depend on the kernel before (which may still
-    # run): its first tiles can stream into L2 meanwhile. x can not.
-    for t in range(min(pdl_prefetch, q)):
-      kb = jnp.minimum(si * q + t, plan.k_blocks - 1)  # a short last split
-      plgpu.async_prefetch(w_gmem.at[pl.ds(ni * bn, bn), pl.ds(kb * bk, bk)])
-    plgpu.griddepcontrol_wait()
   int8_mma = x_gmem.dtype == jnp.int8
   x_bits = 8 if int8_mma else 16
   w_swizzle = plgpu.find_swizzle(4 * bk, "w")
@@ -321,8 +300,7 @@ def _partials_mosaic(x: jax.Array, w_q: jax.Array, plan: _Plan,
   call = plgpu.kernel(
       functools.partial(decode_matmul_mosaic_kernel, plan=plan,
                         num_stages=cfg.num_stages, w_layout=cfg.w_layout,
-                        warp_specialized=cfg.warp_specialized, pdl=cfg.pdl,
-                        pdl_prefetch=cfg.pdl_prefetch),
+                        warp_specialized=cfg.warp_specialized),
       out_type=jax.ShapeDtypeStruct((plan.split_k, n, plan.m_pad),
                                     jnp.float32),
       scratch_types=dict(

@@ -104,7 +104,6 @@ import numpy as np
 
 from pallas_kernels import compat
 from pallas_kernels import int4_layout
-from pallas_kernels import pdl
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -320,13 +319,11 @@ def _pieces(n: int, most: int) -> tuple[tuple[int, int, int], ...]:
 def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
                           use_left: bool, norm: float, clip_ratio: float,
                           rows: int, in_pieces, out_pieces,
-                          gate_up: bool = False,
-                          launch_dependents: bool = False):
+                          gate_up: bool = False):
   """A few rows: transform, absmax, codes, packed bytes (or int8 codes).
   Rows at or past `rows` (the padding up to `out_rows`) quantize zeros:
   codes 0, scale 1. With `gate_up` each row is `swiglu` of its two halves,
-  formed piece by piece as it is loaded. With `launch_dependents`
-  (compiled only) a PDL-launched kernel after it may start at once."""
+  formed piece by piece as it is loaded."""
   # x_ref: [rows, a, r], or [rows, 2, a, r] (gate, up) with gate_up;
   # left_ref: [ap, ap]; right_refs: the even and odd
   # columns of R (packed) or R itself, [r, r_out] (r_out: r // 2 or r),
@@ -348,10 +345,7 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
   dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
   scales = jnp.zeros((n_rows,), jnp.float32)
-  first = pl.program_id(0) * n_rows
-  if launch_dependents:
-    first = first + pdl.launch_dependents_zero(True)
-  real = first < rows  # a program's rows: all or none
+  real = pl.program_id(0) * n_rows < rows  # a program's rows: all or none
   for i in range(n_rows):
     row = jnp.int32(i)  # interpret mode's load/store reject a Python int
     xs = []
@@ -440,8 +434,7 @@ def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, max_ref, *,
 
 
 def quantize_chunk_kernel(y_ref, max_ref, q_ref, s_ref, *, ca: int,
-                          packed: bool, clip_ratio: float, rows: int,
-                          launch_dependents: bool = False):
+                          packed: bool, clip_ratio: float, rows: int):
   """Quantize one chunk of a row (the split path at few rows): rows
   c * ca .. (c + 1) * ca of its [a, r] view, scaled by the row's absmax
   from the transform's partial maxima, so no program reduces a whole row.
@@ -452,8 +445,6 @@ def quantize_chunk_kernel(y_ref, max_ref, q_ref, s_ref, *, ca: int,
   # scale 1.
   real = pl.program_id(0) < rows
   start = pl.program_id(1) * ca
-  if launch_dependents:  # compiled only: a PDL-launched kernel may start
-    start = start + pdl.launch_dependents_zero(True)
   y, mask = load_rows(y_ref, ca, start)
   y = jnp.where(real, y, 0.0)
   absmax = jnp.where(real, jnp.max(max_ref[...], axis=1), 0.0)  # [1]
@@ -589,8 +580,7 @@ def _quantize_only(x: jax.Array, clip_ratio: float, packed: bool,
 
 def _quantize_chunks(y: jax.Array, maxima: jax.Array, clip_ratio: float,
                      packed: bool, cfg: HadamardQuantConfig,
-                     interpret: bool, debug: bool, out_rows: int,
-                     launch_dependents: bool = False
+                     interpret: bool, debug: bool, out_rows: int
                      ) -> tuple[jax.Array, jax.Array]:
   """The split path's quantize, `quantize_chunk_kernel` on an (out_rows, C)
   grid: y f32[..., K] in chunks of `cfg.chunk_elements`, with maxima
@@ -605,9 +595,7 @@ def _quantize_chunks(y: jax.Array, maxima: jax.Array, clip_ratio: float,
   q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else ((a, r),
                                                                 jnp.int8)
   kernel = functools.partial(quantize_chunk_kernel, ca=ca, packed=packed,
-                             clip_ratio=clip_ratio, rows=rows,
-                             launch_dependents=launch_dependents
-                             and not interpret)
+                             clip_ratio=clip_ratio, rows=rows)
   x_q, s_x = pl.pallas_call(
       kernel,
       grid=(out_rows, -(-a // ca)),
@@ -666,15 +654,14 @@ def _check(x: jax.Array, hadamard_base: jax.Array | None, clip_ratio: float,
 
 @functools.partial(jax.jit, static_argnames=(
     "clip_ratio", "bits", "packed", "out_rows", "config", "interpret",
-    "debug", "implementation", "gate_up", "launch_dependents"))
+    "debug", "implementation", "gate_up"))
 def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                    clip_ratio: float = 0.9, bits: int = 4,
                    packed: bool = True, out_rows: int | None = None,
                    config: HadamardQuantConfig | None = None,
                    interpret: bool = False, debug: bool = False,
                    implementation: Literal["pallas", "xla"] | None = None,
-                   gate_up: bool = False, launch_dependents: bool = False
-                   ) -> tuple[jax.Array, jax.Array]:
+                   gate_up: bool = False) -> tuple[jax.Array, jax.Array]:
   """Online Hadamard (optional) and per-token symmetric int4 quantization.
 
   Args:
@@ -703,10 +690,6 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
       loads each row (a prefill's FFN then needs no SwiGLU pass of its
       own); the split path (few rows) and the kernel without a Hadamard
       take `swiglu` computed before them, the same numbers.
-    launch_dependents: the kernel that writes the codes triggers
-      `griddepcontrol.launch_dependents` in each program first, so a
-      PDL-launched kernel after it (the decode matmul with `pdl=True`) may
-      start while it runs (`pdl`; compiled only; the same numbers).
 
   Returns:
     (x_q uint8[..., K // 2] packed int4 (int8[..., K] codes when not
@@ -780,8 +763,7 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
       return _quantize_only(y, clip_ratio, packed, cfg, interpret, debug,
                             out_rows)
     return _quantize_chunks(y, maxima, clip_ratio, packed, cfg, interpret,
-                            debug, out_rows,
-                            launch_dependents=launch_dependents)
+                            debug, out_rows)
   per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)
   # Packed: even and odd columns of R (byte j = columns 2j, 2j + 1 of the
   # [a, r] view, as r is even); int8 codes: R whole.
@@ -793,8 +775,7 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   kernel = functools.partial(
       hadamard_quant_kernel, packed=packed, use_left=a > 1, norm=norm,
       clip_ratio=clip_ratio, rows=rows, in_pieces=in_pieces,
-      out_pieces=out_pieces, gate_up=gate_up,
-      launch_dependents=launch_dependents and not interpret)
+      out_pieces=out_pieces, gate_up=gate_up)
   x_block = (per_program, *x3.shape[1:])
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   right_shape = (extent(in_pieces, r), extent(out_pieces, r_out))

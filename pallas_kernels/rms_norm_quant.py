@@ -56,7 +56,6 @@ import numpy as np
 
 from pallas_kernels import compat
 from pallas_kernels import hadamard_quant as hq_lib
-from pallas_kernels import pdl
 
 RmsNormQuantConfig = hq_lib.HadamardQuantConfig  # num_warps, block_elements
 
@@ -88,10 +87,8 @@ def _mul(exact: bool):
 
 def rms_norm_quant_kernel(x_ref, w_ref, q_ref, s_ref, *, rows: int, ap: int,
                           eps: float, packed: bool, clip_ratio: float,
-                          exact: bool, launch_dependents: bool = False):
-  """A block of rows: norm, absmax, codes (packed bytes or int8). With
-  `launch_dependents` (compiled only) a PDL-launched kernel after it may
-  start at once (`pdl`)."""
+                          exact: bool):
+  """A block of rows: norm, absmax, codes (packed bytes or int8)."""
   # x_ref: [rows_per_program, a, r] (x's dtype); w_ref: [a, r] the norm
   # weight; q_ref: int8[rows_per_program, a, r] or uint8[..., a, r // 2]
   # (packed); s_ref: f32[rows_per_program]. ap = a rounded up to a power
@@ -106,8 +103,6 @@ def rms_norm_quant_kernel(x_ref, w_ref, q_ref, s_ref, *, rows: int, ap: int,
                      mask=jnp.broadcast_to((jnp.arange(ap) < a)[:, None],
                                            (ap, r)), other=0)))
   first = pl.program_id(0) * n_rows
-  if launch_dependents:
-    first = first + pdl.launch_dependents_zero(exact)
   real = (first + jnp.arange(n_rows)) < rows  # [rows_per_program]
   x = jnp.where(real[:, None, None], x, 0.0)
   # layers.rms_norm: mean(x²) (XLA: sum * f32(1 / K)), rsqrt, two casts.
@@ -155,14 +150,13 @@ def _check(x: jax.Array, weight: jax.Array, clip_ratio: float, bits: int,
 
 @functools.partial(jax.jit, static_argnames=(
     "eps", "clip_ratio", "bits", "packed", "out_rows", "config", "interpret",
-    "debug", "implementation", "launch_dependents"))
+    "debug", "implementation"))
 def rms_norm_quant(x: jax.Array, weight: jax.Array, *, eps: float,
                    clip_ratio: float = 0.9, bits: int = 4,
                    packed: bool = False, out_rows: int | None = None,
                    config: RmsNormQuantConfig | None = None,
                    interpret: bool = False, debug: bool = False,
-                   implementation: Literal["pallas", "xla"] | None = None,
-                   launch_dependents: bool = False
+                   implementation: Literal["pallas", "xla"] | None = None
                    ) -> tuple[jax.Array, jax.Array]:
   """RMS norm, then per-token symmetric int4 quantization, in one launch.
 
@@ -183,10 +177,6 @@ def rms_norm_quant(x: jax.Array, weight: jax.Array, *, eps: float,
     debug: print the kernel's jaxpr.
     implementation: 'pallas', 'xla' (the reference), or None (pallas where
       `can_use_rms_norm_quant` or `interpret`, else the reference; logged).
-    launch_dependents: each program triggers `griddepcontrol.
-      launch_dependents` first, so a PDL-launched kernel after it (the
-      decode matmul with `pdl=True`) may start while it runs (`pdl`;
-      compiled only; the same numbers).
 
   Returns:
     (x_q int8[out_rows, K] codes (uint8[out_rows, K // 2] when `packed`),
@@ -218,8 +208,7 @@ def rms_norm_quant(x: jax.Array, weight: jax.Array, *, eps: float,
                                                                 jnp.int8)
   kernel = functools.partial(rms_norm_quant_kernel, rows=m, ap=ap, eps=eps,
                              packed=packed, clip_ratio=clip_ratio,
-                             exact=not interpret,
-                             launch_dependents=launch_dependents)
+                             exact=not interpret)
   x_q, s_x = pl.pallas_call(
       kernel,
       grid=(out_rows // per_program,),

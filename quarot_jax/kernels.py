@@ -80,15 +80,6 @@ class Kernels:
       the SwiGLU as it loads each row (`hadamard_quant(..., gate_up=True)`),
       so the SwiGLU is no pass of its own; False runs it in XLA first (the
       same numbers; a benchmark's A/B).
-    decode_pdl: with `decode_matmul` 'mosaic', the packed linears' decode
-      matmul is launched with programmatic dependent launch and the
-      quantizers before it trigger it at their start (`pallas_kernels.pdl`),
-      so its launch overlaps theirs (the same numbers; off by default: a
-      benchmark's A/B, built 2026-12-06 and not yet run on a GPU:
-      `experiments/lab/decode_speed.py`'s 'pdl' variants measure it).
-    decode_pdl_prefetch: with decode_pdl, weight tiles each decode matmul
-      program prefetches into L2 before it waits for the kernel before
-      (`DecodeMatmulConfig.pdl_prefetch`); 0: none.
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -113,8 +104,6 @@ class Kernels:
   prefill_qkv: PallasOrXla = "xla"
   residual_in_matmul: bool = True
   swiglu_in_quant: bool = True
-  decode_pdl: bool = False
-  decode_pdl_prefetch: int = 0
   interpret: bool = False
   layer_loop: Literal["unrolled", "scan"] = "scan"
 
@@ -135,10 +124,6 @@ class Kernels:
     if self.layer_loop not in ("unrolled", "scan"):
       raise ValueError(f"layer_loop={self.layer_loop!r} must be 'unrolled'"
                        " or 'scan'")
-    if self.decode_pdl_prefetch < 0 or (self.decode_pdl_prefetch
-                                        and not self.decode_pdl):
-      raise ValueError(f"decode_pdl_prefetch={self.decode_pdl_prefetch!r}"
-                       " must be >= 0, and 0 without decode_pdl")
     if self.interpret and "mosaic" in (self.w4a4, self.decode_matmul):
       raise ValueError("'mosaic' kernels have no interpret mode; use"
                        " 'triton'")

@@ -32,7 +32,6 @@ activations XLA runs one dot per group on the int4 values
 (`_grouped_w4a16_matmul`).
 """
 
-import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -319,15 +318,9 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
     # the pad into the op that produced x (a norm, SwiGLU), where
     # decode_matmul's own pad would be one more launch.
     rows, x2 = m, jnp.pad(x2, ((0, mp - m), (0, 0)))
-  # PDL: the decode matmul may launch while the quantizer before it runs.
-  pdl = (kernels.decode_pdl and kernels.decode_matmul == "mosaic"
-         and bool(ps) and all(map(decode, ps)))
   run_decode = functools.partial(
       decode_lib.decode_matmul, out_dtype=x.dtype, rows=rows,
-      implementation=kernels.decode_matmul, interpret=kernels.interpret,
-      config=(dataclasses.replace(
-          decode_lib.default_decode_matmul_config("mosaic"), pdl=True,
-          pdl_prefetch=kernels.decode_pdl_prefetch) if pdl else None))
+      implementation=kernels.decode_matmul, interpret=kernels.interpret)
   if float_x:
     if online_hadamard:
       x2 = hadamard.fast_hadamard_transform(
@@ -357,13 +350,13 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
       x_q, s_x = rq_lib.rms_norm_quant(
           x2, norm[0], eps=norm[1], clip_ratio=a_spec.clip_ratio,
           packed=packed, out_rows=out_rows, implementation="pallas",
-          interpret=kernels.interpret, launch_dependents=pdl)
+          interpret=kernels.interpret)
     else:
       x_q, s_x = hq_lib.hadamard_quant(
           x2, hadamard_base(k) if online_hadamard else None,
           clip_ratio=a_spec.clip_ratio, packed=packed, out_rows=out_rows,
           implementation=kernels.hadamard_quant, interpret=kernels.interpret,
-          gate_up=gate_up, launch_dependents=pdl)
+          gate_up=gate_up)
     # The residual rides in the prefill matmul's epilogue; after a bias
     # (no LLaMA/Qwen o_proj or down_proj has one) it is added in XLA.
     fused = (residual is not None and kernels.residual_in_matmul

@@ -81,21 +81,6 @@ def test_hopper_decode_step_lowers(as_if_on_gpu, kv_heads, batch):
           "hadamard_quant"} <= _triton_kernels(text)
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_hopper_decode_step_lowers_with_pdl(as_if_on_gpu, prefetch):
-  """Kernels(decode_pdl=True): the quantizers before the decode matmuls
-  trigger their dependents and the matmuls wait (and prefetch) first; the
-  default step has neither."""
-  as_if_on_gpu(hopper=True)
-  auto = kernels_lib.resolve("auto")
-  text = _lowered(8, 1, 1, dataclasses.replace(
-      auto, decode_pdl=True, decode_pdl_prefetch=prefetch))
-  assert "griddepcontrol.launch_dependents" in text
-  assert "griddepcontrol.wait" in text
-  assert ("cp.async.bulk.prefetch" in text) == (prefetch > 0)
-  assert "griddepcontrol" not in _lowered(8, 1, 1, auto)
-
-
 def test_hopper_prefill_lowers(as_if_on_gpu):
   as_if_on_gpu(hopper=True)
   text = _lowered(2, 1, 64, kernels_lib.resolve("auto"))

@@ -32,6 +32,7 @@ activations XLA runs one dot per group on the int4 values
 (`_grouped_w4a16_matmul`).
 """
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 

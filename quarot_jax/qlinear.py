@@ -210,7 +210,8 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
 
   Args:
     x: float[..., in] input (not yet rotated by the online Hadamard).
-    p: {"qweight": uint8[out, in // 2], "wscale": f32[out], "bias"?}.
+    p: {"qweight": uint8[out, in // 2], "wscale": f32[out], "bias"?,
+      "wzero"? (asymmetric weights' zero points, f32[out]; `pack_weight`)}.
     a_spec: the activation `QuantSpec` (4-bit symmetric per token), or None
       for float activations (W4A16).
     online_hadamard: apply the Hadamard of size `in` first (down_proj and

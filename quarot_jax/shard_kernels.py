@@ -116,9 +116,10 @@ def linears(x: jax.Array, ps: Sequence[Params], *, mesh: jax.sharding.Mesh,
     raise ValueError(f"{parallel=} must be one of {PARALLEL}")
   # Zero points of asymmetric weights shard as their scales: row parallel,
   # each shard subtracts s z (sum of its slice of x), and the psum adds up.
-  p_specs = [{k: specs["group_wscale" if k in ("wscale", "wzero") and g
-                       else "wscale" if k == "wzero" else k]
-              for k in p} for p, g in zip(ps, grouped)]
+  def spec(k, g):
+    k = "wscale" if k == "wzero" else k
+    return specs["group_wscale" if k == "wscale" and g else k]
+  p_specs = [{k: spec(k, g) for k in p} for p, g in zip(ps, grouped)]
   args, in_specs = (x, list(ps)), (x_spec, p_specs)
   if norm is not None:  # the norm weight [in], replicated
     args, in_specs = args + (norm[0],), in_specs + (P(),)

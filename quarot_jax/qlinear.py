@@ -122,9 +122,7 @@ def pack_weight(q: quant.QArray) -> Params:
       lambda a: a)
   zero = None
   if not q.symmetric:
-    if q.packed:
-      raise NotImplementedError("pack_weight takes asymmetric weights"
-                                " unpacked")
+    q = quant.unpack(q)  # the codes move from [0, 15] to [-8, 7]
     zero = squeeze(q.zero - 8)
     q = dataclasses.replace(
         q, values=(q.values.astype(jnp.int32) - 8).astype(jnp.int8),

@@ -47,6 +47,22 @@ def test_pack_weight_keeps_codes_and_scales():
                                 np.asarray(q.scale[:, 0]))
 
 
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_pack_weight_takes_asymmetric_weights_already_packed(group_size):
+  # quant.pack'd asymmetric QArrays (unsigned codes in nibbles) pack to the
+  # same params as the unpacked ones.
+  kernel, _ = _weight_and_input(seed=5)
+  w_spec = quant.QuantSpec(bits=4, symmetric=False, group_size=group_size,
+                           mse_clip=False)
+  q = quant.quantize_weight(kernel + 0.05, w_spec)
+  want = qlinear.pack_weight(q)
+  got = qlinear.pack_weight(quant.pack(q))
+  assert set(got) == set(want) == {"qweight", "wscale", "wzero"}
+  for name in want:
+    np.testing.assert_array_equal(np.asarray(got[name]),
+                                  np.asarray(want[name]))
+
+
 @pytest.mark.parametrize("online_hadamard", [False, True])
 @pytest.mark.parametrize("a_bits", [4, 16])
 def test_linear_matches_simulated_quantization(online_hadamard, a_bits):

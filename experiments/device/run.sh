@@ -53,6 +53,9 @@
 #                            (above), --rotate --rotate_mode=learned and
 #                            the same rotation flags with
 #                            --rotations_dir=/root/stage/rotations.
+#                            Perplexities only: --new_tokens=0 (the greedy
+#                            comparison after them took over 400 s on an
+#                            H200, and a TIMEOUT there loses the record).
 #   plot-activations [ARGS]  experiments.plot_activations on SmolLM2.
 #   py MODULE [ARGS]         python -m MODULE with the same environment.
 # TIMEOUT=SECONDS (default 570) bounds each python command; STAGE_DIR

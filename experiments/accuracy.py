@@ -40,7 +40,9 @@ one printed line (SmolLM2-135M: 9 query heads, so tp=2 is skipped):
 
 --eval_text scores one text (default enwiki-gensim); --eval_texts several.
 Calibration windows always come from enwiki-gensim. Appends one JSON record
-per (config, text) to --out_jsonl and writes a Markdown table to --out_md.
+per (config, text) to --out_jsonl and writes the Markdown table of that
+whole file (its latest record per config, text and window count, so earlier
+runs' figures stay in view) to --out_md, and CSV beside it.
 The quantization flags come from `quarot_jax.cli_flags`.
 """
 
@@ -160,8 +162,9 @@ flags.register_validator(
     f"--rotation_calib_texts must list distinct names of {data.TEXTS}")
 _OUT_JSONL = flags.DEFINE_string("out_jsonl", "results/accuracy_smollm2.jsonl",
                                  "Append records here.")
-_OUT_MD = flags.DEFINE_string("out_md", "results/accuracy_smollm2.md",
-                              "Write the Markdown table here.")
+_OUT_MD = flags.DEFINE_string(
+    "out_md", "results/accuracy_smollm2.md", "Write the table of --out_jsonl's"
+    " latest records here (and the CSV beside it).")
 
 
 def _configs(config) -> list[QuaRotConfig]:
@@ -265,8 +268,8 @@ def main(argv):
         rotation_calib_texts=_ROTATION_CALIB_TEXTS.value)
   except learned_rotation.OutOfDeviceMemory as e:
     sys.exit(f"error: {e}")  # the rows before it are in --out_jsonl
-  results.write_tables(_OUT_MD.value, records)
-  print(results.markdown_table(records))
+  results.write_tables(_OUT_MD.value, results.latest_records(_OUT_JSONL.value))
+  print(results.markdown_table(records))  # this run's rows
 
 
 if __name__ == "__main__":

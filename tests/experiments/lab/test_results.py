@@ -48,3 +48,24 @@ def test_table_keeps_the_latest_record_per_label_and_text(tmp_path):
   assert [(r["eval_text"], r["ppl"])
           for r in results.latest_records(str(path))] == [
               ("enwiki-gensim", 12.5), ("code-sympy", 3.0)]
+
+
+def test_latest_records_keep_other_window_counts_apart(tmp_path):
+  # A 4-window CPU check must not stand in for the 32-window figure.
+  path = tmp_path / "r.jsonl"
+  path.write_text("\n".join(
+      json.dumps(dict(_BASE, label="a", eval_windows=w, ppl=p))
+      for w, p in ((32, 21.5), (4, 24.9), (32, 21.4))) + "\n")
+  assert [(r["eval_windows"], r["ppl"])
+          for r in results.latest_records(str(path))] == [(32, 21.4),
+                                                         (4, 24.9)]
+
+
+def test_markdown_table_names_windows_and_device():
+  table = results.markdown_table([
+      dict(_BASE, label="a", ppl=10.0, eval_windows=32, device="NVIDIA H100"),
+      dict(_BASE, label="b", ppl=11.0)])  # older records have no device
+  header, _, first, second = table.splitlines()
+  assert "| windows |" in header and "| device |" in header
+  assert "| 32 |" in first and "| NVIDIA H100 |" in first
+  assert second.endswith("| 2 | - |")

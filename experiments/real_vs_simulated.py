@@ -40,6 +40,7 @@ from experiments.lab import benchmarking
 from experiments.lab import models
 from quarot_jax import cli_flags
 from quarot_jax import evaluate
+from quarot_jax import generation
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import qlinear
 from quarot_jax import quarot
@@ -102,13 +103,19 @@ def _greedy(simulated, packed, control, config, evals, *, options,
   if _NEW.value == 0:
     return {}, {}
   prompts = [list(w[:64]) for w in evals[:_PROMPTS.value]]
+  want = generation.generate_tokens(simulated, config, prompts,
+                                    max_new_tokens=_NEW.value,
+                                    options=options, kernels=kernels)
+  _done("greedy simulated", start)
   agree = agreement.greedy_agreement(simulated, packed, config, prompts,
                                      options=options, kernels=kernels,
-                                     max_new_tokens=_NEW.value)
+                                     max_new_tokens=_NEW.value,
+                                     reference_tokens=want)
   _done("greedy packed vs simulated", start)
   ctrl = agreement.greedy_agreement(simulated, control, config, prompts,
                                     options=options, kernels=kernels,
-                                    max_new_tokens=_NEW.value)
+                                    max_new_tokens=_NEW.value,
+                                    reference_tokens=want)
   return agree, ctrl
 
 

@@ -23,7 +23,9 @@ from quarot_jax.config import LlamaConfig
 def greedy_agreement(simulated: Any, packed: Any, config: LlamaConfig,
                      prompts: Sequence[Sequence[int]], *,
                      options: model.RunOptions, kernels=None,
-                     max_new_tokens: int = 256) -> dict[str, Any]:
+                     max_new_tokens: int = 256,
+                     reference_tokens: Sequence[Sequence[int]] | None = None
+                     ) -> dict[str, Any]:
   """Greedy tokens of both paths, compared position by position.
 
   Args:
@@ -35,6 +37,9 @@ def greedy_agreement(simulated: Any, packed: Any, config: LlamaConfig,
     kernels: which kernels run (a `kernels.SETTINGS` word, None = 'auto',
       or a resolved `kernels.Kernels`).
     max_new_tokens: tokens generated per prompt.
+    reference_tokens: `simulated`'s greedy tokens for these prompts when
+      already generated (with the same settings), so that comparing several
+      models against it generates them once; None: generated here.
 
   Returns:
     {'free_running': fraction of generated positions where the two greedy
@@ -44,9 +49,11 @@ def greedy_agreement(simulated: Any, packed: Any, config: LlamaConfig,
      prompt, the first differing position or None}.
   """
   kernels = kernels_lib.resolve(kernels)
-  want = generation.generate_tokens(simulated, config, prompts,
-                                    max_new_tokens=max_new_tokens,
-                                    options=options, kernels=kernels)
+  want = reference_tokens
+  if want is None:
+    want = generation.generate_tokens(simulated, config, prompts,
+                                      max_new_tokens=max_new_tokens,
+                                      options=options, kernels=kernels)
   got = generation.generate_tokens(packed, config, prompts,
                                    max_new_tokens=max_new_tokens,
                                    options=options, kernels=kernels)

@@ -63,6 +63,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import compat
 from pallas_kernels import device_info
 from pallas_kernels import int4_layout
+from pallas_kernels import splitk as splitk_lib
 
 Implementation = Literal["mosaic", "triton", "xla"]
 
@@ -464,10 +465,62 @@ def _check(x, w_q, s_w, s_x) -> tuple[int, int, int]:
 def _epilogue(partials: jax.Array, m: int, s_w: jax.Array,
               s_x: jax.Array | None, out_dtype) -> jax.Array:
   """Sum of the splits, [N, Mp] -> [M, N], scales, cast (one fusion)."""
+  if s_x is not None:  # the same ops as a consumer's `splitk.combine`
+    return splitk_lib.combine(splitk_lib.SplitK(partials, s_x, s_w), m,
+                              out_dtype)
   acc = partials.sum(axis=0)[:, :m].T  # [M, N]
-  if s_x is not None:
-    acc = acc * s_x[:m].astype(jnp.float32)[:, None]
   return (acc * s_w.astype(jnp.float32)[None, :]).astype(out_dtype)
+
+
+def _partials(x, w_q, impl: str, config, interpret: bool, debug: bool):
+  m, n, k = x.shape[0], w_q.shape[0], 2 * w_q.shape[1]
+  cfg = config or default_decode_matmul_config(impl)
+  plan = _plan(m, n, k, cfg, impl)
+  if impl == "mosaic":
+    return _partials_mosaic(x, w_q, plan, cfg)
+  return _partials_triton(x, w_q, plan, cfg, interpret=interpret,
+                          debug=debug)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "implementation", "interpret", "debug"))
+def decode_matmul_splitk(x: jax.Array, w_q: jax.Array, s_w: jax.Array,
+                         s_x: jax.Array, *,
+                         config: DecodeMatmulConfig | None = None,
+                         implementation: Literal["mosaic", "triton"] | None
+                         = None, interpret: bool = False,
+                         debug: bool = False) -> splitk_lib.SplitK:
+  """`decode_matmul` of W4A4 codes without its epilogue launch.
+
+  The consumer of y reads the split-K partial sums itself (`splitk.load`
+  in its kernel, or `splitk.combine`); see `pallas_kernels/splitk.py`.
+
+  Args:
+    x: int8[Mp, K] int4 codes, already padded to `padded_rows(M,
+      implementation)` rows (padding: zero codes, scale 1).
+    w_q: uint8[N, K // 2] packed int4 weights.
+    s_w: f32[N].
+    s_x: f32[Mp].
+    config, implementation, interpret, debug: as in `decode_matmul`
+      (no 'xla': the reference has no partial sums).
+
+  Returns:
+    `splitk.SplitK` with partials f32[S, N, Mp].
+
+  Raises:
+    ValueError: as `decode_matmul`, or x not int8 codes with Mp rows.
+  """
+  m, n, k = _check(x, w_q, s_w, s_x)
+  if x.dtype != jnp.int8:
+    raise ValueError(f"decode_matmul_splitk takes int8 codes (W4A4), got"
+                     f" {x.dtype}")
+  impl = _resolve(m, n, k, implementation, interpret)
+  if impl == "xla" or padded_rows(m, impl) != m:
+    raise ValueError(f"decode_matmul_splitk: x of {m} rows must come padded"
+                     f" (Mp = padded_rows) to a kernel ({impl} here)")
+  partials = _partials(x, w_q, impl, config, interpret, debug)
+  return splitk_lib.SplitK(partials, s_x.astype(jnp.float32),
+                           s_w.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -514,13 +567,7 @@ def decode_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array,
   if impl == "xla":
     return decode_matmul_reference(x, w_q, s_w, s_x,
                                    out_dtype=out_dtype)[:out_rows]
-  cfg = config or default_decode_matmul_config(impl)
-  plan = _plan(m, n, k, cfg, impl)
-  if impl == "mosaic":
-    partials = _partials_mosaic(x, w_q, plan, cfg)
-  else:
-    partials = _partials_triton(x, w_q, plan, cfg, interpret=interpret,
-                                debug=debug)
+  partials = _partials(x, w_q, impl, config, interpret, debug)
   return _epilogue(partials, out_rows, s_w, s_x, out_dtype)
 
 

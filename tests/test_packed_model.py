@@ -402,6 +402,37 @@ def test_packed_group_scales_of_128_run_mosaic_on_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 16])
+def test_gpu_decode_splitk_fold_gives_the_epilogue_launches(batch):
+  """kernels.splitk_fold on the GPU (Mosaic decode matmuls, Triton
+  consumers; off in 'auto' until timed), a bf16 model: the logits and
+  caches of the separate epilogues, up to XLA's excess precision in the
+  unfused epilogue + residual fusion (an ulp of h now and then)."""
+  config = _DECODE_CONFIG
+  params = model.init_params(config, jax.random.key(batch), scale=0.2,
+                             dtype=jnp.bfloat16)
+  tokens = hf_models.random_tokens(config.vocab_size, batch, 6, seed=batch)
+  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
+                                  progress=False)
+  fused = run_layout.unstack_layers(real, fuse=True)
+  auto = kernels_lib.resolve("auto")
+  on = dataclasses.replace(auto, splitk_fold=True)
+  cache = kv_cache.cache_for(config, batch, 8, packed=True, per_layer=True,
+                             dtype=jnp.bfloat16)
+  _, cache = model.forward(fused, tokens[:, :-1], config, cache=cache,
+                           options=options, kernels=auto)
+  fwd = jax.jit(lambda p, k: model.forward(
+      p, tokens[:, -1:], config, cache=cache, options=options, kernels=k),
+                static_argnames="k")
+  assert "rms_norm_quant_splitk" in fwd.lower(fused, on).as_text()
+  (got, got_cache), (want, want_cache) = fwd(fused, on), fwd(fused, auto)
+  assert _rel(got.astype(jnp.float32), want.astype(jnp.float32)) < 2e-2
+  for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.mean(g != w) < 1e-2, np.mean(g != w)
+
+
+@pytest.mark.gpu
 def test_gpu_prefill_qkv_gives_the_unfused_prefill():
   """kernels.prefill_qkv='pallas' on the GPU (off in 'auto' until timed):
   the same logits and caches as the XLA ops it replaces, up to the order

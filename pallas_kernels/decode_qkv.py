@@ -81,10 +81,11 @@ def rope(x1, x2, c1, c2, s1, s2, mul):
 
 def decode_qkv_kernel(at_ref, *refs, n: int, norm: float,
                       k_clip_ratio: float, v_clip_ratio: float, exact: bool,
-                      centered: bool, from_splitk: bool = False):
+                      centered: bool, from_splitk: bool = False,
+                      token_major: bool = False):
   """One row's tile of 16 heads: query heads (rotated, stored), key heads
   (rotated, quantized into the slot) or value heads (quantized)."""
-  if from_splitk:  # qkv as split-K partials f32[S, N + 2K, H, Mp], scales
+  if from_splitk:  # qkv as split-K partials and their scales
     p_ref, sx_ref, sw_ref, *refs = refs
     qkv_ref = None
   else:
@@ -94,7 +95,8 @@ def decode_qkv_kernel(at_ref, *refs, n: int, norm: float,
    vz_ref) = refs
   # at_ref: int32[] slot; qkv_ref: [N + 2K, H] the row's heads (from_splitk:
   # p_ref f32[S, N + 2K, H, Mp], sx_ref f32[Mp], sw_ref f32[N + 2K, H], the
-  # qkv linear's output before its epilogue, `splitk.load`);
+  # qkv linear's output before its epilogue, `splitk.load`; token_major:
+  # p_ref f32[S, Mp, N + 2K, H]);
   # cos_ref, sin_ref: f32[1, H]; t_ref: [H, H] T (±1 or identity);
   # tk_ref: [H, H] T's even columns, then its odd ones; ek_ref: the same
   # of the identity; center_ref: [K, H] the key center's even elements,
@@ -125,7 +127,7 @@ def decode_qkv_kernel(at_ref, *refs, n: int, norm: float,
     if from_splitk:  # the epilogue: y rounded to the dtype, as XLA casts
       return [splitk.load(p_ref, sx_ref, sw_ref,
                           (pl.ds(first, _TILE), half(i)), token,
-                          mask=mask).astype(dtype).astype(jnp.float32)
+                          token_major=token_major, mask=mask).astype(dtype).astype(jnp.float32)
               for i in (0, 1)]
     return [plgpu.load(qkv_ref.at[pl.ds(first, _TILE), half(i)],
                        mask=mask, other=0).astype(jnp.float32)
@@ -257,8 +259,8 @@ def decode_qkv(qkv: "jax.Array | splitk.SplitK", cos: jax.Array,
   Args:
     qkv: float[B, (N + 2K) · H], the fused q/k/v projection of one token a
       row (bf16, f16 or f32); or that projection before its epilogue
-      (`splitk.SplitK`, partials f32[S, (N + 2K) · H, Mp] of B = `rows`
-      real rows, y in `dtype`), which the kernel then adds up itself.
+      (`splitk.SplitK` of width (N + 2K) · H and B = `rows` real rows, y
+      in `dtype`), which the kernel then adds up itself.
     cos: f32[B, H] rotary cosines at each row's position
       (`quarot_jax.layers.rope_cos_sin`).
     sin: f32[B, H] rotary sines.
@@ -326,7 +328,8 @@ def decode_qkv(qkv: "jax.Array | splitk.SplitK", cos: jax.Array,
   kernel = functools.partial(
       decode_qkv_kernel, n=n, norm=norm, k_clip_ratio=k_clip_ratio,
       v_clip_ratio=v_clip_ratio, exact=not interpret,
-      centered=k_center is not None, from_splitk=sk is not None)
+      centered=k_center is not None, from_splitk=sk is not None,
+      token_major=sk is not None and sk.token_major)
   h2 = h // 2
   tiles = pl.cdiv(n, _TILE) + 2 * pl.cdiv(kv_heads, _TILE)
   scalar = pl.BlockSpec((None,), lambda i, j: (0,))

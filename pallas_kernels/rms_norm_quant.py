@@ -107,11 +107,12 @@ def rms_norm_quant_kernel(x_ref, w_ref, q_ref, s_ref, *, rows: int, ap: int,
 def rms_norm_quant_splitk_kernel(p_ref, sx_ref, sw_ref, r_ref, w_ref, q_ref,
                                  s_ref, h_ref, *, rows: int, ap: int,
                                  eps: float, packed: bool, clip_ratio: float,
-                                 exact: bool):
+                                 exact: bool, token_major: bool):
   """One row: h = y + residual from the split-K partial sums of y (the
   epilogue of `splitk.combine`), written out, then `rms_norm_quant_kernel`
   on h."""
-  # p_ref: f32[S, a, r, Mp]; sx_ref: f32[Mp]; sw_ref: f32[a, r]; r_ref,
+  # p_ref: f32[S, a, r, Mp] (token_major: [S, Mp, a, r]); sx_ref: f32[Mp];
+  # sw_ref: f32[a, r]; r_ref,
   # h_ref: [1, a, r] (the residual's dtype); w_ref, q_ref, s_ref as in
   # rms_norm_quant_kernel. Programs at or past `rows` (padding) write no h.
   _, a, r = r_ref.shape
@@ -121,9 +122,9 @@ def rms_norm_quant_splitk_kernel(p_ref, sx_ref, sw_ref, r_ref, w_ref, q_ref,
   res, mask = hq_lib.load_rows(r_ref, ap)  # [1, ap, r]
   valid = None if ap == a else jnp.broadcast_to(
       (jnp.arange(ap) < a)[:, None], (ap, r))
-  token = jnp.minimum(row, p_ref.shape[-1] - 1)
+  token = jnp.minimum(row, sx_ref.shape[0] - 1)
   y = splitk.load(p_ref, sx_ref, sw_ref, (pl.ds(0, ap), slice(None)), token,
-                  mask=valid)[None]  # [1, ap, r]
+                  token_major=token_major, mask=valid)[None]  # [1, ap, r]
   rounded = _rounder(exact, dtype)
   h = rounded(rounded(y) + res)  # XLA's `y + residual` in the dtype
 
@@ -297,7 +298,7 @@ def rms_norm_quant_splitk(sk: splitk.SplitK, residual: jax.Array,
 
   Args:
     sk: the linear's output as split-K partial sums (`decode_matmul_splitk`;
-      partials f32[S, K, Mp], K the norm's width).
+      partials f32[S, Mp, K] or f32[S, K, Mp], K the norm's width).
     residual: float[M, K] (M <= Mp real rows), the residual stream before
       the linear's output is added; h has its dtype.
     weight: float[K] the norm's weight.
@@ -320,8 +321,8 @@ def rms_norm_quant_splitk(sk: splitk.SplitK, residual: jax.Array,
   m, k = residual.shape
   _check(residual, weight, clip_ratio, 4, out_rows)
   if sk.width != k or sk.padded_rows < m:
-    raise ValueError(f"split-K partials {list(sk.partials.shape)} (S, N, Mp)"
-                     f" do not give the residual's [M, K]=[{m}, {k}]")
+    raise ValueError(f"split-K output of N={sk.width}, Mp={sk.padded_rows}"
+                     f" does not give the residual's [M, K]=[{m}, {k}]")
   out_rows = m if out_rows is None else out_rows
   if implementation is None:
     implementation = ("pallas" if interpret or can_use_rms_norm_quant(k)
@@ -341,7 +342,7 @@ def rms_norm_quant_splitk(sk: splitk.SplitK, residual: jax.Array,
   x_q, s_x, h = pl.pallas_call(
       functools.partial(rms_norm_quant_splitk_kernel, rows=m, ap=ap,
                         eps=eps, packed=packed, clip_ratio=clip_ratio,
-                        exact=not interpret),
+                        exact=not interpret, token_major=sk.token_major),
       grid=(out_rows,),
       in_specs=[splitk.whole(partials), splitk.whole(sk.s_x),
                 splitk.whole(s_w), row_block,
@@ -369,13 +370,19 @@ def rms_norm_quant_splitk_reference(
 
   Args and returns: as `rms_norm_quant_splitk`.
   """
-  # y and h are arrays of their dtype, as the kernel rounds them: without
-  # the barriers XLA fuses the cast, the add and the norm and keeps the
-  # excess f32 precision (`xla_allow_excess_precision`; CPU: 7 codes of
-  # 32768 moved at K = 4096, 26 of 24576 at K = 1536 with h off by an ulp).
-  y = splitk.combine(sk, residual.shape[0], residual.dtype)
-  h = jax.lax.optimization_barrier(jax.lax.optimization_barrier(y)
-                                   + residual)
+  # y and h rounded to their dtype, as the kernel rounds them. XLA fuses
+  # the cast, the add and the norm and keeps excess f32 precision
+  # (`xla_allow_excess_precision`), through optimization barriers too (CPU:
+  # 7 codes of 32768 moved at K = 4096, h off by an ulp at ties); the
+  # explicit roundings stay (f16 subnormals would flush to zero).
+  dtype = residual.dtype
+  info = jnp.finfo(dtype)
+  rounded = functools.partial(jax.lax.reduce_precision,
+                              exponent_bits=info.nexp,
+                              mantissa_bits=info.nmant)
+  y = rounded(splitk.combine(sk, residual.shape[0], jnp.float32))
+  h = jax.lax.optimization_barrier(
+      rounded(y + residual.astype(jnp.float32)).astype(dtype))
   x_q, s_x = rms_norm_quant_reference(h, weight, eps=eps,
                                       clip_ratio=clip_ratio, packed=packed,
                                       out_rows=out_rows)

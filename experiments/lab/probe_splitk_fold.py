@@ -5,7 +5,9 @@ next pre-norm's quantizer, two ways (issue #14):
   * 'epilogue': `decode_matmul` (kernel + its XLA epilogue fusion, which
     also takes the residual add), then `rms_norm_quant`: 3 launches;
   * 'fold': `decode_matmul_splitk`, then `rms_norm_quant_splitk` reading
-    the partial sums itself: 2 launches.
+    the partial sums itself: 2 launches; the partials token-major (each
+    token's row contiguous), or N-major as `decode_matmul` keeps them
+    ('fold_nmajor': a token's row strided by Mp).
 Each is timed as the sum of its kernels (CUPTI) and as a chain of
 `--chain` dependent steps in one `fori_loop` (the next step's codes are
 this step's output; K = N shapes only), whose wall time per step includes
@@ -67,11 +69,11 @@ def _epilogue(x, s_x, w_q, s_w, residual, norm_w, *, m, mp):
   return x_q, s, h
 
 
-def _fold(x, s_x, w_q, s_w, residual, norm_w, *, m, mp):
+def _fold(x, s_x, w_q, s_w, residual, norm_w, *, m, mp, token_major=True):
   del m
   impl, interpret = _kernels()
   sk = dm.decode_matmul_splitk(x, w_q, s_w, s_x, implementation=impl,
-                               interpret=interpret)
+                               interpret=interpret, token_major=token_major)
   return rq.rms_norm_quant_splitk(sk, residual, norm_w, eps=_EPS,
                                   out_rows=mp, implementation="pallas",
                                   interpret=interpret)
@@ -95,14 +97,18 @@ def main(argv):
     k, n = map(int, case.split("x"))
     for m in map(int, _MS.value):
       mp, *args = _inputs(m, k, n, jax.random.key(k + m))
+      steps = {"epilogue": _epilogue, "fold": _fold,
+               "fold_nmajor": functools.partial(_fold, token_major=False)}
       ways = {name: jax.jit(functools.partial(fn, m=m, mp=mp))
-              for name, fn in (("epilogue", _epilogue), ("fold", _fold))}
+              for name, fn in steps.items()}
       outs = {name: fn(*args) for name, fn in ways.items()}
-      (qa, sa, ha), (qb, sb, hb) = outs["epilogue"], outs["fold"]
-      code_diff = int(np.sum(np.asarray(qa) != np.asarray(qb)))
-      same_h = bool(np.array_equal(np.asarray(ha), np.asarray(hb)))
-      row = {"case": f"M{m}_K{k}_N{n}", "code_diffs": code_diff,
-             "h_equal": same_h}
+      row = {"case": f"M{m}_K{k}_N{n}"}
+      for name in ("fold", "fold_nmajor"):  # against the epilogue's
+        (qa, _, ha), (qb, _, hb) = outs["epilogue"], outs[name]
+        row[f"{name}_code_diffs"] = int(np.sum(np.asarray(qa)
+                                               != np.asarray(qb)))
+        row[f"{name}_h_diffs"] = int(np.sum(np.asarray(ha)
+                                            != np.asarray(hb)))
       for name, fn in ways.items():
         timings = benchmarking.kernel_timings(fn, *args, iterations=20)
         if timings:
@@ -110,9 +116,8 @@ def main(argv):
           row[f"{name}_device_us"] = round(1e3 * float(np.median(
               [sum(t for _, t in it) for it in timings])), 2)
         if k == n:
-          chained = _chained(functools.partial(
-              {"epilogue": _epilogue, "fold": _fold}[name], m=m, mp=mp),
-              _CHAIN.value)
+          chained = _chained(functools.partial(steps[name], m=m, mp=mp),
+                             _CHAIN.value)
           wall = benchmarking.median_ms(chained, *args, runs=10, inner=1)
           row[f"{name}_chained_us_per_step"] = round(
               1e3 * wall / _CHAIN.value, 2)

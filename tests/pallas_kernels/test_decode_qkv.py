@@ -208,9 +208,10 @@ def test_gpu_matches_reference(n, kv_heads, centered):
   assert same > 0.99, same
 
 
-@pytest.mark.parametrize("b, mp, splits", [(1, 8, 2), (3, 8, 3)])
+@pytest.mark.parametrize("b, mp, splits, token_major",
+                         [(1, 8, 2, True), (3, 8, 3, True), (3, 8, 3, False)])
 def test_splitk_qkv_is_the_epilogue_then_the_kernel(b, mp, splits,
-                                                     interpret):
+                                                     token_major, interpret):
   """qkv as `decode_matmul`'s split-K partials (`splitk.SplitK`): the
   kernel adds them up itself, as the epilogue would (`splitk.combine`),
   then runs as on that qkv: the same q and caches."""
@@ -220,11 +221,13 @@ def test_splitk_qkv_is_the_epilogue_then_the_kernel(b, mp, splits,
   kp, kx, kw = jax.random.split(jax.random.key(b), 3)
   partials = jax.random.randint(kp, (splits, width, mp), -3000, 3000
                                 ).astype(jnp.float32)
+  partials = jnp.where(jnp.arange(mp) < b, partials, 0.0)
   sk = splitk.SplitK(
-      jnp.where(jnp.arange(mp) < b, partials, 0.0),
+      jnp.swapaxes(partials, 1, 2) if token_major else partials,
       jnp.where(jnp.arange(mp) < b,
                 jax.random.uniform(kx, (mp,), minval=0.01, maxval=0.1), 1.0),
-      jax.random.uniform(kw, (width,), minval=1e-3, maxval=1e-2))
+      jax.random.uniform(kw, (width,), minval=1e-3, maxval=1e-2),
+      token_major)
   signs = jnp.asarray(hadamard.hadamard_matrix(h))
   rest = (cos, sin, signs, kc, vc, jnp.int32(2))
   kw = dict(num_heads=n, interpret=interpret, implementation="pallas")

@@ -31,16 +31,20 @@ def _impl(interpret):
   return "triton" if interpret else "mosaic"
 
 
+@pytest.mark.parametrize("token_major", [True, False])
 @pytest.mark.parametrize("m, k, n", [(1, 1024, 192), (5, 2048, 256),
                                      (16, 1024, 128)])
-def test_combine_is_decode_matmuls_own_result(m, k, n, interpret):
+def test_combine_is_decode_matmuls_own_result(m, k, n, token_major,
+                                              interpret):
   impl = _impl(interpret)
   mp = dm.padded_rows(m, impl)
   x, s_x, w_q, s_w = _codes(m, mp, k, n, seed=m + k)
   cfg = dm.DecodeMatmulConfig(split_k=2)
   sk = dm.decode_matmul_splitk(x, w_q, s_w, s_x, config=cfg,
-                               implementation=impl, interpret=interpret)
-  assert sk.partials.shape == (2, n, mp) and sk.width == n
+                               implementation=impl, interpret=interpret,
+                               token_major=token_major)
+  assert sk.partials.shape == ((2, mp, n) if token_major else (2, n, mp))
+  assert sk.width == n and sk.padded_rows == mp
   got = splitk.combine(sk, m, jnp.bfloat16)
   want = dm.decode_matmul(x, w_q, s_w, s_x, rows=m, config=cfg,
                           implementation=impl, interpret=interpret)
@@ -49,24 +53,26 @@ def test_combine_is_decode_matmuls_own_result(m, k, n, interpret):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
-def _rows_kernel(p_ref, sx_ref, sw_ref, o_ref, *, rows):
+def _rows_kernel(p_ref, sx_ref, sw_ref, o_ref, *, rows, token_major):
   for i in range(rows):
     row = jnp.int32(i)
-    o_ref[i] = splitk.load(p_ref, sx_ref, sw_ref, (slice(None),) * 2,
-                           row).astype(o_ref.dtype)
+    o_ref[i] = splitk.load(p_ref, sx_ref, sw_ref, (slice(None),) * 2, row,
+                           token_major=token_major).astype(o_ref.dtype)
 
 
+@pytest.mark.parametrize("token_major", [True, False])
 @pytest.mark.parametrize("s, a, r, mp, rows", [(3, 4, 64, 8, 2),
                                                (1, 2, 32, 16, 16)])
-def test_load_in_a_kernel_is_combine(s, a, r, mp, rows, interpret):
+def test_load_in_a_kernel_is_combine(s, a, r, mp, rows, token_major,
+                                     interpret):
   kp, kx, kw = jax.random.split(jax.random.key(s * a), 3)
-  partials = jax.random.randint(kp, (s, a * r, mp), -5000, 5000
-                                ).astype(jnp.float32)
+  shape = (s, mp, a * r) if token_major else (s, a * r, mp)
+  partials = jax.random.randint(kp, shape, -5000, 5000).astype(jnp.float32)
   sk = splitk.SplitK(partials, jax.random.uniform(kx, (mp,)),
-                     jax.random.uniform(kw, (a * r,)))
+                     jax.random.uniform(kw, (a * r,)), token_major)
   p, s_w = splitk.view(sk, a, r)
   got = pl.pallas_call(
-      functools.partial(_rows_kernel, rows=rows),
+      functools.partial(_rows_kernel, rows=rows, token_major=token_major),
       grid=(1,), in_specs=[splitk.whole(p), splitk.whole(sk.s_x),
                            splitk.whole(s_w)],
       out_specs=pl.BlockSpec((rows, a, r), lambda i: (0, 0, 0)),

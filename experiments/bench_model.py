@@ -38,12 +38,6 @@ _DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1", "16"],
 _PREFILLS = flags.DEFINE_list("prefills", ["1024", "4096"],
                               "Tokens in the cache before decoding.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Decode steps timed.")
-_DECODE_VARIANTS = flags.DEFINE_list(
-    "decode_variants", [],
-    "decode_throughput's extra runs of the W4A4KV4 model in the same"
-    f" process: a subset of {list(decode_speed.DECODE_VARIANTS)}"
-    " (splitk_fold: o_proj's and down_proj's split-K epilogues run in the"
-    " next pre-norm's quantizer).")
 _MODEL_BATCHES = flags.DEFINE_list("model_batches", ["1", "4"],
                                    "Batches for model_prefill.")
 _MODEL_VARIANTS = flags.DEFINE_list(
@@ -73,8 +67,7 @@ def _cases():
           for p in ints(_PREFILLS.value):
             yield bench, decode_speed.decode_throughput, dict(
                 config=config, name=name, batch=b, cached=p,
-                new_tokens=_NEW.value,
-                variants=tuple(_DECODE_VARIANTS.value))
+                new_tokens=_NEW.value)
       elif bench == "model_prefill":
         for b in ints(_MODEL_BATCHES.value):
           yield bench, speed.model_prefill, dict(

@@ -63,7 +63,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import compat
 from pallas_kernels import device_info
 from pallas_kernels import int4_layout
-from pallas_kernels import splitk as splitk_lib
 
 Implementation = Literal["mosaic", "triton", "xla"]
 
@@ -202,12 +201,10 @@ def _split_steps(split: jax.Array, plan: _Plan) -> jax.Array | int:
 
 def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
                                 plan: _Plan, num_stages: int,
-                                w_layout: str, warp_specialized: bool,
-                                token_major: bool = False):
+                                w_layout: str, warp_specialized: bool):
   """One program: rows [n0, n0 + block_n) of w over split `s`'s K range."""
   # w_gmem: int4[N, K]; x_gmem: bf16[Mp, K]; o_gmem: f32[split_k, N, Mp]
-  # o_smem: f32[block_n, Mp] (token_major: o_gmem f32[split_k, Mp, N],
-  # o_smem f32[Mp, block_n], the accumulator transposed in registers)
+  # o_smem: f32[block_n, Mp]
   # (int8 MMA: x_gmem int8[Mp, K] codes, and the operand A is int8.)
   ni, si = lax.axis_index("n"), lax.axis_index("s")
   bn, bk, mp = plan.block_n, plan.block_k, plan.m_pad
@@ -246,16 +243,9 @@ def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
 
   def store(acc_ref):  # the partial sums of this program, to o_gmem
     plgpu.wgmma_wait(0)
-    acc = acc_ref[...].astype(jnp.float32)
-    if token_major:  # a lane shuffle (WGMMA -> WGMMA_TRANSPOSED)
-      acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
-      plgpu.transpose_ref(o_smem, (1, 0))[...] = acc
-      out = o_gmem.at[si, :, pl.ds(ni * bn, bn)]
-    else:
-      o_smem[...] = acc
-      out = o_gmem.at[si, pl.ds(ni * bn, bn)]
+    o_smem[...] = acc_ref[...].astype(jnp.float32)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, out)
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn)])
     plgpu.wait_smem_to_gmem(0)
 
   in_specs = [
@@ -292,10 +282,8 @@ def decode_matmul_mosaic_kernel(w_gmem, x_gmem, o_gmem, o_smem, *,
 
 
 def _partials_mosaic(x: jax.Array, w_q: jax.Array, plan: _Plan,
-                     cfg: DecodeMatmulConfig, *,
-                     token_major: bool = False) -> jax.Array:
-  """f32[split_k, N, Mp] partial sums from the Mosaic GPU kernel
-  (`token_major`: f32[split_k, Mp, N]).
+                     cfg: DecodeMatmulConfig) -> jax.Array:
+  """f32[split_k, N, Mp] partial sums from the Mosaic GPU kernel.
 
   w_q is uint8[N, K // 2] packed, or the same bytes as int4[N, K].
   """
@@ -309,22 +297,14 @@ def _partials_mosaic(x: jax.Array, w_q: jax.Array, plan: _Plan,
   int8_mma = x.dtype == jnp.int8 and cfg.w4a4_mma == "int8"
   xp = jnp.pad(x if int8_mma else x.astype(jnp.bfloat16),
                ((0, plan.m_pad - x.shape[0]), (0, 0)))
-  if token_major:  # [Mp, block_n] rows of block_n f32, tiled and swizzled
-    swizzle = plgpu.find_swizzle(32 * plan.block_n)
-    o_smem = plgpu.SMEM((plan.m_pad, plan.block_n), jnp.float32,
-                        transforms=(plgpu.TilingTransform((8, swizzle // 4)),
-                                    plgpu.SwizzleTransform(swizzle)))
-    out_shape = (plan.split_k, plan.m_pad, n)
-  else:
-    o_smem = plgpu.SMEM((plan.block_n, plan.m_pad), jnp.float32)
-    out_shape = (plan.split_k, n, plan.m_pad)
   call = plgpu.kernel(
       functools.partial(decode_matmul_mosaic_kernel, plan=plan,
                         num_stages=cfg.num_stages, w_layout=cfg.w_layout,
-                        warp_specialized=cfg.warp_specialized,
-                        token_major=token_major),
-      out_type=jax.ShapeDtypeStruct(out_shape, jnp.float32),
-      scratch_types=dict(o_smem=o_smem),
+                        warp_specialized=cfg.warp_specialized),
+      out_type=jax.ShapeDtypeStruct((plan.split_k, n, plan.m_pad),
+                                    jnp.float32),
+      scratch_types=dict(
+          o_smem=plgpu.SMEM((plan.block_n, plan.m_pad), jnp.float32)),
       grid=(n // plan.block_n, plan.split_k),
       grid_names=("n", "s"),
       **(dict(num_threads=2, thread_name="wg") if cfg.warp_specialized
@@ -337,12 +317,10 @@ def _partials_mosaic(x: jax.Array, w_q: jax.Array, plan: _Plan,
 # ------------------------------------------------------------------- Triton
 
 
-def decode_matmul_triton_kernel(w_ref, xe_ref, xo_ref, o_ref, *, plan: _Plan,
-                                token_major: bool = False):
+def decode_matmul_triton_kernel(w_ref, xe_ref, xo_ref, o_ref, *, plan: _Plan):
   """One program: rows of one N tile over split `s`'s K range."""
   # w_ref: int8[block_n, K // 2] packed bytes; xe_ref, xo_ref: bf16[16,
   # K // 2] (even / odd columns of x); o_ref: f32[1, block_n, 16]
-  # (token_major: f32[1, 16, block_n])
   s = pl.program_id(1)
   half = plan.block_k // 2  # bytes (and x columns of one parity) per step
   lo = s * plan.blocks_per_split
@@ -358,15 +336,14 @@ def decode_matmul_triton_kernel(w_ref, xe_ref, xo_ref, o_ref, *, plan: _Plan,
     return acc
 
   acc = lax.fori_loop(lo, hi, body,
-                      jnp.zeros((plan.block_n, plan.m_pad), jnp.float32))
-  o_ref[...] = (acc.T if token_major else acc)[None]
+                      jnp.zeros(o_ref.shape[1:], jnp.float32))
+  o_ref[...] = acc[None]
 
 
 def _partials_triton(x: jax.Array, w_q: jax.Array, plan: _Plan,
                      cfg: DecodeMatmulConfig, *, interpret: bool,
-                     debug: bool, token_major: bool = False) -> jax.Array:
-  """f32[split_k, N, 16] partial sums from the Triton kernel
-  (`token_major`: f32[split_k, 16, N])."""
+                     debug: bool) -> jax.Array:
+  """f32[split_k, N, 16] partial sums from the Triton kernel."""
   n, k2 = w_q.shape
   xb = jnp.pad(x.astype(jnp.bfloat16), ((0, plan.m_pad - x.shape[0]),
                                         (0, 0)))
@@ -380,28 +357,21 @@ def _partials_triton(x: jax.Array, w_q: jax.Array, plan: _Plan,
   n_pad = pl.cdiv(n, bn) * bn
   if n_pad != n:
     wi = jnp.pad(wi, ((0, n_pad - n), (0, 0)))
-  if token_major:
-    out_spec = pl.BlockSpec((1, plan.m_pad, bn), lambda i, s: (s, 0, i))
-    out_shape = (plan.split_k, plan.m_pad, n_pad)
-  else:
-    out_spec = pl.BlockSpec((1, bn, plan.m_pad), lambda i, s: (s, i, 0))
-    out_shape = (plan.split_k, n_pad, plan.m_pad)
-  partials = pl.pallas_call(
-      functools.partial(decode_matmul_triton_kernel, plan=plan,
-                        token_major=token_major),
+  return pl.pallas_call(
+      functools.partial(decode_matmul_triton_kernel, plan=plan),
       grid=(pl.cdiv(n, bn), plan.split_k),
       in_specs=[
           pl.BlockSpec((bn, k2), lambda i, s: (i, 0)),
           pl.BlockSpec((plan.m_pad, k2), lambda i, s: (0, 0)),
           pl.BlockSpec((plan.m_pad, k2), lambda i, s: (0, 0)),
       ],
-      out_specs=out_spec,
-      out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+      out_specs=pl.BlockSpec((1, bn, plan.m_pad), lambda i, s: (s, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((plan.split_k, n_pad, plan.m_pad),
+                                     jnp.float32),
       compiler_params=compat.triton_params(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, debug=debug, name="decode_matmul",
-  )(wi, xe, xo)
-  return partials[:, :, :n] if token_major else partials[:, :n]
+  )(wi, xe, xo)[:, :n]
 
 
 # ------------------------------------------------------------------ wrapper
@@ -494,68 +464,10 @@ def _check(x, w_q, s_w, s_x) -> tuple[int, int, int]:
 def _epilogue(partials: jax.Array, m: int, s_w: jax.Array,
               s_x: jax.Array | None, out_dtype) -> jax.Array:
   """Sum of the splits, [N, Mp] -> [M, N], scales, cast (one fusion)."""
-  if s_x is not None:  # the same ops as a consumer's `splitk.combine`
-    return splitk_lib.combine(splitk_lib.SplitK(partials, s_x, s_w), m,
-                              out_dtype)
   acc = partials.sum(axis=0)[:, :m].T  # [M, N]
+  if s_x is not None:
+    acc = acc * s_x[:m].astype(jnp.float32)[:, None]
   return (acc * s_w.astype(jnp.float32)[None, :]).astype(out_dtype)
-
-
-def _partials(x, w_q, impl: str, config, interpret: bool, debug: bool,
-              token_major: bool = False):
-  m, n, k = x.shape[0], w_q.shape[0], 2 * w_q.shape[1]
-  cfg = config or default_decode_matmul_config(impl)
-  plan = _plan(m, n, k, cfg, impl)
-  if impl == "mosaic":
-    return _partials_mosaic(x, w_q, plan, cfg, token_major=token_major)
-  return _partials_triton(x, w_q, plan, cfg, interpret=interpret,
-                          debug=debug, token_major=token_major)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "config", "implementation", "interpret", "debug", "token_major"))
-def decode_matmul_splitk(x: jax.Array, w_q: jax.Array, s_w: jax.Array,
-                         s_x: jax.Array, *,
-                         config: DecodeMatmulConfig | None = None,
-                         implementation: Literal["mosaic", "triton"] | None
-                         = None, interpret: bool = False,
-                         debug: bool = False, token_major: bool = True
-                         ) -> splitk_lib.SplitK:
-  """`decode_matmul` of W4A4 codes without its epilogue launch.
-
-  The consumer of y reads the split-K partial sums itself (`splitk.load`
-  in its kernel, or `splitk.combine`); see `pallas_kernels/splitk.py`.
-
-  Args:
-    x: int8[Mp, K] int4 codes, already padded to `padded_rows(M,
-      implementation)` rows (padding: zero codes, scale 1).
-    w_q: uint8[N, K // 2] packed int4 weights.
-    s_w: f32[N].
-    s_x: f32[Mp].
-    config, implementation, interpret, debug: as in `decode_matmul`
-      (no 'xla': the reference has no partial sums).
-    token_major: partials f32[S, Mp, N] (the accumulator transposed in
-      registers before its store), so that a consumer reads each token's
-      row whole; False: f32[S, N, Mp], `decode_matmul`'s own layout.
-
-  Returns:
-    `splitk.SplitK` with the partials in that layout.
-
-  Raises:
-    ValueError: as `decode_matmul`, or x not int8 codes with Mp rows.
-  """
-  m, n, k = _check(x, w_q, s_w, s_x)
-  if x.dtype != jnp.int8:
-    raise ValueError(f"decode_matmul_splitk takes int8 codes (W4A4), got"
-                     f" {x.dtype}")
-  impl = _resolve(m, n, k, implementation, interpret)
-  if impl == "xla" or padded_rows(m, impl) != m:
-    raise ValueError(f"decode_matmul_splitk: x of {m} rows must come padded"
-                     f" (Mp = padded_rows) to a kernel ({impl} here)")
-  partials = _partials(x, w_q, impl, config, interpret, debug,
-                       token_major=token_major)
-  return splitk_lib.SplitK(partials, s_x.astype(jnp.float32),
-                           s_w.astype(jnp.float32), token_major=token_major)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -602,7 +514,13 @@ def decode_matmul(x: jax.Array, w_q: jax.Array, s_w: jax.Array,
   if impl == "xla":
     return decode_matmul_reference(x, w_q, s_w, s_x,
                                    out_dtype=out_dtype)[:out_rows]
-  partials = _partials(x, w_q, impl, config, interpret, debug)
+  cfg = config or default_decode_matmul_config(impl)
+  plan = _plan(m, n, k, cfg, impl)
+  if impl == "mosaic":
+    partials = _partials_mosaic(x, w_q, plan, cfg)
+  else:
+    partials = _partials_triton(x, w_q, plan, cfg, interpret=interpret,
+                                debug=debug)
   return _epilogue(partials, out_rows, s_w, s_x, out_dtype)
 
 

@@ -56,7 +56,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import compat
 from pallas_kernels import kv4_append as append_lib
 from pallas_kernels import kv4_cache as kv4_lib
-from pallas_kernels import splitk
 
 _TILE = 16  # rows of a dot tile: Triton's smallest dot
 
@@ -79,24 +78,14 @@ def rope(x1, x2, c1, c2, s1, s2, mul):
   return mul(x1, c1) + mul(-x2, s1), mul(x2, c2) + mul(x1, s2)
 
 
-def decode_qkv_kernel(at_ref, *refs, n: int, norm: float,
-                      k_clip_ratio: float, v_clip_ratio: float, exact: bool,
-                      centered: bool, from_splitk: bool = False,
-                      token_major: bool = False):
+def decode_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, tk_ref,
+                      ek_ref, center_ref, kc_in, ks_in, kz_in, vc_in, vs_in,
+                      vz_in, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
+                      vz_ref, *, n: int, norm: float, k_clip_ratio: float,
+                      v_clip_ratio: float, exact: bool, centered: bool):
   """One row's tile of 16 heads: query heads (rotated, stored), key heads
   (rotated, quantized into the slot) or value heads (quantized)."""
-  if from_splitk:  # qkv as split-K partials and their scales
-    p_ref, sx_ref, sw_ref, *refs = refs
-    qkv_ref = None
-  else:
-    qkv_ref, *refs = refs
-  (cos_ref, sin_ref, t_ref, tk_ref, ek_ref, center_ref, kc_in, ks_in, kz_in,
-   vc_in, vs_in, vz_in, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
-   vz_ref) = refs
-  # at_ref: int32[] slot; qkv_ref: [N + 2K, H] the row's heads (from_splitk:
-  # p_ref f32[S, N + 2K, H, Mp], sx_ref f32[Mp], sw_ref f32[N + 2K, H], the
-  # qkv linear's output before its epilogue, `splitk.load`; token_major:
-  # p_ref f32[S, Mp, N + 2K, H]);
+  # at_ref: int32[] slot; qkv_ref: [N + 2K, H] the row's heads;
   # cos_ref, sin_ref: f32[1, H]; t_ref: [H, H] T (±1 or identity);
   # tk_ref: [H, H] T's even columns, then its odd ones; ek_ref: the same
   # of the identity; center_ref: [K, H] the key center's even elements,
@@ -105,11 +94,9 @@ def decode_qkv_kernel(at_ref, *refs, n: int, norm: float,
   # kz/vz: uint8[K, S]. The *_in refs alias the outputs: only written.
   del kc_in, ks_in, kz_in, vc_in, vs_in, vz_in
   kv_heads, s_len, h2 = kc_ref.shape
-  dtype = q_ref.dtype
+  dtype = qkv_ref.dtype
   tiles = pl.cdiv(n, _TILE), pl.cdiv(kv_heads, _TILE)
   t = pl.program_id(1)
-  # The row, read here: interpret mode has no program_id in the branches.
-  token = pl.program_id(0)
   mul, _ = append_lib.f32_ops(exact)
   rows = jnp.arange(_TILE)
   dot = functools.partial(jax.lax.dot, preferred_element_type=jnp.float32,
@@ -123,15 +110,9 @@ def decode_qkv_kernel(at_ref, *refs, n: int, norm: float,
   def load_halves(first, count):
     """Rows first .. first + 15 of qkv (< count real) as the two halves
     f32[16, H/2] of each head."""
-    mask = (rows < count)[:, None]
-    if from_splitk:  # the epilogue: y rounded to the dtype, as XLA casts
-      return [splitk.load(p_ref, sx_ref, sw_ref,
-                          (pl.ds(first, _TILE), half(i)), token,
-                          token_major=token_major, mask=mask).astype(dtype).astype(jnp.float32)
-              for i in (0, 1)]
     return [plgpu.load(qkv_ref.at[pl.ds(first, _TILE), half(i)],
-                       mask=mask, other=0).astype(jnp.float32)
-            for i in (0, 1)]
+                       mask=(rows < count)[:, None], other=0
+                       ).astype(jnp.float32) for i in (0, 1)]
 
   def rotated(first, count):  # [16, H/2] halves, rotated, in x's dtype
     x1, x2 = load_halves(first, count)
@@ -242,25 +223,22 @@ def _check(qkv, cos, sin, head_signs, k_cache, v_cache, at, num_heads,
 
 @functools.partial(jax.jit, static_argnames=(
     "num_heads", "k_clip_ratio", "v_clip_ratio", "num_warps", "interpret",
-    "debug", "implementation", "rows", "dtype"))
-def decode_qkv(qkv: "jax.Array | splitk.SplitK", cos: jax.Array,
-               sin: jax.Array, head_signs: jax.Array | None,
-               k_cache: kv4_lib.KV4, v_cache: kv4_lib.KV4, at: jax.Array, *,
-               num_heads: int, k_center: jax.Array | None = None,
+    "debug", "implementation"))
+def decode_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
+               head_signs: jax.Array | None, k_cache: kv4_lib.KV4,
+               v_cache: kv4_lib.KV4, at: jax.Array, *, num_heads: int,
+               k_center: jax.Array | None = None,
                k_clip_ratio: float = 0.95, v_clip_ratio: float = 0.95,
                num_warps: int = 4, interpret: bool = False,
                debug: bool = False,
-               implementation: Literal["pallas", "xla"] | None = None,
-               rows: int | None = None, dtype=None
+               implementation: Literal["pallas", "xla"] | None = None
                ) -> tuple[jax.Array, kv4_lib.KV4, kv4_lib.KV4]:
   """RoPE and the head transform of one decode token's q and k, with k and
   v quantized into slot `at` of packed KV4 caches.
 
   Args:
     qkv: float[B, (N + 2K) · H], the fused q/k/v projection of one token a
-      row (bf16, f16 or f32); or that projection before its epilogue
-      (`splitk.SplitK` of width (N + 2K) · H and B = `rows` real rows, y
-      in `dtype`), which the kernel then adds up itself.
+      row (bf16, f16 or f32).
     cos: f32[B, H] rotary cosines at each row's position
       (`quarot_jax.layers.rope_cos_sin`).
     sin: f32[B, H] rotary sines.
@@ -281,26 +259,14 @@ def decode_qkv(qkv: "jax.Array | splitk.SplitK", cos: jax.Array,
     implementation: 'pallas' (the kernel where `kernel_takes`, else the
       reference), 'xla' (the reference) or None (pallas where
       `can_use_decode_qkv` or `interpret`; logged).
-    rows: B, with a `splitk.SplitK` qkv (else None).
-    dtype: the projection's dtype, with a `splitk.SplitK` qkv (else None).
 
   Returns:
     (q [B, N, H] in qkv's dtype, k_cache, v_cache); the caches' buffers
     are updated in place where XLA can donate them.
 
   Raises:
-    ValueError: shapes or dtypes that do not fit together, or `rows` and
-      `dtype` not given exactly with a `splitk.SplitK` qkv.
+    ValueError: shapes or dtypes that do not fit together.
   """
-  sk = qkv if isinstance(qkv, splitk.SplitK) else None
-  if (sk is None) != (rows is None) or (sk is None) != (dtype is None):
-    raise ValueError("rows and dtype go with a splitk.SplitK qkv, and only"
-                     f" with it; got {type(qkv).__name__} with {rows=},"
-                     f" {dtype=}")
-  if sk is not None:
-    if not 1 <= rows <= sk.padded_rows:
-      raise ValueError(f"{rows=} must be in [1, Mp={sk.padded_rows}]")
-    qkv = jax.ShapeDtypeStruct((rows, sk.width), dtype)  # for the checks
   b, n, kv_heads, s, h = _check(qkv, cos, sin, head_signs, k_cache, v_cache,
                                 at, num_heads, k_center)
   g = n // kv_heads
@@ -313,8 +279,6 @@ def decode_qkv(qkv: "jax.Array | splitk.SplitK", cos: jax.Array,
     logging.info("decode_qkv: the kernel does not take H=%d, G=%d; using"
                  " the reference", h, g)
   if implementation == "xla":
-    if sk is not None:
-      qkv = splitk.combine(sk, rows, dtype)
     return decode_qkv_reference(qkv, cos, sin, head_signs, k_cache, v_cache,
                                 at, num_heads=num_heads, k_center=k_center,
                                 k_clip_ratio=k_clip_ratio,
@@ -328,8 +292,7 @@ def decode_qkv(qkv: "jax.Array | splitk.SplitK", cos: jax.Array,
   kernel = functools.partial(
       decode_qkv_kernel, n=n, norm=norm, k_clip_ratio=k_clip_ratio,
       v_clip_ratio=v_clip_ratio, exact=not interpret,
-      centered=k_center is not None, from_splitk=sk is not None,
-      token_major=sk is not None and sk.token_major)
+      centered=k_center is not None)
   h2 = h // 2
   tiles = pl.cdiv(n, _TILE) + 2 * pl.cdiv(kv_heads, _TILE)
   scalar = pl.BlockSpec((None,), lambda i, j: (0,))
@@ -341,29 +304,21 @@ def decode_qkv(qkv: "jax.Array | splitk.SplitK", cos: jax.Array,
   caches = [row(kv_heads, s, h2), row(kv_heads, s), row(kv_heads, s)] * 2
   arrays = (k_cache.codes, k_cache.scale, k_cache.zero, v_cache.codes,
             v_cache.scale, v_cache.zero)
-  if sk is None:
-    qkv_in = (qkv.reshape(b, n + 2 * kv_heads, h),)
-    qkv_specs = [row(n + 2 * kv_heads, h)]
-  else:
-    qkv_in = (*splitk.view(sk, n + 2 * kv_heads, h), sk.s_x)
-    qkv_in = (qkv_in[0], qkv_in[2], qkv_in[1])  # partials, s_x, s_w
-    qkv_specs = [splitk.whole(x) for x in qkv_in]
   out = pl.pallas_call(
       kernel,
       grid=(b, tiles),
-      in_specs=[scalar, *qkv_specs, row(1, h), row(1, h), whole, whole,
-                whole,
+      in_specs=[scalar, row(n + 2 * kv_heads, h), row(1, h), row(1, h),
+                whole, whole, whole,
                 pl.BlockSpec((kv_heads, h), lambda i, j: (0, 0))] + caches,
       out_specs=[row(n, h)] + caches,
       out_shape=[jax.ShapeDtypeStruct((b, n, h), dtype)] + [
           jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays],
-      input_output_aliases={
-          7 + len(qkv_in) + i: 1 + i for i in range(6)},
+      input_output_aliases={8 + i: 1 + i for i in range(6)},
       compiler_params=compat.triton_params(num_warps=num_warps,
                                            num_stages=1),
       interpret=interpret, debug=debug, name="decode_qkv",
-  )(jnp.asarray(at, jnp.int32).reshape(1), *qkv_in, cos[:, None],
-    sin[:, None], t,
+  )(jnp.asarray(at, jnp.int32).reshape(1),
+    qkv.reshape(b, n + 2 * kv_heads, h), cos[:, None], sin[:, None], t,
     *[jnp.concatenate([m[:, 0::2], m[:, 1::2]], axis=1)
       for m in (t, jnp.eye(h, dtype=dtype), center)], *arrays)
   return (out[0],

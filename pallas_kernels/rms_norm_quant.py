@@ -56,7 +56,6 @@ import numpy as np
 
 from pallas_kernels import compat
 from pallas_kernels import hadamard_quant as hq_lib
-from pallas_kernels import splitk
 
 RmsNormQuantConfig = hq_lib.HadamardQuantConfig  # num_warps, block_elements
 
@@ -95,71 +94,16 @@ def rms_norm_quant_kernel(x_ref, w_ref, q_ref, s_ref, *, rows: int, ap: int,
   # (packed); s_ref: f32[rows_per_program]. ap = a rounded up to a power
   # of two, its padded rows masked. Rows at or past `rows` (the padding up
   # to `out_rows`) are zero: codes 0, scale 1.
-  n_rows = x_ref.shape[0]
-  x, mask = hq_lib.load_rows(x_ref, ap)
-  first = pl.program_id(0) * n_rows
-  real = (first + jnp.arange(n_rows)) < rows  # [rows_per_program]
-  _norm_quantize(x, real, mask, w_ref, q_ref, s_ref, dtype=x_ref.dtype,
-                 k=x_ref.shape[1] * x_ref.shape[2], eps=eps, packed=packed,
-                 clip_ratio=clip_ratio, exact=exact)
-
-
-def rms_norm_quant_splitk_kernel(p_ref, sx_ref, sw_ref, r_ref, w_ref, q_ref,
-                                 s_ref, h_ref, *, rows: int, ap: int,
-                                 eps: float, packed: bool, clip_ratio: float,
-                                 exact: bool, token_major: bool):
-  """One row: h = y + residual from the split-K partial sums of y (the
-  epilogue of `splitk.combine`), written out, then `rms_norm_quant_kernel`
-  on h."""
-  # p_ref: f32[S, a, r, Mp] (token_major: [S, Mp, a, r]); sx_ref: f32[Mp];
-  # sw_ref: f32[a, r]; r_ref,
-  # h_ref: [1, a, r] (the residual's dtype); w_ref, q_ref, s_ref as in
-  # rms_norm_quant_kernel. Programs at or past `rows` (padding) write no h.
-  _, a, r = r_ref.shape
-  dtype = r_ref.dtype
-  row = pl.program_id(0)
-  real = row < rows
-  res, mask = hq_lib.load_rows(r_ref, ap)  # [1, ap, r]
-  valid = None if ap == a else jnp.broadcast_to(
-      (jnp.arange(ap) < a)[:, None], (ap, r))
-  token = jnp.minimum(row, sx_ref.shape[0] - 1)
-  y = splitk.load(p_ref, sx_ref, sw_ref, (pl.ds(0, ap), slice(None)), token,
-                  token_major=token_major, mask=valid)[None]  # [1, ap, r]
-  rounded = _rounder(exact, dtype)
-  h = rounded(rounded(y) + res)  # XLA's `y + residual` in the dtype
-
-  @pl.when(real)
-  def _():
-    plgpu.store(h_ref.at[:, pl.ds(0, ap), :], h.astype(dtype),
-                **({} if mask is None else dict(mask=mask(r))))
-
-  _norm_quantize(h, real[None], mask, w_ref, q_ref, s_ref, dtype=dtype,
-                 k=a * r, eps=eps, packed=packed, clip_ratio=clip_ratio,
-                 exact=exact)
-
-
-def _rounder(exact: bool, dtype):
-  """f32 values rounded to `dtype`, kept in f32. Interpreted on a GPU the
-  body is XLA ops, which drop a convert pair inside a fusion (see
-  `_round_to`); the barrier keeps the rounding."""
-  if exact:
-    return lambda v: v.astype(dtype).astype(jnp.float32)
-  return lambda v: _round_to(v, dtype)
-
-
-def _norm_quantize(x, real, mask, w_ref, q_ref, s_ref, *, dtype, k: int,
-                   eps: float, packed: bool, clip_ratio: float,
-                   exact: bool):
-  """In a kernel: `layers.rms_norm` of rows x f32[rows, ap, r] (values of
-  `dtype`), then their codes and scales; rows where `real` is False are
-  zero (codes 0, scale 1)."""
-  n_rows, ap, r = x.shape
-  a = w_ref.shape[0]
+  n_rows, a, r = x_ref.shape
+  dtype = x_ref.dtype
   mul = _mul(exact)
+  x, mask = hq_lib.load_rows(x_ref, ap)
   w = plgpu.load(w_ref.at[pl.ds(0, ap), :],
                  **({} if ap == a else dict(
                      mask=jnp.broadcast_to((jnp.arange(ap) < a)[:, None],
                                            (ap, r)), other=0)))
+  first = pl.program_id(0) * n_rows
+  real = (first + jnp.arange(n_rows)) < rows  # [rows_per_program]
   x = jnp.where(real[:, None, None], x, 0.0)
   # layers.rms_norm: mean(x²) (XLA: sum * f32(1 / K)), rsqrt, two casts.
   # [rows_per_program]: the sum over the row (padding adds zeros). On the
@@ -169,10 +113,14 @@ def _norm_quantize(x, real, mask, w_ref, q_ref, s_ref, *, dtype, k: int,
   sq = mul(x, x)
   ss = (jnp.sum(jnp.sum(sq, axis=2), axis=1) if exact
         else jnp.sum(sq.reshape(n_rows, ap * r), axis=1))
-  inv_k = jnp.full(ss.shape, np.float32(1) / np.float32(k), jnp.float32)
+  inv_k = jnp.full(ss.shape, np.float32(1) / np.float32(x_ref.shape[1] * r),
+                   jnp.float32)
   inv = jax.lax.rsqrt(mul(ss, inv_k) + eps)
   normed = mul(x, jnp.broadcast_to(inv[:, None, None], x.shape))
-  rounded = _rounder(exact, dtype)
+  # Interpreted on a GPU the body is XLA ops, which drop a convert pair
+  # inside a fusion (see `_round_to`); the barrier keeps the rounding.
+  rounded = ((lambda v: v.astype(dtype).astype(jnp.float32)) if exact
+             else lambda v: _round_to(v, dtype))
   normed = rounded(normed)
   y = mul(jnp.broadcast_to(w.astype(jnp.float32)[None], x.shape), normed)
   # Padding rows are zero after the norm too, as the reference pads its
@@ -276,117 +224,6 @@ def rms_norm_quant(x: jax.Array, weight: jax.Array, *, eps: float,
       interpret=interpret, debug=debug, name="rms_norm_quant",
   )(x3, weight.reshape(a, r))
   return x_q.reshape(out_rows, -1), s_x
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "eps", "clip_ratio", "packed", "out_rows", "config", "interpret",
-    "debug", "implementation"))
-def rms_norm_quant_splitk(sk: splitk.SplitK, residual: jax.Array,
-                          weight: jax.Array, *, eps: float,
-                          clip_ratio: float = 0.9, packed: bool = False,
-                          out_rows: int | None = None,
-                          config: RmsNormQuantConfig | None = None,
-                          interpret: bool = False, debug: bool = False,
-                          implementation: Literal["pallas", "xla"] | None
-                          = None
-                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """A decode linear's epilogue, the residual add and `rms_norm_quant`, in
-  one launch (see `pallas_kernels/splitk.py`).
-
-    h = dtype(combine(sk)) + residual      (the residual stream, in dtype)
-    x_q, s_x = rms_norm_quant(h, weight)
-
-  Args:
-    sk: the linear's output as split-K partial sums (`decode_matmul_splitk`;
-      partials f32[S, Mp, K] or f32[S, K, Mp], K the norm's width).
-    residual: float[M, K] (M <= Mp real rows), the residual stream before
-      the linear's output is added; h has its dtype.
-    weight: float[K] the norm's weight.
-    eps, clip_ratio, packed: as in `rms_norm_quant`.
-    out_rows: rows of x_q and s_x, >= M (None: M), as in `rms_norm_quant`.
-    config: `num_warps`, `num_stages` (one row a program).
-    interpret: run the Pallas kernel in interpret mode (CPU tests).
-    debug: print the kernel's jaxpr.
-    implementation: 'pallas', 'xla' (`rms_norm_quant_splitk_reference`), or
-      None (pallas where `can_use_rms_norm_quant` or `interpret`).
-
-  Returns:
-    (x_q, s_x) as `rms_norm_quant` returns them, and h [M, K] in residual's
-    dtype.
-
-  Raises:
-    ValueError: as `rms_norm_quant`, or partials that do not match the
-      residual (width K, at least M rows).
-  """
-  m, k = residual.shape
-  _check(residual, weight, clip_ratio, 4, out_rows)
-  if sk.width != k or sk.padded_rows < m:
-    raise ValueError(f"split-K output of N={sk.width}, Mp={sk.padded_rows}"
-                     f" does not give the residual's [M, K]=[{m}, {k}]")
-  out_rows = m if out_rows is None else out_rows
-  if implementation is None:
-    implementation = ("pallas" if interpret or can_use_rms_norm_quant(k)
-                      else "xla")
-  if implementation == "xla":
-    return rms_norm_quant_splitk_reference(
-        sk, residual, weight, eps=eps, clip_ratio=clip_ratio, packed=packed,
-        out_rows=out_rows)
-  cfg = config or RmsNormQuantConfig()
-  a, r = hq_lib._quantize_view(k)
-  ap = hq_lib._pow2(a)
-  partials, s_w = splitk.view(sk, a, r)
-  q_block, q_dtype = ((a, r // 2), jnp.uint8) if packed else ((a, r),
-                                                                jnp.int8)
-  last = m - 1
-  row_block = pl.BlockSpec((1, a, r), lambda i: (jnp.minimum(i, last), 0, 0))
-  x_q, s_x, h = pl.pallas_call(
-      functools.partial(rms_norm_quant_splitk_kernel, rows=m, ap=ap,
-                        eps=eps, packed=packed, clip_ratio=clip_ratio,
-                        exact=not interpret, token_major=sk.token_major),
-      grid=(out_rows,),
-      in_specs=[splitk.whole(partials), splitk.whole(sk.s_x),
-                splitk.whole(s_w), row_block,
-                pl.BlockSpec((a, r), lambda i: (0, 0))],
-      out_specs=[pl.BlockSpec((1, *q_block), lambda i: (i, 0, 0)),
-                 pl.BlockSpec((1,), lambda i: (i,)), row_block],
-      out_shape=[jax.ShapeDtypeStruct((out_rows, *q_block), q_dtype),
-                 jax.ShapeDtypeStruct((out_rows,), jnp.float32),
-                 jax.ShapeDtypeStruct((m, a, r), residual.dtype)],
-      compiler_params=compat.triton_params(num_warps=cfg.num_warps,
-                                           num_stages=cfg.num_stages),
-      interpret=interpret, debug=debug, name="rms_norm_quant_splitk",
-  )(partials, sk.s_x, s_w, residual.reshape(m, a, r), weight.reshape(a, r))
-  return x_q.reshape(out_rows, -1), s_x, h.reshape(m, k)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "eps", "clip_ratio", "packed", "out_rows"))
-def rms_norm_quant_splitk_reference(
-    sk: splitk.SplitK, residual: jax.Array, weight: jax.Array, *,
-    eps: float, clip_ratio: float = 0.9, packed: bool = False,
-    out_rows: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Plain-jnp `rms_norm_quant_splitk`: the epilogue (`splitk.combine`),
-  `+ residual` in its dtype, then `rms_norm_quant_reference`.
-
-  Args and returns: as `rms_norm_quant_splitk`.
-  """
-  # y and h rounded to their dtype, as the kernel rounds them. XLA fuses
-  # the cast, the add and the norm and keeps excess f32 precision
-  # (`xla_allow_excess_precision`), through optimization barriers too (CPU:
-  # 7 codes of 32768 moved at K = 4096, h off by an ulp at ties); the
-  # explicit roundings stay (f16 subnormals would flush to zero).
-  dtype = residual.dtype
-  info = jnp.finfo(dtype)
-  rounded = functools.partial(jax.lax.reduce_precision,
-                              exponent_bits=info.nexp,
-                              mantissa_bits=info.nmant)
-  y = rounded(splitk.combine(sk, residual.shape[0], jnp.float32))
-  h = jax.lax.optimization_barrier(
-      rounded(y + residual.astype(jnp.float32)).astype(dtype))
-  x_q, s_x = rms_norm_quant_reference(h, weight, eps=eps,
-                                      clip_ratio=clip_ratio, packed=packed,
-                                      out_rows=out_rows)
-  return x_q, s_x, h
 
 
 def _round_to(x32: jax.Array, dtype) -> jax.Array:

@@ -80,14 +80,6 @@ class Kernels:
       the SwiGLU as it loads each row (`hadamard_quant(..., gate_up=True)`),
       so the SwiGLU is no pass of its own; False runs it in XLA first (the
       same numbers; a benchmark's A/B).
-    splitk_fold: at decode, a W4A4 o_proj's and down_proj's output is
-      left as `decode_matmul`'s split-K partial sums, and the next pre-norm's
-      quantizer adds them up with the residual
-      (`pallas_kernels.rms_norm_quant_splitk`, `qlinear.Deferred`): the
-      epilogue is no launch of its own (the same numbers). Needs
-      `decode_matmul` 'mosaic' or 'triton' and `rms_norm_quant` 'pallas';
-      down_proj's output crosses into the next layer only in the unrolled
-      layer loop. Off by default: a benchmark's A/B.
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -112,7 +104,6 @@ class Kernels:
   prefill_qkv: PallasOrXla = "xla"
   residual_in_matmul: bool = True
   swiglu_in_quant: bool = True
-  splitk_fold: bool = False
   interpret: bool = False
   layer_loop: Literal["unrolled", "scan"] = "scan"
 

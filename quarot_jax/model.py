@@ -56,7 +56,6 @@ from pallas_kernels import kv4_cache as kv4_lib
 from pallas_kernels import kv4_decode_attention as kv4_attn_lib
 from pallas_kernels import prefill_qkv as prefill_qkv_lib
 from quarot_jax import attention as attention_lib
-from quarot_jax import deferred
 from quarot_jax import hadamard
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache as kv_cache_lib
@@ -145,7 +144,7 @@ def _head_hadamard(x: jax.Array) -> jax.Array:
 def _linear(x: jax.Array, p: Params, options: RunOptions, *,
             kernels: kernels_lib.Kernels,
             online_hadamard: bool = False, residual=None,
-            gate_up: bool = False, defer: bool = False) -> jax.Array:
+            gate_up: bool = False) -> jax.Array:
   """`x @ kernel + bias` (+ `residual`), or the packed int4 linear of
   `qlinear` (which may add the residual in its matmul's epilogue).
 
@@ -153,8 +152,7 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
   the online Hadamard if `online_hadamard`; packed linears quantize for
   real (the Hadamard fused into their quantize kernel). `gate_up` (packed
   only, one Hadamard block): x is gate | up and the input is their SwiGLU,
-  formed by the quantizer (`qlinear.linear`). `defer`: a packed linear may
-  return residual + y as a `deferred.Deferred` (`qlinear.linear`).
+  formed by the quantizer (`qlinear.linear`).
   """
   if gate_up and ("qweight" not in p or (online_hadamard
                                          and options.had_blocks > 1)):
@@ -166,8 +164,7 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
     fuse = residual is not None and residual.dtype == x.dtype
     y = qlinear.linear(x, p, a_spec=options.a_spec,
                        online_hadamard=online_hadamard, kernels=kernels,
-                       residual=residual if fuse else None, gate_up=gate_up,
-                       defer=defer and fuse)
+                       residual=residual if fuse else None, gate_up=gate_up)
     return y if fuse or residual is None else residual + y
   if online_hadamard:
     x = _hadamard(x)
@@ -180,18 +177,16 @@ def _linear(x: jax.Array, p: Params, options: RunOptions, *,
 
 def _row_linear(x: jax.Array, p: Params, options: RunOptions, *,
                 kernels: kernels_lib.Kernels, online_hadamard: bool,
-                mesh=None, residual=None, defer: bool = False) -> jax.Array:
+                mesh=None, residual=None) -> jax.Array:
   """o_proj or down_proj: `_linear` with the input quantized in
   `options.row_groups` groups per token; with a `mesh`, a packed one runs
   row parallel per shard (`shard_kernels.linears`). With `residual`
   [..., out], returns residual + the linear's output (the decoder's
-  residual add, which one packed linear fuses into its matmul). `defer` as
-  in `_linear`."""
+  residual add, which one packed linear fuses into its matmul)."""
   groups = options.row_groups
   if groups == 1 and mesh is None:
     return _linear(x, p, options, kernels=kernels,
-                   online_hadamard=online_hadamard, residual=residual,
-                   defer=defer)
+                   online_hadamard=online_hadamard, residual=residual)
   y = _row_linear_parts(x, p, options, kernels=kernels,
                         online_hadamard=online_hadamard, mesh=mesh)
   return y if residual is None else residual + y
@@ -240,15 +235,13 @@ def _row_linear_parts(x: jax.Array, p: Params, options: RunOptions, *,
 
 def _linears(x: jax.Array, ps: list[Params], options: RunOptions, *,
              kernels: kernels_lib.Kernels,
-             pre_norm=None, mesh=None, defer: bool = False
-             ) -> list[jax.Array]:
+             pre_norm=None, mesh=None) -> list[jax.Array]:
   """`_linear` of one input through several linears (q/k/v, gate/up);
   packed ones quantize the input once for all (`qlinear.linears`), per
   shard and column parallel with a `mesh` (`shard_kernels.linears`).
   `pre_norm`: (residual, norm weight, eps) that x is the RMS norm of;
   packed linears take those instead of x and fuse the norm into their
-  quantizer at decode. `defer`: one packed linear may return a
-  `deferred.Deferred` (`qlinear.linears`)."""
+  quantizer at decode."""
   if all("qweight" in p for p in ps):
     norm = None
     if pre_norm is not None:
@@ -259,8 +252,7 @@ def _linears(x: jax.Array, ps: list[Params], options: RunOptions, *,
                                    a_spec=options.a_spec, kernels=kernels,
                                    norm=norm)
     return qlinear.linears(x, ps, a_spec=options.a_spec,
-                           online_hadamard=False, kernels=kernels, norm=norm,
-                           defer=defer)
+                           online_hadamard=False, kernels=kernels, norm=norm)
   return [_linear(x, p, options, kernels=kernels) for p in ps]
 
 
@@ -376,12 +368,10 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
                      config: LlamaConfig, options: RunOptions, inv_freq,
                      start=None,
                      kernels: kernels_lib.Kernels = kernels_lib.XLA,
-                     pre_norm=None, mesh=None, residual=None,
-                     defer: bool = False):
+                     pre_norm=None, mesh=None, residual=None):
   """One attention sub-block (`pre_norm` and `mesh` as in `_linears`;
   `residual` [B, T, D] is added to its output, in o_proj's epilogue where
-  o_proj can; `defer`: the output may be a `deferred.Deferred`, see
-  `_linear`).
+  o_proj can).
 
   A float cache ([B, S, K, H]) stores keys and values fake-quantized by
   `options.k_spec`/`v_spec`; a packed `kv4_cache.KV4` cache quantizes them
@@ -404,23 +394,20 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
   # [B, T, N, H] and [B, T, K, H]
   if "qkv_proj" in p:  # fused (run_layout): one matmul, split by width
     (qkv,) = _linears(x, [p["qkv_proj"]], options, kernels=kernels,
-                      pre_norm=pre_norm, defer=defer)
-    if isinstance(qkv, deferred.Deferred) and not _use_decode_qkv(
-        qkv, k_cache, kernels, mesh, n // kv, h):
-      qkv = qkv.materialize()  # only decode_qkv reads the partial sums
+                      pre_norm=pre_norm)
     if _use_decode_qkv(qkv, k_cache, kernels, mesh, n // kv, h):
       out, k_cache, v_cache = _decode_qkv_attention(
           qkv, positions, inv_freq, k_cache, v_cache, write_at, start,
           n, options, kernels, k_center=p.get("k_center"))
       o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh,
-                        residual, defer)
+                        residual)
       return o, k_cache, v_cache, o_in
     if _use_prefill_qkv(qkv, k_cache, kernels, mesh, h):
       out, k_cache, v_cache = _prefill_qkv_attention(
           qkv, positions, inv_freq, k_cache, v_cache, write_at, start, mask,
           n, options, kernels, k_center=p.get("k_center"))
       o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh,
-                        residual, defer)
+                        residual)
       return o, k_cache, v_cache, o_in
     q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
   else:
@@ -471,7 +458,7 @@ def _attention_block(x, p, positions, mask, k_cache, v_cache, write_at, *,
         k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
       out = attend(q, k, v, mask)
   o, o_in = _o_proj(out.reshape(b, t, n * h), p, options, kernels, mesh,
-                    residual, defer)
+                    residual)
   return o, k_cache, v_cache, o_in
 
 
@@ -510,8 +497,7 @@ def cached_keys(x: jax.Array, p: Params, positions: jax.Array, *,
 
 
 def _o_proj(out, p, options: RunOptions, kernels: kernels_lib.Kernels,
-            mesh, residual=None, defer: bool = False
-            ) -> tuple[jax.Array, jax.Array]:
+            mesh, residual=None) -> tuple[jax.Array, jax.Array]:
   """(o_proj of the attention output [B, T, N*H] (+ `residual`), o_proj's
   input): after the online Hadamard, which a packed o_proj fuses into its
   quantizer (its input is then the attention output itself). The input is
@@ -521,7 +507,7 @@ def _o_proj(out, p, options: RunOptions, kernels: kernels_lib.Kernels,
     out = _hadamard(out, options.had_blocks)
   return _row_linear(out, p["o_proj"], options, kernels=kernels,
                      online_hadamard=options.online_had_o and packed,
-                     mesh=mesh, residual=residual, defer=defer), out
+                     mesh=mesh, residual=residual), out
 
 
 def _use_decode_qkv(qkv, k_cache, kernels: kernels_lib.Kernels, mesh,
@@ -539,12 +525,10 @@ def _decode_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,
                           options: RunOptions,
                           kernels: kernels_lib.Kernels, k_center=None):
   """Decode attention over packed KV4 caches from the fused qkv [B, 1,
-  (N + 2K) H] (or its split-K partial sums, a `deferred.Deferred`, which
-  `decode_qkv` adds up): `decode_qkv` then `kv4_decode_attention`, the
-  same bits as `apply_rope`, `_head_hadamard`, the key center's
-  subtraction (`k_center` [K, H] or None) and `_packed_cache_attention`'s
-  decode branch (up to the order of the head Hadamard's f32 sums on the
-  GPU).
+  (N + 2K) H]: `decode_qkv` then `kv4_decode_attention`, the same bits as
+  `apply_rope`, `_head_hadamard`, the key center's subtraction (`k_center`
+  [K, H] or None) and `_packed_cache_attention`'s decode branch (up to the
+  order of the head Hadamard's f32 sums on the GPU).
 
   Returns:
     (out [B, 1, N, H], k_cache, v_cache).
@@ -555,12 +539,8 @@ def _decode_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,
   cos, sin = layers.rope_cos_sin(positions[:, 0], inv_freq)  # f32[B, H]
   signs = (jnp.asarray(hadamard.hadamard_matrix(h), qkv.dtype)
            if options.qk_had else None)
-  if isinstance(qkv, deferred.Deferred):  # it adds the splits up itself
-    qkv_in, rows = qkv.sk, dict(rows=qkv.shape[0], dtype=qkv.dtype)
-  else:
-    qkv_in, rows = qkv[:, 0], {}
   q, k_cache, v_cache = decode_qkv_lib.decode_qkv(
-      qkv_in, cos, sin, signs, k_cache, v_cache, write_at, **rows,
+      qkv[:, 0], cos, sin, signs, k_cache, v_cache, write_at,
       num_heads=num_heads, k_center=k_center,
       k_clip_ratio=options.k_spec.clip_ratio,
       v_clip_ratio=options.v_spec.clip_ratio, interpret=kernels.interpret,
@@ -709,10 +689,10 @@ def attend_kv4(q: jax.Array, k_cache, v_cache, mask: jax.Array
 
 
 def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
-               pre_norm=None, mesh=None, residual=None, defer: bool = False):
+               pre_norm=None, mesh=None, residual=None):
   """One FFN sub-block (gate/up_proj, or their fused gate_up_proj from
   `run_layout`, unsplit on a mesh; `pre_norm` and `mesh` as in `_linears`;
-  `residual` and `defer` as in `_attention_block`).
+  `residual` as in `_attention_block`).
   Returns (output [B, T, D] (+ residual),
   down_proj input (before the online Hadamard when down_proj is packed))."""
   packed = "qweight" in p["down_proj"]
@@ -727,7 +707,7 @@ def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
       # tap (GPTQ's) is computed only where a caller uses it.
       y = _linear(gate_up, p["down_proj"], options, kernels=kernels,
                   online_hadamard=options.online_had_down,
-                  residual=residual, gate_up=True, defer=defer)
+                  residual=residual, gate_up=True)
       return y, layers.swiglu(gate, up)
   else:
     gate, up = _linears(x, [p["gate_proj"], p["up_proj"]], options,
@@ -737,20 +717,18 @@ def _mlp_block(x, p, *, options: RunOptions, kernels: kernels_lib.Kernels,
     hidden = _hadamard(hidden, options.had_blocks)
   return _row_linear(hidden, p["down_proj"], options, kernels=kernels,
                      online_hadamard=options.online_had_down and packed,
-                     mesh=mesh, residual=residual, defer=defer), hidden
+                     mesh=mesh, residual=residual), hidden
 
 
 def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
                   options: RunOptions = FLOAT,
                   kernels: kernels_lib.Kernels = kernels_lib.XLA,
                   k_cache=None, v_cache=None, positions=None, mask=None,
-                  write_at=None, start=None, mesh=None,
-                  defer_out: bool = False):
+                  write_at=None, start=None, mesh=None):
   """One decoder layer, also returning the input of every linear.
 
   Args:
-    x: [B, T, D] residual stream, or a `deferred.Deferred` one (the previous
-      layer's with `defer_out`).
+    x: [B, T, D] residual stream.
     p: one layer's params (the `layers` subtree without the L axis).
     config: the model config.
     options: rotation/quantization behaviour.
@@ -762,16 +740,13 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
     write_at: cache slot of the first token.
     start: int32[B] first valid slot per row (packed KV4 caches only).
     mesh: as for `forward`.
-    defer_out: with `kernels.splitk_fold`, the output may be a
-      `deferred.Deferred` (down_proj's epilogue left to the next layer's
-      pre-norm; `forward` passes it in its unrolled layer loop).
 
   Returns:
-    (x [B, T, D] (or `deferred.Deferred`), k_cache, v_cache, taps) where
-    taps maps 'qkv', 'o', 'gate_up', 'down' to the (unquantized) input of
-    those linears; GPTQ collects its Hessians from them.
+    (x [B, T, D], k_cache, v_cache, taps) where taps maps 'qkv', 'o',
+    'gate_up', 'down' to the (unquantized) input of those linears; GPTQ
+    collects its Hessians from them.
   """
-  b, t, _ = (x.residual if isinstance(x, deferred.Deferred) else x).shape
+  b, t, _ = x.shape
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   if mask is None:
@@ -782,12 +757,6 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
   # Packed q/k/v and gate/up linears take the residual and the norm
   # (`pre_norm`) to fuse it into their quantizer; an unused tap is dropped.
   quantized = options.a_spec is not None and options.a_spec.enabled
-  # Decode W4A4: o_proj's and down_proj's epilogues may run in the next
-  # pre-norm's quantizer (`deferred`); `pre` is then that quantizer's
-  # output, which the packed q/k/v and gate/up take as their input.
-  fold = (kernels.splitk_fold and quantized and mesh is None
-          and kernels.rms_norm_quant == "pallas")
-  x, pre = _resolve_deferred(x, p["input_layernorm"], eps, options, kernels)
   attn_in = _norm(x, p["input_layernorm"], eps, quantized=quantized)
   # The residual adds ride in o_proj's and down_proj's matmul epilogues
   # where those can (the packed prefill matmul on Hopper); else `x + h`.
@@ -795,31 +764,14 @@ def decoder_layer(x: jax.Array, p: Params, *, config: LlamaConfig,
       attn_in, p["self_attn"], positions, mask, k_cache, v_cache, write_at,
       config=config, options=options, inv_freq=inv_freq, start=start,
       kernels=kernels, mesh=mesh,
-      pre_norm=(pre, _norm_weight(x, p["input_layernorm"]), eps),
-      residual=x, defer=fold)
-  x, pre = _resolve_deferred(x, p["post_attention_layernorm"], eps, options,
-                             kernels)
+      pre_norm=(x, _norm_weight(x, p["input_layernorm"]), eps), residual=x)
   mlp_in = _norm(x, p["post_attention_layernorm"], eps, quantized=quantized)
   x, down_in = _mlp_block(
       mlp_in, p["mlp"], options=options, kernels=kernels, mesh=mesh,
-      pre_norm=(pre, _norm_weight(x, p["post_attention_layernorm"]), eps),
-      residual=x, defer=fold and defer_out)
+      pre_norm=(x, _norm_weight(x, p["post_attention_layernorm"]), eps),
+      residual=x)
   taps = {"qkv": attn_in, "o": o_in, "gate_up": mlp_in, "down": down_in}
   return x, k_cache, v_cache, taps
-
-
-def _resolve_deferred(x, p: Params, eps: float, options: RunOptions,
-                      kernels: kernels_lib.Kernels):
-  """(x, pre): a `deferred.Deferred` stream x run through the next
-  pre-norm's quantizer (norm weight p) in one launch, giving the stream and
-  the `deferred.PreQuantized` codes the next linears take; an array x is
-  returned as both."""
-  if not isinstance(x, deferred.Deferred):
-    return x, x
-  pre = deferred.norm_quantize(
-      x, _norm_weight(x.residual, p), eps=eps,
-      clip_ratio=options.a_spec.clip_ratio, interpret=kernels.interpret)
-  return pre.h, pre
 
 
 def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
@@ -882,16 +834,16 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     write_at, start = cache.end, cache.start
     cache_k, cache_v = cache.k, cache.v
 
-  def layer(x, scanned, defer_out=False):
+  def layer(x, scanned):
     p, k_layer, v_layer = scanned
     x, k_layer, v_layer, _ = decoder_layer(
         x, p, config=config, options=options, kernels=kernels,
         k_cache=k_layer, v_cache=v_layer, positions=positions, mask=mask,
-        write_at=write_at, start=start, mesh=mesh, defer_out=defer_out)
+        write_at=write_at, start=start, mesh=mesh)
     return x, (k_layer, v_layer)
 
   if remat:
-    layer = jax.checkpoint(layer, static_argnums=(2,))
+    layer = jax.checkpoint(layer)
   if run_layout.is_unstacked(params):
     # Per-layer arrays: each layer's weights and cache are read in place
     # (a scan slices, i.e. copies, each layer's weights every step).
@@ -901,14 +853,10 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     new_k, new_v = [], []
     for p, k_layer, v_layer in zip(per_layer, cache_k or none,
                                    cache_v or none):
-      # A layer's output may stay deferred into the next one (the scan
-      # below keeps one carry type: arrays).
-      x, (k_layer, v_layer) = layer(x, (p, k_layer, v_layer), True)
+      x, (k_layer, v_layer) = layer(x, (p, k_layer, v_layer))
       new_k.append(k_layer)
       new_v.append(v_layer)
     new_k, new_v = tuple(new_k), tuple(new_v)
-    if isinstance(x, deferred.Deferred):  # the last layer's down_proj
-      x = x.materialize()
   else:
     _check_cache_matches(params, cache)
     x, (new_k, new_v) = jax.lax.scan(layer, x,

@@ -45,7 +45,6 @@ from pallas_kernels import hadamard_quant as hq_lib
 from pallas_kernels import rms_norm_quant as rq_lib
 from pallas_kernels import w4a16_matmul as w4a16_lib
 from pallas_kernels.w4a4_matmul import api as w4a4_lib
-from quarot_jax import deferred
 from quarot_jax import hadamard
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import layers
@@ -204,8 +203,7 @@ def quantize_weights_rtn(params: Params, linears, spec: quant.QuantSpec
 def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
            kernels: kernels_lib.Kernels = kernels_lib.XLA,
            residual: jax.Array | None = None,
-           gate_up: bool = False,
-           defer: bool = False) -> "jax.Array | deferred.Deferred":
+           gate_up: bool = False) -> jax.Array:
   """y = Q(H x) · W_qᵀ (+ bias) (+ residual) for a packed linear.
 
   Args:
@@ -227,31 +225,25 @@ def linear(x: jax.Array, p: Params, *, a_spec: Any, online_hadamard: bool,
       the linear's input is `swiglu(gate, up)` (down_proj): with 4-bit
       activations the quantizer forms it as it loads x (`hadamard_quant`'s
       `gate_up`), so a prefill runs no SwiGLU pass of its own.
-    defer: return [residual +] y as a `deferred.Deferred` where the matmul
-      is W4A4 `decode_matmul` and there is no bias (its epilogue then runs
-      in the kernel that reads y: the next pre-norm's quantizer, or
-      `decode_qkv`); elsewhere an array as without it.
 
   Returns:
-    [..., out] in the dtype of x (or a `deferred.Deferred`, see `defer`).
+    [..., out] in the dtype of x.
 
   Raises:
     NotImplementedError: an activation spec the kernels do not run.
     ValueError: a residual of another shape or dtype than the output.
   """
   (y,) = linears(x, (p,), a_spec=a_spec, online_hadamard=online_hadamard,
-                 kernels=kernels, residual=residual, gate_up=gate_up,
-                 defer=defer)
+                 kernels=kernels, residual=residual, gate_up=gate_up)
   return y
 
 
-def linears(x: "jax.Array | deferred.PreQuantized", ps: Sequence[Params],
-            *, a_spec: Any, online_hadamard: bool,
+def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
+            online_hadamard: bool,
             kernels: kernels_lib.Kernels = kernels_lib.XLA,
             norm: tuple[jax.Array, float] | None = None,
             residual: jax.Array | None = None,
-            gate_up: bool = False,
-            defer: bool = False) -> list[jax.Array]:
+            gate_up: bool = False) -> list[jax.Array]:
   """`linear` of one input through several packed linears (q/k/v, gate/up).
 
   The input is rotated and quantized once for all of them. Up to
@@ -266,10 +258,7 @@ def linears(x: "jax.Array | deferred.PreQuantized", ps: Sequence[Params],
   the same numbers), at decode and at prefill.
 
   Args:
-    x: float[..., in] input (not yet rotated by the online Hadamard), or,
-      with `norm`, a `deferred.PreQuantized` residual stream: its codes are
-      the normalized input's where the W4A4 decode matmuls take them (else
-      its `h` is normalized and quantized as an array would be).
+    x: float[..., in] input (not yet rotated by the online Hadamard).
     ps: packed linears' params, each as in `linear`, all of width `in`.
     a_spec: as in `linear`.
     online_hadamard: as in `linear`.
@@ -278,25 +267,16 @@ def linears(x: "jax.Array | deferred.PreQuantized", ps: Sequence[Params],
       decoder's pre-norm), or None.
     residual: as in `linear`; only with one linear.
     gate_up: as in `linear` (not with `norm`).
-    defer: as in `linear`; only with one linear.
 
   Returns:
-    One [..., out_i] array per linear, in the dtype of x (or one
-    `deferred.Deferred`, see `defer`).
+    One [..., out_i] array per linear, in the dtype of x.
 
   Raises:
     NotImplementedError: an activation spec the kernels do not run.
-    ValueError: gate_up with a norm, a PreQuantized x without one, or a
-      residual as in `linear`.
+    ValueError: gate_up with a norm, or a residual as in `linear`.
   """
   if gate_up and norm is not None:
     raise ValueError("gate_up=True (x is gate | up) takes no pre-norm")
-  pre = None
-  if isinstance(x, deferred.PreQuantized):
-    if norm is None:
-      raise ValueError("a PreQuantized input holds the codes of a pre-norm's"
-                       " output: pass that norm")
-    pre, x = x, x.h
   if gate_up and (a_spec is None or not a_spec.enabled):
     x, gate_up = hq_lib.swiglu(*jnp.split(x, 2, axis=-1)), False  # W4A16
   lead, k = x.shape[:-1], x.shape[-1] // (2 if gate_up else 1)
@@ -366,10 +346,7 @@ def linears(x: "jax.Array | deferred.PreQuantized", ps: Sequence[Params],
     # the Triton prefill kernel takes packed codes.
     packed = kernels.w4a4 != "mosaic" and not any(map(decode, ps))
     out_rows = mp if rows else None  # padded for decode_matmul
-    if (pre is not None and fuse_norm and not packed
-        and pre.x_q.shape == (mp, k)):
-      x_q, s_x = pre.x_q, pre.s_x  # rms_norm_quant_splitk's codes of x
-    elif fuse_norm:
+    if fuse_norm:
       x_q, s_x = rq_lib.rms_norm_quant(
           x2, norm[0], eps=norm[1], clip_ratio=a_spec.clip_ratio,
           packed=packed, out_rows=out_rows, implementation="pallas",
@@ -384,13 +361,6 @@ def linears(x: "jax.Array | deferred.PreQuantized", ps: Sequence[Params],
     # (no LLaMA/Qwen o_proj or down_proj has one) it is added in XLA.
     fused = (residual is not None and kernels.residual_in_matmul
              and not decode(ps[0]) and "bias" not in ps[0])
-    if (defer and len(ps) == 1 and decode(ps[0]) and "bias" not in ps[0]
-        and x_q.shape[0] == mp):
-      sk = decode_lib.decode_matmul_splitk(
-          x_q, ps[0]["qweight"], ps[0]["wscale"], s_x,
-          implementation=kernels.decode_matmul, interpret=kernels.interpret)
-      shape = (*lead, ps[0]["qweight"].shape[-2])
-      return [deferred.Deferred(sk, residual, shape, x.dtype)]
     ys = [run_decode(x_q, p["qweight"], p["wscale"], s_x) if decode(p)
           else w4a4_lib.w4a4_matmul(
               x_q, p["qweight"], s_x, p["wscale"], out_dtype=x.dtype,

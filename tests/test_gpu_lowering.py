@@ -81,19 +81,6 @@ def test_hopper_decode_step_lowers(as_if_on_gpu, kv_heads, batch):
           "hadamard_quant"} <= _triton_kernels(text)
 
 
-@pytest.mark.parametrize("kv_heads", [8, 2])  # MHA, GQA
-@pytest.mark.parametrize("batch", [1, 16])
-def test_hopper_decode_step_lowers_with_splitk_fold(as_if_on_gpu, kv_heads,
-                                                    batch):
-  # Off by default until timed; the Triton lowering takes splitk.load.
-  as_if_on_gpu(hopper=True)
-  kernels = dataclasses.replace(kernels_lib.resolve("auto"),
-                                splitk_fold=True)
-  text = _lowered(kv_heads, batch, 1, kernels)
-  assert {"decode_qkv", "kv4_decode_attention", "rms_norm_quant_splitk",
-          "hadamard_quant"} <= _triton_kernels(text)
-
-
 def test_hopper_prefill_lowers(as_if_on_gpu):
   as_if_on_gpu(hopper=True)
   text = _lowered(2, 1, 64, kernels_lib.resolve("auto"))

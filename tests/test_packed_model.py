@@ -11,9 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode_matmul as decode_lib
 from pallas_kernels import hadamard_quant as hq_lib
-from pallas_kernels import rms_norm_quant as rq_lib
 from pallas_kernels.w4a4_matmul import api as w4a4_api
 from quarot_jax import checkpoint
 from quarot_jax import generation
@@ -313,59 +311,6 @@ def test_fused_prefill_through_prefill_qkv_equals_the_unfused_ops(tiny):
   decode_steps.assert_same_caches(got_cache, want_cache, scale_rtol=2 ** -21)
 
 
-# Every linear of this one takes decode_matmul (widths multiples of 64).
-_DECODE_CONFIG = LlamaConfig(vocab_size=64, hidden_size=128,
-                             intermediate_size=256, num_hidden_layers=3,
-                             num_attention_heads=2, num_key_value_heads=1,
-                             head_dim=64)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_decode_splitk_fold_equals_the_epilogue_launches(monkeypatch, batch):
-  """`Kernels(splitk_fold=True)`: at decode o_proj's and down_proj's split-K
-  epilogues (+ residual) run in the next pre-norm's quantizer
-  (`rms_norm_quant_splitk`), down_proj's in the next layer's: the logits
-  and caches are those of the separate epilogues."""
-  config = _DECODE_CONFIG
-  params = model.init_params(config, jax.random.key(batch), scale=0.2)
-  tokens = hf_models.random_tokens(config.vocab_size, batch, 6, seed=batch)
-  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
-                                  progress=False)
-  fused = run_layout.unstack_layers(real, fuse=True)
-  cache = kv_cache.cache_for(config, batch, 8, packed=True, per_layer=True)
-  _, cache = model.forward(fused, tokens[:, :-1], config, cache=cache,
-                           options=options, kernels="interpret")
-  calls = []
-  for module, name in ((decode_lib, "decode_matmul_splitk"),
-                       (rq_lib, "rms_norm_quant_splitk")):
-    def spy(*args, _real=getattr(module, name), _name=name, **kw):
-      calls.append(_name)
-      return _real(*args, **kw)
-    monkeypatch.setattr(module, name, spy)
-  runs = {}
-  for fold in (True, False):
-    calls.clear()
-    kern = dataclasses.replace(kernels_lib.resolve("interpret"),
-                               layer_loop="unrolled", splitk_fold=fold)
-    out = model.forward(fused, tokens[:, -1:], config, cache=cache,
-                        options=options, kernels=kern)
-    runs[fold] = (out, list(calls))
-  # Per layer qkv_proj (read by decode_qkv), o_proj, then down_proj defer;
-  # each but the last layer's down_proj is taken by the next pre-norm
-  # (that one goes to the final norm through the XLA epilogue).
-  layer = ["decode_matmul_splitk"] + ["decode_matmul_splitk",
-                                      "rms_norm_quant_splitk"] * 2
-  want_calls = (layer * config.num_hidden_layers)[:-1]
-  assert runs[True][1] == want_calls, runs[True][1]
-  assert runs[False][1] == []
-  (got, got_cache), (want, want_cache) = runs[True][0], runs[False][0]
-  # f32 model on a CPU: XLA contracts the unfused epilogue's last product
-  # and the residual add into an FMA, the kernel rounds the product first
-  # (as it must for bf16 outputs), so h differs in last bits.
-  assert _rel(got, want) < 1e-5
-  decode_steps.assert_same_caches(got_cache, want_cache, scale_rtol=2**-20)
-
-
 @pytest.mark.gpu
 def test_packed_forward_on_gpu_uses_mosaic_matmul_and_matches_reference():
   params, config = hf.load_hf(hf_models.tiny_hf_model("llama3")[0])
@@ -399,37 +344,6 @@ def test_packed_group_scales_of_128_run_mosaic_on_gpu():
     assert "w4a4_matmul_mosaic_wt_grouped" in fwd.lower(
         real, "mosaic").as_text()
     assert _rel(fwd(real, "mosaic"), fwd(real, "xla")) < 1e-4
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 16])
-def test_gpu_decode_splitk_fold_gives_the_epilogue_launches(batch):
-  """kernels.splitk_fold on the GPU (Mosaic decode matmuls, Triton
-  consumers; off in 'auto' until timed), a bf16 model: the logits and
-  caches of the separate epilogues, up to XLA's excess precision in the
-  unfused epilogue + residual fusion (an ulp of h now and then)."""
-  config = _DECODE_CONFIG
-  params = model.init_params(config, jax.random.key(batch), scale=0.2,
-                             dtype=jnp.bfloat16)
-  tokens = hf_models.random_tokens(config.vocab_size, batch, 6, seed=batch)
-  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
-                                  progress=False)
-  fused = run_layout.unstack_layers(real, fuse=True)
-  auto = kernels_lib.resolve("auto")
-  on = dataclasses.replace(auto, splitk_fold=True)
-  cache = kv_cache.cache_for(config, batch, 8, packed=True, per_layer=True,
-                             dtype=jnp.bfloat16)
-  _, cache = model.forward(fused, tokens[:, :-1], config, cache=cache,
-                           options=options, kernels=auto)
-  fwd = jax.jit(lambda p, k: model.forward(
-      p, tokens[:, -1:], config, cache=cache, options=options, kernels=k),
-                static_argnames="k")
-  assert "rms_norm_quant_splitk" in fwd.lower(fused, on).as_text()
-  (got, got_cache), (want, want_cache) = fwd(fused, on), fwd(fused, auto)
-  assert _rel(got.astype(jnp.float32), want.astype(jnp.float32)) < 2e-2
-  for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
-    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    assert np.mean(g != w) < 1e-2, np.mean(g != w)
 
 
 @pytest.mark.gpu

@@ -22,7 +22,6 @@ from experiments.lab import benchmarking
 from experiments.lab import kernel_profile
 from experiments.lab import plain_jax_decode
 from experiments.lab import speed
-from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
 from quarot_jax import run_layout
@@ -182,23 +181,11 @@ def _profile(fn, params, cache, tok, steps: int) -> dict[str, Any] | None:
                              for n, us in s["idle_before"][:5]]}
 
 
-# W4A4KV4 runs that `decode_throughput(variants=...)` adds: name -> the
-# `Kernels` fields it changes.
-DECODE_VARIANTS = {
-    # o_proj's and down_proj's split-K epilogues in the next pre-norm's
-    # quantizer (`quarot_jax.deferred`)
-    "splitk_fold": dict(splitk_fold=True),
-}
-
-
 def decode_throughput(config: LlamaConfig, name: str, batch: int,
                       cached: int, new_tokens: int, *, command: str,
-                      key: jax.Array, kernels=None,
-                      variants: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+                      key: jax.Array, kernels=None) -> list[dict[str, Any]]:
   """One `decode_throughput` record: ms per token of our bf16 and W4A4KV4
-  models and of the plain-JAX anchor, the weight-read floor, launches.
-  Each of `variants` (keys of `DECODE_VARIANTS`) times the W4A4KV4 model
-  again with its kernels, as `w4a4kv4_model_<variant>`."""
+  models and of the plain-JAX anchor, the weight-read floor, launches."""
   kf, kq, kc, kt, ka = jax.random.split(key, 5)
   fparams = model.init_params(config, kf, dtype=jnp.bfloat16)
   qparams = speed.packed_like(fparams, kq)
@@ -206,24 +193,16 @@ def decode_throughput(config: LlamaConfig, name: str, batch: int,
   tok = jax.random.randint(kt, (batch, 1), 0, config.vocab_size, jnp.int32)
   slots = cached + new_tokens
   ms, launches, nbytes, first_s, profiles = {}, {}, {}, {}, {}
-  unknown = sorted(set(variants) - set(DECODE_VARIANTS))
-  if unknown:
-    raise ValueError(f"decode variants {unknown} are not among"
-                     f" {sorted(DECODE_VARIANTS)}")
-  resolved = kernels_lib.resolve(kernels)
-  runs = [("bf16_model", fparams, False, model.FLOAT, resolved),
-          ("w4a4kv4_model", qparams, True, options, resolved)]
-  runs += [(f"w4a4kv4_model_{v}", qparams, True, options,
-            dataclasses.replace(resolved, **DECODE_VARIANTS[v]))
-           for v in variants]
-  for label, params, packed, opts, run_kernels in runs:
+  for label, params, packed, opts in (
+      ("bf16_model", fparams, False, model.FLOAT),
+      ("w4a4kv4_model", qparams, True, options)):
     params = run_layout.unstack_layers(params, fuse=True)  # as generate
     cache = speed.random_cache(kv_cache.cache_for(
         config, batch, slots, dtype=jnp.bfloat16, packed=packed,
         per_layer=True), kc, cached)
     launches[label] = _step_launches(params, cache, tok, config, opts,
-                                     run_kernels)
-    fn = decode_fn(config, new_tokens, opts, run_kernels)
+                                     kernels)
+    fn = decode_fn(config, new_tokens, opts, kernels)
     total, first_s[label], cache = _time(fn, params, cache, tok)
     ms[label] = total / new_tokens
     # Bytes one step must read: all weights (embeddings: one row) + cache.

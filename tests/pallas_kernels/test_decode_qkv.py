@@ -10,7 +10,6 @@ import pytest
 from pallas_kernels import decode_qkv as qkv_lib
 from pallas_kernels import kv4_append as append_lib
 from pallas_kernels import kv4_cache as kv4_lib
-from pallas_kernels import splitk
 from quarot_jax import hadamard
 from quarot_jax import layers
 
@@ -206,41 +205,3 @@ def test_gpu_matches_reference(n, kv_heads, centered):
                                   np.asarray(getattr(v_ref, name)))
   same = np.mean(np.asarray(k2.codes) == np.asarray(k_ref.codes))
   assert same > 0.99, same
-
-
-@pytest.mark.parametrize("b, mp, splits, token_major",
-                         [(1, 8, 2, True), (3, 8, 3, True), (3, 8, 3, False)])
-def test_splitk_qkv_is_the_epilogue_then_the_kernel(b, mp, splits,
-                                                     token_major, interpret):
-  """qkv as `decode_matmul`'s split-K partials (`splitk.SplitK`): the
-  kernel adds them up itself, as the epilogue would (`splitk.combine`),
-  then runs as on that qkv: the same q and caches."""
-  n, kv_heads, s, h = 4, 2, 6, 64
-  _, cos, sin, _, _, (kc, vc) = _case(b, n, kv_heads, s, h, jnp.bfloat16)
-  width = (n + 2 * kv_heads) * h
-  kp, kx, kw = jax.random.split(jax.random.key(b), 3)
-  partials = jax.random.randint(kp, (splits, width, mp), -3000, 3000
-                                ).astype(jnp.float32)
-  partials = jnp.where(jnp.arange(mp) < b, partials, 0.0)
-  sk = splitk.SplitK(
-      jnp.swapaxes(partials, 1, 2) if token_major else partials,
-      jnp.where(jnp.arange(mp) < b,
-                jax.random.uniform(kx, (mp,), minval=0.01, maxval=0.1), 1.0),
-      jax.random.uniform(kw, (width,), minval=1e-3, maxval=1e-2),
-      token_major)
-  signs = jnp.asarray(hadamard.hadamard_matrix(h))
-  rest = (cos, sin, signs, kc, vc, jnp.int32(2))
-  kw = dict(num_heads=n, interpret=interpret, implementation="pallas")
-  got = qkv_lib.decode_qkv(sk, *rest, rows=b, dtype=jnp.bfloat16, **kw)
-  want = qkv_lib.decode_qkv(splitk.combine(sk, b, jnp.bfloat16), *rest, **kw)
-  np.testing.assert_array_equal(np.asarray(got[0].astype(jnp.float32)),
-                                np.asarray(want[0].astype(jnp.float32)))
-  _same_caches(got[1:], want[1:])
-  ref = qkv_lib.decode_qkv(sk, *rest, rows=b, dtype=jnp.bfloat16,
-                           num_heads=n, implementation="xla")
-  np.testing.assert_array_equal(np.asarray(ref[0].astype(jnp.float32)),
-                                np.asarray(want[0].astype(jnp.float32)))
-  with pytest.raises(ValueError, match="rows and dtype go with a"):
-    qkv_lib.decode_qkv(sk, *rest, **kw)
-  with pytest.raises(ValueError, match=r"rows=9 must be in \[1, Mp=8\]"):
-    qkv_lib.decode_qkv(sk, *rest, rows=9, dtype=jnp.bfloat16, **kw)

@@ -11,7 +11,6 @@ import pytest
 
 from pallas_kernels import hadamard_quant as hq
 from pallas_kernels import rms_norm_quant as rq
-from pallas_kernels import splitk
 from quarot_jax import layers
 from quarot_jax import quant
 
@@ -210,63 +209,3 @@ def test_gpu_prefill_rows(packed):
   diff = np.abs(codes(got[0]) - codes(want[0]))
   assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (
       diff.max(), (diff > 0).mean())
-
-
-def _splitk_case(m, mp, k, splits, seed, token_major=True):
-  """A decode linear's output as split-K partials (integer sums, padding
-  rows zero), its residual and a norm weight."""
-  kp, kx, kw, kr = jax.random.split(jax.random.key(seed), 4)
-  partials = jax.random.randint(kp, (splits, k, mp), -3000, 3000
-                                ).astype(jnp.float32)
-  partials = jnp.where(jnp.arange(mp) < m, partials, 0.0)
-  if token_major:
-    partials = jnp.swapaxes(partials, 1, 2)
-  s_x = jnp.where(jnp.arange(mp) < m,
-                  jax.random.uniform(kx, (mp,), minval=0.01, maxval=0.1), 1.0)
-  s_w = jax.random.uniform(kw, (k,), minval=1e-3, maxval=1e-2)
-  residual = (3.0 * jax.random.normal(kr, (m, k))).astype(jnp.bfloat16)
-  _, w = _case(1, k, jnp.bfloat16, seed=seed)
-  return splitk.SplitK(partials, s_x, s_w, token_major), residual, w
-
-
-@pytest.mark.parametrize("m, mp, k, splits, token_major", [
-    (1, 8, 4096, 8, True), (5, 8, 576, 3, True), (16, 16, 1536, 2, True),
-    (5, 8, 576, 3, False)])
-@pytest.mark.parametrize("packed", [False, True])
-def test_splitk_is_epilogue_add_then_norm_quant(m, mp, k, splits,
-                                                token_major, packed,
-                                                interpret):
-  sk, residual, w = _splitk_case(m, mp, k, splits, seed=m + k,
-                                 token_major=token_major)
-  got = rq.rms_norm_quant_splitk(sk, residual, w, eps=_EPS, out_rows=mp,
-                                 packed=packed, interpret=interpret)
-  want = rq.rms_norm_quant_splitk_reference(sk, residual, w, eps=_EPS,
-                                            out_rows=mp, packed=packed)
-  # The unfused path: the epilogue and the add as the model materializes
-  # them, then the standalone kernel.
-  h = splitk.combine(sk, m, jnp.bfloat16) + residual
-  unfused = rq.rms_norm_quant(h, w, eps=_EPS, out_rows=mp, packed=packed,
-                              interpret=interpret)
-  np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(h))
-  np.testing.assert_array_equal(np.asarray(want[2]), np.asarray(h))
-  assert not np.asarray(got[0][m:]).any()
-  if interpret:
-    _assert_equal(got, want)
-    _assert_equal(got[:2], unfused)
-    return
-  # GPU: the sum of squares in Triton's order (see the GPU test above).
-  for g, w_ in ((got, want), (got, unfused)):
-    np.testing.assert_allclose(np.asarray(g[1]), np.asarray(w_[1]),
-                               rtol=2.4e-7)
-    diff = np.abs(np.asarray(g[0], np.int32) - np.asarray(w_[0], np.int32))
-    assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
-
-
-def test_splitk_errors():
-  sk, residual, w = _splitk_case(2, 8, 64, 2, seed=0)
-  run = functools.partial(rq.rms_norm_quant_splitk, eps=_EPS, interpret=True)
-  with pytest.raises(ValueError, match=r"N=64, Mp=8 does not give the"
-                     r" residual's \[M, K\]=\[2, 32\]"):
-    run(sk, residual[:, :32], w[:32])
-  with pytest.raises(ValueError, match=r"weight must be \[K\]=\[64\]"):
-    run(sk, residual, w[:4])

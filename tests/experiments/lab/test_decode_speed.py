@@ -55,21 +55,6 @@ def test_decode_throughput_record():
       "bf16_model"]
 
 
-
-def test_decode_throughput_variants_time_the_packed_model_again():
-  (r,) = decode_speed.decode_throughput(
-      _TINY, "tiny", 1, 8, 2, command="t", key=jax.random.key(0),
-      variants=("splitk_fold",))
-  assert set(r["ours_ms_per_token"]) == {"bf16_model", "w4a4kv4_model",
-                                         "w4a4kv4_model_splitk_fold"}
-  assert r["bytes_per_step"]["w4a4kv4_model_splitk_fold"] == r["bytes_per_step"][
-      "w4a4kv4_model"]
-  assert r["speedup"]["w4a4kv4_model_splitk_fold"] > 0
-  with pytest.raises(ValueError, match=r"decode variants \['nope'\] are"
-                     " not among"):
-    decode_speed.decode_throughput(_TINY, "tiny", 1, 8, 2, command="t",
-                                   key=jax.random.key(0), variants=("nope",))
-
 def test_launched_names_kinds_and_source_lines():
   def f(x, y):
     return jnp.tanh(x @ y).sum(axis=0)

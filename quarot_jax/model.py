@@ -882,28 +882,30 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *,
     write_at, start = cache.end, cache.start
     cache_k, cache_v = cache.k, cache.v
 
-  def layer(x, scanned, defer_out=False):
-    p, k_layer, v_layer = scanned
-    x, k_layer, v_layer, _ = decoder_layer(
-        x, p, config=config, options=options, kernels=kernels,
-        k_cache=k_layer, v_cache=v_layer, positions=positions, mask=mask,
-        write_at=write_at, start=start, mesh=mesh, defer_out=defer_out)
-    return x, (k_layer, v_layer)
+  def layer_fn(defer_out: bool):
+    def layer(x, scanned):
+      p, k_layer, v_layer = scanned
+      x, k_layer, v_layer, _ = decoder_layer(
+          x, p, config=config, options=options, kernels=kernels,
+          k_cache=k_layer, v_cache=v_layer, positions=positions, mask=mask,
+          write_at=write_at, start=start, mesh=mesh, defer_out=defer_out)
+      return x, (k_layer, v_layer)
+    return jax.checkpoint(layer) if remat else layer
 
-  if remat:
-    layer = jax.checkpoint(layer, static_argnums=(2,))
+  layer = layer_fn(defer_out=False)
   if run_layout.is_unstacked(params):
     # Per-layer arrays: each layer's weights and cache are read in place
     # (a scan slices, i.e. copies, each layer's weights every step).
     _check_cache_matches(params, cache)
     per_layer = params["layers"]
     none = (None,) * len(per_layer)
+    deferring_layer = layer_fn(defer_out=True)
     new_k, new_v = [], []
     for p, k_layer, v_layer in zip(per_layer, cache_k or none,
                                    cache_v or none):
       # A layer's output may stay deferred into the next one (the scan
       # below keeps one carry type: arrays).
-      x, (k_layer, v_layer) = layer(x, (p, k_layer, v_layer), True)
+      x, (k_layer, v_layer) = deferring_layer(x, (p, k_layer, v_layer))
       new_k.append(k_layer)
       new_v.append(v_layer)
     new_k, new_v = tuple(new_k), tuple(new_v)

@@ -2,9 +2,10 @@ r"""kv4_decode_attention against XLA decode attention over a bf16 cache.
 
   python -m experiments.bench_kv4_attention --out_dir=results
 
-Each case (B, S, N x K x H, every row attending to all S slots) times a
-small (block_s, num_splits) sweep of the packed 4-bit kernel, keeps the
-fastest, and times `xla_bf16_attention` (jitted `bf16_decode_attention` on a
+Each case (B, S, N x K x H, every row attending to all S slots) times the
+packed 4-bit kernel with the model's own config (what it runs with
+config=None for bf16 q: `model_config_ms` in the record) and a small
+(block_s, num_splits, ...) sweep around it, keeps the fastest, and times `xla_bf16_attention` (jitted `bf16_decode_attention` on a
 bf16 cache [B, S, K, H], the float model's layout) and
 `pallas_bf16_flash_decoding` (`pallas_kernels.decode_attention`, what our
 bf16 model runs, on the same cache) in the same process.
@@ -70,30 +71,35 @@ _INTERPRET = flags.DEFINE_bool("interpret", False,
                                "Pallas interpret mode (CPU smoke tests).")
 
 
-def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths):
-  """The sweep: every block_s with every num_splits choice and path."""
-  default = attn.default_kv4_decode_attention_config(b, kv_heads, s, h,
-                                                      query_heads=n)
-  named = {"default": default.num_splits, "2x": 2 * default.num_splits}
+def _configs(b, n, kv_heads, s, h, block_sizes, splits, paths, *,
+             warps=("default",), stages=("default",), nibbles=("convert",),
+             softmax_rows=("all",), dtype=jnp.bfloat16):
+  """The sweep: the model's own config first (what `kv4_decode_attention`
+  picks with config=None for q of `dtype`), then every block_s with every
+  num_splits choice, path, warps, stages, nibbles and softmax_rows choice
+  ('default' warps / stages: the model config's)."""
+  model = attn.default_kv4_decode_attention_config(
+      b, kv_heads, s, h, query_heads=n, dtype=dtype)
+  named = {"default": model.num_splits, "2x": 2 * model.num_splits}
   counts = sorted({named.get(x) or int(x) for x in splits})
   paths = [p for p in paths if p != "dot_free" or n == kv_heads]
   pick = lambda values, dflt: sorted({dflt if x == "default" else int(x)
                                       for x in values})
-  warps = pick(_WARPS.value, default.num_warps)
-  stages = pick(_STAGES.value, default.num_stages)
   configs = [attn.KV4DecodeAttentionConfig(
       block_s=bs, num_splits=ns, num_warps=nw, num_stages=st, path=path,
       nibbles=nib, softmax_rows=rows)
              for bs, ns, path, nw, st, nib, rows in itertools.product(
-                 block_sizes, counts, paths, warps, stages, _NIBBLES.value,
-                 _SOFTMAX_ROWS.value)]
+                 block_sizes, counts, paths, pick(warps, model.num_warps),
+                 pick(stages, model.num_stages), nibbles, softmax_rows)]
   # 'bits' on the dot-free path is the 'convert' kernel again.
   dot_free = lambda c: c.path == "dot_free" or (
       c.path == "auto" and attn.uses_dot_free_path(n, kv_heads))
   # ... and so is softmax_rows 'one' there, or at G > 1.
-  return [c for c in configs
-          if (c.nibbles == "convert" and c.softmax_rows == "all")
-          or not (dot_free(c) or (c.softmax_rows == "one" and n != kv_heads))]
+  configs = [c for c in configs
+             if (c.nibbles == "convert" and c.softmax_rows == "all")
+             or not (dot_free(c) or (c.softmax_rows == "one"
+                                     and n != kv_heads))]
+  return [model] + [c for c in configs if c != model]
 
 
 def _flash_configs() -> list[float_attn.DecodeAttentionConfig | None]:
@@ -133,9 +139,10 @@ def _fastest(op, configs, args, runs, interpret, *, label):
   """Times `op(*args, config=c)` (Pallas) for each config, printing each.
 
   Returns:
-    (ms, config, timing info) of the fastest that ran, or None.
+    (ms, config, timing info) of the fastest that ran, or None; and
+    {config: ms} of every config that ran.
   """
-  best = None
+  best, times = None, {}
   for cfg in configs:
     fn = jax.jit(lambda *a, c=cfg: op(*a, config=c, interpret=interpret,
                                       implementation="pallas"))
@@ -146,13 +153,14 @@ def _fastest(op, configs, args, runs, interpret, *, label):
       continue
     print(f"  {label}{cfg}: {ms:.4f} ms ({how['timing']}; wall"
           f" {how['wall_ms']:.4f})", flush=True)
+    times[cfg] = ms
     if best is None or ms < best[0]:
       best = (ms, cfg, how)
-  return best
+  return best, times
 
 
 def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
-               interpret, command):
+               interpret, command, sweep=None):
   """Times one case: the kernel's sweep (best kept) and the XLA baseline.
 
   Returns:
@@ -162,17 +170,17 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
   start = jnp.zeros((b,), jnp.int32)
   end = jnp.full((b,), s, jnp.int32)
   runs = dict(runs=3, inner=1, warmup=1) if interpret else {}
-  best = _fastest(
-      attn.kv4_decode_attention,
-      _configs(b, n, kv_heads, s, h, block_sizes, splits, paths),
-      (q, k, v, start, end), runs, interpret, label="")
+  configs = _configs(b, n, kv_heads, s, h, block_sizes, splits, paths,
+                     dtype=q.dtype, **(sweep or {}))
+  best, times = _fastest(attn.kv4_decode_attention, configs,
+                         (q, k, v, start, end), runs, interpret, label="")
   base, base_how = benchmarking.timed_ms(attn.bf16_decode_attention, q, kf,
                                          vf, start, end, **runs)
   # The strongest bf16 baseline we have: our flash decoding over the same
   # bf16 cache (what our bf16 model runs), its fastest config.
   flash, flash_cfg, _ = _fastest(
       float_attn.decode_attention, _flash_configs(),
-      (q, kf, vf, start, end), runs, interpret, label="flash ") or (
+      (q, kf, vf, start, end), runs, interpret, label="flash ")[0] or (
           None, None, None)
   if best is None:
     return None
@@ -184,6 +192,8 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
       {"xla_bf16_attention": base,
        **({"pallas_bf16_flash_decoding": flash} if flash else {})},
       command=command, config=str(cfg), flash_config=str(flash_cfg),
+      # What the model runs (config=None), which the sweep's best may beat.
+      model_config=str(configs[0]), model_config_ms=times.get(configs[0]),
       timing=how["timing"], wall_ms=how["wall_ms"],
       baseline_wall_ms=base_how["wall_ms"],
       memory_ratio=round(ours_bytes / base_bytes, 4),
@@ -208,7 +218,10 @@ def main(argv):
                      block_sizes=[int(x) for x in _BLOCK_S.value],
                      splits=_SPLITS.value, paths=_PATHS.value,
                      interpret=_INTERPRET.value,
-                     command=command)
+                     command=command,
+                     sweep=dict(warps=_WARPS.value, stages=_STAGES.value,
+                                nibbles=_NIBBLES.value,
+                                softmax_rows=_SOFTMAX_ROWS.value))
       if r is not None:  # appended per case: a timeout keeps what ran
         benchmarking.append_jsonl(path, [r])
         print("  -> " + benchmarking.summary_line(r)

@@ -1,9 +1,10 @@
 """The KV4 attention benchmark times the config the model runs."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import bench_kv4_attention as bench
+from experiments.lab import kv4_attention_cases as cases
 from pallas_kernels import kv4_decode_attention as attn
 
 
@@ -12,7 +13,8 @@ from pallas_kernels import kv4_decode_attention as attn
 def test_sweep_starts_with_the_models_config(heads, b, s):
   n, kv_heads = heads
   # A sweep that would not reach the model's tiles on its own.
-  configs = bench._configs(b, n, kv_heads, s, 128, [64], ["2x"], ["auto"])
+  configs = cases.sweep_configs(b, n, kv_heads, s, 128, [64], ["2x"],
+                                ["auto"])
   model = attn.default_kv4_decode_attention_config(
       b, kv_heads, s, 128, query_heads=n, dtype=jnp.bfloat16)
   assert configs[0] == model
@@ -21,11 +23,9 @@ def test_sweep_starts_with_the_models_config(heads, b, s):
 
 
 def test_case_records_the_models_config_time():
-  if not bench.flags.FLAGS.is_parsed():  # the baseline's flags, at defaults
-    bench.flags.FLAGS.mark_as_parsed()
-  r = bench.bench_case(bench.jax.random.key(0), 1, 64, 4, 4, 64,
-                       block_sizes=[16], splits=["1"], paths=["auto"],
-                       interpret=True, command="test")
+  r = cases.bench_case(jax.random.key(0), 1, 64, 4, 4, 64, block_sizes=[16],
+                       splits=["1"], paths=["auto"], interpret=True,
+                       command="test")
   model = attn.default_kv4_decode_attention_config(
       1, 4, 64, 64, query_heads=4, dtype=jnp.bfloat16)
   assert r["model_config"] == str(model)

@@ -17,8 +17,9 @@ from pallas_kernels import kv4_decode_attention as attn
 
 
 def sweep_configs(b, n, kv_heads, s, h, block_sizes, splits, paths, *,
-             warps=("default",), stages=("default",), nibbles=("convert",),
-             softmax_rows=("all",), dtype=jnp.bfloat16):
+                  warps=("default",), stages=("default",),
+                  nibbles=("convert",), softmax_rows=("all",),
+                  dtype=jnp.bfloat16):
   """The sweep: the model's own config first (what `kv4_decode_attention`
   picks with config=None for q of `dtype`), then every block_s with every
   num_splits choice, path, warps, stages, nibbles and softmax_rows choice
@@ -96,6 +97,11 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
                hbm_gbps=4800.0):
   """Times one case: the kernel's sweep (best kept) and the XLA baseline.
 
+  Args (beyond the case's B, S, N, K, H): block_sizes, splits, paths and
+  `sweep` (warps, stages, nibbles, softmax_rows) as `sweep_configs` takes
+  them; flash_configs: the bf16 flash-decoding baseline's configs (None:
+  its default), the fastest kept; hbm_gbps: the peak for hbm_fraction.
+
   Returns:
     A `benchmarking.record` dict, or None if no config ran.
   """
@@ -104,9 +110,9 @@ def bench_case(key, b, s, n, kv_heads, h, *, block_sizes, splits, paths,
   end = jnp.full((b,), s, jnp.int32)
   runs = dict(runs=3, inner=1, warmup=1) if interpret else {}
   configs = sweep_configs(b, n, kv_heads, s, h, block_sizes, splits, paths,
-                     dtype=q.dtype, **(sweep or {}))
+                          dtype=q.dtype, **(sweep or {}))
   best, times = fastest(attn.kv4_decode_attention, configs,
-                         (q, k, v, start, end), runs, interpret, label="")
+                        (q, k, v, start, end), runs, interpret, label="")
   base, base_how = benchmarking.timed_ms(attn.bf16_decode_attention, q, kf,
                                          vf, start, end, **runs)
   # The strongest bf16 baseline we have: our flash decoding over the same

@@ -5,8 +5,9 @@ r"""kv4_decode_attention against XLA decode attention over a bf16 cache.
 Each case (B, S, N x K x H, every row attending to all S slots) times the
 packed 4-bit kernel with the model's own config (what it runs with
 config=None for bf16 q: `model_config_ms` in the record) and a small
-(block_s, num_splits, ...) sweep around it, keeps the fastest, and times `xla_bf16_attention` (jitted `bf16_decode_attention` on a
-bf16 cache [B, S, K, H], the float model's layout) and
+(block_s, num_splits, ...) sweep around it, keeps the fastest, and times
+`xla_bf16_attention` (jitted `bf16_decode_attention` on a bf16 cache
+[B, S, K, H], the float model's layout) and
 `pallas_bf16_flash_decoding` (`pallas_kernels.decode_attention`, what our
 bf16 model runs, on the same cache) in the same process.
 Records the memory ratio (KV4 bytes / bf16 bytes) and the fraction of HBM
@@ -94,16 +95,15 @@ def main(argv):
     for b, s in itertools.product(map(int, _BATCH.value),
                                   map(int, _SEQ.value)):
       print(f"B{b} S{s} N{n} K{kv_heads} H{h}", flush=True)
-      r = cases.bench_case(next(key), b, s, n, kv_heads, h,
-                     block_sizes=[int(x) for x in _BLOCK_S.value],
-                     splits=_SPLITS.value, paths=_PATHS.value,
-                     interpret=_INTERPRET.value,
-                     command=command,
-                     sweep=dict(warps=_WARPS.value, stages=_STAGES.value,
-                                nibbles=_NIBBLES.value,
-                                softmax_rows=_SOFTMAX_ROWS.value),
-                     flash_configs=_flash_configs(),
-                     hbm_gbps=_HBM_GBPS.value)
+      r = cases.bench_case(
+          next(key), b, s, n, kv_heads, h,
+          block_sizes=[int(x) for x in _BLOCK_S.value],
+          splits=_SPLITS.value, paths=_PATHS.value,
+          interpret=_INTERPRET.value, command=command,
+          sweep=dict(warps=_WARPS.value, stages=_STAGES.value,
+                     nibbles=_NIBBLES.value,
+                     softmax_rows=_SOFTMAX_ROWS.value),
+          flash_configs=_flash_configs(), hbm_gbps=_HBM_GBPS.value)
       if r is not None:  # appended per case: a timeout keeps what ran
         benchmarking.append_jsonl(path, [r])
         print("  -> " + benchmarking.summary_line(r)

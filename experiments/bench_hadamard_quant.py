@@ -25,8 +25,9 @@ Decode (few rows): `--column_splits` sweeps the split path's G ("auto" is
 the kernel's own choice, 1 the fused one-program-per-row kernel); configs
 that run the same launch (G > 1 ignores rows_per_program; an explicit G is
 capped) are timed once; each record's `sweep` holds every launch's ms (None:
-failed), keyed w<num_warps>_<G>_<rows per program>_<chunk_elements> (None
-where G > 1, resp. G = 1) or w<num_warps>_b<block_elements>. For example
+failed), keyed w<num_warps>_<G>_<rows per program>_<chunk_elements>_<pN:
+programs per SM of the persistent grid>_<sN: num_stages> (None where they do
+not apply) or w<num_warps>_b<block_elements>. For example
 
   python -m experiments.bench_hadamard_quant --m=1,16 --k=11008,14336 \
       --transform=hadamard --packed=true,false --num_warps=2,4,8 \
@@ -63,6 +64,12 @@ _SPLITS = flags.DEFINE_list(
 _CHUNK = flags.DEFINE_list(
     "chunk_elements", ["2048"],
     "chunk_elements sweep (the split path's quantize at M <= 16).")
+_PER_SM = flags.DEFINE_list(
+    "programs_per_sm", ["0"],
+    "programs_per_sm sweep (Hadamard kernel): 0 a program per row block,"
+    " n > 0 the persistent grid of n programs an SM looping over rows.")
+_STAGES = flags.DEFINE_list("num_stages", ["1"],
+                            "num_stages sweep (Triton pipelining).")
 _BLOCK = flags.DEFINE_list("block_elements", ["8192", "16384", "32768"],
                            "block_elements sweep (quantize-only kernel).")
 _PACKED = flags.DEFINE_list("packed", ["true", "false"],
@@ -102,9 +109,11 @@ def main(argv):
         case = f"M{m}_K{k}_{transform}" + ("" if packed else "_int8")
         best = None
         sizes = ([dict(rows_per_program=int(r), column_splits=g,
-                       chunk_elements=int(c))
+                       chunk_elements=int(c), programs_per_sm=int(n),
+                       num_stages=int(st))
                   for r in _ROWS.value for g in splits
-                  for c in _CHUNK.value]
+                  for c in _CHUNK.value for n in _PER_SM.value
+                  for st in _STAGES.value]
                  if use_had else
                  [dict(block_elements=int(b)) for b in _BLOCK.value])
         seen = set()
@@ -114,9 +123,12 @@ def main(argv):
           cfg = hq.HadamardQuantConfig(num_warps=warps, **size)
           if use_had:  # the launch this config runs, timed once
             g = hq.column_splits(k, order, m, cfg)
+            persistent = g == 1 and cfg.programs_per_sm > 0
             launch = (warps, g, math.gcd(m, cfg.rows_per_program)
-                      if g == 1 else None,
-                      cfg.chunk_elements if g > 1 else None)
+                      if g == 1 and not persistent else None,
+                      cfg.chunk_elements if g > 1 else None,
+                      f"p{cfg.programs_per_sm}" if persistent else None,
+                      f"s{cfg.num_stages}")
             if launch in seen:
               continue
             seen.add(launch)

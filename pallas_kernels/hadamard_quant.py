@@ -103,6 +103,7 @@ from jax.experimental.pallas import triton as plgpu
 import numpy as np
 
 from pallas_kernels import compat
+from pallas_kernels import device_info
 from pallas_kernels import int4_layout
 
 
@@ -125,6 +126,10 @@ class HadamardQuantConfig:
     chunk_elements: split path at M <= 16: elements of a row each quantize
       program takes (a power of two; whole rows of the [a, r] view, at
       least one).
+    programs_per_sm: the fused Hadamard kernel's grid: 0 runs a program
+      per block of `rows_per_program` rows; n > 0 a persistent grid of
+      n programs per SM (at most one per row), each looping over its
+      rows with the matrices loaded once (`hadamard_quant_loop_kernel`).
   """
 
   num_warps: int = 4
@@ -133,8 +138,12 @@ class HadamardQuantConfig:
   block_elements: int = 8192
   column_splits: int | None = None
   chunk_elements: int = 2048
+  programs_per_sm: int = 0
 
   def __post_init__(self):
+    if not isinstance(self.programs_per_sm, int) or self.programs_per_sm < 0:
+      raise ValueError(f"programs_per_sm={self.programs_per_sm!r} must be"
+                       " an int >= 0")
     for name in ("rows_per_program", "block_elements", "chunk_elements"):
       n = getattr(self, name)
       if n < 1 or n & (n - 1):
@@ -316,6 +325,65 @@ def _pieces(n: int, most: int) -> tuple[tuple[int, int, int], ...]:
   return tuple(out)
 
 
+def _right_blocks(right_refs, in_pieces, out_pieces):
+  """blocks[p][i][j]: piece (i, j) of right matrix p, loaded once per
+  program and reused for every row (one row per program spent more L2
+  traffic on them than on x)."""
+  return [[[ref[pl.ds(i0, ni), pl.ds(j0, nj)] for j0, nj, _ in out_pieces]
+           for i0, ni, _ in in_pieces] for ref in right_refs]
+
+
+def _quantized_row(load, blocks, left, *, packed: bool, norm: float,
+                   clip_ratio: float, in_pieces, out_pieces, dt,
+                   gate_up: bool):
+  """One row: load its pieces, transform, absmax, codes.
+
+  Args:
+    load: (half, i0, ni, first) -> the row's [ap, ni] piece at columns
+      i0.. of its [a, r] view (half: 0 gate, 1 up with `gate_up`, else
+      None), zero where masked.
+    blocks: `_right_blocks`.
+    left: [ap, ap] S_a, or None (a = 1: no left product).
+
+  Returns:
+    (outs, scale): outs[j] the bytes (packed) or int8 codes of out piece j,
+    [ap, nj]; scale the row's f32 scale.
+  """
+  xs = []
+  for i0, ni, first in in_pieces:
+    # Masked elements are 0 in both halves, and swiglu(0, 0) = 0.
+    piece = (swiglu(load(0, i0, ni, first), load(1, i0, ni, first))
+             if gate_up else load(None, i0, ni, first))
+    xs.append(piece.astype(dt))
+  dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+  # zs[p][j]: f32 [ap, nj], columns of piece j of right matrix p.
+  zs = [[functools.reduce(jnp.add, [dot(x, blk[i][j])
+                                    for i, x in enumerate(xs)])
+         for j in range(len(out_pieces))] for blk in blocks]
+  if left is not None:
+    if dt == jnp.float32:
+      zs = [[dot(left, z) for z in zp] for zp in zs]
+    else:  # 16-bit: split the f32 intermediate so the left dot stays exact
+      def exact_left(z):
+        z_hi = z.astype(dt)
+        z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
+        return dot(left, z_hi) + dot(left, z_lo)
+      zs = [[exact_left(z) for z in zp] for zp in zs]
+  ys = [[z * norm for z in zp] for zp in zs]
+  absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y))
+                                          for yp in ys for y in yp])
+  scale = _row_scales(absmax, clip_ratio)
+  codes = [[jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
+            for y in yp] for yp in ys]
+  if packed:
+    outs = [((codes[0][j] & 0xF) | ((codes[1][j] & 0xF) << 4)
+             ).astype(jnp.uint8) for j in range(len(out_pieces))]
+  else:
+    outs = [c.astype(jnp.int8) for c in codes[0]]
+  return outs, scale
+
+
 def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
                           use_left: bool, norm: float, clip_ratio: float,
                           rows: int, in_pieces, out_pieces,
@@ -334,60 +402,82 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
   n_rows, a, r = x_ref.shape[0], *x_ref.shape[-2:]
   ap = left_ref.shape[0]
   r_out = q_ref.shape[2]
-  dt = right_refs[0].dtype
-  # The matrices are loaded once per program and reused for every row (one
-  # row per program spent more L2 traffic on them than on x).
-  blocks = [[[ref[pl.ds(i0, ni), pl.ds(j0, nj)]
-              for j0, nj, _ in out_pieces] for i0, ni, _ in in_pieces]
-            for ref in right_refs]
+  blocks = _right_blocks(right_refs, in_pieces, out_pieces)
   left = left_ref[...] if use_left else None
   valid = jnp.arange(ap)[:, None] < a
-  dot = functools.partial(jax.lax.dot, precision=jax.lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32)
   scales = jnp.zeros((n_rows,), jnp.float32)
   real = pl.program_id(0) * n_rows < rows  # a program's rows: all or none
   for i in range(n_rows):
     row = jnp.int32(i)  # interpret mode's load/store reject a Python int
-    xs = []
-    for i0, ni, first in in_pieces:
+
+    def load(half, i0, ni, first, row=row):
       col = i0 + jnp.arange(ni)[None, :]
-      load = lambda *half: jnp.where(real, plgpu.load(
-          x_ref.at[(row, *half, pl.ds(0, ap), pl.ds(i0, ni))],
+      at = (row,) + (() if half is None else (jnp.int32(half),))
+      return jnp.where(real, plgpu.load(
+          x_ref.at[(*at, pl.ds(0, ap), pl.ds(i0, ni))],
           mask=valid & (col >= first) & (col < r), other=0), 0)
-      # Masked elements are 0 in both halves, and swiglu(0, 0) = 0.
-      piece = (swiglu(load(jnp.int32(0)), load(jnp.int32(1))) if gate_up
-               else load())
-      xs.append(piece.astype(dt))
-    # zs[p][j]: f32 [ap, nj], columns of piece j of right matrix p.
-    zs = [[functools.reduce(jnp.add, [dot(x, blk[i][j])
-                                      for i, x in enumerate(xs)])
-           for j in range(len(out_pieces))] for blk in blocks]
-    if use_left:
-      if dt == jnp.float32:
-        zs = [[dot(left, z) for z in zp] for zp in zs]
-      else:  # 16-bit: split the f32 intermediate so the left dot stays exact
-        def exact_left(z):
-          z_hi = z.astype(dt)
-          z_lo = (z - z_hi.astype(jnp.float32)).astype(dt)
-          return dot(left, z_hi) + dot(left, z_lo)
-        zs = [[exact_left(z) for z in zp] for zp in zs]
-    ys = [[z * norm for z in zp] for zp in zs]
-    absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y))
-                                            for yp in ys for y in yp])
-    scale = _row_scales(absmax, clip_ratio)
-    codes = [[jnp.clip(_round_half_even(y / scale), -8, 7).astype(jnp.int32)
-              for y in yp] for yp in ys]
-    for j, (j0, nj, _) in enumerate(out_pieces):
+
+    outs, scale = _quantized_row(
+        load, blocks, left, packed=packed, norm=norm, clip_ratio=clip_ratio,
+        in_pieces=in_pieces, out_pieces=out_pieces,
+        dt=right_refs[0].dtype, gate_up=gate_up)
+    for out, (j0, nj, _) in zip(outs, out_pieces):
       mask = valid & (j0 + jnp.arange(nj)[None, :] < r_out)
-      if packed:
-        out = ((codes[0][j] & 0xF) | ((codes[1][j] & 0xF) << 4)
-               ).astype(jnp.uint8)
-      else:
-        out = codes[0][j].astype(jnp.int8)
       plgpu.store(q_ref.at[row, pl.ds(0, ap), pl.ds(j0, nj)], out,
                   mask=mask)
     scales = jnp.where(jnp.arange(n_rows) == i, scale, scales)
   s_ref[...] = scales
+
+
+def hadamard_quant_loop_kernel(x_ref, left_ref, *refs, packed: bool,
+                               use_left: bool, norm: float,
+                               clip_ratio: float, rows: int, iters: int,
+                               in_pieces, out_pieces, gate_up: bool = False):
+  """The persistent grid: program p takes rows p, p + P, p + 2P, ... (P
+  programs, `iters` rows each at most) in one loop, the transform's
+  matrices loaded once before it, so Triton may prefetch the next row's
+  pieces (`num_stages`) while this one's dots run. Each row is computed as
+  in `hadamard_quant_kernel` (the same `_quantized_row`), the same bits."""
+  # x_ref: [rows, a, r] or [rows, 2, a, r] (whole); q_ref: [out_rows, a,
+  # r_out]; s_ref: f32[out_rows]; the rest as `hadamard_quant_kernel`.
+  *right_refs, q_ref, s_ref = refs
+  a, r = x_ref.shape[-2:]
+  ap = left_ref.shape[0]
+  out_rows, _, r_out = q_ref.shape
+  # Read outside the loop: interpret mode does not substitute them in a
+  # loop's body.
+  program, programs = pl.program_id(0), pl.num_programs(0)
+  blocks = _right_blocks(right_refs, in_pieces, out_pieces)
+  left = left_ref[...] if use_left else None
+  valid = jnp.arange(ap)[:, None] < a
+
+  def body(it, carry):
+    row = program + it * programs
+    real = row < rows  # rows past it (padding up to out_rows) are zeros
+    live = row < out_rows  # the last turn of some programs has no row
+    x_row = jnp.minimum(row, rows - 1)
+    q_row = jnp.minimum(row, out_rows - 1)
+
+    def load(half, i0, ni, first):
+      col = i0 + jnp.arange(ni)[None, :]
+      at = (x_row,) + (() if half is None else (jnp.int32(half),))
+      return jnp.where(real, plgpu.load(
+          x_ref.at[(*at, pl.ds(0, ap), pl.ds(i0, ni))],
+          mask=valid & (col >= first) & (col < r), other=0), 0)
+
+    outs, scale = _quantized_row(
+        load, blocks, left, packed=packed, norm=norm, clip_ratio=clip_ratio,
+        in_pieces=in_pieces, out_pieces=out_pieces,
+        dt=right_refs[0].dtype, gate_up=gate_up)
+    for out, (j0, nj, _) in zip(outs, out_pieces):
+      mask = valid & (j0 + jnp.arange(nj)[None, :] < r_out) & live
+      plgpu.store(q_ref.at[q_row, pl.ds(0, ap), pl.ds(j0, nj)], out,
+                  mask=mask)
+    plgpu.store(s_ref.at[pl.ds(q_row, 1)], jnp.broadcast_to(scale, (1,)),
+                mask=jnp.broadcast_to(live, (1,)))
+    return carry
+
+  jax.lax.fori_loop(0, iters, body, 0)
 
 
 def hadamard_split_kernel(x_ref, left_ref, right_ref, y_ref, max_ref, *,
@@ -764,7 +854,6 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                             out_rows)
     return _quantize_chunks(y, maxima, clip_ratio, packed, cfg, interpret,
                             debug, out_rows)
-  per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)
   # Packed: even and odd columns of R (byte j = columns 2j, 2j + 1 of the
   # [a, r] view, as r is even); int8 codes: R whole.
   rights = (right[:, 0::2], right[:, 1::2]) if packed else (right,)
@@ -772,13 +861,33 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   in_pieces, out_pieces = _pieces(r, 256), _pieces(r_out, 128)
   extent = lambda pieces, n: max([n] + [i + size for i, size, _ in pieces])
   q_dtype = jnp.uint8 if packed else jnp.int8
+  full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+  right_shape = (extent(in_pieces, r), extent(out_pieces, r_out))
+  operands = (x3, pad(left, (ap, ap)), *[pad(t, right_shape) for t in rights])
+  out_shape = [jax.ShapeDtypeStruct((out_rows, a, r_out), q_dtype),
+               jax.ShapeDtypeStruct((out_rows,), jnp.float32)]
+  if cfg.programs_per_sm and rows:
+    programs = min(out_rows, cfg.programs_per_sm * device_info.num_sms())
+    kernel = functools.partial(
+        hadamard_quant_loop_kernel, packed=packed, use_left=a > 1,
+        norm=norm, clip_ratio=clip_ratio, rows=rows,
+        iters=-(-out_rows // programs), in_pieces=in_pieces,
+        out_pieces=out_pieces, gate_up=gate_up)
+    x_q, s_x = pl.pallas_call(
+        kernel, grid=(programs,),
+        in_specs=[full(x3.shape), full((ap, ap))]
+        + [full(right_shape)] * len(rights),
+        out_specs=[full(t.shape) for t in out_shape], out_shape=out_shape,
+        compiler_params=params, interpret=interpret, debug=debug,
+        name="hadamard_quant_loop",
+    )(*operands)
+    return _shaped(x_q, s_x, lead, rows, out_rows)
+  per_program, last = _grid_rows(rows, out_rows, cfg.rows_per_program)
   kernel = functools.partial(
       hadamard_quant_kernel, packed=packed, use_left=a > 1, norm=norm,
       clip_ratio=clip_ratio, rows=rows, in_pieces=in_pieces,
       out_pieces=out_pieces, gate_up=gate_up)
   x_block = (per_program, *x3.shape[1:])
-  full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-  right_shape = (extent(in_pieces, r), extent(out_pieces, r_out))
   x_q, s_x = pl.pallas_call(
       kernel,
       grid=(out_rows // per_program,),
@@ -787,11 +896,9 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
                 full((ap, ap))] + [full(right_shape)] * len(rights),
       out_specs=[pl.BlockSpec((per_program, a, r_out), lambda i: (i, 0, 0)),
                  pl.BlockSpec((per_program,), lambda i: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((out_rows, a, r_out), q_dtype),
-                 jax.ShapeDtypeStruct((out_rows,), jnp.float32)],
-      compiler_params=params, interpret=interpret, debug=debug,
-      name="hadamard_quant",
-  )(x3, pad(left, (ap, ap)), *[pad(t, right_shape) for t in rights])
+      out_shape=out_shape, compiler_params=params, interpret=interpret,
+      debug=debug, name="hadamard_quant",
+  )(*operands)
   return _shaped(x_q, s_x, lead, rows, out_rows)
 
 

@@ -126,6 +126,45 @@ def test_several_rows_per_program(m, per_program, packed, interpret):
   np.testing.assert_array_equal(np.asarray(got_q), np.asarray(want_q))
 
 
+# (M, out_rows, SMs, programs per SM): P = min(out_rows, SMs x n) programs,
+# so each loops over 2-3 rows, the last turn of some with no row; padding
+# rows past M (zero codes, scale 1) inside the loop.
+@pytest.mark.parametrize("m, out_rows, sms, per_sm", [
+    (7, 7, 2, 1), (9, 9, 2, 2), (5, 8, 3, 1), (4, 4, 8, 1)])
+# K = 576: a row as [16, 36] (both products); 688: [1, 688] (no left).
+@pytest.mark.parametrize("k, packed, gate_up", [
+    (576, True, False), (576, False, False), (576, True, True),
+    (688, True, False)])
+def test_persistent_grid_is_the_row_grid_bit_for_bit(m, out_rows, sms, per_sm,
+                                                      k, packed, gate_up,
+                                                      monkeypatch, interpret):
+  monkeypatch.setattr(hq.device_info, "num_sms", lambda: sms)
+  width = 2 * k if gate_up else k
+  x = (3 * _x(m, width, seed=m + sms)).astype(jnp.bfloat16)
+  run = lambda cfg: hq.hadamard_quant(
+      x, _base(k), packed=packed, out_rows=out_rows, config=cfg,
+      interpret=interpret, gate_up=gate_up)
+  loop = hq.HadamardQuantConfig(column_splits=1, programs_per_sm=per_sm)
+  jaxpr = str(jax.make_jaxpr(lambda x: hq.hadamard_quant(
+      x, _base(k), packed=packed, out_rows=out_rows, config=loop,
+      interpret=True, gate_up=gate_up))(x))
+  assert "hadamard_quant_loop" in jaxpr
+  got, want = run(loop), run(_FUSED)
+  assert got[0].shape == want[0].shape == (out_rows, k // 2 if packed else k)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(jnp.abs(got[0][:m].astype(jnp.int32)).max()) > 0
+  assert not np.asarray(got[0][m:]).any()
+  np.testing.assert_array_equal(np.asarray(got[1][m:]), 1.0)
+
+
+def test_config_programs_per_sm_must_be_a_non_negative_int():
+  with pytest.raises(ValueError, match="programs_per_sm=-1 must be an int"):
+    hq.HadamardQuantConfig(programs_per_sm=-1)
+  with pytest.raises(ValueError, match="programs_per_sm=1.5 must be an int"):
+    hq.HadamardQuantConfig(programs_per_sm=1.5)
+
+
 @pytest.mark.parametrize("m, block_elements", [(8, 4096), (12, 8192),
                                                (7, 8192), (16, 1024)])
 @pytest.mark.parametrize("packed", [True, False])
@@ -557,3 +596,25 @@ def test_gpu_split_path_at_decode_shapes(k, m):
   fused = hq.hadamard_quant(x, base, config=_FUSED)
   for a, b in zip(got, fused):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed, gate_up", [(False, True), (True, False)])
+def test_gpu_persistent_grid_matches_the_row_grid(packed, gate_up):
+  # LLaMA-2-7B's down_proj input at prefill: the persistent grid (2 and 3
+  # programs an SM: every program loops) against one program a row, the
+  # same arithmetic row for row, and both against the reference.
+  k = 11008
+  x = (3 * _x(1000, 2 * k if gate_up else k, seed=11)).astype(jnp.bfloat16)
+  base = _base(k)
+  row_grid = hq.hadamard_quant(x, base, packed=packed, gate_up=gate_up,
+                               config=_FUSED)
+  for per_sm in (2, 3):
+    cfg = hq.HadamardQuantConfig(column_splits=1, programs_per_sm=per_sm)
+    hlo = jax.jit(lambda x: hq.hadamard_quant(
+        x, base, packed=packed, gate_up=gate_up, config=cfg)).lower(x)
+    assert "hadamard_quant_loop" in hlo.as_text()
+    got = hq.hadamard_quant(x, base, packed=packed, gate_up=gate_up,
+                            config=cfg)
+    for a, b in zip(got, row_grid):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -26,8 +26,8 @@ the kernel's own choice, 1 the fused one-program-per-row kernel); configs
 that run the same launch (G > 1 ignores rows_per_program; an explicit G is
 capped) are timed once; each record's `sweep` holds every launch's ms (None:
 failed), keyed w<num_warps>_<G>_<rows per program>_<chunk_elements>_<pN:
-programs per SM of the persistent grid>_<sN: num_stages> (None where they do
-not apply) or w<num_warps>_b<block_elements>. For example
+programs per SM of the persistent grid>_<sN: num_stages>_<mN: piece_multiple>
+(None where they do not apply) or w<num_warps>_b<block_elements>. For example
 
   python -m experiments.bench_hadamard_quant --m=1,16 --k=11008,14336 \
       --transform=hadamard --packed=true,false --num_warps=2,4,8 \
@@ -68,6 +68,9 @@ _PER_SM = flags.DEFINE_list(
     "programs_per_sm", ["0"],
     "programs_per_sm sweep (Hadamard kernel): 0 a program per row block,"
     " n > 0 the persistent grid of n programs an SM looping over rows.")
+_PIECES = flags.DEFINE_list(
+    "piece_multiple", ["32"],
+    "piece_multiple sweep (Hadamard kernel): 32 or 16.")
 _STAGES = flags.DEFINE_list("num_stages", ["1"],
                             "num_stages sweep (Triton pipelining).")
 _BLOCK = flags.DEFINE_list("block_elements", ["8192", "16384", "32768"],
@@ -110,10 +113,10 @@ def main(argv):
         best = None
         sizes = ([dict(rows_per_program=int(r), column_splits=g,
                        chunk_elements=int(c), programs_per_sm=int(n),
-                       num_stages=int(st))
+                       num_stages=int(st), piece_multiple=int(pm))
                   for r in _ROWS.value for g in splits
                   for c in _CHUNK.value for n in _PER_SM.value
-                  for st in _STAGES.value]
+                  for st in _STAGES.value for pm in _PIECES.value]
                  if use_had else
                  [dict(block_elements=int(b)) for b in _BLOCK.value])
         seen = set()
@@ -128,7 +131,8 @@ def main(argv):
                       if g == 1 and not persistent else None,
                       cfg.chunk_elements if g > 1 else None,
                       f"p{cfg.programs_per_sm}" if persistent else None,
-                      f"s{cfg.num_stages}")
+                      f"s{cfg.num_stages}",
+                      f"m{cfg.piece_multiple}" if g == 1 else None)
             if launch in seen:
               continue
             seen.add(launch)

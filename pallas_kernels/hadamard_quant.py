@@ -130,6 +130,10 @@ class HadamardQuantConfig:
       per block of `rows_per_program` rows; n > 0 a persistent grid of
       n programs per SM (at most one per row), each looping over its
       rows with the matrices loaded once (`hadamard_quant_loop_kernel`).
+    piece_multiple: the fused Hadamard kernel's dots cover R's order
+      rounded up to this (32 or 16; `_pieces`): at r = 172 (K = 11008)
+      32 gives pieces 128 + 64, 16 gives 128 + 32 + 16 (8% less padded
+      work, more and smaller dots).
   """
 
   num_warps: int = 4
@@ -139,8 +143,12 @@ class HadamardQuantConfig:
   column_splits: int | None = None
   chunk_elements: int = 2048
   programs_per_sm: int = 0
+  piece_multiple: int = 32
 
   def __post_init__(self):
+    if self.piece_multiple not in (16, 32):
+      raise ValueError(f"piece_multiple={self.piece_multiple!r} must be 16"
+                       " or 32")
     if not isinstance(self.programs_per_sm, int) or self.programs_per_sm < 0:
       raise ValueError(f"programs_per_sm={self.programs_per_sm!r} must be"
                        " an int >= 0")
@@ -307,17 +315,18 @@ def _round_half_even(v: jax.Array) -> jax.Array:
   return jnp.where(up, f + 1.0, f)
 
 
-def _pieces(n: int, most: int) -> tuple[tuple[int, int, int], ...]:
+def _pieces(n: int, most: int, multiple: int = 32
+            ) -> tuple[tuple[int, int, int], ...]:
   """(start, size, first) blocks that cover [0, n): n rounded up to a
-  multiple of 32, cut into powers of two of at most `most`, largest first.
-  Triton blocks are powers of two; pieces pad the order-172 base of
-  K = 11008 to 192 (128 + 64) instead of 256, 1.6x less padded work in its
-  dots. A last piece that would run past n starts earlier instead (at
+  multiple of `multiple` (16 or 32), cut into powers of two of at most
+  `most`, largest first. Triton blocks are powers of two; pieces pad the
+  order-172 base of K = 11008 to 192 (128 + 64) instead of 256, 1.6x less
+  padded work in its dots, or with multiple 16 to 176 (128 + 32 + 16). A last piece that would run past n starts earlier instead (at
   n - size; Pallas rejects a slice that starts inside an axis and runs
   past it), overlapping the one before: `first` is where its own columns
   begin (a load masks those before; a store writes them twice, the same
   values)."""
-  total, start, out = -(-n // 32) * 32, 0, []
+  total, start, out = -(-n // multiple) * multiple, 0, []
   while start < total:
     size = min(most, 1 << ((total - start).bit_length() - 1))
     out.append((max(0, min(start, n - size)), size, start))
@@ -858,7 +867,8 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   # [a, r] view, as r is even); int8 codes: R whole.
   rights = (right[:, 0::2], right[:, 1::2]) if packed else (right,)
   r_out = r // 2 if packed else r
-  in_pieces, out_pieces = _pieces(r, 256), _pieces(r_out, 128)
+  in_pieces = _pieces(r, 256, cfg.piece_multiple)
+  out_pieces = _pieces(r_out, 128, cfg.piece_multiple)
   extent = lambda pieces, n: max([n] + [i + size for i, size, _ in pieces])
   q_dtype = jnp.uint8 if packed else jnp.int8
   full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))

@@ -158,11 +158,28 @@ def test_persistent_grid_is_the_row_grid_bit_for_bit(m, out_rows, sms, per_sm,
   np.testing.assert_array_equal(np.asarray(got[1][m:]), 1.0)
 
 
+@pytest.mark.parametrize("k, m", [(688, 5), (576, 3)])
+@pytest.mark.parametrize("packed", [True, False])
+def test_pieces_of_16_are_the_same_codes(k, m, packed, interpret):
+  # K = 688 (r = 688: pieces 256 + 256 + 128 + 32 + 16 at 16 against
+  # ... + 64 at 32) and 576 (r = 36: 32 + 16 against 64): other pieces,
+  # the same transform, so the same codes as the reference.
+  x = _x(m, k, jnp.bfloat16, seed=k)
+  cfg = hq.HadamardQuantConfig(column_splits=1, piece_multiple=16)
+  got = hq.hadamard_quant(x, _base(k), packed=packed, config=cfg,
+                          interpret=interpret)
+  _assert_quantized_like(got, hq.hadamard_quant_reference(
+      x, _base(k), packed=packed), packed, interpret,
+                         scale_rtol=1.2e-7 * np.sqrt(k))
+
+
 def test_config_programs_per_sm_must_be_a_non_negative_int():
   with pytest.raises(ValueError, match="programs_per_sm=-1 must be an int"):
     hq.HadamardQuantConfig(programs_per_sm=-1)
   with pytest.raises(ValueError, match="programs_per_sm=1.5 must be an int"):
     hq.HadamardQuantConfig(programs_per_sm=1.5)
+  with pytest.raises(ValueError, match="piece_multiple=8 must be 16 or 32"):
+    hq.HadamardQuantConfig(piece_multiple=8)
 
 
 @pytest.mark.parametrize("m, block_elements", [(8, 4096), (12, 8192),
@@ -186,17 +203,20 @@ def test_quantize_only_several_rows_per_program(m, block_elements, packed,
   assert len(np.unique(np.asarray(got_s))) > m // 2
 
 
-@pytest.mark.parametrize("n, most, want", [
-    (172, 256, ((0, 128, 0), (108, 64, 128))),  # K = 11008's r: 192, not 256
-    (86, 128, ((0, 64, 0), (54, 32, 64))),      # its even/odd halves
-    (256, 256, ((0, 256, 0),)),                 # a power of two: one piece
-    (256, 128, ((0, 128, 0), (128, 128, 128))),
-    (20, 256, ((0, 32, 0),)),                   # narrower than one piece
+@pytest.mark.parametrize("n, most, multiple, want", [
+    (172, 256, 32, ((0, 128, 0), (108, 64, 128))),  # K = 11008's r: 192
+    (86, 128, 32, ((0, 64, 0), (54, 32, 64))),      # its even/odd halves
+    (256, 256, 32, ((0, 256, 0),)),                 # a power of two
+    (256, 128, 32, ((0, 128, 0), (128, 128, 128))),
+    (20, 256, 32, ((0, 32, 0),)),                   # narrower than a piece
+    (172, 256, 16, ((0, 128, 0), (128, 32, 128), (156, 16, 160))),  # 176
+    (172, 128, 16, ((0, 128, 0), (128, 32, 128), (156, 16, 160))),
+    (36, 256, 16, ((0, 32, 0), (20, 16, 32))),      # 48, not 64
 ])
-def test_pieces_cover_r_with_powers_of_two(n, most, want):
-  got = hq._pieces(n, most)  # pylint: disable=protected-access
+def test_pieces_cover_r_with_powers_of_two(n, most, multiple, want):
+  got = hq._pieces(n, most, multiple)  # pylint: disable=protected-access
   assert got == want
-  covered = np.zeros(max(n, 32), int)
+  covered = np.zeros(max(n, multiple), int)
   for start, size, first in got:
     assert size & (size - 1) == 0 and size <= most and first >= start
     assert start + size <= n or start == 0  # never starts inside and overruns
@@ -618,3 +638,12 @@ def test_gpu_persistent_grid_matches_the_row_grid(packed, gate_up):
                             config=cfg)
     for a, b in zip(got, row_grid):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Pieces of 16 (128 + 32 + 16): other dots, so against the reference.
+  cfg = hq.HadamardQuantConfig(column_splits=1, programs_per_sm=2,
+                               piece_multiple=16)
+  got = hq.hadamard_quant(x, base, packed=packed, gate_up=gate_up,
+                          config=cfg)
+  hidden = layers.swiglu(x[:, :k], x[:, k:]) if gate_up else x
+  want = hq.hadamard_quant(hidden, base, packed=packed, config=_FUSED)
+  _assert_quantized_like(got, want, packed=packed, interpret=False,
+                         scale_rtol=2e-3)

@@ -33,6 +33,8 @@ from typing import Literal
 
 import jax
 
+from pallas_kernels import hadamard_quant as hq_lib
+
 SETTINGS = ("auto", "mosaic", "triton", "xla", "reference", "interpret")
 
 W4A4 = Literal["mosaic", "triton", "xla"]
@@ -80,6 +82,9 @@ class Kernels:
       the SwiGLU as it loads each row (`hadamard_quant(..., gate_up=True)`),
       so the SwiGLU is no pass of its own; False runs it in XLA first (the
       same numbers; a benchmark's A/B).
+    hadamard_config: launch parameters of `hadamard_quant` (a
+      `pallas_kernels.hadamard_quant.HadamardQuantConfig`), None for its
+      defaults; a benchmark's A/B of them in the whole layer.
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -104,6 +109,7 @@ class Kernels:
   prefill_qkv: PallasOrXla = "xla"
   residual_in_matmul: bool = True
   swiglu_in_quant: bool = True
+  hadamard_config: hq_lib.HadamardQuantConfig | None = None
   interpret: bool = False
   layer_loop: Literal["unrolled", "scan"] = "scan"
 

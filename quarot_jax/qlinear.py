@@ -356,7 +356,7 @@ def linears(x: jax.Array, ps: Sequence[Params], *, a_spec: Any,
           x2, hadamard_base(k) if online_hadamard else None,
           clip_ratio=a_spec.clip_ratio, packed=packed, out_rows=out_rows,
           implementation=kernels.hadamard_quant, interpret=kernels.interpret,
-          gate_up=gate_up)
+          gate_up=gate_up, config=kernels.hadamard_config)
     # The residual rides in the prefill matmul's epilogue; after a bias
     # (no LLaMA/Qwen o_proj or down_proj has one) it is added in XLA.
     fused = (residual is not None and kernels.residual_in_matmul

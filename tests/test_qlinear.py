@@ -1,12 +1,15 @@
 """Packed int4 linears: packing, the real linear against simulated
 quantization, and the errors for configs the kernels do not run."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import decode_matmul
+from pallas_kernels import hadamard_quant as hq
 from pallas_kernels.w4a4_matmul import api as w4a4_api
 from quarot_jax import hadamard
 from quarot_jax import kernels
@@ -370,3 +373,23 @@ def test_asymmetric_w4a16_linear_matches_simulated(group_size, setting, m,
                        kernels=kernels.resolve(setting))
   assert float(jnp.abs(off.astype(jnp.float32) - want).max()) > 0.1 * float(
       jnp.abs(want).max())
+
+
+def test_the_linear_passes_its_hadamard_config_to_the_quantizer(monkeypatch):
+  # Kernels.hadamard_config reaches hadamard_quant: the persistent grid (1
+  # program an SM on a 2-SM "device", so each loops) runs, and the linear
+  # is the default grid's bit for bit.
+  monkeypatch.setattr(hq.device_info, "num_sms", lambda: 2)
+  kernel, x = _weight_and_input(k=576, n=40, m=20, seed=3)
+  p = qlinear.pack_weight(quant.quantize_weight(kernel, _W_SPEC))
+  x = x.reshape(1, 20, 576).astype(jnp.bfloat16)
+  interpret = kernels.resolve("interpret")
+  looped = dataclasses.replace(interpret, hadamard_config=(
+      hq.HadamardQuantConfig(programs_per_sm=1, column_splits=1)))
+  run = lambda k: qlinear.linear(x, p, a_spec=_A_SPEC, online_hadamard=True,
+                                 kernels=k)
+  assert "hadamard_quant_loop" in str(jax.make_jaxpr(lambda: run(looped))())
+  assert "hadamard_quant_loop" not in str(
+      jax.make_jaxpr(lambda: run(interpret))())
+  np.testing.assert_array_equal(np.asarray(run(looped), np.float32),
+                                np.asarray(run(interpret), np.float32))

@@ -17,6 +17,7 @@ import numpy as np
 
 from experiments.lab import benchmarking
 from experiments.lab import layer_stages
+from pallas_kernels import hadamard_quant as hq_lib
 from quarot_jax import kernels as kernels_lib
 from quarot_jax import kv_cache
 from quarot_jax import model
@@ -176,7 +177,10 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   adds outside the matmuls (`ours_xla_residual_add_ms`,
   `Kernels.residual_in_matmul` off; GPU only, as the two before), and with
   the SwiGLU as an XLA pass before down_proj's quantizer
-  (`ours_xla_swiglu_ms`, `Kernels.swiglu_in_quant` off; GPU only). The stages
+  (`ours_xla_swiglu_ms`, `Kernels.swiglu_in_quant` off; GPU only), and
+  with `hadamard_quant`'s persistent grid (`ours_hadamard_loop_ms`, 2
+  programs an SM; `ours_hadamard_loop_m16_ms`, also pieces of 16; GPU
+  only). The stages
   (`layer_stages.prefill_stages`) are the pieces of each layer, each jitted
   on its own; B * T must exceed `kernels.DECODE_ROWS`.
 
@@ -220,6 +224,17 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
     xla_swiglu = dataclasses.replace(kernels, swiglu_in_quant=False)
     swiglu_ms = benchmarking.median_ms(
         lambda: run(qlayer, x, qcache, options, xla_swiglu))
+    # hadamard_quant's persistent grid (2 programs an SM), with R's order
+    # covered in pieces of 32 (its default) or 16.
+    loops = {}
+    for name, pieces in (("hadamard_loop", 32), ("hadamard_loop_m16", 16)):
+      looped = dataclasses.replace(
+          kernels, hadamard_config=hq_lib.HadamardQuantConfig(
+              programs_per_sm=2, piece_multiple=pieces))
+      ms_loop = benchmarking.median_ms(
+          lambda: run(qlayer, x, qcache, options, looped))
+      loops[f"ours_{name}_ms"] = round(ms_loop, 4)
+      loops[f"speedup_{name}"] = round(float_ms / ms_loop, 3)
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
                   speedup_triton_matmul=round(float_ms / ms, 3),
                   ours_xla_qkv_ms=round(qkv_ms, 4),
@@ -227,7 +242,7 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
                   ours_xla_residual_add_ms=round(add_ms, 4),
                   speedup_xla_residual_add=round(float_ms / add_ms, 3),
                   ours_xla_swiglu_ms=round(swiglu_ms, 4),
-                  speedup_xla_swiglu=round(float_ms / swiglu_ms, 3))
+                  speedup_xla_swiglu=round(float_ms / swiglu_ms, 3), **loops)
   # Each stage's inputs are passed as arguments (none is created inside
   # the timed call), after three warm-up calls that compile it.
   ms = {table: {name: benchmarking.median_ms(stage.fn, *stage.args)

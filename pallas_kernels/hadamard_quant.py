@@ -34,6 +34,13 @@ R's rows, column pieces of at most 128), summed in a fixed order, rather
 than over r padded to 256, which did 2.2x the work (K = 11008 int8 codes,
 H200, 2026-12-04: M = 8192 0.688 -> 0.326 ms, M = 32768 2.714 -> 1.264).
 
+Many rows at K >= 8192 (prefill's down_proj input): a persistent grid,
+two programs an SM (`programs_per_sm`), each looping over rows p, p + P,
+... with R and S_a loaded once (`hadamard_quant_loop_kernel`), the row's
+arithmetic the row grid's (`_quantized_row`, the same bits): 0.90-0.92x
+the row grid's time at K = 11008, slower at 4096 (H100, 2026-12-07).
+Triton's pipelining of the loop (num_stages 2-3) was slower still.
+
 Few rows (decode, M <= 16): one program per row leaves most SMs idle (at
 M = 1 one SM runs all of the row's dots, once per layer). There the split
 path runs two launches. `hadamard_split_kernel`, on an (M, G) grid:
@@ -128,8 +135,10 @@ class HadamardQuantConfig:
       least one).
     programs_per_sm: the fused Hadamard kernel's grid: 0 runs a program
       per block of `rows_per_program` rows; n > 0 a persistent grid of
-      n programs per SM (at most one per row), each looping over its
-      rows with the matrices loaded once (`hadamard_quant_loop_kernel`).
+      n programs per SM, each looping over its rows with the matrices
+      loaded once (`hadamard_quant_loop_kernel`), where there are more
+      rows than programs (else the row grid); None (the default) picks
+      (`programs_per_sm()`).
     piece_multiple: the fused Hadamard kernel's dots cover R's order
       rounded up to this (32 or 16; `_pieces`): at r = 172 (K = 11008)
       32 gives pieces 128 + 64, 16 gives 128 + 32 + 16 (8% less padded
@@ -142,16 +151,16 @@ class HadamardQuantConfig:
   block_elements: int = 8192
   column_splits: int | None = None
   chunk_elements: int = 2048
-  programs_per_sm: int = 0
+  programs_per_sm: int | None = None
   piece_multiple: int = 32
 
   def __post_init__(self):
     if self.piece_multiple not in (16, 32):
       raise ValueError(f"piece_multiple={self.piece_multiple!r} must be 16"
                        " or 32")
-    if not isinstance(self.programs_per_sm, int) or self.programs_per_sm < 0:
-      raise ValueError(f"programs_per_sm={self.programs_per_sm!r} must be"
-                       " an int >= 0")
+    n = self.programs_per_sm
+    if n is not None and (not isinstance(n, int) or n < 0):
+      raise ValueError(f"programs_per_sm={n!r} must be None or an int >= 0")
     for name in ("rows_per_program", "block_elements", "chunk_elements"):
       n = getattr(self, name)
       if n < 1 or n & (n - 1):
@@ -296,6 +305,26 @@ def column_splits(k: int, base_order: int, rows: int,
       return 1
     return max(1, min(_pow2(-(-_SPLIT_PROGRAMS // rows)), rp // 32))
   return max(1, min(wanted, rp // 16))
+
+
+# The persistent grid's programs an SM where `programs_per_sm` picks: at
+# K = 11008 (LLaMA-2-7B's down_proj input, SwiGLU formed in the kernel,
+# int8 codes) 2 an SM took 0.112 / 0.428 ms against the row grid's 0.124 /
+# 0.465 (M = 2048 / 8192); at K = 4096 the row grid was faster (0.020 /
+# 0.068 against 0.022 / 0.094; H100, 2026-12-07, BENCHMARKS.md).
+_LOOP_PROGRAMS_PER_SM = 2
+
+
+def programs_per_sm(k: int, config: HadamardQuantConfig | None = None
+                    ) -> int:
+  """The fused Hadamard kernel's persistent programs per SM (0: the row
+  grid): `config.programs_per_sm`, or where that is None 2 for K >= 8192
+  (a row's dots long enough that looping beats a launch a row, as
+  measured; see `_LOOP_PROGRAMS_PER_SM`), else 0."""
+  n = (config or HadamardQuantConfig()).programs_per_sm
+  if n is not None:
+    return n
+  return _LOOP_PROGRAMS_PER_SM if k >= _SPLIT_MIN_K else 0
 
 
 def _scale_factor(clip_ratio: float) -> np.float32:
@@ -876,8 +905,8 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   operands = (x3, pad(left, (ap, ap)), *[pad(t, right_shape) for t in rights])
   out_shape = [jax.ShapeDtypeStruct((out_rows, a, r_out), q_dtype),
                jax.ShapeDtypeStruct((out_rows,), jnp.float32)]
-  if cfg.programs_per_sm and rows:
-    programs = min(out_rows, cfg.programs_per_sm * device_info.num_sms())
+  programs = programs_per_sm(k, cfg) * device_info.num_sms()
+  if programs and rows and out_rows > programs:
     kernel = functools.partial(
         hadamard_quant_loop_kernel, packed=packed, use_left=a > 1,
         norm=norm, clip_ratio=clip_ratio, rows=rows,

@@ -178,9 +178,9 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   `Kernels.residual_in_matmul` off; GPU only, as the two before), and with
   the SwiGLU as an XLA pass before down_proj's quantizer
   (`ours_xla_swiglu_ms`, `Kernels.swiglu_in_quant` off; GPU only), and
-  with `hadamard_quant`'s persistent grid (`ours_hadamard_loop_ms`, 2
-  programs an SM; `ours_hadamard_loop_m16_ms`, also pieces of 16; GPU
-  only). The stages
+  with `hadamard_quant` on one program a row at every K
+  (`ours_hadamard_row_grid_ms`, not its persistent grid at K >= 8192) or
+  in pieces of 16 (`ours_hadamard_m16_ms`; GPU only). The stages
   (`layer_stages.prefill_stages`) are the pieces of each layer, each jitted
   on its own; B * T must exceed `kernels.DECODE_ROWS`.
 
@@ -224,13 +224,14 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
     xla_swiglu = dataclasses.replace(kernels, swiglu_in_quant=False)
     swiglu_ms = benchmarking.median_ms(
         lambda: run(qlayer, x, qcache, options, xla_swiglu))
-    # hadamard_quant's persistent grid (2 programs an SM), with R's order
-    # covered in pieces of 32 (its default) or 16.
+    # hadamard_quant's grid: one program a row everywhere (before its
+    # persistent grid at K >= 8192), and its defaults with R's order in
+    # pieces of 16.
     loops = {}
-    for name, pieces in (("hadamard_loop", 32), ("hadamard_loop_m16", 16)):
-      looped = dataclasses.replace(
-          kernels, hadamard_config=hq_lib.HadamardQuantConfig(
-              programs_per_sm=2, piece_multiple=pieces))
+    for name, cfg in (
+        ("hadamard_row_grid", hq_lib.HadamardQuantConfig(programs_per_sm=0)),
+        ("hadamard_m16", hq_lib.HadamardQuantConfig(piece_multiple=16))):
+      looped = dataclasses.replace(kernels, hadamard_config=cfg)
       ms_loop = benchmarking.median_ms(
           lambda: run(qlayer, x, qcache, options, looped))
       loops[f"ours_{name}_ms"] = round(ms_loop, 4)

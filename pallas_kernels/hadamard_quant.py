@@ -371,6 +371,22 @@ def _right_blocks(right_refs, in_pieces, out_pieces):
            for i0, ni, _ in in_pieces] for ref in right_refs]
 
 
+def _row_loader(x_ref, row, real, ap: int):
+  """`_quantized_row`'s `load` for row `row` of x_ref ([rows, a, r] or
+  [rows, 2, a, r]): masked to the piece's own columns below r and to the
+  real [a] of [ap] view rows; all zeros where `real` is false."""
+  a, r = x_ref.shape[-2:]
+  valid = jnp.arange(ap)[:, None] < a
+
+  def load(half, i0, ni, first):
+    col = i0 + jnp.arange(ni)[None, :]
+    at = (row,) + (() if half is None else (jnp.int32(half),))
+    return jnp.where(real, plgpu.load(
+        x_ref.at[(*at, pl.ds(0, ap), pl.ds(i0, ni))],
+        mask=valid & (col >= first) & (col < r), other=0), 0)
+  return load
+
+
 def _quantized_row(load, blocks, left, *, packed: bool, norm: float,
                    clip_ratio: float, in_pieces, out_pieces, dt,
                    gate_up: bool):
@@ -437,7 +453,7 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
   # q_ref: uint8[rows, a, r // 2] (packed) or int8[rows, a, r]; s_ref:
   # f32[rows] (ap: a rounded up to a power of two, as Triton needs).
   *right_refs, q_ref, s_ref = refs
-  n_rows, a, r = x_ref.shape[0], *x_ref.shape[-2:]
+  n_rows, a = x_ref.shape[0], x_ref.shape[-2]
   ap = left_ref.shape[0]
   r_out = q_ref.shape[2]
   blocks = _right_blocks(right_refs, in_pieces, out_pieces)
@@ -448,15 +464,8 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
   for i in range(n_rows):
     row = jnp.int32(i)  # interpret mode's load/store reject a Python int
 
-    def load(half, i0, ni, first, row=row):
-      col = i0 + jnp.arange(ni)[None, :]
-      at = (row,) + (() if half is None else (jnp.int32(half),))
-      return jnp.where(real, plgpu.load(
-          x_ref.at[(*at, pl.ds(0, ap), pl.ds(i0, ni))],
-          mask=valid & (col >= first) & (col < r), other=0), 0)
-
     outs, scale = _quantized_row(
-        load, blocks, left, packed=packed, norm=norm, clip_ratio=clip_ratio,
+        _row_loader(x_ref, row, real, ap), blocks, left, packed=packed, norm=norm, clip_ratio=clip_ratio,
         in_pieces=in_pieces, out_pieces=out_pieces,
         dt=right_refs[0].dtype, gate_up=gate_up)
     for out, (j0, nj, _) in zip(outs, out_pieces):
@@ -473,13 +482,13 @@ def hadamard_quant_loop_kernel(x_ref, left_ref, *refs, packed: bool,
                                in_pieces, out_pieces, gate_up: bool = False):
   """The persistent grid: program p takes rows p, p + P, p + 2P, ... (P
   programs, `iters` rows each at most) in one loop, the transform's
-  matrices loaded once before it, so Triton may prefetch the next row's
-  pieces (`num_stages`) while this one's dots run. Each row is computed as
-  in `hadamard_quant_kernel` (the same `_quantized_row`), the same bits."""
+  matrices loaded once before it (Triton pipelines the loop's loads with
+  `num_stages` > 1, measured slower). Each row is computed as in
+  `hadamard_quant_kernel` (the same `_quantized_row`), the same bits."""
   # x_ref: [rows, a, r] or [rows, 2, a, r] (whole); q_ref: [out_rows, a,
   # r_out]; s_ref: f32[out_rows]; the rest as `hadamard_quant_kernel`.
   *right_refs, q_ref, s_ref = refs
-  a, r = x_ref.shape[-2:]
+  a = x_ref.shape[-2]
   ap = left_ref.shape[0]
   out_rows, _, r_out = q_ref.shape
   # Read outside the loop: interpret mode does not substitute them in a
@@ -496,15 +505,8 @@ def hadamard_quant_loop_kernel(x_ref, left_ref, *refs, packed: bool,
     x_row = jnp.minimum(row, rows - 1)
     q_row = jnp.minimum(row, out_rows - 1)
 
-    def load(half, i0, ni, first):
-      col = i0 + jnp.arange(ni)[None, :]
-      at = (x_row,) + (() if half is None else (jnp.int32(half),))
-      return jnp.where(real, plgpu.load(
-          x_ref.at[(*at, pl.ds(0, ap), pl.ds(i0, ni))],
-          mask=valid & (col >= first) & (col < r), other=0), 0)
-
     outs, scale = _quantized_row(
-        load, blocks, left, packed=packed, norm=norm, clip_ratio=clip_ratio,
+        _row_loader(x_ref, x_row, real, ap), blocks, left, packed=packed, norm=norm, clip_ratio=clip_ratio,
         in_pieces=in_pieces, out_pieces=out_pieces,
         dt=right_refs[0].dtype, gate_up=gate_up)
     for out, (j0, nj, _) in zip(outs, out_pieces):

@@ -65,9 +65,10 @@ _CHUNK = flags.DEFINE_list(
     "chunk_elements", ["2048"],
     "chunk_elements sweep (the split path's quantize at M <= 16).")
 _PER_SM = flags.DEFINE_list(
-    "programs_per_sm", ["0"],
-    "programs_per_sm sweep (Hadamard kernel): 0 a program per row block,"
-    " n > 0 the persistent grid of n programs an SM looping over rows.")
+    "programs_per_sm", ["auto"],
+    "programs_per_sm sweep (Hadamard kernel): auto (None, the kernel's own"
+    " choice), 0 a program per row block, n > 0 the persistent grid of n"
+    " programs an SM looping over rows.")
 _PIECES = flags.DEFINE_list(
     "piece_multiple", ["32"],
     "piece_multiple sweep (Hadamard kernel): 32 or 16.")
@@ -112,7 +113,8 @@ def main(argv):
         case = f"M{m}_K{k}_{transform}" + ("" if packed else "_int8")
         best = None
         sizes = ([dict(rows_per_program=int(r), column_splits=g,
-                       chunk_elements=int(c), programs_per_sm=int(n),
+                       chunk_elements=int(c),
+                       programs_per_sm=None if n == "auto" else int(n),
                        num_stages=int(st), piece_multiple=int(pm))
                   for r in _ROWS.value for g in splits
                   for c in _CHUNK.value for n in _PER_SM.value
@@ -126,11 +128,11 @@ def main(argv):
           cfg = hq.HadamardQuantConfig(num_warps=warps, **size)
           if use_had:  # the launch this config runs, timed once
             g = hq.column_splits(k, order, m, cfg)
-            persistent = g == 1 and cfg.programs_per_sm > 0
+            programs = hq.loop_programs(k, m, cfg) if g == 1 else 0
             launch = (warps, g, math.gcd(m, cfg.rows_per_program)
-                      if g == 1 and not persistent else None,
+                      if g == 1 and not programs else None,
                       cfg.chunk_elements if g > 1 else None,
-                      f"p{cfg.programs_per_sm}" if persistent else None,
+                      f"p{hq.programs_per_sm(k, cfg)}" if programs else None,
                       f"s{cfg.num_stages}",
                       f"m{cfg.piece_multiple}" if g == 1 else None)
             if launch in seen:

@@ -327,6 +327,16 @@ def programs_per_sm(k: int, config: HadamardQuantConfig | None = None
   return _LOOP_PROGRAMS_PER_SM if k >= _SPLIT_MIN_K else 0
 
 
+def loop_programs(k: int, rows: int,
+                  config: HadamardQuantConfig | None = None) -> int:
+  """P, the programs of the fused kernel's persistent grid for `rows` rows
+  of K (the output's, padding included), or 0 where the row grid runs:
+  `programs_per_sm` times the SMs, used only when there are more rows than
+  that."""
+  programs = programs_per_sm(k, config) * device_info.num_sms()
+  return programs if rows > programs else 0
+
+
 def _scale_factor(clip_ratio: float) -> np.float32:
   """clip_ratio / 7 as one f32 constant: scales are absmax times it, one
   rounding on every backend (XLA folds `absmax * c / 7` into this multiply;
@@ -907,8 +917,8 @@ def hadamard_quant(x: jax.Array, hadamard_base: jax.Array | None = None, *,
   operands = (x3, pad(left, (ap, ap)), *[pad(t, right_shape) for t in rights])
   out_shape = [jax.ShapeDtypeStruct((out_rows, a, r_out), q_dtype),
                jax.ShapeDtypeStruct((out_rows,), jnp.float32)]
-  programs = programs_per_sm(k, cfg) * device_info.num_sms()
-  if programs and rows and out_rows > programs:
+  programs = loop_programs(k, out_rows, cfg)
+  if programs and rows:
     kernel = functools.partial(
         hadamard_quant_loop_kernel, packed=packed, use_left=a > 1,
         norm=norm, clip_ratio=clip_ratio, rows=rows,

@@ -227,15 +227,15 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
     # hadamard_quant's grid: one program a row everywhere (before its
     # persistent grid at K >= 8192), and its defaults with R's order in
     # pieces of 16.
-    loops = {}
+    grids = {}
     for name, cfg in (
         ("hadamard_row_grid", hq_lib.HadamardQuantConfig(programs_per_sm=0)),
         ("hadamard_m16", hq_lib.HadamardQuantConfig(piece_multiple=16))):
-      looped = dataclasses.replace(kernels, hadamard_config=cfg)
-      ms_loop = benchmarking.median_ms(
-          lambda: run(qlayer, x, qcache, options, looped))
-      loops[f"ours_{name}_ms"] = round(ms_loop, 4)
-      loops[f"speedup_{name}"] = round(float_ms / ms_loop, 3)
+      variant = dataclasses.replace(kernels, hadamard_config=cfg)
+      variant_ms = benchmarking.median_ms(
+          lambda: run(qlayer, x, qcache, options, variant))
+      grids[f"ours_{name}_ms"] = round(variant_ms, 4)
+      grids[f"speedup_{name}"] = round(float_ms / variant_ms, 3)
     triton = dict(ours_triton_matmul_ms=round(ms, 4),
                   speedup_triton_matmul=round(float_ms / ms, 3),
                   ours_xla_qkv_ms=round(qkv_ms, 4),
@@ -243,7 +243,7 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
                   ours_xla_residual_add_ms=round(add_ms, 4),
                   speedup_xla_residual_add=round(float_ms / add_ms, 3),
                   ours_xla_swiglu_ms=round(swiglu_ms, 4),
-                  speedup_xla_swiglu=round(float_ms / swiglu_ms, 3), **loops)
+                  speedup_xla_swiglu=round(float_ms / swiglu_ms, 3), **grids)
   # Each stage's inputs are passed as arguments (none is created inside
   # the timed call), after three warm-up calls that compile it.
   ms = {table: {name: benchmarking.median_ms(stage.fn, *stage.args)

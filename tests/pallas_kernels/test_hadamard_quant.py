@@ -169,6 +169,12 @@ def test_programs_per_sm_rule():
   assert hq.programs_per_sm(4096, hq.HadamardQuantConfig(
       programs_per_sm=3)) == 3
   assert hq.programs_per_sm(11008, _ROW_GRID) == 0
+  # The grid's programs: 2 an SM, only with more rows than that.
+  sms = hq.device_info.num_sms()
+  assert hq.loop_programs(11008, 2 * sms + 1) == 2 * sms
+  assert hq.loop_programs(11008, 2 * sms) == 0
+  assert hq.loop_programs(11008, 16) == 0  # decode: the row grid
+  assert hq.loop_programs(4096, 8192) == 0
 
 
 def test_config_programs_per_sm_must_be_none_or_a_non_negative_int():

@@ -360,7 +360,8 @@ def _pieces(n: int, most: int, multiple: int = 32
   multiple of `multiple` (16 or 32), cut into powers of two of at most
   `most`, largest first. Triton blocks are powers of two; pieces pad the
   order-172 base of K = 11008 to 192 (128 + 64) instead of 256, 1.6x less
-  padded work in its dots, or with multiple 16 to 176 (128 + 32 + 16). A last piece that would run past n starts earlier instead (at
+  padded work in its dots, or with multiple 16 to 176 (128 + 32 + 16). A
+  last piece that would run past n starts earlier instead (at
   n - size; Pallas rejects a slice that starts inside an axis and runs
   past it), overlapping the one before: `first` is where its own columns
   begin (a load masks those before; a store writes them twice, the same
@@ -475,9 +476,9 @@ def hadamard_quant_kernel(x_ref, left_ref, *refs, packed: bool,
     row = jnp.int32(i)  # interpret mode's load/store reject a Python int
 
     outs, scale = _quantized_row(
-        _row_loader(x_ref, row, real, ap), blocks, left, packed=packed, norm=norm, clip_ratio=clip_ratio,
-        in_pieces=in_pieces, out_pieces=out_pieces,
-        dt=right_refs[0].dtype, gate_up=gate_up)
+        _row_loader(x_ref, row, real, ap), blocks, left, packed=packed,
+        norm=norm, clip_ratio=clip_ratio, in_pieces=in_pieces,
+        out_pieces=out_pieces, dt=right_refs[0].dtype, gate_up=gate_up)
     for out, (j0, nj, _) in zip(outs, out_pieces):
       mask = valid & (j0 + jnp.arange(nj)[None, :] < r_out)
       plgpu.store(q_ref.at[row, pl.ds(0, ap), pl.ds(j0, nj)], out,
@@ -516,9 +517,9 @@ def hadamard_quant_loop_kernel(x_ref, left_ref, *refs, packed: bool,
     q_row = jnp.minimum(row, out_rows - 1)
 
     outs, scale = _quantized_row(
-        _row_loader(x_ref, x_row, real, ap), blocks, left, packed=packed, norm=norm, clip_ratio=clip_ratio,
-        in_pieces=in_pieces, out_pieces=out_pieces,
-        dt=right_refs[0].dtype, gate_up=gate_up)
+        _row_loader(x_ref, x_row, real, ap), blocks, left, packed=packed,
+        norm=norm, clip_ratio=clip_ratio, in_pieces=in_pieces,
+        out_pieces=out_pieces, dt=right_refs[0].dtype, gate_up=gate_up)
     for out, (j0, nj, _) in zip(outs, out_pieces):
       mask = valid & (j0 + jnp.arange(nj)[None, :] < r_out) & live
       plgpu.store(q_ref.at[q_row, pl.ds(0, ap), pl.ds(j0, nj)], out,

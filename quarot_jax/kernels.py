@@ -85,6 +85,10 @@ class Kernels:
     hadamard_config: launch parameters of `hadamard_quant` (a
       `pallas_kernels.hadamard_quant.HadamardQuantConfig`), None for its
       defaults; a benchmark's A/B of them in the whole layer.
+    prefill_qkv_block_tokens: the most tokens a `prefill_qkv` program
+      takes (its block is the largest power of two <= this dividing T:
+      `prefill_qkv.default_block_tokens`), None for the kernel's default
+      (64); a benchmark's A/B in the whole layer.
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -110,6 +114,7 @@ class Kernels:
   residual_in_matmul: bool = True
   swiglu_in_quant: bool = True
   hadamard_config: hq_lib.HadamardQuantConfig | None = None
+  prefill_qkv_block_tokens: int | None = None
   interpret: bool = False
   layer_loop: Literal["unrolled", "scan"] = "scan"
 
@@ -130,6 +135,11 @@ class Kernels:
     if self.layer_loop not in ("unrolled", "scan"):
       raise ValueError(f"layer_loop={self.layer_loop!r} must be 'unrolled'"
                        " or 'scan'")
+    bt = self.prefill_qkv_block_tokens
+    if bt is not None and (not isinstance(bt, int) or bt < 16
+                           or bt & (bt - 1)):
+      raise ValueError(f"prefill_qkv_block_tokens={bt!r} must be None or a"
+                       " power of two >= 16")
     if self.interpret and "mosaic" in (self.w4a4, self.decode_matmul):
       raise ValueError("'mosaic' kernels have no interpret mode; use"
                        " 'triton'")

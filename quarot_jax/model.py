@@ -587,8 +587,11 @@ def _prefill_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,
   q, k, v, k_cache, v_cache = prefill_qkv_lib.prefill_qkv(
       qkv, cos, sin, signs, k_cache, v_cache, write_at, num_heads=num_heads,
       k_center=k_center, k_clip_ratio=options.k_spec.clip_ratio,
-      v_clip_ratio=options.v_spec.clip_ratio, interpret=kernels.interpret,
-      implementation="pallas")
+      v_clip_ratio=options.v_spec.clip_ratio,
+      block_tokens=(None if kernels.prefill_qkv_block_tokens is None else
+                    prefill_qkv_lib.default_block_tokens(
+                        qkv.shape[1], most=kernels.prefill_qkv_block_tokens)),
+      interpret=kernels.interpret, implementation="pallas")
   if _use_flash(q, k.shape[2], kernels):
     out = _flash_prefill(q, lambda: (k, v),
                          lambda: (_cached_kv(k_cache, q.dtype),

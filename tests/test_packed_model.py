@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import hadamard_quant as hq_lib
+from pallas_kernels import prefill_qkv as prefill_qkv_lib
 from pallas_kernels.w4a4_matmul import api as w4a4_api
 from quarot_jax import checkpoint
 from quarot_jax import generation
@@ -309,6 +310,44 @@ def test_fused_prefill_through_prefill_qkv_equals_the_unfused_ops(tiny):
   assert _rel(got, want) < 1e-4
   # These tiny models are f32: an f32 scale may differ in its last bits.
   decode_steps.assert_same_caches(got_cache, want_cache, scale_rtol=2 ** -21)
+
+
+def test_prefill_qkv_block_tokens_reach_the_kernel(tiny, monkeypatch):
+  """Kernels.prefill_qkv_block_tokens sets the tokens a `prefill_qkv`
+  program takes (the largest power of two <= it dividing T), and the
+  prefill is the default block's bit for bit."""
+  params, config, _ = tiny
+  tokens = hf_models.random_tokens(config.vocab_size, 2, 48, seed=6)
+  real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
+                                  progress=False)
+  fused = run_layout.unstack_layers(real, fuse=True)
+  cache = kv_cache.cache_for(config, 2, 48, packed=True, per_layer=True)
+  seen, kernel = [], prefill_qkv_lib.prefill_qkv
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs["block_tokens"])
+    return kernel(*args, **kwargs)
+
+  monkeypatch.setattr(prefill_qkv_lib, "prefill_qkv", spy)
+  interpret = kernels_lib.resolve("interpret")
+  step = lambda k: model.forward(fused, tokens, config, cache=cache,
+                                 options=options, kernels=k)
+  want, want_cache = step(interpret)
+  assert set(seen) == {None}
+  seen.clear()
+  # 48 tokens: at most 32 gives 16 (the largest power of two dividing 48).
+  got, got_cache = step(dataclasses.replace(interpret,
+                                            prefill_qkv_block_tokens=32))
+  assert seen and set(seen) == {16}
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("bad", [8, 48, 0, 16.0])
+def test_prefill_qkv_block_tokens_must_be_a_power_of_two(bad):
+  with pytest.raises(ValueError, match="prefill_qkv_block_tokens"):
+    kernels_lib.Kernels(prefill_qkv_block_tokens=bad)
 
 
 @pytest.mark.gpu

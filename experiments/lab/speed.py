@@ -180,7 +180,9 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   (`ours_xla_swiglu_ms`, `Kernels.swiglu_in_quant` off; GPU only), and
   with `hadamard_quant` on one program a row at every K
   (`ours_hadamard_row_grid_ms`, not its persistent grid at K >= 8192) or
-  in pieces of 16 (`ours_hadamard_m16_ms`; GPU only). The stages
+  in pieces of 16 (`ours_hadamard_m16_ms`), and with `prefill_qkv` on
+  128 tokens a program (`ours_qkv_bt128_ms`), and both of the last two
+  (`ours_qkv_bt128_hadamard_m16_ms`; GPU only). The stages
   (`layer_stages.prefill_stages`) are the pieces of each layer, each jitted
   on its own; B * T must exceed `kernels.DECODE_ROWS`.
 
@@ -226,12 +228,18 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
         lambda: run(qlayer, x, qcache, options, xla_swiglu))
     # hadamard_quant's grid: one program a row everywhere (before its
     # persistent grid at K >= 8192), and its defaults with R's order in
-    # pieces of 16.
+    # pieces of 16; prefill_qkv with 128 tokens a program (default 64).
     grids = {}
-    for name, cfg in (
-        ("hadamard_row_grid", hq_lib.HadamardQuantConfig(programs_per_sm=0)),
-        ("hadamard_m16", hq_lib.HadamardQuantConfig(piece_multiple=16))):
-      variant = dataclasses.replace(kernels, hadamard_config=cfg)
+    for name, change in (
+        ("hadamard_row_grid", dict(hadamard_config=hq_lib.HadamardQuantConfig(
+            programs_per_sm=0))),
+        ("hadamard_m16", dict(hadamard_config=hq_lib.HadamardQuantConfig(
+            piece_multiple=16))),
+        ("qkv_bt128", dict(prefill_qkv_block_tokens=128)),
+        ("qkv_bt128_hadamard_m16", dict(
+            prefill_qkv_block_tokens=128,
+            hadamard_config=hq_lib.HadamardQuantConfig(piece_multiple=16)))):
+      variant = dataclasses.replace(kernels, **change)
       variant_ms = benchmarking.median_ms(
           lambda: run(qlayer, x, qcache, options, variant))
       grids[f"ours_{name}_ms"] = round(variant_ms, 4)

@@ -175,10 +175,13 @@ def test_errors():
 
 
 @pytest.mark.gpu
-def test_gpu_matches_reference():
+@pytest.mark.parametrize("bt, warps", [(None, 4), (128, 4), (128, 8),
+                                       (256, 8)])
+def test_gpu_matches_reference(bt, warps):
   # 7B-like heads at 256 tokens: XLA:GPU's GEMM may order the head
   # transform's f32 sums otherwise, so a bf16 q or k may round the other
-  # way now and then; codes then move by one at most.
+  # way now and then; codes then move by one at most. bt: the default
+  # block (64 tokens) and larger ones.
   b, t, n, kv_heads, s, h = 2, 256, 8, 8, 300, 128
   qkv, cos, sin, _, _, (kc, vc) = _case(b, t, n, kv_heads, s, h,
                                         jnp.bfloat16, seed=7)
@@ -187,7 +190,8 @@ def test_gpu_matches_reference():
   hlo = jax.jit(pq.prefill_qkv, static_argnames="num_heads").lower(
       *args, num_heads=n).as_text()
   assert "prefill_qkv" in hlo
-  got = pq.prefill_qkv(*args, num_heads=n)
+  got = pq.prefill_qkv(*args, num_heads=n, block_tokens=bt,
+                       num_warps=warps)
   want = pq.prefill_qkv_reference(*args, num_heads=n)
   for g, w in zip(got[:3], want[:3]):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)

@@ -33,7 +33,7 @@ _TOKENS = flags.DEFINE_integer("tokens", 2048, "Tokens a row, T.")
 _HEADS = flags.DEFINE_integer("heads", 32, "Query heads N.")
 _KV = flags.DEFINE_integer("kv_heads", 32, "Key/value heads K.")
 _HDIM = flags.DEFINE_integer("head_dim", 128, "Head width H.")
-_BT = flags.DEFINE_list("block_tokens", ["16", "32", "64"],
+_BT = flags.DEFINE_list("block_tokens", ["16", "32", "64", "128", "256"],
                         "block_tokens sweep.")
 _BH = flags.DEFINE_list("block_heads", ["1", "2", "4", "8"],
                         "block_heads sweep (those dividing N and K).")

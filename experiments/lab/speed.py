@@ -181,7 +181,8 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   with `hadamard_quant` on one program a row at every K
   (`ours_hadamard_row_grid_ms`, not its persistent grid at K >= 8192) or
   in pieces of 16 (`ours_hadamard_m16_ms`), and with `prefill_qkv` on
-  128 tokens a program (`ours_qkv_bt128_ms`), and both of the last two
+  128 tokens a program (`ours_qkv_bt128_ms`) or reading half of cos and
+  sin (`ours_qkv_half_rope_ms`), and 128 tokens with pieces of 16
   (`ours_qkv_bt128_hadamard_m16_ms`; GPU only). The stages
   (`layer_stages.prefill_stages`) are the pieces of each layer, each jitted
   on its own; B * T must exceed `kernels.DECODE_ROWS`.
@@ -236,6 +237,7 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
         ("hadamard_m16", dict(hadamard_config=hq_lib.HadamardQuantConfig(
             piece_multiple=16))),
         ("qkv_bt128", dict(prefill_qkv_block_tokens=128)),
+        ("qkv_half_rope", dict(prefill_qkv_half_rope=True)),
         ("qkv_bt128_hadamard_m16", dict(
             prefill_qkv_block_tokens=128,
             hadamard_config=hq_lib.HadamardQuantConfig(piece_multiple=16)))):

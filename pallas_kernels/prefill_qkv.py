@@ -214,7 +214,8 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
                 k_clip_ratio: float = 0.95, v_clip_ratio: float = 0.95,
                 block_tokens: int | None = None,
                 block_heads: int | None = None, num_warps: int = 4,
-                rope_halves_equal: bool = False, interpret: bool = False, debug: bool = False,
+                rope_halves_equal: bool = False, interpret: bool = False,
+                debug: bool = False,
                 implementation: Literal["pallas", "xla"] | None = None):
   """RoPE and the head transform of T tokens' q and k, with k and v
   quantized into slots at .. at + T - 1 of packed KV4 caches.

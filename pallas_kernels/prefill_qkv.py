@@ -87,12 +87,13 @@ def prefill_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, center_ref,
                        kf_ref, vf_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
                        vz_ref, *, n: int, kv_heads: int, tokens: int,
                        norm: float, k_clip_ratio: float, v_clip_ratio: float,
-                       exact: bool, centered: bool):
+                       exact: bool, centered: bool, half_rope: bool = False):
   """Tokens i·bt .. (i + 1)·bt of row b, heads g·hb .. (g + 1)·hb: query
   heads (rotated, stored), key heads (rotated, quantized into the cache,
   dequantized into kf) or value heads (quantized, dequantized into vf)."""
   # at_ref: int32[] first slot; qkv_ref: [bt, hb, H] heads of the tokens;
-  # cos_ref, sin_ref: f32[bt, H]; t_ref: [H, H] T (±1 or identity);
+  # cos_ref, sin_ref: f32[bt, H], or f32[bt, H / 2] (their first halves)
+  # with `half_rope`, for both halves; t_ref: [H, H] T (±1 or identity);
   # center_ref: [K, H] (read only when `centered`).
   # q_ref, kf_ref, vf_ref: [bt, hb, H] (q heads g·hb.., k and v heads
   # g·hb - N.., g·hb - N - K..); kc/vc: uint8[hb, S, H // 2]; ks/vs, kz/vz:
@@ -124,8 +125,11 @@ def prefill_qkv_kernel(at_ref, qkv_ref, cos_ref, sin_ref, t_ref, center_ref,
     return (z * norm).astype(dtype).astype(jnp.float32)
 
   # The tokens' cos and sin, read once for the program's hb heads.
-  cos_sin = lambda: [ref[:, half(i)] for ref in (cos_ref, sin_ref)
-                     for i in (0, 1)]
+  def cos_sin():
+    if half_rope:  # HF's layout: the H / 2 frequencies twice
+      c, s = cos_ref[...], sin_ref[...]
+      return [c, c, s, s]
+    return [ref[:, half(i)] for ref in (cos_ref, sin_ref) for i in (0, 1)]
 
   def write(jj, x, c_ref, s_ref, z_ref, f_ref, clip_ratio):
     """Quantizes the rows x f32[bt, H] of head jj into its cache slots and
@@ -198,7 +202,8 @@ def _check(qkv, cos, sin, head_signs, k_cache, v_cache, num_heads,
 
 
 _STATIC = ("num_heads", "k_clip_ratio", "v_clip_ratio", "block_tokens",
-           "block_heads", "num_warps", "interpret", "debug", "implementation")
+           "block_heads", "num_warps", "rope_halves_equal", "interpret",
+           "debug", "implementation")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -209,7 +214,8 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
                 k_clip_ratio: float = 0.95, v_clip_ratio: float = 0.95,
                 block_tokens: int | None = None,
                 block_heads: int | None = None, num_warps: int = 4,
-                interpret: bool = False, debug: bool = False,
+                rope_halves_equal: bool = False, interpret: bool = False,
+                debug: bool = False,
                 implementation: Literal["pallas", "xla"] | None = None):
   """RoPE and the head transform of T tokens' q and k, with k and v
   quantized into slots at .. at + T - 1 of packed KV4 caches.
@@ -236,6 +242,11 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     block_heads: heads a program (hb: dividing N and K; None:
       `heads_per_program(N, K)`).
     num_warps: Triton warps a program.
+    rope_halves_equal: cos and sin hold the H / 2 frequencies twice (HF's
+      layout, as `rope_cos_sin` builds them), so the kernel reads only
+      their first halves, for both halves of each head (half the bytes of
+      cos and sin each program reads). With halves that differ the result
+      is wrong: the caller vouches for the layout.
     interpret: run the kernel in interpret mode (CPU tests).
     debug: print the kernel's jaxpr.
     implementation: 'pallas' (the kernel where `kernel_takes`, else the
@@ -283,7 +294,8 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   kernel = functools.partial(
       prefill_qkv_kernel, n=n, kv_heads=kv_heads, tokens=t, norm=norm,
       k_clip_ratio=k_clip_ratio, v_clip_ratio=v_clip_ratio,
-      exact=not interpret, centered=k_center is not None)
+      exact=not interpret, centered=k_center is not None,
+      half_rope=rope_halves_equal)
   h2 = h // 2
   hb = block_heads or heads_per_program(n, kv_heads)
   if hb < 1 or n % hb or kv_heads % hb:
@@ -304,7 +316,8 @@ def prefill_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
   caches = cache(q_groups) + cache(q_groups + kv_groups)
   arrays = (k_cache.codes, k_cache.scale, k_cache.zero, v_cache.codes,
             v_cache.scale, v_cache.zero)
-  token_rows = pl.BlockSpec((None, bt, h), lambda r, i, g: (r, i, 0))
+  token_rows = pl.BlockSpec((None, bt, h2 if rope_halves_equal else h),
+                            lambda r, i, g: (r, i, 0))
   out = pl.pallas_call(
       kernel,
       grid=(b, t // bt, q_groups + 2 * kv_groups),

@@ -89,6 +89,11 @@ class Kernels:
       takes (its block is the largest power of two <= this dividing T:
       `prefill_qkv.default_block_tokens`), None for the kernel's default
       (64); a benchmark's A/B in the whole layer.
+    prefill_qkv_half_rope: `prefill_qkv` reads only the first half of the
+      rotary cos and sin (`rope_halves_equal`: the model's come from
+      `layers.rope_cos_sin`, the H / 2 frequencies twice). On by default:
+      a 7B layer's prefill at B = 1 took 1.2% and 1.9% less time with it
+      in two runs (H100, 2026-12-07, BENCHMARKS.md); False is the A/B.
     interpret: run the Pallas kernels above in interpret mode.
     layer_loop: how `generate` runs the layers: 'unrolled' over per-layer
       weights and caches (`run_layout.unstack_layers`: each weight read once per
@@ -115,6 +120,7 @@ class Kernels:
   swiglu_in_quant: bool = True
   hadamard_config: hq_lib.HadamardQuantConfig | None = None
   prefill_qkv_block_tokens: int | None = None
+  prefill_qkv_half_rope: bool = True
   interpret: bool = False
   layer_loop: Literal["unrolled", "scan"] = "scan"
 

@@ -591,6 +591,7 @@ def _prefill_qkv_attention(qkv, positions, inv_freq, k_cache, v_cache,
       block_tokens=(None if kernels.prefill_qkv_block_tokens is None else
                     prefill_qkv_lib.default_block_tokens(
                         qkv.shape[1], most=kernels.prefill_qkv_block_tokens)),
+      rope_halves_equal=kernels.prefill_qkv_half_rope,  # rope_cos_sin's
       interpret=kernels.interpret, implementation="pallas")
   if _use_flash(q, k.shape[2], kernels):
     out = _flash_prefill(q, lambda: (k, v),

@@ -314,8 +314,9 @@ def test_fused_prefill_through_prefill_qkv_equals_the_unfused_ops(tiny):
 
 def test_prefill_qkv_block_tokens_reach_the_kernel(tiny, monkeypatch):
   """Kernels.prefill_qkv_block_tokens sets the tokens a `prefill_qkv`
-  program takes (the largest power of two <= it dividing T), and the
-  prefill is the default block's bit for bit."""
+  program takes (the largest power of two <= it dividing T) and
+  Kernels.prefill_qkv_half_rope its rope_halves_equal (on by default);
+  each prefill is the default's bit for bit."""
   params, config, _ = tiny
   tokens = hf_models.random_tokens(config.vocab_size, 2, 48, seed=6)
   real, options = quarot.quantize(params, config, W4A4KV4, packed=True,
@@ -325,7 +326,7 @@ def test_prefill_qkv_block_tokens_reach_the_kernel(tiny, monkeypatch):
   seen, kernel = [], prefill_qkv_lib.prefill_qkv
 
   def spy(*args, **kwargs):
-    seen.append(kwargs["block_tokens"])
+    seen.append((kwargs["block_tokens"], kwargs["rope_halves_equal"]))
     return kernel(*args, **kwargs)
 
   monkeypatch.setattr(prefill_qkv_lib, "prefill_qkv", spy)
@@ -333,12 +334,21 @@ def test_prefill_qkv_block_tokens_reach_the_kernel(tiny, monkeypatch):
   step = lambda k: model.forward(fused, tokens, config, cache=cache,
                                  options=options, kernels=k)
   want, want_cache = step(interpret)
-  assert set(seen) == {None}
+  assert set(seen) == {(None, True)}
   seen.clear()
   # 48 tokens: at most 32 gives 16 (the largest power of two dividing 48).
   got, got_cache = step(dataclasses.replace(interpret,
                                             prefill_qkv_block_tokens=32))
-  assert seen and set(seen) == {16}
+  assert seen and set(seen) == {(16, True)}
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  # The default reads only the first halves of the model's cos and sin
+  # (rope_cos_sin's, the frequencies twice): the full read, the same bits.
+  seen.clear()
+  got, got_cache = step(dataclasses.replace(interpret,
+                                            prefill_qkv_half_rope=False))
+  assert seen and set(seen) == {(None, False)}
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

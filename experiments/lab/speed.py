@@ -181,8 +181,11 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   with `hadamard_quant` on one program a row at every K
   (`ours_hadamard_row_grid_ms`, not its persistent grid at K >= 8192) or
   in pieces of 16 (`ours_hadamard_m16_ms`), and with `prefill_qkv` on
-  128 tokens a program (`ours_qkv_bt128_ms`), and both of the last two
-  (`ours_qkv_bt128_hadamard_m16_ms`; GPU only). The stages
+  128 tokens a program (`ours_qkv_bt128_ms`) or reading all of cos and
+  sin (`ours_qkv_full_rope_ms`; records before 2026-12-07's fifth session
+  hold `ours_qkv_half_rope_ms`, the half read, then off), and pieces of 16
+  with the default half read (`ours_qkv_half_rope_hadamard_m16_ms`; GPU
+  only). The stages
   (`layer_stages.prefill_stages`) are the pieces of each layer, each jitted
   on its own; B * T must exceed `kernels.DECODE_ROWS`.
 
@@ -228,7 +231,8 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
         lambda: run(qlayer, x, qcache, options, xla_swiglu))
     # hadamard_quant's grid: one program a row everywhere (before its
     # persistent grid at K >= 8192), and its defaults with R's order in
-    # pieces of 16; prefill_qkv with 128 tokens a program (default 64).
+    # pieces of 16; prefill_qkv with 128 tokens a program (default 64) or
+    # reading all of cos and sin (default: half).
     grids = {}
     for name, change in (
         ("hadamard_row_grid", dict(hadamard_config=hq_lib.HadamardQuantConfig(
@@ -236,8 +240,8 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
         ("hadamard_m16", dict(hadamard_config=hq_lib.HadamardQuantConfig(
             piece_multiple=16))),
         ("qkv_bt128", dict(prefill_qkv_block_tokens=128)),
-        ("qkv_bt128_hadamard_m16", dict(
-            prefill_qkv_block_tokens=128,
+        ("qkv_full_rope", dict(prefill_qkv_half_rope=False)),
+        ("qkv_half_rope_hadamard_m16", dict(
             hadamard_config=hq_lib.HadamardQuantConfig(piece_multiple=16)))):
       variant = dataclasses.replace(kernels, **change)
       variant_ms = benchmarking.median_ms(

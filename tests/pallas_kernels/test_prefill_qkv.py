@@ -98,6 +98,30 @@ def test_fewer_heads_a_program_give_the_same_result(block_heads):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_half_rope_reads_one_half_and_gives_the_same_result(dtype):
+  """rope_halves_equal on HF's cos/sin (each half the H / 2 frequencies)
+  is the full read bit for bit; on halves that differ it is not, so the
+  kernel does use only the first halves."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("exact on the CPU only")
+  b, t, n, kv_heads, s, h = 2, 32, 4, 2, 40, 64
+  qkv, cos, sin, _, _, (kc, vc) = _case(b, t, n, kv_heads, s, h, dtype,
+                                        seed=11)
+  signs = jnp.asarray(hadamard.hadamard_matrix(h))
+  run = lambda c, sn, half: pq.prefill_qkv(
+      qkv, c, sn, signs, kc, vc, jnp.int32(2), num_heads=n,
+      block_tokens=16, rope_halves_equal=half, interpret=True,
+      implementation="pallas")
+  _assert_same(run(cos, sin, True), run(cos, sin, False), f32=False)
+  # Second halves changed: the full read sees it, the half read does not.
+  cos2, sin2 = (x.at[..., h // 2:].multiply(0.5) for x in (cos, sin))
+  _assert_same(run(cos2, sin2, True), run(cos, sin, True), f32=False)
+  q_full, q_half = run(cos2, sin2, False)[0], run(cos2, sin2, True)[0]
+  assert not np.array_equal(np.asarray(q_full, np.float32),
+                            np.asarray(q_half, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernel_subtracts_the_key_center(dtype):
   if jax.default_backend() == "gpu":
     pytest.skip("exact on the CPU only")
@@ -175,9 +199,11 @@ def test_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bt, warps", [(None, 4), (128, 4), (128, 8),
-                                       (256, 8)])
-def test_gpu_matches_reference(bt, warps):
+@pytest.mark.parametrize("bt, warps, half", [(None, 4, False),
+                                             (None, 4, True),
+                                             (128, 4, False), (128, 8, False),
+                                             (256, 8, False)])
+def test_gpu_matches_reference(bt, warps, half):
   # 7B-like heads at 256 tokens: XLA:GPU's GEMM may order the head
   # transform's f32 sums otherwise, so a bf16 q or k may round the other
   # way now and then; codes then move by one at most. bt: the default
@@ -191,7 +217,7 @@ def test_gpu_matches_reference(bt, warps):
       *args, num_heads=n).as_text()
   assert "prefill_qkv" in hlo
   got = pq.prefill_qkv(*args, num_heads=n, block_tokens=bt,
-                       num_warps=warps)
+                       num_warps=warps, rope_halves_equal=half)
   want = pq.prefill_qkv_reference(*args, num_heads=n)
   for g, w in zip(got[:3], want[:3]):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)

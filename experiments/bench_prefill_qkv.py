@@ -38,6 +38,9 @@ _BT = flags.DEFINE_list("block_tokens", ["16", "32", "64", "128", "256"],
 _BH = flags.DEFINE_list("block_heads", ["1", "2", "4", "8"],
                         "block_heads sweep (those dividing N and K).")
 _WARPS = flags.DEFINE_list("num_warps", ["4", "8"], "num_warps sweep.")
+_HALF = flags.DEFINE_bool(
+    "rope_halves_equal", True, "Read half of cos and sin, as the model"
+    " does (`Kernels.prefill_qkv_half_rope`); false: the full read.")
 _PEAK = flags.DEFINE_float("peak_gbps", 4800.0, "HBM peak (H200).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "CPU smoke test.")
 
@@ -65,6 +68,7 @@ def main(argv):
       name = f"b{bt}_h{hb}_w{warps}"
       fn = jax.jit(lambda *a, bt=bt, hb=hb, w=warps: pq.prefill_qkv(
           *a, num_heads=n, block_tokens=bt, block_heads=hb, num_warps=w,
+          rope_halves_equal=_HALF.value,
           implementation="pallas", interpret=_INTERPRET.value))
       try:
         ms, how = benchmarking.timed_ms(fn, *args)
@@ -87,7 +91,8 @@ def main(argv):
              + 2 * b * t * kv_heads * (h // 2 + 5))
     record = benchmarking.record(
         "prefill_qkv", f"B{b}_T{t}_N{n}_K{kv_heads}_H{h}", ms, base,
-        command=command, config=name, sweep=sweep, timing=how["timing"],
+        command=command, config=name, sweep=sweep,
+        rope_halves_equal=_HALF.value, timing=how["timing"],
         wall_ms=how["wall_ms"],
         hbm_fraction=round(moved / (ms * 1e-3) / (_PEAK.value * 1e9), 3),
         xla_hbm_fraction=round(moved / (base["xla_unfused"] * 1e-3)

@@ -32,6 +32,13 @@ _MODELS = flags.DEFINE_list("models", ["llama2-7b"],
                             f"Presets: {sorted(speed.PRESETS)}.")
 _LAYER_BATCHES = flags.DEFINE_list("layer_batches", ["1", "4", "16"],
                                    "Batches for layer_prefill.")
+_LAYER_VARIANTS = flags.DEFINE_list(
+    "layer_variants", list(speed.LAYER_PREFILL_VARIANTS),
+    "layer_prefill's extra runs of the W4A4KV4 layer (each compiles the"
+    f" layer again): a subset of {list(speed.LAYER_PREFILL_VARIANTS)}, or"
+    " empty.")
+_LAYER_STAGES = flags.DEFINE_bool(
+    "layer_stages", True, "layer_prefill also times each stage alone.")
 _SEQ = flags.DEFINE_integer("seq", 2048, "Prefill length (layer, model).")
 _DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1", "16"],
                                     "Batches for decode.")
@@ -55,8 +62,10 @@ def _cases():
     for bench in _BENCH.value:
       if bench == "layer_prefill":
         for b in ints(_LAYER_BATCHES.value):
-          yield bench, speed.layer_prefill, dict(config=config, batch=b,
-                                                 seq=_SEQ.value)
+          yield bench, speed.layer_prefill, dict(
+              config=config, batch=b, seq=_SEQ.value,
+              variants=tuple(_LAYER_VARIANTS.value),
+              stages=_LAYER_STAGES.value)
       elif bench == "decode_memory":
         for b in ints(_DECODE_BATCHES.value):
           for p in ints(_PREFILLS.value):

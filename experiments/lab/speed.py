@@ -163,10 +163,29 @@ def layer_prefill_inputs(config: LlamaConfig, batch: int, seq: int,
       options=W4A4KV4.run_options(config.head_dim))
 
 
+# layer_prefill's extra runs of the W4A4KV4 layer: name -> the Kernels
+# fields it changes (`ours_{name}_ms` and `speedup_{name}` in the record,
+# `_matmul` after the name for the two matmul backends); all but xla_int8
+# need a GPU (the Triton kernels have no CPU path).
+LAYER_PREFILL_VARIANTS = {
+    "xla_int8": dict(w4a4="xla"),
+    "triton": dict(w4a4="triton"),
+    "xla_qkv": dict(prefill_qkv="xla"),
+    "xla_residual_add": dict(residual_in_matmul=False),
+    "xla_swiglu": dict(swiglu_in_quant=False),
+    "hadamard_row_grid": dict(hadamard_config=hq_lib.HadamardQuantConfig(
+        programs_per_sm=0)),
+    "hadamard_m16": dict(hadamard_config=hq_lib.HadamardQuantConfig(
+        piece_multiple=16)),
+    "qkv_full_rope": dict(prefill_qkv_half_rope=False),
+}
+
+
 def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
                   command: str, key: jax.Array,
-                  kernels: "str | kernels_lib.Kernels | None" = None
-                  ) -> list[dict]:
+                  kernels: "str | kernels_lib.Kernels | None" = None,
+                  variants: tuple[str, ...] = tuple(LAYER_PREFILL_VARIANTS),
+                  stages: bool = True) -> list[dict]:
   """One decoder layer at prefill: bf16 vs W4A4KV4, plus the stage tables.
 
   Both run with `kernels` (resolved here); the record also times the
@@ -180,14 +199,17 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   (`ours_xla_swiglu_ms`, `Kernels.swiglu_in_quant` off; GPU only), and
   with `hadamard_quant` on one program a row at every K
   (`ours_hadamard_row_grid_ms`, not its persistent grid at K >= 8192) or
-  in pieces of 16 (`ours_hadamard_m16_ms`), and with `prefill_qkv` on
-  128 tokens a program (`ours_qkv_bt128_ms`) or reading all of cos and
-  sin (`ours_qkv_full_rope_ms`; records before 2026-12-07's fifth session
-  hold `ours_qkv_half_rope_ms`, the half read, then off), and pieces of 16
-  with the default half read (`ours_qkv_half_rope_hadamard_m16_ms`; GPU
-  only). The stages
-  (`layer_stages.prefill_stages`) are the pieces of each layer, each jitted
-  on its own; B * T must exceed `kernels.DECODE_ROWS`.
+  in pieces of 16 (`ours_hadamard_m16_ms`), and with `prefill_qkv`
+  reading all of cos and sin (`ours_qkv_full_rope_ms`; records before
+  2026-12-07's fifth session hold `ours_qkv_half_rope_ms`, the half read,
+  then off; GPU only). Records of 2026-12-07 also hold
+  `ours_qkv_bt128_ms` (128 tokens a `prefill_qkv` program) and
+  `ours_qkv_half_rope_hadamard_m16_ms`, both measured slower or no faster
+  and dropped. `variants` picks which of these run
+  (`LAYER_PREFILL_VARIANTS`; each compiles the layer again). The stages
+  (`layer_stages.prefill_stages`, skipped with `stages=False`) are the
+  pieces of each layer, each jitted on its own; B * T must exceed
+  `kernels.DECODE_ROWS`.
 
   Returns:
     A `layer_prefill` record with `attention` / `baseline_attention` (the
@@ -197,6 +219,10 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
     `baseline_stage_share` (stage / its whole layer) and
     `stage_totals_ms`.
   """
+  unknown = set(variants) - set(LAYER_PREFILL_VARIANTS)
+  if unknown:
+    raise ValueError(f"unknown layer_prefill variants {sorted(unknown)};"
+                     f" known: {list(LAYER_PREFILL_VARIANTS)}")
   kernels = kernels_lib.resolve(kernels)
   key, ks = jax.random.split(key)
   lp = layer_prefill_inputs(config, batch, seq, key)
@@ -205,77 +231,35 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   fcache, qcache, options = lp.fcache, lp.qcache, lp.options
   # Built first, so that a B * T too small for a prefill fails before any
   # timing.
-  stages = layer_stages.prefill_stages(
+  named_stages = layer_stages.prefill_stages(
       config, _layer(fparams), _layer(qparams), batch, seq, options=options,
-      kernels=kernels, caches=(fcache, qcache), key=ks)
+      kernels=kernels, caches=(fcache, qcache), key=ks) if stages else {}
   float_ms = benchmarking.median_ms(
       lambda: run(flayer, x, fcache, model.FLOAT, kernels))
   ours_ms = benchmarking.median_ms(
       lambda: run(qlayer, x, qcache, options, kernels))
-  xla_mm = dataclasses.replace(kernels, w4a4="xla")
-  ours_xla_mm_ms = benchmarking.median_ms(
-      lambda: run(qlayer, x, qcache, options, xla_mm))
-  triton = {}
-  if jax.default_backend() == "gpu":  # The Triton kernels have no CPU path.
-    triton_mm = dataclasses.replace(kernels, w4a4="triton")
-    ms = benchmarking.median_ms(
-        lambda: run(qlayer, x, qcache, options, triton_mm))
-    xla_qkv = dataclasses.replace(kernels, prefill_qkv="xla")
-    qkv_ms = benchmarking.median_ms(
-        lambda: run(qlayer, x, qcache, options, xla_qkv))
-    xla_add = dataclasses.replace(kernels, residual_in_matmul=False)
-    add_ms = benchmarking.median_ms(
-        lambda: run(qlayer, x, qcache, options, xla_add))
-    xla_swiglu = dataclasses.replace(kernels, swiglu_in_quant=False)
-    swiglu_ms = benchmarking.median_ms(
-        lambda: run(qlayer, x, qcache, options, xla_swiglu))
-    # hadamard_quant's grid: one program a row everywhere (before its
-    # persistent grid at K >= 8192), and its defaults with R's order in
-    # pieces of 16; prefill_qkv with 128 tokens a program (default 64) or
-    # reading all of cos and sin (default: half).
-    grids = {}
-    for name, change in (
-        ("hadamard_row_grid", dict(hadamard_config=hq_lib.HadamardQuantConfig(
-            programs_per_sm=0))),
-        ("hadamard_m16", dict(hadamard_config=hq_lib.HadamardQuantConfig(
-            piece_multiple=16))),
-        ("qkv_bt128", dict(prefill_qkv_block_tokens=128)),
-        ("qkv_full_rope", dict(prefill_qkv_half_rope=False)),
-        ("qkv_half_rope_hadamard_m16", dict(
-            hadamard_config=hq_lib.HadamardQuantConfig(piece_multiple=16)))):
-      variant = dataclasses.replace(kernels, **change)
-      variant_ms = benchmarking.median_ms(
-          lambda: run(qlayer, x, qcache, options, variant))
-      grids[f"ours_{name}_ms"] = round(variant_ms, 4)
-      grids[f"speedup_{name}"] = round(float_ms / variant_ms, 3)
-    triton = dict(ours_triton_matmul_ms=round(ms, 4),
-                  speedup_triton_matmul=round(float_ms / ms, 3),
-                  ours_xla_qkv_ms=round(qkv_ms, 4),
-                  speedup_xla_qkv=round(float_ms / qkv_ms, 3),
-                  ours_xla_residual_add_ms=round(add_ms, 4),
-                  speedup_xla_residual_add=round(float_ms / add_ms, 3),
-                  ours_xla_swiglu_ms=round(swiglu_ms, 4),
-                  speedup_xla_swiglu=round(float_ms / swiglu_ms, 3), **grids)
+  extra = {}
+  for name in variants:
+    if name != "xla_int8" and jax.default_backend() != "gpu":
+      continue  # the Triton kernels have no CPU path
+    variant = dataclasses.replace(kernels, **LAYER_PREFILL_VARIANTS[name])
+    variant_ms = benchmarking.median_ms(
+        lambda: run(qlayer, x, qcache, options, variant))
+    field = f"{name}_matmul" if name in ("xla_int8", "triton") else name
+    extra[f"ours_{field}_ms"] = round(variant_ms, 4)
+    extra[f"speedup_{field}"] = round(float_ms / variant_ms, 3)
   # Each stage's inputs are passed as arguments (none is created inside
   # the timed call), after three warm-up calls that compile it.
   ms = {table: {name: benchmarking.median_ms(stage.fn, *stage.args)
                 for name, stage in named.items()}
-        for table, named in stages.items()}
+        for table, named in named_stages.items()}
   r4 = lambda d: {k: round(v, 4) for k, v in d.items()}
   share = lambda d, whole: {k: round(v / whole, 3) for k, v in d.items()}
   total = lambda d, word: round(sum(v for k, v in d.items() if word in k),
                                 4)
-  return [benchmarking.record(
-      "layer_prefill", f"{_name(config)} b{batch} s{seq}", ours_ms,
-      {"xla_bf16_layer": float_ms}, command=command,
-      ours_xla_int8_matmul_ms=round(ours_xla_mm_ms, 4),
-      speedup_xla_int8_matmul=round(float_ms / ours_xla_mm_ms, 3),
-      **triton,
-      layout="fused q/k/v and gate/up (generate's run layout)",
-      attention=layer_stages.attention_used(config, kernels),
-      baseline_attention=layer_stages.attention_used(config, kernels),
+  stage_fields = dict(
       stages={table: {k: s.what for k, s in named.items()}
-              for table, named in stages.items()},
+              for table, named in named_stages.items()},
       stages_ms=r4(ms["ours"]),
       xla_int8_stages_ms=r4(ms["xla_int8"]),
       baseline_stages_ms=r4(ms["baseline"]),
@@ -285,7 +269,15 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
           "int4_matmuls": total(ms["ours"], "matmul"),
           "quantize": total(ms["ours"], "quantize"),
           "xla_int8_matmuls": total(ms["xla_int8"], "matmul"),
-          "baseline_matmuls": total(ms["baseline"], "matmul")})]
+          "baseline_matmuls": total(ms["baseline"], "matmul")},
+  ) if stages else {}
+  return [benchmarking.record(
+      "layer_prefill", f"{_name(config)} b{batch} s{seq}", ours_ms,
+      {"xla_bf16_layer": float_ms}, command=command, **extra,
+      layout="fused q/k/v and gate/up (generate's run layout)",
+      attention=layer_stages.attention_used(config, kernels),
+      baseline_attention=layer_stages.attention_used(config, kernels),
+      **stage_fields)]
 
 
 def _name(config: LlamaConfig) -> str:

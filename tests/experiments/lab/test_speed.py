@@ -72,6 +72,19 @@ def test_layer_prefill_record():
   assert "einsum" in r["stages"]["ours"]["kv4_write_and_attention"]
 
 
+def test_layer_prefill_runs_the_variants_and_stages_asked_for():
+  (r,) = speed.layer_prefill(_TINY, 2, 12, command="t",
+                             key=jax.random.key(0), variants=(),
+                             stages=False)
+  assert (r["baselines"]["xla_bf16_layer"], r["ours_ms"]) == (1, 2)
+  assert not any(k.startswith("ours_") and k != "ours_ms" for k in r)
+  assert "stages_ms" not in r and "stage_totals_ms" not in r
+  with pytest.raises(ValueError, match=r"unknown layer_prefill variants"
+                     r" \['fast'\]"):
+    speed.layer_prefill(_TINY, 2, 12, command="t", key=jax.random.key(0),
+                        variants=("xla_int8", "fast"))
+
+
 def test_layer_prefill_rejects_a_decode_sized_batch():
   with pytest.raises(ValueError, match="prefill stages need B \\* T = 16"):
     speed.layer_prefill(_TINY, 2, 8, command="t", key=jax.random.key(0))

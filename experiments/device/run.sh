@@ -31,7 +31,10 @@
 #                            --time_budget_s=450
 #   bench-kernels            every kernel benchmark with its default shapes.
 #   bench-model [ARGS]       experiments.bench_model (LLaMA shapes, random
-#                            weights: needs no staged model).
+#                            weights: needs no staged model). One layer
+#                            A/B alone (~3 compiles, not ~11):
+#                            --benchmarks=layer_prefill --layer_batches=1
+#                            --layer_variants=NAME --layer_stages=false
 #   accuracy [ARGS]          experiments.accuracy on the staged SmolLM2
 #                            (--eval_texts=enwiki-gensim,code-sympy: both
 #                            texts, one quantization per config; code-sympy

@@ -163,28 +163,44 @@ def layer_prefill_inputs(config: LlamaConfig, batch: int, seq: int,
       options=W4A4KV4.run_options(config.head_dim))
 
 
-# layer_prefill's extra runs of the W4A4KV4 layer: name -> the Kernels
-# fields it changes (`ours_{name}_ms` and `speedup_{name}` in the record,
-# `_matmul` after the name for the two matmul backends); all but xla_int8
+# The extra runs of the W4A4KV4 layer (layer_prefill) and model
+# (model_prefill): name -> (FIELD, the Kernels fields it changes); the
+# record holds `ours_{FIELD}_ms` and `speedup_{FIELD}`. All but xla_int8
 # need a GPU (the Triton kernels have no CPU path).
-LAYER_PREFILL_VARIANTS = {
-    "xla_int8": dict(w4a4="xla"),
-    "triton": dict(w4a4="triton"),
-    "xla_qkv": dict(prefill_qkv="xla"),
-    "xla_residual_add": dict(residual_in_matmul=False),
-    "xla_swiglu": dict(swiglu_in_quant=False),
-    "hadamard_row_grid": dict(hadamard_config=hq_lib.HadamardQuantConfig(
-        programs_per_sm=0)),
-    "hadamard_m16": dict(hadamard_config=hq_lib.HadamardQuantConfig(
-        piece_multiple=16)),
-    "qkv_full_rope": dict(prefill_qkv_half_rope=False),
+KERNEL_VARIANTS = {
+    "xla_int8": ("xla_int8_matmul", dict(w4a4="xla")),
+    "triton": ("triton_matmul", dict(w4a4="triton")),
+    "xla_qkv": ("xla_qkv", dict(prefill_qkv="xla")),
+    "xla_residual_add": ("xla_residual_add", dict(residual_in_matmul=False)),
+    "xla_swiglu": ("xla_swiglu", dict(swiglu_in_quant=False)),
+    "hadamard_row_grid": ("hadamard_row_grid", dict(
+        hadamard_config=hq_lib.HadamardQuantConfig(programs_per_sm=0))),
+    "hadamard_m16": ("hadamard_m16", dict(
+        hadamard_config=hq_lib.HadamardQuantConfig(piece_multiple=16))),
+    "qkv_full_rope": ("qkv_full_rope", dict(prefill_qkv_half_rope=False)),
 }
+LAYER_PREFILL_VARIANTS = tuple(KERNEL_VARIANTS)
+
+
+def _kernel_variants(variants, kernels: "kernels_lib.Kernels",
+                     baseline_ms: float, time_with) -> dict:
+  """Times `time_with(kernels changed as KERNEL_VARIANTS says)` for each
+  of `variants` the backend runs (in the table's order), returning the
+  record's `ours_*_ms` and `speedup_*` (baseline / it) fields."""
+  gpu = jax.default_backend() == "gpu"
+  extra = {}
+  for name, (field, change) in KERNEL_VARIANTS.items():
+    if name in variants and (gpu or name == "xla_int8"):
+      ms = time_with(dataclasses.replace(kernels, **change))
+      extra[f"ours_{field}_ms"] = round(ms, 4)
+      extra[f"speedup_{field}"] = round(baseline_ms / ms, 3)
+  return extra
 
 
 def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
                   command: str, key: jax.Array,
                   kernels: "str | kernels_lib.Kernels | None" = None,
-                  variants: tuple[str, ...] = tuple(LAYER_PREFILL_VARIANTS),
+                  variants: tuple[str, ...] = LAYER_PREFILL_VARIANTS,
                   stages: bool = True) -> list[dict]:
   """One decoder layer at prefill: bf16 vs W4A4KV4, plus the stage tables.
 
@@ -222,7 +238,7 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
   unknown = set(variants) - set(LAYER_PREFILL_VARIANTS)
   if unknown:
     raise ValueError(f"unknown layer_prefill variants {sorted(unknown)};"
-                     f" known: {list(LAYER_PREFILL_VARIANTS)}")
+                     f" known: {LAYER_PREFILL_VARIANTS}")
   kernels = kernels_lib.resolve(kernels)
   key, ks = jax.random.split(key)
   lp = layer_prefill_inputs(config, batch, seq, key)
@@ -238,16 +254,9 @@ def layer_prefill(config: LlamaConfig, batch: int, seq: int, *,
       lambda: run(flayer, x, fcache, model.FLOAT, kernels))
   ours_ms = benchmarking.median_ms(
       lambda: run(qlayer, x, qcache, options, kernels))
-  extra = {}
-  for name in variants:
-    if name != "xla_int8" and jax.default_backend() != "gpu":
-      continue  # the Triton kernels have no CPU path
-    variant = dataclasses.replace(kernels, **LAYER_PREFILL_VARIANTS[name])
-    variant_ms = benchmarking.median_ms(
-        lambda: run(qlayer, x, qcache, options, variant))
-    field = f"{name}_matmul" if name in ("xla_int8", "triton") else name
-    extra[f"ours_{field}_ms"] = round(variant_ms, 4)
-    extra[f"speedup_{field}"] = round(float_ms / variant_ms, 3)
+  extra = _kernel_variants(
+      variants, kernels, float_ms, lambda kern: benchmarking.median_ms(
+          lambda: run(qlayer, x, qcache, options, kern)))
   # Each stage's inputs are passed as arguments (none is created inside
   # the timed call), after three warm-up calls that compile it.
   ms = {table: {name: benchmarking.median_ms(stage.fn, *stage.args)
@@ -377,19 +386,8 @@ def model_prefill(config: LlamaConfig, batch: int, seq: int, *,
       lambda: run(*args, **kw), warmup=1, runs=5, inner=1)
   float_ms = timed(fparams, False, model.FLOAT, kernels)
   ours_ms = timed(qparams, True, options, kernels)
-  extra = {}
-  gpu = jax.default_backend() == "gpu"  # Triton kernels: no CPU path.
-  for name, field, kern in (
-      ("xla_int8", "xla_int8_matmul", dict(w4a4="xla")),
-      ("triton", "triton_matmul", dict(w4a4="triton")),
-      ("xla_qkv", "xla_qkv", dict(prefill_qkv="xla")),
-      ("xla_residual_add", "xla_residual_add",
-       dict(residual_in_matmul=False)),
-      ("xla_swiglu", "xla_swiglu", dict(swiglu_in_quant=False))):
-    if name in variants and (gpu or name == "xla_int8"):
-      ms = timed(qparams, True, options, dataclasses.replace(kernels, **kern))
-      extra[f"ours_{field}_ms"] = round(ms, 4)
-      extra[f"speedup_{field}"] = round(float_ms / ms, 3)
+  extra = _kernel_variants(variants, kernels, float_ms,
+                           lambda kern: timed(qparams, True, options, kern))
   if "all_logits" in variants:
     all_float = timed(fparams, False, model.FLOAT, kernels, last_only=False)
     all_ours = timed(qparams, True, options, kernels, last_only=False)
